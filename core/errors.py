@@ -1,0 +1,27 @@
+"""The one exception type users see.
+
+Every failure a user can cause or fix (bad input, missing backend, corrupt program file, a
+backend that cannot lower a partition) is a :class:`HandoffError` whose message is one line:
+what, where, and the next step. The CLI prints it without a traceback unless ``--debug``.
+"""
+
+from __future__ import annotations
+
+
+class HandoffError(Exception):
+    """A failure with a one-line, user-facing message."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+class ProgramFormatError(HandoffError):
+    """A program file that is truncated, garbled, hostile or of another format version.
+
+    :param field: the header or manifest field that is wrong.
+    :param offset: the byte offset in the file where it was read.
+    """
+
+    def __init__(self, path: str, field: str, offset: int, problem: str):
+        self.path, self.field, self.offset = path, field, offset
+        super().__init__(f"{path}: invalid program file: {field} at offset {offset}: {problem}")
