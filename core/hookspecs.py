@@ -65,7 +65,8 @@ def handoff_zoo_models() -> Mapping[str, ZooModel]:
 
 
 @hookspec(firstresult=True)
-def handoff_resolve_model(spec: str, input_shapes: Sequence[tuple[tuple[int, ...], str]]) -> ResolvedModel | None:
+def handoff_resolve_model(spec: str, input_shapes: Sequence[tuple[tuple[int, ...], str]],
+                          zoo: Mapping[str, ZooModel]) -> ResolvedModel | None:
     """Turn the MODEL argument of ``handoff partition`` into a module or exported program.
 
     ``firstresult``: the first plugin returning something other than ``None`` wins. The core's own
@@ -74,6 +75,7 @@ def handoff_resolve_model(spec: str, input_shapes: Sequence[tuple[tuple[int, ...
 
     :param spec: the MODEL argument as typed.
     :param input_shapes: parsed ``--input-shape`` options, ``((1, 3, 224, 224), "float32")`` each.
+    :param zoo: every ``zoo:`` model of every plugin (see :func:`handoff_zoo_models`).
     :return: a :class:`handoff.zoo.ResolvedModel`, or ``None`` when ``spec`` is not for this plugin.
         Raise ``ValueError`` with a one-line message when it is, but is broken.
 

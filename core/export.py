@@ -1,0 +1,69 @@
+"""Step 1 of the pipeline: MODEL argument -> ``torch.export`` -> core ATen.
+
+Decomposition to core ATen keeps whole every op that a selected backend asks for through
+``Compiler.ops_to_not_decompose`` (ExecuTorch's mechanism), so XNNPACK still sees ``linear``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+from .errors import HandoffError
+from .plugins import Plugins
+from .zoo import InputSpec, ResolvedModel
+
+
+def resolve_model(spec: str, input_shapes: Sequence[InputSpec], plugins: Plugins) -> ResolvedModel:
+    """Ask the ``handoff_resolve_model`` hook what ``spec`` names."""
+    try:
+        resolved = plugins.pm.hook.handoff_resolve_model(spec=spec, input_shapes=list(input_shapes),
+                                                         zoo=plugins.zoo())
+    except ValueError as exc:
+        raise HandoffError(str(exc)) from exc
+    if resolved is None:
+        raise HandoffError(f"cannot read model {spec!r}; give a .pt2 file (torch.export.save), "
+                           f"path/file.py:ClassName, or zoo:NAME (zoo: {', '.join(sorted(plugins.zoo()))})")
+    return resolved
+
+
+def export_model(resolved: ResolvedModel, keep_ops: Iterable[Any] = ()) -> Any:
+    """``torch.export`` the model (unless it already is exported) and decompose it to core ATen,
+    keeping ``keep_ops`` whole. Returns the decomposed ``ExportedProgram``."""
+    import torch
+
+    ep = resolved.exported
+    if ep is None:
+        try:
+            with torch.no_grad():
+                ep = torch.export.export(resolved.module.eval(), tuple(resolved.example_inputs), strict=False)
+        except Exception as exc:
+            first = " ".join(str(exc).split())[:400]
+            raise HandoffError(f"torch.export failed for {resolved.name}: {type(exc).__name__}: {first}; hint: "
+                               f"the model must be traceable without data-dependent Python control flow "
+                               f"(see torch.export docs on torch.cond), and its inputs must match --input-shape") from exc
+    table = torch.export.default_decompositions()
+    for op in keep_ops:
+        table.pop(op, None)
+    try:
+        ep = ep.run_decompositions(table)
+    except Exception as exc:
+        raise HandoffError(f"decomposing {resolved.name} to core ATen failed: {type(exc).__name__}: "
+                           f"{' '.join(str(exc).split())[:400]}") from exc
+    _check_supported_program(ep, resolved.name)
+    return ep
+
+
+def _check_supported_program(ep: Any, name: str) -> None:
+    sig = ep.graph_signature
+    if sig.buffers_to_mutate or getattr(sig, "user_inputs_to_mutate", None):
+        what = ", ".join(list(sig.buffers_to_mutate.values()) + list(getattr(sig, "user_inputs_to_mutate", {}).values()))
+        raise HandoffError(f"{name} mutates state ({what}); handoff programs are pure functions: "
+                           f"call model.eval() and remove in-place updates of buffers and inputs")
+    import torch
+
+    for node in ep.graph.nodes:
+        val = node.meta.get("val")
+        for v in val if isinstance(val, (list, tuple)) else [val]:
+            if isinstance(v, torch.Tensor) and any(not isinstance(d, int) for d in v.shape):
+                raise HandoffError(f"{name}: node {node.name} has a dynamic shape {tuple(v.shape)}; "
+                                   f"program format 1 needs static shapes: export without dynamic_shapes")

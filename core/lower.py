@@ -1,0 +1,309 @@
+"""Step 3: cut each partition out as its own ``ExportedProgram``, lower it with its backend's
+compiler, and assemble the program (manifest + segments) with host ATen ops in between.
+
+A partition that fails to lower either stops the run (the default) or, with
+``on_lower_error="fallback"``, is excluded from that backend and the graph is partitioned again,
+so the next backend in the list (then ``tvm``, then the host) takes those nodes; the report lists
+every such move with the compiler's message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import operator
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+from . import __version__
+from .backend import Lowered, LoweringError
+from .cache import LoweringCache
+from .errors import HandoffError
+from .partitioner import HOST, Partition, Plan, op_name
+
+#: torch dtype name -> program dtype name (format 1 supports exactly these).
+DTYPES = {"float32": "float32", "float16": "float16", "float64": "float64", "int8": "int8", "int16": "int16",
+          "int32": "int32", "int64": "int64", "uint8": "uint8", "bool": "bool"}
+PROBE_LIMIT = 64  # nodes tried one by one to find the first failing op of a failed partition
+
+
+@dataclasses.dataclass
+class LoweredPartition:
+    partition: Partition
+    lowered: Lowered
+    seconds: float
+    cached: bool
+    inputs: list[Any]  # fx nodes feeding the partition, in delegate input order
+    outputs: list[Any]  # fx nodes it produces for others, in delegate output order
+
+
+@dataclasses.dataclass
+class Move:
+    """Nodes moved off a backend because their partition failed to lower."""
+
+    backend: str
+    partition: str
+    nodes: list[str]
+    reason: str
+
+
+def dtype_name(dtype: Any, where: str) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise HandoffError(f"{where}: dtype {name} is not supported by program format 1 "
+                           f"(supported: {', '.join(DTYPES)}); cast it in the model")
+    return DTYPES[name]
+
+
+def _tensor_bytes(t: Any) -> bytes:
+    import torch
+
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _weights(ep: Any) -> dict[str, tuple[str, Any]]:
+    """placeholder name -> (kind, tensor) for parameters, buffers and lifted constants."""
+    sig = ep.graph_signature
+    out: dict[str, tuple[str, Any]] = {}
+    for name, target in sig.inputs_to_parameters.items():
+        out[name] = ("parameter", ep.state_dict[target])
+    for name, target in sig.inputs_to_buffers.items():
+        out[name] = ("buffer", ep.state_dict[target] if target in ep.state_dict else ep.constants[target])
+    for name, target in sig.inputs_to_lifted_tensor_constants.items():
+        out[name] = ("constant", ep.constants[target])
+    return out
+
+
+def extract_partition(ep: Any, names: Sequence[str], decomp_table: Mapping[Any, Any]) -> tuple[Any, list[Any], list[Any]]:
+    """Cut ``names`` out of ``ep`` into an ExportedProgram of their own.
+
+    Its user inputs are the values flowing in from outside (model inputs, other partitions, host
+    ops), its parameters/buffers are the weights the nodes use, its outputs the values used
+    outside. Returns ``(sub_ep, input_nodes, output_nodes)`` with nodes of ``ep.graph``.
+    """
+    import torch
+    import torch.fx
+
+    inside = set(names)
+    nodes = [n for n in ep.graph.nodes if n.name in inside]
+    weights = _weights(ep)
+    external: list[Any] = []
+    used_weights: list[Any] = []
+    for n in nodes:
+        for inp in n.all_input_nodes:
+            if inp.name in inside:
+                continue
+            bucket = used_weights if inp.name in weights else external
+            if inp not in bucket:
+                bucket.append(inp)
+    outputs = [n for n in nodes if any(u.name not in inside for u in n.users)]
+
+    root = torch.nn.Module()
+    graph = torch.fx.Graph()
+    env: dict[Any, Any] = {}
+    for i, inp in enumerate(external):
+        env[inp] = graph.placeholder(f"input_{i}")
+        env[inp].meta["val"] = inp.meta["val"]
+    for i, inp in enumerate(used_weights):
+        kind, tensor = weights[inp.name]
+        attr = f"w{i}_{inp.name}"
+        if kind == "parameter":
+            root.register_parameter(attr, torch.nn.Parameter(tensor.detach(), requires_grad=False))
+        else:
+            root.register_buffer(attr, tensor.detach(), persistent=kind == "buffer")
+        env[inp] = graph.get_attr(attr)
+    for n in nodes:
+        env[n] = graph.node_copy(n, env.__getitem__)
+    graph.output(tuple(env[o] for o in outputs))
+    gm = torch.fx.GraphModule(root, graph)
+    example = tuple(torch.zeros(tuple(i.meta["val"].shape), dtype=i.meta["val"].dtype) for i in external)
+    with torch.no_grad():
+        sub = torch.export.export(gm, example, strict=False).run_decompositions(dict(decomp_table))
+    return sub, external, outputs
+
+
+class Lowerer:
+    """Lowers the partitions of a plan, with the cache and the fallback bookkeeping."""
+
+    def __init__(self, ep: Any, compilers: Mapping[str, Any], versions: Mapping[str, str],
+                 options: Mapping[str, Mapping[str, str]], decomp_table: Mapping[Any, Any],
+                 use_cache: bool = True, on_progress: Callable[[str], None] | None = None):
+        self.ep, self.compilers, self.versions, self.options = ep, compilers, versions, options
+        self.decomp_table = decomp_table
+        self.cache = LoweringCache() if use_cache else None
+        self.memo: dict[tuple[str, tuple[str, ...]], LoweredPartition] = {}
+        self.on_progress = on_progress or (lambda _msg: None)
+
+    def lower(self, part: Partition) -> LoweredPartition:
+        """Lower one partition; raises :class:`LoweringFailure` with the first failing op."""
+        key = (part.backend, tuple(part.nodes))
+        if key in self.memo:
+            return self.memo[key]
+        sub, inputs, outputs = extract_partition(self.ep, part.nodes, self.decomp_table)
+        cache_key = None
+        if self.cache is not None:
+            cache_key = LoweringCache.key(part.backend, self.versions[part.backend],
+                                          json.dumps(dict(self.options.get(part.backend, {})), sort_keys=True),
+                                          str(sub.graph), *(_tensor_bytes(t) for _, t in sorted(sub.state_dict.items())),
+                                          *(_tensor_bytes(t) for _, t in sorted(sub.constants.items())
+                                            if hasattr(t, "dtype")))
+            hit = self.cache.get(cache_key)
+            if hit is not None:
+                result = LoweredPartition(part, Lowered(*hit), 0.0, True, inputs, outputs)
+                self.memo[key] = result
+                return result
+        start = time.perf_counter()
+        try:
+            lowered = self.compilers[part.backend].preprocess(sub, part.name)
+            if not isinstance(lowered, Lowered) or not isinstance(lowered.blob, (bytes, bytearray)):
+                raise TypeError(f"preprocess returned {type(lowered).__name__}, expected handoff.Lowered with bytes")
+            json.dumps(lowered.metadata)
+        except Exception as exc:
+            raise LoweringFailure(part, exc, self._first_failing_op(part, exc, sub)) from exc
+        result = LoweredPartition(part, Lowered(bytes(lowered.blob), dict(lowered.metadata)),
+                                  time.perf_counter() - start, False, inputs, outputs)
+        if self.cache is not None and cache_key is not None:
+            self.cache.put(cache_key, result.lowered.blob, result.lowered.metadata)
+        self.memo[key] = result
+        return result
+
+    def _first_failing_op(self, part: Partition, exc: Exception, sub: Any) -> str:
+        if isinstance(exc, LoweringError) and exc.node:
+            for n in sub.graph.nodes:
+                if n.name == exc.node:
+                    return f"{n.name} ({op_name(n.target)})"
+            return exc.node
+        # Unknown: lower the partition's nodes one at a time, in order, to find the first culprit.
+        by_name = {n.name: n for n in self.ep.graph.nodes}
+        for name in [n for n in part.nodes if by_name[n].target is not operator.getitem][:PROBE_LIMIT]:
+            single = [name] + [g for g in part.nodes if by_name[g].target is operator.getitem
+                               and by_name[g].args[0].name == name]
+            try:
+                probe, _, _ = extract_partition(self.ep, single, self.decomp_table)
+                self.compilers[part.backend].preprocess(probe, f"{part.name}_probe")
+            except Exception:
+                return f"{name} ({op_name(by_name[name].target)})"
+        return "unknown (every op lowers alone; the combination fails)"
+
+
+class LoweringFailure(Exception):
+    def __init__(self, part: Partition, exc: Exception, first_op: str):
+        self.part, self.first_op = part, first_op
+        self.message = " ".join(str(exc).split())[:500] or type(exc).__name__
+        super().__init__(self.message)
+
+
+@dataclasses.dataclass
+class Assembled:
+    manifest: dict[str, Any]
+    segments: list[bytes]
+
+
+def _encode_arg(arg: Any, value_of: Callable[[Any], int], where: str) -> Any:
+    import torch
+    import torch.fx
+
+    if isinstance(arg, torch.fx.Node):
+        return {"value": value_of(arg)}
+    if arg is None or isinstance(arg, (bool, int, str)):
+        return arg
+    if isinstance(arg, float):
+        if math.isnan(arg):
+            return {"float": "nan"}
+        if math.isinf(arg):
+            return {"float": "inf" if arg > 0 else "-inf"}
+        return arg
+    if isinstance(arg, (list, tuple)):
+        return [_encode_arg(a, value_of, where) for a in arg]
+    if isinstance(arg, torch.dtype):
+        return {"dtype": str(arg).removeprefix("torch.")}
+    if isinstance(arg, torch.device):
+        return {"device": "cpu"}
+    if isinstance(arg, torch.layout):
+        return {"layout": str(arg).removeprefix("torch.")}
+    if isinstance(arg, torch.memory_format):
+        return {"memory_format": str(arg).removeprefix("torch.")}
+    raise HandoffError(f"{where}: argument {arg!r} of type {type(arg).__name__} cannot be stored in a program; "
+                       f"select a backend that takes this op")
+
+
+def assemble(ep: Any, plan: Plan, lowered: Mapping[str, LoweredPartition], compilers_options: Mapping[str, Mapping[str, str]],
+             versions: Mapping[str, str], metadata: Mapping[str, Any]) -> Assembled:
+    """Build the format-1 manifest and segment list for ``plan``."""
+    import torch
+
+    weights = _weights(ep)
+    values: list[dict[str, Any]] = []
+    value_ids: dict[str, int] = {}
+    segments: list[bytes] = []
+    constants: list[dict[str, int]] = []
+
+    def new_value(node: Any) -> int:
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise HandoffError(f"node {node.name} ({op_name(node.target)}) produces {type(val).__name__}, not a tensor; "
+                               f"program format 1 passes only tensors between steps")
+        values.append({"dtype": dtype_name(val.dtype, f"node {node.name}"), "shape": [int(d) for d in val.shape]})
+        value_ids[node.name] = len(values) - 1
+        return len(values) - 1
+
+    def value_of(node: Any) -> int:
+        if node.name in value_ids:
+            return value_ids[node.name]
+        if node.name in weights:  # a weight read outside any delegate becomes a program constant
+            vid = new_value(node)
+            tensor = weights[node.name][1]
+            constants.append({"value": vid, "segment": len(segments)})
+            segments.append(_tensor_bytes(tensor))
+            return vid
+        raise AssertionError(f"value {node.name} used before it is produced")
+
+    sig = ep.graph_signature
+    by_name = {n.name: n for n in ep.graph.nodes}
+    inputs = []
+    for name in sig.user_inputs:
+        inputs.append({"name": name, "value": new_value(by_name[name])})
+
+    delegates: list[dict[str, Any]] = []
+    instructions: list[dict[str, Any]] = []
+    for step in plan.steps:
+        if isinstance(step, Partition):
+            lp = lowered[step.name]
+            in_ids = [value_of(n) for n in lp.inputs]
+            delegates.append({"backend": step.backend, "backend_version": versions[step.backend],
+                              "segment": len(segments), "partition": step.name,
+                              "metadata": lp.lowered.metadata, "options": dict(compilers_options.get(step.backend, {})),
+                              "nodes": len(step.nodes)})
+            segments.append(lp.lowered.blob)
+            instructions.append({"op": "delegate", "delegate": len(delegates) - 1, "inputs": in_ids,
+                                 "outputs": [new_value(n) for n in lp.outputs]})
+            continue
+        node = by_name[step]
+        where = f"host op {node.name} ({op_name(node.target)})"
+        args = _encode_arg(list(node.args), value_of, where)
+        kwargs = {k: _encode_arg(v, value_of, where) for k, v in node.kwargs.items()}
+        if isinstance(node.meta.get("val"), (list, tuple)):
+            items = {u.args[1]: u for u in node.users if u.target is operator.getitem}
+            outs = [new_value(items[i]) if i in items else None for i in range(len(node.meta["val"]))]
+        else:
+            outs = [new_value(node)]
+        instructions.append({"op": "aten", "target": op_name(node.target), "args": args, "kwargs": kwargs,
+                             "outputs": outs})
+
+    output_node = next(n for n in ep.graph.nodes if n.op == "output")
+    outputs = []
+    for i, out in enumerate(output_node.args[0]):
+        if not isinstance(out, torch.fx.Node):
+            raise HandoffError(f"model output {i} is {out!r}, not a tensor; return tensors only")
+        outputs.append({"name": sig.user_outputs[i] if i < len(sig.user_outputs) else f"output_{i}",
+                        "value": value_of(out)})
+
+    manifest = {"handoff_version": __version__, "values": values, "inputs": inputs, "outputs": outputs,
+                "constants": constants, "delegates": delegates, "instructions": instructions,
+                "metadata": dict(metadata)}
+    return Assembled(manifest, segments)
+
+
+__all__ = ["Assembled", "LoweredPartition", "Lowerer", "LoweringFailure", "Move", "assemble", "extract_partition",
+           "HOST"]

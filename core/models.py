@@ -1,0 +1,116 @@
+"""The core's built-in plugin for model sources and the zoo.
+
+Registered like any plugin (``trylast``), so another plugin can add sources or override these.
+Sources: ``zoo:NAME``; ``path.pt2`` written by ``torch.export.save``; ``path/file.py:Name`` where
+``Name`` is an ``nn.Module`` subclass or a factory, with inputs from ``--input-shape`` or from an
+``example_inputs()`` function in that file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .hookspecs import hookimpl
+from .zoo import InputSpec, ResolvedModel, ZooModel
+
+
+@hookimpl(trylast=True)
+def handoff_zoo_models() -> dict[str, ZooModel]:
+    return {
+        "small_cnn": ZooModel("handoff.zoo_models:small_cnn", [((1, 3, 64, 64), "float32")],
+                              "conv-bn-relu CNN with a residual block, 1x3x64x64 -> 10 classes"),
+        "small_transformer": ZooModel("handoff.zoo_models:small_transformer", [((1, 32, 64), "float32")],
+                                      "2-layer pre-norm transformer encoder, 32 tokens x 64 dims"),
+        "mobilenet_v2": ZooModel("handoff.zoo_models:mobilenet_v2", [((1, 3, 224, 224), "float32")],
+                                 "MobileNetV2 1.0, 1x3x224x224 -> 1000 classes"),
+    }
+
+
+def random_inputs(specs: Sequence[InputSpec], seed: int = 0) -> tuple[Any, ...]:
+    """Example tensors for ``specs``: normal floats, small non-negative integers, random bools."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for shape, dtype in specs:
+        tdt = getattr(torch, dtype)
+        if tdt.is_floating_point:
+            out.append(torch.randn(shape, generator=gen).to(tdt))
+        elif tdt == torch.bool:
+            out.append(torch.rand(shape, generator=gen) > 0.5)
+        else:
+            out.append(torch.randint(0, 8, shape, generator=gen).to(tdt))
+    return tuple(out)
+
+
+@hookimpl(trylast=True)
+def handoff_resolve_model(spec: str, input_shapes: Sequence[InputSpec],
+                          zoo: Mapping[str, ZooModel]) -> ResolvedModel | None:
+    if spec.startswith("zoo:"):
+        return _from_zoo(spec[4:], input_shapes, zoo)
+    path_part, sep, name = spec.rpartition(":") if spec.count(":") else ("", "", "")
+    if sep and path_part.endswith(".py"):
+        return _from_python_file(Path(path_part), name, input_shapes)
+    if spec.endswith(".pt2"):
+        return _from_pt2(Path(spec))
+    return None
+
+
+def _from_zoo(name: str, input_shapes: Sequence[InputSpec], zoo: Mapping[str, ZooModel]) -> ResolvedModel:
+    if name not in zoo:
+        raise ValueError(f"unknown zoo model '{name}'; zoo models: {', '.join(sorted(zoo))}")
+    model = zoo[name]
+    return ResolvedModel(name=f"zoo:{name}", module=model.build(),
+                         example_inputs=random_inputs(input_shapes or model.inputs))
+
+
+def _from_pt2(path: Path) -> ResolvedModel:
+    import torch
+
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as exc:
+        raise ValueError(f"{path}: not a torch.export.save file ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from exc
+    args = ep.example_inputs[0] if ep.example_inputs else ()
+    return ResolvedModel(name=path.name, exported=ep, example_inputs=tuple(args))
+
+
+def _from_python_file(path: Path, name: str, input_shapes: Sequence[InputSpec]) -> ResolvedModel:
+    import torch
+
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    module_name = f"handoff_user_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise ValueError(f"{path}: importing it failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
+    if not hasattr(module, name):
+        found = [k for k, v in vars(module).items()
+                 if (inspect.isclass(v) and issubclass(v, torch.nn.Module) and v.__module__ == module_name)]
+        raise ValueError(f"{path}: has no '{name}'; nn.Module classes there: {', '.join(found) or 'none'}")
+    target = getattr(module, name)
+    try:
+        model = target()
+    except Exception as exc:
+        raise ValueError(f"{path}:{name}: calling it with no arguments failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"{path}:{name} returned {type(model).__name__}, not an nn.Module")
+    if input_shapes:
+        inputs = random_inputs(input_shapes)
+    elif hasattr(module, "example_inputs"):
+        inputs = tuple(module.example_inputs())
+    else:
+        raise ValueError(f"{path}:{name}: no inputs known; pass --input-shape 1x3x224x224 "
+                         f"(once per input) or define example_inputs() in {path.name}")
+    return ResolvedModel(name=f"{path.name}:{name}", module=model.eval(), example_inputs=inputs)

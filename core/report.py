@@ -1,0 +1,124 @@
+"""The delegation report: where every node went, and why it did not go elsewhere.
+
+Shown as rich tables after ``handoff partition``, written as JSON with ``--report FILE``. Every
+node a backend declined is listed with that backend's reason, and every partition moved after a
+lowering failure with the compiler's message.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any
+
+from .partitioner import HOST, GraphView, Plan
+
+
+@dataclasses.dataclass
+class BackendStats:
+    nodes: int = 0
+    partitions: int = 0
+    ops: dict[str, int] = dataclasses.field(default_factory=dict)
+    lower_seconds: float = 0.0
+    blob_bytes: int = 0
+    cached_partitions: int = 0
+
+
+@dataclasses.dataclass
+class Report:
+    """What one ``partition`` run did. ``notes`` is the only field plugins may append to."""
+
+    model: str
+    backends: list[str]
+    total_nodes: int
+    stats: dict[str, BackendStats]
+    declined: list[dict[str, Any]]
+    moves: list[dict[str, Any]]
+    notes: list[str] = dataclasses.field(default_factory=list)
+    program_bytes: int = 0
+    output: str | None = None
+
+    @classmethod
+    def build(cls, model: str, backends: list[str], view: GraphView, plan: Plan, lowered: dict[str, Any],
+              moves: list[Any]) -> "Report":
+        stats: dict[str, BackendStats] = {b: BackendStats() for b in [*backends, HOST]}
+        for node in view.order:
+            s = stats[plan.assignment[node]]
+            s.nodes += 1
+            s.ops[view.ops[node]] = s.ops.get(view.ops[node], 0) + 1
+        for part in plan.partitions:
+            s = stats[part.backend]
+            s.partitions += 1
+            lp = lowered[part.name]
+            s.lower_seconds += lp.seconds
+            s.blob_bytes += len(lp.lowered.blob)
+            s.cached_partitions += int(lp.cached)
+        declined = [{"node": n, "op": view.ops[n], "ran_on": plan.assignment[n], "reasons": dict(r)}
+                    for n, r in plan.reasons.items() if n in view.ops]
+        return cls(model=model, backends=list(backends), total_nodes=len(view.order), stats=stats,
+                   declined=declined, moves=[dataclasses.asdict(m) for m in moves])
+
+    def coverage(self, backend: str) -> float:
+        """Percentage of compute nodes (getitems excluded) that run on ``backend``."""
+        s = self.stats.get(backend)
+        return 100.0 * s.nodes / self.total_nodes if s and self.total_nodes else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "backends": self.backends,
+            "total_nodes": self.total_nodes,
+            "program_bytes": self.program_bytes,
+            "output": self.output,
+            "per_backend": {b: {**dataclasses.asdict(s), "coverage_percent": round(self.coverage(b), 2)}
+                            for b, s in self.stats.items()},
+            "declined": self.declined,
+            "moves": self.moves,
+            "notes": self.notes,
+        }
+
+    def render(self, console: Any) -> None:
+        """Print the report as rich tables on ``console``."""
+        from rich.table import Table
+
+        table = Table(title=f"Delegation report: {self.model}", title_justify="left")
+        for col, just in (("backend", "left"), ("nodes", "right"), ("coverage", "right"), ("partitions", "right"),
+                          ("blob", "right"), ("lowering", "right"), ("ops", "left")):
+            table.add_column(col, justify=just)  # type: ignore[arg-type]
+        for backend, s in self.stats.items():
+            if backend == HOST and not s.nodes:
+                continue
+            short: collections.Counter[str] = collections.Counter()
+            for op, c in s.ops.items():  # aten.add.Tensor -> add: overloads are in the JSON
+                short[op.split(".")[1] if op.startswith("aten.") else op] += c
+            ops = ", ".join(f"{op}×{c}" for op, c in short.most_common())
+            lowering = f"{s.lower_seconds:.2f}s" + (f" ({s.cached_partitions} cached)" if s.cached_partitions else "")
+            table.add_row(backend if backend != HOST else "aten (host)", str(s.nodes), f"{self.coverage(backend):.1f}%",
+                          str(s.partitions), _size(s.blob_bytes) if s.partitions else "-",
+                          lowering if s.partitions else "-", ops or "-")
+        console.print(table)
+        if self.declined:
+            grouped: dict[tuple[str, str, tuple[tuple[str, str], ...]], int] = collections.Counter()
+            for d in self.declined:
+                grouped[(d["op"], d["ran_on"], tuple(d["reasons"].items()))] += 1
+            why = Table(title="Declined ops (each backend's reason)", title_justify="left")
+            for col in ("op", "count", "ran on", "reasons"):
+                why.add_column(col)
+            for (op, ran_on, reasons), count in sorted(grouped.items(), key=lambda kv: (-kv[1], kv[0][0])):
+                why.add_row(op, str(count), ran_on, "\n".join(f"{b}: {r}" for b, r in reasons))
+            console.print(why)
+        for move in self.moves:
+            console.print(f"[yellow]moved[/] {len(move['nodes'])} node(s) of {move['partition']} off "
+                          f"{move['backend']}: {move['reason']}")
+        for note in self.notes:
+            console.print(f"note: {note}")
+        if self.output:
+            console.print(f"wrote {self.output} ({_size(self.program_bytes)})")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)

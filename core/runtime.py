@@ -1,0 +1,226 @@
+"""Step 5: load a ``.hof`` program and run it.
+
+``import handoff.runtime`` imports neither torch nor any compiler: backends' runtime halves are
+imported when a program that needs them is loaded, and torch only when the program has host ATen
+ops. Delegates are initialised once, at load; :meth:`Program.run` only executes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .errors import HandoffError
+from .plugins import Plugins, get_plugins
+from .program import ProgramFile, constant_array
+
+TORCH_HINT = "pip install torch==2.13.0"
+
+
+class Program:
+    """A loaded program. Use :func:`load`; close it (or use ``with``) to release the delegates."""
+
+    def __init__(self, file: ProgramFile, plugins: Plugins, options: Mapping[str, Mapping[str, str]]):
+        self.file = file
+        self.manifest = file.manifest
+        self._handles: list[tuple[Any, Any]] = []  # (runtime, handle) per delegate
+        self._closed = False
+        start = time.perf_counter()
+        try:
+            self._constants = {c["value"]: constant_array(file, i) for i, c in enumerate(self.manifest["constants"])}
+            self._aten_ops = self._resolve_aten_ops()
+            self._load_delegates(plugins, options)
+        except BaseException:
+            self.close()
+            raise
+        self.load_seconds = time.perf_counter() - start
+
+    # -- load ----------------------------------------------------------------------------------
+    def _load_delegates(self, plugins: Plugins, options: Mapping[str, Mapping[str, str]]) -> None:
+        delegates = self.manifest["delegates"]
+        for backend in options:
+            if backend not in {d["backend"] for d in delegates}:
+                raise HandoffError(f"{self.file.name}: options given for backend '{backend}', which this program does "
+                                   f"not use; it uses: {', '.join(sorted({d['backend'] for d in delegates})) or 'none'}")
+        for backend in sorted({d["backend"] for d in delegates}):
+            if backend not in plugins.backends:
+                users = [i for i, d in enumerate(delegates) if d["backend"] == backend]
+                raise HandoffError(f"{self.file.name}: delegate {users[0]} needs "
+                                   f"{plugins.not_installed_message(backend)}")
+            plugins.check_options(backend, options.get(backend, {}))
+            ok, reason = plugins.runtime_available(backend)
+            if not ok:
+                raise HandoffError(f"{self.file.name}: backend '{backend}' cannot run here: {reason}")
+        for i, d in enumerate(delegates):
+            runtime = plugins.runtime(d["backend"])
+            blob = self.file.segment(d["segment"])
+            try:
+                handle = runtime.load(blob, d["metadata"], dict(options.get(d["backend"], {})))
+            except HandoffError:
+                raise
+            except Exception as exc:
+                raise HandoffError(f"{self.file.name}: delegate {i} ({d['partition']}, backend '{d['backend']}') "
+                                   f"failed to load: {type(exc).__name__}: {' '.join(str(exc).split())[:400]}") from exc
+            self._handles.append((runtime, handle))
+
+    def _resolve_aten_ops(self) -> dict[int, Any]:
+        targets = {i: ins["target"] for i, ins in enumerate(self.manifest["instructions"]) if ins["op"] == "aten"}
+        if not targets:
+            return {}
+        try:
+            import torch
+        except ImportError:
+            ops = ", ".join(sorted(set(targets.values())))
+            raise HandoffError(f"{self.file.name}: {len(targets)} host ATen op(s) ({ops}) need torch, which is not "
+                               f"installed; install with: {TORCH_HINT}, or re-partition with --no-aten") from None
+        resolved = {}
+        for i, target in targets.items():
+            parts = target.split(".")
+            op = None
+            if len(parts) == 3 and parts[0] == "aten":
+                packet = getattr(torch.ops.aten, parts[1], None)
+                op = getattr(packet, parts[2], None) if packet is not None else None
+            if not isinstance(op, torch._ops.OpOverload):
+                raise HandoffError(f"{self.file.name}: instruction {i}: unknown host op {target!r} "
+                                   f"(this torch is {torch.__version__}); re-partition with this torch version")
+            resolved[i] = op
+        self._torch_constants = {vid: torch.from_numpy(np.array(arr)) for vid, arr in self._constants.items()}
+        return resolved
+
+    # -- signature -----------------------------------------------------------------------------
+    @property
+    def input_specs(self) -> list[tuple[str, tuple[int, ...], str]]:
+        """``(name, shape, dtype)`` of each input."""
+        vals = self.manifest["values"]
+        return [(i["name"], tuple(vals[i["value"]]["shape"]), vals[i["value"]]["dtype"]) for i in self.manifest["inputs"]]
+
+    @property
+    def output_specs(self) -> list[tuple[str, tuple[int, ...], str]]:
+        vals = self.manifest["values"]
+        return [(o["name"], tuple(vals[o["value"]]["shape"]), vals[o["value"]]["dtype"]) for o in self.manifest["outputs"]]
+
+    # -- run -----------------------------------------------------------------------------------
+    def run(self, inputs: Sequence[Any] | Mapping[str, Any]) -> list[np.ndarray]:
+        """Run the program. ``inputs``: numpy arrays or torch tensors, in order or by name.
+        Returns numpy arrays in output order."""
+        if self._closed:
+            raise HandoffError(f"{self.file.name}: program is closed")
+        env: dict[int, Any] = dict(self._constants)
+        for (name, shape, dtype), spec, arr in zip(self.input_specs, self.manifest["inputs"], self._inputs(inputs)):
+            if arr.dtype != np.dtype(dtype) or arr.shape != shape:
+                raise HandoffError(f"input '{name}': expected {dtype}{list(shape)}, got {arr.dtype}{list(arr.shape)}")
+            env[spec["value"]] = np.ascontiguousarray(arr)
+        values = self.manifest["values"]
+        for i, ins in enumerate(self.manifest["instructions"]):
+            if ins["op"] == "delegate":
+                runtime, handle = self._handles[ins["delegate"]]
+                outs = runtime.execute(handle, [env[v] for v in ins["inputs"]])
+                where = f"delegate {ins['delegate']} ({self.manifest['delegates'][ins['delegate']]['partition']})"
+            else:
+                outs = self._run_aten(i, ins, env)
+                where = f"instruction {i} ({ins['target']})"
+            if len(outs) != len(ins["outputs"]):
+                raise HandoffError(f"{where} returned {len(outs)} outputs, the program expects {len(ins['outputs'])}")
+            for vid, out in zip(ins["outputs"], outs):
+                if vid is None:
+                    continue
+                out = np.asarray(out)
+                want = values[vid]
+                if out.shape != tuple(want["shape"]) or out.dtype != np.dtype(want["dtype"]):
+                    raise HandoffError(f"{where} produced {out.dtype}{list(out.shape)} for value {vid}, "
+                                       f"the program expects {want['dtype']}{want['shape']}")
+                env[vid] = out
+        return [np.array(env[o["value"]], copy=True) for o in self.manifest["outputs"]]
+
+    def _inputs(self, inputs: Sequence[Any] | Mapping[str, Any]) -> list[np.ndarray]:
+        names = [s[0] for s in self.input_specs]
+        if isinstance(inputs, Mapping):
+            missing = [n for n in names if n not in inputs]
+            extra = [n for n in inputs if n not in names]
+            if missing or extra:
+                raise HandoffError(f"inputs by name: missing {missing or 'none'}, unknown {extra or 'none'}; "
+                                   f"expected {', '.join(names)}")
+            inputs = [inputs[n] for n in names]
+        inputs = list(inputs)
+        if len(inputs) != len(names):
+            raise HandoffError(f"program takes {len(names)} input(s) ({', '.join(names)}), got {len(inputs)}")
+        return [_to_numpy(x) for x in inputs]
+
+    def _run_aten(self, index: int, ins: Mapping[str, Any], env: dict[int, Any]) -> list[Any]:
+        import torch
+
+        def decode(arg: Any) -> Any:
+            if isinstance(arg, list):
+                return [decode(a) for a in arg]
+            if isinstance(arg, dict):
+                (kind, val), = arg.items()
+                if kind == "value":
+                    if val in self._torch_constants:
+                        return self._torch_constants[val]
+                    return torch.from_numpy(np.array(env[val]) if not env[val].flags.writeable else env[val])
+                if kind == "float":
+                    return float(val)
+                if kind == "dtype":
+                    return getattr(torch, val)
+                if kind == "device":
+                    return torch.device("cpu")
+                if kind == "layout":
+                    return getattr(torch, val)
+                if kind == "memory_format":
+                    return getattr(torch, val)
+            return arg
+
+        try:
+            result = self._aten_ops[index](*decode(ins["args"]), **{k: decode(v) for k, v in ins["kwargs"].items()})
+        except Exception as exc:
+            raise HandoffError(f"instruction {index} ({ins['target']}) failed on the host: {type(exc).__name__}: "
+                               f"{' '.join(str(exc).split())[:300]}") from exc
+        results = list(result) if isinstance(result, (tuple, list)) else [result]
+        return [r.numpy() if isinstance(r, torch.Tensor) else r for r in results]
+
+    # -- lifetime ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release every delegate and unmap the file. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        while self._handles:
+            runtime, handle = self._handles.pop()
+            try:
+                runtime.release(handle)
+            except Exception:  # releasing must not hide the error that made us close
+                pass
+        self.file.close()
+
+    def __enter__(self) -> "Program":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    if type(x).__module__.startswith("torch"):  # a torch tensor; avoid importing torch to check
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def load(source: str | os.PathLike[str] | bytes, options: Mapping[str, Mapping[str, str]] | None = None,
+         plugins: Plugins | None = None) -> Program:
+    """Open, verify and initialise a program file (a path, or the bytes of one).
+
+    :param options: backend id -> runtime option name -> value (``{"xnnpack": {"threads": "2"}}``).
+    """
+    file = ProgramFile.from_bytes(bytes(source)) if isinstance(source, (bytes, bytearray)) else ProgramFile.open(os.fspath(source))
+    return Program(file, plugins or get_plugins(), options or {})
