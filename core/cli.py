@@ -202,7 +202,8 @@ def run_partition(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True, disable=args.quiet) as bar:
+                  TimeElapsedColumn(), console=console, transient=True,
+                  disable=args.quiet or not console.is_terminal) as bar:
         task = bar.add_task("exporting", total=None)
 
         def progress(message: str, done: int, total: int) -> None:

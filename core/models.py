@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import logging
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -73,10 +75,15 @@ def _from_pt2(path: Path) -> ResolvedModel:
 
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a torch.export.save file (not a zip archive); write it with torch.export.save")
+    logging.disable(logging.ERROR)  # torch logs its own traceback before raising; we say it in one line
     try:
         ep = torch.export.load(str(path))
     except Exception as exc:
         raise ValueError(f"{path}: not a torch.export.save file ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from exc
+    finally:
+        logging.disable(logging.NOTSET)
     args = ep.example_inputs[0] if ep.example_inputs else ()
     return ResolvedModel(name=path.name, exported=ep, example_inputs=tuple(args))
 

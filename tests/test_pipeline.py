@@ -1,0 +1,126 @@
+"""partition(): priority order, report contents, lowering failures and fallback, caching."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import handoff
+from handoff.errors import HandoffError
+
+
+def _net_inputs():
+    import kitchen_sink
+
+    torch.manual_seed(1)
+    return kitchen_sink.sink_net(), (torch.randn(2, 8),)
+
+
+def test_priority_order_and_report(sink_plugins):
+    model, inputs = _net_inputs()
+    result = handoff.partition(model, inputs, backends=["sink", "sinkb"], fallback=False,
+                               options={"sink": {"ops": "aten.mul.Tensor"},
+                                        "sinkb": {"ops": "aten.mul.Tensor,aten.add.Tensor,aten.relu.default"}})
+    report = result.report.to_json()
+    assert report["per_backend"]["sink"]["ops"] == {"aten.mul.Tensor": 2}
+    assert report["per_backend"]["sinkb"]["ops"] == {"aten.add.Tensor": 2, "aten.relu.default": 2}
+    assert report["per_backend"]["aten"]["ops"] == {"aten.sin.default": 1}
+    assert report["per_backend"]["aten"]["coverage_percent"] == pytest.approx(100 / 7, abs=0.01)
+    sin = next(d for d in report["declined"] if d["op"] == "aten.sin.default")
+    assert sin["ran_on"] == "aten"
+    assert sin["reasons"] == {"sink": "sink has no kernel for aten.sin.default",
+                              "sinkb": "sink has no kernel for aten.sin.default"}
+    json.dumps(report)
+    x = torch.randn(2, 8)
+    with handoff.load(result.to_bytes()) as program:
+        np.testing.assert_allclose(program.run([x])[0], model(x).detach().numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_lowering_failure_names_backend_partition_and_op(sink_plugins):
+    model, inputs = _net_inputs()
+    with pytest.raises(HandoffError) as err:
+        handoff.partition(model, inputs, backends=["sink"], fallback=False, options={"sink": {"fail_on": "aten.relu.default"}})
+    msg = str(err.value)
+    assert msg.startswith("backend 'sink' failed to lower partition sink_0 (")
+    assert "first failing op: relu (aten.relu.default): sink refuses aten.relu.default" in msg
+    assert msg.endswith("retry with --on-lower-error=fallback or drop 'sink' from --backends")
+
+
+def test_lowering_failure_falls_back_to_next_backend(sink_plugins):
+    model, inputs = _net_inputs()
+    result = handoff.partition(model, inputs, backends=["sink", "sinkb"], fallback=False, on_lower_error="fallback",
+                               options={"sink": {"fail_on": "aten.relu.default"}})
+    report = result.report.to_json()
+    assert report["moves"], "the failed partition must be reported as moved"
+    move = report["moves"][0]
+    assert move["backend"] == "sink" and "sink refuses aten.relu.default" in move["reason"]
+    moved = set(move["nodes"])
+    assert report["per_backend"]["sinkb"]["nodes"] >= 1
+    for d in report["declined"]:
+        if d["node"] in moved:
+            assert "lowering of" in d["reasons"]["sink"]
+    x = torch.randn(2, 8)
+    with handoff.load(result.to_bytes()) as program:
+        np.testing.assert_allclose(program.run([x])[0], model(x).detach().numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_fused_patterns_stay_together(sink_plugins):
+    model, inputs = _net_inputs()
+    result = handoff.partition(model, inputs, backends=["sink"], fallback=False,
+                               options={"sink": {"fuse": "1", "ops": "aten.mul.Tensor,aten.add.Tensor"}})
+    # relu is declined, so each mul that feeds a relu is declined with it
+    reasons = {d["node"]: d["reasons"]["sink"] for d in result.report.declined}
+    assert any("fused pattern with relu" in r for r in reasons.values())
+
+
+def test_lowering_cache_hits_on_second_run(sink_plugins):
+    model, inputs = _net_inputs()
+    first = handoff.partition(model, inputs, backends=["sink"], fallback=False)
+    second = handoff.partition(model, inputs, backends=["sink"], fallback=False)
+    assert first.report.stats["sink"].cached_partitions == 0
+    assert second.report.stats["sink"].cached_partitions == first.report.stats["sink"].partitions > 0
+    assert first.to_bytes() == second.to_bytes()
+
+
+def test_no_fallback_error_lists_reasons(sink_plugins):
+    model, inputs = _net_inputs()
+    with pytest.raises(HandoffError) as err:
+        handoff.partition(model, inputs, backends=["sink"], fallback=False, aten=False)
+    assert str(err.value) == ("1 node(s) not claimed by any backend (--no-fallback): sin (aten.sin.default): "
+                              "sink: sink has no kernel for aten.sin.default")
+
+
+def test_presets_expand(sink_plugins):
+    with pytest.raises(HandoffError) as err:
+        handoff.partition("sink:x", backends=["preset:android"])
+    assert str(err.value).startswith("backend 'qnn' not installed")
+    with pytest.raises(HandoffError, match="unknown preset 'mars'; presets: android, ios"):
+        handoff.partition("sink:x", backends=["preset:mars"])
+
+
+def test_export_failure_is_one_line_with_hint(sink_plugins):
+    class DataDependent(torch.nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    with pytest.raises(HandoffError) as err:
+        handoff.partition(DataDependent(), (torch.randn(3),), backends=["sink"], fallback=False)
+    msg = str(err.value)
+    assert msg.startswith("torch.export failed for DataDependent: ") and "hint:" in msg and "\n" not in msg
+
+
+def test_mutating_model_is_refused(sink_plugins):
+    class Counter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("n", torch.zeros(1))
+
+        def forward(self, x):
+            self.n.add_(1)
+            return x + self.n
+
+    with pytest.raises(HandoffError, match=r"mutates state \(n\)"):
+        handoff.partition(Counter(), (torch.randn(3),), backends=["sink"], fallback=False)
