@@ -66,6 +66,8 @@ def build_parser(prog: str = "handoff") -> argparse.ArgumentParser:
 
     b = sub.add_parser("backends", parents=[common], help="list installed backends and whether they can run here")
     b.add_argument("--json", action="store_true")
+    b.add_argument("--runnable", action="store_true", help="print the comma-separated ids of the vendor backends "
+                   "that can both compile and run here, NPUs first (for --backends)")
 
     sub.add_parser("zoo", parents=[common], help="list the built-in zoo: models")
 
@@ -139,9 +141,16 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from .pipeline import FALLBACK_BACKEND
     from .plugins import get_plugins
 
     plugins = get_plugins()
+    if args.runnable:
+        rank = {"npu": 0, "gpu": 1, "cpu": 2}
+        ids = [bid for bid, spec in sorted(plugins.backends.items(), key=lambda kv: rank[kv[1].device])
+               if bid != FALLBACK_BACKEND and plugins.compiler_available(bid)[0] and plugins.runtime_available(bid)[0]]
+        print(",".join(ids))
+        return EXIT_OK
     rows = []
     for bid, spec in plugins.backends.items():
         aot, aot_why = plugins.compiler_available(bid)

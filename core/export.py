@@ -6,7 +6,9 @@ Decomposition to core ATen keeps whole every op that a selected backend asks for
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+import contextlib
+import warnings
+from typing import Any, Iterable, Iterator, Sequence
 
 from .errors import HandoffError
 from .plugins import Plugins
@@ -26,6 +28,14 @@ def resolve_model(spec: str, input_shapes: Sequence[InputSpec], plugins: Plugins
     return resolved
 
 
+@contextlib.contextmanager
+def quiet_torch() -> Iterator[None]:
+    """Silence torch.export's deprecation noise about its own internals (not the user's code)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning)
+        yield
+
+
 def export_model(resolved: ResolvedModel, keep_ops: Iterable[Any] = ()) -> Any:
     """``torch.export`` the model (unless it already is exported) and decompose it to core ATen,
     keeping ``keep_ops`` whole. Returns the decomposed ``ExportedProgram``."""
@@ -34,7 +44,7 @@ def export_model(resolved: ResolvedModel, keep_ops: Iterable[Any] = ()) -> Any:
     ep = resolved.exported
     if ep is None:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), quiet_torch():
                 ep = torch.export.export(resolved.module.eval(), tuple(resolved.example_inputs), strict=False)
         except Exception as exc:
             first = " ".join(str(exc).split())[:400]
@@ -45,7 +55,8 @@ def export_model(resolved: ResolvedModel, keep_ops: Iterable[Any] = ()) -> Any:
     for op in keep_ops:
         table.pop(op, None)
     try:
-        ep = ep.run_decompositions(table)
+        with quiet_torch():
+            ep = ep.run_decompositions(table)
     except Exception as exc:
         raise HandoffError(f"decomposing {resolved.name} to core ATen failed: {type(exc).__name__}: "
                            f"{' '.join(str(exc).split())[:400]}") from exc

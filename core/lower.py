@@ -20,6 +20,7 @@ from . import __version__
 from .backend import Lowered, LoweringError
 from .cache import LoweringCache
 from .errors import HandoffError
+from .export import quiet_torch
 from .partitioner import HOST, Partition, Plan, op_name
 
 #: torch dtype name -> program dtype name (format 1 supports exactly these).
@@ -118,7 +119,7 @@ def extract_partition(ep: Any, names: Sequence[str], decomp_table: Mapping[Any, 
     graph.output(tuple(env[o] for o in outputs))
     gm = torch.fx.GraphModule(root, graph)
     example = tuple(torch.zeros(tuple(i.meta["val"].shape), dtype=i.meta["val"].dtype) for i in external)
-    with torch.no_grad():
+    with torch.no_grad(), quiet_torch():
         sub = torch.export.export(gm, example, strict=False).run_decompositions(dict(decomp_table))
     return sub, external, outputs
 
@@ -296,8 +297,7 @@ def assemble(ep: Any, plan: Plan, lowered: Mapping[str, LoweredPartition], compi
     for i, out in enumerate(output_node.args[0]):
         if not isinstance(out, torch.fx.Node):
             raise HandoffError(f"model output {i} is {out!r}, not a tensor; return tensors only")
-        outputs.append({"name": sig.user_outputs[i] if i < len(sig.user_outputs) else f"output_{i}",
-                        "value": value_of(out)})
+        outputs.append({"name": f"output_{i}", "value": value_of(out)})
 
     manifest = {"handoff_version": __version__, "values": values, "inputs": inputs, "outputs": outputs,
                 "constants": constants, "delegates": delegates, "instructions": instructions,

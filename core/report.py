@@ -13,6 +13,8 @@ from typing import Any
 
 from .partitioner import HOST, GraphView, Plan
 
+OPS_SHOWN = 4  # per backend in the table; the JSON has them all
+
 
 @dataclasses.dataclass
 class BackendStats:
@@ -84,14 +86,16 @@ class Report:
         table = Table(title=f"Delegation report: {self.model}", title_justify="left")
         for col, just in (("backend", "left"), ("nodes", "right"), ("coverage", "right"), ("partitions", "right"),
                           ("blob", "right"), ("lowering", "right"), ("ops", "left")):
-            table.add_column(col, justify=just)  # type: ignore[arg-type]
+            table.add_column(col, justify=just, no_wrap=col != "ops")  # type: ignore[arg-type]
         for backend, s in self.stats.items():
             if backend == HOST and not s.nodes:
                 continue
             short: collections.Counter[str] = collections.Counter()
             for op, c in s.ops.items():  # aten.add.Tensor -> add: overloads are in the JSON
                 short[op.split(".")[1] if op.startswith("aten.") else op] += c
-            ops = ", ".join(f"{op}×{c}" for op, c in short.most_common())
+            top = short.most_common()
+            ops = ", ".join(f"{op}×{c}" for op, c in top[:OPS_SHOWN]) + (
+                f", +{len(top) - OPS_SHOWN} more" if len(top) > OPS_SHOWN else "")
             lowering = f"{s.lower_seconds:.2f}s" + (f" ({s.cached_partitions} cached)" if s.cached_partitions else "")
             table.add_row(backend if backend != HOST else "aten (host)", str(s.nodes), f"{self.coverage(backend):.1f}%",
                           str(s.partitions), _size(s.blob_bytes) if s.partitions else "-",

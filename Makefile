@@ -1,0 +1,48 @@
+# make demo | make test | make bench — each sets up .venv first if it is missing or stale.
+# The core and every plugin under plugins/ are installed (editable), with the Debian packages
+# listed in apt-packages.txt and plugins/*/apt-packages.txt.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PLUGINS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
+APT_FILES := $(wildcard apt-packages.txt plugins/*/apt-packages.txt)
+DEMO_MODEL ?= zoo:small_transformer
+OUT := out
+
+.PHONY: demo test bench apt setup clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt $(wildcard plugins/*/pyproject.toml) $(APT_FILES)
+	@$(MAKE) --no-print-directory apt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[compile,tune,test,bench]' $(addprefix -e ./,$(PLUGINS))
+	touch $@
+
+# Installs only what is missing; needs root (or sudo) the first time.
+apt:
+	@pkgs=$$(cat $(APT_FILES) /dev/null | sed 's/#.*//' | tr -s ' \n' '\n' | sort -u); \
+	missing=$$(for p in $$pkgs; do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+demo: setup
+	@mkdir -p $(OUT)
+	@backends=$$($(VENV)/bin/handoff backends --runnable); \
+	echo "+ handoff partition $(DEMO_MODEL) --backends $$backends -o $(OUT)/demo.hof"; \
+	$(VENV)/bin/handoff partition $(DEMO_MODEL) --backends "$$backends" -o $(OUT)/demo.hof --report $(OUT)/demo-report.json
+	$(VENV)/bin/handoff run $(OUT)/demo.hof --bench 20
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/tvm_tuning.py
+
+clean:
+	rm -rf $(OUT) $(VENV) build *.egg-info core/*.egg-info

@@ -1,0 +1,93 @@
+"""Zoo models through the real TVM backend, compared with eager PyTorch on fresh random inputs.
+
+Tolerances: float32 outputs within 1e-4 relative of eager (rtol 1e-4, plus an absolute floor of
+1e-4 x the output's largest magnitude for entries near zero).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import handoff
+from handoff.models import random_inputs
+
+pytestmark = pytest.mark.slow
+RTOL = {"float32": 1e-4}
+
+
+def assert_matches_eager(got: np.ndarray, want: torch.Tensor, dtype: str = "float32") -> None:
+    want = want.detach().numpy()
+    scale = float(np.abs(want).max()) or 1.0
+    np.testing.assert_allclose(got, want, rtol=RTOL[dtype], atol=RTOL[dtype] * scale)
+
+
+def _check_zoo(name: str, tmp_path, **kwargs) -> handoff.PartitionResult:
+    plugins = handoff.get_plugins()
+    zoo = plugins.zoo()[name]
+    model = zoo.build()
+    result = handoff.partition(f"zoo:{name}", **kwargs)
+    path = tmp_path / f"{name}.hof"
+    result.write(str(path))
+    outputs = []
+    with handoff.load(path) as program:
+        for seed in (11, 12):
+            x = random_inputs(zoo.inputs, seed=seed)
+            (got,) = program.run(x)
+            with torch.no_grad():
+                assert_matches_eager(got, model(*x))
+            outputs.append(got)
+    assert not np.allclose(outputs[0], outputs[1]), "output does not depend on the input: degenerate model"
+    return result
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "small_transformer"])
+def test_zoo_model_on_tvm_matches_eager(name, tmp_path):
+    result = _check_zoo(name, tmp_path)
+    assert result.report.coverage("tvm") == 100.0
+
+
+def test_op_tvm_cannot_import_runs_as_host_aten(tmp_path):
+    class WithBessel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = torch.relu(self.fc(x))
+            return torch.special.i1e(y) + y  # TVM 0.27's importer has no converter for i1e
+
+    torch.manual_seed(0)
+    model = WithBessel().eval()
+    result = handoff.partition(model, (torch.randn(4, 8),), backends=[])
+    host = result.report.stats["aten"]
+    assert host.ops == {"aten.special_i1e.default": 1}
+    declined = [d for d in result.report.declined if d["op"] == "aten.special_i1e.default"]
+    assert declined and declined[0]["ran_on"] == "aten" and "converter" in declined[0]["reasons"]["tvm"]
+    with handoff.load(result.to_bytes()) as program:
+        x = torch.randn(4, 8)
+        (got,) = program.run([x])
+    with torch.no_grad():
+        assert_matches_eager(got, model(x))
+    with pytest.raises(handoff.HandoffError, match=r"--no-aten\): .*special_i1e.*tvm: "):
+        handoff.partition(model, (torch.randn(4, 8),), backends=[], aten=False)
+
+
+def test_aarch64_program_is_built_and_refused_here(tmp_path):
+    import shutil
+
+    if shutil.which("aarch64-linux-gnu-gcc") is None:
+        pytest.skip("gcc-aarch64-linux-gnu not installed (make installs it)")
+    result = handoff.partition("zoo:small_cnn", options={"tvm": {"target": "aarch64"}})
+    path = tmp_path / "arm.hof"
+    result.write(str(path))
+    from handoff.program import ProgramFile
+
+    with ProgramFile.open(str(path)) as pf:
+        (delegate,) = pf.manifest["delegates"]
+        assert delegate["metadata"]["triple"] == "aarch64-linux-gnu"
+        blob = bytes(pf.segment(delegate["segment"]))
+    assert blob[:4] == b"\x7fELF" and int.from_bytes(blob[18:20], "little") == 183  # EM_AARCH64
+    with pytest.raises(handoff.HandoffError, match="aarch64"):
+        handoff.load(path)

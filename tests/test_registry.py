@@ -1,0 +1,62 @@
+"""registry.yaml against the plugins in this repository, and presets."""
+
+from __future__ import annotations
+
+import importlib
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from handoff.errors import HandoffError
+from handoff.registry import Registry
+
+ROOT = Path(__file__).resolve().parent.parent
+REGISTRY = Registry.load((ROOT / "registry.yaml").read_text())
+PROJECTS = [ROOT / "pyproject.toml", *sorted(ROOT.glob("plugins/*/pyproject.toml"))]
+
+
+def test_packaged_registry_is_the_root_one():
+    assert Registry.load() == REGISTRY
+
+
+@pytest.mark.parametrize("pyproject", PROJECTS, ids=lambda p: p.parent.name)
+def test_every_entry_point_is_catalogued(pyproject):
+    meta = tomllib.loads(pyproject.read_text())["project"]
+    eps = meta.get("entry-points", {}).get("handoff.backends", {})
+    assert eps, f"{pyproject}: registers nothing in handoff.backends"
+    for name, target in eps.items():
+        assert name in REGISTRY.backends, f"{name} missing from registry.yaml"
+        entry = REGISTRY.backends[name]
+        assert entry["distribution"] == meta["name"]
+        assert entry["entry_point"] == name
+        assert target.split(":")[0].startswith(entry["module"])
+        if pyproject.parent != ROOT:
+            assert entry["install"] == f"pip install ./plugins/{pyproject.parent.name}"
+
+
+@pytest.mark.parametrize("pyproject", PROJECTS, ids=lambda p: p.parent.name)
+def test_declared_spec_matches_catalog(pyproject):
+    """The BackendSpec a plugin declares (when importable here) agrees with its catalog entry."""
+    meta = tomllib.loads(pyproject.read_text())["project"]
+    for name, target in meta["entry-points"]["handoff.backends"].items():
+        try:
+            module = importlib.import_module(target.split(":")[0])
+        except ImportError:
+            pytest.skip(f"{meta['name']} not installed")
+        for spec in module.handoff_backends():
+            entry = REGISTRY.backends[spec.id]
+            assert spec.device == entry["device"]
+
+
+def test_presets_name_known_backends_and_expand():
+    assert REGISTRY.expand(["preset:android", "xnnpack", "tvm"]) == ["qnn", "vulkan", "xnnpack", "tvm"]
+    with pytest.raises(HandoffError, match="unknown preset 'x'"):
+        REGISTRY.expand(["preset:x"])
+
+
+def test_bad_registry_is_one_line():
+    with pytest.raises(HandoffError, match="registry.yaml: backend 'a' lacks distribution"):
+        Registry.load("backends:\n  a: {device: cpu}\n")
+    with pytest.raises(HandoffError, match="registry.yaml: preset 'p' names unknown backends zz"):
+        Registry.load("backends: {}\npresets:\n  p: [zz]\n")
