@@ -35,8 +35,10 @@ class BackendSpec:
     :param runtime: ``"module:Class"`` of the runtime half (see :class:`Runtime`).
     :param device: one of :data:`DEVICE_CLASSES`.
     :param description: one line for ``handoff backends``.
-    :param options: every option the backend accepts (``--option ID.NAME=VALUE`` at partition or
-        run time), name -> one line of help. The core refuses any other name, listing these.
+    :param options: every compile option the backend accepts (``handoff partition --option
+        ID.NAME=VALUE``), name -> one line of help. The core refuses any other name, listing these.
+    :param runtime_options: likewise for run time (``handoff run --option``, ``handoff.load(...,
+        options=)``), e.g. a thread count.
     """
 
     id: str
@@ -46,6 +48,7 @@ class BackendSpec:
     device: str = "cpu"
     description: str = ""
     options: Mapping[str, str] = dataclasses.field(default_factory=dict, hash=False)
+    runtime_options: Mapping[str, str] = dataclasses.field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if not self.id or not self.id.replace("_", "").replace("-", "").isalnum() or self.id != self.id.lower():
@@ -117,6 +120,12 @@ class Compiler(Protocol):
     def fused_patterns(self, ep: Any) -> Sequence[Sequence[str]]:
         """Optional groups of node names that must land in one partition of this backend, or not
         at all (a conv + batch norm + relu the backend fuses). Return ``[]`` when there are none."""
+        ...
+
+    def cache_key(self) -> str:
+        """Optional. Whatever else decides the blob besides the partition, the options and the
+        backend version (the vendor compiler's version, a detected CPU), so the lowering cache
+        in ``$HANDOFF_HOME`` never returns a blob built under other conditions."""
         ...
 
     def preprocess(self, ep: Any, name: str) -> Lowered:

@@ -11,6 +11,7 @@ import json
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -112,6 +113,8 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None, prog: str = "handoff") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    # torch.export's deprecation noise about its own pytree internals: not actionable by users
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning)
     try:
         return COMMANDS[args.command](args)
     except HandoffError as exc:
@@ -230,7 +233,10 @@ def run_partition(args: argparse.Namespace) -> int:
     if args.quiet:
         print(output)
     else:
-        result.report.render(Console())
+        out = Console()
+        if not out.is_terminal:  # a log or a pipe: wide enough that op lists and reasons stay readable
+            out = Console(width=140)
+        result.report.render(out)
     return EXIT_OK
 
 

@@ -144,7 +144,9 @@ class Lowerer:
         sub, inputs, outputs = extract_partition(self.ep, part.nodes, self.decomp_table)
         cache_key = None
         if self.cache is not None:
-            cache_key = LoweringCache.key(part.backend, self.versions[part.backend],
+            compiler = self.compilers[part.backend]
+            extra = compiler.cache_key() if hasattr(compiler, "cache_key") else ""
+            cache_key = LoweringCache.key(part.backend, self.versions[part.backend], extra,
                                           json.dumps(dict(self.options.get(part.backend, {})), sort_keys=True),
                                           str(sub.graph), *(_tensor_bytes(t) for _, t in sorted(sub.state_dict.items())),
                                           *(_tensor_bytes(t) for _, t in sorted(sub.constants.items())

@@ -145,12 +145,17 @@ class Plugins:
             msg += f"; known backends: {', '.join(self.registry.backends)}"
         return msg
 
-    def check_options(self, backend_id: str, options: Mapping[str, str]) -> None:
+    def check_options(self, backend_id: str, options: Mapping[str, str], runtime: bool = False) -> None:
+        """Refuse option names the backend does not declare (compile options, or runtime ones)."""
         spec = self.spec(backend_id)
+        known = spec.runtime_options if runtime else spec.options
         for name in options:
-            if name not in spec.options:
-                valid = ", ".join(sorted(spec.options)) or "none"
-                raise HandoffError(f"backend '{backend_id}' has no option '{name}'; valid options: {valid}")
+            if name not in known:
+                valid = ", ".join(sorted(known)) or "none"
+                kind = "runtime option" if runtime else "option"
+                other = spec.options if runtime else spec.runtime_options
+                also = f" ('{name}' is a {'compile' if runtime else 'runtime'} option)" if name in other else ""
+                raise HandoffError(f"backend '{backend_id}' has no {kind} '{name}'{also}; valid {kind}s: {valid}")
 
     def compiler(self, backend_id: str, options: Mapping[str, str] | None = None) -> Any:
         """A new instance of the compiler half of ``backend_id``, configured with ``options``."""

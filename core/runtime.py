@@ -50,7 +50,7 @@ class Program:
                 users = [i for i, d in enumerate(delegates) if d["backend"] == backend]
                 raise HandoffError(f"{self.file.name}: delegate {users[0]} needs "
                                    f"{plugins.not_installed_message(backend)}")
-            plugins.check_options(backend, options.get(backend, {}))
+            plugins.check_options(backend, options.get(backend, {}), runtime=True)
             ok, reason = plugins.runtime_available(backend)
             if not ok:
                 raise HandoffError(f"{self.file.name}: backend '{backend}' cannot run here: {reason}")

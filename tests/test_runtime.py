@@ -102,8 +102,12 @@ def test_bad_inputs_are_clear(sink_program):
 
 def test_runtime_options_are_checked(sink_program):
     path, _ = sink_program
-    with pytest.raises(HandoffError, match="backend 'sink' has no option 'turbo'; valid options: fail_on, fuse, ops"):
+    with pytest.raises(HandoffError, match="^backend 'sink' has no runtime option 'turbo'; valid runtime options: check$"):
         handoff.load(path, options={"sink": {"turbo": "1"}})
+    with pytest.raises(HandoffError, match=r"no runtime option 'fuse' \('fuse' is a compile option\)"):
+        handoff.load(path, options={"sink": {"fuse": "1"}})
+    with handoff.load(path, options={"sink": {"check": "1"}}) as program:
+        program.run([np.zeros((2, 8), np.float32)])
     with pytest.raises(HandoffError, match="options given for backend 'tvm', which this program does not use; it uses: sink"):
         handoff.load(path, options={"tvm": {"target": "host"}})
 

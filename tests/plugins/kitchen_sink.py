@@ -30,6 +30,7 @@ NUMPY_OPS = {
 DEFAULT_OPS = "aten.add.Tensor,aten.mul.Tensor,aten.relu.default"
 OPTIONS = {"ops": "comma-separated ATen ops to claim", "fail_on": "an ATen op whose lowering fails",
            "fuse": "1: report mul->relu pairs as fused patterns"}
+RUNTIME_OPTIONS = {"check": "1: refuse non-finite outputs"}
 MAGIC = b"SINK"
 
 calls: list[str] = []  # hooks called, for the tests
@@ -39,7 +40,8 @@ calls: list[str] = []  # hooks called, for the tests
 def handoff_backends() -> list[BackendSpec]:
     calls.append("handoff_backends")
     return [BackendSpec(id=bid, version="9.9", compiler=f"{__name__}:SinkCompiler", runtime=f"{__name__}:SinkRuntime",
-                        description=f"kitchen-sink test backend {bid}", options=OPTIONS) for bid in ("sink", "sinkb")]
+                        description=f"kitchen-sink test backend {bid}", options=OPTIONS,
+                        runtime_options=RUNTIME_OPTIONS) for bid in ("sink", "sinkb")]
 
 
 @hookimpl
@@ -151,7 +153,7 @@ class SinkRuntime:
             raise ValueError("not a sink blob")
         (n,) = struct.unpack("<I", data[4:8])
         SinkRuntime.loaded += 1
-        return json.loads(data[8:8 + n])
+        return {**json.loads(data[8:8 + n]), "check": options.get("check") == "1"}
 
     def execute(self, handle: Any, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         tmps: list[Any] = []
@@ -164,7 +166,10 @@ class SinkRuntime:
         for op, args, kwargs in handle["program"]:
             out = NUMPY_OPS[op](*[get(a) for a in args], **kwargs)
             tmps.append(np.asarray(out, dtype=np.float32))
-        return [np.asarray(get(o), dtype=np.float32) for o in handle["outputs"]]
+        outs = [np.asarray(get(o), dtype=np.float32) for o in handle["outputs"]]
+        if handle["check"] and not all(np.isfinite(o).all() for o in outs):
+            raise FloatingPointError("sink produced a non-finite output")
+        return outs
 
     def release(self, handle: Any) -> None:
         SinkRuntime.released += 1

@@ -1,0 +1,278 @@
+"""The ahead-of-time half of the ``tvm`` backend.
+
+A partition is imported with TVM's Relax importer for ``torch.export``
+(:func:`tvm.relax.frontend.torch.from_exported_program`), optionally tuned with MetaSchedule, built
+for an LLVM target with :func:`tvm.relax.build`, and exported as a shared library: the delegate
+blob is that library's bytes. Capability is the importer's own converter table, so ``support``
+claims exactly the ops the installed TVM can import.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import operator
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import tvm
+from tvm import relax
+from tvm.relax.frontend.torch import from_exported_program
+from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+from handoff.backend import Lowered, LoweringError
+from handoff.cache import cache_dir
+
+from .plugin import TARGETS
+from .runtime import host_triple
+
+#: The linker ``export_library`` needs for target=aarch64 (Debian: gcc-aarch64-linux-gnu).
+AARCH64_CC = "aarch64-linux-gnu-gcc"
+_TVM = "TVM " + ".".join(tvm.__version__.split(".")[:2])
+
+
+class TvmCompiler:
+    """Lowers partitions with Apache TVM (see :class:`handoff.backend.Compiler`).
+
+    Options (all strings, see :mod:`handoff.tvm.plugin`): ``target`` (``host`` or ``aarch64``),
+    ``mcpu`` (an LLVM CPU name for the target's triple), ``tune`` (MetaSchedule trials, ``0``).
+    """
+
+    def __init__(self, options: Mapping[str, str]) -> None:
+        target = options.get("target", "host")
+        if target not in TARGETS:
+            raise ValueError(f"option target={target!r} is not valid; valid values: {', '.join(TARGETS)}")
+        tune = options.get("tune", "0")
+        if not tune.strip().isdigit():
+            raise ValueError(f"option tune={tune!r} is not valid; valid values: a number of MetaSchedule "
+                             f"trials, 0 (no tuning) or more")
+        self.tune = int(tune)
+
+        if target == "host":
+            self.triple, self.cc = host_triple(), None
+        else:
+            self.triple, self.cc = "aarch64-linux-gnu", AARCH64_CC
+            if shutil.which(AARCH64_CC) is None:
+                raise ValueError(f"target=aarch64 needs the cross linker {AARCH64_CC} on PATH: "
+                                 f"apt-get install gcc-aarch64-linux-gnu")
+            if self.tune:
+                raise ValueError("option tune needs target=host: MetaSchedule measures candidates on this "
+                                 "machine; tune on an aarch64 host with target=host instead")
+
+        mcpu = options.get("mcpu")
+        if mcpu is None:
+            mcpu = _host_cpu(self.triple) if target == "host" else None
+        elif not tvm.target.codegen.llvm_is_valid_cpu(mcpu, self.triple):
+            cpus = tvm.target.codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm", "mtriple": self.triple}))
+            raise ValueError(f"option mcpu={mcpu!r} is not a CPU LLVM knows for {self.triple}; "
+                             f"valid values: {', '.join(sorted(cpus))}")
+        self.mcpu = mcpu
+
+        config: dict[str, Any] = {"kind": "llvm", "mtriple": self.triple}
+        if mcpu:
+            config["mcpu"] = mcpu
+        if target == "aarch64":
+            config["mattr"] = ["+neon"]
+        if self.tune:
+            # MetaSchedule requires it (parallel schedule rules); it keys the tuning database too.
+            from tvm.s_tir.meta_schedule.utils import cpu_count
+
+            config["num-cores"] = cpu_count(logical=False)
+        self.target_config = config
+        self.target = tvm.target.Target(config)
+
+    def ops_to_not_decompose(self) -> Sequence[Any]:
+        return []  # the Relax importer is written against core ATen
+
+    def support(self, ep: Any) -> Mapping[str, str | None]:
+        return {n.name: _decline_reason(n) for n in ep.graph.nodes if n.op == "call_function"}
+
+    def fused_patterns(self, ep: Any) -> Sequence[Sequence[str]]:
+        return []
+
+    def cache_key(self) -> str:
+        # The detected CPU and the TVM build decide the blob too, not only the options.
+        return json.dumps({"tvm": tvm.__version__, "target": self.target_config}, sort_keys=True)
+
+    def preprocess(self, ep: Any, name: str) -> Lowered:
+        for node_name, reason in self.support(ep).items():
+            if reason:
+                raise LoweringError(f"{node_name}: {reason}", node=node_name)
+        try:
+            # Already core ATen: decomposing again would retrace and rename the nodes that
+            # LoweringError.node refers to.
+            mod = from_exported_program(ep, run_ep_decomposition=False)
+        except Exception as exc:
+            node = _failing_node(exc)
+            where = f" at node {node}" if node else ""
+            raise LoweringError(f"{_TVM} Relax importer failed{where}: {_one_line(exc)}", node=node) from exc
+        main = mod["main"]
+        inputs = [_io_spec(p.ty) for p in main.params]
+        ret = main.ret_ty
+        outputs = [_io_spec(f) for f in ret.fields] if isinstance(ret, relax.TupleType) else [_io_spec(ret)]
+
+        if self.tune:
+            mod = self._tune(mod)
+        executable = relax.build(mod, target=self.target)
+        with tempfile.TemporaryDirectory(prefix="handoff-tvm-") as tmp:
+            path = os.path.join(tmp, "delegate.so")
+            executable.export_library(path, **({"cc": self.cc} if self.cc else {}))
+            blob = Path(path).read_bytes()
+        return Lowered(blob, {
+            "compiler": "apache-tvm",
+            "tvm_version": tvm.__version__,
+            "target": self.target_config,
+            "triple": self.triple,
+            "mcpu": self.mcpu,
+            "tune_trials": self.tune,
+            "entry": "main",
+            "num_inputs": len(inputs),
+            "num_outputs": len(outputs),
+            "inputs": inputs,
+            "outputs": outputs,
+        })
+
+    # -- MetaSchedule ----------------------------------------------------------------------------
+    @property
+    def tuning_dir(self) -> Path:
+        """The tuning database of this target, shared by every model and run:
+        ``$HANDOFF_HOME/tuning/tvm/<tvm version>-<triple>-<mcpu>-<hash of the target>``."""
+        digest = hashlib.sha256(json.dumps(self.target_config, sort_keys=True).encode()).hexdigest()[:10]
+        return cache_dir(f"tuning/tvm/{tvm.__version__}-{self.triple}-{self.mcpu or 'generic'}-{digest}")
+
+    def _tune(self, mod: Any) -> Any:
+        """Legalise and fuse ``mod`` as the ``static_shape_tuning`` pipeline does, tune only the
+        tasks the database has no record for (``self.tune`` trials in all, shared evenly), then
+        apply the best record of every task. A model whose tasks are all in the database costs no
+        trials; when there are more tasks than trials, the tasks left over are tuned by later runs."""
+        from tvm.s_tir import meta_schedule as ms
+
+        with self.target:
+            mod = tvm.transform.Sequential([
+                relax.transform.DecomposeOpsForInference(),
+                relax.transform.CanonicalizeBindings(),
+                relax.get_pipeline("zero"),
+            ])(mod)
+        database = ms.database.JSONDatabase(work_dir=str(self.tuning_dir))
+        tasks = [t for t in ms.relax_integration.extract_tasks(mod, self.target)
+                 if not t.mod.attrs.get("tirx.is_scheduled", False)]
+        todo = [t for t in tasks if database.query_tuning_record(t.dispatched[0], self.target, "main") is None]
+        if todo:
+
+            def _build_candidate(mod: Any, target: Any, _params: Any) -> Any:
+                """MetaSchedule's ``default_build`` minus ``import tvm.s_tir.tensor_intrin``, which
+                takes ~15 s (10 s of CUDA intrinsics) in every fresh builder worker of every round,
+                past the builder's 30 s timeout on a small machine; building a scheduled (already
+                tensorized) PrimFunc needs no intrinsic registry. Nested so that cloudpickle ships
+                it by value: the workers need not import handoff (nor torch)."""
+                from tvm.driver import build
+                from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+                return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+            # Per-task cap: the gradient scheduler would otherwise spend a small budget on the
+            # first tasks again and again, and leave the others without records.
+            per_task = max(1, math.ceil(self.tune / len(todo)))
+            work_dir = str(self.tuning_dir)
+            # MetaSchedule logs every round to stdout at its logger's level: keep the console to
+            # warnings; the full log goes to logs/ next to the database.
+            logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, work_dir=work_dir)
+            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, database=database,
+                          max_trials_global=self.tune, max_trials_per_task=per_task,
+                          num_trials_per_iter=min(64, per_task),
+                          builder=ms.builder.LocalBuilder(f_build=_build_candidate))
+        with self.target, database:
+            return relax.transform.MetaScheduleApplyDatabase()(mod)
+
+
+def _host_cpu(triple: str) -> str | None:
+    """LLVM's name for this machine's CPU, when TVM exposes it and LLVM accepts it for ``triple``
+    (``mcpu: native`` is refused by the wheel's LLVM, so the CPU has to be named)."""
+    try:
+        cpu = tvm.target.codegen.llvm_get_system_cpu()
+        return cpu if cpu and cpu != "generic" and tvm.target.codegen.llvm_is_valid_cpu(cpu, triple) else None
+    except Exception:  # a TVM built without LLVM cannot say; compile for the triple's baseline
+        return None
+
+
+@functools.cache
+def _converters() -> frozenset[str]:
+    """Keys of the importer's converter table: ``OpOverload.__name__`` ("conv2d.default") for ATen
+    ops, ``__name__`` for Python callables ("getitem", "add" on SymInts, "cond")."""
+    return frozenset(k for k in ExportedProgramImporter().convert_map if isinstance(k, str))
+
+
+@functools.cache
+def _dtype_supported(dtype: torch.dtype) -> bool:
+    try:
+        ExportedProgramImporter._convert_data_type(dtype)
+        return True
+    except NotImplementedError:
+        return False
+
+
+def _decline_reason(node: torch.fx.Node) -> str | None:
+    """``None`` when the Relax importer converts ``node``, else why not."""
+    target = node.target
+    if target is operator.getitem:
+        return None  # the core keeps every getitem with its producer
+    if isinstance(target, torch._ops.OpOverload):
+        shown = f"{target.namespace}.{target.__name__}"
+        # The table is keyed without namespace: only ATen ops are what its names mean.
+        if target.namespace != "aten":
+            return f"{_TVM} Relax importer converts ATen ops only, not {shown}"
+    else:
+        shown = getattr(target, "__name__", repr(target))
+    if getattr(target, "__name__", None) not in _converters():
+        return f"{_TVM} Relax importer has no converter for {shown}"
+    for value in [node.meta.get("val"), *(n.meta.get("val") for n in node.all_input_nodes)]:
+        for leaf in torch.utils._pytree.tree_leaves(value):
+            if isinstance(leaf, torch.Tensor) and not _dtype_supported(leaf.dtype):
+                return f"dtype {str(leaf.dtype).removeprefix('torch.')} not supported by the {_TVM} Relax importer"
+    check = _ARGUMENT_CHECKS.get(target.__name__)
+    return check(node) if check else None
+
+
+def _antialiased_downsampling(node: torch.fx.Node) -> str | None:
+    # The converter resizes with plain bilinear; antialiasing changes results only when shrinking.
+    before, after = node.args[0].meta.get("val"), node.meta.get("val")
+    if before is None or after is None or any(a < b for a, b in zip(after.shape[2:], before.shape[2:])):
+        return f"antialiased downsampling: the {_TVM} Relax importer resizes without antialiasing (wrong results)"
+    return None
+
+
+#: Converters that exist but give wrong results for some arguments, by converter-table key.
+_ARGUMENT_CHECKS = {"_upsample_bilinear2d_aa.default": _antialiased_downsampling}
+
+
+def _failing_node(exc: BaseException) -> str | None:
+    """The node the importer was converting when ``exc`` was raised: the ``node`` local of the
+    outermost frame that has one (the importer's loop over the graph), if any."""
+    tb = exc.__traceback__
+    while tb is not None:
+        node = tb.tb_frame.f_locals.get("node")
+        if isinstance(node, torch.fx.Node) and node.op == "call_function":
+            return node.name
+        tb = tb.tb_next
+    return None
+
+
+def _io_spec(ty: Any) -> dict[str, Any]:
+    """``{"shape": [...], "dtype": ...}`` of a Relax tensor type (symbolic dims as text)."""
+    if ty.shape is None:  # rank known, extents not
+        return {"shape": None, "dtype": str(ty.dtype)}
+    shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else str(d) for d in ty.shape.values]
+    return {"shape": shape, "dtype": str(ty.dtype)}
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:300]

@@ -1,0 +1,129 @@
+"""The delegate blob of handoff-xnnpack, and the options both halves share.
+
+Torch-free and executorch-free: imported by the plugin module, the compiler and the runtime.
+
+A blob is an ExecuTorch program (``.pte``) whose single method ``forward`` is one
+``XnnpackBackend`` delegate call, behind a small versioned header::
+
+    offset 0   8 bytes   magic b"HOFXNNPK"
+    offset 8   u32 LE    blob format version (FORMAT_VERSION)
+    offset 12  u32 LE    length N of the JSON header
+    offset 16  N bytes   JSON header (utf-8), then zero padding to a multiple of 16
+    ...        pte_size  the .pte bytes, at header["pte_offset"]
+
+The JSON header names what the runtime must match: the ExecuTorch release that wrote the program
+(``executorch``), the program's flatbuffer identifier (``pte_identifier``, ``ET12`` in 1.5.1), and
+the XNNPACK delegate's header magic and flatbuffer schema identifier (``xnnpack_header`` ``XH00``,
+``xnnpack_schema`` ``XN01``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from typing import Any, Mapping
+
+MAGIC = b"HOFXNNPK"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<8sII")
+_ALIGN = 16
+
+#: Every option the backend accepts, name -> help (``--option xnnpack.NAME=VALUE``).
+OPTIONS: dict[str, str] = {
+    "threads": "worker threads of ExecuTorch's thread pool, which runs the XNNPACK kernels "
+               "(integer >= 1, or 'auto' for ExecuTorch's default of one per core); the pool is "
+               "process-wide, so every XNNPACK delegate of a process uses the same count",
+}
+
+
+def parse_threads(value: Any) -> int | None:
+    """``None`` (ExecuTorch's default) or a thread count >= 1; ``ValueError`` otherwise."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text in ("", "auto", "0"):
+        return None
+    try:
+        threads = int(text)
+    except ValueError:
+        threads = -1
+    if threads < 1:
+        raise ValueError(f"option 'threads' must be an integer >= 1 or 'auto', got {value!r}")
+    return threads
+
+
+def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate backend options; return them parsed. Unknown names are refused."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(OPTIONS))}")
+    return {"threads": parse_threads(options.get("threads"))}
+
+
+def pack(pte: bytes, header: Mapping[str, Any]) -> bytes:
+    """Wrap ``pte`` in the blob header."""
+    fields = dict(header)
+    fields["format"] = FORMAT_VERSION
+    fields["pte_size"] = len(pte)
+    # pte_offset depends on the header length, which depends on pte_offset's digits: iterate.
+    offset = 0
+    while True:
+        fields["pte_offset"] = offset
+        text = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+        needed = -(-(_PREFIX.size + len(text)) // _ALIGN) * _ALIGN
+        if needed == offset:
+            break
+        offset = needed
+    pad = offset - _PREFIX.size - len(text)
+    return b"".join((_PREFIX.pack(MAGIC, FORMAT_VERSION, len(text)), text, b"\0" * pad, pte))
+
+
+def unpack(blob: bytes | bytearray | memoryview) -> tuple[dict[str, Any], memoryview]:
+    """Split a blob into its JSON header and a view of its .pte bytes; ``ValueError`` when the
+    blob is not one of ours, or is of a newer format, truncated or inconsistent."""
+    view = memoryview(blob).cast("B")
+    if len(view) < _PREFIX.size or bytes(view[:8]) != MAGIC:
+        raise ValueError(f"xnnpack: not an XNNPACK delegate blob (magic {bytes(view[:8])!r}, expected {MAGIC!r})")
+    _, version, length = _PREFIX.unpack(view[:_PREFIX.size])
+    if version > FORMAT_VERSION:
+        raise ValueError(f"xnnpack: delegate blob format {version} is newer than this handoff-xnnpack reads "
+                         f"({FORMAT_VERSION}); upgrade handoff-xnnpack")
+    if version < 1:
+        raise ValueError(f"xnnpack: delegate blob format {version} is invalid")
+    try:
+        header = json.loads(bytes(view[_PREFIX.size:_PREFIX.size + length]))
+        offset, size = int(header["pte_offset"]), int(header["pte_size"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"xnnpack: delegate blob header is corrupt: {exc}") from None
+    if offset < _PREFIX.size + length or offset + size != len(view):
+        raise ValueError(f"xnnpack: delegate blob is truncated or corrupt: header says {size} program bytes "
+                         f"at offset {offset}, blob has {len(view)} bytes")
+    pte = view[offset:offset + size]
+    ident = header.get("pte_identifier")
+    if ident and bytes(pte[4:8]) != ident.encode():
+        raise ValueError(f"xnnpack: delegate blob is corrupt: program identifier {bytes(pte[4:8])!r}, "
+                         f"header says {ident!r}")
+    return header, pte
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``"1.5.1+cpu"`` -> ``(1, 5, 1)``; ``()`` when it does not start with a number."""
+    match = re.match(r"\d+(\.\d+)*", version.strip())
+    return tuple(int(p) for p in match.group(0).split(".")) if match else ()
+
+
+def check_compatible(header: Mapping[str, Any], runtime_version: str) -> None:
+    """Refuse a blob written by an ExecuTorch release this runtime cannot be trusted to read.
+
+    The program (``ET12``) and XNNPACK delegate (``XH00``/``XN01``) formats are versioned by
+    ExecuTorch releases, not by a compatibility promise we can check from Python, so the runtime's
+    ExecuTorch must be the same major.minor release as the compiler's (patch releases may differ).
+    """
+    built = str(header.get("executorch", "?"))
+    what = (f"ExecuTorch {built} (program {header.get('pte_identifier', '?')}, XNNPACK delegate "
+            f"{header.get('xnnpack_header', '?')}/{header.get('xnnpack_schema', '?')})")
+    if len(_release(built)) < 2 or _release(built)[:2] != _release(runtime_version)[:2]:
+        raise ValueError(f"xnnpack: delegate was built with {what} but this runtime has ExecuTorch "
+                         f"{runtime_version}; rebuild the program with this ExecuTorch, or "
+                         f"pip install executorch=={built}")

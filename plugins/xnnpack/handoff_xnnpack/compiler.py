@@ -1,0 +1,356 @@
+"""The ahead-of-time half of the ``xnnpack`` backend: ExecuTorch 1.5.1's XNNPACK toolchain.
+
+Capability is XNNPACK's own: :meth:`XnnpackCompiler.support` converts a copy of the program to
+ExecuTorch's Edge dialect exactly as ``to_edge_transform_and_lower`` does, lets
+``XnnpackPartitioner`` (its per-op ``PartitionerConfig`` classes and their ``check_constraints``)
+tag what it would delegate, and maps the tags back to the ATen nodes through torch.fx's
+``from_node`` provenance. For each node it declines, the reason is the one the config reports
+through executorch's ``WhyNoPartition`` logger (``"Add node doesn't support alpha != 1"``), or
+"XNNPACK has no kernel for OP" when no config exists for the op.
+
+Lowering (:meth:`XnnpackCompiler.preprocess`) is ``to_edge_transform_and_lower`` with
+``XnnpackPartitioner`` and then ``to_executorch``: the blob is the resulting ``.pte``, which must
+hold exactly one ``XnnpackBackend`` delegate call and no other kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import operator
+from importlib import metadata
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+from executorch.backends.xnnpack.serialization.xnnpack_graph_serialize import XNNHeader
+from executorch.backends.xnnpack.utils.configs import (
+    get_xnnpack_edge_compile_config,
+    get_xnnpack_executorch_backend_config,
+)
+from executorch.exir import to_edge_transform_and_lower
+from executorch.exir.backend.canonical_partitioners.config_partitioner import format_target_name
+from executorch.exir.backend.utils import WhyNoPartition
+from executorch.exir.program._program import (
+    _gen_edge_manager_for_partitioners,
+    _remove_invalid_ops_for_not_decompose,
+)
+from handoff.backend import Lowered, LoweringError
+
+from . import EXECUTORCH_VERSION, _format
+
+#: executorch's name for the XNNPACK delegate (``XnnpackBackend.__name__``).
+BACKEND_ID = "XnnpackBackend"
+#: dtypes XNNPACK's configs accept for fp32/fp16 graphs (``_check_node_has_valid_dtype``).
+_FLOAT_DTYPES = {torch.float32: "fp32", torch.float16: "fp16"}
+_LOG = logging.getLogger(__name__)
+
+
+class XnnpackCompiler:
+    """Capability and lowering for the ``xnnpack`` backend (see the module docstring)."""
+
+    def __init__(self, options: Mapping[str, str] | None = None) -> None:
+        self.options = _format.check_options(dict(options or {}))
+
+    # -- decomposition ------------------------------------------------------------------------
+    def ops_to_not_decompose(self) -> Sequence[torch._ops.OpOverload]:
+        """The ops XNNPACK's partitioner asks ExecuTorch to keep whole (``linear``, ``hardswish``,
+        ``max_pool2d``, ``prelu``, ``upsample_bilinear2d``, torchao's quantize ops), filtered the way
+        ``to_edge_transform_and_lower`` filters them."""
+        ops, _ = XnnpackPartitioner().ops_to_not_decompose(None)
+        return list(_remove_invalid_ops_for_not_decompose(list(ops)))
+
+    def fused_patterns(self, ep: Any) -> Sequence[Sequence[str]]:
+        """None needed: every node XNNPACK claims lowers on its own (batch norm after a conv is
+        fused when both land in one partition, and decomposed to a depthwise conv otherwise)."""
+        return []
+
+    # -- capability ---------------------------------------------------------------------------
+    def support(self, ep: torch.export.ExportedProgram) -> dict[str, str | None]:
+        names = [n.name for n in ep.graph.nodes if n.op == "call_function"]
+        partitioner = XnnpackPartitioner()
+        try:
+            edge = _edge_program(ep, partitioner)
+        except Exception as exc:  # the Edge conversion refuses the program: nothing is claimable
+            reason = f"ExecuTorch's Edge conversion failed: {_one_line(exc)}"
+            return {name: reason for name in names}
+        with _quiet_partitioner():
+            partitioner.partition(edge)
+        origins = _origins(ep, edge)
+        by_aten: dict[str, list[torch.fx.Node]] = {}
+        for enode, anames in origins.items():
+            for aname in anames:
+                by_aten.setdefault(aname, []).append(enode)
+        aten_nodes = {n.name: n for n in ep.graph.nodes}
+        reasons: dict[torch.fx.Node, str | None] = {}
+        verdict: dict[str, str | None] = {}
+        for name in names:
+            enodes = by_aten.get(name, [])
+            if not enodes:
+                anode = aten_nodes[name]
+                if anode.target is operator.getitem and isinstance(anode.args[0], torch.fx.Node):
+                    # follows its producer (multi-output ops are judged as a whole)
+                    verdict[name] = verdict.get(anode.args[0].name, "not reported")
+                elif not anode.users:
+                    # removed by the Edge conversion (_assert_tensor_metadata, dead code): nothing to run
+                    verdict[name] = None
+                else:
+                    verdict[name] = (f"{_op_name(anode)} has no counterpart in ExecuTorch's Edge program, "
+                                     "so XNNPACK's partitioner never saw it")
+                continue
+            verdict[name] = None
+            for enode in enodes:
+                if enode.meta.get("delegation_tag") is None:
+                    if enode not in reasons:
+                        reasons[enode] = _why_declined(enode, edge, partitioner)
+                    verdict[name] = reasons[enode]
+                    break
+        return verdict
+
+    # -- lowering -----------------------------------------------------------------------------
+    def preprocess(self, ep: torch.export.ExportedProgram, name: str) -> Lowered:
+        try:
+            with _quiet_partitioner():
+                edge_manager = to_edge_transform_and_lower(
+                    ep, partitioner=[XnnpackPartitioner()], compile_config=get_xnnpack_edge_compile_config())
+        except Exception as exc:
+            raise LoweringError(f"xnnpack: partition {name}: ExecuTorch's XNNPACK lowering failed: "
+                                f"{_one_line(exc)}") from exc
+        edge = edge_manager.exported_program()
+        gm = edge.graph_module
+        delegates: list[torch.fx.Node] = []
+        for node in gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            if node.target is torch.ops.higher_order.executorch_call_delegate:
+                delegates.append(node)
+            elif node.target is operator.getitem and node.args[0] in delegates:
+                continue
+            else:
+                sources = _sources(node, id(ep.graph), {n.name for n in ep.graph.nodes})
+                where = f" (from node {sources[0]})" if sources else ""
+                raise LoweringError(f"xnnpack: partition {name} lowered with {_op_name(node)} left outside "
+                                    f"XNNPACK{where}", node=sources[0] if sources else None)
+        if len(delegates) != 1:
+            raise LoweringError(f"xnnpack: partition {name} lowered into {len(delegates)} XNNPACK delegate calls, "
+                                "expected exactly one")
+        lowered = getattr(gm, delegates[0].args[0].target)
+        if lowered.backend_id != BACKEND_ID:
+            raise LoweringError(f"xnnpack: partition {name} was delegated to {lowered.backend_id}, not {BACKEND_ID}")
+        xnn_header, xnn_schema = _xnnpack_identifiers(lowered.processed_bytes)
+
+        try:
+            program = edge_manager.to_executorch(get_xnnpack_executorch_backend_config())
+        except Exception as exc:
+            raise LoweringError(f"xnnpack: partition {name}: ExecuTorch could not emit the program: "
+                                f"{_one_line(exc)}") from exc
+        plans = program.executorch_program.execution_plan
+        if len(plans) != 1 or plans[0].operators or [d.id for d in plans[0].delegates] != [BACKEND_ID]:
+            kernels = [op.name for plan in plans for op in plan.operators]
+            raise LoweringError(f"xnnpack: partition {name} lowered with {', '.join(kernels) or 'other delegates'} "
+                                "left outside XNNPACK")
+        pte = bytes(program.buffer)
+        et_version = metadata.version("executorch")
+        precision = _precision(ep)
+        header = {
+            "executorch": et_version,
+            "pte_identifier": pte[4:8].decode("ascii", "replace"),
+            "xnnpack_header": xnn_header,
+            "xnnpack_schema": xnn_schema,
+            "backend_id": BACKEND_ID,
+        }
+        meta = {
+            "compiler": "executorch",
+            "version": et_version,
+            "backend_id": BACKEND_ID,
+            "xnnpack_schema": xnn_schema,
+            "precision": precision,
+            "num_inputs": len(plans[0].inputs),
+            "num_outputs": len(plans[0].outputs),
+            "pte_bytes": len(pte),
+        }
+        if self.options["threads"] is not None:
+            meta["threads"] = self.options["threads"]
+        if et_version != EXECUTORCH_VERSION:
+            meta["warning"] = f"handoff-xnnpack is tested with executorch {EXECUTORCH_VERSION}"
+        return Lowered(blob=_format.pack(pte, header), metadata=meta)
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def _edge_program(ep: torch.export.ExportedProgram, partitioner: XnnpackPartitioner) -> torch.export.ExportedProgram:
+    """``ep`` in Edge dialect, converted exactly as ``to_edge_transform_and_lower`` converts it
+    before partitioning (same preserved ops, same compile config). ``ep`` itself is not changed."""
+    manager = _gen_edge_manager_for_partitioners(
+        {"forward": [partitioner]}, {"forward": ep}, get_xnnpack_edge_compile_config(), None)
+    return manager.exported_program("forward")
+
+
+def _sources(node: torch.fx.Node, graph_id: int, names: set[str]) -> list[str]:
+    """Names of the nodes of the graph ``graph_id`` that ``node`` was made from, following
+    ``node.meta["from_node"]`` (newest first, stopping at the first ancestor in that graph).
+
+    ``graph_id`` is the id of a graph alive during the whole conversion, so no graph made by the
+    conversion can share it; graphs older than it that did are further up the chain."""
+    found: list[str] = []
+    stack = list(reversed(node.meta.get("from_node") or []))
+    seen = 0
+    while stack and seen < 10000:
+        seen += 1
+        src = stack.pop()
+        if src.graph_id == graph_id and src.name in names:
+            if src.name not in found:
+                found.append(src.name)
+            continue
+        stack.extend(reversed(src.from_node or []))
+    return found
+
+
+def _origins(ep: torch.export.ExportedProgram, edge: torch.export.ExportedProgram) -> dict[torch.fx.Node, list[str]]:
+    """Edge ``call_function`` node -> the ATen node names of ``ep`` it comes from."""
+    names = {n.name for n in ep.graph.nodes if n.op == "call_function"}
+    getitems = {(n.args[0].name, n.args[1]): n.name for n in ep.graph.nodes
+                if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node)}
+    origins: dict[torch.fx.Node, list[str]] = {}
+    for enode in edge.graph.nodes:
+        if enode.op != "call_function":
+            continue
+        found = _sources(enode, id(ep.graph), names)
+        if enode.target is operator.getitem and isinstance(enode.args[0], torch.fx.Node):
+            # a retraced getitem's provenance names its producer; match the ATen getitem instead
+            producers = origins.get(enode.args[0]) or _sources(enode.args[0], id(ep.graph), names)
+            matched = [getitems[(p, enode.args[1])] for p in producers if (p, enode.args[1]) in getitems]
+            found = matched or found
+        if found:
+            origins[enode] = found
+        else:
+            _LOG.debug("xnnpack: edge node %s has no ATen origin", enode.name)
+    return origins
+
+
+class _WhyCapture(logging.Handler):
+    """Collects what XNNPACK's partitioner configs report through ``WhyNoPartition``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.reasons: list[tuple[Any, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.msg, WhyNoPartition):  # the same object is reused: read it now
+            self.reasons.append((record.msg.node, str(record.msg.reason)))
+
+
+@contextlib.contextmanager
+def _capture_why() -> Iterator[_WhyCapture]:
+    logger = logging.getLogger("executorch.backends.xnnpack")
+    handler = _WhyCapture()
+    level, propagate = logger.level, logger.propagate
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # keep the debug records out of the application's handlers
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+@contextlib.contextmanager
+def _quiet_partitioner() -> Iterator[None]:
+    """Silence executorch's per-node INFO/WARNING chatter while partitioning and lowering."""
+    loggers = [logging.getLogger(n) for n in ("executorch.backends.xnnpack", "executorch.exir")]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, saved):
+            lg.setLevel(level)
+
+
+def _why_declined(node: torch.fx.Node, edge: torch.export.ExportedProgram, partitioner: XnnpackPartitioner) -> str:
+    """Why XNNPACK's partitioner left the Edge node ``node`` out, in its configs' words."""
+    op = _op_name(node)
+    if node.target is operator.getitem:
+        src = node.args[0]
+        return f"output {node.args[1]} of {_op_name(src) if isinstance(src, torch.fx.Node) else src} is not taken by XNNPACK"
+    target = getattr(node.target, "__name__", str(node.target))
+    config = partitioner.target_partitioner_configs.get(format_target_name(target))
+    if config is None:
+        return f"XNNPACK has no kernel for {op}"
+    with _capture_why() as why:
+        try:
+            ok = config.check_constraints(node, edge)
+        except Exception as exc:
+            return f"{op}: XNNPACK's {type(config).__name__} failed: {_one_line(exc)}"
+    said: list[str] = []
+    for who, reason in why.reasons:
+        if (who is node or who is None or not isinstance(who, torch.fx.Node)) and reason not in said:
+            said.append(reason)
+    if ok:
+        detail = f": {'; '.join(said)}" if said else ""
+        return f"{op}: passes XNNPACK's {type(config).__name__} checks but its partitioner did not take it{detail}"
+    if not said:
+        said.append(f"{type(config).__name__} constraints not met")
+    if any(r == "invalid dtype" for r in said):
+        bad = sorted({str(d).replace("torch.", "") for d in _dtypes(node) if d not in _FLOAT_DTYPES})
+        if bad:
+            said = [f"invalid dtype {', '.join(bad)} (XNNPACK takes float32, float16)" if r == "invalid dtype" else r
+                    for r in said]
+    return f"{op}: {'; '.join(said)}"
+
+
+def _dtypes(node: torch.fx.Node) -> set[torch.dtype]:
+    vals = [a.meta.get("val") for a in node.all_input_nodes] + [node.meta.get("val")]
+    out: set[torch.dtype] = set()
+    for val in vals:
+        for v in val if isinstance(val, (tuple, list)) else (val,):
+            if isinstance(v, torch.Tensor):
+                out.add(v.dtype)
+    return out
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    """``aten.cumsum.default`` for an Edge or ATen op."""
+    target = node.target
+    if target is operator.getitem:
+        return "getitem"
+    name = getattr(target, "_name", None) or getattr(target, "__name__", None) or str(target)
+    schema = getattr(target, "_schema", None)
+    if schema is not None:
+        ns, _, base = schema.name.partition("::")
+        overload = schema.overload_name or "default"
+        return f"{ns}.{base}.{overload}"
+    return str(name)
+
+
+def _xnnpack_identifiers(processed: bytes) -> tuple[str, str]:
+    """The XNNPACK delegate payload's header magic (``XH00``) and flatbuffer schema identifier
+    (``XN01``), read from the bytes XnnpackBackend.preprocess produced."""
+    data = bytes(processed)
+    try:
+        head = XNNHeader.from_bytes(data[:XNNHeader.EXPECTED_LENGTH])
+        magic = XNNHeader.EXPECTED_MAGIC.decode()
+        fb = data[head.flatbuffer_offset:head.flatbuffer_offset + 8]
+    except ValueError:  # no XNNHeader: the payload is the bare flatbuffer
+        magic, fb = "", data[:8]
+    return magic, fb[4:8].decode("ascii", "replace")
+
+
+def _precision(ep: torch.export.ExportedProgram) -> str:
+    """``fp32``, ``fp16`` or ``mixed``, from the floating dtypes of the partition's tensors."""
+    kinds = set()
+    for node in ep.graph.nodes:
+        val = node.meta.get("val")
+        for v in val if isinstance(val, (tuple, list)) else (val,):
+            if isinstance(v, torch.Tensor) and v.dtype.is_floating_point:
+                kinds.add(_FLOAT_DTYPES.get(v.dtype, str(v.dtype).replace("torch.", "")))
+    if len(kinds) == 1:
+        return kinds.pop()
+    return "mixed" if kinds else "none"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 400 else text[:397] + "..."

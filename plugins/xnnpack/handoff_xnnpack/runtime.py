@@ -1,0 +1,177 @@
+"""The runtime half of the ``xnnpack`` backend: ExecuTorch's runtime with its XNNPACK delegate.
+
+Imports neither torch nor executorch at module level.
+
+The binding: ExecuTorch 1.5.1's Python runtime is one extension module,
+``executorch.extension.pybindings._C``, linked against libtorch and libtorch_python; it takes and
+returns only ``torch.Tensor``. Its public wrappers, ``executorch.runtime`` and
+``executorch.extension.pybindings.portable_lib``, import torch and then ``executorch.exir`` (the whole
+ahead-of-time compiler, which pulls in torchao) just to issue an ExperimentalWarning: 3 s warm, 7 s
+cold here. So the runtime imports torch (needed anyway for the binding's tensors; about 1.2 s) and
+then ``_C`` directly, and calls the same functions ``executorch.runtime.Runtime.load_program`` and
+``Program.load_method`` call (``_load_program_from_buffer``, ``load_method``); when ``_C`` lacks them
+it falls back to ``portable_lib``. :meth:`XnnpackRuntime.execute` wraps the numpy inputs with
+``torch.from_numpy`` (no copy) and returns ``Tensor.numpy()`` of the outputs, which the binding has
+already copied out of the program's planned memory.
+
+Threads: XNNPACK runs on ExecuTorch's process-wide pthreadpool. The binding exposes
+``_unsafe_reset_threadpool(n)`` and ``_threadpool_get_thread_count()``. Resetting replaces the pool,
+and every XNNPACK runtime created before keeps a pointer to the old one (XNNPACK captures
+``get_pthreadpool()`` in ``xnn_create_runtime_v4`` at load time), so the count is only changed while
+no delegate of this process is loaded; asking for another count while some are refuses to load.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import threading
+from typing import Any, Mapping, Sequence
+
+from . import EXECUTORCH_VERSION, _format
+
+#: ExecuTorch ScalarType codes (``TensorInfo.dtype()``) -> numpy dtype names.
+_SCALAR_TYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16",
+                 6: "float32", 7: "float64", 11: "bool", 15: "bfloat16"}
+_BACKEND = "XnnpackBackend"
+_INSTALL = f"pip install executorch=={EXECUTORCH_VERSION}"
+
+# ExecuTorch's thread pool is process-wide, so is what guards it: one inference at a time, and
+# the number of delegates loaded on it (by any XnnpackRuntime of this process).
+_POOL_LOCK = threading.Lock()
+_LIVE = [0]
+
+
+class _Delegate:
+    """One loaded delegate: the program, the .pte bytes it reads from, and its ``forward``."""
+
+    __slots__ = ("data", "program", "method", "inputs", "num_outputs")
+
+    def __init__(self, data: bytes, program: Any, method: Any) -> None:
+        self.data, self.program, self.method = data, program, method
+        meta = method.method_meta()
+        self.inputs = []
+        for i in range(meta.num_inputs()):
+            info = meta.input_tensor_meta(i)
+            self.inputs.append((_SCALAR_TYPES.get(info.dtype(), f"ScalarType {info.dtype()}"), tuple(info.sizes())))
+        self.num_outputs = meta.num_outputs()
+
+
+_NEEDED = ("_load_program_from_buffer", "_get_registered_backend_names", "_unsafe_reset_threadpool",
+           "_threadpool_get_thread_count", "Verification")
+
+
+def _load_binding() -> Any:
+    """ExecuTorch's runtime extension module (see the module docstring)."""
+    import torch  # noqa: F401  -- loads libtorch for the binding; its tensors are torch tensors
+
+    try:
+        from executorch.extension.pybindings import _C
+
+        if all(hasattr(_C, name) for name in _NEEDED):
+            return _C
+    except ImportError:
+        pass
+    import executorch.extension.pybindings.portable_lib as binding  # the public path (imports exir)
+
+    return binding
+
+
+class XnnpackRuntime:
+    """Loads and runs blobs made by :class:`handoff_xnnpack.compiler.XnnpackCompiler`."""
+
+    def __init__(self) -> None:
+        self._binding: Any = None
+
+    # -- availability -------------------------------------------------------------------------
+    def is_available(self) -> tuple[bool, str]:
+        try:
+            version = importlib.metadata.version("executorch")
+        except importlib.metadata.PackageNotFoundError:
+            return False, f"executorch not installed: {_INSTALL}"
+        try:
+            names = list(self._get_binding()._get_registered_backend_names())
+        except Exception as exc:
+            return False, f"ExecuTorch {version} runtime cannot be loaded: {_one_line(exc)}"
+        if _BACKEND not in names:
+            return False, (f"ExecuTorch {version} runtime has no {_BACKEND} (registered: "
+                           f"{', '.join(names) or 'none'}); {_INSTALL}")
+        return True, ""
+
+    def _get_binding(self) -> Any:
+        if self._binding is None:
+            self._binding = _load_binding()
+        return self._binding
+
+    # -- threads --------------------------------------------------------------------------------
+    def _set_threads(self, threads: int | None) -> None:
+        if threads is None:
+            return
+        binding = self._get_binding()
+        current = binding._threadpool_get_thread_count()
+        if threads == current:
+            return
+        if _LIVE[0]:
+            raise ValueError(f"xnnpack: threads={threads} requested, but {_LIVE[0]} XNNPACK delegate(s) are "
+                             f"loaded on ExecuTorch's process-wide pool of {current} threads, which cannot be "
+                             "resized under them; use one thread count per process")
+        binding._unsafe_reset_threadpool(threads)
+
+    def threads(self) -> int:
+        """The size of ExecuTorch's thread pool (loads the runtime)."""
+        return int(self._get_binding()._threadpool_get_thread_count())
+
+    # -- delegates ------------------------------------------------------------------------------
+    def load(self, blob: memoryview, metadata: Mapping[str, Any], options: Mapping[str, str]) -> _Delegate:
+        header, pte = _format.unpack(blob)
+        try:
+            version = importlib.metadata.version("executorch")
+        except importlib.metadata.PackageNotFoundError:
+            raise ValueError(f"xnnpack: executorch not installed: {_INSTALL}") from None
+        _format.check_compatible(header, version)
+        threads = _format.parse_threads(options.get("threads", metadata.get("threads")))
+        binding = self._get_binding()
+        if _BACKEND not in binding._get_registered_backend_names():
+            raise RuntimeError(f"xnnpack: ExecuTorch {version} runtime has no {_BACKEND}; {_INSTALL}")
+        data = bytes(pte)  # the binding wants bytes; the program reads them until released
+        with _POOL_LOCK:
+            self._set_threads(threads)
+            program = binding._load_program_from_buffer(
+                data, enable_etdump=False, debug_buffer_size=0,
+                program_verification=binding.Verification.InternalConsistency, data_path=None)
+            method = program.load_method("forward")
+            _LIVE[0] += 1
+        return _Delegate(data, program, method)
+
+    def execute(self, handle: _Delegate, inputs: Sequence[Any]) -> list[Any]:
+        import numpy as np
+        import torch  # the binding takes and returns torch.Tensor only
+
+        if len(inputs) != len(handle.inputs):
+            raise ValueError(f"xnnpack: delegate takes {len(handle.inputs)} inputs, got {len(inputs)}")
+        tensors = []
+        for i, (array, (dtype, shape)) in enumerate(zip(inputs, handle.inputs)):
+            array = np.asarray(array)
+            if array.dtype.name != dtype or array.ndim != len(shape):
+                raise ValueError(f"xnnpack: input {i} is {array.dtype.name}{list(array.shape)}, the delegate "
+                                 f"expects {dtype}{list(shape)}")
+            if not array.flags.c_contiguous or not array.flags.writeable:
+                array = np.array(array, order="C")  # torch.from_numpy wants a writable, dense array
+            tensors.append(torch.from_numpy(array))
+        with _POOL_LOCK:
+            try:
+                outputs = handle.method(tensors)
+            except RuntimeError as exc:
+                raise RuntimeError(f"xnnpack: ExecuTorch failed to run the delegate: {_one_line(exc)} "
+                                   f"(inputs {[list(t.shape) for t in tensors]}, expected "
+                                   f"{[list(s) for _, s in handle.inputs]})") from exc
+        return [out.numpy() if isinstance(out, torch.Tensor) else np.asarray(out) for out in outputs]
+
+    def release(self, handle: _Delegate) -> None:
+        with _POOL_LOCK:
+            if handle.method is not None:
+                handle.method = handle.program = handle.data = None
+                _LIVE[0] -= 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__

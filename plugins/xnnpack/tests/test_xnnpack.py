@@ -1,0 +1,380 @@
+"""handoff-xnnpack: the compiler and runtime halves, exercised directly (no core partitioner).
+
+Every model here is lowered with ExecuTorch 1.5.1's real XNNPACK toolchain and run by
+ExecuTorch's runtime with its XNNPACK delegate, then compared with eager torch on fresh inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+PLUGIN_DIR = Path(__file__).resolve().parents[1]
+if str(PLUGIN_DIR) not in sys.path:  # not pip-installed: use the source tree
+    sys.path.insert(0, str(PLUGIN_DIR))
+
+pytest.importorskip("handoff.backend")
+torch = pytest.importorskip("torch")
+pytest.importorskip("executorch.backends.xnnpack")
+np = pytest.importorskip("numpy")
+from torch import nn  # noqa: E402
+
+from handoff.backend import BackendSpec, LoweringError  # noqa: E402
+from handoff_xnnpack import _format  # noqa: E402
+from handoff_xnnpack.compiler import XnnpackCompiler, _sources  # noqa: E402
+from handoff_xnnpack.runtime import XnnpackRuntime  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+FP32 = dict(rtol=1e-4, atol=1e-5)
+FP16 = dict(rtol=1e-2, atol=1e-2)
+
+
+# -- models ---------------------------------------------------------------------------------------
+class SmallCNN(nn.Module):
+    """conv/bn/relu, max pool, depthwise conv/bn/relu6, residual add, global average pool, MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.pool = nn.MaxPool2d(2)
+        self.dw, self.bn2 = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16)
+        self.pw = nn.Conv2d(16, 16, 1)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 10)
+        for bn in (self.bn1, self.bn2):  # random running statistics, so batch norm does something
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.2, 0.2)
+
+    def forward(self, x):
+        y = self.pool(torch.relu(self.bn1(self.conv1(x))))
+        y = y + self.pw(nn.functional.relu6(self.bn2(self.dw(y))))
+        y = nn.functional.adaptive_avg_pool2d(y, 1).flatten(1)
+        return self.fc2(torch.relu(self.fc1(y)))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-softmax-scaled multi-head self-attention and a ReLU MLP, both residual, written with
+    the ops ExecuTorch's XNNPACK partitioner takes (3-D bmm; nn.LayerNorm, 4-D matmul's expand and
+    nn.MultiheadAttention's packed-projection selects have no XNNPACK config in 1.5.1)."""
+
+    def __init__(self, d: int = 32, heads: int = 4, ff: int = 64) -> None:
+        super().__init__()
+        self.h, self.dh = heads, d // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.ff1, self.ff2 = nn.Linear(d, ff), nn.Linear(ff, d)
+        self.register_buffer("scale", torch.tensor([self.dh ** -0.5]))
+
+    def _split(self, x):
+        b, t, _ = x.shape
+        return x.view(b, t, self.h, self.dh).permute(0, 2, 1, 3).reshape(b * self.h, t, self.dh)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self._split(self.q(x) * self.scale), self._split(self.k(x)), self._split(self.v(x))
+        att = torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1)
+        y = torch.bmm(att, v).view(b, self.h, t, self.dh).permute(0, 2, 1, 3).reshape(b, t, d)
+        x = x + self.o(y)
+        return x + self.ff2(torch.relu(self.ff1(x)))
+
+
+class WithCumsum(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.cumsum(torch.relu(self.fc1(x)), dim=1))
+
+
+class AddAlpha(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = torch.relu(self.fc(x))
+        return torch.add(y, x, alpha=2.0), y * x
+
+
+# -- helpers --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compiler() -> XnnpackCompiler:
+    return XnnpackCompiler({})
+
+
+@pytest.fixture(scope="module")
+def runtime() -> XnnpackRuntime:
+    rt = XnnpackRuntime()
+    ok, why = rt.is_available()
+    if not ok:
+        pytest.skip(why)
+    return rt
+
+
+def export(compiler: XnnpackCompiler, model: nn.Module, *example):
+    """torch.export + decomposition to core ATen, keeping what XNNPACK wants whole (as the core does)."""
+    ep = torch.export.export(model.eval(), tuple(example))
+    keep = set(compiler.ops_to_not_decompose())
+    table = {op: fn for op, fn in torch.export.default_decompositions().items() if op not in keep}
+    return ep.run_decompositions(table)
+
+
+def call_nodes(ep) -> dict[str, torch.fx.Node]:
+    return {n.name: n for n in ep.graph.nodes if n.op == "call_function"}
+
+
+def check_against_eager(compiler, runtime, model, shape, dtype, tol):
+    torch.manual_seed(0)
+    model = model.eval().to(dtype)
+    ep = export(compiler, model, torch.randn(shape, dtype=dtype))
+    before = str(ep.graph)
+    verdict = compiler.support(ep)
+    assert set(verdict) == set(call_nodes(ep)), "support() must judge every call_function node"
+    assert {k: v for k, v in verdict.items() if v is not None} == {}
+    assert compiler.fused_patterns(ep) == []
+    lowered = compiler.preprocess(ep, "p0")
+    assert str(ep.graph) == before, "support() and preprocess() must not change the program"
+    assert lowered.blob[:8] == _format.MAGIC
+    assert lowered.metadata["compiler"] == "executorch"
+    assert lowered.metadata["precision"] == {torch.float32: "fp32", torch.float16: "fp16"}[dtype]
+    assert lowered.metadata["num_inputs"] == 1 and lowered.metadata["num_outputs"] == 1
+    json.dumps(lowered.metadata)
+
+    handle = runtime.load(memoryview(lowered.blob).toreadonly(), lowered.metadata, {})
+    try:
+        outs = []
+        for seed in (1, 2):  # fresh inputs, not the export example
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).to(dtype)
+            (got,) = runtime.execute(handle, [x.numpy()])
+            with torch.no_grad():
+                want = model(x).numpy()
+            assert got.dtype == want.dtype and got.shape == want.shape
+            np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), **tol)
+            outs.append(got)
+        assert not np.allclose(outs[0], outs[1]), "outputs must change with the input"
+    finally:
+        runtime.release(handle)
+
+
+# -- plugin ---------------------------------------------------------------------------------------
+def test_plugin_declares_the_backend():
+    from handoff_xnnpack import plugin
+
+    (spec,) = plugin.handoff_backends()
+    assert isinstance(spec, BackendSpec)
+    assert (spec.id, spec.device, spec.version) == ("xnnpack", "cpu", "0.1.0")
+    assert spec.compiler == "handoff_xnnpack.compiler:XnnpackCompiler"
+    assert spec.runtime == "handoff_xnnpack.runtime:XnnpackRuntime"
+    assert set(spec.options) == {"threads"}
+
+
+def test_entry_point_is_the_only_registration():
+    project = tomllib.loads((PLUGIN_DIR / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "handoff-xnnpack" and project["version"] == "0.1.0"
+    assert project["entry-points"] == {"handoff.backends": {"xnnpack": "handoff_xnnpack.plugin"}}
+    assert "executorch==1.5.1" in project["dependencies"]
+
+
+def test_plugin_and_runtime_import_without_torch():
+    code = ("import sys, handoff_xnnpack.plugin, handoff_xnnpack.runtime;"
+            "bad = [m for m in ('torch', 'executorch') if m in sys.modules];"
+            "assert not bad, bad")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PLUGIN_DIR), *sys.path]))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_options_are_checked():
+    assert XnnpackCompiler({"threads": "2"}).options["threads"] == 2
+    assert XnnpackCompiler({"threads": "auto"}).options["threads"] is None
+    with pytest.raises(ValueError, match="threads"):
+        XnnpackCompiler({"threads": "many"})
+    with pytest.raises(ValueError, match="threads"):
+        XnnpackCompiler({"threads": "-1"})
+
+
+def test_ops_to_not_decompose_come_from_xnnpack(compiler):
+    ops = compiler.ops_to_not_decompose()
+    assert torch.ops.aten.linear.default in ops
+    assert torch.ops.aten.hardswish.default in ops
+    assert all(isinstance(op, torch._ops.OpOverload) for op in ops)
+
+
+# -- numerics -------------------------------------------------------------------------------------
+def test_cnn_fp32(compiler, runtime):
+    check_against_eager(compiler, runtime, SmallCNN(), (2, 3, 16, 16), torch.float32, FP32)
+
+
+def test_cnn_fp16(compiler, runtime):
+    check_against_eager(compiler, runtime, SmallCNN(), (2, 3, 16, 16), torch.float16, FP16)
+
+
+def test_transformer_block_fp32(compiler, runtime):
+    check_against_eager(compiler, runtime, EncoderBlock(), (2, 8, 32), torch.float32, FP32)
+
+
+def test_transformer_block_fp16(compiler, runtime):
+    check_against_eager(compiler, runtime, EncoderBlock(), (2, 8, 32), torch.float16, FP16)
+
+
+# -- capability -----------------------------------------------------------------------------------
+def test_cumsum_declined_with_xnnpack_reason(compiler):
+    ep = export(compiler, WithCumsum(), torch.randn(2, 8))
+    verdict = compiler.support(ep)
+    nodes = call_nodes(ep)
+    (cumsum,) = [n for n, node in nodes.items() if node.target == torch.ops.aten.cumsum.default]
+    assert verdict[cumsum] == "XNNPACK has no kernel for aten.cumsum.default"
+    assert {n for n, why in verdict.items() if why is not None} == {cumsum}
+    assert sum(node.target == torch.ops.aten.linear.default for node in nodes.values()) == 2
+
+
+def test_add_alpha_declined_with_xnnpack_reason(compiler):
+    ep = export(compiler, AddAlpha(), torch.randn(2, 8))
+    verdict = compiler.support(ep)
+    (add,) = [n for n, node in call_nodes(ep).items() if node.target == torch.ops.aten.add.Tensor]
+    assert verdict[add] == "aten.add.Tensor: Add node doesn't support alpha != 1"
+    assert {n for n, why in verdict.items() if why is not None} == {add}
+
+
+def test_integer_ops_declined_for_dtype(compiler):
+    class IntOps(nn.Module):
+        def forward(self, x, i):
+            return torch.relu(x), i + 1
+
+    ep = export(compiler, IntOps(), torch.randn(2, 8), torch.arange(4))
+    verdict = compiler.support(ep)
+    (add,) = [n for n, node in call_nodes(ep).items() if node.target == torch.ops.aten.add.Tensor]
+    assert "invalid dtype int64" in verdict[add]
+    (relu,) = [n for n, node in call_nodes(ep).items() if node.target == torch.ops.aten.relu.default]
+    assert verdict[relu] is None
+
+
+def test_fp16_gelu_declined(compiler):
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU()).half()
+    ep = export(compiler, model, torch.randn(2, 8, dtype=torch.float16))
+    verdict = compiler.support(ep)
+    (gelu,) = [n for n, node in call_nodes(ep).items() if node.target == torch.ops.aten.gelu.default]
+    assert verdict[gelu] == "aten.gelu.default: GELU does not support fp16"
+    assert {n for n, why in verdict.items() if why is not None} == {gelu}
+
+
+def test_support_matches_what_executorch_leaves_outside(compiler):
+    """What support() declines is exactly what ExecuTorch's own XNNPACK lowering of the whole
+    program leaves outside its delegates."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+
+        def forward(self, x):
+            return torch.cumsum(self.layer(x), dim=1)
+
+    ep = export(compiler, Mixed(), torch.randn(1, 4, 16))
+    verdict = compiler.support(ep)
+    declined = {n for n, why in verdict.items() if why is not None}
+    assert declined and len(declined) < len(verdict)
+    names = {n.name for n in ep.graph.nodes}
+    lowered = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).exported_program()
+    outside = set()
+    for node in lowered.graph.nodes:
+        if node.op != "call_function" or node.target is torch.ops.higher_order.executorch_call_delegate:
+            continue
+        if node.target is operator.getitem and node.args[0].target is torch.ops.higher_order.executorch_call_delegate:
+            continue
+        outside.update(_sources(node, id(ep.graph), names))
+    getitems = {n for n in declined if call_nodes(ep)[n].target is operator.getitem}
+    assert declined - getitems == outside - getitems
+    assert verdict[next(n for n in declined if "layer_norm" in n)] == \
+        "XNNPACK has no kernel for aten.native_layer_norm.default"
+
+
+def test_preprocess_refuses_what_xnnpack_leaves_outside(compiler):
+    ep = export(compiler, WithCumsum(), torch.randn(2, 8))
+    with pytest.raises(LoweringError, match=r"lowered with aten\.cumsum\.default left outside XNNPACK") as info:
+        compiler.preprocess(ep, "p3")
+    assert info.value.node == "cumsum"
+
+
+# -- runtime --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cnn_lowered(compiler):
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    return model, compiler.preprocess(export(compiler, model, torch.randn(1, 3, 16, 16)), "p0")
+
+
+def test_runtime_is_available(runtime):
+    assert runtime.is_available() == (True, "")
+
+
+def test_version_mismatch_refused(runtime, cnn_lowered):
+    _, lowered = cnn_lowered
+    header, pte = _format.unpack(lowered.blob)
+    for other in ("1.4.0", "2.5.1"):
+        blob = _format.pack(bytes(pte), dict(header, executorch=other))
+        with pytest.raises(ValueError, match=rf"built with ExecuTorch {other} \(program ET12, XNNPACK delegate "
+                                             r"XH00/XN01\) but this runtime has ExecuTorch 1\.5"):
+            runtime.load(memoryview(blob), lowered.metadata, {})
+    patch = _format.pack(bytes(pte), dict(header, executorch="1.5.0"))  # patch releases may differ
+    runtime.release(runtime.load(memoryview(patch), lowered.metadata, {}))
+
+
+def test_foreign_or_damaged_blob_refused(runtime, cnn_lowered):
+    _, lowered = cnn_lowered
+    with pytest.raises(ValueError, match="not an XNNPACK delegate blob"):
+        runtime.load(memoryview(b"PK\x03\x04" + lowered.blob[4:]), lowered.metadata, {})
+    newer = bytearray(lowered.blob)
+    newer[8:12] = (_format.FORMAT_VERSION + 1).to_bytes(4, "little")
+    with pytest.raises(ValueError, match="newer than this handoff-xnnpack reads"):
+        runtime.load(memoryview(bytes(newer)), lowered.metadata, {})
+    with pytest.raises(ValueError, match="truncated"):
+        runtime.load(memoryview(lowered.blob[:-10]), lowered.metadata, {})
+
+
+def test_inputs_checked(runtime, cnn_lowered):
+    _, lowered = cnn_lowered
+    handle = runtime.load(memoryview(lowered.blob), lowered.metadata, {})
+    try:
+        with pytest.raises(ValueError, match="expects float32"):
+            runtime.execute(handle, [np.zeros((1, 3, 16, 16), np.float64)])
+        with pytest.raises(ValueError, match="takes 1 inputs"):
+            runtime.execute(handle, [])
+        # non-contiguous and read-only inputs are fine
+        x = np.asfortranarray(np.random.default_rng(0).standard_normal((1, 3, 16, 16), dtype=np.float32))
+        x.flags.writeable = False
+        (got,) = runtime.execute(handle, [x])
+        assert got.shape == (1, 10)
+    finally:
+        runtime.release(handle)
+
+
+def test_threads(runtime, cnn_lowered):
+    model, lowered = cnn_lowered
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x).numpy()
+    for threads in ("1", "2"):
+        handle = runtime.load(memoryview(lowered.blob), lowered.metadata, {"threads": threads})
+        try:
+            assert runtime.threads() == int(threads)
+            np.testing.assert_allclose(runtime.execute(handle, [x.numpy()])[0], want, **FP32)
+            if threads == "1":  # the pool cannot be resized under a loaded delegate
+                with pytest.raises(ValueError, match="process-wide pool of 1 threads"):
+                    runtime.load(memoryview(lowered.blob), lowered.metadata, {"threads": "2"})
+        finally:
+            runtime.release(handle)
+    # the compile-time option is the default
+    meta = XnnpackCompiler({"threads": "1"}).preprocess(
+        export(XnnpackCompiler({}), nn.Sequential(nn.Linear(4, 4), nn.ReLU()), torch.randn(1, 4)), "t").metadata
+    assert meta["threads"] == 1

@@ -1,0 +1,352 @@
+"""The built-in TVM backend on its own: capability, lowering, the runtime, tuning, cross-compiling."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("tvm")
+
+from torch import nn  # noqa: E402
+
+from handoff.backend import LoweringError  # noqa: E402
+from handoff.cache import handoff_home  # noqa: E402
+from handoff.tvm.compiler import TvmCompiler  # noqa: E402
+from handoff.tvm.plugin import handoff_backends  # noqa: E402
+from handoff.tvm.runtime import TvmRuntime, host_triple  # noqa: E402
+
+
+def _core_aten(model: nn.Module, *example: torch.Tensor):
+    return torch.export.export(model.eval(), example).run_decompositions()
+
+
+def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random running statistics and affine parameters, so that folding them wrong shows."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
+            nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.Hardswish(),
+            nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.features(x)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: causal attention written out, GELU MLP, residuals."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = (y.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)
+                   for y in self.qkv(self.ln1(x)).chunk(3, dim=-1))
+        scores = (q @ k.transpose(-2, -1)) / (d // self.heads) ** 0.5
+        scores = scores.masked_fill(torch.triu(torch.ones(t, t, dtype=torch.bool), 1), float("-inf"))
+        x = x + self.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.ln2(x))
+
+
+def _lower_and_compare(model: nn.Module, shapes, options=None, name="p0"):
+    """Lower ``model`` whole, run it through the runtime on two fresh random inputs each, and
+    compare with eager torch; returns the Lowered for further checks."""
+    torch.manual_seed(1)
+    ep = _core_aten(model, *(torch.randn(s) for s in shapes))
+    compiler = TvmCompiler(options or {})
+    support = compiler.support(ep)
+    assert support and all(reason is None for reason in support.values()), support
+    lowered = compiler.preprocess(ep, name)
+    json.dumps(lowered.metadata)  # the core stores it as JSON
+    assert lowered.metadata["num_inputs"] == len(shapes)
+
+    runtime = TvmRuntime()
+    handle = runtime.load(memoryview(lowered.blob), lowered.metadata, {})
+    try:
+        results = []
+        for _ in range(2):
+            inputs = [torch.randn(s) for s in shapes]
+            got = runtime.execute(handle, [i.numpy() for i in inputs])
+            with torch.no_grad():
+                want = model(*inputs)
+            want = [want] if isinstance(want, torch.Tensor) else list(want)
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                assert isinstance(g, np.ndarray) and g.shape == tuple(w.shape)
+                np.testing.assert_allclose(g, w.numpy(), rtol=1e-4, atol=1e-5)
+            results.append(got[0])
+        assert not np.allclose(results[0], results[1]), "output does not depend on the input: degenerate model"
+    finally:
+        runtime.release(handle)
+    return lowered
+
+
+# -- the plugin and the options -----------------------------------------------------------------
+
+def test_plugin_and_runtime_import_without_torch_or_tvm():
+    code = ("import sys, handoff.tvm.plugin, handoff.tvm.runtime; "
+            "bad = [m for m in ('torch', 'tvm') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    (spec,) = handoff_backends()
+    assert (spec.id, spec.device) == ("tvm", "cpu")
+    assert set(spec.options) == {"target", "mcpu", "tune"}
+
+
+@pytest.mark.parametrize("options, valid", [
+    ({"target": "x86"}, "valid values: host, aarch64"),
+    ({"tune": "many"}, "valid values: a number of MetaSchedule trials"),
+    ({"tune": "-3"}, "valid values: a number of MetaSchedule trials"),
+    ({"mcpu": "pentium9000"}, "valid values: .*generic"),
+])
+def test_bad_option_values_name_the_valid_ones(options, valid):
+    with pytest.raises(ValueError, match=f"option {next(iter(options))}=.*; {valid}"):
+        TvmCompiler(options)
+
+
+def test_host_target_names_the_triple_and_a_cpu():
+    compiler = TvmCompiler({})
+    assert compiler.target_config["mtriple"] == host_triple()
+    # The wheel's LLVM refuses mcpu=native: a detected CPU name, or none at all.
+    assert compiler.target_config.get("mcpu") != "native"
+    assert TvmCompiler({"mcpu": "generic"}).target_config["mcpu"] == "generic"
+
+
+# -- capability ---------------------------------------------------------------------------------
+
+def test_support_declines_ops_the_importer_cannot_convert():
+    class Unimportable(nn.Module):
+        def forward(self, x):
+            return torch.relu(x).amax(dim=-1) + torch.special.i1e(x).sum(-1)
+
+    ep = _core_aten(Unimportable(), torch.randn(2, 5))
+    support = TvmCompiler({}).support(ep)
+    by_op = {str(n.target): support[n.name] for n in ep.graph.nodes if n.op == "call_function"}
+    assert by_op["aten.amax.default"] == "TVM 0.27 Relax importer has no converter for aten.amax.default"
+    assert "no converter for aten.special_i1e.default" in by_op["aten.special_i1e.default"]
+    assert by_op["aten.relu.default"] is None and by_op["aten.add.Tensor"] is None
+    with pytest.raises(LoweringError, match="amax") as err:
+        TvmCompiler({}).preprocess(ep, "p0")
+    assert err.value.node == "amax"
+
+
+def test_support_declines_dtypes_the_importer_cannot_convert():
+    class Magnitude(nn.Module):
+        def forward(self, z):
+            return torch.abs(z)
+
+    ep = _core_aten(Magnitude(), torch.randn(3, dtype=torch.complex64))
+    (reason,) = TvmCompiler({}).support(ep).values()
+    assert reason == "dtype complex64 not supported by the TVM 0.27 Relax importer"
+
+
+def test_support_declines_antialiased_downsampling_the_importer_gets_wrong():
+    import torch.nn.functional as F
+
+    class Resize(nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.scale = scale
+
+        def forward(self, x):
+            return F.interpolate(x, scale_factor=self.scale, mode="bilinear", antialias=True)
+
+    (shrink,) = TvmCompiler({}).support(_core_aten(Resize(0.5), torch.randn(1, 2, 8, 8))).values()
+    assert shrink.startswith("antialiased downsampling")
+    (grow,) = TvmCompiler({}).support(_core_aten(Resize(2.0), torch.randn(1, 2, 8, 8))).values()
+    assert grow is None  # antialiasing changes nothing when enlarging
+
+
+def test_importer_failure_names_the_node():
+    import torch.nn.functional as F
+
+    class Pool(nn.Module):
+        def forward(self, x):
+            # stride omitted but later arguments given: core ATen gets stride=[], which the 0.27
+            # converter passes on as "no stride" and Relax rejects.
+            return F.max_pool2d(torch.relu(x), 2, dilation=2, ceil_mode=True)
+
+    ep = _core_aten(Pool(), torch.randn(1, 2, 8, 8))
+    assert all(r is None for r in TvmCompiler({}).support(ep).values())
+    failed = r"^TVM 0\.27 Relax importer failed at node max_pool2d_with_indices: "
+    with pytest.raises(LoweringError, match=failed) as err:
+        TvmCompiler({}).preprocess(ep, "p0")
+    assert err.value.node == "max_pool2d_with_indices"
+
+
+def test_getitem_is_reported_supported():
+    class Split(nn.Module):
+        def forward(self, x):
+            a, b = x.split(2, dim=-1)
+            return a * b
+
+    ep = _core_aten(Split(), torch.randn(3, 4))
+    support = TvmCompiler({}).support(ep)
+    getitems = [n.name for n in ep.graph.nodes if n.op == "call_function" and "getitem" in str(n.target)]
+    assert getitems and all(support[g] is None for g in getitems)
+
+
+# -- lowering and running -----------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_conv_net_matches_eager():
+    lowered = _lower_and_compare(_randomize_norms(ConvNet()), [(2, 3, 32, 32)])
+    meta = lowered.metadata
+    assert meta["compiler"] == "apache-tvm" and meta["tvm_version"].startswith("0.27")
+    assert meta["triple"] == host_triple() and meta["num_outputs"] == 1
+    assert meta["outputs"] == [{"shape": [2, 10], "dtype": "float32"}]
+    assert lowered.blob[:4] == b"\x7fELF"
+
+
+@pytest.mark.slow
+def test_transformer_block_matches_eager():
+    _lower_and_compare(_randomize_norms(Block()), [(2, 8, 32)])
+
+
+@pytest.mark.slow
+def test_antialiased_upsampling_matches_eager():
+    import torch.nn.functional as F
+
+    class Up(nn.Module):
+        def forward(self, x):
+            return F.interpolate(x, scale_factor=1.5, mode="bilinear", antialias=True)
+
+    _lower_and_compare(Up(), [(1, 2, 8, 8)])
+
+
+@pytest.mark.slow
+def test_several_inputs_and_outputs_keep_their_order():
+    class TwoInTwoOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 4)
+
+        def forward(self, x, y):
+            h = self.fc(x) * y
+            return h.sum(-1), torch.tanh(h)
+
+    lowered = _lower_and_compare(TwoInTwoOut(), [(3, 6), (3, 4)])
+    assert (lowered.metadata["num_inputs"], lowered.metadata["num_outputs"]) == (2, 2)
+
+
+@pytest.mark.slow
+def test_runtime_process_never_imports_torch(tmp_path):
+    lowered = _lower_and_compare(ConvNet(), [(1, 3, 16, 16)])
+    (tmp_path / "blob.so").write_bytes(lowered.blob)
+    (tmp_path / "meta.json").write_text(json.dumps(lowered.metadata))
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code = f"""
+import json, sys, numpy as np
+from pathlib import Path
+from handoff.tvm.runtime import TvmRuntime
+d = Path({str(tmp_path)!r})
+rt = TvmRuntime()
+assert rt.is_available() == (True, "")
+h = rt.load(memoryview(d.joinpath("blob.so").read_bytes()), json.loads(d.joinpath("meta.json").read_text()), {{}})
+np.save(d / "y.npy", rt.execute(h, [np.load(d / "x.npy")])[0])
+rt.release(h)
+assert "tvm" in sys.modules and "torch" not in sys.modules, "torch was imported"
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+    # _lower_and_compare checked this blob against eager torch; the torch-free process must agree.
+    runtime = TvmRuntime()
+    handle = runtime.load(memoryview(lowered.blob), lowered.metadata, {})
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), runtime.execute(handle, [x])[0])
+    runtime.release(handle)
+
+
+# -- refusing what cannot run here --------------------------------------------------------------
+
+def _meta(**changes):
+    import tvm
+
+    meta = {"triple": host_triple(), "tvm_version": tvm.__version__, "mcpu": None,
+            "num_inputs": 1, "num_outputs": 1}
+    meta.update(changes)
+    return meta
+
+
+def test_runtime_refuses_another_tvm_version():
+    with pytest.raises(ValueError, match=r"compiled with apache-tvm 0\.19\.0; this host has 0\.27"):
+        TvmRuntime().load(memoryview(b""), _meta(tvm_version="0.19.0"), {})
+
+
+def test_runtime_refuses_a_cpu_this_host_lacks_features_of():
+    import tvm
+
+    from handoff.tvm import runtime
+
+    if platform.machine() != "x86_64":
+        pytest.skip("x86 CPU names")
+    cpu = next((c for c in ("diamondrapids", "graniterapids", "sapphirerapids")
+                if runtime._missing_cpu_features(tvm, host_triple(), c)), None)
+    if cpu is None:
+        pytest.skip("this host has every feature of the newest x86 CPUs LLVM knows")
+    with pytest.raises(ValueError, match=f"compiled for CPU {cpu}.*--option tvm.mcpu=generic"):
+        TvmRuntime().load(memoryview(b""), _meta(mcpu=cpu), {})
+    # Tuning hints ("slow-3ops-lea") are no reason to refuse an older CPU's code.
+    assert not runtime._missing_cpu_features(tvm, host_triple(), "x86-64")
+
+
+@pytest.mark.slow
+def test_aarch64_delegate_is_an_arm_elf_and_refused_on_x86():
+    if shutil.which("aarch64-linux-gnu-gcc") is None:
+        pytest.skip("aarch64-linux-gnu-gcc absent: apt-get install gcc-aarch64-linux-gnu")
+    ep = _core_aten(_randomize_norms(ConvNet()), torch.randn(1, 3, 32, 32))
+    lowered = TvmCompiler({"target": "aarch64"}).preprocess(ep, "p0")
+    blob = lowered.blob
+    assert blob[:4] == b"\x7fELF" and blob[4] == 2  # ELF64
+    assert int.from_bytes(blob[18:20], "little") == 183  # e_machine == EM_AARCH64
+    assert lowered.metadata["triple"] == "aarch64-linux-gnu"
+    assert lowered.metadata["target"]["mattr"] == ["+neon"]
+    if platform.machine() == "x86_64":
+        with pytest.raises(ValueError, match=r"^delegate was compiled for aarch64-linux-gnu; this host is x86_64-"):
+            TvmRuntime().load(memoryview(blob), lowered.metadata, {})
+
+
+def test_tuning_a_cross_target_is_refused():
+    if shutil.which("aarch64-linux-gnu-gcc") is None:
+        pytest.skip("aarch64-linux-gnu-gcc absent")
+    with pytest.raises(ValueError, match="tune needs target=host"):
+        TvmCompiler({"target": "aarch64", "tune": "8"})
+
+
+# -- MetaSchedule -------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_tuning_stays_correct_and_reuses_its_database():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    _lower_and_compare(model, [(4, 16)], {"tune": "8"})
+    compiler = TvmCompiler({"tune": "8"})
+    records = compiler.tuning_dir / "database_tuning_record.json"
+    assert compiler.tuning_dir.is_relative_to(handoff_home() / "tuning" / "tvm")
+    tuned = records.read_text().count("\n")
+    assert tuned >= 2  # both fused matmul tasks have records
+
+    _lower_and_compare(model, [(4, 16)], {"tune": "8"}, name="p1")
+    assert records.read_text().count("\n") == tuned, "the second run tuned again"
