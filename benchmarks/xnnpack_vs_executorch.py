@@ -1,0 +1,140 @@
+"""handoff --backends xnnpack vs ExecuTorch's own XNNPACK program, eager torch and ONNX Runtime CPU.
+
+    python benchmarks/xnnpack_vs_executorch.py [--runs 50] [--models zoo:mobilenet_v2,zoo:small_transformer]
+
+One process, one run, same inputs for everyone. For each model it prints the median latency
+(after warm-up), load + first inference (median of fresh loads from the file), and program size,
+each as a ratio to ExecuTorch. Targets (issue 3): median <= 1.05x, size <= 1.10x, load+first <= 1.0x.
+Not a test; numbers only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+def _median_ms(fn: Callable[[], Any], runs: int, warmup: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _load_first_ms(fn: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def bench_model(spec: str, runs: int, loads: int, work: Path) -> list[tuple[str, float, float, int, float]]:
+    import torch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.extension.pybindings import portable_lib as et
+
+    import handoff
+    from handoff.models import random_inputs
+
+    zoo = handoff.get_plugins().zoo()[spec.removeprefix("zoo:")]
+    model = zoo.build()
+    inputs = random_inputs(zoo.inputs, seed=7)
+    np_inputs = [t.numpy() for t in inputs]
+    with torch.no_grad():
+        want = model(*inputs).numpy()
+
+    def err(got: np.ndarray) -> float:
+        return float(np.abs(got - want).max() / (np.abs(want).max() or 1.0))
+
+    rows = []
+    # ExecuTorch's own program, the reference every ratio is taken against.
+    ep = torch.export.export(model, tuple(inputs))
+    pte = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
+    pte_path = work / f"{spec[4:]}.pte"
+    pte_path.write_bytes(pte)
+
+    def et_load_first() -> Any:
+        buffer = pte_path.read_bytes()  # ExecuTorch reads from it for the module's lifetime
+        module = et._load_for_executorch_from_buffer(buffer)
+        return (module, buffer), module.forward(list(inputs))
+
+    (method, _buffer), first = et_load_first()
+    rows.append(("executorch+xnnpack", _median_ms(lambda: method.forward(list(inputs)), runs),
+                 _load_first_ms(et_load_first, loads), len(pte), err(first[0].numpy())))
+
+    # handoff, xnnpack first (tvm takes what XNNPACK declines).
+    result = handoff.partition(spec, backends=["xnnpack"], use_cache=False)
+    hof = work / f"{spec[4:]}.hof"
+    size = result.write(str(hof))
+    coverage = result.report.coverage("xnnpack")
+
+    def hof_load_first() -> Any:
+        program = handoff.load(hof)
+        return program, program.run(np_inputs)
+
+    program, first = hof_load_first()
+    rows.append((f"handoff xnnpack ({coverage:.0f}% nodes)", _median_ms(lambda: program.run(np_inputs), runs),
+                 _load_first_ms(lambda: hof_load_first()[0].close(), loads), size, err(first[0])))
+    program.close()
+
+    with torch.no_grad():
+        first = model(*inputs)
+        rows.append(("eager torch", _median_ms(lambda: model(*inputs), runs), float("nan"), 0, err(first.numpy())))
+
+    import onnxruntime as ort
+
+    onnx_path = work / f"{spec[4:]}.onnx"
+    torch.onnx.export(model, tuple(inputs), str(onnx_path), dynamo=True, external_data=False)
+    feeds = None
+
+    def ort_load_first() -> Any:
+        nonlocal feeds
+        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        feeds = {i.name: a for i, a in zip(sess.get_inputs(), np_inputs)}
+        return sess, sess.run(None, feeds)
+
+    sess, first = ort_load_first()
+    rows.append(("onnxruntime cpu", _median_ms(lambda: sess.run(None, feeds), runs), _load_first_ms(ort_load_first, loads),
+                 onnx_path.stat().st_size, err(first[0])))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="zoo:mobilenet_v2,zoo:small_transformer")
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--loads", type=int, default=10, help="fresh loads timed for load + first inference")
+    args = ap.parse_args()
+    os.environ.setdefault("HANDOFF_HOME", tempfile.mkdtemp(prefix="handoff-bench-"))
+    work = Path(tempfile.mkdtemp(prefix="handoff-xnn-"))
+    import torch
+
+    print(f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs; ratios are to executorch+xnnpack")
+    for spec in args.models.split(","):
+        rows = bench_model(spec, args.runs, args.loads, work)
+        ref = rows[0]
+        print(f"\n{spec}")
+        print(f"{'':34} {'median ms':>10} {'ratio':>6} {'load+1st ms':>12} {'ratio':>6} {'size KB':>9} {'ratio':>6} {'max rel err':>11}")
+        for name, med, load, size, err in rows:
+            lr = f"{load / ref[2]:6.2f}" if load == load else f"{'-':>6}"
+            ld = f"{load:12.2f}" if load == load else f"{'-':>12}"
+            sz, sr = (f"{size / 1024:9.1f}", f"{size / ref[3]:6.2f}") if size else (f"{'-':>9}", f"{'-':>6}")
+            print(f"{name:34} {med:10.3f} {med / ref[1]:6.2f} {ld} {lr} {sz} {sr} {err:11.1e}")
+
+
+if __name__ == "__main__":
+    main()
