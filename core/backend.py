@@ -161,6 +161,11 @@ class Runtime(Protocol):
         arrays (in its output order)."""
         ...
 
+    def stats(self, handle: Any) -> Mapping[str, Any]:
+        """Optional. Measurements of the delegate's last ``execute`` (device time, host phases),
+        JSON-serialisable; shown by ``Program.stats()`` and the benchmarks."""
+        ...
+
     def release(self, handle: Any) -> None:
         """Free what ``load`` allocated. Called once per handle, when the program is closed."""
         ...

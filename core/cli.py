@@ -160,7 +160,7 @@ def _cmd_backends(args: argparse.Namespace) -> int:
         rt, rt_why = plugins.runtime_available(bid)
         rows.append({"id": bid, "version": spec.version, "device": spec.device, "aot": aot, "aot_reason": aot_why,
                      "runtime": rt, "runtime_reason": rt_why, "description": spec.description,
-                     "options": dict(spec.options)})
+                     "options": dict(spec.options), "runtime_options": dict(spec.runtime_options)})
     missing = [{"id": bid, "install": plugins.registry.install_hint(bid)} for bid in plugins.registry.backends
                if bid not in plugins.backends]
     broken = [str(b) for b in plugins.broken]
@@ -315,8 +315,6 @@ def _pct(ordered: list[float], pct: int) -> float:
 
 
 def _random_array(rng: Any, shape: tuple[int, ...], dtype: str) -> Any:
-    import numpy as np
-
     if dtype.startswith("float"):
         return rng.standard_normal(shape).astype(dtype)
     if dtype == "bool":

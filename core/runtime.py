@@ -181,6 +181,15 @@ class Program:
         results = list(result) if isinstance(result, (tuple, list)) else [result]
         return [r.numpy() if isinstance(r, torch.Tensor) else r for r in results]
 
+    def stats(self) -> list[dict[str, Any]]:
+        """Per delegate: backend, partition, and what its runtime reports about the last run
+        (``Runtime.stats``, where the backend implements it)."""
+        out = []
+        for d, (runtime, handle) in zip(self.manifest["delegates"], self._handles):
+            extra = runtime.stats(handle) if hasattr(runtime, "stats") else {}
+            out.append({"backend": d["backend"], "partition": d["partition"], **dict(extra)})
+        return out
+
     # -- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:
         """Release every delegate and unmap the file. Safe to call twice."""

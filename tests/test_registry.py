@@ -50,7 +50,8 @@ def test_declared_spec_matches_catalog(pyproject):
 
 
 def test_presets_name_known_backends_and_expand():
-    assert REGISTRY.expand(["preset:android", "xnnpack", "tvm"]) == ["qnn", "vulkan", "xnnpack", "tvm"]
+    assert REGISTRY.expand(["preset:android", "xnnpack", "tvm"]) == ["qnn", "xnnpack", "tvm"]
+    assert REGISTRY.expand(["preset:linux-npu"]) == ["qnn", "vulkan", "xnnpack"]
     with pytest.raises(HandoffError, match="unknown preset 'x'"):
         REGISTRY.expand(["preset:x"])
 

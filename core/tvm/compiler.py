@@ -9,33 +9,29 @@ claims exactly the ops the installed TVM can import.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
 import math
-import operator
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import torch
 import tvm
 from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
-from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
 from handoff.backend import Lowered, LoweringError
 from handoff.cache import cache_dir
 
+from .importer import TVM_NAME, decline_reason, failing_node, io_spec
 from .plugin import TARGETS
 from .runtime import host_triple
 
 #: The linker ``export_library`` needs for target=aarch64 (Debian: gcc-aarch64-linux-gnu).
 AARCH64_CC = "aarch64-linux-gnu-gcc"
-_TVM = "TVM " + ".".join(tvm.__version__.split(".")[:2])
 
 
 class TvmCompiler:
@@ -92,7 +88,7 @@ class TvmCompiler:
         return []  # the Relax importer is written against core ATen
 
     def support(self, ep: Any) -> Mapping[str, str | None]:
-        return {n.name: _decline_reason(n) for n in ep.graph.nodes if n.op == "call_function"}
+        return {n.name: decline_reason(n) for n in ep.graph.nodes if n.op == "call_function"}
 
     def fused_patterns(self, ep: Any) -> Sequence[Sequence[str]]:
         return []
@@ -110,13 +106,13 @@ class TvmCompiler:
             # LoweringError.node refers to.
             mod = from_exported_program(ep, run_ep_decomposition=False)
         except Exception as exc:
-            node = _failing_node(exc)
+            node = failing_node(exc)
             where = f" at node {node}" if node else ""
-            raise LoweringError(f"{_TVM} Relax importer failed{where}: {_one_line(exc)}", node=node) from exc
+            raise LoweringError(f"{TVM_NAME} Relax importer failed{where}: {_one_line(exc)}", node=node) from exc
         main = mod["main"]
-        inputs = [_io_spec(p.ty) for p in main.params]
+        inputs = [io_spec(p.ty) for p in main.params]
         ret = main.ret_ty
-        outputs = [_io_spec(f) for f in ret.fields] if isinstance(ret, relax.TupleType) else [_io_spec(ret)]
+        outputs = [io_spec(f) for f in ret.fields] if isinstance(ret, relax.TupleType) else [io_spec(ret)]
 
         if self.tune:
             mod = self._tune(mod)
@@ -201,76 +197,6 @@ def _host_cpu(triple: str) -> str | None:
         return cpu if cpu and cpu != "generic" and tvm.target.codegen.llvm_is_valid_cpu(cpu, triple) else None
     except Exception:  # a TVM built without LLVM cannot say; compile for the triple's baseline
         return None
-
-
-@functools.cache
-def _converters() -> frozenset[str]:
-    """Keys of the importer's converter table: ``OpOverload.__name__`` ("conv2d.default") for ATen
-    ops, ``__name__`` for Python callables ("getitem", "add" on SymInts, "cond")."""
-    return frozenset(k for k in ExportedProgramImporter().convert_map if isinstance(k, str))
-
-
-@functools.cache
-def _dtype_supported(dtype: torch.dtype) -> bool:
-    try:
-        ExportedProgramImporter._convert_data_type(dtype)
-        return True
-    except NotImplementedError:
-        return False
-
-
-def _decline_reason(node: torch.fx.Node) -> str | None:
-    """``None`` when the Relax importer converts ``node``, else why not."""
-    target = node.target
-    if target is operator.getitem:
-        return None  # the core keeps every getitem with its producer
-    if isinstance(target, torch._ops.OpOverload):
-        shown = f"{target.namespace}.{target.__name__}"
-        # The table is keyed without namespace: only ATen ops are what its names mean.
-        if target.namespace != "aten":
-            return f"{_TVM} Relax importer converts ATen ops only, not {shown}"
-    else:
-        shown = getattr(target, "__name__", repr(target))
-    if getattr(target, "__name__", None) not in _converters():
-        return f"{_TVM} Relax importer has no converter for {shown}"
-    for value in [node.meta.get("val"), *(n.meta.get("val") for n in node.all_input_nodes)]:
-        for leaf in torch.utils._pytree.tree_leaves(value):
-            if isinstance(leaf, torch.Tensor) and not _dtype_supported(leaf.dtype):
-                return f"dtype {str(leaf.dtype).removeprefix('torch.')} not supported by the {_TVM} Relax importer"
-    check = _ARGUMENT_CHECKS.get(target.__name__)
-    return check(node) if check else None
-
-
-def _antialiased_downsampling(node: torch.fx.Node) -> str | None:
-    # The converter resizes with plain bilinear; antialiasing changes results only when shrinking.
-    before, after = node.args[0].meta.get("val"), node.meta.get("val")
-    if before is None or after is None or any(a < b for a, b in zip(after.shape[2:], before.shape[2:])):
-        return f"antialiased downsampling: the {_TVM} Relax importer resizes without antialiasing (wrong results)"
-    return None
-
-
-#: Converters that exist but give wrong results for some arguments, by converter-table key.
-_ARGUMENT_CHECKS = {"_upsample_bilinear2d_aa.default": _antialiased_downsampling}
-
-
-def _failing_node(exc: BaseException) -> str | None:
-    """The node the importer was converting when ``exc`` was raised: the ``node`` local of the
-    outermost frame that has one (the importer's loop over the graph), if any."""
-    tb = exc.__traceback__
-    while tb is not None:
-        node = tb.tb_frame.f_locals.get("node")
-        if isinstance(node, torch.fx.Node) and node.op == "call_function":
-            return node.name
-        tb = tb.tb_next
-    return None
-
-
-def _io_spec(ty: Any) -> dict[str, Any]:
-    """``{"shape": [...], "dtype": ...}`` of a Relax tensor type (symbolic dims as text)."""
-    if ty.shape is None:  # rank known, extents not
-        return {"shape": None, "dtype": str(ty.dtype)}
-    shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else str(d) for d in ty.shape.values]
-    return {"shape": shape, "dtype": str(ty.dtype)}
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,0 +1,87 @@
+"""What TVM's Relax importer for ``torch.export`` can take, shared by every backend that imports
+partitions with it (the built-in ``tvm`` backend, and plugins that generate code with TVM, such
+as ``vulkan``). Imports torch and TVM.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from typing import Any
+
+import torch
+import tvm
+from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+#: "TVM 0.27", for messages.
+TVM_NAME = "TVM " + ".".join(tvm.__version__.split(".")[:2])
+
+
+@functools.cache
+def _converters() -> frozenset[str]:
+    """Keys of the importer's converter table: ``OpOverload.__name__`` ("conv2d.default") for ATen
+    ops, ``__name__`` for Python callables ("getitem", "add" on SymInts, "cond")."""
+    return frozenset(k for k in ExportedProgramImporter().convert_map if isinstance(k, str))
+
+
+@functools.cache
+def _dtype_supported(dtype: torch.dtype) -> bool:
+    try:
+        ExportedProgramImporter._convert_data_type(dtype)
+        return True
+    except NotImplementedError:
+        return False
+
+
+def decline_reason(node: torch.fx.Node) -> str | None:
+    """``None`` when the Relax importer converts ``node``, else why not."""
+    target = node.target
+    if target is operator.getitem:
+        return None  # the core keeps every getitem with its producer
+    if isinstance(target, torch._ops.OpOverload):
+        shown = f"{target.namespace}.{target.__name__}"
+        # The table is keyed without namespace: only ATen ops are what its names mean.
+        if target.namespace != "aten":
+            return f"{TVM_NAME} Relax importer converts ATen ops only, not {shown}"
+    else:
+        shown = getattr(target, "__name__", repr(target))
+    if getattr(target, "__name__", None) not in _converters():
+        return f"{TVM_NAME} Relax importer has no converter for {shown}"
+    for value in [node.meta.get("val"), *(n.meta.get("val") for n in node.all_input_nodes)]:
+        for leaf in torch.utils._pytree.tree_leaves(value):
+            if isinstance(leaf, torch.Tensor) and not _dtype_supported(leaf.dtype):
+                return f"dtype {str(leaf.dtype).removeprefix('torch.')} not supported by the {TVM_NAME} Relax importer"
+    check = _ARGUMENT_CHECKS.get(target.__name__)
+    return check(node) if check else None
+
+
+def _antialiased_downsampling(node: torch.fx.Node) -> str | None:
+    # The converter resizes with plain bilinear; antialiasing changes results only when shrinking.
+    before, after = node.args[0].meta.get("val"), node.meta.get("val")
+    if before is None or after is None or any(a < b for a, b in zip(after.shape[2:], before.shape[2:])):
+        return f"antialiased downsampling: the {TVM_NAME} Relax importer resizes without antialiasing (wrong results)"
+    return None
+
+
+#: Converters that exist but give wrong results for some arguments, by converter-table key.
+_ARGUMENT_CHECKS = {"_upsample_bilinear2d_aa.default": _antialiased_downsampling}
+
+
+def failing_node(exc: BaseException) -> str | None:
+    """The node the importer was converting when ``exc`` was raised: the ``node`` local of the
+    outermost frame that has one (the importer's loop over the graph), if any."""
+    tb = exc.__traceback__
+    while tb is not None:
+        node = tb.tb_frame.f_locals.get("node")
+        if isinstance(node, torch.fx.Node) and node.op == "call_function":
+            return node.name
+        tb = tb.tb_next
+    return None
+
+
+def io_spec(ty: Any) -> dict[str, Any]:
+    """``{"shape": [...], "dtype": ...}`` of a Relax tensor type (symbolic dims as text)."""
+    if ty.shape is None:  # rank known, extents not
+        return {"shape": None, "dtype": str(ty.dtype)}
+    shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else str(d) for d in ty.shape.values]
+    return {"shape": shape, "dtype": str(ty.dtype)}

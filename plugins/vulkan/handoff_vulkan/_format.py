@@ -1,0 +1,133 @@
+"""The delegate blob of handoff-vulkan, and what both halves share (options, grid folding, uniforms).
+
+Imports neither torch, TVM nor wgpu: used by the plugin module, the compiler and the runtime.
+The layout is specified in ``docs/vulkan-blob.md``; in short::
+
+    offset 0   8 bytes   magic b"HOFVULKN"
+    offset 8   u32 LE    blob format version (FORMAT_VERSION)
+    offset 12  u32 LE    length N of the JSON header
+    offset 16  N bytes   JSON header (utf-8), zero padding up to header["data_offset"]
+    ...                  data section: the weights, each at a DATA_ALIGN-aligned offset
+
+The header holds the WGSL kernels, the buffers (inputs, weights, intermediates, outputs), the
+dispatches in order (kernel, bound buffer ranges, scalar arguments, grid) and the device limits
+the kernels need.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any, Mapping
+
+MAGIC = b"HOFVULKN"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<8sII")
+#: Alignment of the data section and of every weight in it (Vulkan's largest
+#: minStorageBufferOffsetAlignment is 256).
+DATA_ALIGN = 256
+#: Bytes of uniform buffer reserved per dispatch (>= minUniformBufferOffsetAlignment everywhere).
+UNIFORM_SLOT = 256
+#: WebGPU's guaranteed maxComputeWorkgroupsPerDimension; TVM folds wider x grids into z.
+MAX_GRID_DIM = 65535
+
+#: Tensor dtypes a delegate can take, hold and return -> (WGSL scalar type, bytes).
+DTYPES: dict[str, tuple[str, int]] = {"float32": ("f32", 4), "int32": ("i32", 4), "uint32": ("u32", 4)}
+#: WGSL scalar types allowed as scalar (uniform) kernel arguments -> struct format character.
+POD_TYPES = {"i32": "i", "u32": "I", "f32": "f"}
+
+#: Compile options (``handoff partition --option vulkan.NAME=VALUE``), name -> help.
+OPTIONS: dict[str, str] = {
+    "fuse": "1 (default) to fuse neighbouring ops into one kernel with TVM's FuseOps, 0 to give every op "
+            "its own kernel",
+}
+#: Runtime options (``handoff run --option vulkan.NAME=VALUE``, ``handoff.load(..., options=)``).
+RUNTIME_OPTIONS: dict[str, str] = {
+    "adapter": "case-insensitive substring of the Vulkan adapter to run on, as wgpu names it (e.g. "
+               "'nvidia', 'llvmpipe' for Mesa's lavapipe); default: the first discrete, then integrated, "
+               "then virtual, then CPU adapter",
+    "timestamps": "1 to time every run on the GPU with timestamp queries (needs the adapter's "
+                  "timestamp-query feature; default 0)",
+}
+
+
+def parse_bool(name: str, value: Any, default: bool) -> bool:
+    """``--option vulkan.NAME=0|1|true|false``; ``ValueError`` naming the valid values otherwise."""
+    if value is None:
+        return default
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"option {name}={value!r} is not valid; valid values: 0, 1")
+
+
+def pack(header: Mapping[str, Any], data: bytes) -> bytes:
+    """The blob: prefix, JSON ``header`` (``format`` and ``data_offset`` are filled in), ``data``."""
+    fields = dict(header)
+    fields["format"] = FORMAT_VERSION
+    fields["data_size"] = len(data)
+    # data_offset depends on the header length, which depends on data_offset's digits: iterate.
+    offset = 0
+    while True:
+        fields["data_offset"] = offset
+        text = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+        needed = -(-(_PREFIX.size + len(text)) // DATA_ALIGN) * DATA_ALIGN
+        if needed == offset:
+            break
+        offset = needed
+    pad = offset - _PREFIX.size - len(text)
+    return b"".join((_PREFIX.pack(MAGIC, FORMAT_VERSION, len(text)), text, b"\0" * pad, data))
+
+
+def unpack(blob: memoryview | bytes) -> tuple[dict[str, Any], memoryview]:
+    """``(header, data section)`` of a blob; ``ValueError`` with the fix for a foreign or newer blob."""
+    view = memoryview(blob).cast("B")
+    if len(view) < _PREFIX.size:
+        raise ValueError(f"vulkan delegate blob is truncated ({len(view)} bytes)")
+    magic, version, length = _PREFIX.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise ValueError(f"not a handoff-vulkan delegate blob (magic {bytes(magic)!r}, expected {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"vulkan delegate blob format {version}, this handoff-vulkan reads format {FORMAT_VERSION}: "
+                         f"re-partition the model with this handoff-vulkan, or install the release that wrote it")
+    if _PREFIX.size + length > len(view):
+        raise ValueError("vulkan delegate blob is truncated (header runs past the end)")
+    try:
+        header = json.loads(bytes(view[_PREFIX.size:_PREFIX.size + length]))
+    except ValueError as exc:
+        raise ValueError(f"vulkan delegate blob header is not JSON: {exc}") from None
+    start, size = int(header["data_offset"]), int(header["data_size"])
+    if start < _PREFIX.size + length or start + size > len(view):
+        raise ValueError("vulkan delegate blob is truncated (data section runs past the end)")
+    return header, view[start:start + size]
+
+
+def fold_grid(x: int, y: int, max_dim: int = MAX_GRID_DIM) -> tuple[int, int, int]:
+    """The workgroup counts to dispatch for a kernel whose logical grid is ``x`` by ``y``.
+
+    TVM's WGSL kernels read their block index as ``blockIdx.z * gridDim.x + blockIdx.x`` and skip
+    blocks at or past the logical ``x`` (passed in the uniform as ``packGridDimX``), so an ``x``
+    wider than a dispatch dimension may go is spread over ``z``: halve ``x`` (rounding up) and
+    double ``z`` until it fits; the same rule as TVM's own web runtime (``web/src/webgpu.ts``).
+    """
+    if x < 1 or y < 1:
+        raise ValueError(f"empty grid {x}x{y}")
+    if y > max_dim:
+        raise ValueError(f"grid y {y} exceeds the device's {max_dim} workgroups per dimension")
+    z = 1
+    while x > max_dim:
+        x = (x + 1) // 2
+        z *= 2
+    if z > max_dim:
+        raise ValueError(f"grid x too large for the device ({max_dim} workgroups per dimension)")
+    return x, y, z
+
+
+def uniform_bytes(pods: list[list[Any]], pack_grid_x: int) -> bytes:
+    """The uniform of one dispatch: each scalar argument as 4 bytes (``[wgsl_type, value]``), then
+    ``packGridDimX`` (the logical grid x) as u32, zero-padded to 16 bytes as WGSL lays it out."""
+    fmt = "<" + "".join(POD_TYPES[t] for t, _ in pods) + "I"
+    raw = struct.pack(fmt, *[(float(v) if t == "f32" else int(v)) for t, v in pods], pack_grid_x)
+    return raw + b"\0" * (-len(raw) % 16)

@@ -1,0 +1,341 @@
+"""The ahead-of-time half of the ``vulkan`` backend (imports torch and TVM).
+
+Capability (:meth:`VulkanCompiler.support`) is checked in two steps, both per node:
+
+1. static: the node must be something TVM's Relax importer converts (the built-in ``tvm``
+   backend's own check, :func:`handoff.tvm.importer.decline_reason`), and every tensor it reads or
+   writes must be float32 or int32 and non-empty, since a WGSL storage buffer holds nothing else
+   (no 64-bit or 8/16-bit types, no bool; f16 needs an optional feature);
+2. kernels: the nodes that pass are imported into Relax together, in one pass that remembers
+   which Relax bindings each node produced; each op is legalized to TIR without fusion, scheduled
+   with the dlight GPU rules (a schedule leaving a block unbound to GPU threads counts as none),
+   lowered and turned into WGSL. A node whose kernel fails any of these is declined with TVM's
+   reason. Results are cached per kernel (structural hash) for the life of the process.
+
+:meth:`VulkanCompiler.preprocess` then lowers a partition with fusion on (see
+:mod:`handoff_vulkan._tvm`); should a fused kernel find no schedule, the partition is lowered
+again without fusion, which step 2 has checked op by op.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import operator
+from typing import Any, Mapping, Sequence
+
+import torch
+import tvm
+import tvm_ffi
+from tvm import relax, tirx
+from tvm.relax.frontend.torch import from_exported_program
+from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+# The built-in TVM backend's importer checks: this backend imports with the same Relax importer,
+# so what it can import is exactly what that backend claims (not duplicated here).
+from handoff.tvm.importer import decline_reason as _importer_decline_reason
+from handoff.tvm.importer import failing_node, io_spec
+
+from handoff.backend import Lowered, LoweringError
+
+from . import WGPU_VERSION, __version__, _tvm
+from ._format import FORMAT_VERSION, pack, parse_bool
+
+_TVM = "TVM " + ".".join(tvm.__version__.split(".")[:2])
+_log = logging.getLogger(__name__)
+#: Tensor dtypes a node may read or write (the torch side of _format.DTYPES; torch has no full uint32).
+_TORCH_DTYPES = {torch.float32, torch.int32}
+_DTYPE_REASONS = {
+    torch.int64: "int64 tensor: WGSL has no 64-bit integers",
+    torch.uint64: "uint64 tensor: WGSL has no 64-bit integers",
+    torch.float64: "float64 tensor: WGSL has no 64-bit floats",
+    torch.float16: "float16 tensor: WGSL f16 needs the optional shader-f16 feature, which this backend does not use",
+    torch.bfloat16: "bfloat16 tensor: WGSL has no bfloat16",
+    torch.bool: "bool tensor: a WGSL storage buffer cannot hold bool",
+    torch.int8: "int8 tensor: WGSL has no 8-bit integers",
+    torch.uint8: "uint8 tensor: WGSL has no 8-bit integers",
+    torch.int16: "int16 tensor: WGSL has no 16-bit integers",
+}
+# Relax ops allowed between kernels after legalization (everything else must become a call_tir).
+_GLUE_OPS = {"relax.call_tir", "relax.reshape"}
+
+
+class VulkanCompiler:
+    """Lowers partitions to WGSL kernels and a launch plan (see :class:`handoff.backend.Compiler`)."""
+
+    #: unscheduled PrimFunc structural hash -> None (kernel builds) or why not; process-wide.
+    _kernel_cache: dict[int, str | None] = {}
+
+    def __init__(self, options: Mapping[str, str]) -> None:
+        self.fuse = parse_bool("fuse", options.get("fuse"), True)
+        self.target = _tvm.target()
+
+    def ops_to_not_decompose(self) -> Sequence[Any]:
+        return []  # the Relax importer is written against core ATen
+
+    def fused_patterns(self, ep: Any) -> Sequence[Sequence[str]]:
+        return []
+
+    def cache_key(self) -> str:
+        # The TVM build and this plugin's pipeline decide the blob too, not only the options.
+        return json.dumps({"tvm": tvm.__version__, "target": _tvm.TARGET_CONFIG, "plugin": __version__,
+                           "blob_format": FORMAT_VERSION}, sort_keys=True)
+
+    # -- capability ------------------------------------------------------------------------------
+    def support(self, ep: Any) -> Mapping[str, str | None]:
+        reasons = {n.name: _static_reason(n) for n in ep.graph.nodes if n.op == "call_function"}
+        candidates = {name for name, reason in reasons.items() if reason is None}
+        if candidates:
+            try:
+                reasons.update(self._kernel_reasons(ep, candidates))
+            except Exception as exc:  # the check itself broke: claim on the static check alone
+                _log.warning("vulkan: per-node kernel check failed (%s); claiming on dtype and importer checks "
+                             "only, lowering may then fail (--on-lower-error fallback moves such partitions)",
+                             _one_line(exc))
+        return reasons
+
+    def _kernel_reasons(self, ep: Any, candidates: set[str]) -> dict[str, str]:
+        """Step 2 of the module docstring: ``{node: reason}`` for candidates whose kernel fails."""
+        failures: dict[str, str] = {}
+        mod, owners = _tagged_import(ep, candidates, failures)
+        node_of = _attribute(_bindings(mod["main"]), owners)
+        with self.target:
+            mod = tvm.transform.Sequential(_tvm.relax_passes(fuse=False))(mod)
+        func_nodes: dict[str, set[str]] = {}
+        pending: list[Any] = []
+        for binding in _bindings(mod["main"]):
+            pending.append(binding)
+            node = node_of.get(_tvm._key(binding.var))
+            if node is None:
+                continue
+            for b in pending:
+                value = b.value
+                if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+                    if value.op.name == "relax.call_tir":
+                        func_nodes.setdefault(value.args[0].name_hint, set()).add(node)
+                    elif value.op.name not in _GLUE_OPS and node in candidates:
+                        failures.setdefault(node, f"{_TVM} has no GPU kernel for Relax op {value.op.name}")
+            pending = []
+
+        funcs = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+        for name, reason in self._check_kernels({n: funcs[n] for n in func_nodes if n in funcs}).items():
+            if reason:
+                for node in func_nodes[name]:
+                    if node in candidates:
+                        failures.setdefault(node, reason)
+        return failures
+
+    def _check_kernels(self, funcs: dict[str, Any]) -> dict[str, str | None]:
+        """Schedule, lower and generate WGSL for each unfused PrimFunc; ``{name: None | reason}``."""
+        results: dict[str, str | None] = {}
+        todo: dict[str, tuple[int, Any]] = {}
+        for name, func in funcs.items():
+            h = tvm_ffi.structural_hash(func)
+            if h in self._kernel_cache:
+                results[name] = self._kernel_cache[h]
+                continue
+            scheduled, why = _tvm.schedule(func.with_attr("target", self.target), self.target)
+            if scheduled is None:
+                results[name] = self._kernel_cache[h] = f"no {_TVM} dlight GPU schedule binds every block: {why}"
+            else:
+                todo[name] = (h, scheduled)
+        if todo:
+            try:  # one batch; on failure, one by one to find the culprits
+                _tvm.lower_tir({n: f for n, (_, f) in todo.items()}, self.target)
+                batch_ok = True
+            except Exception:
+                batch_ok = False
+            for name, (h, scheduled) in todo.items():
+                reason = None
+                if not batch_ok:
+                    try:
+                        _tvm.lower_tir({name: scheduled}, self.target)
+                    except Exception as exc:
+                        reason = f"{_TVM} cannot build its WGSL kernel: {_one_line(exc)}"
+                results[name] = self._kernel_cache[h] = reason
+        return results
+
+    # -- lowering --------------------------------------------------------------------------------
+    def preprocess(self, ep: Any, name: str) -> Lowered:
+        for node in ep.graph.nodes:
+            if node.op == "call_function":
+                reason = _static_reason(node)
+                if reason:
+                    raise LoweringError(f"{node.name}: {reason}", node=node.name)
+        try:
+            # Already core ATen: decomposing again would rename the nodes LoweringError.node names.
+            mod = from_exported_program(ep, run_ep_decomposition=False)
+        except Exception as exc:
+            node = failing_node(exc)
+            where = f" at node {node}" if node else ""
+            raise LoweringError(f"{_TVM} Relax importer failed{where}: {_one_line(exc)}", node=node) from exc
+        main = mod["main"]
+        ret = main.ret_ty
+        inputs = [io_spec(p.ty) for p in main.params]
+        outputs = [io_spec(f) for f in ret.fields] if isinstance(ret, tvm.ir.TupleType) else [io_spec(ret)]
+
+        fused = self.fuse
+        try:
+            plan, weights = self._lower(mod, fused)
+        except _tvm.LowerError as exc:
+            if not fused:
+                raise LoweringError(f"{name}: {exc}") from exc
+            fused = False  # every op was checked unfused by support(): fusion made the kernel unschedulable
+            try:
+                plan, weights = self._lower(mod, fused)
+            except _tvm.LowerError as exc2:
+                raise LoweringError(f"{name}: {exc2}") from exc2
+        blob = pack(plan, bytes(weights))
+        return Lowered(blob, {
+            "compiler": "apache-tvm",
+            "tvm_version": tvm.__version__,
+            "target": {k: v for k, v in _tvm.TARGET_CONFIG.items() if k != "host"},
+            "blob_format": FORMAT_VERSION,
+            "plugin_version": __version__,
+            "wgpu": WGPU_VERSION,
+            "fused": fused,
+            "kernels": len(plan["kernels"]),
+            "dispatches": len(plan["dispatches"]),
+            "weight_bytes": len(weights),
+            "num_inputs": len(inputs),
+            "num_outputs": len(outputs),
+            "inputs": inputs,
+            "outputs": outputs,
+        })
+
+    def _lower(self, mod: Any, fuse: bool) -> tuple[dict[str, Any], bytearray]:
+        tgt = self.target
+        with tgt:
+            mod = tvm.transform.Sequential(_tvm.relax_passes(fuse))(mod)
+        mod, failed = _tvm.schedule_module(mod, tgt)
+        if failed:
+            shown = "; ".join(f"{k}: {v}" for k, v in list(failed.items())[:3])
+            raise _tvm.LowerError(f"no {_TVM} dlight GPU schedule binds every block of {shown}", failed)
+        with tgt:
+            mod = tvm.transform.Sequential([
+                relax.transform.RewriteDataflowReshape(),
+                relax.transform.ToNonDataflow(),
+                relax.transform.RemovePurityChecking(),
+                relax.transform.CallTIRRewrite(),
+                relax.transform.StaticPlanBlockMemory(),
+            ])(mod)
+        funcs = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+        try:
+            hosts, kernels = _tvm.lower_tir(funcs, tgt)
+        except _tvm.LowerError:
+            raise
+        except Exception as exc:  # a TVM pass failed
+            raise _tvm.LowerError(f"{_TVM} TIR lowering failed: {_one_line(exc)}") from exc
+        builder = _tvm.PlanBuilder(hosts, kernels)
+        plan = builder.build(mod["main"])
+        return plan, builder.weights
+
+
+# -- capability helpers -------------------------------------------------------------------------
+def _static_reason(node: Any) -> str | None:
+    """``None`` when the node passes step 1 of the module docstring, else why not."""
+    if node.target is operator.getitem:
+        return None  # the core keeps every getitem with its producer
+    reason = _importer_decline_reason(node)
+    if reason:
+        return reason
+    for value in [_used_outputs(node), *(n.meta.get("val") for n in node.all_input_nodes)]:
+        for leaf in torch.utils._pytree.tree_leaves(value):
+            if isinstance(leaf, torch.Tensor):
+                if leaf.dtype not in _TORCH_DTYPES:
+                    dtype = str(leaf.dtype).removeprefix("torch.")
+                    return _DTYPE_REASONS.get(leaf.dtype, f"{dtype} tensor: only float32 and int32 tensors are supported")
+                if leaf.numel() == 0:
+                    return "zero-element tensor: a GPU buffer cannot be empty"
+    return None
+
+
+def _used_outputs(node: Any) -> Any:
+    """The node's output value, or for a multi-output node only the items some getitem reads
+    (``max_pool2d_with_indices``'s int64 indices or batch norm's empty saved statistics are
+    usually never read)."""
+    val = node.meta.get("val")
+    if isinstance(val, (list, tuple)):
+        used = {u.args[1] for u in node.users if u.target is operator.getitem}
+        return [v for i, v in enumerate(val) if i in used]
+    return val
+
+
+def _tagged_import(ep: Any, candidates: set[str], failures: dict[str, str]) -> tuple[Any, dict[int, str]]:
+    """Import the whole graph with TVM's importer, converting only ``candidates``: every other node
+    (and any candidate whose converter raises, recorded in ``failures``) becomes a placeholder
+    tensor of its shape. Returns the import and, for each Relax var a node's conversion returned,
+    that node's name."""
+    importer = ExportedProgramImporter()
+    converters = dict(importer.convert_map)
+
+    def placeholder(node: Any) -> Any:
+        def zeros(val: Any) -> Any:
+            return importer.block_builder.emit(
+                relax.op.zeros(relax.ShapeExpr([int(d) for d in val.shape]), str(val.dtype).removeprefix("torch.")))
+
+        val = node.meta.get("val")
+        if val is None:  # a node with no value (_assert_tensor_metadata, ...)
+            return None
+        if isinstance(val, torch.Tensor):
+            return zeros(val)
+        if isinstance(val, (list, tuple)) and all(isinstance(v, torch.Tensor) for v in val):
+            return relax.Tuple([zeros(v) for v in val])
+        raise ValueError(f"node {node.name} produces {type(val).__name__}")
+
+    def wrap(fn: Any) -> Any:
+        def convert(node: Any) -> Any:
+            if fn is not None and (node.name in candidates or node.target is operator.getitem):
+                try:
+                    return fn(node)
+                except Exception as exc:
+                    failures[node.name] = f"{_TVM} Relax importer failed: {_one_line(exc)}"
+            return placeholder(node)
+
+        return convert
+
+    table = {name: wrap(fn) for name, fn in converters.items() if isinstance(name, str)}
+    for node in ep.graph.nodes:
+        if node.op == "call_function":
+            table.setdefault(node.target.__name__, wrap(None))
+    importer.convert_map = {**converters, **table}
+    module = importer.from_exported_program(ep, False, False, False, None)
+    owners: dict[int, str] = {}
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and node in importer.env:
+            for var in _vars(importer.env[node]):
+                owners.setdefault(_tvm._key(var), node.name)
+    return module, owners
+
+
+def _vars(value: Any) -> list[Any]:
+    if isinstance(value, tvm.ir.Var):
+        return [value]
+    if isinstance(value, relax.Tuple):
+        return [v for f in value.fields for v in _vars(f)]
+    if isinstance(value, (list, tuple)):
+        return [v for f in value for v in _vars(f)]
+    return []
+
+
+def _bindings(func: Any) -> list[Any]:
+    return [b for block in func.body.blocks for b in block.bindings]
+
+
+def _attribute(bindings: list[Any], owners: dict[int, str]) -> dict[int, str]:
+    """Bindings to nodes: the importer emits a node's bindings in a run ending with the var the
+    conversion returned, so each run belongs to the node owning its last var."""
+    node_of: dict[int, str] = {}
+    pending: list[int] = []
+    for binding in bindings:
+        pending.append(_tvm._key(binding.var))
+        node = owners.get(pending[-1])
+        if node is not None:
+            for key in pending:
+                node_of[key] = node
+            pending = []
+    return node_of
+
+
+def _one_line(exc: BaseException) -> str:
+    return _tvm._one_line(exc)

@@ -1,0 +1,389 @@
+"""The runtime half of the ``vulkan`` backend: replays a delegate's launch plan through wgpu.
+
+Imports neither torch nor TVM, and wgpu only inside the methods. Per delegate, :meth:`load`
+creates everything once: the weights' buffers (uploaded from the mapped program file), one
+buffer per input and per intermediate storage, a staging buffer all outputs are read back through,
+one compute pipeline per kernel, and one bind group per dispatch (scalar arguments live in one
+uniform buffer written at load: shapes are static). :meth:`execute` then writes the inputs,
+records every dispatch into one compute pass plus the output copies, submits once, and maps the
+staging buffer once.
+
+One wgpu device is shared by every delegate of the process that asks for the same adapter.
+
+Environment: ``WGPU_BACKEND_TYPE`` defaults to ``Vulkan``; ``XDG_RUNTIME_DIR`` to a private
+temporary directory and ``XDG_CACHE_HOME`` to ``$HANDOFF_HOME/cache`` (Mesa's drivers write their
+shader cache there) when unset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import threading
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from . import WGPU_VERSION
+from ._format import UNIFORM_SLOT, fold_grid, parse_bool, uniform_bytes, unpack
+
+INSTALL_HINT = f"pip install wgpu=={WGPU_VERSION}"
+DRIVER_HINT = ("install a Vulkan driver and loader (Debian/Ubuntu: apt-get install mesa-vulkan-drivers libvulkan1 "
+               "gives lavapipe, a CPU implementation; a GPU vendor's driver for real hardware)")
+#: Phases of a run timed on the host with ``timestamps=1``: write the inputs and record the
+#: commands; submit; wait for the GPU and map the readback buffer; copy the outputs out.
+_PHASES = ("write_and_encode", "submit", "wait_and_map", "read")
+#: Adapter types in the order ``adapter`` (unset) prefers them.
+_PREFERENCE = ("DiscreteGPU", "IntegratedGPU", "VirtualGPU", "CPU", "Unknown")
+
+_env_lock = threading.Lock()
+
+
+def prepare_environment() -> None:
+    """Set what wgpu and Mesa need, unless the user already did (see the module docstring)."""
+    with _env_lock:
+        os.environ.setdefault("WGPU_BACKEND_TYPE", "Vulkan")
+        if not os.environ.get("XDG_RUNTIME_DIR"):
+            os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="handoff-xdg-")  # mode 0700
+        if not os.environ.get("XDG_CACHE_HOME"):
+            try:
+                from handoff.cache import cache_dir
+
+                os.environ["XDG_CACHE_HOME"] = str(cache_dir("cache"))
+            except OSError:  # an unwritable HANDOFF_HOME: Mesa then keeps no shader cache
+                pass
+
+
+def import_wgpu() -> Any:
+    prepare_environment()
+    import wgpu
+
+    return wgpu
+
+
+def _adapter_name(adapter: Any) -> str:
+    info = adapter.info
+    return f"{info.get('device', '')} [{info.get('backend_type', '')}, {info.get('adapter_type', '')}]"
+
+
+def vulkan_adapters(wgpu: Any) -> list[Any]:
+    """Vulkan adapters, most preferred first (discrete, integrated, virtual, CPU)."""
+    found = [a for a in wgpu.gpu.enumerate_adapters_sync() if a.info.get("backend_type") == "Vulkan"]
+    rank = {t: i for i, t in enumerate(_PREFERENCE)}
+    return sorted(found, key=lambda a: rank.get(a.info.get("adapter_type"), len(rank)))
+
+
+def choose_adapter(adapters: Sequence[Any], wanted: str | None) -> Any:
+    if not adapters:
+        raise RuntimeError(f"no Vulkan adapter found: {DRIVER_HINT}")
+    if not wanted:
+        return adapters[0]
+    for adapter in adapters:
+        info = adapter.info
+        text = " ".join(str(info.get(k, "")) for k in ("device", "vendor", "description", "adapter_type")).lower()
+        if wanted.lower() in text:
+            return adapter
+    names = "; ".join(_adapter_name(a) for a in adapters)
+    raise ValueError(f"option adapter={wanted!r} matches no Vulkan adapter; adapters here: {names}")
+
+
+@dataclasses.dataclass
+class _Device:
+    wgpu: Any
+    adapter: Any
+    device: Any
+    queue: Any
+    name: str
+    limits: dict[str, int]
+    timestamps: bool
+
+
+@dataclasses.dataclass
+class _Delegate:
+    """What ``load`` returns; everything ``execute`` needs, created once."""
+
+    dev: _Device
+    buffers: list[Any]
+    inputs: list[tuple[int, tuple[int, ...], np.dtype]]  # (buffer, shape, dtype) per input
+    outputs: list[tuple[int, int, int, tuple[int, ...], np.dtype, int]]  # buffer, offset, nbytes, shape, dtype, staging offset
+    staging: Any
+    staging_size: int
+    passes: list[tuple[Any, Any, tuple[int, int, int]]]  # (pipeline, bind group, workgroups) per dispatch
+    uniform: Any
+    raw: list[tuple[Any, ...]] | None = None  # native handles of ``passes`` (see _record)
+    query_set: Any = None
+    query_buffer: Any = None
+    timestamp_offset: int = 0
+    submits: int = 0
+    last_gpu_seconds: float | None = None  # with timestamps=1: the last run's compute pass on the GPU
+    last_host_seconds: dict[str, float] | None = None  # with timestamps=1: the last run's phases (_PHASES)
+    keep: list[Any] = dataclasses.field(default_factory=list)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # one run at a time (one staging buffer)
+
+
+class VulkanRuntime:
+    """Runs vulkan delegates through wgpu (see :class:`handoff.backend.Runtime`)."""
+
+    def __init__(self) -> None:
+        self._devices: dict[tuple[str, bool], _Device] = {}
+        self._lock = threading.Lock()
+
+    # -- availability ----------------------------------------------------------------------------
+    def is_available(self) -> tuple[bool, str]:
+        try:
+            wgpu = import_wgpu()
+        except ImportError as exc:
+            return False, f"wgpu cannot be imported ({' '.join(str(exc).split())}): {INSTALL_HINT}"
+        except Exception as exc:  # a broken install (missing wgpu-native library)
+            return False, f"wgpu cannot be loaded ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}): {INSTALL_HINT}"
+        try:
+            adapters = vulkan_adapters(wgpu)
+        except Exception as exc:
+            return False, f"wgpu cannot enumerate adapters ({' '.join(str(exc).split())[:200]}): {DRIVER_HINT}"
+        if not adapters:
+            return False, f"no Vulkan adapter found by wgpu {getattr(wgpu, '__version__', '?')}: {DRIVER_HINT}"
+        return True, ""
+
+    # -- device ----------------------------------------------------------------------------------
+    def _device(self, options: Mapping[str, str]) -> _Device:
+        wanted = (options.get("adapter") or "").strip()
+        timestamps = parse_bool("timestamps", options.get("timestamps"), False)
+        key = (wanted.lower(), timestamps)
+        with self._lock:
+            if key in self._devices:
+                return self._devices[key]
+            wgpu = import_wgpu()
+            adapter = choose_adapter(vulkan_adapters(wgpu), wanted or None)
+            features = []
+            if timestamps:
+                if "timestamp-query" not in adapter.features:
+                    raise ValueError(f"option timestamps=1: adapter {_adapter_name(adapter)} has no timestamp-query feature")
+                features.append("timestamp-query")
+            # wgpu-py requests the adapter's own limits when none are given: the most it allows.
+            device = adapter.request_device_sync(required_features=features, label="handoff-vulkan")
+            dev = _Device(wgpu, adapter, device, device.queue, _adapter_name(adapter), dict(device.limits), timestamps)
+            self._devices[key] = dev
+            return dev
+
+    # -- load ------------------------------------------------------------------------------------
+    def load(self, blob: memoryview, metadata: Mapping[str, Any], options: Mapping[str, str]) -> _Delegate:
+        header, data = unpack(blob)
+        dev = self._device(options)
+        _check_limits(header["limits"], dev)
+        wgpu, device = dev.wgpu, dev.device
+        usage = wgpu.BufferUsage
+        storage_usage = usage.STORAGE | usage.COPY_SRC | usage.COPY_DST
+
+        buffers = []
+        for i, spec in enumerate(header["buffers"]):
+            size = -(-int(spec["nbytes"]) // 4) * 4
+            buf = device.create_buffer(size=size, usage=storage_usage, label=f"handoff-{spec['kind']}-{i}")
+            if spec["kind"] == "weight":
+                start, nbytes = spec["data"]
+                dev.queue.write_buffer(buf, 0, data[start:start + nbytes])
+            buffers.append(buf)
+
+        inputs = [(int(s["buffer"]), tuple(s["shape"]), np.dtype(s["dtype"])) for s in header["inputs"]]
+        outputs, offset = [], 0
+        for s in header["outputs"]:
+            outputs.append((int(s["buffer"]), int(s["offset"]), int(s["nbytes"]), tuple(s["shape"]), np.dtype(s["dtype"]),
+                            offset))
+            offset += -(-int(s["nbytes"]) // 4) * 4
+        timestamp_offset = -(-offset // 256) * 256
+        staging_size = timestamp_offset + (16 if dev.timestamps else 0)
+        staging = device.create_buffer(size=max(staging_size, 4), usage=usage.MAP_READ | usage.COPY_DST,
+                                       label="handoff-readback")
+
+        # Kernels: one shader module, bind group layout and pipeline each.
+        pipelines, layouts = [], []
+        for k in header["kernels"]:
+            entries = [{"binding": i, "visibility": wgpu.ShaderStage.COMPUTE,
+                        "buffer": {"type": wgpu.BufferBindingType.storage if access == "read_write"
+                                   else wgpu.BufferBindingType.read_only_storage}}
+                       for i, access in enumerate(k["bindings"])]
+            entries.append({"binding": len(k["bindings"]), "visibility": wgpu.ShaderStage.COMPUTE,
+                            "buffer": {"type": wgpu.BufferBindingType.uniform}})
+            layout = device.create_bind_group_layout(entries=entries)
+            module = device.create_shader_module(code=k["wgsl"], label=k["name"])
+            pipeline = device.create_compute_pipeline(
+                layout=device.create_pipeline_layout(bind_group_layouts=[layout]),
+                compute={"module": module, "entry_point": k["name"]}, label=k["name"])
+            pipelines.append(pipeline)
+            layouts.append(layout)
+
+        # Dispatches: scalar arguments in one uniform buffer, one bind group each.
+        dispatches = header["dispatches"]
+        max_dim = int(dev.limits.get("max-compute-workgroups-per-dimension", 65535))
+        uniform = device.create_buffer(size=max(UNIFORM_SLOT * len(dispatches), UNIFORM_SLOT),
+                                       usage=usage.UNIFORM | usage.COPY_DST, label="handoff-uniforms")
+        uniform_data = bytearray(UNIFORM_SLOT * len(dispatches))
+        passes = []
+        for i, d in enumerate(dispatches):
+            k = int(d["kernel"])
+            raw = uniform_bytes(d["pods"], int(d["grid"][0]))
+            uniform_data[i * UNIFORM_SLOT:i * UNIFORM_SLOT + len(raw)] = raw
+            entries = [{"binding": j, "resource": {"buffer": buffers[b], "offset": int(off), "size": -(-int(n) // 4) * 4}}
+                       for j, (b, off, n) in enumerate(d["buffers"])]
+            entries.append({"binding": len(d["buffers"]),
+                            "resource": {"buffer": uniform, "offset": i * UNIFORM_SLOT, "size": len(raw)}})
+            group = device.create_bind_group(layout=layouts[k], entries=entries)
+            passes.append((pipelines[k], group, fold_grid(int(d["grid"][0]), int(d["grid"][1]), max_dim)))
+        if dispatches:
+            dev.queue.write_buffer(uniform, 0, uniform_data)
+
+        delegate = _Delegate(dev, buffers, inputs, outputs, staging, staging_size, passes, uniform,
+                             raw=_native_passes(passes), timestamp_offset=timestamp_offset, keep=[pipelines, layouts])
+        if dev.timestamps:
+            delegate.query_set = device.create_query_set(type=wgpu.QueryType.timestamp, count=2)
+            delegate.query_buffer = device.create_buffer(size=16, usage=usage.QUERY_RESOLVE | usage.COPY_SRC)
+        return delegate
+
+    # -- run -------------------------------------------------------------------------------------
+    def execute(self, handle: _Delegate, inputs: Sequence[Any]) -> list[np.ndarray]:
+        if len(inputs) != len(handle.inputs):
+            raise ValueError(f"vulkan delegate takes {len(handle.inputs)} inputs, got {len(inputs)}")
+        with handle.lock:
+            return self._run(handle, inputs)
+
+    def _run(self, handle: _Delegate, inputs: Sequence[Any]) -> list[np.ndarray]:
+        dev = handle.dev
+        queue = dev.queue
+        profile = handle.query_set is not None
+        clock = [time.perf_counter()] if profile else None
+        for i, ((buf, shape, dtype), arr) in enumerate(zip(handle.inputs, inputs)):
+            arr = np.asarray(arr)
+            if arr.dtype != dtype or arr.shape != shape:
+                raise ValueError(f"vulkan delegate input {i} expects {dtype}{list(shape)}, got {arr.dtype}{list(arr.shape)}")
+            queue.write_buffer(handle.buffers[buf], 0, np.ascontiguousarray(arr))
+        encoder = dev.device.create_command_encoder()
+        timestamp_writes = None
+        if profile:
+            timestamp_writes = {"query_set": handle.query_set, "beginning_of_pass_write_index": 0,
+                                "end_of_pass_write_index": 1}
+        compute = encoder.begin_compute_pass(timestamp_writes=timestamp_writes)
+        _record(compute, handle.passes, handle.raw)
+        compute.end()
+        for buf, offset, nbytes, _, _, dst in handle.outputs:
+            encoder.copy_buffer_to_buffer(handle.buffers[buf], offset, handle.staging, dst, -(-nbytes // 4) * 4)
+        if profile:
+            encoder.resolve_query_set(handle.query_set, 0, 2, handle.query_buffer, 0)
+            encoder.copy_buffer_to_buffer(handle.query_buffer, 0, handle.staging, handle.timestamp_offset, 16)
+        commands = encoder.finish()
+        if profile:
+            clock.append(time.perf_counter())
+        queue.submit([commands])
+        handle.submits += 1
+        if profile:
+            clock.append(time.perf_counter())
+        # Mapping waits for the submission (wgpu polls the device); "READ_NOSYNC" skips the empty
+        # extra submit wgpu-py would otherwise make before mapping a MAP_READ buffer.
+        handle.staging.map_sync("READ_NOSYNC", 0, max(handle.staging_size, 4))
+        if profile:
+            clock.append(time.perf_counter())
+        try:  # a view of the mapped memory: each output is copied out once, before unmapping
+            raw = handle.staging.read_mapped(0, max(handle.staging_size, 4), copy=False)
+            outs = [np.frombuffer(raw, dtype=dtype, count=nbytes // dtype.itemsize, offset=dst).reshape(shape).copy()
+                    for _, _, nbytes, shape, dtype, dst in handle.outputs]
+            if profile:
+                begin, end = (int(t) for t in np.frombuffer(raw, dtype=np.uint64, count=2, offset=handle.timestamp_offset))
+        finally:  # unmapping releases the view
+            handle.staging.unmap()
+        if profile:
+            handle.last_gpu_seconds = float(end - begin) * _timestamp_period(dev) * 1e-9
+            clock.append(time.perf_counter())
+            handle.last_host_seconds = dict(zip(_PHASES, np.diff(clock).tolist()))
+        return outs
+
+    def stats(self, handle: _Delegate) -> dict[str, Any]:
+        """The last run's GPU time and host phases (with the ``timestamps=1`` runtime option)."""
+        return {"adapter": handle.dev.name, "gpu_seconds": handle.last_gpu_seconds,
+                "host_seconds": handle.last_host_seconds}
+
+    def release(self, handle: _Delegate) -> None:
+        for buf in [*handle.buffers, handle.staging, handle.uniform, handle.query_buffer]:
+            if buf is not None:
+                try:
+                    buf.destroy()
+                except Exception:  # already gone with its device
+                    pass
+        if handle.query_set is not None:
+            try:
+                handle.query_set.destroy()
+            except Exception:
+                pass
+        handle.buffers, handle.passes, handle.raw, handle.keep = [], [], None, []
+
+
+def _record(compute: Any, passes: list[tuple[Any, Any, tuple[int, int, int]]], raw: list[tuple[Any, ...]] | None) -> None:
+    """Record the dispatches: set_pipeline (when it changes), set_bind_group, dispatch_workgroups.
+
+    With wgpu-native, ``raw`` holds the native handles and the three calls go straight to the C
+    API (half the encoding time of the Python wrappers, which re-check arguments and keep objects
+    alive that the delegate keeps alive anyway); errors still surface at ``finish()``."""
+    if raw is not None:
+        from wgpu.backends.wgpu_native._ffi import ffi, lib
+
+        handle = compute._internal
+        set_pipeline, set_group = lib.wgpuComputePassEncoderSetPipeline, lib.wgpuComputePassEncoderSetBindGroup
+        dispatch, null = lib.wgpuComputePassEncoderDispatchWorkgroups, ffi.NULL
+        for pipeline, group, x, y, z in raw:
+            if pipeline is not None:
+                set_pipeline(handle, pipeline)
+            set_group(handle, 0, group, 0, null)
+            dispatch(handle, x, y, z)
+        return
+    last = None
+    for pipeline, group, (x, y, z) in passes:
+        if pipeline is not last:
+            compute.set_pipeline(pipeline)
+            last = pipeline
+        compute.set_bind_group(0, group)
+        compute.dispatch_workgroups(x, y, z)
+
+
+def _native_passes(passes: list[tuple[Any, Any, tuple[int, int, int]]]) -> list[tuple[Any, ...]] | None:
+    """The native handles of ``passes`` for :func:`_record`, or None when wgpu is not wgpu-native."""
+    try:
+        from wgpu.backends.wgpu_native._ffi import lib
+
+        lib.wgpuComputePassEncoderDispatchWorkgroups  # noqa: B018 - present in this wgpu-native?
+        raw, last = [], None
+        for pipeline, group, (x, y, z) in passes:
+            raw.append((pipeline._internal if pipeline is not last else None, group._internal, x, y, z))
+            last = pipeline
+        return raw
+    except Exception:
+        return None
+
+
+def _timestamp_period(dev: _Device) -> float:
+    try:
+        from wgpu.backends.wgpu_native._api import libf
+
+        return float(libf.wgpuQueueGetTimestampPeriod(dev.queue._internal))
+    except Exception:  # not wgpu-native: WebGPU timestamps are nanoseconds
+        return 1.0
+
+
+#: Limit names of the blob header -> wgpu's names.
+_LIMITS = {
+    "max_storage_buffers_per_shader_stage": "max-storage-buffers-per-shader-stage",
+    "max_storage_buffer_binding_size": "max-storage-buffer-binding-size",
+    "max_buffer_size": "max-buffer-size",
+    "max_compute_invocations_per_workgroup": "max-compute-invocations-per-workgroup",
+    "max_compute_workgroup_size_x": "max-compute-workgroup-size-x",
+    "max_compute_workgroup_size_y": "max-compute-workgroup-size-y",
+    "max_compute_workgroup_size_z": "max-compute-workgroup-size-z",
+}
+
+
+def _check_limits(needed: Mapping[str, int], dev: _Device) -> None:
+    for name, wgpu_name in _LIMITS.items():
+        have = dev.limits.get(wgpu_name)
+        if have is not None and int(needed.get(name, 0)) > int(have):
+            raise ValueError(f"the delegate needs {wgpu_name} >= {needed[name]}, adapter {dev.name} allows {have}")
+
+
+__all__ = ["VulkanRuntime", "choose_adapter", "prepare_environment", "vulkan_adapters"]

@@ -1,0 +1,530 @@
+"""handoff-vulkan: TVM-generated WGSL kernels run through wgpu on a Vulkan adapter.
+
+CI runs them on lavapipe (Mesa's CPU Vulkan driver, ``apt-get install mesa-vulkan-drivers
+libvulkan1``); every model is compared with eager torch on fresh random inputs. Tolerance for
+float32 outputs: 1e-4 relative, plus an absolute floor of 1e-4 x the output's largest magnitude
+for entries near zero (as in the core's end-to-end tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+PLUGIN_DIR = Path(__file__).resolve().parents[1]
+if str(PLUGIN_DIR) not in sys.path:  # not pip-installed: use the source tree
+    sys.path.insert(0, str(PLUGIN_DIR))
+
+np = pytest.importorskip("numpy")
+pytest.importorskip("handoff.backend")
+
+import handoff  # noqa: E402
+from handoff.plugins import Plugins, set_plugins  # noqa: E402
+from handoff_vulkan import _format, wgsl  # noqa: E402
+
+RTOL = {"float32": 1e-4}
+PLUGIN = "handoff_vulkan.plugin"
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path_factory, monkeypatch):
+    """Caches in a temp HANDOFF_HOME; a plugin manager with this plugin registered explicitly."""
+    monkeypatch.setenv("HANDOFF_HOME", str(tmp_path_factory.mktemp("handoff_home")))
+    pm = Plugins(autoload=False, extra=[PLUGIN])
+    set_plugins(pm)
+    yield pm
+    set_plugins(None)
+
+
+def _needs_gpu() -> None:
+    from handoff_vulkan.runtime import VulkanRuntime
+
+    ok, why = VulkanRuntime().is_available()
+    if not ok:
+        pytest.skip(why)
+
+
+def _needs_compiler():
+    pytest.importorskip("torch")
+    pytest.importorskip("tvm")
+
+
+def assert_matches_eager(got: np.ndarray, want, dtype: str = "float32") -> None:
+    want = want.detach().numpy() if hasattr(want, "detach") else np.asarray(want)
+    scale = float(np.abs(want).max()) or 1.0
+    np.testing.assert_allclose(got, want, rtol=RTOL[dtype], atol=RTOL[dtype] * scale)
+
+
+_PARTITIONED: dict[tuple[str, tuple[str, ...]], bytes] = {}
+
+
+def _zoo_program(name: str, backends: tuple[str, ...], home: Path) -> tuple[bytes, object]:
+    """Partition a zoo model once per session (its own HANDOFF_HOME); the program bytes and report."""
+    key = (name, backends)
+    if key not in _PARTITIONED:
+        old = os.environ.get("HANDOFF_HOME")
+        os.environ["HANDOFF_HOME"] = str(home)
+        try:
+            result = handoff.partition(f"zoo:{name}", backends=list(backends))
+        finally:
+            if old is None:
+                del os.environ["HANDOFF_HOME"]
+            else:
+                os.environ["HANDOFF_HOME"] = old
+        _PARTITIONED[key] = (result.to_bytes(), result.report)
+    return _PARTITIONED[key]
+
+
+def _check_against_eager(program_bytes: bytes, name: str, seeds=(11, 12)) -> None:
+    import torch
+
+    from handoff.models import random_inputs
+
+    zoo = handoff.get_plugins().zoo()[name]
+    model = zoo.build()
+    outputs = []
+    with handoff.load(program_bytes) as program:
+        for seed in seeds:
+            x = random_inputs(zoo.inputs, seed=seed)
+            (got,) = program.run(x)
+            with torch.no_grad():
+                assert_matches_eager(got, model(*x))
+            outputs.append(got)
+    assert not np.allclose(outputs[0], outputs[1]), "output does not depend on the input: degenerate model"
+
+
+# -- the plugin module and the blob format (no GPU, no compiler) -----------------------------------
+def test_plugin_declares_the_backend_without_heavy_imports():
+    code = textwrap.dedent(f"""
+        import sys
+        import handoff.runtime, {PLUGIN} as plugin
+        (spec,) = plugin.handoff_backends()
+        assert (spec.id, spec.device) == ("vulkan", "gpu"), spec
+        assert spec.compiler == "handoff_vulkan.compiler:VulkanCompiler"
+        assert spec.runtime == "handoff_vulkan.runtime:VulkanRuntime"
+        assert set(spec.options) == {{"fuse"}} and set(spec.runtime_options) == {{"adapter", "timestamps"}}
+        import handoff_vulkan.runtime
+        heavy = [m for m in ("torch", "tvm", "wgpu") if m in sys.modules]
+        assert not heavy, heavy
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(PLUGIN_DIR)})
+
+
+def test_blob_round_trip_and_refusals():
+    header = {"kernels": [], "dispatches": [], "buffers": [], "inputs": [], "outputs": [], "limits": {}}
+    data = b"\x01\x02\x03\x04" * 100
+    blob = _format.pack(header, data)
+    got, view = _format.unpack(memoryview(blob))
+    assert got["format"] == _format.FORMAT_VERSION and bytes(view) == data
+    assert got["data_offset"] % _format.DATA_ALIGN == 0
+    with pytest.raises(ValueError, match="not a handoff-vulkan delegate blob"):
+        _format.unpack(b"PK\x03\x04" + blob[4:])
+    newer = bytearray(blob)
+    newer[8:12] = (_format.FORMAT_VERSION + 1).to_bytes(4, "little")
+    with pytest.raises(ValueError, match="re-partition the model"):
+        _format.unpack(bytes(newer))
+    with pytest.raises(ValueError, match="truncated"):
+        _format.unpack(blob[:-10])
+
+
+@pytest.mark.parametrize("x, want", [(1, (1, 1, 1)), (65535, (65535, 1, 1)), (65536, (32768, 1, 2)),
+                                      (70001, (35001, 1, 2)), (200001, (50001, 1, 4))])
+def test_wide_grids_fold_into_z_like_tvm_web_runtime(x, want):
+    folded = _format.fold_grid(x, 3)
+    assert (folded[0], folded[2]) == (want[0], want[2]) and folded[1] == 3
+    assert folded[0] * folded[2] >= x and folded[0] <= 65535
+    with pytest.raises(ValueError, match="grid y"):
+        _format.fold_grid(1, 70000)
+
+
+def test_uniform_layout():
+    raw = _format.uniform_bytes([["i32", -2], ["f32", 0.5]], 7)
+    assert len(raw) == 16
+    assert np.frombuffer(raw[:4], "<i4")[0] == -2 and np.frombuffer(raw[4:8], "<f4")[0] == 0.5
+    assert np.frombuffer(raw[8:12], "<u4")[0] == 7
+
+
+KERNEL = """\
+@group(0) @binding(0) var<storage, read_write> out_ptr : array<f32>;
+@group(0) @binding(1) var<storage, read> x_ptr : array<f32>;
+
+struct PODArgs {
+  n: i32,
+  packGridDimX: u32
+}
+@group(0) @binding(2) var<uniform> podArgs : PODArgs;
+
+@compute @workgroup_size(64, 1, 1)
+fn k_kernel(
+  @builtin(workgroup_id) blockIdx : vec3<u32>,
+  @builtin(num_workgroups) gridDim : vec3<u32>,
+  @builtin(local_invocation_id) threadIdx : vec3<u32>
+) {
+  if (blockIdx.z * gridDim.x + blockIdx.x > podArgs.packGridDimX) { return; }
+  out_ptr[0] = max(x_ptr[0], -inff) + select(0.0f, nanf, x_ptr[1] > inff);
+}
+"""
+
+
+def test_wgsl_fixes_and_interface():
+    fixed = wgsl.fix(KERNEL)
+    assert "inff" not in fixed and "nanf" not in fixed
+    assert "-bitcast<f32>(handoff_inf_bits)" in fixed and "bitcast<f32>(handoff_nan_bits)" in fixed
+    assert "var<private> handoff_inf_bits : u32 = 0x7f800000u;" in fixed
+    # the block numbered exactly the logical grid size exists once a grid is folded: it must return
+    assert "blockIdx.x >= podArgs.packGridDimX) { return; }" in fixed
+    iface = wgsl.interface(fixed)
+    assert iface.entry == "k_kernel" and iface.workgroup_size == (64, 1, 1)
+    assert iface.storage == [("read_write", "f32"), ("read", "f32")] and iface.pods == ["i32"]
+    for bad in ("array<i64>", "array<bool>", "array<i8>"):
+        with pytest.raises(wgsl.WgslError, match="cannot"):
+            wgsl.interface(KERNEL.replace("array<f32>;\n@group(0) @binding(1)", f"{bad};\n@group(0) @binding(1)"))
+
+
+# -- runtime availability -----------------------------------------------------------------------
+def test_missing_wgpu_is_reported(monkeypatch):
+    from handoff_vulkan.runtime import VulkanRuntime
+
+    monkeypatch.setitem(sys.modules, "wgpu", None)  # import wgpu raises ImportError
+    ok, why = VulkanRuntime().is_available()
+    assert not ok and "wgpu cannot be imported" in why and "pip install wgpu==0.32.0" in why
+
+
+def test_missing_vulkan_adapter_is_reported(monkeypatch):
+    pytest.importorskip("wgpu")
+    from handoff_vulkan import runtime
+
+    monkeypatch.setattr(runtime, "vulkan_adapters", lambda wgpu: [])
+    ok, why = runtime.VulkanRuntime().is_available()
+    assert not ok and "no Vulkan adapter" in why and "mesa-vulkan-drivers libvulkan1" in why
+
+
+def test_runtime_sets_its_environment_only_when_unset(monkeypatch, tmp_path):
+    from handoff_vulkan import runtime
+
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("WGPU_BACKEND_TYPE", "Vulkan")
+    runtime.prepare_environment()
+    xdg = Path(os.environ["XDG_RUNTIME_DIR"])
+    assert xdg.is_dir() and (xdg.stat().st_mode & 0o777) == 0o700
+    assert Path(os.environ["XDG_CACHE_HOME"]).is_relative_to(Path(os.environ["HANDOFF_HOME"]))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    runtime.prepare_environment()
+    assert os.environ["XDG_CACHE_HOME"] == str(tmp_path)
+
+
+# -- capability and lowering (TVM) ----------------------------------------------------------------
+def _export(model, *args):
+    import torch
+
+    from handoff.export import quiet_torch
+
+    with torch.no_grad(), quiet_torch():
+        return torch.export.export(model.eval(), args).run_decompositions()
+
+
+@pytest.mark.slow
+def test_capability_reasons_per_node():
+    _needs_compiler()
+    import torch
+
+    from handoff_vulkan.compiler import VulkanCompiler
+
+    class Mixed(torch.nn.Module):
+        def forward(self, x):
+            y = torch.relu(x * 2.0)
+            return y, torch.argmax(y, dim=1), (y > 0.5).double().sum(dim=1)
+
+    ep = _export(Mixed(), torch.randn(4, 8))
+    support = VulkanCompiler({}).support(ep)
+    by_op = {n.target.__name__: support[n.name] for n in ep.graph.nodes if n.op == "call_function"}
+    assert by_op["relu.default"] is None and by_op["mul.Tensor"] is None
+    assert by_op["argmax.default"] == "int64 tensor: WGSL has no 64-bit integers"
+    assert by_op["gt.Scalar"] == "bool tensor: a WGSL storage buffer cannot hold bool"
+    assert by_op["sum.dim_IntList"] == "float64 tensor: WGSL has no 64-bit floats"
+    with pytest.raises(ValueError, match="option fuse='2' is not valid; valid values: 0, 1"):
+        VulkanCompiler({"fuse": "2"})
+
+
+class _LeavesItUnbound:
+    """A schedule rule that 'applies' but binds nothing, as dlight's Transpose sometimes does."""
+
+    def apply(self, func, target, tunable):
+        from tvm import s_tir
+
+        return s_tir.Schedule(func)
+
+
+@pytest.mark.slow
+def test_schedule_leaving_blocks_unbound_is_rejected(monkeypatch):
+    _needs_compiler()
+    from tvm import te
+    from tvm.s_tir import dlight as dl
+
+    from handoff_vulkan import _tvm
+
+    a = te.placeholder((64, 32), name="a")
+    b = te.compute((32, 64), lambda i, j: a[j, i] * 2.0, name="b")
+    func = te.create_prim_func([a, b]).with_attr("target", _tvm.target())
+    assert _tvm.unbound_stores(func) == ["b"]  # unscheduled: every store would run on the host
+    monkeypatch.setattr(_tvm, "_rules", lambda: [_LeavesItUnbound(), dl.gpu.Fallback()])
+    scheduled, why = _tvm.schedule(func, _tvm.target())
+    assert scheduled is not None and _tvm.unbound_stores(scheduled) == []
+    monkeypatch.setattr(_tvm, "_rules", lambda: [_LeavesItUnbound()])
+    scheduled, why = _tvm.schedule(func, _tvm.target())
+    assert scheduled is None and "_LeavesItUnbound left block(s) b unbound to GPU threads" in why
+
+
+@pytest.mark.slow
+def test_ops_without_a_gpu_schedule_are_declined_and_fall_back(monkeypatch):
+    """Only Matmul can schedule here: support() must decline every other op, naming the reason,
+    and the partition must put them on tvm."""
+    _needs_compiler()
+    _needs_gpu()
+    import torch
+    from tvm.s_tir import dlight as dl
+
+    from handoff_vulkan import _tvm
+    from handoff_vulkan.compiler import VulkanCompiler
+
+    monkeypatch.setattr(VulkanCompiler, "_kernel_cache", {})
+    monkeypatch.setattr(_tvm, "_rules", lambda: [dl.gpu.Matmul()])
+
+    class MatmulTanh(torch.nn.Module):
+        def forward(self, x, w):
+            return torch.tanh(x @ w) @ w
+
+    model = MatmulTanh()
+    x, w = torch.randn(32, 64), torch.randn(64, 64) / 8
+    result = handoff.partition(model, (x, w), backends=["vulkan"])
+    declined = {d["op"]: d["reasons"]["vulkan"] for d in result.report.declined}
+    assert "no TVM 0.27 dlight GPU schedule binds every block" in declined["aten.tanh.default"]
+    assert result.report.stats["vulkan"].ops == {"aten.mm.default": 2}
+    assert result.report.stats["tvm"].ops == {"aten.tanh.default": 1}
+    with handoff.load(result.to_bytes()) as program:
+        (got,) = program.run([x.numpy(), w.numpy()])
+    assert_matches_eager(got, model(x, w))
+
+
+@pytest.mark.slow
+def test_unschedulable_fused_kernel_is_lowered_unfused(monkeypatch):
+    _needs_compiler()
+    _needs_gpu()
+    import torch
+
+    from handoff_vulkan import _tvm
+    from handoff_vulkan.compiler import VulkanCompiler
+
+    real = _tvm.schedule_module
+
+    def no_fused(mod, tgt):  # pretend no rule can schedule a fused kernel
+        mod, failed = real(mod, tgt)
+        failed.update({gv.name_hint: "test" for gv in mod.get_global_vars() if gv.name_hint.startswith("fused_")})
+        return mod, failed
+
+    monkeypatch.setattr(_tvm, "schedule_module", no_fused)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    lowered = VulkanCompiler({}).preprocess(_export(model, x), "p0")
+    assert lowered.metadata["fused"] is False
+    from handoff_vulkan.runtime import VulkanRuntime
+
+    rt = VulkanRuntime()
+    handle = rt.load(memoryview(lowered.blob), lowered.metadata, {})
+    try:
+        (got,) = rt.execute(handle, [x.numpy()])
+    finally:
+        rt.release(handle)
+    with torch.no_grad():
+        assert_matches_eager(got, model(x))
+
+
+@pytest.mark.slow
+def test_lowering_failure_moves_the_partition_with_on_lower_error_fallback(monkeypatch):
+    _needs_compiler()
+    _needs_gpu()
+    import torch
+
+    from handoff_vulkan import _tvm
+
+    def nothing(mod, tgt):
+        return mod, {gv.name_hint: "test: no schedule" for gv in mod.get_global_vars() if gv.name_hint != "main"}
+
+    monkeypatch.setattr(_tvm, "schedule_module", nothing)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 8)
+    with pytest.raises(handoff.HandoffError, match="backend 'vulkan' failed to lower"):
+        handoff.partition(model, (x,), backends=["vulkan"])
+    result = handoff.partition(model, (x,), backends=["vulkan"], on_lower_error="fallback")
+    assert result.report.coverage("tvm") == 100.0 and "test: no schedule" in result.report.moves[0]["reason"]
+
+
+# -- end to end on the GPU (lavapipe in CI) ---------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["small_cnn", "small_transformer"])
+def test_zoo_model_on_vulkan_matches_eager(name, tmp_path_factory):
+    _needs_compiler()
+    _needs_gpu()
+    program, report = _zoo_program(name, ("vulkan",), tmp_path_factory.mktemp("home"))
+    assert report.coverage("vulkan") == 100.0
+    _check_against_eager(program, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["small_cnn", "small_transformer"])
+def test_zoo_model_on_vulkan_and_xnnpack_matches_eager(name, tmp_path_factory, _isolated):
+    _needs_compiler()
+    _needs_gpu()
+    try:
+        import handoff_xnnpack.plugin  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"handoff_xnnpack not importable: {exc}")
+    pm = Plugins(autoload=False, extra=[PLUGIN, "handoff_xnnpack.plugin"])
+    ok, why = pm.runtime_available("xnnpack")
+    if not ok:
+        pytest.skip(why)
+    set_plugins(pm)
+    program, report = _zoo_program(name, ("vulkan", "xnnpack"), tmp_path_factory.mktemp("home"))
+    assert report.coverage("vulkan") + report.coverage("xnnpack") == 100.0
+    _check_against_eager(program, name)
+
+
+@pytest.mark.slow
+def test_one_submission_per_run_and_no_allocation(monkeypatch, tmp_path_factory):
+    _needs_compiler()
+    _needs_gpu()
+    from handoff.models import random_inputs
+
+    program_bytes, _ = _zoo_program("small_cnn", ("vulkan",), tmp_path_factory.mktemp("home"))
+    zoo = handoff.get_plugins().zoo()["small_cnn"]
+    calls = {"submit": 0, "create_buffer": 0, "create_bind_group": 0, "map": 0}
+
+    def counting(cls, name):
+        real = getattr(cls, name)
+
+        def wrapper(self, *args, **kwargs):
+            calls[name if name != "map_async" else "map"] += 1
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, wrapper)
+
+    with handoff.load(program_bytes) as program:
+        (delegate,) = [handle for _, handle in program._handles]
+        # the wgpu-native classes the runtime's objects are instances of
+        for obj, name in ((delegate.dev.queue, "submit"), (delegate.dev.device, "create_buffer"),
+                          (delegate.dev.device, "create_bind_group"), (delegate.staging, "map_async")):
+            counting(type(obj), name)
+        for seed in range(3):
+            program.run(random_inputs(zoo.inputs, seed=seed))
+    assert calls == {"submit": 3, "create_buffer": 0, "create_bind_group": 0, "map": 3}, calls
+
+
+@pytest.mark.slow
+def test_runtime_runs_without_torch_or_tvm(tmp_path, tmp_path_factory):
+    """The program of a model that runs wholly on vulkan loads and runs in a process where torch
+    and TVM cannot even be imported."""
+    _needs_compiler()
+    _needs_gpu()
+    import torch
+
+    from handoff.models import random_inputs
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4)).eval()
+    x = random_inputs([((3, 16), "float32")], seed=5)[0]
+    result = handoff.partition(model, (x,), backends=["vulkan"], fallback=False, aten=False)
+    path = tmp_path / "mlp.hof"
+    result.write(str(path))
+    with torch.no_grad():
+        np.save(tmp_path / "want.npy", model(x).numpy())
+    np.save(tmp_path / "x.npy", x.numpy())
+    code = textwrap.dedent(f"""
+        import sys
+        for name in ("torch", "tvm", "tvm_ffi"):
+            sys.modules[name] = None  # any import of them fails
+        import numpy as np
+        import handoff
+        from handoff.plugins import Plugins
+        pm = Plugins(autoload=False, extra=["{PLUGIN}"])
+        with handoff.load({str(path)!r}, plugins=pm) as program:
+            (got,) = program.run([np.load({str(tmp_path / 'x.npy')!r})])
+        want = np.load({str(tmp_path / 'want.npy')!r})
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        print("ok")
+    """)
+    env = {**os.environ, "PYTHONPATH": str(PLUGIN_DIR)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def mlp_lowered():
+    _needs_compiler()
+    import torch
+
+    from handoff_vulkan.compiler import VulkanCompiler
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Softmax(dim=-1)).eval()
+    x = torch.randn(4, 8)
+    return model, x, VulkanCompiler({}).preprocess(_export(model, x), "p0")
+
+
+@pytest.mark.slow
+def test_runtime_options_and_input_checks(mlp_lowered):
+    _needs_gpu()
+    import torch
+
+    from handoff_vulkan.runtime import VulkanRuntime
+
+    model, x, lowered = mlp_lowered
+    assert lowered.metadata["num_inputs"] == 1 and lowered.metadata["kernels"] >= 1
+    json.dumps(lowered.metadata)
+    with torch.no_grad():
+        want = model(x)
+    rt = VulkanRuntime()
+    handle = rt.load(memoryview(lowered.blob), lowered.metadata, {"adapter": "llvmpipe", "timestamps": "1"})
+    try:
+        assert "llvmpipe" in handle.dev.name
+        (got,) = rt.execute(handle, [x.numpy()])
+        assert_matches_eager(got, want)
+        assert handle.last_gpu_seconds is not None and handle.last_gpu_seconds > 0
+        with pytest.raises(ValueError, match=r"expects float32\[4, 8\], got float64\[4, 8\]"):
+            rt.execute(handle, [x.numpy().astype(np.float64)])
+        with pytest.raises(ValueError, match="takes 1 inputs"):
+            rt.execute(handle, [])
+    finally:
+        rt.release(handle)
+    with pytest.raises(ValueError, match="adapter='no-such-gpu' matches no Vulkan adapter; adapters here: .*llvmpipe"):
+        rt.load(memoryview(lowered.blob), lowered.metadata, {"adapter": "no-such-gpu"})
+    with pytest.raises(ValueError, match="timestamps='maybe' is not valid"):
+        rt.load(memoryview(lowered.blob), lowered.metadata, {"timestamps": "maybe"})
+
+
+@pytest.mark.slow
+def test_grid_wider_than_a_dispatch_dimension():
+    """70001 rows, one workgroup each: the runtime folds the grid into z (35001 x 1 x 2)."""
+    _needs_compiler()
+    _needs_gpu()
+    import torch
+
+    class RowSums(torch.nn.Module):
+        def forward(self, x):
+            return (x * 2.0).sum(-1)
+
+    x = torch.randn(70001, 72)
+    result = handoff.partition(RowSums(), (x,), backends=["vulkan"], fallback=False, aten=False)
+    header, _ = _format.unpack(result.assembled.segments[result.assembled.manifest["delegates"][0]["segment"]])
+    assert max(d["grid"][0] for d in header["dispatches"]) > _format.MAX_GRID_DIM
+    with handoff.load(result.to_bytes()) as program:
+        (got,) = program.run([x.numpy()])
+    assert_matches_eager(got, RowSums()(x))
