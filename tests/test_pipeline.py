@@ -49,6 +49,13 @@ def test_lowering_failure_names_backend_partition_and_op(sink_plugins):
     assert msg.endswith("retry with --on-lower-error=fallback or drop 'sink' from --backends")
 
 
+def test_first_failing_op_is_found_when_the_compiler_does_not_say(sink_plugins):
+    model, inputs = _net_inputs()
+    with pytest.raises(HandoffError) as err:
+        handoff.partition(model, inputs, backends=["sink"], fallback=False, options={"sink": {"crash_on": "aten.add.Tensor"}})
+    assert "first failing op: add (aten.add.Tensor): internal compiler error 0x2a" in str(err.value)
+
+
 def test_lowering_failure_falls_back_to_next_backend(sink_plugins):
     model, inputs = _net_inputs()
     result = handoff.partition(model, inputs, backends=["sink", "sinkb"], fallback=False, on_lower_error="fallback",

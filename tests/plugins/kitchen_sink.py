@@ -29,6 +29,7 @@ NUMPY_OPS = {
 }
 DEFAULT_OPS = "aten.add.Tensor,aten.mul.Tensor,aten.relu.default"
 OPTIONS = {"ops": "comma-separated ATen ops to claim", "fail_on": "an ATen op whose lowering fails",
+           "crash_on": "an ATen op whose lowering raises a plain error that names no node",
            "fuse": "1: report mul->relu pairs as fused patterns"}
 RUNTIME_OPTIONS = {"check": "1: refuse non-finite outputs"}
 MAGIC = b"SINK"
@@ -90,6 +91,7 @@ class SinkCompiler:
         if unknown:
             raise ValueError(f"ops {sorted(unknown)} unknown; valid: {', '.join(NUMPY_OPS)}")
         self.fail_on = options.get("fail_on")
+        self.crash_on = options.get("crash_on")
         self.fuse = options.get("fuse") == "1"
 
     def ops_to_not_decompose(self) -> list[Any]:
@@ -129,6 +131,8 @@ class SinkCompiler:
                 op = str(node.target)
                 if op == self.fail_on:
                     raise LoweringError(f"sink refuses {op}", node=node.name)
+                if op == self.crash_on:
+                    raise RuntimeError("internal compiler error 0x2a")
                 if op not in NUMPY_OPS:
                     raise LoweringError(f"sink cannot lower {op}", node=node.name)
                 args = [env[a.name] if hasattr(a, "name") else ["scalar", a] for a in node.args]
