@@ -21,20 +21,38 @@ import operator
 from importlib import metadata
 from typing import Any, Iterator, Mapping, Sequence
 
-import torch
-from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-from executorch.backends.xnnpack.serialization.xnnpack_graph_serialize import XNNHeader
-from executorch.backends.xnnpack.utils.configs import (
-    get_xnnpack_edge_compile_config,
-    get_xnnpack_executorch_backend_config,
-)
-from executorch.exir import to_edge_transform_and_lower
-from executorch.exir.backend.canonical_partitioners.config_partitioner import format_target_name
-from executorch.exir.backend.utils import WhyNoPartition
-from executorch.exir.program._program import (
-    _gen_edge_manager_for_partitioners,
-    _remove_invalid_ops_for_not_decompose,
-)
+
+@contextlib.contextmanager
+def _quiet_import() -> Iterator[None]:
+    """Importing ExecuTorch pulls in torchao, which logs warnings about CUDA kernels a CPU wheel
+    cannot load and a torch.compile deprecation: noise in a CPU lowering flow, so muted here."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+with _quiet_import():
+    import torch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.serialization.xnnpack_graph_serialize import XNNHeader
+    from executorch.backends.xnnpack.utils.configs import (
+        get_xnnpack_edge_compile_config,
+        get_xnnpack_executorch_backend_config,
+    )
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir.backend.canonical_partitioners.config_partitioner import format_target_name
+    from executorch.exir.backend.utils import WhyNoPartition
+    from executorch.exir.program._program import (
+        _gen_edge_manager_for_partitioners,
+        _remove_invalid_ops_for_not_decompose,
+    )
+
 from handoff.backend import Lowered, LoweringError
 
 from . import EXECUTORCH_VERSION, _format
