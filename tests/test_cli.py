@@ -152,3 +152,8 @@ def test_installed_console_scripts_exist():
     env = {**os.environ, "HANDOFF_DISABLE_PLUGIN_AUTOLOAD": "1"}
     res = subprocess.run([str(bindir / "partition"), "--help"], capture_output=True, text=True, env=env)
     assert res.returncode == 0 and "model.pt2 | path/file.py:Name | zoo:NAME" in res.stdout
+
+
+def test_backends_runnable_lists_vendor_backends_for_make_demo(sink_plugins, capsys):
+    code, out, err = _run(capsys, "backends", "--runnable")
+    assert code == 0 and out == "sink,sinkb\n"  # tvm is the fallback, never listed
