@@ -1,13 +1,9 @@
 """The delegate blob of handoff-vulkan, and what both halves share (options, grid folding, uniforms).
 
 Imports neither torch, TVM nor wgpu: used by the plugin module, the compiler and the runtime.
-The layout is specified in ``docs/vulkan-blob.md``; in short::
-
-    offset 0   8 bytes   magic b"HOFVULKN"
-    offset 8   u32 LE    blob format version (FORMAT_VERSION)
-    offset 12  u32 LE    length N of the JSON header
-    offset 16  N bytes   JSON header (utf-8), zero padding up to header["data_offset"]
-    ...                  data section: the weights, each at a DATA_ALIGN-aligned offset
+The layout is specified in ``docs/vulkan-blob.md``; in short, the core's blob envelope
+(:mod:`handoff.blob`: magic ``b"HOFVULKN"``, format version, JSON header) with one section,
+``data``: the weights, each at a DATA_ALIGN-aligned offset.
 
 The header holds the WGSL kernels, the buffers (inputs, weights, intermediates, outputs), the
 dispatches in order (kernel, bound buffer ranges, scalar arguments, grid) and the device limits
@@ -16,13 +12,13 @@ the kernels need.
 
 from __future__ import annotations
 
-import json
 import struct
 from typing import Any, Mapping
 
+from handoff import blob
+
 MAGIC = b"HOFVULKN"
 FORMAT_VERSION = 1
-_PREFIX = struct.Struct("<8sII")
 #: Alignment of the data section and of every weight in it (Vulkan's largest
 #: minStorageBufferOffsetAlignment is 256).
 DATA_ALIGN = 256
@@ -64,44 +60,17 @@ def parse_bool(name: str, value: Any, default: bool) -> bool:
 
 
 def pack(header: Mapping[str, Any], data: bytes) -> bytes:
-    """The blob: prefix, JSON ``header`` (``format`` and ``data_offset`` are filled in), ``data``."""
-    fields = dict(header)
-    fields["format"] = FORMAT_VERSION
-    fields["data_size"] = len(data)
-    # data_offset depends on the header length, which depends on data_offset's digits: iterate.
-    offset = 0
-    while True:
-        fields["data_offset"] = offset
-        text = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
-        needed = -(-(_PREFIX.size + len(text)) // DATA_ALIGN) * DATA_ALIGN
-        if needed == offset:
-            break
-        offset = needed
-    pad = offset - _PREFIX.size - len(text)
-    return b"".join((_PREFIX.pack(MAGIC, FORMAT_VERSION, len(text)), text, b"\0" * pad, data))
+    """The blob: the core's envelope (:mod:`handoff.blob`) holding ``header`` and one section,
+    ``data`` (the weights), aligned to :data:`DATA_ALIGN`."""
+    return blob.pack(MAGIC, FORMAT_VERSION, header, {"data": data}, align=DATA_ALIGN)
 
 
-def unpack(blob: memoryview | bytes) -> tuple[dict[str, Any], memoryview]:
+def unpack(data: memoryview | bytes) -> tuple[dict[str, Any], memoryview]:
     """``(header, data section)`` of a blob; ``ValueError`` with the fix for a foreign or newer blob."""
-    view = memoryview(blob).cast("B")
-    if len(view) < _PREFIX.size:
-        raise ValueError(f"vulkan delegate blob is truncated ({len(view)} bytes)")
-    magic, version, length = _PREFIX.unpack_from(view, 0)
-    if magic != MAGIC:
-        raise ValueError(f"not a handoff-vulkan delegate blob (magic {bytes(magic)!r}, expected {MAGIC!r})")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"vulkan delegate blob format {version}, this handoff-vulkan reads format {FORMAT_VERSION}: "
-                         f"re-partition the model with this handoff-vulkan, or install the release that wrote it")
-    if _PREFIX.size + length > len(view):
-        raise ValueError("vulkan delegate blob is truncated (header runs past the end)")
-    try:
-        header = json.loads(bytes(view[_PREFIX.size:_PREFIX.size + length]))
-    except ValueError as exc:
-        raise ValueError(f"vulkan delegate blob header is not JSON: {exc}") from None
-    start, size = int(header["data_offset"]), int(header["data_size"])
-    if start < _PREFIX.size + length or start + size > len(view):
-        raise ValueError("vulkan delegate blob is truncated (data section runs past the end)")
-    return header, view[start:start + size]
+    _, header, sections = blob.unpack(data, MAGIC, FORMAT_VERSION, "vulkan delegate blob")
+    if "data" not in sections:
+        raise ValueError("vulkan delegate blob is corrupt: it has no 'data' section")
+    return header, sections["data"]
 
 
 def fold_grid(x: int, y: int, max_dim: int = MAX_GRID_DIM) -> tuple[int, int, int]:

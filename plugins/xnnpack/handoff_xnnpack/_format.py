@@ -3,13 +3,8 @@
 Torch-free and executorch-free: imported by the plugin module, the compiler and the runtime.
 
 A blob is an ExecuTorch program (``.pte``) whose single method ``forward`` is one
-``XnnpackBackend`` delegate call, behind a small versioned header::
-
-    offset 0   8 bytes   magic b"HOFXNNPK"
-    offset 8   u32 LE    blob format version (FORMAT_VERSION)
-    offset 12  u32 LE    length N of the JSON header
-    offset 16  N bytes   JSON header (utf-8), then zero padding to a multiple of 16
-    ...        pte_size  the .pte bytes, at header["pte_offset"]
+``XnnpackBackend`` delegate call, in the core's blob envelope (:mod:`handoff.blob`: magic
+``b"HOFXNNPK"``, format version ``FORMAT_VERSION``, a JSON header, one section ``pte``).
 
 The JSON header names what the runtime must match: the ExecuTorch release that wrote the program
 (``executorch``), the program's flatbuffer identifier (``pte_identifier``, ``ET12`` in 1.5.1), and
@@ -19,14 +14,13 @@ the XNNPACK delegate's header magic and flatbuffer schema identifier (``xnnpack_
 
 from __future__ import annotations
 
-import json
 import re
-import struct
 from typing import Any, Mapping
+
+from handoff import blob
 
 MAGIC = b"HOFXNNPK"
 FORMAT_VERSION = 1
-_PREFIX = struct.Struct("<8sII")
 _ALIGN = 16
 
 #: Every option the backend accepts, name -> help (``--option xnnpack.NAME=VALUE``).
@@ -62,47 +56,20 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def pack(pte: bytes, header: Mapping[str, Any]) -> bytes:
-    """Wrap ``pte`` in the blob header."""
-    fields = dict(header)
-    fields["format"] = FORMAT_VERSION
-    fields["pte_size"] = len(pte)
-    # pte_offset depends on the header length, which depends on pte_offset's digits: iterate.
-    offset = 0
-    while True:
-        fields["pte_offset"] = offset
-        text = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
-        needed = -(-(_PREFIX.size + len(text)) // _ALIGN) * _ALIGN
-        if needed == offset:
-            break
-        offset = needed
-    pad = offset - _PREFIX.size - len(text)
-    return b"".join((_PREFIX.pack(MAGIC, FORMAT_VERSION, len(text)), text, b"\0" * pad, pte))
+    """Wrap ``pte`` in the blob envelope."""
+    return blob.pack(MAGIC, FORMAT_VERSION, header, {"pte": pte}, align=_ALIGN)
 
 
-def unpack(blob: bytes | bytearray | memoryview) -> tuple[dict[str, Any], memoryview]:
+def unpack(data: bytes | bytearray | memoryview) -> tuple[dict[str, Any], memoryview]:
     """Split a blob into its JSON header and a view of its .pte bytes; ``ValueError`` when the
     blob is not one of ours, or is of a newer format, truncated or inconsistent."""
-    view = memoryview(blob).cast("B")
-    if len(view) < _PREFIX.size or bytes(view[:8]) != MAGIC:
-        raise ValueError(f"xnnpack: not an XNNPACK delegate blob (magic {bytes(view[:8])!r}, expected {MAGIC!r})")
-    _, version, length = _PREFIX.unpack(view[:_PREFIX.size])
-    if version > FORMAT_VERSION:
-        raise ValueError(f"xnnpack: delegate blob format {version} is newer than this handoff-xnnpack reads "
-                         f"({FORMAT_VERSION}); upgrade handoff-xnnpack")
-    if version < 1:
-        raise ValueError(f"xnnpack: delegate blob format {version} is invalid")
-    try:
-        header = json.loads(bytes(view[_PREFIX.size:_PREFIX.size + length]))
-        offset, size = int(header["pte_offset"]), int(header["pte_size"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"xnnpack: delegate blob header is corrupt: {exc}") from None
-    if offset < _PREFIX.size + length or offset + size != len(view):
-        raise ValueError(f"xnnpack: delegate blob is truncated or corrupt: header says {size} program bytes "
-                         f"at offset {offset}, blob has {len(view)} bytes")
-    pte = view[offset:offset + size]
+    _, header, sections = blob.unpack(data, MAGIC, FORMAT_VERSION, "xnnpack delegate blob")
+    if "pte" not in sections:
+        raise ValueError("xnnpack delegate blob is corrupt: it has no 'pte' section")
+    pte = sections["pte"]
     ident = header.get("pte_identifier")
-    if ident and bytes(pte[4:8]) != ident.encode():
-        raise ValueError(f"xnnpack: delegate blob is corrupt: program identifier {bytes(pte[4:8])!r}, "
+    if ident and bytes(pte[4:8]) != str(ident).encode():
+        raise ValueError(f"xnnpack delegate blob is corrupt: program identifier {bytes(pte[4:8])!r}, "
                          f"header says {ident!r}")
     return header, pte
 
