@@ -178,8 +178,13 @@ class Lowerer:
                     return f"{n.name} ({op_name(n.target)})"
             return exc.node
         # Unknown: lower the partition's nodes one at a time, in order, to find the first culprit.
+        # Nodes that read only weights are skipped: alone they fold to a constant, leaving the
+        # compiler nothing to compile, so they would be blamed for any failure.
         by_name = {n.name: n for n in self.ep.graph.nodes}
-        for name in [n for n in part.nodes if by_name[n].target is not operator.getitem][:PROBE_LIMIT]:
+        weights = _weights(self.ep)
+        probes = [n for n in part.nodes if by_name[n].target is not operator.getitem
+                  and any(i.name not in weights for i in by_name[n].all_input_nodes)]
+        for name in probes[:PROBE_LIMIT]:
             single = [name] + [g for g in part.nodes if by_name[g].target is operator.getitem
                                and by_name[g].args[0].name == name]
             try:

@@ -1,0 +1,235 @@
+"""The delegate blob of handoff-qnn, and the options both halves share.
+
+Imports neither torch nor onnxruntime: the plugin module, the compiler and the runtime use it.
+
+A blob holds the two files ONNX Runtime's QNN execution provider writes with
+``ep.context_enable=1, ep.context_embed_mode=0``: the EPContext model (a one-node ONNX graph whose
+``EPContext`` node names the context binary by file name) and the QNN context binary itself, in
+the core's shared envelope (:mod:`handoff.blob`)::
+
+    offset 0    8 bytes  magic b"HOFQNNCX"
+    offset 8    u32 LE   blob format version (FORMAT_VERSION = 1)
+    offset 12   u32 LE   length N of the JSON header
+    offset 16   N bytes  JSON header (utf-8), then zero padding to a multiple of 64
+    data        sections, each at a 64-byte aligned offset listed in the header
+
+Header fields (all written by the compiler; the runtime checks the QNN SDK version)::
+
+    qnn_sdk_version     "2.51.0"    QNN SDK of the compiler (onnxruntime_qnn.build_and_package_info)
+    qnn_sdk_build       "v2.51.0.260929181845"  the EPContext node's ep_sdk_version
+    onnxruntime_qnn     "2.7.0",   onnxruntime "1.32.0",   handoff_qnn "0.1.0"
+    htp_arch, soc_model, soc_name, precision       what it was compiled for
+    inputs, outputs     [{"name", "dtype", "shape"}] of the EPContext model, in delegate order
+    epcontext_model     name of the section holding the EPContext model ("qnn_ctx.onnx")
+    context_binaries    names of the sections holding context binaries ("qnn_ctx_qnn.bin"): the
+                        file names the EPContext node's ep_cache_context attribute refers to
+    sections, align     the envelope's table (name, offset, size) and alignment (64)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping
+
+from handoff import blob as envelope
+
+MAGIC = b"HOFQNNCX"
+FORMAT_VERSION = 1
+_ALIGN = 64
+_WHAT = "qnn delegate blob"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+
+# -- targets -------------------------------------------------------------------------------------
+#: HTP architectures QNN SDK 2.51 compiles for (``htp_arch``).
+HTP_ARCHS = (68, 69, 73, 75, 79, 81)
+#: HTP architectures with fp16 arithmetic (v68 has none: QNN silently keeps fp32 there).
+FP16_ARCHS = frozenset(a for a in HTP_ARCHS if a >= 69)
+
+#: Snapdragon SoCs: name -> (QNN soc_model id, HTP architecture). The ids and architectures are
+#: QNN's (the same table as ExecuTorch's ``QcomChipset``); the QNN EP accepts the id or the name.
+SOCS: dict[str, tuple[int, int]] = {
+    "SM8350": (30, 68),    # Snapdragon 888
+    "SM8450": (36, 69),    # Snapdragon 8 Gen 1
+    "SM8475": (42, 69),    # Snapdragon 8+ Gen 1
+    "SM8550": (43, 73),    # Snapdragon 8 Gen 2
+    "SM8650": (57, 75),    # Snapdragon 8 Gen 3
+    "SM8750": (69, 79),    # Snapdragon 8 Elite
+    "SM8850": (87, 81),    # Snapdragon 8 Elite Gen 5
+    "SC8380XP": (60, 73),  # Snapdragon X Elite
+    "SA8295": (39, 68),
+    "SA8255": (52, 73),
+    "QCS9100": (77, 73),
+    "QCM6490": (93, 68),
+    "SXR2230P": (53, 69),
+    "SXR2330P": (75, 79),
+}
+PRECISIONS = ("fp32", "fp16")
+#: ``htp_performance_mode`` values of the QNN EP.
+PERFORMANCE_MODES = ("default", "burst", "balanced", "high_performance", "high_power_saver", "low_balanced",
+                     "low_power_saver", "power_saver", "extreme_power_saver", "sustained_high_performance")
+
+#: Compile options, name -> help (``handoff partition --option qnn.NAME=VALUE``).
+OPTIONS: dict[str, str] = {
+    "soc_model": "Snapdragon SoC to compile for, by name or QNN id: "
+                 + ", ".join(f"{n} ({i}, v{a})" for n, (i, a) in SOCS.items())
+                 + " (default: none); used with precision=fp16 only",
+    "htp_arch": f"HTP architecture to compile for: {', '.join(map(str, HTP_ARCHS))} (default: the soc_model's, "
+                f"else QNN's default); must agree with soc_model when both are given",
+    "precision": "fp32 (default) or fp16: run float32 graphs with fp16 arithmetic on HTP; fp16 needs a soc_model "
+                 "whose HTP is v69 or newer, and fp32 excludes soc_model (naming a SoC makes QNN compute in fp16)",
+    "verify": "on (default) or off: compile each group of claimed nodes while partitioning and decline the "
+              "nodes QNN fails on in context (HTP's fp32 path rejects some op combinations); off claims by "
+              "the op table alone (faster; pair with --on-lower-error fallback)",
+}
+#: Runtime options (``handoff run --option qnn.NAME=VALUE``, ``handoff.load(..., options=)``).
+RUNTIME_OPTIONS: dict[str, str] = {
+    "htp_performance_mode": f"HTP power/performance vote of the QNN EP, one of {', '.join(PERFORMANCE_MODES)} "
+                            f"(default: default)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Parsed compile options."""
+
+    htp_arch: int | None
+    soc_model: int | None
+    soc_name: str | None
+    precision: str
+
+    def provider_options(self) -> dict[str, str]:
+        """The QNN EP provider options that select this target."""
+        opts: dict[str, str] = {}
+        if self.htp_arch is not None:
+            opts["htp_arch"] = str(self.htp_arch)
+        if self.soc_model is not None:
+            opts["soc_model"] = str(self.soc_model)
+        if self.precision == "fp16":
+            opts["enable_htp_fp16_precision"] = "1"
+        return opts
+
+
+def _check_names(options: Mapping[str, Any], known: Mapping[str, str], kind: str) -> None:
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {kind}(s) {', '.join(unknown)}; valid {kind}s: {', '.join(sorted(known))}")
+
+
+def parse_soc(value: Any) -> tuple[str, int, int]:
+    """``(name, soc_model id, htp_arch)`` of a SoC given by name (``SM8650``) or id (``57``)."""
+    text = str(value).strip().upper()
+    by_id = {str(i): n for n, (i, _) in SOCS.items()}
+    name = by_id.get(text, text)
+    if name not in SOCS:
+        valid = ", ".join(f"{n} ({i})" for n, (i, _) in SOCS.items())
+        raise ValueError(f"option soc_model={value!r} is not a SoC handoff-qnn knows; valid values: {valid}")
+    return name, *SOCS[name]
+
+
+def compile_target(options: Mapping[str, Any]) -> Target:
+    """Validate the compile options."""
+    _check_names(options, OPTIONS, "option")
+    verify_option(options)
+    precision = str(options.get("precision", "fp32")).strip().lower()
+    if precision not in PRECISIONS:
+        raise ValueError(f"option precision={options['precision']!r} is not valid; valid values: {', '.join(PRECISIONS)}")
+    soc_name = soc_model = soc_arch = None
+    if options.get("soc_model") not in (None, ""):
+        soc_name, soc_model, soc_arch = parse_soc(options["soc_model"])
+    htp_arch = None
+    if options.get("htp_arch") not in (None, ""):
+        text = str(options["htp_arch"]).strip().lower().removeprefix("v")
+        if not text.isdigit() or int(text) not in HTP_ARCHS:
+            raise ValueError(f"option htp_arch={options['htp_arch']!r} is not valid; valid values: "
+                             f"{', '.join(map(str, HTP_ARCHS))}")
+        htp_arch = int(text)
+        if soc_arch is not None and htp_arch != soc_arch:
+            raise ValueError(f"option htp_arch={htp_arch} contradicts soc_model={soc_name}, whose HTP is v{soc_arch}; "
+                             f"drop htp_arch or pass htp_arch={soc_arch}")
+    elif soc_arch is not None:
+        htp_arch = soc_arch
+    if precision == "fp32" and soc_model is not None:
+        raise ValueError(f"option soc_model={soc_name} makes QNN run float32 graphs with fp16 arithmetic (about 3e-4 "
+                         f"error even on a copy), so it needs precision=fp16; for fp32 drop soc_model and name the "
+                         f"architecture with htp_arch={soc_arch}")
+    if precision == "fp16":
+        fp16_socs = ", ".join(n for n, (_, a) in SOCS.items() if a in FP16_ARCHS)
+        if soc_model is None:
+            raise ValueError(f"option precision=fp16 needs soc_model (QNN enables HTP fp16 only for a named SoC); "
+                             f"valid values: {fp16_socs}")
+        if htp_arch not in FP16_ARCHS:
+            raise ValueError(f"option precision=fp16: soc_model={soc_name} has HTP v{htp_arch}, which has no fp16 "
+                             f"arithmetic; use precision=fp32 or one of: {fp16_socs}")
+    return Target(htp_arch, soc_model, soc_name, precision)
+
+
+def verify_option(options: Mapping[str, Any]) -> bool:
+    value = str(options.get("verify", "on")).strip().lower()
+    if value in ("on", "1", "true", "yes"):
+        return True
+    if value in ("off", "0", "false", "no"):
+        return False
+    raise ValueError(f"option verify={options['verify']!r} is not valid; valid values: on, off")
+
+
+def performance_mode(options: Mapping[str, Any]) -> str | None:
+    value = options.get("htp_performance_mode")
+    if value in (None, ""):
+        return None
+    mode = str(value).strip().lower()
+    if mode not in PERFORMANCE_MODES:
+        raise ValueError(f"option htp_performance_mode={value!r} is not valid; valid values: {', '.join(PERFORMANCE_MODES)}")
+    return mode
+
+
+def runtime_options(options: Mapping[str, Any]) -> dict[str, str]:
+    """Validate run-time options; return the QNN EP provider options they add."""
+    fixed = [n for n in OPTIONS if n in options]
+    if fixed:
+        raise ValueError(f"option(s) {', '.join(fixed)} are fixed when the QNN context binary is compiled; "
+                         f"re-partition with --option qnn.{fixed[0]}=... instead of passing it at run time")
+    _check_names(options, RUNTIME_OPTIONS, "runtime option")
+    mode = performance_mode(options)
+    return {"htp_performance_mode": mode} if mode else {}
+
+
+# -- the container -------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Container:
+    header: dict[str, Any]
+    epcontext_model: tuple[str, memoryview]
+    context_binaries: list[tuple[str, memoryview]]
+
+
+def pack(header: Mapping[str, Any], epcontext_model: tuple[str, bytes], context_binaries: list[tuple[str, bytes]]) -> bytes:
+    """The blob: ``header`` plus the EPContext model and the context binaries it names, each
+    ``(file name, bytes)``."""
+    names = [epcontext_model[0], *(n for n, _ in context_binaries)]
+    for name in names:
+        if not _SAFE_NAME.match(name):
+            raise ValueError(f"section name {name!r} is not a plain file name")
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate section names {names}")
+    fields = {**header, "epcontext_model": epcontext_model[0], "context_binaries": names[1:]}
+    return envelope.pack(MAGIC, FORMAT_VERSION, fields, dict([epcontext_model, *context_binaries]), align=_ALIGN)
+
+
+def unpack(blob: bytes | memoryview) -> Container:
+    """Parse and bounds-check a blob; ``ValueError`` with what is wrong."""
+    _, header, sections = envelope.unpack(blob, MAGIC, FORMAT_VERSION, _WHAT)
+    try:
+        ctx = str(header["epcontext_model"])
+        binaries = [str(n) for n in header["context_binaries"]]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{_WHAT} header is corrupt: no {exc}") from None
+    for name in [ctx, *binaries]:
+        if not _SAFE_NAME.match(name) or name not in sections:
+            raise ValueError(f"{_WHAT} is corrupt: section {name!r} is missing or not a plain file name")
+    if not binaries:
+        raise ValueError(f"{_WHAT} holds no QNN context binary")
+    return Container(header, (ctx, sections[ctx]), [(n, sections[n]) for n in binaries])
+
+
+def major_minor(version: str) -> tuple[str, ...]:
+    return tuple(str(version).lstrip("v").split(".")[:2])

@@ -1,0 +1,427 @@
+"""The ahead-of-time half of the ``qnn`` backend.
+
+Lowering one partition (:meth:`QnnCompiler.preprocess`):
+
+1. ``torch.onnx.export(ep, dynamo=True)`` turns the partition's ``ExportedProgram`` into ONNX
+   (weights become initializers; ONNX node metadata keeps the FX node each came from);
+2. ONNX Runtime compiles it with the QNN execution provider on the HTP backend, with
+   ``session.disable_cpu_ep_fallback=1`` (every node on QNN, or an error) and
+   ``ep.context_enable=1, ep.context_embed_mode=0``: the EP writes the QNN context binary (the
+   compiled HTP graph, weights included) and an EPContext model that refers to it by file name;
+3. both files go into the delegate blob (:mod:`handoff_qnn._format`).
+
+When the QNN EP refuses nodes, the partition is compiled a second time with fallback allowed and
+verbose logging captured, to name the refused ONNX nodes, the QNN EP's reason, and the FX node
+each came from (:class:`handoff.LoweringError` ``node``).
+
+Capability (:meth:`QnnCompiler.support`) has two layers:
+
+* the per-op table of :mod:`handoff_qnn.ops` (dtypes, ranks, attributes, fp32 vs fp16 kernels),
+  checked one op at a time against real compiles by ``tools/check_op_table.py``;
+* an in-context check (option ``verify``, on by default): HTP's fp32 path fails to finalize some
+  op *combinations* whose ops compile alone (a MatMul fed by Div, Exp, Sqrt or Reciprocal; Softmax
+  of a scaled input feeding a MatMul). So every connected group of claimed nodes is compiled as it
+  stands; when it fails, the smallest failing prefix (in topological order) is found by bisection
+  and its last node declined with QNN's message, until the rest compiles. Results are cached
+  under ``$HANDOFF_HOME/qnn/verified`` by the ONNX model's hash, target and QNN version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import operator
+import os
+import re
+import tempfile
+import time
+from typing import Any, Iterator, Mapping, Sequence
+
+import onnx
+import torch
+
+from handoff.backend import Lowered, LoweringError
+from handoff.cache import cache_dir
+
+from . import __version__, _format, _ort, ops
+from ._worker import worker_for
+
+_LOG = logging.getLogger(__name__)
+_ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+                onnx.TensorProto.INT32: "int32", onnx.TensorProto.INT64: "int64", onnx.TensorProto.BOOL: "bool",
+                onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT16: "int16",
+                onnx.TensorProto.DOUBLE: "float64"}
+_CTX_NAME = "qnn_ctx.onnx"  # the EPContext model's file name; the EP names the binary qnn_ctx_qnn.bin
+_FX_NODE = re.compile(r"^%([A-Za-z0-9_]+) :")
+_CONSTANT, _EMPTY = object(), object()  # verification outcomes of groups with nothing to compile
+
+
+class QnnCompiler:
+    """Capability and lowering for the ``qnn`` backend (see the module docstring).
+
+    Options (strings, see :data:`handoff_qnn._format.OPTIONS`): ``soc_model``, ``htp_arch``,
+    ``precision``; ``htp_performance_mode`` is a run-time option and only checked here.
+    """
+
+    def __init__(self, options: Mapping[str, str] | None = None) -> None:
+        options = dict(options or {})
+        self.target = _format.compile_target(options)
+        self.verify = _format.verify_option(options)
+        self._worker = worker_for(self.provider_options())  # compiles run in a child process: see _worker
+
+    def _session(self, data: bytes, config: Mapping[str, str], severity: int = _ort.LOG_ERROR) -> tuple[str | None, list[str]]:
+        """Create a QNN session for ``data`` in the compile worker: ``(error or None, log lines)``."""
+        try:
+            answer = self._worker.call({"op": "compile", "model": data, "provider_options": self.provider_options(),
+                                        "config": dict(config), "severity": severity})
+        except RuntimeError as exc:
+            return str(exc), []
+        return answer.get("error"), list(answer.get("log", []))
+
+    # -- capability ---------------------------------------------------------------------------
+    def ops_to_not_decompose(self) -> Sequence[Any]:
+        return []  # the table is written against core ATen
+
+    def support(self, ep: torch.export.ExportedProgram) -> dict[str, str | None]:
+        reasons = ops.support(ep, self.target)
+        if self.verify:
+            self._verify(ep, reasons)
+        return reasons
+
+    def fused_patterns(self, ep: Any) -> Sequence[Sequence[str]]:
+        return []
+
+    def cache_key(self) -> str:
+        """The toolchain behind a blob besides options and plugin version: the QNN SDK (through
+        onnxruntime-qnn), ONNX Runtime, and torch (its ONNX exporter)."""
+        return json.dumps({**_ort.versions(), "torch": torch.__version__}, sort_keys=True)
+
+    # -- in-context check ---------------------------------------------------------------------
+    def _verify(self, ep: torch.export.ExportedProgram, reasons: dict[str, str | None]) -> None:
+        """Compile every connected group of claimed nodes; decline the nodes that make one fail."""
+        nodes = [n for n in ep.graph.nodes if n.op == "call_function"]
+        producer = {n.name: n.args[0].name for n in nodes if n.target is operator.getitem}
+        claimed = [n.name for n in nodes if n.target is not operator.getitem and reasons.get(n.name) is None]
+        parent = {n: n for n in claimed}
+
+        def find(n: str) -> str:
+            while parent[n] != n:
+                parent[n] = parent[parent[n]]
+                n = parent[n]
+            return n
+
+        by_name = {n.name: n for n in nodes}
+        for name in claimed:
+            for inp in by_name[name].all_input_nodes:
+                src = producer.get(inp.name, inp.name)
+                if src in parent:
+                    parent[find(src)] = find(name)
+        groups: dict[str, list[str]] = {}
+        for name in claimed:
+            groups.setdefault(find(name), []).append(name)
+        for group in groups.values():
+            self._verify_group(ep, group, by_name, reasons)
+
+    def _verify_group(self, ep: Any, group: list[str], by_name: Mapping[str, Any],
+                      reasons: dict[str, str | None]) -> None:
+        """Compile ``group``; decline the nodes that make it fail (:meth:`_find_refused`). The
+        outcome is cached per program, group, target and QNN version."""
+        key = hashlib.sha256("\0".join([self._program_key(ep), *group,
+                                         json.dumps(self.provider_options(), sort_keys=True),
+                                         json.dumps(_ort.versions(), sort_keys=True), __version__]).encode()).hexdigest()
+        path = cache_dir("qnn/verified") / f"{key}.json"
+        try:
+            declined = json.loads(path.read_text())["declined"]
+        except Exception:
+            declined = self._find_refused(ep, group, by_name)
+            with contextlib.suppress(OSError):
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({"declined": declined}))
+                os.replace(tmp, path)
+        for name, reason in declined.items():
+            if name in reasons:
+                reasons[name] = reason
+
+    def _find_refused(self, ep: Any, group: list[str], by_name: Mapping[str, Any]) -> dict[str, str]:
+        """Decline, one at a time, the last node of the smallest failing prefix (topological
+        order) of ``group``, until the rest compiles. Each check cuts the nodes out exactly as the
+        core will (:func:`handoff.lower.extract_partition`) and exports them the same way."""
+        remaining = list(group)
+        declined: dict[str, str] = {}
+        while remaining:
+            outcome = self._check(ep, remaining)
+            if outcome is None:
+                break
+            if outcome is _CONSTANT or outcome is _EMPTY:
+                why = ("computes only from weights (a constant)" if outcome is _CONSTANT
+                       else "is a no-op on its own (only copies)")
+                declined.update({n: f"this group of {len(remaining)} node(s) {why}: nothing for HTP to run"
+                                 for n in remaining})
+                break
+            lo, hi, error = 1, len(remaining), outcome  # smallest k with remaining[:k] failing
+            while lo < hi:
+                mid = (lo + hi) // 2
+                result = self._check(ep, remaining[:mid])
+                if result is None or result is _CONSTANT or result is _EMPTY:
+                    lo = mid + 1
+                else:
+                    hi, error = mid, result
+            culprit = remaining[hi - 1]
+            op = ops.op_name(by_name[culprit].target)
+            context = "even alone" if hi == 1 else "in this graph (what precedes it compiles without it)"
+            declined[culprit] = f"QNN HTP fails to compile {op} {context}: {error}"
+            _LOG.info("qnn: declined %s (%s) after an in-context compile failed", culprit, op)
+            remaining.remove(culprit)
+        return declined
+
+    def _check(self, ep: Any, names: list[str]) -> Any:
+        """``None`` when ``names`` (with their getitems) compile on QNN as one graph, the failure
+        message otherwise, or :data:`_CONSTANT` / :data:`_EMPTY` for groups with nothing to run."""
+        from handoff.lower import extract_partition
+
+        wanted = set(names)
+        ordered = [n.name for n in ep.graph.nodes if n.op == "call_function" and (
+            n.name in wanted or (n.target is operator.getitem and n.args[0].name in wanted))]
+        try:
+            sub, inputs, _ = extract_partition(ep, ordered, {})
+        except Exception as exc:
+            return f"cannot cut the group out of the program: {_one_line(exc)}"
+        if not inputs:
+            return _CONSTANT
+        try:
+            model = to_onnx(sub, "group")
+        except LoweringError as exc:
+            return str(exc)
+        if not model.graph.node:
+            return _EMPTY
+        error, _ = self._session(model.SerializeToString(), {})
+        return None if error is None else _one_line(error)
+
+    def _program_key(self, ep: Any) -> str:
+        """A content hash of ``ep`` (graph and weights), computed once per program."""
+        if getattr(self, "_key_of", (None, None))[0] is not ep:
+            h = hashlib.sha256(str(ep.graph).encode())
+            for name, t in sorted([*ep.state_dict.items(), *ep.constants.items()], key=lambda kv: kv[0]):
+                if isinstance(t, torch.Tensor):
+                    h.update(name.encode())
+                    h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._key_of = (ep, h.hexdigest())
+        return self._key_of[1]
+
+    # -- lowering -----------------------------------------------------------------------------
+    def preprocess(self, ep: torch.export.ExportedProgram, name: str) -> Lowered:
+        for node, reason in ops.support(ep, self.target).items():
+            if reason:
+                raise LoweringError(f"{node}: {reason}", node=node)
+        return self.lower_unchecked(ep, name)
+
+    def lower_unchecked(self, ep: torch.export.ExportedProgram, name: str) -> Lowered:
+        """:meth:`preprocess` without the op-table check (``tools/check_op_table.py`` uses it to
+        compile what the table declines)."""
+        start = time.perf_counter()
+        model = to_onnx(ep, name)
+        export_seconds = time.perf_counter() - start
+        user_inputs = len(ep.graph_signature.user_inputs)
+        if len(model.graph.input) != user_inputs:
+            raise LoweringError(f"torch.onnx.export produced {len(model.graph.input)} graph inputs for a partition "
+                                f"with {user_inputs} inputs")
+        versions = _ort.versions()
+        with tempfile.TemporaryDirectory(prefix="handoff-qnn-") as tmp:
+            ctx_path = os.path.join(tmp, _CTX_NAME)
+            start = time.perf_counter()
+            self._compile(model, ctx_path, ep, versions)
+            compile_seconds = time.perf_counter() - start
+            ctx_bytes, binaries = _read_context(tmp, ctx_path)
+        ctx = onnx.load_from_string(ctx_bytes)
+        sdk_build = _attr(next(n for n in ctx.graph.node if n.op_type == "EPContext"), "ep_sdk_version")
+        inputs = [_io(v) for v in ctx.graph.input]
+        outputs = [_io(v) for v in ctx.graph.output]
+        header = {
+            "qnn_sdk_version": versions["qnn_sdk_version"],
+            "qnn_sdk_build": sdk_build,
+            "onnxruntime_qnn": versions["onnxruntime_qnn"],
+            "onnxruntime": versions["onnxruntime"],
+            "handoff_qnn": __version__,
+            "htp_arch": self.target.htp_arch,
+            "soc_model": self.target.soc_model,
+            "soc_name": self.target.soc_name,
+            "precision": self.target.precision,
+            "inputs": inputs,
+            "outputs": outputs,
+        }
+        blob = _format.pack(header, (_CTX_NAME, ctx_bytes), binaries)
+        metadata = {
+            "compiler": "onnxruntime-qnn",
+            "qnn_sdk_version": versions["qnn_sdk_version"],
+            "qnn_sdk_build": sdk_build,
+            "onnxruntime_qnn_version": versions["onnxruntime_qnn"],
+            "onnxruntime_version": versions["onnxruntime"],
+            "format": _format.FORMAT_VERSION,
+            "backend": "htp",
+            "htp_arch": self.target.htp_arch,
+            "soc_model": self.target.soc_name,
+            "precision": self.target.precision,
+            "context_binary_bytes": sum(len(d) for _, d in binaries),
+            "onnx_nodes": len(model.graph.node),
+            "export_seconds": round(export_seconds, 3),
+            "compile_seconds": round(compile_seconds, 3),
+            "num_inputs": len(inputs),
+            "num_outputs": len(outputs),
+            "inputs": inputs,
+            "outputs": outputs,
+        }
+        return Lowered(blob, metadata)
+
+    def provider_options(self) -> dict[str, str]:
+        return self.target.provider_options()
+
+    def _compile(self, model: onnx.ModelProto, ctx_path: str, ep: Any, versions: Mapping[str, str]) -> None:
+        data = model.SerializeToString()
+        config = {"ep.context_enable": "1", "ep.context_embed_mode": "0", "ep.context_file_path": ctx_path}
+        qnn = f"QNN SDK {versions['qnn_sdk_version']} (onnxruntime-qnn {versions['onnxruntime_qnn']})"
+        error, log = self._session(data, config)
+        if error is not None:
+            message = _one_line(error)
+            if "assigned to the default CPU EP" in message:
+                refused = self._refused_nodes(data)
+                if refused:
+                    onnx_name, op_type, reason = refused[0]
+                    fx = _fx_node(model, onnx_name, ep)
+                    where = f"ONNX node {onnx_name} ({op_type}" + (f", from FX node {fx}" if fx else "") + ")"
+                    more = f" and {len(refused) - 1} more" if len(refused) > 1 else ""
+                    raise LoweringError(f"the QNN EP of {qnn} does not take {where}{more}: {reason}", node=fx)
+            errors = [line for line in _log_errors(log) if line not in message]
+            detail = f" [{'; '.join(errors[:3])}]" if errors else ""
+            raise LoweringError(f"{qnn} failed to compile the partition for HTP: {message}{detail}")
+        if not os.path.exists(ctx_path):
+            raise LoweringError(f"the QNN EP of {qnn} wrote no EPContext model (nothing to compile?)")
+
+    def _refused_nodes(self, data: bytes) -> list[tuple[str, str, str]]:
+        """``(onnx node, op type, reason)`` of every node the QNN EP declines, from its verbose log
+        (a session with CPU fallback allowed; it may fail later, the log is what counts)."""
+        _, log = self._session(data, {"session.disable_cpu_ep_fallback": "0"}, severity=0)
+        refused: dict[str, tuple[str, str, str]] = {}
+        current: list[str] = []
+        failed = False
+        for line in log:
+            if "Validation FAILED" in line:
+                failed, current = True, []
+            elif "Validation PASSED" in line:
+                failed, current = False, []
+            m = re.search(r"Operator type: (\S+) Node name: (.*?) Node index", line)
+            if m and failed:
+                current.append(m.group(2))
+                refused.setdefault(m.group(2), (m.group(2), m.group(1), "refused by the QNN EP"))
+            m = re.search(r"REASON : (.*)", line)
+            if m and failed:
+                for node in current:
+                    refused[node] = (refused[node][0], refused[node][1], m.group(1).strip())
+                failed, current = False, []
+            m = re.search(r"Unsupported nodes in QNN EP: (.*)", line)
+            if m:
+                for name, op_type in re.findall(r"name: (.*?), type: (\w+)", m.group(1)):
+                    refused.setdefault(name, (name, op_type, "refused by the QNN EP"))
+        return list(refused.values())
+
+
+def to_onnx(ep: torch.export.ExportedProgram, name: str = "partition") -> onnx.ModelProto:
+    """The partition as an ONNX model (``torch.onnx.export(..., dynamo=True)``)."""
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(ep, dynamo=True, verbose=False, optimize=True)
+    except Exception as exc:
+        raise LoweringError(f"torch.onnx.export failed for {name}: {_one_line(exc)}") from exc
+    return program.model_proto
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """torch.onnx logs a warning per torchvision op it cannot register, on every export."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration",
+                                              "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _read_context(folder: str, ctx_path: str) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The EPContext model and the context binaries it names (plain file names in ``folder``)."""
+    with open(ctx_path, "rb") as f:
+        ctx_bytes = f.read()
+    ctx = onnx.load_from_string(ctx_bytes)
+    nodes = [n for n in ctx.graph.node if n.op_type == "EPContext"]
+    others = [f"{n.name} ({n.op_type})" for n in ctx.graph.node if n.op_type != "EPContext"]
+    if others:
+        raise LoweringError(f"the QNN EP left nodes outside its context: {', '.join(others[:5])}")
+    if not nodes:
+        raise LoweringError("the QNN EP compiled nothing: the partition is empty after ONNX export "
+                            "(only no-op ops, folded away)")
+    binaries: list[tuple[str, bytes]] = []
+    for node in nodes:
+        if _attr(node, "embed_mode") not in (0, None):
+            raise LoweringError("the QNN EP embedded the context binary despite ep.context_embed_mode=0")
+        if _attr(node, "main_context") == 0:
+            continue  # shares the binary of a main-context node
+        ref = _attr(node, "ep_cache_context")
+        if not isinstance(ref, str) or os.path.basename(ref) != ref or not ref:
+            raise LoweringError(f"EPContext node {node.name} refers to {ref!r}, not a file next to the model")
+        if ref not in {n for n, _ in binaries}:
+            with open(os.path.join(folder, ref), "rb") as f:
+                binaries.append((ref, f.read()))
+    return ctx_bytes, binaries
+
+
+def _attr(node: onnx.NodeProto, name: str) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            value = onnx.helper.get_attribute_value(a)
+            return value.decode() if isinstance(value, bytes) else value
+    return None
+
+
+def _io(value: onnx.ValueInfoProto) -> dict[str, Any]:
+    t = value.type.tensor_type
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+    return {"name": value.name, "dtype": _ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), "shape": shape}
+
+
+def _fx_node(model: onnx.ModelProto, onnx_name: str, ep: Any) -> str | None:
+    """The FX node of ``ep`` that ``torch.onnx`` lowered to ONNX node ``onnx_name``."""
+    names = {n.name for n in ep.graph.nodes if n.op == "call_function"}
+    for node in model.graph.node:
+        if node.name != onnx_name:
+            continue
+        for prop in node.metadata_props:
+            if prop.key == "pkg.torch.onnx.fx_node":
+                m = _FX_NODE.match(prop.value)
+                if m and m.group(1) in names:
+                    return m.group(1)
+    guess = onnx_name.removeprefix("node_")
+    return guess if guess in names else None
+
+
+def _log_errors(lines: list[str]) -> list[str]:
+    """The messages of ONNX Runtime's error-level log lines (colour codes and prefixes removed)."""
+    out = []
+    for line in lines:
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+        m = re.search(r"\[E:onnxruntime:[^\]]*\] (.*)", line)
+        if m and m.group(1) not in out:
+            out.append(m.group(1).strip())
+    return out
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:400]
