@@ -20,10 +20,27 @@ _REGISTERED: set[str] = set()
 #: ORT log severity for our sessions: errors only (the EP warns about Windows-only features on
 #: every session otherwise).
 LOG_ERROR = 3
+_CFFI_BOUND: list[bool] = []  # non-empty once _bind_cffi_to_system_libffi has run
+
+
+def _bind_cffi_to_system_libffi() -> None:
+    """libQnnHtp.so and libHtpPrepare.so carry their own copy of libffi and export its symbols to
+    the whole process. cffi binds its libffi calls lazily, at first use, so once a QNN library is
+    loaded a process's first cffi callback (wgpu makes one for every buffer it maps: the vulkan
+    backend) binds to QNN's copy and fails with "ffi_prep_closure(): bad user_data". Making and
+    calling one callback before any QNN library loads binds cffi to the system libffi for good."""
+    try:
+        import cffi
+    except ImportError:  # no cffi, nothing to protect
+        return
+    cffi.FFI().callback("int(int)", lambda x: x)(1)
 
 
 def import_ort() -> tuple[Any, Any]:
     """``(onnxruntime, onnxruntime_qnn)``; ``ImportError`` naming the fix."""
+    if not _CFFI_BOUND:
+        _bind_cffi_to_system_libffi()
+        _CFFI_BOUND.append(True)
     try:
         import onnxruntime
         import onnxruntime_qnn

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -303,3 +304,23 @@ def test_cli_partition_and_run(tmp_path, handoff_home):
     run = subprocess.run([*handoff_cli, "run", str(out)], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "output_0: float32[1, 10]" in run.stdout and "LIBNATIVE" not in run.stdout
+
+
+def test_qnn_and_a_cffi_user_share_a_process(qnn_plugins, tmp_path):
+    """libQnnHtp.so exports its own libffi; cffi users loaded later (wgpu, for the vulkan backend)
+    must still be able to make callbacks. Run in a fresh process: cffi binds its libffi once."""
+    cffi = pytest.importorskip("cffi")
+    del cffi
+    path = tmp_path / "cnn.hof"
+    handoff.partition("zoo:small_cnn", backends=["qnn"], fallback=False).write(str(path))
+    code = textwrap.dedent(f"""
+        import numpy as np, handoff
+        from handoff import plugins
+        pm = plugins.Plugins(autoload=False, extra=["handoff_qnn.plugin"])
+        with handoff.load({str(path)!r}, plugins=pm) as program:
+            program.run([np.zeros((1, 3, 64, 64), np.float32)])
+        import cffi
+        assert cffi.FFI().callback("int(int)", lambda x: x + 1)(1) == 2
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PLUGIN_DIR), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
