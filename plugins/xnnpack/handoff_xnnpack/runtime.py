@@ -23,6 +23,7 @@ no delegate of this process is loaded; asking for another count while some are r
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import threading
 from typing import Any, Mapping, Sequence
@@ -84,9 +85,8 @@ class XnnpackRuntime:
 
     # -- availability -------------------------------------------------------------------------
     def is_available(self) -> tuple[bool, str]:
-        try:
-            version = importlib.metadata.version("executorch")
-        except importlib.metadata.PackageNotFoundError:
+        version = _executorch_version()
+        if version is None:
             return False, f"executorch not installed: {_INSTALL}"
         try:
             names = list(self._get_binding()._get_registered_backend_names())
@@ -123,10 +123,9 @@ class XnnpackRuntime:
     # -- delegates ------------------------------------------------------------------------------
     def load(self, blob: memoryview, metadata: Mapping[str, Any], options: Mapping[str, str]) -> _Delegate:
         header, pte = _format.unpack(blob)
-        try:
-            version = importlib.metadata.version("executorch")
-        except importlib.metadata.PackageNotFoundError:
-            raise ValueError(f"xnnpack: executorch not installed: {_INSTALL}") from None
+        version = _executorch_version()
+        if version is None:
+            raise ValueError(f"xnnpack: executorch not installed: {_INSTALL}")
         _format.check_compatible(header, version)
         threads = _format.parse_threads(options.get("threads", metadata.get("threads")))
         binding = self._get_binding()
@@ -171,6 +170,15 @@ class XnnpackRuntime:
             if handle.method is not None:
                 handle.method = handle.program = handle.data = None
                 _LIVE[0] -= 1
+
+
+@functools.cache
+def _executorch_version() -> str | None:
+    """The installed ExecuTorch release (looked up once: reading package metadata costs ~1 ms)."""
+    try:
+        return importlib.metadata.version("executorch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _one_line(exc: BaseException) -> str:
