@@ -1,26 +1,15 @@
-"""Zoo models through the real TVM backend, compared with eager PyTorch on fresh random inputs.
-
-Tolerances: float32 outputs within 1e-4 relative of eager (rtol 1e-4, plus an absolute floor of
-1e-4 x the output's largest magnitude for entries near zero).
-"""
+"""Zoo models through the real TVM backend, compared with eager PyTorch on fresh random inputs
+(tolerances per dtype: handoff.testing.TOLERANCE; float32 within 1e-4 relative)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 import handoff
-from handoff.models import random_inputs
+from handoff.testing import assert_matches_eager, check_against_eager
 
 pytestmark = pytest.mark.slow
-RTOL = {"float32": 1e-4}
-
-
-def assert_matches_eager(got: np.ndarray, want: torch.Tensor, dtype: str = "float32") -> None:
-    want = want.detach().numpy()
-    scale = float(np.abs(want).max()) or 1.0
-    np.testing.assert_allclose(got, want, rtol=RTOL[dtype], atol=RTOL[dtype] * scale)
 
 
 def _check_zoo(name: str, tmp_path, **kwargs) -> handoff.PartitionResult:
@@ -30,15 +19,7 @@ def _check_zoo(name: str, tmp_path, **kwargs) -> handoff.PartitionResult:
     result = handoff.partition(f"zoo:{name}", **kwargs)
     path = tmp_path / f"{name}.hof"
     result.write(str(path))
-    outputs = []
-    with handoff.load(path) as program:
-        for seed in (11, 12):
-            x = random_inputs(zoo.inputs, seed=seed)
-            (got,) = program.run(x)
-            with torch.no_grad():
-                assert_matches_eager(got, model(*x))
-            outputs.append(got)
-    assert not np.allclose(outputs[0], outputs[1]), "output does not depend on the input: degenerate model"
+    check_against_eager(path, model, zoo.inputs)
     return result
 
 

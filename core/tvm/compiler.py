@@ -21,12 +21,11 @@ from typing import Any, Mapping, Sequence
 
 import tvm
 from tvm import relax
-from tvm.relax.frontend.torch import from_exported_program
 
 from handoff.backend import Lowered, LoweringError
 from handoff.cache import cache_dir
 
-from .importer import TVM_NAME, decline_reason, failing_node, io_spec
+from .importer import decline_reason, import_partition
 from .plugin import TARGETS
 from .runtime import host_triple
 
@@ -101,18 +100,7 @@ class TvmCompiler:
         for node_name, reason in self.support(ep).items():
             if reason:
                 raise LoweringError(f"{node_name}: {reason}", node=node_name)
-        try:
-            # Already core ATen: decomposing again would retrace and rename the nodes that
-            # LoweringError.node refers to.
-            mod = from_exported_program(ep, run_ep_decomposition=False)
-        except Exception as exc:
-            node = failing_node(exc)
-            where = f" at node {node}" if node else ""
-            raise LoweringError(f"{TVM_NAME} Relax importer failed{where}: {_one_line(exc)}", node=node) from exc
-        main = mod["main"]
-        inputs = [io_spec(p.ty) for p in main.params]
-        ret = main.ret_ty
-        outputs = [io_spec(f) for f in ret.fields] if isinstance(ret, relax.TupleType) else [io_spec(ret)]
+        mod, inputs, outputs = import_partition(ep)
 
         if self.tune:
             mod = self._tune(mod)
@@ -197,8 +185,3 @@ def _host_cpu(triple: str) -> str | None:
         return cpu if cpu and cpu != "generic" and tvm.target.codegen.llvm_is_valid_cpu(cpu, triple) else None
     except Exception:  # a TVM built without LLVM cannot say; compile for the triple's baseline
         return None
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return (lines[-1] if lines else type(exc).__name__)[:300]

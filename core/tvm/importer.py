@@ -11,7 +11,11 @@ from typing import Any
 
 import torch
 import tvm
+from tvm import relax
+from tvm.relax.frontend.torch import from_exported_program
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+from handoff.backend import LoweringError
 
 #: "TVM 0.27", for messages.
 TVM_NAME = "TVM " + ".".join(tvm.__version__.split(".")[:2])
@@ -85,3 +89,32 @@ def io_spec(ty: Any) -> dict[str, Any]:
         return {"shape": None, "dtype": str(ty.dtype)}
     shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else str(d) for d in ty.shape.values]
     return {"shape": shape, "dtype": str(ty.dtype)}
+
+
+def import_partition(ep: Any) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(Relax module, input specs, output specs)`` of one partition's ExportedProgram.
+
+    :raises LoweringError: naming the node the importer failed on, when it can tell.
+    """
+    try:
+        # Already core ATen: decomposing again would retrace and rename the nodes that
+        # LoweringError.node refers to.
+        mod = from_exported_program(ep, run_ep_decomposition=False)
+    except Exception as exc:
+        node = failing_node(exc)
+        where = f" at node {node}" if node else ""
+        raise LoweringError(f"{TVM_NAME} Relax importer failed{where}: {one_line(exc)}", node=node) from exc
+    main = mod["main"]
+    ret = main.ret_ty
+    outputs = [io_spec(f) for f in ret.fields] if isinstance(ret, relax.TupleType) else [io_spec(ret)]
+    return mod, [io_spec(p.ty) for p in main.params], outputs
+
+
+def one_line(exc: BaseException) -> str:
+    """A TVM error in one line: the failed check when there is one (TVM's messages end with it),
+    else the last line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Check failed" in line or "Error" in line:
+            return line[:300]
+    return (lines[-1] if lines else type(exc).__name__)[:300]

@@ -34,6 +34,8 @@ from tvm import relax, s_tir, sym, tirx
 from tvm.s_tir import dlight as dl
 from tvm.tirx.build import split_host_device_mods
 
+from handoff.tvm.importer import TVM_NAME, one_line
+
 from . import wgsl
 from ._format import DATA_ALIGN, DTYPES, MAX_GRID_DIM
 
@@ -42,7 +44,6 @@ from ._format import DATA_ALIGN, DTYPES, MAX_GRID_DIM
 TARGET_CONFIG: dict[str, Any] = {"kind": "webgpu", "max_num_threads": 256, "max_shared_memory_per_block": 16384,
                                  "host": {"kind": "c"}}
 _SPLIT_PASS = "tirx.SplitHostDevice"
-_TVM = "TVM " + ".".join(tvm.__version__.split(".")[:2])
 
 
 class LowerError(Exception):
@@ -230,7 +231,7 @@ def lower_tir(prim_funcs: dict[str, Any], tgt: Any) -> tuple[dict[str, HostFunc]
     with tvm.transform.PassContext(instruments=[_Take()]):
         lowered = pipeline(mod)
     if snap.mod is None:
-        raise LowerError(f"{_TVM}'s TIR pipeline ran no {_SPLIT_PASS}: cannot read the launch plan")
+        raise LowerError(f"{TVM_NAME}'s TIR pipeline ran no {_SPLIT_PASS}: cannot read the launch plan")
     _, devices = split_host_device_mods(lowered)
     kernels: dict[str, Kernel] = {}
     build = tvm.get_global_func("target.build.webgpu")
@@ -241,7 +242,7 @@ def lower_tir(prim_funcs: dict[str, Any], tgt: Any) -> tuple[dict[str, HostFunc]
             try:
                 source = build(tvm.IRModule({gv: func}), dev_target).inspect_source()
             except Exception as exc:
-                raise LowerError(f"{_TVM} WGSL code generation failed for kernel {name}: {_one_line(exc)}",
+                raise LowerError(f"{TVM_NAME} WGSL code generation failed for kernel {name}: {one_line(exc)}",
                                  [name.removesuffix("_kernel")]) from exc
             source = wgsl.fix(source)
             try:
@@ -363,14 +364,6 @@ def _itemsize(dtype: str, where: str) -> int:
         raise LowerError(f"{where}: dtype {dtype} cannot be held in a WGSL storage buffer "
                          f"(supported: {', '.join(DTYPES)})", [where])
     return DTYPES[dtype][1]
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for line in reversed(lines):  # TVM errors end with the check that failed
-        if "Check failed" in line or "Error" in line:
-            return line[:300]
-    return (lines[-1] if lines else type(exc).__name__)[:300]
 
 
 # -- the launch plan ------------------------------------------------------------------------------
@@ -523,7 +516,7 @@ class PlanBuilder:
             return _View(src.buffer, src.offset, src.nbytes, shape, dtype)
         if name in ("relax.memory.kill_storage", "relax.memory.kill_tensor"):
             return None
-        raise LowerError(f"{where}: {_TVM} has no GPU kernel for Relax op {name} (it was not legalized)")
+        raise LowerError(f"{where}: {TVM_NAME} has no GPU kernel for Relax op {name} (it was not legalized)")
 
     def _call(self, func: str, args: Any, where: str) -> None:
         host = self.hosts.get(func)

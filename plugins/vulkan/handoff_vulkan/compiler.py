@@ -28,20 +28,18 @@ import torch
 import tvm
 import tvm_ffi
 from tvm import relax, tirx
-from tvm.relax.frontend.torch import from_exported_program
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
 # The built-in TVM backend's importer checks: this backend imports with the same Relax importer,
 # so what it can import is exactly what that backend claims (not duplicated here).
+from handoff.tvm.importer import TVM_NAME, import_partition, one_line
 from handoff.tvm.importer import decline_reason as _importer_decline_reason
-from handoff.tvm.importer import failing_node, io_spec
 
 from handoff.backend import Lowered, LoweringError
 
 from . import WGPU_VERSION, __version__, _tvm
 from ._format import FORMAT_VERSION, pack, parse_bool
 
-_TVM = "TVM " + ".".join(tvm.__version__.split(".")[:2])
 _log = logging.getLogger(__name__)
 #: Tensor dtypes a node may read or write (the torch side of _format.DTYPES; torch has no full uint32).
 _TORCH_DTYPES = {torch.float32, torch.int32}
@@ -91,7 +89,7 @@ class VulkanCompiler:
             except Exception as exc:  # the check itself broke: claim on the static check alone
                 _log.warning("vulkan: per-node kernel check failed (%s); claiming on dtype and importer checks "
                              "only, lowering may then fail (--on-lower-error fallback moves such partitions)",
-                             _one_line(exc))
+                             one_line(exc))
         return reasons
 
     def _kernel_reasons(self, ep: Any, candidates: set[str]) -> dict[str, str]:
@@ -114,7 +112,7 @@ class VulkanCompiler:
                     if value.op.name == "relax.call_tir":
                         func_nodes.setdefault(value.args[0].name_hint, set()).add(node)
                     elif value.op.name not in _GLUE_OPS and node in candidates:
-                        failures.setdefault(node, f"{_TVM} has no GPU kernel for Relax op {value.op.name}")
+                        failures.setdefault(node, f"{TVM_NAME} has no GPU kernel for Relax op {value.op.name}")
             pending = []
 
         funcs = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
@@ -136,7 +134,7 @@ class VulkanCompiler:
                 continue
             scheduled, why = _tvm.schedule(func.with_attr("target", self.target), self.target)
             if scheduled is None:
-                results[name] = self._kernel_cache[h] = f"no {_TVM} dlight GPU schedule binds every block: {why}"
+                results[name] = self._kernel_cache[h] = f"no {TVM_NAME} dlight GPU schedule binds every block: {why}"
             else:
                 todo[name] = (h, scheduled)
         if todo:
@@ -151,7 +149,7 @@ class VulkanCompiler:
                     try:
                         _tvm.lower_tir({name: scheduled}, self.target)
                     except Exception as exc:
-                        reason = f"{_TVM} cannot build its WGSL kernel: {_one_line(exc)}"
+                        reason = f"{TVM_NAME} cannot build its WGSL kernel: {one_line(exc)}"
                 results[name] = self._kernel_cache[h] = reason
         return results
 
@@ -162,17 +160,7 @@ class VulkanCompiler:
                 reason = _static_reason(node)
                 if reason:
                     raise LoweringError(f"{node.name}: {reason}", node=node.name)
-        try:
-            # Already core ATen: decomposing again would rename the nodes LoweringError.node names.
-            mod = from_exported_program(ep, run_ep_decomposition=False)
-        except Exception as exc:
-            node = failing_node(exc)
-            where = f" at node {node}" if node else ""
-            raise LoweringError(f"{_TVM} Relax importer failed{where}: {_one_line(exc)}", node=node) from exc
-        main = mod["main"]
-        ret = main.ret_ty
-        inputs = [io_spec(p.ty) for p in main.params]
-        outputs = [io_spec(f) for f in ret.fields] if isinstance(ret, tvm.ir.TupleType) else [io_spec(ret)]
+        mod, inputs, outputs = import_partition(ep)
 
         fused = self.fuse
         try:
@@ -210,7 +198,7 @@ class VulkanCompiler:
         mod, failed = _tvm.schedule_module(mod, tgt)
         if failed:
             shown = "; ".join(f"{k}: {v}" for k, v in list(failed.items())[:3])
-            raise _tvm.LowerError(f"no {_TVM} dlight GPU schedule binds every block of {shown}", failed)
+            raise _tvm.LowerError(f"no {TVM_NAME} dlight GPU schedule binds every block of {shown}", failed)
         with tgt:
             mod = tvm.transform.Sequential([
                 relax.transform.RewriteDataflowReshape(),
@@ -225,7 +213,7 @@ class VulkanCompiler:
         except _tvm.LowerError:
             raise
         except Exception as exc:  # a TVM pass failed
-            raise _tvm.LowerError(f"{_TVM} TIR lowering failed: {_one_line(exc)}") from exc
+            raise _tvm.LowerError(f"{TVM_NAME} TIR lowering failed: {one_line(exc)}") from exc
         builder = _tvm.PlanBuilder(hosts, kernels)
         plan = builder.build(mod["main"])
         return plan, builder.weights
@@ -289,7 +277,7 @@ def _tagged_import(ep: Any, candidates: set[str], failures: dict[str, str]) -> t
                 try:
                     return fn(node)
                 except Exception as exc:
-                    failures[node.name] = f"{_TVM} Relax importer failed: {_one_line(exc)}"
+                    failures[node.name] = f"{TVM_NAME} Relax importer failed: {one_line(exc)}"
             return placeholder(node)
 
         return convert
@@ -335,7 +323,3 @@ def _attribute(bindings: list[Any], owners: dict[int, str]) -> dict[int, str]:
                 node_of[key] = node
             pending = []
     return node_of
-
-
-def _one_line(exc: BaseException) -> str:
-    return _tvm._one_line(exc)

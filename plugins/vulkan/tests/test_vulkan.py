@@ -26,9 +26,9 @@ pytest.importorskip("handoff.backend")
 
 import handoff  # noqa: E402
 from handoff.plugins import Plugins, set_plugins  # noqa: E402
+from handoff.testing import assert_matches_eager, check_against_eager  # noqa: E402
 from handoff_vulkan import _format, wgsl  # noqa: E402
 
-RTOL = {"float32": 1e-4}
 PLUGIN = "handoff_vulkan.plugin"
 
 
@@ -56,12 +56,6 @@ def _needs_compiler():
     pytest.importorskip("tvm")
 
 
-def assert_matches_eager(got: np.ndarray, want, dtype: str = "float32") -> None:
-    want = want.detach().numpy() if hasattr(want, "detach") else np.asarray(want)
-    scale = float(np.abs(want).max()) or 1.0
-    np.testing.assert_allclose(got, want, rtol=RTOL[dtype], atol=RTOL[dtype] * scale)
-
-
 _PARTITIONED: dict[tuple[str, tuple[str, ...]], bytes] = {}
 
 
@@ -83,21 +77,8 @@ def _zoo_program(name: str, backends: tuple[str, ...], home: Path) -> tuple[byte
 
 
 def _check_against_eager(program_bytes: bytes, name: str, seeds=(11, 12)) -> None:
-    import torch
-
-    from handoff.models import random_inputs
-
     zoo = handoff.get_plugins().zoo()[name]
-    model = zoo.build()
-    outputs = []
-    with handoff.load(program_bytes) as program:
-        for seed in seeds:
-            x = random_inputs(zoo.inputs, seed=seed)
-            (got,) = program.run(x)
-            with torch.no_grad():
-                assert_matches_eager(got, model(*x))
-            outputs.append(got)
-    assert not np.allclose(outputs[0], outputs[1]), "output does not depend on the input: degenerate model"
+    check_against_eager(program_bytes, zoo.build(), zoo.inputs, seeds)
 
 
 # -- the plugin module and the blob format (no GPU, no compiler) -----------------------------------
