@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from handoff import blob
 
 MAGIC = b"HOFVULKN"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1 was the layout before the shared handoff.blob envelope
 #: Alignment of the data section and of every weight in it (Vulkan's largest
 #: minStorageBufferOffsetAlignment is 256).
 DATA_ALIGN = 256

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 from handoff import blob
 
 MAGIC = b"HOFXNNPK"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1 was the layout before the shared handoff.blob envelope
 _ALIGN = 16
 
 #: Every option the backend accepts, name -> help (``--option xnnpack.NAME=VALUE``).

@@ -336,7 +336,7 @@ def test_foreign_or_damaged_blob_refused(runtime, cnn_lowered):
         runtime.load(memoryview(b"PK\x03\x04" + lowered.blob[4:]), lowered.metadata, {})
     newer = bytearray(lowered.blob)
     newer[8:12] = (_format.FORMAT_VERSION + 1).to_bytes(4, "little")
-    with pytest.raises(ValueError, match=r"xnnpack delegate blob format 2 is newer than this runtime reads \(1\); upgrade the plugin"):
+    with pytest.raises(ValueError, match=r"xnnpack delegate blob format 3 is newer than this runtime reads \(2\); upgrade the plugin"):
         runtime.load(memoryview(bytes(newer)), lowered.metadata, {})
     with pytest.raises(ValueError, match="truncated"):
         runtime.load(memoryview(lowered.blob[:-10]), lowered.metadata, {})
