@@ -61,3 +61,17 @@ def test_bad_registry_is_one_line():
         Registry.load("backends:\n  a: {device: cpu}\n")
     with pytest.raises(HandoffError, match="registry.yaml: preset 'p' names unknown backends zz"):
         Registry.load("backends: {}\npresets:\n  p: [zz]\n")
+
+
+def test_wheel_ships_the_registry(tmp_path):
+    """A non-editable install must find registry.yaml: the wheel carries it (the symlink
+    core/registry.yaml resolved to the root file's contents)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT),
+                    "-w", str(tmp_path)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("handoff-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert z.read("handoff/registry.yaml") == (ROOT / "registry.yaml").read_bytes()
