@@ -11,22 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 
 import numpy as np
-
-
-def _median_ms(fn, runs: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+from _timing import median_ms  # benchmarks/, next to this script
 
 
 def main() -> None:
@@ -47,7 +36,7 @@ def main() -> None:
     x = random_inputs(zoo.inputs, seed=5)
     with torch.no_grad():
         want = model(*x).numpy()
-        eager = _median_ms(lambda: model(*x), args.runs)
+        eager = median_ms(lambda: model(*x), args.runs, warmup=5)
 
     rows = [("eager torch", eager, None, None)]
     for label, options in (("tvm untuned", {}), (f"tvm tuned ({args.trials} trials)", {"tune": str(args.trials)}),
@@ -58,7 +47,7 @@ def main() -> None:
         with handoff.load(result.to_bytes()) as program:
             (got,) = program.run(x)
             err = float(np.abs(got - want).max() / (np.abs(want).max() or 1))
-            rows.append((label, _median_ms(lambda: program.run(x), args.runs), compile_s, err))
+            rows.append((label, median_ms(lambda: program.run(x), args.runs, warmup=5), compile_s, err))
 
     print(f"{args.model}, {args.runs} runs after warm-up, HANDOFF_HOME={os.environ['HANDOFF_HOME']}")
     print(f"{'':32} {'median ms':>10} {'x eager':>8} {'compile s':>10} {'max rel err':>12}")

@@ -12,33 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-
-
-def _median_ms(fn: Callable[[], Any], runs: int, warmup: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
-def _load_first_ms(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+from _timing import median_ms  # benchmarks/, next to this script
 
 
 def bench_model(spec: str, runs: int, loads: int, work: Path) -> list[tuple[str, float, float, int, float]]:
@@ -73,8 +52,8 @@ def bench_model(spec: str, runs: int, loads: int, work: Path) -> list[tuple[str,
         return (module, buffer), module.forward(list(inputs))
 
     (method, _buffer), first = et_load_first()
-    rows.append(("executorch+xnnpack", _median_ms(lambda: method.forward(list(inputs)), runs),
-                 _load_first_ms(et_load_first, loads), len(pte), err(first[0].numpy())))
+    rows.append(("executorch+xnnpack", median_ms(lambda: method.forward(list(inputs)), runs, warmup=10),
+                 median_ms(et_load_first, loads), len(pte), err(first[0].numpy())))
 
     # handoff, xnnpack first (tvm takes what XNNPACK declines).
     result = handoff.partition(spec, backends=["xnnpack"], use_cache=False)
@@ -87,13 +66,13 @@ def bench_model(spec: str, runs: int, loads: int, work: Path) -> list[tuple[str,
         return program, program.run(np_inputs)
 
     program, first = hof_load_first()
-    rows.append((f"handoff xnnpack ({coverage:.0f}% nodes)", _median_ms(lambda: program.run(np_inputs), runs),
-                 _load_first_ms(lambda: hof_load_first()[0].close(), loads), size, err(first[0])))
+    rows.append((f"handoff xnnpack ({coverage:.0f}% nodes)", median_ms(lambda: program.run(np_inputs), runs, warmup=10),
+                 median_ms(lambda: hof_load_first()[0].close(), loads), size, err(first[0])))
     program.close()
 
     with torch.no_grad():
         first = model(*inputs)
-        rows.append(("eager torch", _median_ms(lambda: model(*inputs), runs), float("nan"), 0, err(first.numpy())))
+        rows.append(("eager torch", median_ms(lambda: model(*inputs), runs, warmup=10), float("nan"), 0, err(first.numpy())))
 
     import onnxruntime as ort
 
@@ -108,7 +87,7 @@ def bench_model(spec: str, runs: int, loads: int, work: Path) -> list[tuple[str,
         return sess, sess.run(None, feeds)
 
     sess, first = ort_load_first()
-    rows.append(("onnxruntime cpu", _median_ms(lambda: sess.run(None, feeds), runs), _load_first_ms(ort_load_first, loads),
+    rows.append(("onnxruntime cpu", median_ms(lambda: sess.run(None, feeds), runs, warmup=10), median_ms(ort_load_first, loads),
                  onnx_path.stat().st_size, err(first[0])))
     return rows
 

@@ -23,10 +23,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 
 @contextlib.contextmanager
-def _quiet_import() -> Iterator[None]:
-    """Importing ExecuTorch pulls in torchao, which logs warnings about CUDA kernels a CPU wheel
-    cannot load and a torch.compile deprecation: noise in a CPU lowering flow, so muted here."""
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+def _muted(*names: str) -> Iterator[None]:
+    """Raise the named loggers to ERROR for the duration, then restore their levels."""
+    loggers = [logging.getLogger(name) for name in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -37,7 +36,9 @@ def _quiet_import() -> Iterator[None]:
             lg.setLevel(level)
 
 
-with _quiet_import():
+# Importing ExecuTorch pulls in torchao, which logs warnings about CUDA kernels a CPU wheel cannot
+# load and a torch.compile deprecation: noise in a CPU lowering flow.
+with _muted("torchao", "torch.utils._pytree"):
     import torch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.backends.xnnpack.serialization.xnnpack_graph_serialize import XNNHeader
@@ -273,18 +274,9 @@ def _capture_why() -> Iterator[_WhyCapture]:
         logger.propagate = propagate
 
 
-@contextlib.contextmanager
-def _quiet_partitioner() -> Iterator[None]:
+def _quiet_partitioner() -> contextlib.AbstractContextManager[None]:
     """Silence executorch's per-node INFO/WARNING chatter while partitioning and lowering."""
-    loggers = [logging.getLogger(n) for n in ("executorch.backends.xnnpack", "executorch.exir")]
-    saved = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, saved):
-            lg.setLevel(level)
+    return _muted("executorch.backends.xnnpack", "executorch.exir")
 
 
 def _why_declined(node: torch.fx.Node, edge: torch.export.ExportedProgram, partitioner: XnnpackPartitioner) -> str:
