@@ -16,9 +16,13 @@ hold exactly one ``XnnpackBackend`` delegate call and no other kernel.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import operator
+import sys
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 
@@ -56,7 +60,8 @@ with _muted("torchao", "torch.utils._pytree"):
 
 from handoff.backend import Lowered, LoweringError
 
-from . import EXECUTORCH_VERSION, _format
+from . import EXECUTORCH_VERSION, _format, rewrites
+from .rewrites import DECOMPOSITIONS, rewrite
 
 #: executorch's name for the XNNPACK delegate (``XnnpackBackend.__name__``).
 BACKEND_ID = "XnnpackBackend"
@@ -70,6 +75,15 @@ class XnnpackCompiler:
 
     def __init__(self, options: Mapping[str, str] | None = None) -> None:
         self.options = _format.check_options(dict(options or {}))
+
+    def cache_key(self) -> str:
+        """The toolchain behind a blob besides options and plugin version: ExecuTorch, torch, the
+        blob format, and this plugin's lowering code (the rewrites change what a graph lowers to)."""
+        code = hashlib.sha256()
+        for module in (rewrites, sys.modules[__name__]):
+            code.update(Path(module.__file__).read_bytes())
+        return json.dumps({"executorch": metadata.version("executorch"), "torch": torch.__version__,
+                           "blob_format": _format.FORMAT_VERSION, "code": code.hexdigest()}, sort_keys=True)
 
     # -- decomposition ------------------------------------------------------------------------
     def ops_to_not_decompose(self) -> Sequence[torch._ops.OpOverload]:
@@ -89,7 +103,7 @@ class XnnpackCompiler:
         names = [n.name for n in ep.graph.nodes if n.op == "call_function"]
         partitioner = XnnpackPartitioner()
         try:
-            edge = _edge_program(ep, partitioner)
+            edge = _edge_program(rewrite(ep), partitioner)
         except Exception as exc:  # the Edge conversion refuses the program: nothing is claimable
             reason = f"ExecuTorch's Edge conversion failed: {_one_line(exc)}"
             return {name: reason for name in names}
@@ -103,6 +117,7 @@ class XnnpackCompiler:
         aten_nodes = {n.name: n for n in ep.graph.nodes}
         reasons: dict[torch.fx.Node, str | None] = {}
         verdict: dict[str, str | None] = {}
+        identities: list[str] = []
         for name in names:
             enodes = by_aten.get(name, [])
             if not enodes:
@@ -113,6 +128,9 @@ class XnnpackCompiler:
                 elif not anode.users:
                     # removed by the Edge conversion (_assert_tensor_metadata, dead code): nothing to run
                     verdict[name] = None
+                elif anode.target in DECOMPOSITIONS:
+                    identities.append(name)  # rewritten to nothing (an expand to its own shape)
+                    verdict[name] = "pending"
                 else:
                     verdict[name] = (f"{_op_name(anode)} has no counterpart in ExecuTorch's Edge program, "
                                      "so XNNPACK's partitioner never saw it")
@@ -124,6 +142,13 @@ class XnnpackCompiler:
                         reasons[enode] = _why_declined(enode, edge, partitioner)
                     verdict[name] = reasons[enode]
                     break
+        # Nothing of an identity runs wherever it lands: XNNPACK takes it when a neighbour runs on
+        # XNNPACK (so it joins that partition), so it never makes a partition of its own.
+        alone = [name for name in identities if not any(
+            verdict.get(n.name, "not judged") is None for n in (*aten_nodes[name].all_input_nodes, *aten_nodes[name].users))]
+        for name in identities:
+            verdict[name] = (f"{_op_name(aten_nodes[name])}: an identity here (XNNPACK drops it), but neither its "
+                             "input nor its users run on XNNPACK") if name in alone else None
         return verdict
 
     # -- lowering -----------------------------------------------------------------------------
@@ -131,7 +156,7 @@ class XnnpackCompiler:
         try:
             with _quiet_partitioner():
                 edge_manager = to_edge_transform_and_lower(
-                    ep, partitioner=[XnnpackPartitioner()], compile_config=get_xnnpack_edge_compile_config())
+                    rewrite(ep), partitioner=[XnnpackPartitioner()], compile_config=get_xnnpack_edge_compile_config())
         except Exception as exc:
             raise LoweringError(f"xnnpack: partition {name}: ExecuTorch's XNNPACK lowering failed: "
                                 f"{_one_line(exc)}") from exc

@@ -27,8 +27,9 @@ np = pytest.importorskip("numpy")
 from torch import nn  # noqa: E402
 
 from handoff.backend import BackendSpec, LoweringError  # noqa: E402
-from handoff_xnnpack import _format  # noqa: E402
+from handoff_xnnpack import EXECUTORCH_VERSION, _format  # noqa: E402
 from handoff_xnnpack.compiler import XnnpackCompiler, _sources  # noqa: E402
+from handoff_xnnpack.rewrites import rewrite  # noqa: E402
 from handoff_xnnpack.runtime import XnnpackRuntime  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -63,8 +64,7 @@ class SmallCNN(nn.Module):
 
 class EncoderBlock(nn.Module):
     """Pre-softmax-scaled multi-head self-attention and a ReLU MLP, both residual, written with
-    the ops ExecuTorch's XNNPACK partitioner takes (3-D bmm; nn.LayerNorm, 4-D matmul's expand and
-    nn.MultiheadAttention's packed-projection selects have no XNNPACK config in 1.5.1)."""
+    the ops ExecuTorch's XNNPACK partitioner takes as they are (3-D bmm, no layer norm)."""
 
     def __init__(self, d: int = 32, heads: int = 4, ff: int = 64) -> None:
         super().__init__()
@@ -84,6 +84,32 @@ class EncoderBlock(nn.Module):
         y = torch.bmm(att, v).view(b, self.h, t, self.dh).permute(0, 2, 1, 3).reshape(b, t, d)
         x = x + self.o(y)
         return x + self.ff2(torch.relu(self.ff1(x)))
+
+
+class PreNormEncoder(nn.Module):
+    """A pre-norm encoder layer as people write it: nn.LayerNorm, packed qkv split by unbind, 4-D
+    matmuls, an unsqueeze/squeeze pair and mean pooling over the sequence. Every one of those has
+    no XNNPACK kernel as it is in ExecuTorch 1.5.1; handoff_xnnpack.rewrites makes them XNNPACK ops.
+    ``act`` is GELU in fp32 and ReLU in fp16 (XNNPACK's GELU is fp32 only)."""
+
+    def __init__(self, d: int = 32, heads: int = 4, act: type = nn.GELU) -> None:
+        super().__init__()
+        self.h, self.dh = heads, d // heads
+        self.n1, self.n2, self.n3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ff1, self.ff2, self.act = nn.Linear(d, 2 * d), nn.Linear(2 * d, d), act()
+        with torch.no_grad():  # random affine parameters: a default LayerNorm is the bare normalisation
+            for n in (self.n1, self.n2, self.n3):
+                n.weight.uniform_(0.5, 1.5)
+                n.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.n1(x)).reshape(b, t, 3, self.h, self.dh).permute(2, 0, 3, 1, 4).unbind(0)
+        att = torch.softmax(q @ k.transpose(-2, -1) * self.dh ** -0.5, dim=-1)
+        x = x + self.o((att @ v).transpose(1, 2).reshape(b, t, d))
+        x = x + self.ff2(self.act(self.ff1(self.n2(x)))).unsqueeze(1).squeeze(1)
+        return self.n3(x).mean(dim=1)
 
 
 class WithCumsum(nn.Module):
@@ -225,6 +251,79 @@ def test_transformer_block_fp16(compiler, runtime):
     check_against_eager(compiler, runtime, EncoderBlock(), (2, 8, 32), torch.float16, FP16)
 
 
+def test_prenorm_encoder_fp32(compiler, runtime):
+    check_against_eager(compiler, runtime, PreNormEncoder(), (2, 8, 32), torch.float32, FP32)
+
+
+def test_prenorm_encoder_fp16(compiler, runtime):
+    check_against_eager(compiler, runtime, PreNormEncoder(act=nn.ReLU), (2, 8, 32), torch.float16, FP16)
+
+
+# -- rewrites -------------------------------------------------------------------------------------
+def test_rewrites_leave_nothing_xnnpack_lacks(compiler):
+    """The encoder holds every rewritten op; after rewrite() none of them is left."""
+    ep = export(compiler, PreNormEncoder(), torch.randn(2, 8, 32))
+    lacking = {torch.ops.aten.native_layer_norm.default, torch.ops.aten.expand.default, torch.ops.aten.mean.dim,
+               torch.ops.aten.squeeze.dims}
+    assert lacking <= {node.target for node in call_nodes(ep).values()}
+    before = str(ep.graph)
+    rewritten = rewrite(ep)
+    assert str(ep.graph) == before, "rewrite() must not change its input"
+    left = {node.target for node in call_nodes(rewritten).values()} & lacking
+    assert left == {torch.ops.aten.mean.dim}  # the 4-D, innermost-two-dims, keepdim means XNNPACK takes
+    assert all(n.args[0].meta["val"].dim() == 4 and n.args[1] == [2, 3] and n.args[2]
+               for n in call_nodes(rewritten).values() if n.target == torch.ops.aten.mean.dim)
+
+
+@pytest.mark.parametrize("case", ["mean_all", "mean_keepdim", "mean_4d_hw", "select", "squeeze_all",
+                                  "unsqueeze_mid", "layer_norm_2d_shape", "layer_norm_no_affine"])
+def test_rewrites_match_eager(case, compiler):
+    """Each rewrite computes what the op computes (run through torch, before XNNPACK)."""
+    shapes = {"mean_4d_hw": (2, 3, 4, 5), "layer_norm_2d_shape": (2, 3, 4, 5)}
+    weight, bias = torch.rand(4, 5) + 0.5, torch.rand(4, 5)
+    fns = {
+        "mean_all": lambda x: x.mean(dim=[0, 1, 2]),
+        "mean_keepdim": lambda x: x.mean(dim=[0, 2], keepdim=True),
+        "mean_4d_hw": lambda x: x.mean(dim=[2, 3]),
+        "select": lambda x: x[:, -1] + x.select(2, 1).sum(),
+        "squeeze_all": lambda x: x[:1].squeeze() * 2,
+        "unsqueeze_mid": lambda x: x.unsqueeze(1) * 2,
+        "layer_norm_2d_shape": lambda x: nn.functional.layer_norm(x, (4, 5), weight, bias),
+        "layer_norm_no_affine": lambda x: nn.functional.layer_norm(x, (4,), eps=1e-3),
+    }
+
+    class M(nn.Module):
+        def forward(self, x):
+            return fns[case](x)
+
+    torch.manual_seed(0)
+    x = torch.randn(shapes.get(case, (2, 3, 4)))
+    ep = export(compiler, M(), x)
+    rewritten = rewrite(ep)
+    fresh = torch.randn(x.shape)
+    torch.testing.assert_close(rewritten.module()(fresh), M()(fresh), rtol=1e-5, atol=1e-6)
+
+
+def test_rewritten_op_declined_with_the_reason_for_the_op_it_became(compiler):
+    """A select on int64 becomes slice + view, which XNNPACK refuses for the dtype: the select
+    carries that reason."""
+
+    class M(nn.Module):
+        def forward(self, x, i):
+            return torch.relu(x), i[:, 0] * 2
+
+    ep = export(compiler, M(), torch.randn(2, 3), torch.arange(6).reshape(2, 3))
+    verdict = compiler.support(ep)
+    (select,) = [n for n, node in call_nodes(ep).items() if node.target == torch.ops.aten.select.int]
+    assert verdict[select].startswith("aten.slice_copy.Tensor: invalid dtype int64")
+
+
+def test_cache_key_names_the_toolchain(compiler):
+    key = json.loads(compiler.cache_key())
+    assert key["executorch"] == EXECUTORCH_VERSION and key["blob_format"] == _format.FORMAT_VERSION
+    assert key["torch"] == torch.__version__ and len(key["code"]) == 64
+
+
 # -- capability -----------------------------------------------------------------------------------
 def test_cumsum_declined_with_xnnpack_reason(compiler):
     ep = export(compiler, WithCumsum(), torch.randn(2, 8))
@@ -285,7 +384,7 @@ def test_support_matches_what_executorch_leaves_outside(compiler):
     declined = {n for n, why in verdict.items() if why is not None}
     assert declined and len(declined) < len(verdict)
     names = {n.name for n in ep.graph.nodes}
-    lowered = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).exported_program()
+    lowered = to_edge_transform_and_lower(rewrite(ep), partitioner=[XnnpackPartitioner()]).exported_program()
     outside = set()
     for node in lowered.graph.nodes:
         if node.op != "call_function" or node.target is torch.ops.higher_order.executorch_call_delegate:
@@ -295,8 +394,14 @@ def test_support_matches_what_executorch_leaves_outside(compiler):
         outside.update(_sources(node, id(ep.graph), names))
     getitems = {n for n in declined if call_nodes(ep)[n].target is operator.getitem}
     assert declined - getitems == outside - getitems
-    assert verdict[next(n for n in declined if "layer_norm" in n)] == \
-        "XNNPACK has no kernel for aten.native_layer_norm.default"
+    aten = torch.ops.aten
+    targets = {call_nodes(ep)[n].target for n in declined}
+    # cumsum, and the NaN guard of attention's decomposition (eq/logical_not/any/where): no kernel
+    assert {aten.cumsum.default, aten.where.self, aten.any.dim} <= targets
+    # no kernel either, but rewritten into XNNPACK ops: layer norm, attention's scaling (mul.Scalar)
+    # and its 4-D matmuls' expands
+    assert not targets & {aten.native_layer_norm.default, aten.mul.Scalar, aten.expand.default}
+    assert [verdict[n] for n, node in call_nodes(ep).items() if node.target == aten.native_layer_norm.default] == [None] * 2
 
 
 def test_preprocess_refuses_what_xnnpack_leaves_outside(compiler):

@@ -1,0 +1,106 @@
+"""handoff-xnnpack through the core: partition, program file, runtime, against eager torch.
+
+The core's zoo models under ``--backends xnnpack`` and ``--backends xnnpack,tvm``, and a model
+with an op XNNPACK has no kernel for, which must be split around it with XNNPACK's reason in the
+report. Tolerances: handoff.testing.TOLERANCE (fp32: 1e-4 relative of eager).
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import pytest
+
+PLUGIN_DIR = Path(__file__).resolve().parents[1]
+if str(PLUGIN_DIR) not in sys.path:  # not pip-installed: use the source tree
+    sys.path.insert(0, str(PLUGIN_DIR))
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("executorch.backends.xnnpack")
+pytest.importorskip("tvm")
+from torch import nn  # noqa: E402
+
+import handoff  # noqa: E402
+from handoff.plugins import Plugins, set_plugins  # noqa: E402
+from handoff.testing import check_against_eager  # noqa: E402
+
+pytestmark = pytest.mark.slow
+PLUGIN = "handoff_xnnpack.plugin"
+
+
+@pytest.fixture(scope="module")
+def plugins(tmp_path_factory):
+    """The core's built-ins plus this plugin only (no autoload), caches in a temp HANDOFF_HOME
+    shared by the module, so identical partitions are lowered once."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HANDOFF_HOME", str(tmp_path_factory.mktemp("handoff_home")))
+    pm = Plugins(autoload=False, extra=[PLUGIN])
+    ok, why = pm.runtime_available("xnnpack")
+    if not ok:
+        pytest.skip(why)
+    set_plugins(pm)
+    yield pm
+    set_plugins(None)
+    mp.undo()
+
+
+def _rendered(report) -> str:
+    from rich.console import Console
+
+    out = io.StringIO()
+    report.render(Console(file=out, width=250))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("backends", [("xnnpack",), ("xnnpack", "tvm")], ids=",".join)
+@pytest.mark.parametrize("name", ["small_cnn", "small_transformer"])
+def test_zoo_model(name, backends, plugins):
+    """Every node of the core's CNN and transformer runs on XNNPACK, in one delegate: the
+    transformer's layer norms, 4-D matmul expands, unbind squeezes and mean pooling are claimed
+    through the plugin's rewrites (handoff_xnnpack.rewrites)."""
+    result = handoff.partition(f"zoo:{name}", backends=list(backends))
+    report = result.report
+    assert report.coverage("xnnpack") == 100.0
+    assert report.stats["xnnpack"].partitions == 1
+    assert report.declined == []
+    assert "100.0%" in _rendered(report)
+    zoo = plugins.zoo()[name]
+    with handoff.load(result.to_bytes()) as program:
+        assert [d["backend"] for d in program.manifest["delegates"]] == ["xnnpack"]
+        assert program.manifest["delegates"][0]["metadata"]["precision"] == "fp32"
+        check_against_eager(program, zoo.build(), zoo.inputs)
+
+
+class CumsumBetween(nn.Module):
+    """Linear layers on both sides of a cumsum, which XNNPACK has no kernel for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 8)
+        with torch.no_grad():  # random affine parameters: a default LayerNorm is the identity map
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        y = torch.relu(self.fc1(self.norm(x)))
+        return self.fc2(torch.cumsum(y, dim=1)).mean(dim=1)
+
+
+def test_model_split_around_an_op_xnnpack_lacks(plugins):
+    torch.manual_seed(0)
+    model = CumsumBetween().eval()
+    result = handoff.partition(model, (torch.randn(2, 6, 16),), backends=["xnnpack", "tvm"])
+    report = result.report
+    (declined,) = report.declined
+    assert declined["op"] == "aten.cumsum.default" and declined["ran_on"] == "tvm"
+    assert declined["reasons"] == {"xnnpack": "XNNPACK has no kernel for aten.cumsum.default"}
+    assert report.stats["tvm"].nodes == 1
+    assert report.stats["xnnpack"].partitions == 2  # before and after the cumsum
+    text = _rendered(report)
+    assert "aten.cumsum.default" in text and "XNNPACK has no kernel for aten.cumsum.default" in text
+    with handoff.load(result.to_bytes()) as program:
+        assert [d["backend"] for d in program.manifest["delegates"]] == ["xnnpack", "tvm", "xnnpack"]
+        check_against_eager(program, model, [((2, 6, 16), "float32")])
