@@ -4,7 +4,8 @@
 
 One process, one run, same inputs for everyone. For each model it prints the median latency
 (after warm-up), load + first inference (median of fresh loads from the file), and program size,
-each as a ratio to ExecuTorch. Targets (issue 3): median <= 1.05x, size <= 1.10x, load+first <= 1.0x.
+each as a ratio to ExecuTorch. Contenders are timed in interleaved rounds (see
+``_timing.interleaved_median_ms``), so drift of a shared machine does not favour one of them. Targets (issue 3): median <= 1.05x, size <= 1.10x, load+first <= 1.0x.
 Not a test; numbers only.
 """
 
@@ -17,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _timing import median_ms  # benchmarks/, next to this script
+from _timing import interleaved_median_ms  # benchmarks/, next to this script
 
 
 def bench_model(spec: str, runs: int, loads: int, work: Path) -> list[tuple[str, float, float, int, float]]:
+    import onnxruntime as ort
     import torch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
@@ -39,7 +41,6 @@ def bench_model(spec: str, runs: int, loads: int, work: Path) -> list[tuple[str,
     def err(got: np.ndarray) -> float:
         return float(np.abs(got - want).max() / (np.abs(want).max() or 1.0))
 
-    rows = []
     # ExecuTorch's own program, the reference every ratio is taken against.
     ep = torch.export.export(model, tuple(inputs))
     pte = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
@@ -51,10 +52,6 @@ def bench_model(spec: str, runs: int, loads: int, work: Path) -> list[tuple[str,
         module = et._load_for_executorch_from_buffer(buffer)
         return (module, buffer), module.forward(list(inputs))
 
-    (method, _buffer), first = et_load_first()
-    rows.append(("executorch+xnnpack", median_ms(lambda: method.forward(list(inputs)), runs, warmup=10),
-                 median_ms(et_load_first, loads), len(pte), err(first[0].numpy())))
-
     # handoff, xnnpack first (tvm takes what XNNPACK declines).
     result = handoff.partition(spec, backends=["xnnpack"], use_cache=False)
     hof = work / f"{spec[4:]}.hof"
@@ -65,31 +62,37 @@ def bench_model(spec: str, runs: int, loads: int, work: Path) -> list[tuple[str,
         program = handoff.load(hof)
         return program, program.run(np_inputs)
 
-    program, first = hof_load_first()
-    rows.append((f"handoff xnnpack ({coverage:.0f}% nodes)", median_ms(lambda: program.run(np_inputs), runs, warmup=10),
-                 median_ms(lambda: hof_load_first()[0].close(), loads), size, err(first[0])))
-    program.close()
-
-    with torch.no_grad():
-        first = model(*inputs)
-        rows.append(("eager torch", median_ms(lambda: model(*inputs), runs, warmup=10), float("nan"), 0, err(first.numpy())))
-
-    import onnxruntime as ort
-
     onnx_path = work / f"{spec[4:]}.onnx"
     torch.onnx.export(model, tuple(inputs), str(onnx_path), dynamo=True, external_data=False)
-    feeds = None
 
     def ort_load_first() -> Any:
-        nonlocal feeds
         sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        feeds = {i.name: a for i, a in zip(sess.get_inputs(), np_inputs)}
-        return sess, sess.run(None, feeds)
+        return sess, sess.run(None, {i.name: a for i, a in zip(sess.get_inputs(), np_inputs)})
 
-    sess, first = ort_load_first()
-    rows.append(("onnxruntime cpu", median_ms(lambda: sess.run(None, feeds), runs, warmup=10), median_ms(ort_load_first, loads),
-                 onnx_path.stat().st_size, err(first[0])))
-    return rows
+    (method, _buffer), et_first = et_load_first()
+    program, hof_first = hof_load_first()
+    sess, ort_first = ort_load_first()
+    feeds = {i.name: a for i, a in zip(sess.get_inputs(), np_inputs)}
+    with torch.no_grad():
+        eager_first = model(*inputs)
+        latency = interleaved_median_ms({
+            "et": lambda: method.forward(list(inputs)),
+            "hof": lambda: program.run(np_inputs),
+            "eager": lambda: model(*inputs),
+            "ort": lambda: sess.run(None, feeds),
+        }, runs, warmup=10)
+    program.close()
+    load = interleaved_median_ms({
+        "et": et_load_first,
+        "hof": lambda: hof_load_first()[0].close(),
+        "ort": ort_load_first,
+    }, loads, rounds=min(loads, 10))
+    return [
+        ("executorch+xnnpack", latency["et"], load["et"], len(pte), err(et_first[0].numpy())),
+        (f"handoff xnnpack ({coverage:.0f}% nodes)", latency["hof"], load["hof"], size, err(hof_first[0])),
+        ("eager torch", latency["eager"], float("nan"), 0, err(eager_first.numpy())),
+        ("onnxruntime cpu", latency["ort"], load["ort"], onnx_path.stat().st_size, err(ort_first[0])),
+    ]
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ class Program:
             self._constants = {c["value"]: constant_array(file, i) for i, c in enumerate(self.manifest["constants"])}
             self._aten_ops = self._resolve_aten_ops()
             self._load_delegates(plugins, options)
+            self._plan()
         except BaseException:
             self.close()
             raise
@@ -90,6 +91,28 @@ class Program:
         self._torch_constants = {vid: torch.from_numpy(np.array(arr)) for vid, arr in self._constants.items()}
         return resolved
 
+    def _plan(self) -> None:
+        """What :meth:`run` does, decoded once: the manifest's strings and lists become tuples,
+        dtypes and bound methods, so a run costs microseconds on top of its delegates."""
+        m = self.manifest
+        vals = m["values"]
+        self._expect = {i: (tuple(v["shape"]), np.dtype(v["dtype"])) for i, v in enumerate(vals)}
+        self._input_plan = [(i["name"], i["value"], *self._expect[i["value"]]) for i in m["inputs"]]
+        self._output_ids = [o["value"] for o in m["outputs"]]
+        self._steps = []
+        for i, ins in enumerate(m["instructions"]):
+            if ins["op"] == "delegate":
+                runtime, handle = self._handles[ins["delegate"]]
+                self._steps.append((i, runtime.execute, handle, tuple(ins["inputs"]), tuple(ins["outputs"])))
+            else:
+                self._steps.append((i, None, ins, (), tuple(ins["outputs"])))
+
+    def _where(self, index: int) -> str:
+        ins = self.manifest["instructions"][index]
+        if ins["op"] == "delegate":
+            return f"delegate {ins['delegate']} ({self.manifest['delegates'][ins['delegate']]['partition']})"
+        return f"instruction {index} ({ins['target']})"
+
     # -- signature -----------------------------------------------------------------------------
     @property
     def input_specs(self) -> list[tuple[str, tuple[int, ...], str]]:
@@ -109,34 +132,33 @@ class Program:
         if self._closed:
             raise HandoffError(f"{self.file.name}: program is closed")
         env: dict[int, Any] = dict(self._constants)
-        for (name, shape, dtype), spec, arr in zip(self.input_specs, self.manifest["inputs"], self._inputs(inputs)):
-            if arr.dtype != np.dtype(dtype) or arr.shape != shape:
+        arrays = self._inputs(inputs)
+        for (name, vid, shape, dtype), arr in zip(self._input_plan, arrays):
+            if arr.dtype != dtype or arr.shape != shape:
                 raise HandoffError(f"input '{name}': expected {dtype}{list(shape)}, got {arr.dtype}{list(arr.shape)}")
-            env[spec["value"]] = np.ascontiguousarray(arr)
-        values = self.manifest["values"]
-        for i, ins in enumerate(self.manifest["instructions"]):
-            if ins["op"] == "delegate":
-                runtime, handle = self._handles[ins["delegate"]]
-                outs = runtime.execute(handle, [env[v] for v in ins["inputs"]])
-                where = f"delegate {ins['delegate']} ({self.manifest['delegates'][ins['delegate']]['partition']})"
+            env[vid] = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
+        expect = self._expect
+        for index, execute, handle, reads, writes in self._steps:
+            if execute is not None:
+                outs = execute(handle, [env[v] for v in reads])
             else:
-                outs = self._run_aten(i, ins, env)
-                where = f"instruction {i} ({ins['target']})"
-            if len(outs) != len(ins["outputs"]):
-                raise HandoffError(f"{where} returned {len(outs)} outputs, the program expects {len(ins['outputs'])}")
-            for vid, out in zip(ins["outputs"], outs):
+                outs = self._run_aten(index, handle, env)
+            if len(outs) != len(writes):
+                raise HandoffError(f"{self._where(index)} returned {len(outs)} outputs, the program expects {len(writes)}")
+            for vid, out in zip(writes, outs):
                 if vid is None:
                     continue
-                out = np.asarray(out)
-                want = values[vid]
-                if out.shape != tuple(want["shape"]) or out.dtype != np.dtype(want["dtype"]):
-                    raise HandoffError(f"{where} produced {out.dtype}{list(out.shape)} for value {vid}, "
-                                       f"the program expects {want['dtype']}{want['shape']}")
+                if type(out) is not np.ndarray:
+                    out = np.asarray(out)
+                shape, dtype = expect[vid]
+                if out.shape != shape or out.dtype != dtype:
+                    raise HandoffError(f"{self._where(index)} produced {out.dtype}{list(out.shape)} for value {vid}, "
+                                       f"the program expects {dtype}{list(shape)}")
                 env[vid] = out
-        return [np.array(env[o["value"]], copy=True) for o in self.manifest["outputs"]]
+        return [np.array(env[v], copy=True) for v in self._output_ids]
 
     def _inputs(self, inputs: Sequence[Any] | Mapping[str, Any]) -> list[np.ndarray]:
-        names = [s[0] for s in self.input_specs]
+        names = [name for name, *_ in self._input_plan]
         if isinstance(inputs, Mapping):
             missing = [n for n in names if n not in inputs]
             extra = [n for n in inputs if n not in names]
@@ -144,10 +166,11 @@ class Program:
                 raise HandoffError(f"inputs by name: missing {missing or 'none'}, unknown {extra or 'none'}; "
                                    f"expected {', '.join(names)}")
             inputs = [inputs[n] for n in names]
-        inputs = list(inputs)
+        elif not isinstance(inputs, (list, tuple)):
+            inputs = list(inputs)
         if len(inputs) != len(names):
             raise HandoffError(f"program takes {len(names)} input(s) ({', '.join(names)}), got {len(inputs)}")
-        return [_to_numpy(x) for x in inputs]
+        return [x if type(x) is np.ndarray else _to_numpy(x) for x in inputs]
 
     def _run_aten(self, index: int, ins: Mapping[str, Any], env: dict[int, Any]) -> list[Any]:
         import torch

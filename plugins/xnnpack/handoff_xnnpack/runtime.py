@@ -28,11 +28,14 @@ import importlib.metadata
 import threading
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 from . import EXECUTORCH_VERSION, _format
 
 #: ExecuTorch ScalarType codes (``TensorInfo.dtype()``) -> numpy dtype names.
 _SCALAR_TYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16",
                  6: "float32", 7: "float64", 11: "bool", 15: "bfloat16"}
+_NUMPY_TYPES = {"uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64", "bool"}
 _BACKEND = "XnnpackBackend"
 _INSTALL = f"pip install executorch=={EXECUTORCH_VERSION}"
 
@@ -45,15 +48,17 @@ _LIVE = [0]
 class _Delegate:
     """One loaded delegate: the program, the .pte bytes it reads from, and its ``forward``."""
 
-    __slots__ = ("data", "program", "method", "inputs", "num_outputs")
+    __slots__ = ("data", "inputs", "method", "num_outputs", "program")
 
     def __init__(self, data: bytes, program: Any, method: Any) -> None:
         self.data, self.program, self.method = data, program, method
         meta = method.method_meta()
-        self.inputs = []
+        #: (numpy dtype, or the ScalarType's name when numpy has none; rank) of each input
+        self.inputs: list[tuple[Any, int]] = []
         for i in range(meta.num_inputs()):
             info = meta.input_tensor_meta(i)
-            self.inputs.append((_SCALAR_TYPES.get(info.dtype(), f"ScalarType {info.dtype()}"), tuple(info.sizes())))
+            name = _SCALAR_TYPES.get(info.dtype(), f"ScalarType {info.dtype()}")
+            self.inputs.append((np.dtype(name) if name in _NUMPY_TYPES else name, len(info.sizes())))
         self.num_outputs = meta.num_outputs()
 
 
@@ -142,18 +147,18 @@ class XnnpackRuntime:
         return _Delegate(data, program, method)
 
     def execute(self, handle: _Delegate, inputs: Sequence[Any]) -> list[Any]:
-        import numpy as np
-        import torch  # the binding takes and returns torch.Tensor only
-
         if len(inputs) != len(handle.inputs):
             raise ValueError(f"xnnpack: delegate takes {len(handle.inputs)} inputs, got {len(inputs)}")
+        torch = _torch()  # the binding takes and returns torch.Tensor only
         tensors = []
-        for i, (array, (dtype, shape)) in enumerate(zip(inputs, handle.inputs)):
-            array = np.asarray(array)
-            if array.dtype.name != dtype or array.ndim != len(shape):
-                raise ValueError(f"xnnpack: input {i} is {array.dtype.name}{list(array.shape)}, the delegate "
-                                 f"expects {dtype}{list(shape)}")
-            if not array.flags.c_contiguous or not array.flags.writeable:
+        for i, (array, (dtype, rank)) in enumerate(zip(inputs, handle.inputs)):
+            if type(array) is not np.ndarray:
+                array = np.asarray(array)
+            if array.dtype != dtype or array.ndim != rank:
+                raise ValueError(f"xnnpack: input {i} is {array.dtype}{list(array.shape)}, the delegate expects "
+                                 f"{dtype} of rank {rank}")
+            flags = array.flags
+            if not (flags.c_contiguous and flags.writeable):
                 array = np.array(array, order="C")  # torch.from_numpy wants a writable, dense array
             tensors.append(torch.from_numpy(array))
         with _POOL_LOCK:
@@ -161,8 +166,9 @@ class XnnpackRuntime:
                 outputs = handle.method(tensors)
             except RuntimeError as exc:
                 raise RuntimeError(f"xnnpack: ExecuTorch failed to run the delegate: {_one_line(exc)} "
-                                   f"(inputs {[list(t.shape) for t in tensors]}, expected "
-                                   f"{[list(s) for _, s in handle.inputs]})") from exc
+                                   f"(inputs {[list(t.shape) for t in tensors]})") from exc
+        # Tensor.numpy() shares the tensor's memory: the binding has copied it out of the program's
+        # planned memory already, so nothing else writes to it.
         return [out.numpy() if isinstance(out, torch.Tensor) else np.asarray(out) for out in outputs]
 
     def release(self, handle: _Delegate) -> None:
@@ -170,6 +176,14 @@ class XnnpackRuntime:
             if handle.method is not None:
                 handle.method = handle.program = handle.data = None
                 _LIVE[0] -= 1
+
+
+@functools.cache
+def _torch() -> Any:
+    """torch, imported on first use (by then loading a delegate has imported it)."""
+    import torch
+
+    return torch
 
 
 @functools.cache
