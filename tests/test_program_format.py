@@ -1,4 +1,4 @@
-"""The ``.hof`` program format 1.0 (docs/format.md): round trip, validation, hostile files, golden.
+"""The ``.hof`` program format 1.x (docs/format.md): round trip, validation, hostile files, golden.
 
 The reader must turn *any* bytes into either a valid :class:`ProgramFile` or a one-line
 :class:`ProgramFormatError` naming the field and byte offset: never another exception, a hang, or
@@ -16,6 +16,7 @@ import io
 import json
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -412,8 +413,9 @@ def corrupt(data: bytes, offset: int, fmt: str, value) -> bytes:
     [
         (0, "<8s", b"\x89HOF\r\n\x1a\x00", "header.magic", ["not a handoff program (magic is"]),
         (0, "<8s", b"PK\x03\x04\x00\x00\x00\x00", "header.magic", ["not a handoff program"]),
-        (8, "<H", 2, "header.major", ["format version 2.0 is not supported by this reader (supports 1.x)", "upgrade handoff"]),
-        (8, "<H", 0, "header.major", ["format version 0.0 is not supported"]),
+        (8, "<H", 2, "header.major", [f"format version 2.{FORMAT_MINOR} is not supported by this reader (supports 1.x)",
+                                      "upgrade handoff"]),
+        (8, "<H", 0, "header.major", [f"format version 0.{FORMAT_MINOR} is not supported"]),
         (12, "<I", 1, "header.flags", ["unknown flag bits 0x00000001"]),
         (12, "<I", 0x80000000, "header.flags", ["0x80000000"]),
         (16, "<Q", 10**6, "header.file_size", ["truncated"]),
@@ -458,9 +460,9 @@ def test_newer_minor_with_unknown_keys_is_accepted():
     m["delegates"][0]["future"] = 1
     m["instructions"][0]["future"] = None
     m["constants"][0]["future"] = []
-    data = raw_program(m, small_segments(), minor=1)
+    data = raw_program(m, small_segments(), minor=FORMAT_MINOR + 1)
     with ProgramFile.from_bytes(data) as pf:
-        assert (pf.major, pf.minor) == (1, 1)
+        assert (pf.major, pf.minor) == (1, FORMAT_MINOR + 1)
         assert pf.manifest["future_top_level"] == {"anything": [1, 2]}
         pf.verify_all()
         np.testing.assert_array_equal(constant_array(pf, 0), W)
@@ -603,6 +605,10 @@ HOSTILE = [
     (_set(["segments", 0, "offset"], 2**70), "manifest.segments[0].offset", "out of range"),
     (_set(["segments", 0, "sha256"], "AB" * 32), "manifest.segments[0].sha256", "hex"),
     (_set(["segments", 0, "sha256"], None), "manifest.segments[0].sha256", "expected a string"),
+    (_set(["segments", 0, "crc32"], -1), "manifest.segments[0].crc32", "out of range"),
+    (_set(["segments", 0, "crc32"], 2**32), "manifest.segments[0].crc32", "out of range"),
+    (_set(["segments", 0, "crc32"], "1234"), "manifest.segments[0].crc32", "expected an integer"),
+    (_set(["segments", 0, "crc32"], 1.0), "manifest.segments[0].crc32", "expected an integer"),
     (_set(["segments"], {}), "manifest.segments", "expected a list"),
 ]
 
@@ -680,8 +686,40 @@ def test_manifest_inside_a_segment():
     expect_error(bytes(data), "manifest.segments[0].offset", 128, "overlaps the manifest")
 
 
-def test_segment_sha256_checked_on_access():
-    data = bytearray(small_program())
+def test_writer_writes_crc32_and_it_is_checked_on_access():
+    data = small_program()
+    with ProgramFile.from_bytes(data) as pf:
+        assert pf.minor == FORMAT_MINOR == 1
+        table = pf.manifest["segments"]
+        assert [t["crc32"] for t in table] == [zlib.crc32(W.tobytes()), zlib.crc32(BLOB)]
+    bad = bytearray(data)
+    bad[192] ^= 0xFF  # first byte of the delegate blob (segment 1)
+    with ProgramFile.from_bytes(bytes(bad), name="t.hof") as pf:
+        np.testing.assert_array_equal(constant_array(pf, 0), W)
+        for _ in range(2):  # a failed check is not cached as a pass
+            with pytest.raises(ProgramFormatError) as info:
+                pf.segment(1)
+            assert "segments[1].crc32 at offset 192: does not match the segment's bytes (file corrupted)" in str(info.value)
+
+
+def test_verify_all_checks_sha256_where_first_use_checks_crc32():
+    """Bytes changed together with their crc32 (not an accident: CRC-32 is no defence against
+    a deliberate change) pass the first-use check, and verify_all's SHA-256 still catches them."""
+    m = small_manifest()
+    blob = b"Y" + BLOB[1:]
+    m["segments"] = [
+        {"offset": 128, "length": 24, "sha256": hashlib.sha256(W.tobytes()).hexdigest(), "crc32": zlib.crc32(W.tobytes())},
+        {"offset": 192, "length": len(BLOB), "sha256": hashlib.sha256(BLOB).hexdigest(), "crc32": zlib.crc32(blob)},
+    ]
+    with ProgramFile.from_bytes(raw_program(m, [W.tobytes(), blob], minor=1), name="t.hof") as pf:
+        assert bytes(pf.segment(1)) == blob
+        with pytest.raises(ProgramFormatError, match=r"segments\[1\]\.sha256 at offset 192"):
+            pf.verify_all()
+
+
+def test_segment_sha256_checked_on_access_without_crc32():
+    """A 1.0 file (no crc32 in its segments table): SHA-256 on first use."""
+    data = bytearray(raw_program(small_manifest(), small_segments()))
     data[192] ^= 0xFF  # first byte of the delegate blob (segment 1)
     with ProgramFile.from_bytes(bytes(data), name="t.hof") as pf:
         np.testing.assert_array_equal(constant_array(pf, 0), W)
@@ -967,10 +1005,19 @@ def test_golden_file_from_bytes_and_every_truncation():
             ProgramFile.from_bytes(data[:n])
 
 
-@pytest.mark.skipif(FORMAT_MINOR != 0, reason="the writer now writes a newer 1.x; the file must still read")
-def test_writer_reproduces_golden_file():
+def test_writer_reproduces_golden_file_but_for_the_1_1_additions():
+    """Today's writer, given the golden file's contents, writes the golden file with the minor
+    version and the segments' crc32 (format 1.1) as the only differences."""
     spec = importlib.util.spec_from_file_location("make_golden", DATA / "make_golden.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     manifest, segments, alignment = mod.build()
-    assert program_bytes(manifest, segments, alignment=alignment) == GOLDEN.read_bytes()
+    data = program_bytes(manifest, segments, alignment=alignment)
+    golden = GOLDEN.read_bytes()
+    with ProgramFile.from_bytes(data) as new, ProgramFile.from_bytes(golden) as old:
+        assert (new.major, new.minor, old.major, old.minor) == (1, 1, 1, 0)
+        assert [{k: v for k, v in s.items() if k != "crc32"} for s in new.manifest["segments"]] == old.manifest["segments"]
+        assert [s["crc32"] for s in new.manifest["segments"]] == [zlib.crc32(bytes(old.segment(i))) for i in range(len(old))]
+        assert {k: v for k, v in new.manifest.items() if k != "segments"} == \
+            {k: v for k, v in old.manifest.items() if k != "segments"}
+        assert data[HEADER_SIZE:new.manifest_offset] == golden[HEADER_SIZE:old.manifest_offset]
