@@ -692,14 +692,22 @@ def test_writer_writes_crc32_and_it_is_checked_on_access():
         assert pf.minor == FORMAT_MINOR == 1
         table = pf.manifest["segments"]
         assert [t["crc32"] for t in table] == [zlib.crc32(W.tobytes()), zlib.crc32(BLOB)]
+    assert_segment_1_damage_caught(data, "crc32")
+
+
+def assert_segment_1_damage_caught(data: bytes, field: str) -> None:
+    """Flip the first byte of segment 1 (the delegate blob): using it fails, naming ``field``,
+    every time (a failed check is not cached as a pass); segment 0 still reads."""
     bad = bytearray(data)
-    bad[192] ^= 0xFF  # first byte of the delegate blob (segment 1)
+    bad[192] ^= 0xFF
     with ProgramFile.from_bytes(bytes(bad), name="t.hof") as pf:
         np.testing.assert_array_equal(constant_array(pf, 0), W)
-        for _ in range(2):  # a failed check is not cached as a pass
+        for _ in range(2):
             with pytest.raises(ProgramFormatError) as info:
                 pf.segment(1)
-            assert "segments[1].crc32 at offset 192: does not match the segment's bytes (file corrupted)" in str(info.value)
+            assert f"segments[1].{field} at offset 192: does not match the segment's bytes (file corrupted)" in str(info.value)
+        with pytest.raises(ProgramFormatError):
+            pf.verify_all()
 
 
 def test_verify_all_checks_sha256_where_first_use_checks_crc32():
@@ -719,16 +727,7 @@ def test_verify_all_checks_sha256_where_first_use_checks_crc32():
 
 def test_segment_sha256_checked_on_access_without_crc32():
     """A 1.0 file (no crc32 in its segments table): SHA-256 on first use."""
-    data = bytearray(raw_program(small_manifest(), small_segments()))
-    data[192] ^= 0xFF  # first byte of the delegate blob (segment 1)
-    with ProgramFile.from_bytes(bytes(data), name="t.hof") as pf:
-        np.testing.assert_array_equal(constant_array(pf, 0), W)
-        for _ in range(2):  # a failed check is not cached as a pass
-            with pytest.raises(ProgramFormatError) as info:
-                pf.segment(1)
-            assert "segments[1].sha256 at offset 192:" in str(info.value)
-        with pytest.raises(ProgramFormatError):
-            pf.verify_all()
+    assert_segment_1_damage_caught(raw_program(small_manifest(), small_segments()), "sha256")
 
 
 def test_bool_constant_holding_other_bytes():
