@@ -63,6 +63,17 @@ def _tensor_bytes(t: Any) -> bytes:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+def _placeholder_types(ep: Any) -> str:
+    """Dtype and shape of every placeholder (inputs and weights): ``str(graph)`` shows neither,
+    and the same ops on other shapes may lower to another blob (TVM specialises on them)."""
+    types = []
+    for node in ep.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            types.append(f"{node.name}:{getattr(val, 'dtype', type(val).__name__)}{list(getattr(val, 'shape', ()))}")
+    return ";".join(types)
+
+
 def _weights(ep: Any) -> dict[str, tuple[str, Any]]:
     """placeholder name -> (kind, tensor) for parameters, buffers and lifted constants."""
     sig = ep.graph_signature
@@ -148,7 +159,8 @@ class Lowerer:
             extra = compiler.cache_key() if hasattr(compiler, "cache_key") else ""
             cache_key = LoweringCache.key(part.backend, self.versions[part.backend], extra,
                                           json.dumps(dict(self.options.get(part.backend, {})), sort_keys=True),
-                                          str(sub.graph), *(_tensor_bytes(t) for _, t in sorted(sub.state_dict.items())),
+                                          str(sub.graph), _placeholder_types(sub),
+                                          *(_tensor_bytes(t) for _, t in sorted(sub.state_dict.items())),
                                           *(_tensor_bytes(t) for _, t in sorted(sub.constants.items())
                                             if hasattr(t, "dtype")))
             hit = self.cache.get(cache_key)

@@ -92,6 +92,18 @@ def test_lowering_cache_hits_on_second_run(sink_plugins):
     assert first.to_bytes() == second.to_bytes()
 
 
+def test_lowering_cache_key_includes_shapes(sink_plugins):
+    """The same graph on inputs of another shape is another blob (a backend may specialise on
+    shapes, as TVM does), though str(graph) reads the same."""
+    model, (x,) = _net_inputs()
+    first = handoff.partition(model, (x,), backends=["sink"], fallback=False)
+    wider = handoff.partition(model, (torch.randn(3, 8),), backends=["sink"], fallback=False)
+    assert first.report.stats["sink"].partitions == wider.report.stats["sink"].partitions > 0
+    assert wider.report.stats["sink"].cached_partitions == 0
+    again = handoff.partition(model, (torch.randn(3, 8),), backends=["sink"], fallback=False)
+    assert again.report.stats["sink"].cached_partitions == again.report.stats["sink"].partitions
+
+
 def test_no_fallback_error_lists_reasons(sink_plugins):
     model, inputs = _net_inputs()
     with pytest.raises(HandoffError) as err:

@@ -1,8 +1,8 @@
 """ATen rewrites that express ops XNNPACK has no kernel for with ops it has.
 
 ExecuTorch's XNNPACK partitioner declines ``native_layer_norm``, ``expand_copy``, ``squeeze_copy``,
-``select_copy``, ``unsqueeze_copy`` except on the last dim, and ``mean.dim`` except over the two
-innermost dims of a 4-D tensor with ``keepdim``. A transformer block is full of them, so without
+``select_copy``, ``sum``, ``unsqueeze_copy`` except on the last dim, and ``mean.dim`` except over
+the two innermost dims of a 4-D tensor with ``keepdim``. A transformer block is full of them, so without
 rewrites its XNNPACK regions are cut into a dozen delegates with other kernels in between, and
 every cut costs a trip through the host. ExecuTorch's own XNNPACK passes do the same kind of
 rewrite for other ops (``Conv1dUnsqueezePass`` turns a 1-D conv into a 2-D one,
@@ -34,13 +34,13 @@ import torch
 aten = torch.ops.aten
 
 
-def _row_mean(rows: torch.Tensor) -> torch.Tensor:
-    """Mean over the last dim of a 2-D ``[n, d]`` tensor, as ``[n, 1]``: a fully-connected layer
-    with one output and weights ``1/d``. (XNNPACK's own mean, global average pooling over the
-    innermost two dims of ``[1, n, d, 1]``, needs a transpose to NHWC on each side: the zoo
-    transformer loads 15% and runs 5% slower with it.)"""
+def _row_mean(rows: torch.Tensor, weight: float | None = None) -> torch.Tensor:
+    """Mean (or, with ``weight=1``, sum) over the last dim of a 2-D ``[n, d]`` tensor, as
+    ``[n, 1]``: a fully-connected layer with one output and weights ``1/d``. (XNNPACK's own mean,
+    global average pooling over the innermost two dims of ``[1, n, d, 1]``, needs a transpose to
+    NHWC on each side: the zoo transformer loads 15% and runs 5% slower with it.)"""
     d = rows.shape[1]
-    return torch.nn.functional.linear(rows, torch.full((1, d), 1.0 / d, dtype=rows.dtype))
+    return torch.nn.functional.linear(rows, torch.full((1, d), 1.0 / d if weight is None else weight, dtype=rows.dtype))
 
 
 def _constant(value: float, dtype: torch.dtype) -> torch.Tensor:
@@ -84,19 +84,29 @@ def _layer_norm(x: torch.Tensor, normalized_shape: Sequence[int], weight: torch.
     return out, mean.reshape(stat_shape), rstd.reshape(stat_shape)
 
 
-def _mean(x: torch.Tensor, dim: Sequence[int] | None, keepdim: bool = False, *, dtype: Any = None) -> Any:
+def _reduce(x: torch.Tensor, dim: Sequence[int] | None, keepdim: bool, dtype: Any, weight: float | None) -> Any:
+    """``mean`` (``weight=None``) or ``sum`` (``weight=1``) over ``dim``: the reduced dims moved
+    last, flattened into rows, and :func:`_row_mean`."""
     if dtype is not None or x.dim() == 0 or x.numel() == 0 or not x.dtype.is_floating_point:
         return NotImplemented
     reduced = sorted({d % x.dim() for d in dim}) if dim else list(range(x.dim()))
-    if x.dim() == 4 and reduced == [2, 3] and keepdim:
+    if weight is None and x.dim() == 4 and reduced == [2, 3] and keepdim:
         return NotImplemented  # XNNPACK's own case
     kept = [i for i in range(x.dim()) if i not in reduced]
     order = kept + reduced
     moved = x if order == list(range(x.dim())) else x.permute(order)
     n = math.prod(x.shape[i] for i in kept)
-    out = _row_mean(moved.reshape(n, math.prod(x.shape[i] for i in reduced)))
+    out = _row_mean(moved.reshape(n, math.prod(x.shape[i] for i in reduced)), weight)
     shape = [1 if i in reduced else x.shape[i] for i in range(x.dim())] if keepdim else [x.shape[i] for i in kept]
     return out.reshape(shape)
+
+
+def _mean(x: torch.Tensor, dim: Sequence[int] | None, keepdim: bool = False, *, dtype: Any = None) -> Any:
+    return _reduce(x, dim, keepdim, dtype, None)
+
+
+def _sum(x: torch.Tensor, dim: Sequence[int] | None, keepdim: bool = False, *, dtype: Any = None) -> Any:
+    return _reduce(x, dim, keepdim, dtype, 1.0)
 
 
 def _squeezed_shape(x: torch.Tensor, dims: Sequence[int]) -> list[int]:
@@ -140,6 +150,7 @@ def _expand(x: torch.Tensor, size: Sequence[int], *, implicit: bool = False) -> 
 DECOMPOSITIONS: dict[Any, Callable[..., Any]] = {
     aten.native_layer_norm.default: _layer_norm,
     aten.mean.dim: _mean,
+    aten.sum.dim_IntList: _sum,
     aten.squeeze.dims: _squeeze_dims,
     aten.squeeze.dim: _squeeze_dim,
     aten.squeeze.default: _squeeze,

@@ -88,7 +88,7 @@ class EncoderBlock(nn.Module):
 
 class PreNormEncoder(nn.Module):
     """A pre-norm encoder layer as people write it: nn.LayerNorm, packed qkv split by unbind, 4-D
-    matmuls, an unsqueeze/squeeze pair and mean pooling over the sequence. Every one of those has
+    matmuls, an unsqueeze/squeeze pair, mean and sum pooling over the sequence. Every one of those has
     no XNNPACK kernel as it is in ExecuTorch 1.5.1; handoff_xnnpack.rewrites makes them XNNPACK ops.
     ``act`` is GELU in fp32 and ReLU in fp16 (XNNPACK's GELU is fp32 only)."""
 
@@ -109,7 +109,7 @@ class PreNormEncoder(nn.Module):
         att = torch.softmax(q @ k.transpose(-2, -1) * self.dh ** -0.5, dim=-1)
         x = x + self.o((att @ v).transpose(1, 2).reshape(b, t, d))
         x = x + self.ff2(self.act(self.ff1(self.n2(x)))).unsqueeze(1).squeeze(1)
-        return self.n3(x).mean(dim=1)
+        return self.n3(x).mean(dim=1) + x.sum(dim=1) * 0.05
 
 
 class WithCumsum(nn.Module):
@@ -264,7 +264,7 @@ def test_rewrites_leave_nothing_xnnpack_lacks(compiler):
     """The encoder holds every rewritten op; after rewrite() none of them is left."""
     ep = export(compiler, PreNormEncoder(), torch.randn(2, 8, 32))
     lacking = {torch.ops.aten.native_layer_norm.default, torch.ops.aten.expand.default, torch.ops.aten.mean.dim,
-               torch.ops.aten.squeeze.dims}
+               torch.ops.aten.squeeze.dims, torch.ops.aten.sum.dim_IntList}
     assert lacking <= {node.target for node in call_nodes(ep).values()}
     before = str(ep.graph)
     rewritten = rewrite(ep)
@@ -273,7 +273,7 @@ def test_rewrites_leave_nothing_xnnpack_lacks(compiler):
     assert torch.ops.aten.full.default not in {node.target for node in call_nodes(rewritten).values()}
 
 
-@pytest.mark.parametrize("case", ["mean_all", "mean_keepdim", "mean_4d_hw", "select", "squeeze_all",
+@pytest.mark.parametrize("case", ["mean_all", "mean_keepdim", "mean_4d_hw", "sum_dims", "select", "squeeze_all",
                                   "unsqueeze_mid", "layer_norm_2d_shape", "layer_norm_no_affine"])
 def test_rewrites_match_eager(case, compiler):
     """Each rewrite computes what the op computes (run through torch, before XNNPACK)."""
@@ -283,6 +283,7 @@ def test_rewrites_match_eager(case, compiler):
         "mean_all": lambda x: x.mean(dim=[0, 1, 2]),
         "mean_keepdim": lambda x: x.mean(dim=[0, 2], keepdim=True),
         "mean_4d_hw": lambda x: x.mean(dim=[2, 3]),
+        "sum_dims": lambda x: x.sum(dim=[0, 2]) + x.sum(dim=-1, keepdim=True).sum(),
         "select": lambda x: x[:, -1] + x.select(2, 1).sum(),
         "squeeze_all": lambda x: x[:1].squeeze() * 2,
         "unsqueeze_mid": lambda x: x.unsqueeze(1) * 2,
