@@ -35,11 +35,11 @@ aten = torch.ops.aten
 
 
 def _row_mean(rows: torch.Tensor, weight: float | None = None) -> torch.Tensor:
-    """Mean (or, with ``weight=1``, sum) over the last dim of a 2-D ``[n, d]`` tensor, as
-    ``[n, 1]``: a fully-connected layer with one output and weights ``1/d``. (XNNPACK's own mean,
-    global average pooling over the innermost two dims of ``[1, n, d, 1]``, needs a transpose to
-    NHWC on each side: the zoo transformer loads 15% and runs 5% slower with it.)"""
-    d = rows.shape[1]
+    """Mean (or, with ``weight=1``, sum) over the last dim of ``rows``, kept as a dim of size 1: a
+    fully-connected layer with one output and weights ``1/d``, which takes any rank. (XNNPACK's
+    own mean, global average pooling over the innermost two dims of ``[1, n, d, 1]``, needs a
+    transpose to NHWC on each side: the zoo transformer loads 15% and runs 5% slower with it.)"""
+    d = rows.shape[-1]
     return torch.nn.functional.linear(rows, torch.full((1, d), 1.0 / d if weight is None else weight, dtype=rows.dtype))
 
 
@@ -70,11 +70,14 @@ def _layer_norm(x: torch.Tensor, normalized_shape: Sequence[int], weight: torch.
     if not x.dtype.is_floating_point or x.numel() == 0:
         return NotImplemented
     d = math.prod(normalized_shape)
-    rows = x.reshape(x.numel() // d, d)
+    # over the last dim as it is (the usual case), or over the normalized dims flattened into one
+    rows = x if len(normalized_shape) == 1 else x.reshape(x.numel() // d, d)
     mean = _row_mean(rows)
     centred = rows - mean
     rstd = torch.rsqrt(_row_mean(centred * centred) + _constant(eps, x.dtype))
-    out = (centred * rstd).reshape(x.shape)
+    out = centred * rstd
+    if len(normalized_shape) != 1:
+        out = out.reshape(x.shape)
     if weight is not None:
         out = out * weight
     if bias is not None:
@@ -93,12 +96,14 @@ def _reduce(x: torch.Tensor, dim: Sequence[int] | None, keepdim: bool, dtype: An
     if weight is None and x.dim() == 4 and reduced == [2, 3] and keepdim:
         return NotImplemented  # XNNPACK's own case
     kept = [i for i in range(x.dim()) if i not in reduced]
+    shape = [1 if i in reduced else x.shape[i] for i in range(x.dim())] if keepdim else [x.shape[i] for i in kept]
+    if reduced == [x.dim() - 1]:  # the last dim: no data movement
+        out = _row_mean(x, weight)
+        return out if keepdim else out.reshape(shape)
     order = kept + reduced
     moved = x if order == list(range(x.dim())) else x.permute(order)
     n = math.prod(x.shape[i] for i in kept)
-    out = _row_mean(moved.reshape(n, math.prod(x.shape[i] for i in reduced)), weight)
-    shape = [1 if i in reduced else x.shape[i] for i in range(x.dim())] if keepdim else [x.shape[i] for i in kept]
-    return out.reshape(shape)
+    return _row_mean(moved.reshape(n, math.prod(x.shape[i] for i in reduced)), weight).reshape(shape)
 
 
 def _mean(x: torch.Tensor, dim: Sequence[int] | None, keepdim: bool = False, *, dtype: Any = None) -> Any:

@@ -283,7 +283,7 @@ def test_rewrites_match_eager(case, compiler):
         "mean_all": lambda x: x.mean(dim=[0, 1, 2]),
         "mean_keepdim": lambda x: x.mean(dim=[0, 2], keepdim=True),
         "mean_4d_hw": lambda x: x.mean(dim=[2, 3]),
-        "sum_dims": lambda x: x.sum(dim=[0, 2]) + x.sum(dim=-1, keepdim=True).sum(),
+        "sum_dims": lambda x: x.sum(dim=[0, 2]) + x.sum(dim=-1, keepdim=True).sum() + x.mean(-1).sum(),
         "select": lambda x: x[:, -1] + x.select(2, 1).sum(),
         "squeeze_all": lambda x: x[:1].squeeze() * 2,
         "unsqueeze_mid": lambda x: x.unsqueeze(1) * 2,
