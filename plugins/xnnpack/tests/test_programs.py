@@ -104,3 +104,48 @@ def test_model_split_around_an_op_xnnpack_lacks(plugins):
     with handoff.load(result.to_bytes()) as program:
         assert [d["backend"] for d in program.manifest["delegates"]] == ["xnnpack", "tvm", "xnnpack"]
         check_against_eager(program, model, [((2, 6, 16), "float32")])
+
+
+class TorchEncoder(nn.Module):
+    """nn.TransformerEncoder (4 heads over 7 tokens) with a head on the first token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder, self.head = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.encoder(x)[:, 0])
+
+
+class TorchAttention(nn.Module):
+    """nn.MultiheadAttention (2 heads over 5 tokens) and a LayerNorm: the same attention graph as
+    TorchEncoder's on other shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention, self.norm = nn.MultiheadAttention(16, 2, batch_first=True), nn.LayerNorm(16)
+
+    def forward(self, x):
+        return self.norm(self.attention(x, x, x, need_weights=False)[0] + x)
+
+
+@pytest.mark.parametrize("model,shape", [(TorchEncoder, (1, 7, 32)), (TorchAttention, (1, 5, 16))],
+                         ids=["TransformerEncoder", "MultiheadAttention"])
+def test_torch_attention_modules(model, shape, plugins):
+    """torch's own attention modules: XNNPACK takes all but the NaN guard of the attention's
+    decomposition (eq/logical_not/any/where, no XNNPACK kernel), which TVM runs. Both share one
+    HANDOFF_HOME, so the guard's TVM partition, the same graph on other shapes, must not be
+    reused across them (the lowering cache keys on shapes)."""
+    torch.manual_seed(0)
+    model = model().eval()
+    with torch.no_grad():
+        for norm in (m for m in model.modules() if isinstance(m, nn.LayerNorm)):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    result = handoff.partition(model, (torch.randn(shape),), backends=["xnnpack", "tvm"])
+    report = result.report
+    assert report.coverage("xnnpack") > 80.0 and report.stats["aten"].nodes == 0
+    assert {d["op"] for d in report.declined} >= {"aten.where.self", "aten.any.dim"}
+    assert all(d["reasons"]["xnnpack"].startswith("XNNPACK has no kernel for") for d in report.declined)
+    check_against_eager(result.to_bytes(), model, [(shape, "float32")])
