@@ -1,14 +1,16 @@
 """The ahead-of-time half of the ``xnnpack`` backend: ExecuTorch 1.5.1's XNNPACK toolchain.
 
-Capability is XNNPACK's own: :meth:`XnnpackCompiler.support` converts a copy of the program to
-ExecuTorch's Edge dialect exactly as ``to_edge_transform_and_lower`` does, lets
+Capability is XNNPACK's own: :meth:`XnnpackCompiler.support` rewrites ops XNNPACK has no kernel
+for into ops it has (:mod:`handoff_xnnpack.rewrites`, the same rewrites lowering applies),
+converts that copy of the program to ExecuTorch's Edge dialect exactly as
+``to_edge_transform_and_lower`` does, lets
 ``XnnpackPartitioner`` (its per-op ``PartitionerConfig`` classes and their ``check_constraints``)
 tag what it would delegate, and maps the tags back to the ATen nodes through torch.fx's
 ``from_node`` provenance. For each node it declines, the reason is the one the config reports
 through executorch's ``WhyNoPartition`` logger (``"Add node doesn't support alpha != 1"``), or
 "XNNPACK has no kernel for OP" when no config exists for the op.
 
-Lowering (:meth:`XnnpackCompiler.preprocess`) is ``to_edge_transform_and_lower`` with
+Lowering (:meth:`XnnpackCompiler.preprocess`) is the rewrites, then ``to_edge_transform_and_lower`` with
 ``XnnpackPartitioner`` and then ``to_executorch``: the blob is the resulting ``.pte``, which must
 hold exactly one ``XnnpackBackend`` delegate call and no other kernel.
 """
@@ -142,8 +144,8 @@ class XnnpackCompiler:
                         reasons[enode] = _why_declined(enode, edge, partitioner)
                     verdict[name] = reasons[enode]
                     break
-        # Nothing of an identity runs wherever it lands: XNNPACK takes it when a neighbour runs on
-        # XNNPACK (so it joins that partition), so it never makes a partition of its own.
+        # Nothing of an identity runs wherever it lands. XNNPACK takes it only when a neighbour runs
+        # on XNNPACK (it then joins that partition), so it never makes a partition of its own.
         alone = [name for name in identities if not any(
             verdict.get(n.name, "not judged") is None for n in (*aten_nodes[name].all_input_nodes, *aten_nodes[name].users))]
         for name in identities:
