@@ -779,26 +779,18 @@ class ProgramFile:
         """
         view = self._segment_view(i)
         if i not in self._verified:
-            offset, _, digest, crc = self._segments[i]
-            if crc is not None:
-                self._check(view, i, "crc32", zlib.crc32(view) == crc)
-            else:
-                self._check(view, i, "sha256", hashlib.sha256(view).hexdigest() == digest)
-            self._verified.add(i)
+            self._verify(i, view, strong=False)
         return view
 
     def verify_all(self) -> None:
         """Check every segment's ``sha256`` (and ``crc32``) now: the strong check, which
         :meth:`segment` leaves to CRC-32 where the file has one."""
-        for i, (_, _, digest, crc) in enumerate(self._segments):
+        for i in range(len(self._segments)):
             view = self._segment_view(i)
             try:
-                if crc is not None:
-                    self._check(view, i, "crc32", zlib.crc32(view) == crc)
-                self._check(view, i, "sha256", hashlib.sha256(view).hexdigest() == digest)
+                self._verify(i, view, strong=True)
             finally:
                 view.release()
-            self._verified.add(i)
 
     def _segment_view(self, i: int) -> memoryview:
         if self._view is None:
@@ -809,11 +801,20 @@ class ProgramFile:
         offset, length, _, _ = self._segments[i]
         return self._view[offset : offset + length]
 
-    def _check(self, view: memoryview, i: int, field: str, ok: bool) -> None:
-        if not ok:
+    def _verify(self, i: int, view: memoryview, strong: bool) -> None:
+        """Check segment ``i``'s bytes: its crc32 when it has one, and its sha256 when ``strong`` or
+        when it has no crc32. Releases ``view`` before raising."""
+        offset, _, digest, crc = self._segments[i]
+        failed = None
+        if crc is not None and zlib.crc32(view) != crc:
+            failed = "crc32"
+        elif (strong or crc is None) and hashlib.sha256(view).hexdigest() != digest:
+            failed = "sha256"
+        if failed:
             view.release()
-            raise ProgramFormatError(self.name, f"segments[{i}].{field}", self._segments[i][0],
+            raise ProgramFormatError(self.name, f"segments[{i}].{failed}", offset,
                                      "does not match the segment's bytes (file corrupted)")
+        self._verified.add(i)
 
     # -- lifetime
     @property

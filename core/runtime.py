@@ -170,7 +170,7 @@ class Program:
             inputs = list(inputs)
         if len(inputs) != len(names):
             raise HandoffError(f"program takes {len(names)} input(s) ({', '.join(names)}), got {len(inputs)}")
-        return [x if type(x) is np.ndarray else _to_numpy(x) for x in inputs]
+        return [_to_numpy(x) for x in inputs]
 
     def _run_aten(self, index: int, ins: Mapping[str, Any], env: dict[int, Any]) -> list[Any]:
         import torch

@@ -18,6 +18,7 @@ hold exactly one ``XnnpackBackend`` delegate call and no other kernel.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -81,11 +82,7 @@ class XnnpackCompiler:
     def cache_key(self) -> str:
         """The toolchain behind a blob besides options and plugin version: ExecuTorch, torch, the
         blob format, and this plugin's lowering code (the rewrites change what a graph lowers to)."""
-        code = hashlib.sha256()
-        for module in (rewrites, sys.modules[__name__]):
-            code.update(Path(module.__file__).read_bytes())
-        return json.dumps({"executorch": metadata.version("executorch"), "torch": torch.__version__,
-                           "blob_format": _format.FORMAT_VERSION, "code": code.hexdigest()}, sort_keys=True)
+        return _toolchain_key()
 
     # -- decomposition ------------------------------------------------------------------------
     def ops_to_not_decompose(self) -> Sequence[torch._ops.OpOverload]:
@@ -223,6 +220,16 @@ class XnnpackCompiler:
 
 
 # -- helpers --------------------------------------------------------------------------------------
+@functools.cache
+def _toolchain_key() -> str:
+    """:meth:`XnnpackCompiler.cache_key`, computed once per process (it reads two source files)."""
+    code = hashlib.sha256()
+    for module in (rewrites, sys.modules[__name__]):
+        code.update(Path(module.__file__).read_bytes())
+    return json.dumps({"executorch": metadata.version("executorch"), "torch": torch.__version__,
+                       "blob_format": _format.FORMAT_VERSION, "code": code.hexdigest()}, sort_keys=True)
+
+
 def _edge_program(ep: torch.export.ExportedProgram, partitioner: XnnpackPartitioner) -> torch.export.ExportedProgram:
     """``ep`` in Edge dialect, converted exactly as ``to_edge_transform_and_lower`` converts it
     before partitioning (same preserved ops, same compile config). ``ep`` itself is not changed."""

@@ -50,7 +50,7 @@ def _constant(value: float, dtype: torch.dtype) -> torch.Tensor:
     return torch.full((), value, dtype=dtype)
 
 
-def _scalar_as_tensor(op: Any, tensor_op: Any, always: bool) -> Callable[..., Any]:
+def _scalar_as_tensor(tensor_op: Any, always: bool) -> Callable[..., Any]:
     """``op(x, number, ...)`` on a floating ``x`` -> ``tensor_op(x, constant, ...)`` with the
     number as a constant of ``x``'s dtype (see :func:`_constant`). ``always``: for the ``.Scalar``
     overloads, which XNNPACK has no config for; otherwise only for float16/bfloat16 ``x``."""
@@ -162,9 +162,9 @@ DECOMPOSITIONS: dict[Any, Callable[..., Any]] = {
     aten.unsqueeze.default: _unsqueeze,
     aten.select.int: _select,
     aten.expand.default: _expand,
-    **{getattr(aten, name).Tensor: _scalar_as_tensor(getattr(aten, name).Tensor, getattr(aten, name).Tensor, False)
+    **{getattr(aten, name).Tensor: _scalar_as_tensor(getattr(aten, name).Tensor, False)
        for name in ("add", "sub", "mul", "div")},
-    **{getattr(aten, name).Scalar: _scalar_as_tensor(getattr(aten, name).Scalar, getattr(aten, name).Tensor, True)
+    **{getattr(aten, name).Scalar: _scalar_as_tensor(getattr(aten, name).Tensor, True)
        for name in ("add", "sub", "mul", "div")},
 }
 

@@ -35,7 +35,7 @@ from . import EXECUTORCH_VERSION, _format
 #: ExecuTorch ScalarType codes (``TensorInfo.dtype()``) -> numpy dtype names.
 _SCALAR_TYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16",
                  6: "float32", 7: "float64", 11: "bool", 15: "bfloat16"}
-_NUMPY_TYPES = {"uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64", "bool"}
+_NUMPY_TYPES = set(_SCALAR_TYPES.values()) - {"bfloat16"}
 _BACKEND = "XnnpackBackend"
 _INSTALL = f"pip install executorch=={EXECUTORCH_VERSION}"
 
@@ -53,12 +53,12 @@ class _Delegate:
     def __init__(self, data: bytes, program: Any, method: Any) -> None:
         self.data, self.program, self.method = data, program, method
         meta = method.method_meta()
-        #: (numpy dtype, or the ScalarType's name when numpy has none; rank) of each input
-        self.inputs: list[tuple[Any, int]] = []
+        #: (numpy dtype, or the ScalarType's name when numpy has none; shape) of each input
+        self.inputs: list[tuple[Any, tuple[int, ...]]] = []
         for i in range(meta.num_inputs()):
             info = meta.input_tensor_meta(i)
             name = _SCALAR_TYPES.get(info.dtype(), f"ScalarType {info.dtype()}")
-            self.inputs.append((np.dtype(name) if name in _NUMPY_TYPES else name, len(info.sizes())))
+            self.inputs.append((np.dtype(name) if name in _NUMPY_TYPES else name, tuple(info.sizes())))
         self.num_outputs = meta.num_outputs()
 
 
@@ -151,12 +151,11 @@ class XnnpackRuntime:
             raise ValueError(f"xnnpack: delegate takes {len(handle.inputs)} inputs, got {len(inputs)}")
         torch = _torch()  # the binding takes and returns torch.Tensor only
         tensors = []
-        for i, (array, (dtype, rank)) in enumerate(zip(inputs, handle.inputs)):
-            if type(array) is not np.ndarray:
-                array = np.asarray(array)
-            if array.dtype != dtype or array.ndim != rank:
+        for i, (array, (dtype, shape)) in enumerate(zip(inputs, handle.inputs)):
+            array = np.asarray(array)
+            if array.dtype != dtype or array.ndim != len(shape):
                 raise ValueError(f"xnnpack: input {i} is {array.dtype}{list(array.shape)}, the delegate expects "
-                                 f"{dtype} of rank {rank}")
+                                 f"{dtype}{list(shape)}")
             flags = array.flags
             if not (flags.c_contiguous and flags.writeable):
                 array = np.array(array, order="C")  # torch.from_numpy wants a writable, dense array
@@ -166,7 +165,8 @@ class XnnpackRuntime:
                 outputs = handle.method(tensors)
             except RuntimeError as exc:
                 raise RuntimeError(f"xnnpack: ExecuTorch failed to run the delegate: {_one_line(exc)} "
-                                   f"(inputs {[list(t.shape) for t in tensors]})") from exc
+                                   f"(inputs {[list(t.shape) for t in tensors]}, expected "
+                                   f"{[list(s) for _, s in handle.inputs]})") from exc
         # Tensor.numpy() shares the tensor's memory: the binding has copied it out of the program's
         # planned memory already, so nothing else writes to it.
         return [out.numpy() if isinstance(out, torch.Tensor) else np.asarray(out) for out in outputs]

@@ -317,6 +317,21 @@ def test_rewritten_op_declined_with_the_reason_for_the_op_it_became(compiler):
     assert verdict[select].startswith("aten.slice_copy.Tensor: invalid dtype int64")
 
 
+def test_identity_between_declined_ops_is_declined(compiler):
+    """An expand to its own shape is rewritten to nothing; with no XNNPACK neighbour it would be
+    a partition of its own, so it is declined, saying why."""
+
+    class M(nn.Module):
+        def forward(self, x):
+            return torch.cumsum(torch.cumsum(x, 1).expand(2, 8), 1)
+
+    ep = export(compiler, M(), torch.randn(2, 8))
+    verdict = compiler.support(ep)
+    (expand,) = [n for n, node in call_nodes(ep).items() if node.target == torch.ops.aten.expand.default]
+    assert verdict[expand] == ("aten.expand.default: an identity here (XNNPACK drops it), but neither its input "
+                               "nor its users run on XNNPACK")
+
+
 def test_cache_key_names_the_toolchain(compiler):
     key = json.loads(compiler.cache_key())
     assert key["executorch"] == EXECUTORCH_VERSION and key["blob_format"] == _format.FORMAT_VERSION
