@@ -13,6 +13,11 @@ On the device (needs neither torch nor a compiler)::
 
 Importing ``handoff`` (or ``handoff.runtime``) does not import torch: the ahead-of-time API
 below is resolved lazily, on first use.
+
+The public API, for users and plugin authors alike, is what ``__all__`` lists here, plus the
+modules :mod:`handoff.blob` (the delegate envelope), :mod:`handoff.testing` (checks against eager
+PyTorch) and :mod:`handoff.tvm` (TVM's Relax importer, for backends that generate code with TVM).
+Plugins import nothing else from handoff (a test checks the plugins in this repository).
 """
 
 from __future__ import annotations
@@ -21,18 +26,30 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from .backend import BackendSpec, Compiler, Lowered, LoweringError, Runtime  # noqa: E402
-from .errors import HandoffError, ProgramFormatError  # noqa: E402
+from .backend import (  # noqa: E402
+    HOST_MEMORY,
+    PLUGIN_API_VERSION,
+    BackendSpec,
+    Compiler,
+    Lowered,
+    LoweringError,
+    Option,
+    Runtime,
+)
+from .errors import HandoffError, ProgramFormatError, one_line  # noqa: E402
 from .hookspecs import hookimpl, hookspec  # noqa: E402
 from .plugins import Plugins, get_plugins  # noqa: E402
 from .runtime import Program, load  # noqa: E402
 from .zoo import ResolvedModel, ZooModel  # noqa: E402
 
+# The ahead-of-time API (imports torch when used) and the helpers plugins may use.
 _LAZY = {
     "partition": ("pipeline", "partition"),
     "PartitionResult": ("pipeline", "PartitionResult"),
     "Limits": ("partitioner", "Limits"),
     "Report": ("report", "Report"),
+    "extract_partition": ("lower", "extract_partition"),
+    "cache_dir": ("cache", "cache_dir"),
 }
 
 
@@ -45,6 +62,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'handoff' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "BackendSpec", "Compiler", "HandoffError", "Limits", "Lowered", "LoweringError",
-           "PartitionResult", "Plugins", "Program", "ProgramFormatError", "Report", "ResolvedModel", "Runtime",
-           "ZooModel", "get_plugins", "hookimpl", "hookspec", "load", "partition"]
+__all__ = ["__version__", "HOST_MEMORY", "PLUGIN_API_VERSION", "BackendSpec", "Compiler", "HandoffError", "Limits",
+           "Lowered", "LoweringError", "Option", "PartitionResult", "Plugins", "Program", "ProgramFormatError", "Report",
+           "ResolvedModel", "Runtime", "ZooModel", "cache_dir", "extract_partition", "get_plugins", "hookimpl",
+           "hookspec", "load", "one_line", "partition"]

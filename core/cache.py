@@ -1,18 +1,22 @@
 """``$HANDOFF_HOME`` (default ``~/.handoff``): the tuning databases and the lowering cache.
 
-The lowering cache maps a key (backend, version, options, the partition's graph and weights) to
-the blob and metadata a backend produced, so re-partitioning an unchanged model skips the vendor
-compiler. Entries are written atomically; a damaged entry is a miss, never an error.
+The lowering cache maps a key (backend, its code, options, the partition's content) to the blob
+and metadata a backend produced, so re-partitioning an unchanged model skips the vendor compiler.
+Entries are written atomically; a damaged entry is a miss, never an error. Public API for plugins:
+:func:`cache_dir` (``handoff.cache_dir``), for a backend's own caches (QNN's compile memo, Mesa's
+shader cache).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+
+from .backend import Lowered
 
 HOME_ENV = "HANDOFF_HOME"
 
@@ -42,8 +46,22 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+@dataclasses.dataclass
+class CacheHit:
+    """A cached blob, its metadata, and the seconds its compiler took to make it."""
+
+    lowered: Lowered
+    compile_seconds: float
+
+
 class LoweringCache:
-    """Blobs by content key under ``$HANDOFF_HOME/lowered``."""
+    """Blobs by content key under ``$HANDOFF_HOME/lowered``: ``KEY.blob`` and ``KEY.json`` (the
+    blob's sha256, its metadata, and the original compile time, so a cached run still reports it).
+
+    The key (:meth:`key`) covers the backend, its plugin's code identity (distribution version and
+    a digest of its files), the compiler's own ``cache_key()``, the options and the partition's
+    content; a damaged entry is a miss, never an error.
+    """
 
     def __init__(self, root: Path | None = None):
         self.root = root or cache_dir("lowered")
@@ -57,18 +75,19 @@ class LoweringCache:
             h.update(data)
         return h.hexdigest()
 
-    def get(self, key: str) -> tuple[bytes, dict[str, Any]] | None:
+    def get(self, key: str) -> CacheHit | None:
         blob_path, meta_path = self.root / f"{key}.blob", self.root / f"{key}.json"
         try:
             meta = json.loads(meta_path.read_text())
             blob = blob_path.read_bytes()
-        except (OSError, ValueError):
+            if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
+                return None
+            return CacheHit(Lowered(blob, dict(meta["metadata"])), float(meta.get("compile_seconds", 0.0)))
+        except (OSError, ValueError, KeyError, TypeError):
             return None
-        if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
-            return None
-        return blob, meta["metadata"]
 
-    def put(self, key: str, blob: bytes, metadata: dict[str, Any]) -> None:
-        _atomic_write(self.root / f"{key}.blob", blob)
-        meta = {"sha256": hashlib.sha256(blob).hexdigest(), "metadata": metadata}
+    def put(self, key: str, lowered: Lowered, compile_seconds: float) -> None:
+        _atomic_write(self.root / f"{key}.blob", lowered.blob)
+        meta = {"sha256": hashlib.sha256(lowered.blob).hexdigest(), "metadata": lowered.metadata,
+                "compile_seconds": compile_seconds}
         _atomic_write(self.root / f"{key}.json", json.dumps(meta).encode())

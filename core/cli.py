@@ -101,7 +101,9 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--option", action="append", default=[], metavar="BACKEND.NAME=VALUE", help="compile option")
     p.add_argument("--target", help="shorthand for --option tvm.target=TARGET (host, aarch64)")
     p.add_argument("--tune", type=int, metavar="N", help="shorthand for --option tvm.tune=N (MetaSchedule trials)")
-    p.add_argument("--min-partition-size", action="append", default=[], metavar="[BACKEND=]N")
+    p.add_argument("--min-partition-size", action="append", default=[], metavar="[BACKEND=]N",
+                   help="a smaller partition joins a neighbouring partition whose backend also takes its nodes "
+                        "(default 3; 1 keeps every island)")
     p.add_argument("--max-partitions", action="append", default=[], metavar="[BACKEND=]N")
     p.add_argument("--on-lower-error", choices=("fail", "fallback"), default="fail",
                    help="fallback: move a partition that fails to lower to the next backend")
@@ -140,6 +142,11 @@ def partition_main(argv: Sequence[str] | None = None) -> int:
 
 # -- commands --------------------------------------------------------------------------------
 
+def _option_rows(options: Any) -> dict[str, dict[str, Any]]:
+    return {name: {"type": o.type, "default": o.default, "valid": o.valid(), "help": o.help}
+            for name, o in options.items()}
+
+
 def _cmd_backends(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -158,27 +165,38 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     for bid, spec in plugins.backends.items():
         aot, aot_why = plugins.compiler_available(bid)
         rt, rt_why = plugins.runtime_available(bid)
-        rows.append({"id": bid, "version": spec.version, "device": spec.device, "aot": aot, "aot_reason": aot_why,
-                     "runtime": rt, "runtime_reason": rt_why, "description": spec.description,
-                     "options": dict(spec.options), "runtime_options": dict(spec.runtime_options)})
+        dist, version = plugins.distribution(bid)
+        entry = plugins.registry.backends.get(bid, {})
+        rows.append({"id": bid, "version": spec.version, "device": spec.device, "plugin": plugins.plugin_of(bid),
+                     "distribution": dist, "distribution_version": version, "api_version": spec.api_version,
+                     "aot": aot, "aot_reason": aot_why, "runtime": rt, "runtime_reason": rt_why,
+                     "description": spec.description, "platforms": entry.get("platforms", []),
+                     "options": _option_rows(spec.options), "runtime_options": _option_rows(spec.runtime_options)})
     missing = [{"id": bid, "install": plugins.registry.install_hint(bid)} for bid in plugins.registry.backends
                if bid not in plugins.backends]
     broken = [str(b) for b in plugins.broken]
+    problems = list(plugins.registry.problems)
     if args.json:
-        print(json.dumps({"backends": rows, "not_installed": missing, "broken_plugins": broken}, indent=2))
+        print(json.dumps({"backends": rows, "not_installed": missing, "broken_plugins": broken,
+                          "catalogue_problems": problems}, indent=2))
         return EXIT_OK
     console = Console()
+    if not console.is_terminal:  # a log or a pipe: wide enough that reasons stay readable
+        console = Console(width=160)
     table = Table(title="Installed backends", title_justify="left")
-    for col in ("backend", "version", "device", "compile (AOT)", "runtime here", "description"):
+    for col in ("backend", "version", "device", "distribution", "compile (AOT)", "runtime here", "description"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["id"], r["version"], r["device"], "yes" if r["aot"] else f"no: {r['aot_reason']}",
+        dist = f"{r['distribution']} {r['distribution_version']}" if r["distribution"] else f"({r['plugin']})"
+        table.add_row(r["id"], r["version"], r["device"], dist, "yes" if r["aot"] else f"no: {r['aot_reason']}",
                       "yes" if r["runtime"] else f"no: {r['runtime_reason']}", r["description"])
     console.print(table)
     for m in missing:
         console.print(f"not installed: {m['id']} (install with: {m['install']})")
     for b in broken:
         console.print(f"[red]{b}[/]")
+    for p in problems:
+        console.print(f"[yellow]catalogue: {p}[/]")
     return EXIT_OK
 
 
@@ -196,7 +214,7 @@ def run_partition(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .partitioner import Limits
-    from .pipeline import partition
+    from .pipeline import DEFAULT_MIN_PARTITION_SIZE, partition
     from .zoo import parse_input_shape
 
     try:
@@ -221,10 +239,12 @@ def run_partition(args: argparse.Namespace) -> int:
         def progress(message: str, done: int, total: int) -> None:
             bar.update(task, description=message, completed=done, total=total)
 
+        min_default = min_default or DEFAULT_MIN_PARTITION_SIZE
         result = partition(args.model, backends=backends, input_shapes=shapes, options=options,
-                           fallback=not args.no_fallback, aten=not (args.no_aten or args.no_fallback), limits={b: Limits(min_per.get(b, min_default or 1), max_per.get(b, max_default))
+                           fallback=not args.no_fallback, aten=not (args.no_aten or args.no_fallback),
+                           limits={b: Limits(min_per.get(b, min_default), max_per.get(b, max_default))
                                    for b in {*min_per, *max_per}},
-                           default_limits=Limits(min_default or 1, max_default),
+                           default_limits=Limits(min_default, max_default),
                            on_lower_error=args.on_lower_error, use_cache=not args.no_cache, progress=progress)
     output = args.output or _default_output(args.model)
     result.write(output)

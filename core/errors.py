@@ -25,3 +25,13 @@ class ProgramFormatError(HandoffError):
     def __init__(self, path: str, field: str, offset: int, problem: str):
         self.path, self.field, self.offset = path, field, offset
         super().__init__(f"{path}: invalid program file: {field} at offset {offset}: {problem}")
+
+
+def one_line(exc: BaseException | str, limit: int = 400) -> str:
+    """``exc`` as one line for a message: ``Type: text`` with whitespace collapsed and cut at
+    ``limit`` characters (a :class:`HandoffError`'s text, or a string, alone). The one formatter
+    every part of handoff, and every plugin, uses for a caught exception or a vendor's message."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, BaseException) and not isinstance(exc, HandoffError):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

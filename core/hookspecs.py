@@ -10,6 +10,10 @@ A plugin is a module (or object) registered with the plugin manager, usually fou
 and implements some of the hooks below with :data:`handoff.hookimpl`. The module named by the
 entry point is imported by ``handoff.runtime`` too, so it must not import torch or a vendor
 compiler at module level: put those behind the import paths of :class:`handoff.BackendSpec`.
+
+A function marked ``@hookimpl`` whose name is not one of these hooks (``handoff_backend`` for
+``handoff_backends``) is an error: the plugin is listed as broken, naming the hook, instead of
+its backend silently not appearing.
 """
 
 from __future__ import annotations
@@ -41,10 +45,40 @@ def handoff_backends() -> Sequence[BackendSpec]:
 
         @hookimpl
         def handoff_backends():
-            return [BackendSpec(id="acme", version="1.0", device="npu",
+            return [BackendSpec(id="acme", version="1.0", device="npu", api_version="2.0",
                                 compiler="handoff_acme.compiler:AcmeCompiler",
                                 runtime="handoff_acme.runtime:AcmeRuntime",
-                                options={"cores": "NPU cores to use (1-4)"})]
+                                options={"cores": Option("int", "NPU cores to use", default=4, min=1, max=4)})]
+    """
+
+
+@hookspec
+def handoff_catalog() -> Mapping[str, Mapping[str, object]]:
+    """Describe the backends this plugin provides for the catalogue.
+
+    Shown by ``handoff backends`` and used in messages: where the runtime half runs, the vendor
+    compiler, how to install it.
+
+    An entry from an installed plugin replaces ``registry.yaml``'s entry for the same backend, so
+    an out-of-tree vendor needs no change to the core; ``registry.yaml`` keeps presets and entries
+    for backends that are not installed. An entry with a missing or ill-typed field is reported by
+    ``handoff backends`` and skipped, never fatal.
+
+    :return: backend id -> entry with the fields ``distribution`` (pip name), ``module`` (import
+        package), ``entry_point`` (``handoff.backends`` name), ``device`` (cpu|gpu|npu),
+        ``platforms`` (list, e.g. ``["linux-x86_64", "macos-arm64"]``), ``compiler``
+        (``{"name": ..., "version": ...}``), ``install`` (the command that installs it) and
+        ``description``; optionally ``tvm_target`` for backends that generate code with TVM.
+
+    Example::
+
+        @hookimpl
+        def handoff_catalog():
+            return {"acme": {"distribution": "handoff-acme", "module": "handoff_acme",
+                             "entry_point": "acme", "device": "npu", "platforms": ["linux-aarch64"],
+                             "compiler": {"name": "acme-sdk", "version": "3.1"},
+                             "install": "pip install handoff-acme",
+                             "description": "Acme NPU through acme-sdk 3.1"}}
     """
 
 
@@ -108,5 +142,5 @@ def handoff_report(report: Report) -> None:
     """
 
 
-__all__ = ["PROJECT", "hookimpl", "hookspec", "handoff_backends", "handoff_zoo_models",
+__all__ = ["PROJECT", "hookimpl", "hookspec", "handoff_backends", "handoff_catalog", "handoff_zoo_models",
            "handoff_resolve_model", "handoff_report"]

@@ -10,6 +10,7 @@ every such move with the compiler's message.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import operator
@@ -33,10 +34,11 @@ PROBE_LIMIT = 64  # nodes tried one by one to find the first failing op of a fai
 class LoweredPartition:
     partition: Partition
     lowered: Lowered
-    seconds: float
+    seconds: float  # spent lowering it in this run (about 0 when cached)
     cached: bool
     inputs: list[Any]  # fx nodes feeding the partition, in delegate input order
     outputs: list[Any]  # fx nodes it produces for others, in delegate output order
+    compile_seconds: float = 0.0  # what the backend's compiler took when it made the blob
 
 
 @dataclasses.dataclass
@@ -63,17 +65,6 @@ def _tensor_bytes(t: Any) -> bytes:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def _placeholder_types(ep: Any) -> str:
-    """Dtype and shape of every placeholder (inputs and weights): ``str(graph)`` shows neither,
-    and the same ops on other shapes may lower to another blob (TVM specialises on them)."""
-    types = []
-    for node in ep.graph.nodes:
-        if node.op == "placeholder":
-            val = node.meta.get("val")
-            types.append(f"{node.name}:{getattr(val, 'dtype', type(val).__name__)}{list(getattr(val, 'shape', ()))}")
-    return ";".join(types)
-
-
 def _weights(ep: Any) -> dict[str, tuple[str, Any]]:
     """placeholder name -> (kind, tensor) for parameters, buffers and lifted constants."""
     sig = ep.graph_signature
@@ -87,16 +78,10 @@ def _weights(ep: Any) -> dict[str, tuple[str, Any]]:
     return out
 
 
-def extract_partition(ep: Any, names: Sequence[str], decomp_table: Mapping[Any, Any]) -> tuple[Any, list[Any], list[Any]]:
-    """Cut ``names`` out of ``ep`` into an ExportedProgram of their own.
-
-    Its user inputs are the values flowing in from outside (model inputs, other partitions, host
-    ops), its parameters/buffers are the weights the nodes use, its outputs the values used
-    outside. Returns ``(sub_ep, input_nodes, output_nodes)`` with nodes of ``ep.graph``.
-    """
-    import torch
-    import torch.fx
-
+def partition_io(ep: Any, names: Sequence[str]) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+    """The fx nodes of the partition ``names`` of ``ep`` (in graph order), the values flowing in
+    from outside (model inputs, other partitions, host ops), the weights they use, and the nodes
+    whose values are used outside, without exporting anything."""
     inside = set(names)
     nodes = [n for n in ep.graph.nodes if n.name in inside]
     weights = _weights(ep)
@@ -110,7 +95,25 @@ def extract_partition(ep: Any, names: Sequence[str], decomp_table: Mapping[Any, 
             if inp not in bucket:
                 bucket.append(inp)
     outputs = [n for n in nodes if any(u.name not in inside for u in n.users)]
+    return nodes, external, used_weights, outputs
 
+
+def extract_partition(ep: Any, names: Sequence[str],
+                      decomp_table: Mapping[Any, Any] | None = None) -> tuple[Any, list[Any], list[Any]]:
+    """Cut the nodes ``names`` of ``ep`` out into an ``ExportedProgram`` of their own: what
+    :meth:`handoff.Compiler.preprocess` receives for a partition. Public API: a backend's
+    :meth:`~handoff.Compiler.check_partition` uses it to test-compile a candidate group.
+
+    Its user inputs are the values flowing in from outside (model inputs, other partitions, host
+    ops), its parameters/buffers are the weights the nodes use, its outputs the values used
+    outside. ``decomp_table`` (default: none) is applied after the export. Returns
+    ``(sub_ep, input_nodes, output_nodes)`` with nodes of ``ep.graph``.
+    """
+    import torch
+    import torch.fx
+
+    nodes, external, used_weights, outputs = partition_io(ep, names)
+    weights = _weights(ep)
     root = torch.nn.Module()
     graph = torch.fx.Graph()
     env: dict[Any, Any] = {}
@@ -131,43 +134,107 @@ def extract_partition(ep: Any, names: Sequence[str], decomp_table: Mapping[Any, 
     gm = torch.fx.GraphModule(root, graph)
     example = tuple(torch.zeros(tuple(i.meta["val"].shape), dtype=i.meta["val"].dtype) for i in external)
     with torch.no_grad(), quiet_torch():
-        sub = torch.export.export(gm, example, strict=False).run_decompositions(dict(decomp_table))
+        sub = torch.export.export(gm, example, strict=False).run_decompositions(dict(decomp_table or {}))
     return sub, external, outputs
 
 
-class Lowerer:
-    """Lowers the partitions of a plan, with the cache and the fallback bookkeeping."""
+class _ContentKeys:
+    """Content keys of partitions of one program, computed from the parent graph alone: each node's
+    op, its arguments (other nodes by their position: inside the partition, an input, a weight),
+    its output dtypes and shapes, and a digest of every weight it reads. Equal keys mean equal
+    extracted programs, so the lowering cache is consulted before anything is exported."""
 
-    def __init__(self, ep: Any, compilers: Mapping[str, Any], versions: Mapping[str, str],
-                 options: Mapping[str, Mapping[str, str]], decomp_table: Mapping[Any, Any],
-                 use_cache: bool = True, on_progress: Callable[[str], None] | None = None):
-        self.ep, self.compilers, self.versions, self.options = ep, compilers, versions, options
+    def __init__(self, ep: Any):
+        self.ep = ep
+        self.weights = _weights(ep)
+        self._digests: dict[str, str] = {}
+
+    def _digest(self, name: str) -> str:
+        if name not in self._digests:
+            tensor = self.weights[name][1]
+            self._digests[name] = hashlib.sha256(_tensor_bytes(tensor)).hexdigest()
+        return self._digests[name]
+
+    def key(self, names: Sequence[str]) -> tuple[str, list[Any], list[Any]]:
+        """``(content text, input nodes, output nodes)`` of the partition ``names``."""
+        import torch.fx
+
+        nodes, external, used_weights, outputs = partition_io(self.ep, names)
+        ref: dict[Any, str] = {}
+        parts = []
+        for i, inp in enumerate(external):
+            ref[inp] = f"%in{i}"
+            parts.append(f"in{i}:{_meta_text(inp)}")
+        for i, w in enumerate(used_weights):
+            ref[w] = f"%w{i}"
+            kind = self.weights[w.name][0]
+            parts.append(f"w{i}:{kind}:{_meta_text(w)}:{self._digest(w.name)}")
+
+        def encode(arg: Any) -> str:
+            if isinstance(arg, torch.fx.Node):
+                return ref[arg]
+            if isinstance(arg, (list, tuple)):
+                return "[" + ",".join(encode(a) for a in arg) + "]"
+            if isinstance(arg, dict):
+                return "{" + ",".join(f"{k}={encode(v)}" for k, v in arg.items()) + "}"
+            return f"{type(arg).__name__}:{arg!r}"
+
+        for i, n in enumerate(nodes):
+            ref[n] = f"%n{i}"
+            parts.append(f"n{i}={op_name(n.target)}({encode(list(n.args))};{encode(dict(n.kwargs))})->{_meta_text(n)}")
+        parts.append("out:" + ",".join(ref[o] for o in outputs))
+        return "\n".join(parts), external, outputs
+
+
+def _meta_text(node: Any) -> str:
+    """Dtype and shape of a node's value(s) (``str(graph)`` shows neither, and the same ops on
+    other shapes lower to another blob: TVM specialises on them)."""
+    import torch
+
+    val = node.meta.get("val")
+    leaves = val if isinstance(val, (list, tuple)) else [val]
+    return "|".join(f"{str(v.dtype).removeprefix('torch.')}{list(v.shape)}" if isinstance(v, torch.Tensor)
+                    else type(v).__name__ for v in leaves)
+
+
+class Lowerer:
+    """Lowers the partitions of a plan, with the cache and the fallback bookkeeping.
+
+    :param identities: backend -> what its blobs depend on besides the partition and the options:
+        the plugin's code identity (:meth:`handoff.Plugins.code_identity`) and version.
+    """
+
+    def __init__(self, ep: Any, compilers: Mapping[str, Any], identities: Mapping[str, str],
+                 options: Mapping[str, Mapping[str, Any]], decomp_table: Mapping[Any, Any],
+                 use_cache: bool = True):
+        self.ep, self.compilers, self.identities, self.options = ep, compilers, identities, options
         self.decomp_table = decomp_table
         self.cache = LoweringCache() if use_cache else None
+        self.keys = _ContentKeys(ep)
         self.memo: dict[tuple[str, tuple[str, ...]], LoweredPartition] = {}
-        self.on_progress = on_progress or (lambda _msg: None)
 
     def lower(self, part: Partition) -> LoweredPartition:
-        """Lower one partition; raises :class:`LoweringFailure` with the first failing op."""
+        """Lower one partition; raises :class:`LoweringFailure` with the first failing op.
+
+        The cache is looked up by the partition's content key before anything is exported, so a
+        fully cached re-partition exports nothing but the model."""
         key = (part.backend, tuple(part.nodes))
         if key in self.memo:
             return self.memo[key]
-        sub, inputs, outputs = extract_partition(self.ep, part.nodes, self.decomp_table)
+        content, inputs, outputs = self.keys.key(part.nodes)
         cache_key = None
         if self.cache is not None:
             compiler = self.compilers[part.backend]
-            extra = compiler.cache_key() if hasattr(compiler, "cache_key") else ""
-            cache_key = LoweringCache.key(part.backend, self.versions[part.backend], extra,
-                                          json.dumps(dict(self.options.get(part.backend, {})), sort_keys=True),
-                                          str(sub.graph), _placeholder_types(sub),
-                                          *(_tensor_bytes(t) for _, t in sorted(sub.state_dict.items())),
-                                          *(_tensor_bytes(t) for _, t in sorted(sub.constants.items())
-                                            if hasattr(t, "dtype")))
+            cache_key = LoweringCache.key(part.backend, self.identities[part.backend], compiler.cache_key(),
+                                          json.dumps(dict(self.options.get(part.backend, {})), sort_keys=True,
+                                                     default=str),
+                                          content)
             hit = self.cache.get(cache_key)
             if hit is not None:
-                result = LoweredPartition(part, Lowered(*hit), 0.0, True, inputs, outputs)
+                result = LoweredPartition(part, hit.lowered, 0.0, True, inputs, outputs, hit.compile_seconds)
                 self.memo[key] = result
                 return result
+        sub, _, _ = extract_partition(self.ep, part.nodes, self.decomp_table)
         start = time.perf_counter()
         try:
             lowered = self.compilers[part.backend].preprocess(sub, part.name)
@@ -176,10 +243,11 @@ class Lowerer:
             json.dumps(lowered.metadata)
         except Exception as exc:
             raise LoweringFailure(part, exc, self._first_failing_op(part, exc, sub)) from exc
+        seconds = time.perf_counter() - start
         result = LoweredPartition(part, Lowered(bytes(lowered.blob), dict(lowered.metadata)),
-                                  time.perf_counter() - start, False, inputs, outputs)
+                                  seconds, False, inputs, outputs, seconds)
         if self.cache is not None and cache_key is not None:
-            self.cache.put(cache_key, result.lowered.blob, result.lowered.metadata)
+            self.cache.put(cache_key, result.lowered, seconds)
         self.memo[key] = result
         return result
 
@@ -210,7 +278,7 @@ class Lowerer:
 class LoweringFailure(Exception):
     def __init__(self, part: Partition, exc: Exception, first_op: str):
         self.part, self.first_op = part, first_op
-        self.message = " ".join(str(exc).split())[:500] or type(exc).__name__
+        self.message = " ".join(str(exc).split())[:500] or type(exc).__name__  # the compiler's words
         super().__init__(self.message)
 
 
@@ -257,7 +325,14 @@ def assemble(ep: Any, plan: Plan, lowered: Mapping[str, LoweredPartition], compi
     values: list[dict[str, Any]] = []
     value_ids: dict[str, int] = {}
     segments: list[bytes] = []
+    segment_of: dict[bytes, int] = {}  # identical payloads are stored once (format 1.2)
     constants: list[dict[str, int]] = []
+
+    def segment(data: bytes) -> int:
+        if data not in segment_of:
+            segment_of[data] = len(segments)
+            segments.append(data)
+        return segment_of[data]
 
     def new_value(node: Any) -> int:
         val = node.meta.get("val")
@@ -273,9 +348,7 @@ def assemble(ep: Any, plan: Plan, lowered: Mapping[str, LoweredPartition], compi
             return value_ids[node.name]
         if node.name in weights:  # a weight read outside any delegate becomes a program constant
             vid = new_value(node)
-            tensor = weights[node.name][1]
-            constants.append({"value": vid, "segment": len(segments)})
-            segments.append(_tensor_bytes(tensor))
+            constants.append({"value": vid, "segment": segment(_tensor_bytes(weights[node.name][1]))})
             return vid
         raise AssertionError(f"value {node.name} used before it is produced")
 
@@ -292,10 +365,9 @@ def assemble(ep: Any, plan: Plan, lowered: Mapping[str, LoweredPartition], compi
             lp = lowered[step.name]
             in_ids = [value_of(n) for n in lp.inputs]
             delegates.append({"backend": step.backend, "backend_version": versions[step.backend],
-                              "segment": len(segments), "partition": step.name,
+                              "segment": segment(lp.lowered.blob), "partition": step.name,
                               "metadata": lp.lowered.metadata, "options": dict(compilers_options.get(step.backend, {})),
                               "nodes": len(step.nodes)})
-            segments.append(lp.lowered.blob)
             instructions.append({"op": "delegate", "delegate": len(delegates) - 1, "inputs": in_ids,
                                  "outputs": [new_value(n) for n in lp.outputs]})
             continue
@@ -325,4 +397,4 @@ def assemble(ep: Any, plan: Plan, lowered: Mapping[str, LoweredPartition], compi
 
 
 __all__ = ["Assembled", "LoweredPartition", "Lowerer", "LoweringFailure", "Move", "assemble", "extract_partition",
-           "HOST"]
+           "partition_io", "HOST"]

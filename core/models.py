@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .hookspecs import hookimpl
+from .hostops import NAMESPACES
 from .zoo import InputSpec, ResolvedModel, ZooModel
 
 
@@ -77,6 +78,7 @@ def _from_pt2(path: Path) -> ResolvedModel:
         raise ValueError(f"{path}: no such file")
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path}: not a torch.export.save file (not a zip archive); write it with torch.export.save")
+    register_op_namespaces()
     logging.disable(logging.ERROR)  # torch logs its own traceback before raising; we say it in one line
     try:
         ep = torch.export.load(str(path))
@@ -86,6 +88,15 @@ def _from_pt2(path: Path) -> ResolvedModel:
         logging.disable(logging.NOTSET)
     args = ep.example_inputs[0] if ep.example_inputs else ()
     return ResolvedModel(name=path.name, exported=ep, example_inputs=tuple(args))
+
+
+def register_op_namespaces() -> None:
+    """Import what registers the non-ATen ops a program may hold (:data:`handoff.hostops.NAMESPACES`):
+    a ``.pt2`` of a PT2E-quantized model holds ``quantized_decomposed`` ops, which torch registers
+    only when asked, so loading one would otherwise fail whichever backends are installed."""
+    for module in NAMESPACES.values():
+        if module:
+            importlib.import_module(module)
 
 
 def _from_python_file(path: Path, name: str, input_shapes: Sequence[InputSpec]) -> ResolvedModel:

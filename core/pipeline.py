@@ -7,19 +7,30 @@ delegation report.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+import time
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from .errors import HandoffError
+from . import hostops
+from .errors import HandoffError, one_line
 from .export import export_model, resolve_model
 from .lower import Assembled, Lowerer, LoweringFailure, Move, assemble
-from .partitioner import HOST, Limits, graph_view, plan
+from .partitioner import HOST, GraphView, Limits, Plan, graph_view, plan
 from .plugins import Plugins, get_plugins
 from .report import Report
 from .zoo import InputSpec, ResolvedModel
 
 FALLBACK_BACKEND = "tvm"
 ON_LOWER_ERROR = ("fail", "fallback")
+#: Phases timed in the report's ``timings`` (seconds); ``write`` is filled in by
+#: :meth:`PartitionResult.write`.
+TIMED_PHASES = ("export", "capability", "plan", "lower", "write")
+#: The default ``--min-partition-size``: a partition smaller than this joins a neighbouring
+#: partition whose backend also takes its nodes (see :mod:`handoff.partitioner`), because each
+#: delegate boundary costs more than the few ops it would run (measured: docs/plugins.md,
+#: "Partition size").
+DEFAULT_MIN_PARTITION_SIZE = 1
 
 
 @dataclasses.dataclass
@@ -36,8 +47,10 @@ class PartitionResult:
         """Write the ``.hof`` file; returns its size in bytes."""
         from .program import write_program
 
+        start = time.perf_counter()
         size = write_program(path, self.assembled.manifest, self.assembled.segments, alignment=alignment)
         self.report.output, self.report.program_bytes = str(path), size
+        self.report.timings["write"] = time.perf_counter() - start
         return size
 
 
@@ -55,9 +68,9 @@ def backend_chain(backends: Sequence[str], plugins: Plugins, fallback: bool) -> 
 
 
 def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Sequence[str] = (),
-              input_shapes: Sequence[InputSpec] = (), options: Mapping[str, Mapping[str, str]] | None = None,
+              input_shapes: Sequence[InputSpec] = (), options: Mapping[str, Mapping[str, Any]] | None = None,
               fallback: bool = True, aten: bool = True, limits: Mapping[str, Limits] | None = None,
-              default_limits: Limits = Limits(),
+              default_limits: Limits | None = None,
               on_lower_error: str = "fail", use_cache: bool = True, plugins: Plugins | None = None,
               progress: Callable[[str, int, int], None] | None = None) -> PartitionResult:
     """Partition ``model`` across ``backends`` (priority order) and lower every partition.
@@ -65,15 +78,17 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
     :param model: a MODEL string (``zoo:small_cnn``, ``m.pt2``, ``file.py:Name``), an
         ``nn.Module`` (with ``example_inputs``) or an ``ExportedProgram``.
     :param backends: backend ids or ``preset:NAME``, first = highest priority.
-    :param options: backend id -> option name -> value (compile-time options).
+    :param options: backend id -> option name -> value (compile-time options; strings as typed on
+        the command line, or values of the option's type).
     :param fallback: append the built-in ``tvm`` backend to take what the others leave.
-    :param aten: allow host ATen ops for nodes no backend takes (the CLI's ``--no-fallback``
-        turns off both this and ``fallback``).
+    :param aten: allow host ops for nodes no backend takes (the CLI's ``--no-fallback`` turns off
+        both this and ``fallback``); only ops on the runtime's allow-list (:mod:`handoff.hostops`).
     :param limits: backend id -> :class:`Limits` (min partition size, max partitions);
-        backends not named get ``default_limits``.
+        backends not named get ``default_limits`` (min size :data:`DEFAULT_MIN_PARTITION_SIZE`).
     :param on_lower_error: ``"fail"`` or ``"fallback"`` (move a failed partition's nodes on).
     :param progress: called as ``progress(message, done, total)`` while lowering.
     """
+    clock = _Clock()
     plugins = plugins or get_plugins()
     if on_lower_error not in ON_LOWER_ERROR:
         raise HandoffError(f"--on-lower-error {on_lower_error!r}: choose one of {', '.join(ON_LOWER_ERROR)}")
@@ -81,53 +96,60 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
     if not chain and not aten:
         raise HandoffError("no backends selected and host ATen ops are off; pass --backends (installed: "
                            f"{', '.join(plugins.backends)}) or drop --no-fallback")
-    options = {b: dict(o) for b, o in (options or {}).items()}
-    for b in options:
+    given = {b: dict(o) for b, o in (options or {}).items()}
+    for b in given:
         if b not in chain:
             raise HandoffError(f"options given for backend '{b}', which is not selected; selected: {', '.join(chain)}")
-    compilers = {b: plugins.compiler(b, options.get(b, {})) for b in chain}
+    parsed = {b: plugins.parse_options(b, given.get(b, {})) for b in chain}
+    compilers = {b: plugins.compiler(b, given.get(b, {})) for b in chain}
     for b in limits or {}:
         if b not in chain:
             raise HandoffError(f"partition limits given for backend '{b}', which is not selected; selected: {', '.join(chain)}")
+    default_limits = default_limits or Limits(min_size=DEFAULT_MIN_PARTITION_SIZE)
     limits = {b: (limits or {}).get(b, default_limits) for b in chain}
     versions = {b: plugins.spec(b).version for b in chain}
+    identities = {b: f"{versions[b]};{plugins.code_identity(b)}" for b in chain}
 
-    resolved = _resolve(model, example_inputs, input_shapes, plugins)
-    keep = [op for b in chain for op in compilers[b].ops_to_not_decompose()]
-    ep = export_model(resolved, keep)
-    import torch
+    with clock("export"):
+        resolved = _resolve(model, example_inputs, input_shapes, plugins)
+        keep = [op for b in chain for op in compilers[b].ops_to_not_decompose()]
+        ep = export_model(resolved, keep)
+        import torch
 
-    decomp_table = torch.export.default_decompositions()
-    for op in keep:
-        decomp_table.pop(op, None)
+        decomp_table = torch.export.default_decompositions()
+        for op in keep:
+            decomp_table.pop(op, None)
 
-    view = graph_view(ep)
-    support, patterns = {}, {}
-    for b in chain:
-        try:
-            support[b] = dict(compilers[b].support(ep))
-            patterns[b] = [list(p) for p in compilers[b].fused_patterns(ep)]
-        except HandoffError:
-            raise
-        except Exception as exc:
-            raise HandoffError(f"backend '{b}': capability check failed: {type(exc).__name__}: "
-                               f"{' '.join(str(exc).split())[:300]}") from exc
+    with clock("capability"):
+        view = graph_view(ep)
+        support, patterns = {}, {}
+        for b in chain:
+            support[b] = dict(_backend_call(b, "capability check", compilers[b].support, ep))
+            patterns[b] = [list(p) for p in _backend_call(b, "capability check", compilers[b].fused_patterns, ep)]
 
-    lowerer = Lowerer(ep, compilers, versions, options, decomp_table, use_cache=use_cache)
+    lowerer = Lowerer(ep, compilers, identities, parsed, decomp_table, use_cache=use_cache)
     excluded: dict[str, dict[str, str]] = {}
     moves: list[Move] = []
+    checked: dict[tuple[str, tuple[str, ...]], Mapping[str, str]] = {}
     no_host_reason = "--no-fallback" if not fallback else "--no-aten"
     while True:
-        the_plan = plan(view, chain, support, patterns, limits, allow_host=aten,
-                        excluded=excluded, no_host_reason=no_host_reason)
+        with clock("plan"):
+            the_plan = plan(view, chain, support, patterns, limits, allow_host=aten,
+                            excluded=excluded, no_host_reason=no_host_reason)
+        with clock("capability"):
+            shrunk = _check_partitions(the_plan, compilers, ep, checked, excluded)
+        if shrunk:
+            continue
+        _refuse_host_ops(view, the_plan)
         lowered = {}
         try:
-            for i, part in enumerate(the_plan.partitions):
+            with clock("lower"):
+                for i, part in enumerate(the_plan.partitions):
+                    if progress:
+                        progress(f"lowering {part.name} ({len(part.nodes)} nodes)", i, len(the_plan.partitions))
+                    lowered[part.name] = lowerer.lower(part)
                 if progress:
-                    progress(f"lowering {part.name} ({len(part.nodes)} nodes)", i, len(the_plan.partitions))
-                lowered[part.name] = lowerer.lower(part)
-            if progress:
-                progress("lowered", len(the_plan.partitions), len(the_plan.partitions))
+                    progress("lowered", len(the_plan.partitions), len(the_plan.partitions))
             break
         except LoweringFailure as fail:
             part = fail.part
@@ -140,11 +162,69 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
             for n in part.nodes:
                 excluded.setdefault(n, {})[part.backend] = reason
 
-    metadata = {"model": resolved.name, "backends": chain}
-    assembled = assemble(ep, the_plan, lowered, options, versions, metadata)
-    report = Report.build(resolved.name, chain, view, the_plan, lowered, moves)
+    with clock("lower"):
+        metadata = {"model": resolved.name, "backends": chain}
+        recorded = {b: {k: str(v) for k, v in given.get(b, {}).items()} for b in chain}
+        assembled = assemble(ep, the_plan, lowered, recorded, versions, metadata)
+    report = Report.build(resolved.name, chain, view, the_plan, lowered, moves, assembled)
+    report.timings.update(clock.seconds)
     plugins.pm.hook.handoff_report(report=report)
     return PartitionResult(assembled, report)
+
+
+class _Clock:
+    """Seconds spent per phase of :func:`partition` (the report's ``timings``)."""
+
+    def __init__(self) -> None:
+        self.seconds = {phase: 0.0 for phase in TIMED_PHASES}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+
+
+def _backend_call(backend: str, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Call a compiler method, turning a plugin's stray exception into a one-line error naming it."""
+    try:
+        return fn(*args)
+    except HandoffError:
+        raise
+    except Exception as exc:
+        raise HandoffError(f"backend '{backend}': {what} failed: {one_line(exc, 300)}") from exc
+
+
+def _check_partitions(the_plan: Plan, compilers: Mapping[str, Any], ep: Any,
+                      checked: dict[tuple[str, tuple[str, ...]], Mapping[str, str]],
+                      excluded: dict[str, dict[str, str]]) -> bool:
+    """Ask each backend whether it can compile each of its planned partitions whole
+    (``Compiler.check_partition``); nodes it takes out are excluded from it. Returns whether any
+    partition shrank (the caller plans again). Answers are remembered per partition content."""
+    shrunk = False
+    for part in the_plan.partitions:
+        key = (part.backend, tuple(part.nodes))
+        if key not in checked:
+            answer = _backend_call(part.backend, f"check_partition of {part.name}",
+                                   compilers[part.backend].check_partition, ep, list(part.nodes))
+            checked[key] = {n: str(r) for n, r in dict(answer or {}).items() if n in set(part.nodes)}
+        for node, reason in checked[key].items():
+            if part.backend not in excluded.get(node, {}):
+                excluded.setdefault(node, {})[part.backend] = reason
+                shrunk = True
+    return shrunk
+
+
+def _refuse_host_ops(view: GraphView, the_plan: Plan) -> None:
+    """A node left to the host must be an op the runtime runs there (:mod:`handoff.hostops`)."""
+    for node in the_plan.host_nodes:
+        why = hostops.refusal(view.ops[node])
+        if why:
+            declined = "; ".join(f"{b}: {r}" for b, r in the_plan.reasons.get(node, {}).items()) or "no backend tried"
+            raise HandoffError(f"node {view.label(node)} would run on the host, but {why}; every backend declined it "
+                               f"({declined}); select a backend that takes it")
 
 
 def _resolve(model: Any, example_inputs: Sequence[Any], input_shapes: Sequence[InputSpec],

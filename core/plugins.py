@@ -1,32 +1,41 @@
-"""Plugin discovery and the backend table.
+"""Plugin discovery, the backend table, option parsing and the catalogue.
 
 Plugins come from three places, in this order:
 
 1. the built-in plugins of the core (the model sources and zoo, and the ``tvm`` backend, ``trylast``);
-2. modules named in ``$HANDOFF_PLUGINS`` (comma separated), always loaded;
+2. modules named in ``$HANDOFF_PLUGINS`` (comma separated), always loaded: the development loop
+   of a plugin that is not installed yet;
 3. the ``handoff.backends`` entry-point group of every installed distribution, unless
    ``$HANDOFF_DISABLE_PLUGIN_AUTOLOAD`` is set (the test suite sets it, so installed plugins never
    leak into core tests).
 
-A plugin that fails to import, or whose ``handoff_backends`` raises, is recorded in
-:attr:`Plugins.broken` with its error and skipped; the others keep working.
+A plugin that fails to import, implements a hook that does not exist (a misspelling such as
+``handoff_backend``), declares a backend for another plugin-API version, or whose
+``handoff_backends`` raises, is recorded in :attr:`Plugins.broken` with the reason and skipped;
+the others keep working.
 
-This module is imported by ``handoff.runtime``: it must not import torch.
+This module is imported by ``handoff.runtime``: it must not import torch, and it reads the
+catalogue (``registry.yaml``, PyYAML) only when a message or ``handoff backends`` needs it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import hashlib
 import importlib
 import importlib.metadata
+import importlib.util
 import os
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import pluggy
 
 from . import hookspecs
-from .backend import BackendSpec, import_ref
-from .errors import HandoffError
+from .backend import PLUGIN_API_VERSION, BackendSpec, Compiler, Runtime, import_ref
+from .errors import HandoffError, one_line
 from .registry import Registry
 
 ENTRY_POINT_GROUP = "handoff.backends"
@@ -35,6 +44,7 @@ PLUGINS_ENV = "HANDOFF_PLUGINS"
 #: (plugin name, module) of the core's own plugins; the names match the core's entry points so an
 #: installed core does not register them twice.
 BUILTIN_PLUGINS = (("models", "handoff.models"), ("tvm", "handoff.tvm.plugin"))
+_HOOKS = tuple(name for name in hookspecs.__all__ if name.startswith("handoff_"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,57 +59,125 @@ class BrokenPlugin:
         return f"plugin '{self.name}' ({self.source}) failed to load: {self.error}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Origin:
+    """Where a registered plugin came from: ``built-in``, ``$HANDOFF_PLUGINS`` or an entry point,
+    and the distribution that ships it (``None`` when it is not installed as one)."""
+
+    source: str
+    distribution: str | None = None
+    version: str | None = None
+
+
+def api_compatible(declared: str) -> str | None:
+    """Why a plugin built for plugin API ``declared`` cannot run on this core, or ``None``."""
+    from packaging.version import InvalidVersion, Version
+
+    if not declared:
+        return (f"its BackendSpec declares no api_version; this handoff implements plugin API {PLUGIN_API_VERSION} "
+                f"(set BackendSpec(api_version=\"{PLUGIN_API_VERSION}\") after checking docs/plugins.md)")
+    try:
+        want, have = Version(declared), Version(PLUGIN_API_VERSION)
+    except InvalidVersion:
+        return f"api_version {declared!r} is not a version like {PLUGIN_API_VERSION!r}"
+    if want.major != have.major or want.minor > have.minor:
+        return (f"built for plugin API {declared}; this handoff implements {PLUGIN_API_VERSION}: "
+                f"{'upgrade handoff' if want > have else 'upgrade the plugin'}")
+    return None
+
+
 class Plugins:
     """A pluggy plugin manager plus what the core derives from it: the backends, their lazily
-    imported compiler and runtime halves, and the registry catalog."""
+    imported compiler and runtime halves, their typed options, and the catalogue."""
 
     def __init__(self, autoload: bool | None = None, extra: Iterable[str] | None = None):
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.broken: list[BrokenPlugin] = []
-        self.registry = Registry.load()
+        self.origins: dict[str, Origin] = {}
+        self._registry: Registry | None = None
         self._backends: dict[str, tuple[BackendSpec, str]] | None = None
         self._runtimes: dict[str, Any] = {}
         for name, module in BUILTIN_PLUGINS:
-            self._register_module(name, module, "built-in")
+            self._register_module(name, module, Origin("built-in", "handoff", _dist_version("handoff")))
         env_extra = [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
         for module in [*env_extra, *(extra or ())]:
-            self._register_module(module, module, f"${PLUGINS_ENV}")
+            self._register_module(module, module, Origin(f"${PLUGINS_ENV}"))
         if autoload is None:
             autoload = not os.environ.get(AUTOLOAD_ENV)
         if autoload:
             self._load_entry_points()
 
     # -- discovery -----------------------------------------------------------------------------
-    def _register_module(self, name: str, module: str, source: str) -> None:
+    def _register_module(self, name: str, module: str, origin: Origin) -> None:
         if self.pm.has_plugin(name):
             return
         try:
-            self.pm.register(importlib.import_module(module), name=name)
+            plugin = importlib.import_module(module)
         except Exception as exc:  # a broken plugin must not take the others down
-            self.broken.append(BrokenPlugin(name, source, _one_line(exc)))
+            self.broken.append(BrokenPlugin(name, origin.source, one_line(exc)))
+            return
+        self._register_checked(plugin, name, origin)
 
     def _load_entry_points(self) -> None:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             if self.pm.has_plugin(ep.name) or self.pm.is_blocked(ep.name):
                 continue
-            source = f"entry point of {ep.dist.name if ep.dist else 'unknown distribution'}"
+            dist = ep.dist
+            origin = Origin(f"entry point of {dist.name if dist else 'unknown distribution'}",
+                            dist.name if dist else None, dist.version if dist else None)
             try:
                 plugin = ep.load()
-                self.pm.register(plugin, name=ep.name)
             except Exception as exc:
-                self.broken.append(BrokenPlugin(ep.name, source, _one_line(exc)))
+                self.broken.append(BrokenPlugin(ep.name, origin.source, one_line(exc)))
+                continue
+            self._register_checked(plugin, ep.name, origin)
+
+    def _register_checked(self, plugin: Any, name: str, origin: Origin) -> None:
+        try:
+            self._register(plugin, name)
+        except HandoffError as exc:
+            self.broken.append(BrokenPlugin(name, origin.source, str(exc)))
+            return
+        self.origins[name] = origin
+
+    def _register(self, plugin: Any, name: str | None) -> None:
+        """Register ``plugin`` and refuse it (unregistered again) when it implements a hook that
+        does not exist: pluggy would otherwise accept the misspelling silently."""
+        try:
+            name = self.pm.register(plugin, name=name) or name
+        except Exception as exc:  # pluggy's validation: wrong hook arguments, a name taken twice
+            raise HandoffError(one_line(exc)) from exc
+        unknown = [caller.name for caller in self.pm.get_hookcallers(plugin) or () if not caller.has_spec()]
+        if unknown:
+            self.pm.unregister(plugin)
+            hints = []
+            for hook in unknown:
+                close = difflib.get_close_matches(hook, _HOOKS, n=1)
+                hints.append(f"'{hook}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            raise HandoffError(f"implements unknown hook(s) {', '.join(hints)}; handoff's hooks are "
+                               f"{', '.join(_HOOKS)} (see handoff.hookspecs)")
 
     def register(self, plugin: Any, name: str | None = None) -> None:
-        """Register a plugin object or module (tests, and programs embedding handoff)."""
-        self.pm.register(plugin, name=name)
+        """Register a plugin object or module (tests, and programs embedding handoff).
+
+        :raises HandoffError: the plugin implements a hook that does not exist, or pluggy refuses it.
+        """
+        self._register(plugin, name)
+        self.origins[name or self.pm.get_name(plugin) or repr(plugin)] = Origin("registered from Python")
         self._backends = None
+        self._registry = None
 
     # -- backends ------------------------------------------------------------------------------
     @property
     def backends(self) -> dict[str, BackendSpec]:
         """Every backend, in hook order (``trylast`` plugins, such as ``tvm``, last)."""
         return {bid: spec for bid, (spec, _) in self._backend_table().items()}
+
+    def plugin_of(self, backend_id: str) -> str:
+        """The name of the plugin that provides ``backend_id``."""
+        self.spec(backend_id)
+        return self._backend_table()[backend_id][1]
 
     def _backend_table(self) -> dict[str, tuple[BackendSpec, str]]:
         if self._backends is not None:
@@ -110,7 +188,7 @@ class Plugins:
             try:
                 specs = list(impl.function() or ())
             except Exception as exc:
-                self.broken.append(BrokenPlugin(impl.plugin_name, "handoff_backends", _one_line(exc)))
+                self.broken.append(BrokenPlugin(impl.plugin_name, "handoff_backends", one_line(exc)))
                 continue
             for spec in specs:
                 if not isinstance(spec, BackendSpec):
@@ -119,6 +197,8 @@ class Plugins:
                 elif spec.id in table:
                     self.broken.append(BrokenPlugin(impl.plugin_name, "handoff_backends",
                                                     f"backend id '{spec.id}' already provided by plugin '{table[spec.id][1]}'"))
+                elif (why := api_compatible(spec.api_version)) is not None:
+                    self.broken.append(BrokenPlugin(impl.plugin_name, "handoff_backends", f"backend '{spec.id}': {why}"))
                 else:
                     table[spec.id] = (spec, impl.plugin_name)
         self._backends = table
@@ -135,53 +215,75 @@ class Plugins:
     def not_installed_message(self, backend_id: str) -> str:
         installed = ", ".join(self._backend_table()) or "none"
         msg = f"backend '{backend_id}' not installed; installed: {installed}"
-        broken = [b for b in self.broken if b.name == backend_id]
+        broken = [b for b in self.broken if b.name == backend_id or f"backend '{backend_id}'" in b.error]
         if broken:
             msg += f"; {broken[0]}"
         hint = self.registry.install_hint(backend_id)
         if hint:
             msg += f"; install with: {hint}"
         elif backend_id not in self.registry.backends:
-            msg += f"; known backends: {', '.join(self.registry.backends)}"
+            msg += f"; known backends: {', '.join(self.registry.backends) or 'none'}"
         return msg
 
-    def check_options(self, backend_id: str, options: Mapping[str, str], runtime: bool = False) -> None:
-        """Refuse option names the backend does not declare (compile options, or runtime ones)."""
+    def parse_options(self, backend_id: str, options: Mapping[str, Any], runtime: bool = False) -> dict[str, Any]:
+        """``options`` checked against the backend's typed (compile or runtime) options and parsed,
+        with every declared option's default filled in.
+
+        :raises HandoffError: an unknown name (listing the valid ones) or an invalid value
+            (naming the valid values).
+        """
         spec = self.spec(backend_id)
-        known = spec.runtime_options if runtime else spec.options
+        known = spec.option_table(runtime)
+        kind = "runtime option" if runtime else "option"
         for name in options:
             if name not in known:
                 valid = ", ".join(sorted(known)) or "none"
-                kind = "runtime option" if runtime else "option"
-                other = spec.options if runtime else spec.runtime_options
+                other = spec.option_table(not runtime)
                 also = f" ('{name}' is a {'compile' if runtime else 'runtime'} option)" if name in other else ""
                 raise HandoffError(f"backend '{backend_id}' has no {kind} '{name}'{also}; valid {kind}s: {valid}")
+        parsed = {}
+        for name, option in known.items():
+            try:
+                parsed[name] = option.parse(name, options.get(name))
+            except ValueError as exc:
+                raise HandoffError(f"backend '{backend_id}': {exc}") from exc
+        return parsed
 
-    def compiler(self, backend_id: str, options: Mapping[str, str] | None = None) -> Any:
+    def compiler(self, backend_id: str, options: Mapping[str, Any] | None = None) -> Compiler:
         """A new instance of the compiler half of ``backend_id``, configured with ``options``."""
         spec = self.spec(backend_id)
-        options = dict(options or {})
-        self.check_options(backend_id, options)
+        parsed = self.parse_options(backend_id, options or {})
+        cls = self._import_half(backend_id, "compiler", Compiler)
         try:
-            cls = import_ref(spec.compiler)
-        except Exception as exc:
-            raise HandoffError(f"backend '{backend_id}': its compiler ({spec.compiler}) cannot be imported: "
-                               f"{_one_line(exc)}{self._hint_suffix(backend_id)}") from exc
-        try:
-            return cls(options)
+            return cls(parsed)
         except ValueError as exc:
             raise HandoffError(f"backend '{backend_id}': {exc}") from exc
+        except Exception as exc:
+            raise HandoffError(f"backend '{backend_id}': its compiler ({spec.compiler}) failed to start: "
+                               f"{one_line(exc)}") from exc
 
-    def runtime(self, backend_id: str) -> Any:
+    def runtime(self, backend_id: str) -> Runtime:
         """The (per-process, cached) runtime half of ``backend_id``."""
         if backend_id not in self._runtimes:
-            spec = self.spec(backend_id)
+            cls = self._import_half(backend_id, "runtime", Runtime)
             try:
-                self._runtimes[backend_id] = import_ref(spec.runtime)()
+                self._runtimes[backend_id] = cls()
             except Exception as exc:
-                raise HandoffError(f"backend '{backend_id}': its runtime ({spec.runtime}) cannot be imported: "
-                                   f"{_one_line(exc)}{self._hint_suffix(backend_id)}") from exc
+                raise HandoffError(f"backend '{backend_id}': its runtime ({self.spec(backend_id).runtime}) failed to "
+                                   f"start: {one_line(exc)}") from exc
         return self._runtimes[backend_id]
+
+    def _import_half(self, backend_id: str, half: str, base: type) -> Any:
+        ref = getattr(self.spec(backend_id), half)
+        try:
+            cls = import_ref(ref)
+        except Exception as exc:
+            raise HandoffError(f"backend '{backend_id}': its {half} ({ref}) cannot be imported: "
+                               f"{one_line(exc)}{self._hint_suffix(backend_id)}") from exc
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise HandoffError(f"backend '{backend_id}': its {half} {ref} is not a subclass of handoff.{base.__name__} "
+                               f"(plugin API {PLUGIN_API_VERSION}); derive it from handoff.{base.__name__}")
+        return cls
 
     def runtime_available(self, backend_id: str) -> tuple[bool, str]:
         """``(True, "")`` or ``(False, reason)``; never raises."""
@@ -191,21 +293,54 @@ class Plugins:
         except HandoffError as exc:
             return False, str(exc)
         except Exception as exc:
-            return False, f"is_available() raised {_one_line(exc)}"
+            return False, f"is_available() raised {one_line(exc)}"
 
     def compiler_available(self, backend_id: str) -> tuple[bool, str]:
         """Whether the ahead-of-time half imports; never raises."""
         try:
-            import_ref(self.spec(backend_id).compiler)
+            self._import_half(backend_id, "compiler", Compiler)
             return True, ""
-        except Exception as exc:
-            return False, _one_line(exc)
+        except HandoffError as exc:
+            return False, str(exc)
 
     def _hint_suffix(self, backend_id: str) -> str:
         hint = self.registry.install_hint(backend_id)
         return f"; install with: {hint}" if hint else ""
 
+    # -- identity ------------------------------------------------------------------------------
+    def distribution(self, backend_id: str) -> tuple[str | None, str | None]:
+        """``(distribution, version)`` of the installed package that provides ``backend_id``,
+        or ``(None, None)`` when its plugin is not installed as a distribution."""
+        origin = self.origins.get(self.plugin_of(backend_id))
+        if origin and origin.distribution:
+            return origin.distribution, origin.version
+        module = self.spec(backend_id).compiler.partition(":")[0].partition(".")[0]
+        dists = importlib.metadata.packages_distributions().get(module) or []
+        return (dists[0], _dist_version(dists[0])) if dists else (None, None)
+
+    def code_identity(self, backend_id: str) -> str:
+        """What the lowering cache keys a backend's code by: its distribution and version, and a
+        digest of the files of the package holding its compiler (so an edited plugin whose version
+        did not change never gets blobs its old code made)."""
+        dist, version = self.distribution(backend_id)
+        module = self.spec(backend_id).compiler.partition(":")[0]
+        return f"{dist}=={version};{module.rpartition('.')[0] or module}:{_package_digest(module)}"
+
     # -- other hooks ---------------------------------------------------------------------------
+    @property
+    def registry(self) -> Registry:
+        """The catalogue: ``registry.yaml`` with every plugin's ``handoff_catalog`` entries laid
+        over it (read on first use; never raises, see :attr:`Registry.problems`)."""
+        if self._registry is None:
+            entries = []
+            for impl in reversed(self.pm.hook.handoff_catalog.get_hookimpls()):
+                try:
+                    entries.append((impl.plugin_name, impl.function() or {}))
+                except Exception as exc:
+                    self.broken.append(BrokenPlugin(impl.plugin_name, "handoff_catalog", one_line(exc)))
+            self._registry = Registry.load(plugin_entries=entries)
+        return self._registry
+
     def zoo(self) -> dict[str, Any]:
         """Every ``zoo:NAME`` model, from all plugins."""
         models: dict[str, Any] = {}
@@ -219,9 +354,35 @@ class Plugins:
         return models
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if not isinstance(exc, HandoffError) else text
+@functools.cache
+def _dist_version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@functools.cache
+def _package_digest(module: str) -> str:
+    """sha256 over the files of the package holding ``module`` (its parent package, or the
+    module's own file when it is top level), paths and contents, ``__pycache__`` excluded."""
+    package = module.rpartition(".")[0] or module
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    h = hashlib.sha256()
+    if spec is None:
+        return "unknown"
+    if spec.submodule_search_locations:
+        for root in sorted(spec.submodule_search_locations):
+            for path in sorted(Path(root).rglob("*")):
+                if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo"):
+                    h.update(str(path.relative_to(root)).encode() + b"\0")
+                    h.update(path.read_bytes())
+    elif spec.origin and os.path.isfile(spec.origin):
+        h.update(Path(spec.origin).read_bytes())
+    return h.hexdigest()[:16]
 
 
 _DEFAULT: Plugins | None = None

@@ -1,4 +1,4 @@
-"""The ``.hof`` program file, format version 1.1: reader, writer and validation.
+"""The ``.hof`` program file, format version 1.2: reader, writer and validation.
 
 A program file is one header, the segments (delegate blobs and constant tensors, each aligned),
 and a JSON manifest that says what the segments are and how to run them::
@@ -56,7 +56,7 @@ __all__ = [
 #: First 8 bytes of every program (PNG-style: non-ASCII byte, name, CR LF, ^Z, LF).
 MAGIC = b"\x89HOF\r\n\x1a\n"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 1
+FORMAT_MINOR = 2
 HEADER_SIZE = 96
 
 #: Header flag bits understood by this reader (none are defined in 1.0).

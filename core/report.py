@@ -18,12 +18,20 @@ OPS_SHOWN = 4  # per backend in the table; the JSON has them all
 
 @dataclasses.dataclass
 class BackendStats:
+    """One backend's share of the program. ``partitions`` is its number of delegates;
+    ``crossings`` the values its delegates receive from or hand to another step (another
+    delegate, a host op, the program's inputs and outputs) per run: each is a boundary the
+    runtime must carry a value across. ``compile_seconds`` is what its compiler took to make the
+    blobs, including blobs the cache supplied in this run (``lower_seconds`` is this run's time)."""
+
     nodes: int = 0
     partitions: int = 0
     ops: dict[str, int] = dataclasses.field(default_factory=dict)
     lower_seconds: float = 0.0
+    compile_seconds: float = 0.0
     blob_bytes: int = 0
     cached_partitions: int = 0
+    crossings: int = 0
 
 
 @dataclasses.dataclass
@@ -39,10 +47,16 @@ class Report:
     notes: list[str] = dataclasses.field(default_factory=list)
     program_bytes: int = 0
     output: str | None = None
+    #: seconds per phase: export, capability, plan, lower, write
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: small partitions that joined a neighbour's (see :mod:`handoff.partitioner`)
+    islands: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    #: values carried between steps per run (all backends and the host)
+    crossings: int = 0
 
     @classmethod
     def build(cls, model: str, backends: list[str], view: GraphView, plan: Plan, lowered: dict[str, Any],
-              moves: list[Any]) -> "Report":
+              moves: list[Any], assembled: Any = None) -> "Report":
         stats: dict[str, BackendStats] = {b: BackendStats() for b in [*backends, HOST]}
         for node in view.order:
             s = stats[plan.assignment[node]]
@@ -53,12 +67,16 @@ class Report:
             s.partitions += 1
             lp = lowered[part.name]
             s.lower_seconds += lp.seconds
+            s.compile_seconds += lp.compile_seconds
             s.blob_bytes += len(lp.lowered.blob)
             s.cached_partitions += int(lp.cached)
+            s.crossings += len(lp.inputs) + len(lp.outputs)
         declined = [{"node": n, "op": view.ops[n], "ran_on": plan.assignment[n], "reasons": dict(r)}
                     for n, r in plan.reasons.items() if n in view.ops]
+        islands = [dataclasses.asdict(m) for m in getattr(plan, "moves", ())]
         return cls(model=model, backends=list(backends), total_nodes=len(view.order), stats=stats,
-                   declined=declined, moves=[dataclasses.asdict(m) for m in moves])
+                   declined=declined, moves=[dataclasses.asdict(m) for m in moves], islands=islands,
+                   crossings=_crossings(assembled.manifest) if assembled is not None else 0)
 
     def coverage(self, backend: str) -> float:
         """Percentage of compute nodes (getitems excluded) that run on ``backend``."""
@@ -76,6 +94,9 @@ class Report:
                             for b, s in self.stats.items()},
             "declined": self.declined,
             "moves": self.moves,
+            "islands": self.islands,
+            "crossings": self.crossings,
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "notes": self.notes,
         }
 
@@ -84,8 +105,8 @@ class Report:
         from rich.table import Table
 
         table = Table(title=f"Delegation report: {self.model}", title_justify="left")
-        for col, just in (("backend", "left"), ("nodes", "right"), ("coverage", "right"), ("partitions", "right"),
-                          ("blob", "right"), ("lowering", "right"), ("ops", "left")):
+        for col, just in (("backend", "left"), ("nodes", "right"), ("coverage", "right"), ("delegates", "right"),
+                          ("crossings", "right"), ("blob", "right"), ("lowering", "right"), ("ops", "left")):
             table.add_column(col, justify=just, no_wrap=col != "ops")  # type: ignore[arg-type]
         for backend, s in self.stats.items():
             if backend == HOST and not s.nodes:
@@ -96,9 +117,11 @@ class Report:
             top = short.most_common()
             ops = ", ".join(f"{op}×{c}" for op, c in top[:OPS_SHOWN]) + (
                 f", +{len(top) - OPS_SHOWN} more" if len(top) > OPS_SHOWN else "")
-            lowering = f"{s.lower_seconds:.2f}s" + (f" ({s.cached_partitions} cached)" if s.cached_partitions else "")
+            lowering = f"{s.lower_seconds:.2f}s" + (f" ({s.cached_partitions} cached, compiled in "
+                                                    f"{s.compile_seconds:.2f}s)" if s.cached_partitions else "")
             table.add_row(backend if backend != HOST else "aten (host)", str(s.nodes), f"{self.coverage(backend):.1f}%",
-                          str(s.partitions), _size(s.blob_bytes) if s.partitions else "-",
+                          str(s.partitions), str(s.crossings) if s.partitions else "-",
+                          _size(s.blob_bytes) if s.partitions else "-",
                           lowering if s.partitions else "-", ops or "-")
         console.print(table)
         if self.declined:
@@ -114,10 +137,35 @@ class Report:
         for move in self.moves:
             console.print(f"[yellow]moved[/] {len(move['nodes'])} node(s) of {move['partition']} off "
                           f"{move['backend']}: {move['reason']}")
+        for island in self.islands:
+            console.print(f"[cyan]joined[/] {len(island['nodes'])} node(s) from {island['from_backend']} to "
+                          f"{island['to_partition']}: {island['reason']}")
+        if self.timings:
+            phases = ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items())
+            console.print(f"{self.crossings} value crossing(s) per run; {phases}")
         for note in self.notes:
             console.print(f"note: {note}")
         if self.output:
             console.print(f"wrote {self.output} ({_size(self.program_bytes)})")
+
+
+def _crossings(manifest: dict[str, Any]) -> int:
+    """Values carried from one step (or the program's input) to another step (or the program's
+    output) per run: every read of a value made elsewhere, and every output."""
+    constants = {c["value"] for c in manifest["constants"]}
+    reads = 0
+    for ins in manifest["instructions"]:
+        vids = ins["inputs"] if ins["op"] == "delegate" else _value_reads([ins["args"], list(ins["kwargs"].values())])
+        reads += sum(v not in constants for v in vids)
+    return reads + len(manifest["outputs"])
+
+
+def _value_reads(args: Any) -> list[int]:
+    if isinstance(args, list):
+        return [v for a in args for v in _value_reads(a)]
+    if isinstance(args, dict) and "value" in args:
+        return [args["value"]]
+    return []
 
 
 def _size(n: int) -> str:

@@ -13,7 +13,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .errors import HandoffError
+from . import hostops
+from .errors import HandoffError, one_line
 from .plugins import Plugins, get_plugins
 from .program import ProgramFile, constant_array
 
@@ -42,6 +43,7 @@ class Program:
     # -- load ----------------------------------------------------------------------------------
     def _load_delegates(self, plugins: Plugins, options: Mapping[str, Mapping[str, str]]) -> None:
         delegates = self.manifest["delegates"]
+        parsed: dict[str, dict[str, Any]] = {}
         for backend in options:
             if backend not in {d["backend"] for d in delegates}:
                 raise HandoffError(f"{self.file.name}: options given for backend '{backend}', which this program does "
@@ -51,7 +53,7 @@ class Program:
                 users = [i for i, d in enumerate(delegates) if d["backend"] == backend]
                 raise HandoffError(f"{self.file.name}: delegate {users[0]} needs "
                                    f"{plugins.not_installed_message(backend)}")
-            plugins.check_options(backend, options.get(backend, {}), runtime=True)
+            parsed[backend] = plugins.parse_options(backend, options.get(backend, {}), runtime=True)
             ok, reason = plugins.runtime_available(backend)
             if not ok:
                 raise HandoffError(f"{self.file.name}: backend '{backend}' cannot run here: {reason}")
@@ -59,7 +61,7 @@ class Program:
             runtime = plugins.runtime(d["backend"])
             blob = self.file.segment(d["segment"])
             try:
-                handle = runtime.load(blob, d["metadata"], dict(options.get(d["backend"], {})))
+                handle = runtime.load(blob, d["metadata"], parsed[d["backend"]])
             except HandoffError:
                 raise
             except Exception as exc:
@@ -68,25 +70,35 @@ class Program:
             self._handles.append((runtime, handle))
 
     def _resolve_aten_ops(self) -> dict[int, Any]:
-        targets = {i: ins["target"] for i, ins in enumerate(self.manifest["instructions"]) if ins["op"] == "aten"}
+        """Host ops, resolved from the allow-list (:mod:`handoff.hostops`) and checked, before
+        anything runs, to produce exactly the outputs the manifest declares."""
+        instructions = self.manifest["instructions"]
+        targets = {i: ins["target"] for i, ins in enumerate(instructions) if ins["op"] == "aten"}
         if not targets:
             return {}
+        for i, target in targets.items():
+            why = hostops.refusal(target)
+            if why:
+                raise HandoffError(f"{self.file.name}: instruction {i}: {why}; the program cannot run here")
         try:
             import torch
         except ImportError:
             ops = ", ".join(sorted(set(targets.values())))
             raise HandoffError(f"{self.file.name}: {len(targets)} host ATen op(s) ({ops}) need torch, which is not "
                                f"installed; install with: {TORCH_HINT}, or re-partition with --no-aten") from None
+        values = self.manifest["values"]
+
+        def declared(vid: int) -> tuple[tuple[int, ...], str]:
+            return tuple(values[vid]["shape"]), values[vid]["dtype"]
+
         resolved = {}
         for i, target in targets.items():
-            parts = target.split(".")
-            op = None
-            if len(parts) == 3 and parts[0] == "aten":
-                packet = getattr(torch.ops.aten, parts[1], None)
-                op = getattr(packet, parts[2], None) if packet is not None else None
-            if not isinstance(op, torch._ops.OpOverload):
-                raise HandoffError(f"{self.file.name}: instruction {i}: unknown host op {target!r} "
-                                   f"(this torch is {torch.__version__}); re-partition with this torch version")
+            op = hostops.resolve(target)
+            ins = instructions[i]
+            why = hostops.check_instruction(op, ins["args"], ins["kwargs"], _decode, declared,
+                                            [None if v is None else declared(v) for v in ins["outputs"]])
+            if why:
+                raise HandoffError(f"{self.file.name}: instruction {i} ({target}) is refused: {why}")
             resolved[i] = op
         self._torch_constants = {vid: torch.from_numpy(np.array(arr)) for vid, arr in self._constants.items()}
         return resolved
@@ -175,32 +187,16 @@ class Program:
     def _run_aten(self, index: int, ins: Mapping[str, Any], env: dict[int, Any]) -> list[Any]:
         import torch
 
-        def decode(arg: Any) -> Any:
-            if isinstance(arg, list):
-                return [decode(a) for a in arg]
-            if isinstance(arg, dict):
-                (kind, val), = arg.items()
-                if kind == "value":
-                    if val in self._torch_constants:
-                        return self._torch_constants[val]
-                    return torch.from_numpy(np.array(env[val]) if not env[val].flags.writeable else env[val])
-                if kind == "float":
-                    return float(val)
-                if kind == "dtype":
-                    return getattr(torch, val)
-                if kind == "device":
-                    return torch.device("cpu")
-                if kind == "layout":
-                    return getattr(torch, val)
-                if kind == "memory_format":
-                    return getattr(torch, val)
-            return arg
+        def tensor(vid: int) -> Any:
+            if vid in self._torch_constants:
+                return self._torch_constants[vid]
+            return torch.from_numpy(np.array(env[vid]) if not env[vid].flags.writeable else env[vid])
 
         try:
-            result = self._aten_ops[index](*decode(ins["args"]), **{k: decode(v) for k, v in ins["kwargs"].items()})
+            result = self._aten_ops[index](*_decode(ins["args"], tensor),
+                                           **{k: _decode(v, tensor) for k, v in ins["kwargs"].items()})
         except Exception as exc:
-            raise HandoffError(f"instruction {index} ({ins['target']}) failed on the host: {type(exc).__name__}: "
-                               f"{' '.join(str(exc).split())[:300]}") from exc
+            raise HandoffError(f"instruction {index} ({ins['target']}) failed on the host: {one_line(exc, 300)}") from exc
         results = list(result) if isinstance(result, (tuple, list)) else [result]
         return [r.numpy() if isinstance(r, torch.Tensor) else r for r in results]
 
@@ -238,6 +234,29 @@ class Program:
             self.close()
         except Exception:
             pass
+
+
+def _decode(arg: Any, tensor: Any) -> Any:
+    """A host op's argument as the manifest encodes it (``docs/format.md``) -> what torch takes;
+    ``tensor(value_id)`` makes the tensor for a value."""
+    import torch
+
+    if isinstance(arg, list):
+        return [_decode(a, tensor) for a in arg]
+    if isinstance(arg, dict):
+        (kind, val), = arg.items()
+        if kind == "value":
+            return tensor(val)
+        if kind == "float":
+            return float(val)
+        if kind == "device":
+            return torch.device("cpu")
+        # Only torch's own constants of the tagged kind: a file must not name other attributes.
+        obj = getattr(torch, val, None) if isinstance(val, str) and not val.startswith("_") else None
+        if isinstance(obj, {"dtype": torch.dtype, "layout": torch.layout, "memory_format": torch.memory_format}[kind]):
+            return obj
+        raise HandoffError(f"{val!r} is not a torch {kind}")
+    return arg
 
 
 def _to_numpy(x: Any) -> np.ndarray:

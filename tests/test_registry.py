@@ -56,11 +56,36 @@ def test_presets_name_known_backends_and_expand():
         REGISTRY.expand(["preset:x"])
 
 
-def test_bad_registry_is_one_line():
-    with pytest.raises(HandoffError, match="registry.yaml: backend 'a' lacks distribution"):
-        Registry.load("backends:\n  a: {device: cpu}\n")
-    with pytest.raises(HandoffError, match="registry.yaml: preset 'p' names unknown backends zz"):
-        Registry.load("backends: {}\npresets:\n  p: [zz]\n")
+GOOD = ("{distribution: d, device: cpu, platforms: [linux-x86_64], compiler: {name: c, version: '1'}, "
+        "install: pip install d, description: ok}")
+
+
+def test_malformed_entries_are_reported_and_skipped():
+    reg = Registry.load(f"backends:\n  a: {{device: cpu}}\n  b: {GOOD}\n  c: [1, 2]\n"
+                        f"presets:\n  p: [zz]\n  q: [b]\n  r: 7\n")
+    assert list(reg.backends) == ["b"] and reg.presets == {"q": ["b"]}
+    assert reg.problems == [
+        "registry.yaml: backend 'a' lacks distribution, platforms, compiler, install, description; entry skipped",
+        "registry.yaml: backend 'c': entry is list, not a mapping; entry skipped",
+        "registry.yaml: preset 'p' names unknown backends zz; skipped",
+        "registry.yaml: preset 'r' is not a list of backend ids; skipped",
+    ]
+
+
+def test_unparsable_registry_is_a_problem_not_an_error():
+    reg = Registry.load("backends: [\n")
+    assert reg.backends == {} and reg.problems[0].startswith("registry.yaml skipped: ")
+
+
+def test_plugin_entry_replaces_the_files():
+    entry = {"distribution": "handoff-acme", "device": "npu", "platforms": ["linux-aarch64"],
+             "compiler": {"name": "acme-sdk", "version": "3.1"}, "install": "pip install handoff-acme",
+             "description": "Acme"}
+    reg = Registry.load(f"backends:\n  acme: {GOOD}\n", plugin_entries=[("acme", {"acme": entry}),
+                                                                         ("bad", {"x": {"device": "tpu"}})])
+    assert reg.backends["acme"] == entry and reg.sources["acme"] == "plugin 'acme'"
+    assert reg.problems == ["plugin 'bad': backend 'x' lacks distribution, platforms, compiler, install, "
+                            "description; entry skipped"]
 
 
 def test_wheel_ships_the_registry(tmp_path):

@@ -17,38 +17,31 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import tvm
 from tvm import relax
 
-from handoff.backend import Lowered, LoweringError
-from handoff.cache import cache_dir
+from handoff import Compiler, Lowered, LoweringError, cache_dir
 
 from .importer import decline_reason, import_partition
-from .plugin import TARGETS
 from .runtime import host_triple
 
 #: The linker ``export_library`` needs for target=aarch64 (Debian: gcc-aarch64-linux-gnu).
 AARCH64_CC = "aarch64-linux-gnu-gcc"
 
 
-class TvmCompiler:
-    """Lowers partitions with Apache TVM (see :class:`handoff.backend.Compiler`).
+class TvmCompiler(Compiler):
+    """Lowers partitions with Apache TVM (see :class:`handoff.Compiler`).
 
-    Options (all strings, see :mod:`handoff.tvm.plugin`): ``target`` (``host`` or ``aarch64``),
+    Options (typed, see :mod:`handoff.tvm.plugin`): ``target`` (``host`` or ``aarch64``),
     ``mcpu`` (an LLVM CPU name for the target's triple), ``tune`` (MetaSchedule trials, ``0``).
     """
 
-    def __init__(self, options: Mapping[str, str]) -> None:
-        target = options.get("target", "host")
-        if target not in TARGETS:
-            raise ValueError(f"option target={target!r} is not valid; valid values: {', '.join(TARGETS)}")
-        tune = options.get("tune", "0")
-        if not tune.strip().isdigit():
-            raise ValueError(f"option tune={tune!r} is not valid; valid values: a number of MetaSchedule "
-                             f"trials, 0 (no tuning) or more")
-        self.tune = int(tune)
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        super().__init__(options)
+        target = options.get("target") or "host"
+        self.tune = int(options.get("tune") or 0)
 
         if target == "host":
             self.triple, self.cc = host_triple(), None
@@ -83,14 +76,8 @@ class TvmCompiler:
         self.target_config = config
         self.target = tvm.target.Target(config)
 
-    def ops_to_not_decompose(self) -> Sequence[Any]:
-        return []  # the Relax importer is written against core ATen
-
     def support(self, ep: Any) -> Mapping[str, str | None]:
         return {n.name: decline_reason(n) for n in ep.graph.nodes if n.op == "call_function"}
-
-    def fused_patterns(self, ep: Any) -> Sequence[Sequence[str]]:
-        return []
 
     def cache_key(self) -> str:
         # The detected CPU and the TVM build decide the blob too, not only the options.

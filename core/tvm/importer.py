@@ -15,7 +15,7 @@ from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
-from handoff.backend import LoweringError
+from handoff import LoweringError
 
 #: "TVM 0.27", for messages.
 TVM_NAME = "TVM " + ".".join(tvm.__version__.split(".")[:2])
@@ -103,14 +103,14 @@ def import_partition(ep: Any) -> tuple[Any, list[dict[str, Any]], list[dict[str,
     except Exception as exc:
         node = failing_node(exc)
         where = f" at node {node}" if node else ""
-        raise LoweringError(f"{TVM_NAME} Relax importer failed{where}: {one_line(exc)}", node=node) from exc
+        raise LoweringError(f"{TVM_NAME} Relax importer failed{where}: {tvm_message(exc)}", node=node) from exc
     main = mod["main"]
     ret = main.ret_ty
     outputs = [io_spec(f) for f in ret.fields] if isinstance(ret, relax.TupleType) else [io_spec(ret)]
     return mod, [io_spec(p.ty) for p in main.params], outputs
 
 
-def one_line(exc: BaseException) -> str:
+def tvm_message(exc: BaseException) -> str:
     """A TVM error in one line: the failed check when there is one (TVM's messages end with it),
     else the last line."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from handoff import __version__
-from handoff.backend import BackendSpec
-from handoff.hookspecs import hookimpl
+from handoff import PLUGIN_API_VERSION, BackendSpec, Option, __version__, hookimpl
 
 #: ``--option tvm.target=NAME`` -> what it means (the compiler turns these into TVM targets).
 TARGETS = {
@@ -23,12 +21,25 @@ def handoff_backends() -> list[BackendSpec]:
         compiler="handoff.tvm.compiler:TvmCompiler",
         runtime="handoff.tvm.runtime:TvmRuntime",
         description="Apache TVM 0.27 (Relax, LLVM): compiles to a native library for the host or aarch64",
+        api_version=PLUGIN_API_VERSION,  # ships with the core
         options={
-            "target": "where the delegate runs: " + "; ".join(f"{k} = {v}" for k, v in TARGETS.items())
-                      + " (default host)",
-            "mcpu": "LLVM CPU name to compile for (default: the detected CPU for target=host, none for "
-                    "aarch64); 'generic' makes a blob that runs on any CPU of the triple",
-            "tune": "MetaSchedule trials per partition (default 0: untuned); records are kept in "
-                    "$HANDOFF_HOME/tuning/tvm and reused",
+            "target": Option("choice", "where the delegate runs: " + "; ".join(f"{k} = {v}" for k, v in TARGETS.items()),
+                             default="host", choices=tuple(TARGETS)),
+            "mcpu": Option("str", "LLVM CPU name to compile for (default: the detected CPU for target=host, none for "
+                                  "aarch64); 'generic' makes a blob that runs on any CPU of the triple"),
+            "tune": Option("int", "MetaSchedule trials per partition (0: untuned); records are kept in "
+                                  "$HANDOFF_HOME/tuning/tvm and reused", default=0, min=0, compare=(0, 200)),
         },
     )]
+
+
+@hookimpl(trylast=True)
+def handoff_catalog() -> dict[str, dict]:
+    return {"tvm": {
+        "distribution": "handoff", "module": "handoff.tvm", "entry_point": "tvm", "device": "cpu",
+        "platforms": ["linux-x86_64", "linux-aarch64", "macos-arm64", "android-arm64"],
+        "compiler": {"name": "apache-tvm", "version": "0.27.0.post1"},
+        "tvm_target": {"kind": "llvm"},
+        "install": "pip install handoff (built into the core)",
+        "description": "Apache TVM Relax, compiled ahead of time to a shared library; takes what no vendor backend claims",
+    }}

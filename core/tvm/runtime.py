@@ -20,6 +20,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from handoff import Runtime
+
 #: What to install when TVM is missing (the runtime needs no torch).
 INSTALL_HINT = "pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post0"
 
@@ -70,8 +72,8 @@ class _Delegate:
     num_outputs: int
 
 
-class TvmRuntime:
-    """Runs TVM delegates on the CPU (see :class:`handoff.backend.Runtime`)."""
+class TvmRuntime(Runtime):
+    """Runs TVM delegates on the CPU (see :class:`handoff.Runtime`)."""
 
     def is_available(self) -> tuple[bool, str]:
         try:
@@ -81,7 +83,7 @@ class TvmRuntime:
             return False, f"apache-tvm cannot be imported ({reason}): {INSTALL_HINT}"
         return True, ""
 
-    def load(self, blob: memoryview, metadata: Mapping[str, Any], options: Mapping[str, str]) -> _Delegate:
+    def load(self, blob: memoryview, metadata: Mapping[str, Any], options: Mapping[str, Any]) -> _Delegate:
         """Check the delegate fits this host and TVM, then open it in a Relax VM.
 
         The library is written to a private temporary file only for as long as ``dlopen`` needs

@@ -1,9 +1,11 @@
-"""A test plugin that implements every hook of handoff.hookspecs.
+"""A test plugin that implements every hook of handoff.hookspecs, and every method of
+:class:`handoff.Compiler` and :class:`handoff.Runtime`: the template for a new backend.
 
 Its two backends, ``sink`` and ``sinkb``, are small but real: the compiler serialises a partition
 into a list of elementwise ops plus weights, and the runtime interprets that list with numpy. Which
 ATen ops each claims is an option (``ops``), so tests can build any mix of claimed and declined
-nodes; ``fail_on`` makes lowering fail at an op; ``fuse`` reports mul->relu pairs as fused patterns.
+nodes; ``fail_on`` makes lowering fail at an op; ``fuse`` reports mul->relu pairs as fused patterns;
+``max_nodes`` makes ``check_partition`` shrink partitions larger than that.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from handoff import BackendSpec, Lowered, LoweringError, ZooModel, hookimpl
-from handoff.zoo import ResolvedModel
+from handoff import (PLUGIN_API_VERSION, BackendSpec, Compiler, Lowered, LoweringError, Option, ResolvedModel,
+                     Runtime, ZooModel, hookimpl)
 
 #: ATen op -> numpy implementation (args after the tensors are scalars)
 NUMPY_OPS = {
@@ -28,10 +30,12 @@ NUMPY_OPS = {
     "aten.tanh.default": np.tanh,
 }
 DEFAULT_OPS = "aten.add.Tensor,aten.mul.Tensor,aten.relu.default"
-OPTIONS = {"ops": "comma-separated ATen ops to claim", "fail_on": "an ATen op whose lowering fails",
-           "crash_on": "an ATen op whose lowering raises a plain error that names no node",
-           "fuse": "1: report mul->relu pairs as fused patterns"}
-RUNTIME_OPTIONS = {"check": "1: refuse non-finite outputs"}
+OPTIONS = {"ops": Option("str", "comma-separated ATen ops to claim", default=DEFAULT_OPS),
+           "fail_on": Option("str", "an ATen op whose lowering fails"),
+           "crash_on": Option("str", "an ATen op whose lowering raises a plain error that names no node"),
+           "fuse": Option("bool", "report mul->relu pairs as fused patterns", default=False),
+           "max_nodes": Option("int", "check_partition takes nodes out of partitions larger than this", min=1)}
+RUNTIME_OPTIONS = {"check": Option("bool", "refuse non-finite outputs", default=False)}
 MAGIC = b"SINK"
 
 calls: list[str] = []  # hooks called, for the tests
@@ -42,7 +46,16 @@ def handoff_backends() -> list[BackendSpec]:
     calls.append("handoff_backends")
     return [BackendSpec(id=bid, version="9.9", compiler=f"{__name__}:SinkCompiler", runtime=f"{__name__}:SinkRuntime",
                         description=f"kitchen-sink test backend {bid}", options=OPTIONS,
-                        runtime_options=RUNTIME_OPTIONS) for bid in ("sink", "sinkb")]
+                        runtime_options=RUNTIME_OPTIONS, api_version=PLUGIN_API_VERSION) for bid in ("sink", "sinkb")]
+
+
+@hookimpl
+def handoff_catalog() -> dict[str, dict[str, Any]]:
+    calls.append("handoff_catalog")
+    return {bid: {"distribution": "kitchen-sink", "module": "kitchen_sink", "entry_point": "kitchen_sink",
+                  "device": "cpu", "platforms": ["any"], "compiler": {"name": "numpy", "version": np.__version__},
+                  "install": "tests/plugins/kitchen_sink.py (HANDOFF_PLUGINS=kitchen_sink)",
+                  "description": f"kitchen-sink test backend {bid}"} for bid in ("sink", "sinkb")}
 
 
 @hookimpl
@@ -84,18 +97,30 @@ def sink_net() -> Any:
     return SinkNet().eval()
 
 
-class SinkCompiler:
-    def __init__(self, options: Mapping[str, str]):
-        self.ops = set(options.get("ops", DEFAULT_OPS).split(","))
+class SinkCompiler(Compiler):
+    def __init__(self, options: Mapping[str, Any]):
+        super().__init__(options)
+        self.ops = set(options["ops"].split(","))
         unknown = self.ops - set(NUMPY_OPS)
         if unknown:
             raise ValueError(f"ops {sorted(unknown)} unknown; valid: {', '.join(NUMPY_OPS)}")
-        self.fail_on = options.get("fail_on")
-        self.crash_on = options.get("crash_on")
-        self.fuse = options.get("fuse") == "1"
+        self.fail_on = options["fail_on"]
+        self.crash_on = options["crash_on"]
+        self.fuse = options["fuse"]
+        self.max_nodes = options["max_nodes"]
+        self.checked: list[list[str]] = []  # partitions check_partition saw, for the tests
 
     def ops_to_not_decompose(self) -> list[Any]:
         return []
+
+    def check_partition(self, ep: Any, nodes: Sequence[str]) -> dict[str, str]:
+        self.checked.append(list(nodes))
+        if self.max_nodes is None or len(nodes) <= self.max_nodes:
+            return {}
+        return {n: f"sink compiles at most {self.max_nodes} nodes together" for n in nodes[self.max_nodes:]}
+
+    def cache_key(self) -> str:
+        return f"numpy {np.__version__}"
 
     def support(self, ep: Any) -> dict[str, str | None]:
         out = {}
@@ -144,9 +169,10 @@ class SinkCompiler:
         return Lowered(MAGIC + struct.pack("<I", len(body)) + body, {"compiler": "sink", "ops": len(program)})
 
 
-class SinkRuntime:
+class SinkRuntime(Runtime):
     loaded = 0
     released = 0
+    reentrant = True  # execute keeps no state in the handle
 
     def is_available(self) -> tuple[bool, str]:
         return True, ""
@@ -157,7 +183,7 @@ class SinkRuntime:
             raise ValueError("not a sink blob")
         (n,) = struct.unpack("<I", data[4:8])
         SinkRuntime.loaded += 1
-        return {**json.loads(data[8:8 + n]), "check": options.get("check") == "1"}
+        return {**json.loads(data[8:8 + n]), "check": options["check"], "last": {}}
 
     def execute(self, handle: Any, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         tmps: list[Any] = []
@@ -173,7 +199,11 @@ class SinkRuntime:
         outs = [np.asarray(get(o), dtype=np.float32) for o in handle["outputs"]]
         if handle["check"] and not all(np.isfinite(o).all() for o in outs):
             raise FloatingPointError("sink produced a non-finite output")
+        handle["last"] = {"ops": len(handle["program"])}
         return outs
+
+    def stats(self, handle: Any) -> Mapping[str, Any]:
+        return handle["last"]
 
     def release(self, handle: Any) -> None:
         SinkRuntime.released += 1

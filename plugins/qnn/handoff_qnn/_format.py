@@ -32,6 +32,7 @@ import dataclasses
 import re
 from typing import Any, Mapping
 
+from handoff import Option
 from handoff import blob as envelope
 
 MAGIC = b"HOFQNNCX"
@@ -69,23 +70,25 @@ PRECISIONS = ("fp32", "fp16")
 PERFORMANCE_MODES = ("default", "burst", "balanced", "high_performance", "high_power_saver", "low_balanced",
                      "low_power_saver", "power_saver", "extreme_power_saver", "sustained_high_performance")
 
-#: Compile options, name -> help (``handoff partition --option qnn.NAME=VALUE``).
-OPTIONS: dict[str, str] = {
-    "soc_model": "Snapdragon SoC to compile for, by name or QNN id: "
-                 + ", ".join(f"{n} ({i}, v{a})" for n, (i, a) in SOCS.items())
-                 + " (default: none); used with precision=fp16 only",
-    "htp_arch": f"HTP architecture to compile for: {', '.join(map(str, HTP_ARCHS))} (default: the soc_model's, "
-                f"else QNN's default); must agree with soc_model when both are given",
-    "precision": "fp32 (default) or fp16: run float32 graphs with fp16 arithmetic on HTP; fp16 needs a soc_model "
-                 "whose HTP is v69 or newer, and fp32 excludes soc_model (naming a SoC makes QNN compute in fp16)",
-    "verify": "on (default) or off: compile each group of claimed nodes while partitioning and decline the "
-              "nodes QNN fails on in context (HTP's fp32 path rejects some op combinations); off claims by "
-              "the op table alone (faster; pair with --on-lower-error fallback)",
+#: Compile options (``handoff partition --option qnn.NAME=VALUE``); cross-checked by :func:`compile_target`.
+OPTIONS: dict[str, Option] = {
+    "soc_model": Option("str", "Snapdragon SoC to compile for, by name or QNN id: "
+                               + ", ".join(f"{n} ({i}, v{a})" for n, (i, a) in SOCS.items())
+                               + " (default: none); used with precision=fp16 only"),
+    "htp_arch": Option("choice", "HTP architecture to compile for (default: the soc_model's, else QNN's default); "
+                                 "must agree with soc_model when both are given",
+                       choices=tuple(map(str, HTP_ARCHS))),
+    "precision": Option("choice", "run float32 graphs with fp32 or fp16 arithmetic on HTP; fp16 needs a soc_model "
+                                  "whose HTP is v69 or newer, and fp32 excludes soc_model (naming a SoC makes QNN "
+                                  "compute in fp16)", default="fp32", choices=PRECISIONS),
+    "verify": Option("bool", "compile each planned partition before lowering and decline the nodes QNN fails on "
+                             "in context (HTP's fp32 path rejects some op combinations); off claims by the op "
+                             "table alone (faster; pair with --on-lower-error fallback)", default=True),
 }
 #: Runtime options (``handoff run --option qnn.NAME=VALUE``, ``handoff.load(..., options=)``).
-RUNTIME_OPTIONS: dict[str, str] = {
-    "htp_performance_mode": f"HTP power/performance vote of the QNN EP, one of {', '.join(PERFORMANCE_MODES)} "
-                            f"(default: default)",
+RUNTIME_OPTIONS: dict[str, Option] = {
+    "htp_performance_mode": Option("choice", "HTP power/performance vote of the QNN EP (default: default)",
+                                   choices=PERFORMANCE_MODES),
 }
 
 
@@ -110,12 +113,6 @@ class Target:
         return opts
 
 
-def _check_names(options: Mapping[str, Any], known: Mapping[str, str], kind: str) -> None:
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ValueError(f"unknown {kind}(s) {', '.join(unknown)}; valid {kind}s: {', '.join(sorted(known))}")
-
-
 def parse_soc(value: Any) -> tuple[str, int, int]:
     """``(name, soc_model id, htp_arch)`` of a SoC given by name (``SM8650``) or id (``57``)."""
     text = str(value).strip().upper()
@@ -128,22 +125,15 @@ def parse_soc(value: Any) -> tuple[str, int, int]:
 
 
 def compile_target(options: Mapping[str, Any]) -> Target:
-    """Validate the compile options."""
-    _check_names(options, OPTIONS, "option")
-    verify_option(options)
-    precision = str(options.get("precision", "fp32")).strip().lower()
-    if precision not in PRECISIONS:
-        raise ValueError(f"option precision={options['precision']!r} is not valid; valid values: {', '.join(PRECISIONS)}")
+    """The target the (typed, already parsed) compile options select; ``ValueError`` when they
+    contradict each other."""
+    precision = options.get("precision") or "fp32"
     soc_name = soc_model = soc_arch = None
     if options.get("soc_model") not in (None, ""):
         soc_name, soc_model, soc_arch = parse_soc(options["soc_model"])
     htp_arch = None
     if options.get("htp_arch") not in (None, ""):
-        text = str(options["htp_arch"]).strip().lower().removeprefix("v")
-        if not text.isdigit() or int(text) not in HTP_ARCHS:
-            raise ValueError(f"option htp_arch={options['htp_arch']!r} is not valid; valid values: "
-                             f"{', '.join(map(str, HTP_ARCHS))}")
-        htp_arch = int(text)
+        htp_arch = int(options["htp_arch"])
         if soc_arch is not None and htp_arch != soc_arch:
             raise ValueError(f"option htp_arch={htp_arch} contradicts soc_model={soc_name}, whose HTP is v{soc_arch}; "
                              f"drop htp_arch or pass htp_arch={soc_arch}")
@@ -164,33 +154,9 @@ def compile_target(options: Mapping[str, Any]) -> Target:
     return Target(htp_arch, soc_model, soc_name, precision)
 
 
-def verify_option(options: Mapping[str, Any]) -> bool:
-    value = str(options.get("verify", "on")).strip().lower()
-    if value in ("on", "1", "true", "yes"):
-        return True
-    if value in ("off", "0", "false", "no"):
-        return False
-    raise ValueError(f"option verify={options['verify']!r} is not valid; valid values: on, off")
-
-
-def performance_mode(options: Mapping[str, Any]) -> str | None:
-    value = options.get("htp_performance_mode")
-    if value in (None, ""):
-        return None
-    mode = str(value).strip().lower()
-    if mode not in PERFORMANCE_MODES:
-        raise ValueError(f"option htp_performance_mode={value!r} is not valid; valid values: {', '.join(PERFORMANCE_MODES)}")
-    return mode
-
-
 def runtime_options(options: Mapping[str, Any]) -> dict[str, str]:
-    """Validate run-time options; return the QNN EP provider options they add."""
-    fixed = [n for n in OPTIONS if n in options]
-    if fixed:
-        raise ValueError(f"option(s) {', '.join(fixed)} are fixed when the QNN context binary is compiled; "
-                         f"re-partition with --option qnn.{fixed[0]}=... instead of passing it at run time")
-    _check_names(options, RUNTIME_OPTIONS, "runtime option")
-    mode = performance_mode(options)
+    """The QNN EP provider options the (typed, already parsed) runtime options add."""
+    mode = options.get("htp_performance_mode")
     return {"htp_performance_mode": mode} if mode else {}
 
 

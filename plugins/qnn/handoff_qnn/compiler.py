@@ -18,12 +18,13 @@ Capability (:meth:`QnnCompiler.support`) has two layers:
 
 * the per-op table of :mod:`handoff_qnn.ops` (dtypes, ranks, attributes, fp32 vs fp16 kernels),
   checked one op at a time against real compiles by ``tools/check_op_table.py``;
-* an in-context check (option ``verify``, on by default): HTP's fp32 path fails to finalize some
-  op *combinations* whose ops compile alone (a MatMul fed by Div, Exp, Sqrt or Reciprocal; Softmax
-  of a scaled input feeding a MatMul). So every connected group of claimed nodes is compiled as it
-  stands; when it fails, the smallest failing prefix (in topological order) is found by bisection
-  and its last node declined with QNN's message, until the rest compiles. Results are cached
-  under ``$HANDOFF_HOME/qnn/verified`` by the ONNX model's hash, target and QNN version.
+* an in-context check after planning (:meth:`QnnCompiler.check_partition`, option ``verify``, on
+  by default): HTP's fp32 path fails to finalize some op *combinations* whose ops compile alone (a
+  MatMul fed by Div, Exp, Sqrt or Reciprocal; Softmax of a scaled input feeding a MatMul). So every
+  partition the core plans is compiled as it stands; when it fails, the smallest failing prefix
+  (in topological order) is found by bisection and its last node declined with QNN's message,
+  until the rest compiles; the core plans again without the declined nodes. Results are cached
+  under ``$HANDOFF_HOME/qnn/verified`` by the program's hash, partition, target and QNN version.
 """
 
 from __future__ import annotations
@@ -42,8 +43,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import onnx
 import torch
 
-from handoff.backend import Lowered, LoweringError
-from handoff.cache import cache_dir
+from handoff import Compiler, Lowered, LoweringError, cache_dir, extract_partition, one_line
 
 from . import __version__, _format, _ort, ops
 from ._worker import worker_for
@@ -58,17 +58,17 @@ _FX_NODE = re.compile(r"^%([A-Za-z0-9_]+) :")
 _CONSTANT, _EMPTY = object(), object()  # verification outcomes of groups with nothing to compile
 
 
-class QnnCompiler:
+class QnnCompiler(Compiler):
     """Capability and lowering for the ``qnn`` backend (see the module docstring).
 
-    Options (strings, see :data:`handoff_qnn._format.OPTIONS`): ``soc_model``, ``htp_arch``,
-    ``precision``; ``htp_performance_mode`` is a run-time option and only checked here.
+    Options (typed, see :data:`handoff_qnn._format.OPTIONS`): ``soc_model``, ``htp_arch``,
+    ``precision``, ``verify``; ``htp_performance_mode`` is a run-time option and only checked here.
     """
 
-    def __init__(self, options: Mapping[str, str] | None = None) -> None:
-        options = dict(options or {})
-        self.target = _format.compile_target(options)
-        self.verify = _format.verify_option(options)
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        super().__init__(options)
+        self.target = _format.compile_target(self.options)
+        self.verify = bool(self.options.get("verify", True))
         self._worker = worker_for(self.provider_options())  # compiles run in a child process: see _worker
 
     def _session(self, data: bytes, config: Mapping[str, str], severity: int = _ort.LOG_ERROR) -> tuple[str | None, list[str]]:
@@ -81,73 +81,41 @@ class QnnCompiler:
         return answer.get("error"), list(answer.get("log", []))
 
     # -- capability ---------------------------------------------------------------------------
-    def ops_to_not_decompose(self) -> Sequence[Any]:
-        return []  # the table is written against core ATen
-
     def support(self, ep: torch.export.ExportedProgram) -> dict[str, str | None]:
-        reasons = ops.support(ep, self.target)
-        if self.verify:
-            self._verify(ep, reasons)
-        return reasons
-
-    def fused_patterns(self, ep: Any) -> Sequence[Sequence[str]]:
-        return []
+        return ops.support(ep, self.target)
 
     def cache_key(self) -> str:
-        """The toolchain behind a blob besides options and plugin version: the QNN SDK (through
+        """The toolchain behind a blob besides options and plugin code: the QNN SDK (through
         onnxruntime-qnn), ONNX Runtime, and torch (its ONNX exporter)."""
         return json.dumps({**_ort.versions(), "torch": torch.__version__}, sort_keys=True)
 
     # -- in-context check ---------------------------------------------------------------------
-    def _verify(self, ep: torch.export.ExportedProgram, reasons: dict[str, str | None]) -> None:
-        """Compile every connected group of claimed nodes; decline the nodes that make one fail."""
-        nodes = [n for n in ep.graph.nodes if n.op == "call_function"]
-        producer = {n.name: n.args[0].name for n in nodes if n.target is operator.getitem}
-        claimed = [n.name for n in nodes if n.target is not operator.getitem and reasons.get(n.name) is None]
-        parent = {n: n for n in claimed}
-
-        def find(n: str) -> str:
-            while parent[n] != n:
-                parent[n] = parent[parent[n]]
-                n = parent[n]
-            return n
-
-        by_name = {n.name: n for n in nodes}
-        for name in claimed:
-            for inp in by_name[name].all_input_nodes:
-                src = producer.get(inp.name, inp.name)
-                if src in parent:
-                    parent[find(src)] = find(name)
-        groups: dict[str, list[str]] = {}
-        for name in claimed:
-            groups.setdefault(find(name), []).append(name)
-        for group in groups.values():
-            self._verify_group(ep, group, by_name, reasons)
-
-    def _verify_group(self, ep: Any, group: list[str], by_name: Mapping[str, Any],
-                      reasons: dict[str, str | None]) -> None:
-        """Compile ``group``; decline the nodes that make it fail (:meth:`_find_refused`). The
-        outcome is cached per program, group, target and QNN version."""
+    def check_partition(self, ep: torch.export.ExportedProgram, nodes: Sequence[str]) -> dict[str, str]:
+        """Compile the planned partition as it stands (option ``verify``); decline the nodes that
+        make it fail (:meth:`_find_refused`). The outcome is cached per program, partition,
+        target and QNN version."""
+        if not self.verify:
+            return {}
+        by_name = {n.name: n for n in ep.graph.nodes}
+        group = [n for n in nodes if by_name[n].target is not operator.getitem]
         key = hashlib.sha256("\0".join([self._program_key(ep), *group,
                                          json.dumps(self.provider_options(), sort_keys=True),
                                          json.dumps(_ort.versions(), sort_keys=True), __version__]).encode()).hexdigest()
         path = cache_dir("qnn/verified") / f"{key}.json"
         try:
-            declined = json.loads(path.read_text())["declined"]
+            return dict(json.loads(path.read_text())["declined"])
         except Exception:
             declined = self._find_refused(ep, group, by_name)
             with contextlib.suppress(OSError):
                 tmp = path.with_suffix(f".{os.getpid()}.tmp")
                 tmp.write_text(json.dumps({"declined": declined}))
                 os.replace(tmp, path)
-        for name, reason in declined.items():
-            if name in reasons:
-                reasons[name] = reason
+            return declined
 
     def _find_refused(self, ep: Any, group: list[str], by_name: Mapping[str, Any]) -> dict[str, str]:
         """Decline, one at a time, the last node of the smallest failing prefix (topological
         order) of ``group``, until the rest compiles. Each check cuts the nodes out exactly as the
-        core will (:func:`handoff.lower.extract_partition`) and exports them the same way."""
+        core will (:func:`handoff.extract_partition`) and exports them the same way."""
         remaining = list(group)
         declined: dict[str, str] = {}
         while remaining:
@@ -179,15 +147,13 @@ class QnnCompiler:
     def _check(self, ep: Any, names: list[str]) -> Any:
         """``None`` when ``names`` (with their getitems) compile on QNN as one graph, the failure
         message otherwise, or :data:`_CONSTANT` / :data:`_EMPTY` for groups with nothing to run."""
-        from handoff.lower import extract_partition
-
         wanted = set(names)
         ordered = [n.name for n in ep.graph.nodes if n.op == "call_function" and (
             n.name in wanted or (n.target is operator.getitem and n.args[0].name in wanted))]
         try:
             sub, inputs, _ = extract_partition(ep, ordered, {})
         except Exception as exc:
-            return f"cannot cut the group out of the program: {_one_line(exc)}"
+            return f"cannot cut the group out of the program: {one_line(exc)}"
         if not inputs:
             return _CONSTANT
         try:
@@ -197,7 +163,7 @@ class QnnCompiler:
         if not model.graph.node:
             return _EMPTY
         error, _ = self._session(model.SerializeToString(), {})
-        return None if error is None else _one_line(error)
+        return None if error is None else one_line(error)
 
     def _program_key(self, ep: Any) -> str:
         """A content hash of ``ep`` (graph and weights), computed once per program."""
@@ -283,7 +249,7 @@ class QnnCompiler:
         qnn = f"QNN SDK {versions['qnn_sdk_version']} (onnxruntime-qnn {versions['onnxruntime_qnn']})"
         error, log = self._session(data, config)
         if error is not None:
-            message = _one_line(error)
+            message = one_line(error)
             if "assigned to the default CPU EP" in message:
                 refused = self._refused_nodes(data)
                 if refused:
@@ -332,7 +298,7 @@ def to_onnx(ep: torch.export.ExportedProgram, name: str = "partition") -> onnx.M
         with _quiet_exporter():
             program = torch.onnx.export(ep, dynamo=True, verbose=False, optimize=True)
     except Exception as exc:
-        raise LoweringError(f"torch.onnx.export failed for {name}: {_one_line(exc)}") from exc
+        raise LoweringError(f"torch.onnx.export failed for {name}: {one_line(exc)}") from exc
     return program.model_proto
 
 
@@ -421,7 +387,3 @@ def _log_errors(lines: list[str]) -> list[str]:
             out.append(m.group(1).strip())
     return out
 
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:400]

@@ -20,6 +20,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from handoff import Runtime, one_line
+
 from . import INSTALL_HINT, _format, _ort
 
 
@@ -32,7 +34,7 @@ class _Delegate:
     last_seconds: float = 0.0
 
 
-class QnnRuntime:
+class QnnRuntime(Runtime):
     """Runs QNN delegates through ONNX Runtime's QNN EP (see :class:`handoff.backend.Runtime`)."""
 
     def is_available(self) -> tuple[bool, str]:
@@ -41,17 +43,17 @@ class QnnRuntime:
         except ImportError as exc:
             return False, str(exc)
         except Exception as exc:  # a broken install (missing shared library, ABI mismatch)
-            return False, f"onnxruntime-qnn cannot be imported ({_one_line(exc)}): {INSTALL_HINT}"
+            return False, f"onnxruntime-qnn cannot be imported ({one_line(exc)}): {INSTALL_HINT}"
         try:
             htp = _ort.htp_library()
             if not os.path.exists(htp):
                 return False, f"the QNN HTP backend library {htp} is missing: reinstall with {INSTALL_HINT}"
             _ort.qnn_devices()
         except Exception as exc:
-            return False, f"the QNN execution provider cannot be registered with ONNX Runtime: {_one_line(exc)}"
+            return False, f"the QNN execution provider cannot be registered with ONNX Runtime: {one_line(exc)}"
         return True, ""
 
-    def load(self, blob: memoryview, metadata: Mapping[str, Any], options: Mapping[str, str]) -> _Delegate:
+    def load(self, blob: memoryview, metadata: Mapping[str, Any], options: Mapping[str, Any]) -> _Delegate:
         provider_options = _format.runtime_options(dict(options))
         container = _format.unpack(blob)
         _check_versions(container.header)
@@ -107,6 +109,3 @@ def _check_versions(header: Mapping[str, Any]) -> None:
             f"(onnxruntime-qnn {here['onnxruntime_qnn']}): install onnxruntime-qnn=={header.get('onnxruntime_qnn', '?')} "
             f"or re-partition the model with this one")
 
-
-def _one_line(exc: BaseException) -> str:
-    return (" ".join(str(exc).split()) or type(exc).__name__)[:300]

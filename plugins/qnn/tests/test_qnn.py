@@ -58,26 +58,34 @@ def test_plugin_and_runtime_import_neither_torch_nor_onnxruntime():
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
-def test_options_are_checked_with_the_valid_values():
-    with pytest.raises(ValueError, match=r"precision=fp16 needs soc_model.*valid values: .*SM8650"):
-        QnnCompiler({"precision": "fp16"})
-    with pytest.raises(ValueError, match=r"soc_model=SM8350 has HTP v68, which has no fp16"):
-        QnnCompiler({"precision": "fp16", "soc_model": "SM8350"})
-    with pytest.raises(ValueError, match=r"soc_model=SM8650 makes QNN run float32 graphs with fp16"):
-        QnnCompiler({"soc_model": "SM8650"})
-    with pytest.raises(ValueError, match=r"htp_arch='99' is not valid; valid values: 68, 69, 73, 75, 79, 81"):
-        QnnCompiler({"htp_arch": "99"})
-    with pytest.raises(ValueError, match=r"htp_arch=73 contradicts soc_model=SM8650"):
-        QnnCompiler({"htp_arch": "73", **FP16})
-    with pytest.raises(ValueError, match=r"precision='bf16' is not valid; valid values: fp32, fp16"):
-        QnnCompiler({"precision": "bf16"})
-    target = QnnCompiler({"soc_model": "57", "precision": "fp16"}).target
+def test_options_are_checked_with_the_valid_values(qnn_plugins):
+    """Values are parsed by the core from the typed options (one line naming the backend); the
+    compiler checks the combinations."""
+    def compiler(**options):
+        return qnn_plugins.compiler("qnn", options)
+
+    with pytest.raises(handoff.HandoffError, match=r"precision=fp16 needs soc_model.*valid values: .*SM8650"):
+        compiler(precision="fp16")
+    with pytest.raises(handoff.HandoffError, match=r"soc_model=SM8350 has HTP v68, which has no fp16"):
+        compiler(precision="fp16", soc_model="SM8350")
+    with pytest.raises(handoff.HandoffError, match=r"soc_model=SM8650 makes QNN run float32 graphs with fp16"):
+        compiler(soc_model="SM8650")
+    with pytest.raises(handoff.HandoffError, match=r"^backend 'qnn': option htp_arch='99' is not valid; valid values: "
+                                                   r"68, 69, 73, 75, 79, 81$"):
+        compiler(htp_arch="99")
+    with pytest.raises(handoff.HandoffError, match=r"htp_arch=73 contradicts soc_model=SM8650"):
+        compiler(htp_arch="73", **FP16)
+    with pytest.raises(handoff.HandoffError, match=r"precision='bf16' is not valid; valid values: fp32, fp16"):
+        compiler(precision="bf16")
+    target = compiler(soc_model="57", precision="fp16").target
     assert (target.soc_name, target.soc_model, target.htp_arch) == ("SM8650", 57, 75)
-    with pytest.raises(ValueError, match=r"fixed when the QNN context binary is compiled"):
-        _format.runtime_options({"precision": "fp16"})
-    with pytest.raises(ValueError, match=r"htp_performance_mode='warp' is not valid; valid values: default, burst"):
-        _format.runtime_options({"htp_performance_mode": "warp"})
-    assert _format.runtime_options({"htp_performance_mode": "burst"}) == {"htp_performance_mode": "burst"}
+    with pytest.raises(handoff.HandoffError, match=r"has no runtime option 'precision' \('precision' is a compile "
+                                                   r"option\); valid runtime options: htp_performance_mode"):
+        qnn_plugins.parse_options("qnn", {"precision": "fp16"}, runtime=True)
+    with pytest.raises(handoff.HandoffError, match=r"htp_performance_mode='warp' is not valid; valid values: default, burst"):
+        qnn_plugins.parse_options("qnn", {"htp_performance_mode": "warp"}, runtime=True)
+    parsed = qnn_plugins.parse_options("qnn", {"htp_performance_mode": "burst"}, runtime=True)
+    assert _format.runtime_options(parsed) == {"htp_performance_mode": "burst"}
 
 
 def test_container_round_trip_and_damage():
@@ -184,7 +192,7 @@ def test_int64_is_declined_and_why():
             return x * 2, n + 3
 
     ep = torch.export.export(Counter(), (torch.randn(3), torch.tensor([2**33]))).run_decompositions()
-    reasons = QnnCompiler({"verify": "off"}).support(ep)
+    reasons = QnnCompiler({"verify": False}).support(ep)
     add = next(n.name for n in ep.graph.nodes if n.target == torch.ops.aten.add.Tensor)
     assert "int64 tensors are not supported on HTP" in reasons[add]
     assert reasons[next(n.name for n in ep.graph.nodes if n.target == torch.ops.aten.mul.Tensor)] is None

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from handoff_qnn import ops  # noqa: E402
-from handoff_qnn.compiler import QnnCompiler  # noqa: E402
+from handoff import Plugins  # noqa: E402
 from handoff_qnn.runtime import QnnRuntime  # noqa: E402
 
 A = torch.ops.aten
@@ -310,7 +310,7 @@ def _matches(got: list[np.ndarray], want: Any, tol: float) -> str | None:
     return None
 
 
-def check(sample: Sample, compiler: QnnCompiler, runtime: QnnRuntime) -> dict[str, Any]:
+def check(sample: Sample, compiler: Any, runtime: QnnRuntime) -> dict[str, Any]:
     ep = _exported(sample)
     nodes = [n for n in ep.graph.nodes if n.op == "call_function"]
     mine = [n for n in nodes if n.target == sample.op]
@@ -359,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     options = dict(o.split("=", 1) for o in args.option)
     os.environ.setdefault("HANDOFF_HOME", tempfile.mkdtemp(prefix="handoff-qnn-check-"))
-    compiler, runtime = QnnCompiler(options), QnnRuntime()
+    pm = Plugins(autoload=False, extra=["handoff_qnn.plugin"])
+    compiler, runtime = pm.compiler("qnn", options), QnnRuntime()
     ok, why = runtime.is_available()
     if not ok:
         print(f"cannot run QNN here: {why}", file=sys.stderr)

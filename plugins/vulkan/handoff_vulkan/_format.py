@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from typing import Any, Mapping
 
-from handoff import blob
+from handoff import Option, blob
 
 MAGIC = b"HOFVULKN"
 FORMAT_VERSION = 2  # 1 was the layout before the shared handoff.blob envelope
@@ -32,31 +32,19 @@ DTYPES: dict[str, tuple[str, int]] = {"float32": ("f32", 4), "int32": ("i32", 4)
 #: WGSL scalar types allowed as scalar (uniform) kernel arguments -> struct format character.
 POD_TYPES = {"i32": "i", "u32": "I", "f32": "f"}
 
-#: Compile options (``handoff partition --option vulkan.NAME=VALUE``), name -> help.
-OPTIONS: dict[str, str] = {
-    "fuse": "1 (default) to fuse neighbouring ops into one kernel with TVM's FuseOps, 0 to give every op "
-            "its own kernel",
+#: Compile options (``handoff partition --option vulkan.NAME=VALUE``).
+OPTIONS: dict[str, Option] = {
+    "fuse": Option("bool", "fuse neighbouring ops into one kernel with TVM's FuseOps (0 gives every op its own kernel)",
+                   default=True, compare=(True, False)),
 }
 #: Runtime options (``handoff run --option vulkan.NAME=VALUE``, ``handoff.load(..., options=)``).
-RUNTIME_OPTIONS: dict[str, str] = {
-    "adapter": "case-insensitive substring of the Vulkan adapter to run on, as wgpu names it (e.g. "
-               "'nvidia', 'llvmpipe' for Mesa's lavapipe); default: the first discrete, then integrated, "
-               "then virtual, then CPU adapter",
-    "timestamps": "1 to time every run on the GPU with timestamp queries (needs the adapter's "
-                  "timestamp-query feature; default 0)",
+RUNTIME_OPTIONS: dict[str, Option] = {
+    "adapter": Option("str", "case-insensitive substring of the Vulkan adapter to run on, as wgpu names it (e.g. "
+                             "'nvidia', 'llvmpipe' for Mesa's lavapipe); default: the first discrete, then integrated, "
+                             "then virtual, then CPU adapter"),
+    "timestamps": Option("bool", "time every run on the GPU with timestamp queries (needs the adapter's "
+                                 "timestamp-query feature)", default=False),
 }
-
-
-def parse_bool(name: str, value: Any, default: bool) -> bool:
-    """``--option vulkan.NAME=0|1|true|false``; ``ValueError`` naming the valid values otherwise."""
-    if value is None:
-        return default
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"option {name}={value!r} is not valid; valid values: 0, 1")
 
 
 def pack(header: Mapping[str, Any], data: bytes) -> bytes:

@@ -34,7 +34,7 @@ from tvm import relax, s_tir, sym, tirx
 from tvm.s_tir import dlight as dl
 from tvm.tirx.build import split_host_device_mods
 
-from handoff.tvm.importer import TVM_NAME, one_line
+from handoff.tvm import TVM_NAME, tvm_message
 
 from . import wgsl
 from ._format import DATA_ALIGN, DTYPES, MAX_GRID_DIM
@@ -242,7 +242,7 @@ def lower_tir(prim_funcs: dict[str, Any], tgt: Any) -> tuple[dict[str, HostFunc]
             try:
                 source = build(tvm.IRModule({gv: func}), dev_target).inspect_source()
             except Exception as exc:
-                raise LowerError(f"{TVM_NAME} WGSL code generation failed for kernel {name}: {one_line(exc)}",
+                raise LowerError(f"{TVM_NAME} WGSL code generation failed for kernel {name}: {tvm_message(exc)}",
                                  [name.removesuffix("_kernel")]) from exc
             source = wgsl.fix(source)
             try:

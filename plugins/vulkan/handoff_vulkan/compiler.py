@@ -32,13 +32,13 @@ from tvm.relax.frontend.torch.exported_program_translator import ExportedProgram
 
 # The built-in TVM backend's importer checks: this backend imports with the same Relax importer,
 # so what it can import is exactly what that backend claims (not duplicated here).
-from handoff.tvm.importer import TVM_NAME, import_partition, one_line
-from handoff.tvm.importer import decline_reason as _importer_decline_reason
+from handoff.tvm import TVM_NAME, import_partition, tvm_message
+from handoff.tvm import decline_reason as _importer_decline_reason
 
-from handoff.backend import Lowered, LoweringError
+from handoff import Compiler, Lowered, LoweringError
 
 from . import WGPU_VERSION, __version__, _tvm
-from ._format import FORMAT_VERSION, pack, parse_bool
+from ._format import FORMAT_VERSION, pack
 
 _log = logging.getLogger(__name__)
 #: Tensor dtypes a node may read or write (the torch side of _format.DTYPES; torch has no full uint32).
@@ -58,26 +58,21 @@ _DTYPE_REASONS = {
 _GLUE_OPS = {"relax.call_tir", "relax.reshape"}
 
 
-class VulkanCompiler:
-    """Lowers partitions to WGSL kernels and a launch plan (see :class:`handoff.backend.Compiler`)."""
+class VulkanCompiler(Compiler):
+    """Lowers partitions to WGSL kernels and a launch plan (see :class:`handoff.Compiler`)."""
 
     #: unscheduled PrimFunc structural hash -> None (kernel builds) or why not; process-wide.
     _kernel_cache: dict[int, str | None] = {}
 
-    def __init__(self, options: Mapping[str, str]) -> None:
-        self.fuse = parse_bool("fuse", options.get("fuse"), True)
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        super().__init__(options)
+        self.fuse = bool(options.get("fuse", True))
         self.target = _tvm.target()
 
-    def ops_to_not_decompose(self) -> Sequence[Any]:
-        return []  # the Relax importer is written against core ATen
-
-    def fused_patterns(self, ep: Any) -> Sequence[Sequence[str]]:
-        return []
-
     def cache_key(self) -> str:
-        # The TVM build and this plugin's pipeline decide the blob too, not only the options.
-        return json.dumps({"tvm": tvm.__version__, "target": _tvm.TARGET_CONFIG, "plugin": __version__,
-                           "blob_format": FORMAT_VERSION}, sort_keys=True)
+        # The TVM build decides the blob too (the core adds this plugin's code and version).
+        return json.dumps({"tvm": tvm.__version__, "target": _tvm.TARGET_CONFIG, "blob_format": FORMAT_VERSION},
+                          sort_keys=True)
 
     # -- capability ------------------------------------------------------------------------------
     def support(self, ep: Any) -> Mapping[str, str | None]:
@@ -89,7 +84,7 @@ class VulkanCompiler:
             except Exception as exc:  # the check itself broke: claim on the static check alone
                 _log.warning("vulkan: per-node kernel check failed (%s); claiming on dtype and importer checks "
                              "only, lowering may then fail (--on-lower-error fallback moves such partitions)",
-                             one_line(exc))
+                             tvm_message(exc))
         return reasons
 
     def _kernel_reasons(self, ep: Any, candidates: set[str]) -> dict[str, str]:
@@ -149,7 +144,7 @@ class VulkanCompiler:
                     try:
                         _tvm.lower_tir({name: scheduled}, self.target)
                     except Exception as exc:
-                        reason = f"{TVM_NAME} cannot build its WGSL kernel: {one_line(exc)}"
+                        reason = f"{TVM_NAME} cannot build its WGSL kernel: {tvm_message(exc)}"
                 results[name] = self._kernel_cache[h] = reason
         return results
 
@@ -213,7 +208,7 @@ class VulkanCompiler:
         except _tvm.LowerError:
             raise
         except Exception as exc:  # a TVM pass failed
-            raise _tvm.LowerError(f"{TVM_NAME} TIR lowering failed: {one_line(exc)}") from exc
+            raise _tvm.LowerError(f"{TVM_NAME} TIR lowering failed: {tvm_message(exc)}") from exc
         builder = _tvm.PlanBuilder(hosts, kernels)
         plan = builder.build(mod["main"])
         return plan, builder.weights
@@ -277,7 +272,7 @@ def _tagged_import(ep: Any, candidates: set[str], failures: dict[str, str]) -> t
                 try:
                     return fn(node)
                 except Exception as exc:
-                    failures[node.name] = f"{TVM_NAME} Relax importer failed: {one_line(exc)}"
+                    failures[node.name] = f"{TVM_NAME} Relax importer failed: {tvm_message(exc)}"
             return placeholder(node)
 
         return convert

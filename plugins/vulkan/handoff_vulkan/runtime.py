@@ -26,8 +26,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from handoff import Runtime
+
 from . import WGPU_VERSION
-from ._format import UNIFORM_SLOT, fold_grid, parse_bool, uniform_bytes, unpack
+from ._format import UNIFORM_SLOT, fold_grid, uniform_bytes, unpack
 
 INSTALL_HINT = f"pip install wgpu=={WGPU_VERSION}"
 DRIVER_HINT = ("install a Vulkan driver and loader (Debian/Ubuntu: apt-get install mesa-vulkan-drivers libvulkan1 "
@@ -49,7 +51,7 @@ def prepare_environment() -> None:
             os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="handoff-xdg-")  # mode 0700
         if not os.environ.get("XDG_CACHE_HOME"):
             try:
-                from handoff.cache import cache_dir
+                from handoff import cache_dir
 
                 os.environ["XDG_CACHE_HOME"] = str(cache_dir("cache"))
             except OSError:  # an unwritable HANDOFF_HOME: Mesa then keeps no shader cache
@@ -123,8 +125,8 @@ class _Delegate:
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # one run at a time (one staging buffer)
 
 
-class VulkanRuntime:
-    """Runs vulkan delegates through wgpu (see :class:`handoff.backend.Runtime`)."""
+class VulkanRuntime(Runtime):
+    """Runs vulkan delegates through wgpu (see :class:`handoff.Runtime`)."""
 
     def __init__(self) -> None:
         self._devices: dict[tuple[str, bool], _Device] = {}
@@ -149,7 +151,7 @@ class VulkanRuntime:
     # -- device ----------------------------------------------------------------------------------
     def _device(self, options: Mapping[str, str]) -> _Device:
         wanted = (options.get("adapter") or "").strip()
-        timestamps = parse_bool("timestamps", options.get("timestamps"), False)
+        timestamps = bool(options.get("timestamps"))
         key = (wanted.lower(), timestamps)
         with self._lock:
             if key in self._devices:
@@ -168,7 +170,7 @@ class VulkanRuntime:
             return dev
 
     # -- load ------------------------------------------------------------------------------------
-    def load(self, blob: memoryview, metadata: Mapping[str, Any], options: Mapping[str, str]) -> _Delegate:
+    def load(self, blob: memoryview, metadata: Mapping[str, Any], options: Mapping[str, Any]) -> _Delegate:
         header, data = unpack(blob)
         dev = self._device(options)
         _check_limits(header["limits"], dev)

@@ -28,6 +28,13 @@ import handoff  # noqa: E402
 from handoff.plugins import Plugins, set_plugins  # noqa: E402
 from handoff.testing import assert_matches_eager, check_against_eager  # noqa: E402
 from handoff_vulkan import _format, wgsl  # noqa: E402
+from handoff_vulkan._format import OPTIONS, RUNTIME_OPTIONS  # noqa: E402
+
+
+def runtime_options(**raw: str) -> dict:
+    """Runtime options as the core hands them to ``load``: parsed, defaults filled in."""
+    return {name: option.parse(name, raw.get(name)) for name, option in RUNTIME_OPTIONS.items()}
+
 
 PLUGIN = "handoff_vulkan.plugin"
 
@@ -231,8 +238,8 @@ def test_capability_reasons_per_node():
     assert by_op["argmax.default"] == "int64 tensor: WGSL has no 64-bit integers"
     assert by_op["gt.Scalar"] == "bool tensor: a WGSL storage buffer cannot hold bool"
     assert by_op["sum.dim_IntList"] == "float64 tensor: WGSL has no 64-bit floats"
-    with pytest.raises(ValueError, match="option fuse='2' is not valid; valid values: 0, 1"):
-        VulkanCompiler({"fuse": "2"})
+    with pytest.raises(ValueError, match=r"option fuse='2' is not valid; valid values: 1, 0 \(or true/false"):
+        OPTIONS["fuse"].parse("fuse", "2")
 
 
 class _LeavesItUnbound:
@@ -320,7 +327,7 @@ def test_unschedulable_fused_kernel_is_lowered_unfused(monkeypatch):
     from handoff_vulkan.runtime import VulkanRuntime
 
     rt = VulkanRuntime()
-    handle = rt.load(memoryview(lowered.blob), lowered.metadata, {})
+    handle = rt.load(memoryview(lowered.blob), lowered.metadata, runtime_options())
     try:
         (got,) = rt.execute(handle, [x.numpy()])
     finally:
@@ -473,7 +480,7 @@ def test_runtime_options_and_input_checks(mlp_lowered):
     with torch.no_grad():
         want = model(x)
     rt = VulkanRuntime()
-    handle = rt.load(memoryview(lowered.blob), lowered.metadata, {"adapter": "llvmpipe", "timestamps": "1"})
+    handle = rt.load(memoryview(lowered.blob), lowered.metadata, runtime_options(adapter="llvmpipe", timestamps="1"))
     try:
         assert "llvmpipe" in handle.dev.name
         (got,) = rt.execute(handle, [x.numpy()])
@@ -486,9 +493,9 @@ def test_runtime_options_and_input_checks(mlp_lowered):
     finally:
         rt.release(handle)
     with pytest.raises(ValueError, match="adapter='no-such-gpu' matches no Vulkan adapter; adapters here: .*llvmpipe"):
-        rt.load(memoryview(lowered.blob), lowered.metadata, {"adapter": "no-such-gpu"})
+        rt.load(memoryview(lowered.blob), lowered.metadata, runtime_options(adapter="no-such-gpu"))
     with pytest.raises(ValueError, match="timestamps='maybe' is not valid"):
-        rt.load(memoryview(lowered.blob), lowered.metadata, {"timestamps": "maybe"})
+        runtime_options(timestamps="maybe")
 
 
 @pytest.mark.slow

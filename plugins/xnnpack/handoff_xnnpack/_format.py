@@ -17,42 +17,23 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-from handoff import blob
+from handoff import Option, blob
 
 MAGIC = b"HOFXNNPK"
 FORMAT_VERSION = 2  # 1 was the layout before the shared handoff.blob envelope
 _ALIGN = 16
 
-#: Every option the backend accepts, name -> help (``--option xnnpack.NAME=VALUE``).
-OPTIONS: dict[str, str] = {
-    "threads": "worker threads of ExecuTorch's thread pool, which runs the XNNPACK kernels "
-               "(integer >= 1, or 'auto' for ExecuTorch's default of one per core); the pool is "
-               "process-wide, so every XNNPACK delegate of a process uses the same count",
+#: The most worker threads a delegate may ask for (a program file's metadata or an option must
+#: not be able to start thousands of OS threads).
+MAX_THREADS = 256
+
+#: Every option the backend accepts, compile time and run time alike (``--option xnnpack.NAME=VALUE``).
+OPTIONS: dict[str, Option] = {
+    "threads": Option("int", "worker threads of ExecuTorch's thread pool, which runs the XNNPACK kernels "
+                             "('auto': ExecuTorch's default of one per core); the pool is process-wide, so every "
+                             "XNNPACK delegate of a process uses the same count",
+                      default=None, min=1, max=MAX_THREADS, aliases=("auto", "0")),
 }
-
-
-def parse_threads(value: Any) -> int | None:
-    """``None`` (ExecuTorch's default) or a thread count >= 1; ``ValueError`` otherwise."""
-    if value is None:
-        return None
-    text = str(value).strip().lower()
-    if text in ("", "auto", "0"):
-        return None
-    try:
-        threads = int(text)
-    except ValueError:
-        threads = -1
-    if threads < 1:
-        raise ValueError(f"option 'threads' must be an integer >= 1 or 'auto', got {value!r}")
-    return threads
-
-
-def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate backend options; return them parsed. Unknown names are refused."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(OPTIONS))}")
-    return {"threads": parse_threads(options.get("threads"))}
 
 
 def pack(pte: bytes, header: Mapping[str, Any]) -> bytes:

@@ -61,7 +61,7 @@ with _muted("torchao", "torch.utils._pytree"):
         _remove_invalid_ops_for_not_decompose,
     )
 
-from handoff.backend import Lowered, LoweringError
+from handoff import Compiler, Lowered, LoweringError, one_line
 
 from . import EXECUTORCH_VERSION, _format, rewrites
 from .rewrites import DECOMPOSITIONS, rewrite
@@ -73,11 +73,8 @@ _FLOAT_DTYPES = {torch.float32: "fp32", torch.float16: "fp16"}
 _LOG = logging.getLogger(__name__)
 
 
-class XnnpackCompiler:
+class XnnpackCompiler(Compiler):
     """Capability and lowering for the ``xnnpack`` backend (see the module docstring)."""
-
-    def __init__(self, options: Mapping[str, str] | None = None) -> None:
-        self.options = _format.check_options(dict(options or {}))
 
     def cache_key(self) -> str:
         """The toolchain behind a blob besides options and plugin version: ExecuTorch, torch, the
@@ -104,7 +101,7 @@ class XnnpackCompiler:
         try:
             edge = _edge_program(rewrite(ep), partitioner)
         except Exception as exc:  # the Edge conversion refuses the program: nothing is claimable
-            reason = f"ExecuTorch's Edge conversion failed: {_one_line(exc)}"
+            reason = f"ExecuTorch's Edge conversion failed: {one_line(exc)}"
             return {name: reason for name in names}
         with _quiet_partitioner():
             partitioner.partition(edge)
@@ -158,7 +155,7 @@ class XnnpackCompiler:
                     rewrite(ep), partitioner=[XnnpackPartitioner()], compile_config=get_xnnpack_edge_compile_config())
         except Exception as exc:
             raise LoweringError(f"xnnpack: partition {name}: ExecuTorch's XNNPACK lowering failed: "
-                                f"{_one_line(exc)}") from exc
+                                f"{one_line(exc)}") from exc
         edge = edge_manager.exported_program()
         gm = edge.graph_module
         delegates: list[torch.fx.Node] = []
@@ -186,7 +183,7 @@ class XnnpackCompiler:
             program = edge_manager.to_executorch(get_xnnpack_executorch_backend_config())
         except Exception as exc:
             raise LoweringError(f"xnnpack: partition {name}: ExecuTorch could not emit the program: "
-                                f"{_one_line(exc)}") from exc
+                                f"{one_line(exc)}") from exc
         plans = program.executorch_program.execution_plan
         if len(plans) != 1 or plans[0].operators or [d.id for d in plans[0].delegates] != [BACKEND_ID]:
             kernels = [op.name for plan in plans for op in plan.operators]
@@ -327,7 +324,7 @@ def _why_declined(node: torch.fx.Node, edge: torch.export.ExportedProgram, parti
         try:
             ok = config.check_constraints(node, edge)
         except Exception as exc:
-            return f"{op}: XNNPACK's {type(config).__name__} failed: {_one_line(exc)}"
+            return f"{op}: XNNPACK's {type(config).__name__} failed: {one_line(exc)}"
     said: list[str] = []
     for who, reason in why.reasons:
         if (who is node or who is None or not isinstance(who, torch.fx.Node)) and reason not in said:
@@ -394,7 +391,3 @@ def _precision(ep: torch.export.ExportedProgram) -> str:
         return kinds.pop()
     return "mixed" if kinds else "none"
 
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 400 else text[:397] + "..."

@@ -30,6 +30,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from handoff import Runtime, one_line
+
 from . import EXECUTORCH_VERSION, _format
 
 #: ExecuTorch ScalarType codes (``TensorInfo.dtype()``) -> numpy dtype names.
@@ -82,8 +84,13 @@ def _load_binding() -> Any:
     return binding
 
 
-class XnnpackRuntime:
-    """Loads and runs blobs made by :class:`handoff_xnnpack.compiler.XnnpackCompiler`."""
+class XnnpackRuntime(Runtime):
+    """Loads and runs blobs made by :class:`handoff_xnnpack.compiler.XnnpackCompiler`.
+
+    Reentrant: ExecuTorch's process-wide thread pool is guarded by one lock of this module, and a
+    delegate's outputs are fresh tensors the binding copied out of the program's memory."""
+
+    reentrant = True
 
     def __init__(self) -> None:
         self._binding: Any = None
@@ -96,7 +103,7 @@ class XnnpackRuntime:
         try:
             names = list(self._get_binding()._get_registered_backend_names())
         except Exception as exc:
-            return False, f"ExecuTorch {version} runtime cannot be loaded: {_one_line(exc)}"
+            return False, f"ExecuTorch {version} runtime cannot be loaded: {one_line(exc)}"
         if _BACKEND not in names:
             return False, (f"ExecuTorch {version} runtime has no {_BACKEND} (registered: "
                            f"{', '.join(names) or 'none'}); {_INSTALL}")
@@ -126,13 +133,15 @@ class XnnpackRuntime:
         return int(self._get_binding()._threadpool_get_thread_count())
 
     # -- delegates ------------------------------------------------------------------------------
-    def load(self, blob: memoryview, metadata: Mapping[str, Any], options: Mapping[str, str]) -> _Delegate:
+    def load(self, blob: memoryview, metadata: Mapping[str, Any], options: Mapping[str, Any]) -> _Delegate:
         header, pte = _format.unpack(blob)
         version = _executorch_version()
         if version is None:
             raise ValueError(f"xnnpack: executorch not installed: {_INSTALL}")
         _format.check_compatible(header, version)
-        threads = _format.parse_threads(options.get("threads", metadata.get("threads")))
+        threads = options.get("threads")
+        if threads is None and metadata.get("threads") is not None:  # the compile-time default, from the file
+            threads = _format.OPTIONS["threads"].parse("threads", metadata["threads"])
         binding = self._get_binding()
         if _BACKEND not in binding._get_registered_backend_names():
             raise RuntimeError(f"xnnpack: ExecuTorch {version} runtime has no {_BACKEND}; {_INSTALL}")
@@ -164,7 +173,7 @@ class XnnpackRuntime:
             try:
                 outputs = handle.method(tensors)
             except RuntimeError as exc:
-                raise RuntimeError(f"xnnpack: ExecuTorch failed to run the delegate: {_one_line(exc)} "
+                raise RuntimeError(f"xnnpack: ExecuTorch failed to run the delegate: {one_line(exc)} "
                                    f"(inputs {[list(t.shape) for t in tensors]}, expected "
                                    f"{[list(s) for _, s in handle.inputs]})") from exc
         # Tensor.numpy() shares the tensor's memory: the binding has copied it out of the program's
@@ -194,6 +203,3 @@ def _executorch_version() -> str | None:
     except importlib.metadata.PackageNotFoundError:
         return None
 
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

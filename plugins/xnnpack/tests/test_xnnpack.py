@@ -132,9 +132,14 @@ class AddAlpha(nn.Module):
 
 
 # -- helpers --------------------------------------------------------------------------------------
+def parsed(**raw: str) -> dict:
+    """Options as the core hands them to the compiler and runtime: parsed, defaults filled in."""
+    return {name: option.parse(name, raw.get(name)) for name, option in _format.OPTIONS.items()}
+
+
 @pytest.fixture(scope="module")
 def compiler() -> XnnpackCompiler:
-    return XnnpackCompiler({})
+    return XnnpackCompiler(parsed())
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +180,7 @@ def check_against_eager(compiler, runtime, model, shape, dtype, tol):
     assert lowered.metadata["num_inputs"] == 1 and lowered.metadata["num_outputs"] == 1
     json.dumps(lowered.metadata)
 
-    handle = runtime.load(memoryview(lowered.blob).toreadonly(), lowered.metadata, {})
+    handle = runtime.load(memoryview(lowered.blob).toreadonly(), lowered.metadata, parsed())
     try:
         outs = []
         for seed in (1, 2):  # fresh inputs, not the export example
@@ -219,12 +224,12 @@ def test_plugin_and_runtime_import_without_torch():
 
 
 def test_options_are_checked():
-    assert XnnpackCompiler({"threads": "2"}).options["threads"] == 2
-    assert XnnpackCompiler({"threads": "auto"}).options["threads"] is None
-    with pytest.raises(ValueError, match="threads"):
-        XnnpackCompiler({"threads": "many"})
-    with pytest.raises(ValueError, match="threads"):
-        XnnpackCompiler({"threads": "-1"})
+    assert parsed(threads="2")["threads"] == 2
+    assert parsed(threads="auto")["threads"] is None
+    for bad in ("many", "-1", "5000"):  # 5000 threads would start 5001 OS threads: capped at 256
+        with pytest.raises(ValueError, match=rf"option threads='{bad}' is not valid; valid values: an integer >= 1 "
+                                             r"and <= 256, or 'auto'"):
+            parsed(threads=bad)
 
 
 def test_ops_to_not_decompose_come_from_xnnpack(compiler):
@@ -444,26 +449,26 @@ def test_version_mismatch_refused(runtime, cnn_lowered):
         blob = _format.pack(bytes(pte), dict(header, executorch=other))
         with pytest.raises(ValueError, match=rf"built with ExecuTorch {other} \(program ET12, XNNPACK delegate "
                                              r"XH00/XN01\) but this runtime has ExecuTorch 1\.5"):
-            runtime.load(memoryview(blob), lowered.metadata, {})
+            runtime.load(memoryview(blob), lowered.metadata, parsed())
     patch = _format.pack(bytes(pte), dict(header, executorch="1.5.0"))  # patch releases may differ
-    runtime.release(runtime.load(memoryview(patch), lowered.metadata, {}))
+    runtime.release(runtime.load(memoryview(patch), lowered.metadata, parsed()))
 
 
 def test_foreign_or_damaged_blob_refused(runtime, cnn_lowered):
     _, lowered = cnn_lowered
     with pytest.raises(ValueError, match=r"^not a xnnpack delegate blob \(magic "):
-        runtime.load(memoryview(b"PK\x03\x04" + lowered.blob[4:]), lowered.metadata, {})
+        runtime.load(memoryview(b"PK\x03\x04" + lowered.blob[4:]), lowered.metadata, parsed())
     newer = bytearray(lowered.blob)
     newer[8:12] = (_format.FORMAT_VERSION + 1).to_bytes(4, "little")
     with pytest.raises(ValueError, match=r"xnnpack delegate blob format 3 is newer than this runtime reads \(2\); upgrade the plugin"):
-        runtime.load(memoryview(bytes(newer)), lowered.metadata, {})
+        runtime.load(memoryview(bytes(newer)), lowered.metadata, parsed())
     with pytest.raises(ValueError, match="truncated"):
-        runtime.load(memoryview(lowered.blob[:-10]), lowered.metadata, {})
+        runtime.load(memoryview(lowered.blob[:-10]), lowered.metadata, parsed())
 
 
 def test_inputs_checked(runtime, cnn_lowered):
     _, lowered = cnn_lowered
-    handle = runtime.load(memoryview(lowered.blob), lowered.metadata, {})
+    handle = runtime.load(memoryview(lowered.blob), lowered.metadata, parsed())
     try:
         with pytest.raises(ValueError, match="expects float32"):
             runtime.execute(handle, [np.zeros((1, 3, 16, 16), np.float64)])
@@ -484,16 +489,16 @@ def test_threads(runtime, cnn_lowered):
     with torch.no_grad():
         want = model(x).numpy()
     for threads in ("1", "2"):
-        handle = runtime.load(memoryview(lowered.blob), lowered.metadata, {"threads": threads})
+        handle = runtime.load(memoryview(lowered.blob), lowered.metadata, parsed(threads=threads))
         try:
             assert runtime.threads() == int(threads)
             np.testing.assert_allclose(runtime.execute(handle, [x.numpy()])[0], want, **FP32)
             if threads == "1":  # the pool cannot be resized under a loaded delegate
                 with pytest.raises(ValueError, match="process-wide pool of 1 threads"):
-                    runtime.load(memoryview(lowered.blob), lowered.metadata, {"threads": "2"})
+                    runtime.load(memoryview(lowered.blob), lowered.metadata, parsed(threads="2"))
         finally:
             runtime.release(handle)
     # the compile-time option is the default
-    meta = XnnpackCompiler({"threads": "1"}).preprocess(
-        export(XnnpackCompiler({}), nn.Sequential(nn.Linear(4, 4), nn.ReLU()), torch.randn(1, 4)), "t").metadata
+    meta = XnnpackCompiler(parsed(threads="1")).preprocess(
+        export(XnnpackCompiler(parsed()), nn.Sequential(nn.Linear(4, 4), nn.ReLU()), torch.randn(1, 4)), "t").metadata
     assert meta["threads"] == 1

@@ -1,0 +1,392 @@
+"""The plugin contract (plugin API 2.0): base classes and their defaults, typed options, hook
+validation, API versions, the lowering cache's content key and plugin code identity,
+check_partition, shared segments, and which host ops a program may hold."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import handoff
+from handoff import BackendSpec, Compiler, HandoffError, Lowered, Option, Runtime, hookimpl, plugins
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _module(name: str, **hooks) -> types.ModuleType:
+    mod = types.ModuleType(name)
+    for hook_name, fn in hooks.items():
+        setattr(mod, hook_name, fn)
+    return mod
+
+
+def _spec(bid: str = "acme", **kw) -> BackendSpec:
+    fields = dict(id=bid, version="1.0", compiler="kitchen_sink:SinkCompiler", runtime="kitchen_sink:SinkRuntime",
+                  api_version=handoff.PLUGIN_API_VERSION)
+    fields.update(kw)
+    return BackendSpec(**fields)
+
+
+# -- hooks and API versions -------------------------------------------------------------------
+
+def test_misspelled_hook_is_a_broken_plugin_naming_it(monkeypatch):
+    @hookimpl
+    def handoff_backend():  # sic: the hook is handoff_backends
+        return [_spec()]
+
+    monkeypatch.setitem(sys.modules, "acme_typo", _module("acme_typo", handoff_backend=handoff_backend))
+    monkeypatch.setenv(plugins.PLUGINS_ENV, "acme_typo")
+    pm = plugins.Plugins(autoload=False)
+    assert "acme" not in pm.backends
+    assert [str(b) for b in pm.broken] == [
+        "plugin 'acme_typo' ($HANDOFF_PLUGINS) failed to load: implements unknown hook(s) 'handoff_backend' "
+        "(did you mean 'handoff_backends'?); handoff's hooks are handoff_backends, handoff_catalog, "
+        "handoff_zoo_models, handoff_resolve_model, handoff_report (see handoff.hookspecs)"]
+    with pytest.raises(HandoffError, match="backend 'acme' not installed; installed: tvm"):
+        pm.spec("acme")
+
+
+def test_register_refuses_unknown_hooks():
+    @hookimpl
+    def handoff_zoo():
+        return {}
+
+    with pytest.raises(HandoffError, match=r"unknown hook\(s\) 'handoff_zoo' \(did you mean 'handoff_zoo_models'\?\)"):
+        plugins.Plugins(autoload=False).register(_module("z", handoff_zoo=handoff_zoo))
+
+
+@pytest.mark.parametrize("declared, why", [
+    ("", "its BackendSpec declares no api_version; this handoff implements plugin API 2.0"),
+    ("1.0", "built for plugin API 1.0; this handoff implements 2.0: upgrade the plugin"),
+    ("2.9", "built for plugin API 2.9; this handoff implements 2.0: upgrade handoff"),
+    ("two", "api_version 'two' is not a version like '2.0'"),
+])
+def test_incompatible_api_version_is_listed_as_broken(monkeypatch, declared, why):
+    @hookimpl
+    def handoff_backends():
+        return [_spec(api_version=declared)]
+
+    monkeypatch.setitem(sys.modules, "acme_api", _module("acme_api", handoff_backends=handoff_backends))
+    pm = plugins.Plugins(autoload=False, extra=["acme_api"])
+    assert "acme" not in pm.backends
+    (broken,) = pm.broken
+    assert broken.name == "acme_api" and broken.error.startswith(f"backend 'acme': {why}")
+    with pytest.raises(HandoffError, match=r"backend 'acme' not installed; .*plugin 'acme_api' \(handoff_backends\)"):
+        pm.spec("acme")
+
+
+def test_halves_must_derive_from_the_base_classes(sink_plugins):
+    class Loose:  # duck-typed, as plugin API 1 allowed
+        def __init__(self, options):
+            pass
+
+    sys.modules["kitchen_sink"].Loose = Loose
+
+    @hookimpl
+    def handoff_backends():
+        return [_spec("loose", compiler="kitchen_sink:Loose", runtime="kitchen_sink:Loose")]
+
+    sink_plugins.register(_module("loose_plugin", handoff_backends=handoff_backends))
+    with pytest.raises(HandoffError, match=r"backend 'loose': its compiler kitchen_sink:Loose is not a subclass of "
+                                           r"handoff.Compiler \(plugin API 2.0\); derive it from handoff.Compiler"):
+        sink_plugins.compiler("loose")
+    ok, why = sink_plugins.runtime_available("loose")
+    assert not ok and "is not a subclass of handoff.Runtime" in why
+
+
+def test_base_class_defaults():
+    compiler = Compiler({"a": 1})
+    assert compiler.options == {"a": 1}
+    assert (tuple(compiler.ops_to_not_decompose()), tuple(compiler.fused_patterns(None)),
+            dict(compiler.check_partition(None, ["n"])), compiler.cache_key()) == ((), (), {}, "")
+    with pytest.raises(NotImplementedError, match="Compiler does not implement support"):
+        compiler.support(None)
+    runtime = Runtime()
+    assert runtime.is_available() == (True, "") and runtime.memory(None) == handoff.HOST_MEMORY
+    assert runtime.stats(None) == {} and runtime.release(None) is None and runtime.reentrant is False
+    arr = np.arange(3, dtype=np.float32)
+    (back,) = runtime.to_host([arr])
+    assert np.shares_memory(back, arr)
+
+
+MINIMAL = '''
+"""A plugin with only what plugin API 2.0 requires: support, preprocess, load, execute."""
+import numpy as np
+from handoff import PLUGIN_API_VERSION, BackendSpec, Compiler, Lowered, Runtime, hookimpl
+
+class NegCompiler(Compiler):
+    def support(self, ep):
+        return {n.name: None if str(n.target) == "aten.neg.default" else "neg only"
+                for n in ep.graph.nodes if n.op == "call_function"}
+
+    def preprocess(self, ep, name):
+        return Lowered(b"NEG" + __BLOB__, {})
+
+class NegRuntime(Runtime):
+    def load(self, blob, metadata, options):
+        return bytes(blob)
+
+    def execute(self, handle, inputs):
+        return [-inputs[0]]
+
+@hookimpl
+def handoff_backends():
+    return [BackendSpec(id="neg", version="1", compiler="{MODULE}:NegCompiler", runtime="{MODULE}:NegRuntime",
+                        api_version=PLUGIN_API_VERSION)]
+'''
+
+
+def _minimal_plugin(tmp_path, monkeypatch, module: str, version: bytes = b"1") -> Path:
+    path = tmp_path / f"{module}.py"
+    path.write_text(MINIMAL.replace("{MODULE}", module).replace("__BLOB__", repr(version)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(plugins.PLUGINS_ENV, module)
+    plugins.set_plugins(None)
+    return path
+
+
+class Neg(torch.nn.Module):
+    def forward(self, x):
+        return -torch.sin(x)
+
+
+def test_minimal_plugin_runs_end_to_end_on_the_defaults(tmp_path, monkeypatch):
+    _minimal_plugin(tmp_path, monkeypatch, "neg_plugin_a")
+    x = torch.randn(3, 4)
+    result = handoff.partition(Neg(), (x,), backends=["neg"], fallback=False,
+                               default_limits=handoff.Limits(min_size=1))
+    assert result.report.stats["neg"].partitions == 1
+    with handoff.load(result.to_bytes()) as program:
+        np.testing.assert_allclose(program.run([x])[0], -torch.sin(x).numpy(), rtol=1e-6)
+
+
+# -- typed options ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("option, raw, want", [
+    (Option("int", min=1, max=8, aliases=("auto",)), "4", 4),
+    (Option("int", default=None, min=1, aliases=("auto",)), "auto", None),
+    (Option("float", min=0.0), "0.5", 0.5),
+    (Option("bool"), "off", False),
+    (Option("bool"), True, True),
+    (Option("choice", choices=("fp32", "fp16")), "FP16", "fp16"),
+    (Option("str", default="x"), None, "x"),
+])
+def test_options_parse_to_their_type(option, raw, want):
+    assert option.parse("o", raw) == want
+
+
+@pytest.mark.parametrize("option, raw, message", [
+    (Option("int", min=1, max=256, aliases=("auto",)), "5000",
+     "option o='5000' is not valid; valid values: an integer >= 1 and <= 256, or 'auto'"),
+    (Option("int", min=0), "1.5", "option o='1.5' is not valid; valid values: an integer >= 0"),
+    (Option("float"), "nan", "option o='nan' is not valid; valid values: a number"),
+    (Option("bool"), "maybe", "option o='maybe' is not valid; valid values: 1, 0 (or true/false, yes/no, on/off)"),
+    (Option("choice", choices=("a", "b")), "c", "option o='c' is not valid; valid values: a, b"),
+])
+def test_bad_option_values_name_the_valid_ones(option, raw, message):
+    with pytest.raises(ValueError) as err:
+        option.parse("o", raw)
+    assert str(err.value) == message
+
+
+def test_options_reach_the_compiler_parsed_with_defaults(sink_plugins):
+    compiler = sink_plugins.compiler("sink", {"fuse": "yes", "max_nodes": "3"})
+    assert compiler.options == {"ops": "aten.add.Tensor,aten.mul.Tensor,aten.relu.default", "fail_on": None,
+                                "crash_on": None, "fuse": True, "max_nodes": 3}
+    with pytest.raises(HandoffError, match=r"^backend 'sink': option max_nodes='0' is not valid; valid values: "
+                                           r"an integer >= 1$"):
+        sink_plugins.compiler("sink", {"max_nodes": "0"})
+
+
+def test_runtime_option_caps_are_enforced_at_load(sink_plugins):
+    with pytest.raises(HandoffError, match="backend 'sink': option check='2' is not valid"):
+        sink_plugins.parse_options("sink", {"check": "2"}, runtime=True)
+
+
+# -- the lowering cache ----------------------------------------------------------------------------
+
+def test_cache_is_looked_up_before_anything_is_exported(sink_plugins, monkeypatch):
+    import kitchen_sink
+
+    from handoff import lower
+
+    model, x = kitchen_sink.sink_net(), torch.randn(2, 8)
+    first = handoff.partition(model, (x,), backends=["sink"], fallback=False)
+    assert first.report.stats["sink"].cached_partitions < first.report.stats["sink"].partitions
+    exported = []
+    real = lower.extract_partition
+    monkeypatch.setattr(lower, "extract_partition", lambda *a, **k: exported.append(a[1]) or real(*a, **k))
+    second = handoff.partition(model, (x,), backends=["sink"], fallback=False)
+    s = second.report.stats["sink"]
+    assert exported == [] and s.cached_partitions == s.partitions > 0
+    assert s.compile_seconds == pytest.approx(first.report.stats["sink"].compile_seconds)
+    assert second.to_bytes() == first.to_bytes()
+    other_weights = kitchen_sink.sink_net()
+    with torch.no_grad():
+        other_weights.w.add_(1.0)
+    third = handoff.partition(other_weights, (x,), backends=["sink"], fallback=False)
+    assert third.report.stats["sink"].cached_partitions < s.partitions and exported
+
+
+def test_edited_plugin_code_misses_the_cache(tmp_path, monkeypatch):
+    """A plugin whose code changed but whose version did not must not get its old blobs."""
+    path = _minimal_plugin(tmp_path, monkeypatch, "neg_plugin_b", version=b"1")
+    x = torch.randn(3, 4)
+
+    def blob() -> tuple[bytes, int]:
+        result = handoff.partition(Neg(), (x,), backends=["neg"], fallback=False,
+                               default_limits=handoff.Limits(min_size=1))
+        return result.assembled.segments[0], result.report.stats["neg"].cached_partitions
+
+    assert blob() == (b"NEG1", 0)
+    assert blob() == (b"NEG1", 1)
+    path.write_text(MINIMAL.replace("{MODULE}", "neg_plugin_b").replace("__BLOB__", repr(b"2")))
+    sys.modules.pop("neg_plugin_b")
+    plugins._package_digest.cache_clear()
+    plugins.set_plugins(None)
+    assert blob() == (b"NEG2", 0)
+
+
+# -- check_partition ------------------------------------------------------------------------------
+
+def test_check_partition_shrinks_a_partition_with_reasons(sink_plugins):
+    import kitchen_sink
+
+    model, x = kitchen_sink.sink_net(), torch.randn(2, 8)
+    whole = handoff.partition(model, (x,), backends=["sink"], fallback=False, use_cache=False)
+    assert whole.report.stats["sink"].nodes > 2
+    result = handoff.partition(model, (x,), backends=["sink", "sinkb"], fallback=False, use_cache=False,
+                               options={"sink": {"max_nodes": "2"}})
+    report = result.report.to_json()
+    moved = [d for d in report["declined"] if d["reasons"].get("sink") == "sink compiles at most 2 nodes together"]
+    assert moved and all(d["ran_on"] in ("sink", "sinkb") for d in moved)
+    with handoff.load(result.to_bytes()) as program:
+        np.testing.assert_allclose(program.run([x])[0], model(x).detach().numpy(), rtol=1e-6, atol=1e-6)
+
+
+# -- the program file ------------------------------------------------------------------------------
+
+class Twice(torch.nn.Module):
+    """The same weighted block twice around a host op: two identical delegate blobs."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        y = torch.relu(x * self.w + 1.0)
+        return torch.relu(torch.sin(y) * self.w + 1.0)
+
+
+def test_identical_segments_are_stored_once(sink_plugins):
+    torch.manual_seed(0)
+    model, x = Twice().eval(), torch.randn(2, 8)
+    result = handoff.partition(model, (x,), backends=["sink"], fallback=False)
+    m = result.assembled.manifest
+    assert len(m["delegates"]) == 2 and m["delegates"][0]["segment"] == m["delegates"][1]["segment"]
+    assert len(result.assembled.segments) == 1
+    with handoff.load(result.to_bytes()) as program:
+        np.testing.assert_allclose(program.run([x])[0], model(x).detach().numpy(), rtol=1e-6, atol=1e-6)
+
+
+class Bessel(torch.nn.Module):
+    def forward(self, x):
+        return torch.special.bessel_j0(x) + 1.0
+
+
+def test_partition_refuses_host_ops_the_runtime_will_not_run(sink_plugins):
+    with pytest.raises(HandoffError) as err:
+        handoff.partition(Bessel(), (torch.randn(4),), backends=["sink"], fallback=False)
+    assert str(err.value) == (
+        "node special_bessel_j0 (aten.special_bessel_j0.default) would run on the host, but host op "
+        "'aten.special_bessel_j0.default' is not on the runtime's allow-list of pure ops (handoff.hostops.HOST_OPS); "
+        "every backend declined it (sink: sink has no kernel for aten.special_bessel_j0.default); "
+        "select a backend that takes it")
+
+
+import torch.ao.quantization.fx._decomposed  # noqa: E402,F401  -- registers quantized_decomposed ops
+
+
+class QuantRoundTrip(torch.nn.Module):
+    def forward(self, x):
+        q = torch.ops.quantized_decomposed.quantize_per_tensor(x, 0.05, 3, -128, 127, torch.int8)
+        return torch.ops.quantized_decomposed.dequantize_per_tensor(q, 0.05, 3, -128, 127, torch.int8) * 2.0
+
+
+def test_quantized_decomposed_host_ops_load_and_run(sink_plugins):
+    x = torch.randn(2, 8)
+    result = handoff.partition(QuantRoundTrip(), (x,), backends=["sink"], fallback=False)
+    targets = {i["target"] for i in result.assembled.manifest["instructions"] if i["op"] == "aten"}
+    assert "quantized_decomposed.quantize_per_tensor.default" in targets
+    with handoff.load(result.to_bytes()) as program:
+        np.testing.assert_array_equal(program.run([x])[0], QuantRoundTrip()(x).numpy())
+
+
+class Filled(torch.nn.Module):
+    def forward(self, x):
+        return torch.mul(x, torch.full((2, 8), 3.0))
+
+
+def test_host_op_arguments_must_match_the_declared_outputs(sink_plugins, tmp_path):
+    """A crafted size argument cannot make the host allocate more than the file declares."""
+    from handoff.program import ProgramFile, program_bytes
+
+    result = handoff.partition(Filled(), (torch.randn(2, 8),), backends=["sink"], fallback=False)
+    manifest = dict(result.assembled.manifest)
+    (full,) = [i for i in manifest["instructions"] if i.get("target") == "aten.full.default"]
+    full["args"][0] = [1 << 20, 1 << 20]
+    data = program_bytes(manifest, result.assembled.segments)
+    with pytest.raises(HandoffError) as err:
+        handoff.load(data)
+    assert "is refused: output 0 would be float32[1048576, 1048576], the manifest declares float32[2, 8]" in str(err.value)
+    with ProgramFile.from_bytes(data):
+        pass  # the file itself is well formed: only the runtime's check refuses it
+
+
+# -- import hygiene --------------------------------------------------------------------------------
+
+def test_load_and_run_read_no_catalogue(sink_plugins, tmp_path):
+    import kitchen_sink
+
+    result = handoff.partition(kitchen_sink.sink_net(), (torch.randn(2, 8),), backends=["sink"], fallback=False,
+                               options={"sink": {"ops": "aten.mul.Tensor,aten.add.Tensor,aten.relu.default,"
+                                                        "aten.sin.default"}})
+    assert not [i for i in result.assembled.manifest["instructions"] if i["op"] == "aten"]
+    path = tmp_path / "m.hof"
+    result.write(str(path))
+    code = textwrap.dedent(f"""
+        import sys, numpy as np, handoff
+        with handoff.load({str(path)!r}) as p:
+            p.run([np.ones((2, 8), np.float32)])
+        bad = [m for m in ("yaml", "torch", "tvm") if m in sys.modules]
+        assert not bad, bad
+    """)
+    env = {"HANDOFF_DISABLE_PLUGIN_AUTOLOAD": "1", "HANDOFF_PLUGINS": "kitchen_sink",
+           "PYTHONPATH": str(ROOT / "tests" / "plugins"), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+PUBLIC_MODULES = {"handoff", "handoff.blob", "handoff.testing", "handoff.tvm"}
+
+
+@pytest.mark.parametrize("package", sorted(ROOT.glob("plugins/*/handoff_*")), ids=lambda p: p.name)
+def test_plugins_use_only_the_public_api(package):
+    """A plugin imports from handoff only what docs/plugins.md documents."""
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                if name == "handoff" or name.startswith("handoff."):
+                    assert name in PUBLIC_MODULES, f"{path.relative_to(ROOT)}:{node.lineno} imports {name}"
