@@ -6,7 +6,9 @@ supports, the next one from what is left, and so on (the built-in ``tvm`` backen
 
 Partitions are kept acyclic *globally*: contracting every partition (and every remaining node) to
 one vertex must leave a DAG, otherwise two delegates could each need the other's output. Two
-groups may merge only when no path leaves one and re-enters the other through a third group. The
+groups may merge only when no path leaves one and re-enters the other through a third group.
+:class:`_Groups` keeps that check near-linear in the graph size: group adjacency is maintained
+incrementally, and topological labels bound each reachability search (see its docstring). The
 planner works on an abstract DAG (:class:`GraphView`) so the property tests can drive it without
 torch; :func:`graph_view` builds one from an ``ExportedProgram``.
 """
@@ -81,7 +83,30 @@ class Limits:
 
 
 class _Groups:
-    """Disjoint groups of nodes with the acyclicity check on the contracted graph."""
+    """Disjoint groups of nodes with the acyclicity check on the contracted graph.
+
+    A group is named by one of its nodes. ``out``/``inn`` hold each group's successor and
+    predecessor groups and are updated on every merge and split, never recomputed from members.
+
+    Every group carries an integer ``label`` with the invariant "an edge g -> h implies
+    label[g] < label[h]" (initially the topological index times :attr:`SPACING`). Merging a and b
+    with label[a] <= label[b] is refused when a path a -> X -> ... -> b exists with X outside
+    {a, b}; such a path only visits labels between the two (no path b -> a can exist), so two
+    searches bounded by that window run in turns, down from a and up from b, and stop when they
+    meet (refused) or when one runs out. The exhausted side is what must move: when it is a's
+    descendants in the window, the merged group takes label[b] and they move, in their order, just
+    above it; when it is b's ancestors, the merged group takes label[a] and they move just below.
+    Either way the work is at most twice the smaller side, which keeps growing a partition past a
+    long side branch cheap. When a gap is too narrow every group is relabelled at once
+    (:meth:`relabel`, rare). Still quadratic in one case: many refusals that each prove a long path
+    (one node feeding every layer of a long stack that another backend runs) walk it anew.
+
+    ``visits`` and ``relabels`` count the groups the searches expanded and the global
+    relabellings, so tests can check that the work stays linear.
+    """
+
+    #: Gap between initial labels: room for ~32 nested re-placements before a global relabel.
+    SPACING = 1 << 32
 
     def __init__(self, view: GraphView):
         self.index = {n: i for i, n in enumerate(view.order)}
@@ -89,62 +114,141 @@ class _Groups:
         for n in view.order:
             for p in view.preds[n]:
                 self.succs[p].append(n)
+        self.preds = view.preds
         self.group = {n: n for n in view.order}
         self.members = {n: [n] for n in view.order}
-        self.lo = {n: self.index[n] for n in view.order}
+        self.lo = dict(self.index)
+        self.out = {n: set(self.succs[n]) for n in view.order}
+        self.inn = {n: set(view.preds[n]) for n in view.order}
+        self.label = {n: i * self.SPACING for n, i in self.index.items()}
+        self.visits = 0
+        self.relabels = 0
 
-    def succ_groups(self, g: str) -> set[str]:
-        return {self.group[c] for m in self.members[g] for c in self.succs[m]} - {g}
+    def _weight(self, g: str) -> int:
+        return len(self.members[g]) + len(self.out[g]) + len(self.inn[g])
 
-    def _reaches_via_other(self, a: str, b: str) -> bool:
-        """Whether a path a -> X -> ... -> b exists with X outside {a, b}.
+    def neighbours(self, g: str) -> set[str]:
+        return self.out[g] | self.inn[g]
 
-        No pruning by topological index: a merged group can hold both early and late nodes, so a
-        late group may still reach ``b`` through it."""
-        stack = [g for g in self.succ_groups(a) if g != b]
-        seen = set(stack)
-        while stack:
-            for nxt in self.succ_groups(stack.pop()):
-                if nxt == b:
-                    return True
-                if nxt not in seen and nxt != a:
-                    seen.add(nxt)
-                    stack.append(nxt)
-        return False
+    def _search(self, a: str, b: str) -> tuple[bool, set[str]] | None:
+        """``None`` when a path a -> X -> ... -> b exists with X outside {a, b} (label[a] <=
+        label[b]); otherwise ``(True, D)`` with D every descendant of a labelled up to label[b],
+        or ``(False, A)`` with A every ancestor of b labelled from label[a] on, whichever search
+        finished first. Labels tie only across unrelated groups; a tie is inside the window."""
+        lo, hi = self.label[a], self.label[b]
+        down = [x for x in self.out[a] if x != b and self.label[x] <= hi]
+        up = [x for x in self.inn[b] if x != a and self.label[x] >= lo]
+        below, above = set(down), set(up)  # reached from a, reaching b
+        if below & above:
+            return None
+        while down and up:
+            x = down.pop()
+            self.visits += 1
+            for y in self.out[x]:
+                if y == b or y in above:
+                    return None
+                if y not in below and self.label[y] <= hi:
+                    below.add(y)
+                    down.append(y)
+            x = up.pop()
+            self.visits += 1
+            for y in self.inn[x]:
+                if y == a or y in below:
+                    return None
+                if y not in above and self.label[y] >= lo:
+                    above.add(y)
+                    up.append(y)
+        return (True, below) if not down else (False, above)
 
     def try_merge(self, a: str, b: str) -> bool:
+        """Merge the groups of ``a`` and ``b`` unless that would make the contracted graph cyclic."""
         a, b = self.group[a], self.group[b]
         if a == b:
             return True
-        if self._reaches_via_other(a, b) or self._reaches_via_other(b, a):
-            return False
-        if len(self.members[a]) < len(self.members[b]):
+        if self.label[a] > self.label[b]:
             a, b = b, a
-        for m in self.members.pop(b):
-            self.group[m] = a
-            self.members[a].append(m)
-        self.lo[a] = min(self.lo[a], self.lo.pop(b))
+        found = self._search(a, b)
+        if found is None:
+            return False
+        descendants, moving = found
+        label = self.label[b] if descendants else self.label[a]
+        # the heavier group keeps its name; the lighter one's members and adjacency move into it
+        keep, gone = (a, b) if self._weight(a) >= self._weight(b) else (b, a)
+        for m in self.members.pop(gone):
+            self.group[m] = keep
+            self.members[keep].append(m)
+        for x in self.out.pop(gone):
+            if x != keep:
+                self.inn[x].discard(gone)
+                self.inn[x].add(keep)
+                self.out[keep].add(x)
+        for x in self.inn.pop(gone):
+            if x != keep:
+                self.out[x].discard(gone)
+                self.out[x].add(keep)
+                self.inn[keep].add(x)
+        self.out[keep].discard(gone)
+        self.inn[keep].discard(gone)
+        self.lo[keep] = min(self.lo[keep], self.lo.pop(gone))
+        del self.label[gone]
+        self.label[keep] = label
+        if moving and descendants:  # between the merged group and their lowest other successor
+            room = (self.label[s] for g in moving for s in self.out[g] if s not in moving)
+            self._place(moving, label, min(room, default=label + (len(moving) + 1) * self.SPACING))
+        elif moving:  # between their highest other predecessor and the merged group
+            room = (self.label[p] for g in moving for p in self.inn[g] if p not in moving)
+            self._place(moving, max(room, default=label - (len(moving) + 1) * self.SPACING), label)
         return True
 
-    def split(self, g: str) -> None:
-        """Undo every merge into ``g`` (always keeps the contracted graph acyclic)."""
-        for m in self.members.pop(g):
-            self.group[m] = m
-            self.members[m] = [m]
-            self.lo[m] = self.index[m]
+    def _place(self, moving: set[str], floor: int, ceiling: int) -> None:
+        """Relabel ``moving`` strictly between ``floor`` and ``ceiling``, keeping its order."""
+        step = (ceiling - floor) // (len(moving) + 1)
+        if step == 0:
+            self.relabel()
+            return
+        for i, g in enumerate(sorted(moving, key=self.label.__getitem__), 1):
+            self.label[g] = floor + i * step
+
+    def relabel(self) -> None:
+        """Label every group by its position in :meth:`topo_groups` (Kahn's algorithm, O(N + E))."""
+        self.relabels += 1
+        for i, g in enumerate(self.topo_groups()):
+            self.label[g] = i * self.SPACING
+
+    def split(self, gs: Sequence[str]) -> None:
+        """Undo every merge into each group of ``gs`` (always keeps the contracted graph acyclic)."""
+        for g in gs:
+            for x in self.out.pop(g):
+                self.inn[x].discard(g)
+            for x in self.inn.pop(g):
+                self.out[x].discard(g)
+            members = self.members.pop(g)
+            for m in members:
+                self.group[m] = m
+                self.members[m] = [m]
+                self.lo[m] = self.index[m]
+            for m in members:
+                self.out[m] = {self.group[s] for s in self.succs[m]}
+                self.inn[m] = {self.group[p] for p in self.preds[m]}
+            inside = set(members)  # their sets are complete already
+            for m in members:
+                for x in self.out[m] - inside:
+                    self.inn[x].add(m)
+                for x in self.inn[m] - inside:
+                    self.out[x].add(m)
+        if gs:  # the members' labels are stale: the merged group had one label for them all
+            self.relabel()
 
     def topo_groups(self) -> list[str]:
-        indeg = {g: 0 for g in self.members}
-        for g in self.members:
-            for s in self.succ_groups(g):
-                indeg[s] += 1
+        """Groups in a deterministic topological order (ties: the lowest member index first)."""
+        indeg = {g: len(self.inn[g]) for g in self.members}
         heap = [(self.lo[g], g) for g, d in indeg.items() if d == 0]
         heapq.heapify(heap)
         out = []
         while heap:
             _, g = heapq.heappop(heap)
             out.append(g)
-            for s in self.succ_groups(g):
+            for s in self.out[g]:
                 indeg[s] -= 1
                 if indeg[s] == 0:
                     heapq.heappush(heap, (self.lo[s], s))
@@ -249,6 +353,7 @@ def _claim(view: GraphView, groups: _Groups, owner: dict[str, str], reasons: dic
 
     mine = {groups.group[n] for n in candidates}
     ranked = sorted(mine, key=lambda g: (-len(groups.members[g]), groups.lo[g]))
+    released = []
     for rank, g in enumerate(ranked):
         size = len(groups.members[g])
         if size < limits.min_size:
@@ -261,7 +366,8 @@ def _claim(view: GraphView, groups: _Groups, owner: dict[str, str], reasons: dic
             continue
         for m in groups.members[g]:
             reasons[m][backend] = why
-        groups.split(g)
+        released.append(g)
+    groups.split(released)
 
 
 def graph_view(ep: Any) -> GraphView:

@@ -1,4 +1,5 @@
-"""The priority partitioner: exact assignment, acyclic partitions, limits, outputs equal to eager."""
+"""The priority partitioner: exact assignment, acyclic partitions, limits, work linear in the
+graph size, outputs equal to eager."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from hypothesis import strategies as st
 
 import handoff
 from handoff.errors import HandoffError
+from handoff import partitioner
 from handoff.partitioner import HOST, GraphView, Limits, Partition, plan
 
 
@@ -137,6 +139,64 @@ def test_property_random_dags_assign_once_and_stay_acyclic(case):
     for b in "xyz":
         if limits[b].max_partitions is not None:
             assert sum(p.backend == b for p in result.partitions) <= limits[b].max_partitions
+
+
+# -- work: the reachability searches stay linear in the graph size (counted, never timed) ------------
+
+
+def _chain(n: int) -> GraphView:
+    return _view({f"n{i}": [f"n{i - 1}"] if i else [] for i in range(n)})
+
+
+def _branchy(n: int, width: int = 4, length: int = 3) -> GraphView:
+    """Blocks of ``width`` parallel branches of ``length`` nodes joined with a skip connection."""
+    edges: dict[str, list[str]] = {"in": []}
+    last, block = "in", 0
+    while len(edges) < n:
+        ends = []
+        for b in range(width):
+            prev = last
+            for k in range(length):
+                prev, edges[f"b{block}_{b}_{k}"] = f"b{block}_{b}_{k}", [prev]
+            ends.append(prev)
+        edges[f"join{block}"] = [*ends, last]
+        last, block = f"join{block}", block + 1
+    return _view(edges)
+
+
+def _counted_plan(monkeypatch, view, backends, support, **kwargs):
+    made: list = []
+
+    class Counting(partitioner._Groups):
+        def __init__(self, v):
+            super().__init__(v)
+            made.append(self)
+
+    monkeypatch.setattr(partitioner, "_Groups", Counting)
+    result = plan(view, backends, support, **kwargs)
+    return result, made[0]
+
+
+@pytest.mark.parametrize("kind", ["chain", "branchy", "branchy_wide"])
+@pytest.mark.parametrize("claims", ["all", "runs", "random"])
+def test_reachability_work_is_linear(monkeypatch, kind, claims):
+    import random
+
+    view = {"chain": lambda: _chain(4000), "branchy": lambda: _branchy(4000),
+            "branchy_wide": lambda: _branchy(4000, width=16, length=2)}[kind]()
+    rng = random.Random(0)
+    if claims == "all":
+        support = {"x": {n: None for n in view.order}}
+    elif claims == "runs":  # x and y alternate in runs of 5 nodes
+        support = {"x": {n: None if i // 5 % 2 else "n" for i, n in enumerate(view.order)},
+                   "y": {n: None for n in view.order}}
+    else:
+        support = {b: {n: None if rng.random() < 0.5 else "n" for n in view.order} for b in "xyz"}
+    limits = {b: Limits(max_partitions=len(view.order) // 10) for b in support}
+    result, groups = _counted_plan(monkeypatch, view, list(support), support, limits=limits)
+    _check_plan(view, result)
+    assert groups.visits < 20 * len(view.order)
+    assert groups.relabels <= len(support)  # one after each backend's releases, none for gaps
 
 
 # -- end to end on random torch graphs, through the kitchen-sink backends and host ATen ops ----------
