@@ -2,7 +2,19 @@
 
 Backends claim nodes in priority order: the first backend forms partitions from the nodes it
 supports, the next one from what is left, and so on (the built-in ``tvm`` backend last, unless
-``--no-fallback``). What nobody claims runs on the host as ATen ops, unless ``--no-aten``.
+``--no-fallback``). A backend keeps at most ``--max-partitions`` of its partitions (the largest);
+the nodes of the others are released to the next backend. What nobody claims runs on the host as
+ATen ops, unless ``--no-aten``.
+
+Islands. Every partition boundary costs a host round trip, so once every backend has claimed, a
+partition of backend B smaller than B's ``--min-partition-size`` (an *island*) joins an adjacent
+partition (one that feeds it or that it feeds) of another backend B' when B' supports every node
+of the island (and no lowering failure excluded B' from one), no fused pattern of B' would be
+split, and the contracted graph stays acyclic; the largest such neighbour is preferred. Partitions
+of B' that the join made mergeable (B' on both sides of the island) then merge too, and the rule
+repeats until nothing changes. An island no neighbour can take stays on B: priority is kept, as
+standing alone on B beats standing alone elsewhere; the host never takes an island. Each join is
+recorded in :attr:`Plan.moves` and in the island nodes' reasons.
 
 Partitions are kept acyclic *globally*: contracting every partition (and every remaining node) to
 one vertex must leave a DAG, otherwise two delegates could each need the other's output. Two
@@ -55,19 +67,42 @@ class Partition:
 
 
 @dataclasses.dataclass
+class IslandMove:
+    """An island (a partition below its backend's ``--min-partition-size``) that joined an
+    adjacent partition of another backend.
+
+    :param nodes: the island's compute nodes, in topological order.
+    :param from_backend: the backend that claimed them.
+    :param to_backend: the backend whose partition they joined.
+    :param to_partition: the partition that holds them in the plan; one of ``to_backend``'s,
+        unless the group they joined was an island itself and moved on (a later move says where).
+    :param reason: why ``from_backend`` does not run them, as in :attr:`Plan.reasons`.
+    """
+
+    nodes: list[str]
+    from_backend: str
+    to_backend: str
+    to_partition: str = ""
+    reason: str = ""
+
+
+@dataclasses.dataclass
 class Plan:
     """The partitioner's answer.
 
     :param assignment: every compute and getitem node -> backend id or :data:`HOST`.
     :param steps: execution order: :class:`Partition` objects and host node names.
     :param reasons: node -> backend -> why that backend did not take it (declined, released
-        for size limits, excluded after a lowering failure).
+        for size limits, joined another backend's partition as an island, excluded after a
+        lowering failure).
+    :param moves: the islands that joined another backend's partition, in the order they moved.
     """
 
     assignment: dict[str, str]
     partitions: list[Partition]
     steps: list[Partition | str]
     reasons: dict[str, dict[str, str]]
+    moves: list[IslandMove] = dataclasses.field(default_factory=list)
 
     @property
     def host_nodes(self) -> list[str]:
@@ -265,20 +300,24 @@ def plan(view: GraphView, backends: Sequence[str], support: Mapping[str, Mapping
 
     :param support: backend -> node -> ``None`` (supported) or the reason it is declined.
     :param patterns: backend -> node groups that must share one partition or stay unclaimed.
+    :param limits: backend -> :class:`Limits`; backends not named get ``Limits()``.
     :param excluded: node -> backend -> reason, for nodes a backend must not take (a lowering
         failure moved them away).
     :raises HandoffError: when nodes remain and ``allow_host`` is false, listing each with every
         backend's reason.
     """
+    patterns, excluded = patterns or {}, excluded or {}
+    limits = {b: (limits or {}).get(b, Limits()) for b in backends}
     groups = _Groups(view)
     owner: dict[str, str] = {}  # node -> backend, for committed nodes
     reasons: dict[str, dict[str, str]] = {n: {} for n in view.order}
-    for node, per_backend in (excluded or {}).items():
+    for node, per_backend in excluded.items():
         if node in reasons:
             reasons[node].update(per_backend)
     for backend in backends:
-        _claim(view, groups, owner, reasons, backend, support.get(backend, {}),
-               (patterns or {}).get(backend, ()), (limits or {}).get(backend, Limits()), excluded or {})
+        _claim(view, groups, owner, reasons, backend, support.get(backend, {}), patterns.get(backend, ()),
+               limits[backend], excluded)
+    moves = _join_islands(groups, owner, support, patterns, limits, excluded)
 
     leftover = [n for n in view.order if n not in owner]
     if leftover and not allow_host:
@@ -288,40 +327,42 @@ def plan(view: GraphView, backends: Sequence[str], support: Mapping[str, Mapping
     for n in leftover:
         owner[n] = HOST
 
+    items_of: dict[str, list[str]] = {}  # multi-output node -> its getitem nodes
+    for item, producer in view.getitems.items():
+        items_of.setdefault(producer, []).append(item)
     steps: list[Partition | str] = []
     partitions: list[Partition] = []
+    names: dict[str, str] = {}  # group -> partition name
     counters: dict[str, int] = {}
     for g in groups.topo_groups():
         backend = owner[g]
         if backend == HOST:
             steps.append(g)
             continue
-        name = f"{backend}_{counters.setdefault(backend, 0)}"
+        names[g] = f"{backend}_{counters.setdefault(backend, 0)}"
         counters[backend] += 1
-        nodes = sorted(groups.members[g], key=groups.index.__getitem__)
-        part = Partition(backend, name, _with_getitems(nodes, view))
+        nodes = [m for n in sorted(groups.members[g], key=groups.index.__getitem__) for m in (n, *items_of.get(n, ()))]
+        part = Partition(backend, names[g], nodes)
         partitions.append(part)
         steps.append(part)
+    for move in moves:  # names exist only now; a later move may overwrite a reason (see IslandMove)
+        move.to_partition = names[groups.group[move.nodes[0]]]
+        move.reason = (f"island of {len(move.nodes)} node(s) below --min-partition-size "
+                       f"{limits[move.from_backend].min_size} joined {move.to_partition}, which also takes it")
+        for n in move.nodes:
+            reasons[n][move.from_backend] = move.reason
+            reasons[n].pop(move.to_backend, None)  # e.g. released earlier for --max-partitions
     assignment = dict(owner)
     for item, producer in view.getitems.items():
         assignment[item] = owner[producer]
-    return Plan(assignment, partitions, steps, {n: r for n, r in reasons.items() if r})
-
-
-def _with_getitems(nodes: list[str], view: GraphView) -> list[str]:
-    by_producer: dict[str, list[str]] = {}
-    for item, producer in view.getitems.items():
-        by_producer.setdefault(producer, []).append(item)
-    out = []
-    for n in nodes:
-        out.append(n)
-        out.extend(by_producer.get(n, ()))
-    return out
+    return Plan(assignment, partitions, steps, {n: r for n, r in reasons.items() if r}, moves)
 
 
 def _claim(view: GraphView, groups: _Groups, owner: dict[str, str], reasons: dict[str, dict[str, str]],
            backend: str, support: Mapping[str, str | None], patterns: Sequence[Sequence[str]],
            limits: Limits, excluded: Mapping[str, Mapping[str, str]]) -> None:
+    """``backend`` forms partitions from the unowned nodes it supports and keeps the largest
+    ``limits.max_partitions`` of them; size below ``limits.min_size`` is left to :func:`_join_islands`."""
     candidates: set[str] = set()
     for n in view.order:
         if n in owner:
@@ -353,21 +394,84 @@ def _claim(view: GraphView, groups: _Groups, owner: dict[str, str], reasons: dic
 
     mine = {groups.group[n] for n in candidates}
     ranked = sorted(mine, key=lambda g: (-len(groups.members[g]), groups.lo[g]))
-    released = []
-    for rank, g in enumerate(ranked):
-        size = len(groups.members[g])
-        if size < limits.min_size:
-            why = f"its partition has {size} node(s), below --min-partition-size {limits.min_size}"
-        elif limits.max_partitions is not None and rank >= limits.max_partitions:
-            why = f"its partition is beyond --max-partitions {limits.max_partitions} (largest kept)"
-        else:
-            for m in groups.members[g]:
-                owner[m] = backend
-            continue
+    kept = len(ranked) if limits.max_partitions is None else limits.max_partitions
+    for g in ranked[:kept]:
+        for m in groups.members[g]:
+            owner[m] = backend
+    why = f"its partition is beyond --max-partitions {limits.max_partitions} (largest kept)"
+    for g in ranked[kept:]:
         for m in groups.members[g]:
             reasons[m][backend] = why
-        released.append(g)
-    groups.split(released)
+    groups.split(ranked[kept:])
+
+
+def _join_islands(groups: _Groups, owner: dict[str, str], support: Mapping[str, Mapping[str, str | None]],
+                  patterns: Mapping[str, Sequence[Sequence[str]]], limits: Mapping[str, Limits],
+                  excluded: Mapping[str, Mapping[str, str]]) -> list[IslandMove]:
+    """Apply the island rule of the module docstring to the claimed groups (``owner`` is updated);
+    returns the moves in the order made, their partition names and reasons still empty.
+
+    A worklist, lowest first member first. A failed island is queued again only when a merge
+    changes the group or one of its neighbours: merges never remove a path, so nothing else can
+    make a refused join possible, and each merge queues only the merged group's neighbours."""
+    in_patterns: dict[str, dict[str, list[Sequence[str]]]] = {}  # backend -> node -> its patterns
+    for backend, pats in patterns.items():
+        for pattern in pats:
+            for m in pattern:
+                in_patterns.setdefault(backend, {}).setdefault(m, []).append(pattern)
+
+    def is_island(g: str) -> bool:
+        backend = owner.get(g)  # a group is named by one of its nodes; all share the owner
+        return backend is not None and len(groups.members[g]) < limits[backend].min_size
+
+    def takes(target: str, island: str) -> bool:
+        to = owner.get(target)
+        if to is None or to == owner[island]:
+            return False
+        for n in groups.members[island]:
+            if support.get(to, {}).get(n, "") is not None or to in excluded.get(n, {}):
+                return False
+            for pattern in in_patterns.get(to, {}).get(n, ()):  # it must end whole in the join
+                if any(m in groups.group and groups.group[m] not in (island, target) for m in pattern):
+                    return False
+        return True
+
+    moves: list[IslandMove] = []
+    work = [(groups.lo[g], g) for g in groups.members if is_island(g)]
+    heapq.heapify(work)
+    while work:
+        _, island = heapq.heappop(work)
+        if island not in groups.members or not is_island(island):
+            continue  # merged away, or grown since it was queued
+        targets = sorted((t for t in groups.neighbours(island) if takes(t, island)),
+                         key=lambda t: (-len(groups.members[t]), groups.lo[t]))
+        for target in targets:
+            nodes, from_backend, to = list(groups.members[island]), owner[island], owner[target]
+            if not groups.try_merge(island, target):
+                continue
+            for n in nodes:
+                owner[n] = to
+            moves.append(IslandMove(sorted(nodes, key=groups.index.__getitem__), from_backend, to))
+            merged = _merge_same_backend(groups, owner, groups.group[target])
+            for g in (merged, *groups.neighbours(merged)):
+                if is_island(g):
+                    heapq.heappush(work, (groups.lo[g], g))
+            break
+    return moves
+
+
+def _merge_same_backend(groups: _Groups, owner: Mapping[str, str], g: str) -> str:
+    """Merge ``g`` with every adjacent group of its backend that it can take without a cycle;
+    returns the merged group."""
+    backend = owner[g]
+    merged = True
+    while merged:
+        merged = False
+        for t in sorted(groups.neighbours(g), key=groups.lo.__getitem__):
+            # t may have been merged into g earlier in this pass
+            if t in groups.members and owner.get(t) == backend and groups.try_merge(g, t):
+                g, merged = groups.group[g], True
+    return g
 
 
 def graph_view(ep: Any) -> GraphView:
