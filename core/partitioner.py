@@ -111,7 +111,13 @@ class Plan:
 
 @dataclasses.dataclass
 class Limits:
-    """Per-backend partition limits (``--min-partition-size``, ``--max-partitions``)."""
+    """Per-backend partition limits.
+
+    :param min_size: ``--min-partition-size``: a smaller partition is an island that joins a
+        neighbouring partition of another backend when one can take it (module docstring).
+    :param max_partitions: ``--max-partitions``: the largest are kept, the others' nodes released
+        to the next backend.
+    """
 
     min_size: int = 1
     max_partitions: int | None = None

@@ -128,7 +128,7 @@ def _small_cnn() -> GraphView:
         edges[f"r{b}b"] = [f"add{b}"]
         block_in = f"r{b}b"
     edges.update({"pool": [block_in], "flat": ["pool"], "fc": ["flat"], "softmax": ["fc"]})
-    ops = {n: "relu" if n.startswith(("relu", "r")) else "add" if n.startswith("add") else "conv" for n in edges}
+    ops = {n: "relu" if n.startswith("r") else "add" if n.startswith("add") else "conv" for n in edges}
     return GraphView(order=list(edges), preds=edges, ops=ops)
 
 
