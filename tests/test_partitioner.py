@@ -422,3 +422,26 @@ def test_property_random_models_match_eager(sink_plugins, case):
         want = model(fresh)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_islands_join_through_the_pipeline_and_match_eager(sink_plugins):
+    import torch
+
+    class Alternating(torch.nn.Module):
+        def forward(self, x):
+            for _ in range(4):
+                x = torch.relu(torch.sin(x))
+            return x
+
+    model, x = Alternating(), torch.randn(2, 5)
+    opts = {"sink": {"ops": "aten.relu.default"}, "sinkb": {"ops": "aten.sin.default,aten.relu.default"}}
+    result = handoff.partition(model, (x,), backends=["sink", "sinkb"], options=opts, fallback=False,
+                               limits={"sink": Limits(min_size=2)}, use_cache=False)
+    stats = result.report.stats
+    assert (stats["sink"].nodes, stats["sinkb"].partitions, stats["sinkb"].nodes) == (0, 1, 8)
+    relus = [d for d in result.report.declined if d["op"] == "aten.relu.default"]
+    assert len(relus) == 4 and all("joined sinkb_0" in d["reasons"]["sink"] for d in relus)
+    with handoff.load(result.to_bytes()) as program:
+        got = program.run([x])
+    with torch.no_grad():
+        np.testing.assert_allclose(got[0], model(x).numpy(), rtol=1e-6)
