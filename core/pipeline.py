@@ -30,7 +30,7 @@ TIMED_PHASES = ("export", "capability", "plan", "lower", "write")
 #: partition whose backend also takes its nodes (see :mod:`handoff.partitioner`), because each
 #: delegate boundary costs more than the few ops it would run (measured: docs/plugins.md,
 #: "Partition size").
-DEFAULT_MIN_PARTITION_SIZE = 1
+DEFAULT_MIN_PARTITION_SIZE = 3
 
 
 @dataclasses.dataclass

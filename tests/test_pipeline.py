@@ -21,9 +21,11 @@ def _net_inputs():
 
 def test_priority_order_and_report(sink_plugins):
     model, inputs = _net_inputs()
+    # min size 1: the single-node sink partitions stand alone (by default they join sinkb's)
     result = handoff.partition(model, inputs, backends=["sink", "sinkb"], fallback=False,
                                options={"sink": {"ops": "aten.mul.Tensor"},
-                                        "sinkb": {"ops": "aten.mul.Tensor,aten.add.Tensor,aten.relu.default"}})
+                                        "sinkb": {"ops": "aten.mul.Tensor,aten.add.Tensor,aten.relu.default"}},
+                               default_limits=handoff.Limits(min_size=1))
     report = result.report.to_json()
     assert report["per_backend"]["sink"]["ops"] == {"aten.mul.Tensor": 2}
     assert report["per_backend"]["sinkb"]["ops"] == {"aten.add.Tensor": 2, "aten.relu.default": 2}
