@@ -35,23 +35,39 @@ DEFAULT_MIN_PARTITION_SIZE = 3
 
 @dataclasses.dataclass
 class PartitionResult:
+    """The program (manifest and segments) and the delegation report of one ``partition`` run.
+
+    :meth:`to_bytes` and :meth:`write` sign the program with the local key (``handoff.signing``)
+    unless ``sign=False``: the runtime of this machine trusts it, and others can trust it by
+    adding its public key (``handoff key``)."""
+
     assembled: Assembled
     report: Report
 
-    def to_bytes(self, alignment: int = 64) -> bytes:
+    def to_bytes(self, alignment: int = 64, sign: bool = True) -> bytes:
         from .program import program_bytes
 
-        return program_bytes(self.assembled.manifest, self.assembled.segments, alignment=alignment)
+        return program_bytes(self.assembled.manifest, self.assembled.segments, alignment=alignment,
+                             signer=_signer(sign))
 
-    def write(self, path: str, alignment: int = 64) -> int:
+    def write(self, path: str, alignment: int = 64, sign: bool = True) -> int:
         """Write the ``.hof`` file; returns its size in bytes."""
         from .program import write_program
 
         start = time.perf_counter()
-        size = write_program(path, self.assembled.manifest, self.assembled.segments, alignment=alignment)
+        size = write_program(path, self.assembled.manifest, self.assembled.segments, alignment=alignment,
+                             signer=_signer(sign))
         self.report.output, self.report.program_bytes = str(path), size
         self.report.timings["write"] = time.perf_counter() - start
         return size
+
+
+def _signer(sign: bool) -> Any:
+    if not sign:
+        return None
+    from .signing import local_key
+
+    return local_key()
 
 
 def backend_chain(backends: Sequence[str], plugins: Plugins, fallback: bool) -> list[str]:
@@ -72,7 +88,7 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
               fallback: bool = True, aten: bool = True, limits: Mapping[str, Limits] | None = None,
               default_limits: Limits | None = None,
               on_lower_error: str = "fail", use_cache: bool = True, plugins: Plugins | None = None,
-              progress: Callable[[str, int, int], None] | None = None) -> PartitionResult:
+              progress: Callable[[str, int, int], None] | None = None, trust_model: bool = False) -> PartitionResult:
     """Partition ``model`` across ``backends`` (priority order) and lower every partition.
 
     :param model: a MODEL string (``zoo:small_cnn``, ``m.pt2``, ``file.py:Name``), an
@@ -87,6 +103,7 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
         backends not named get ``default_limits`` (min size :data:`DEFAULT_MIN_PARTITION_SIZE`).
     :param on_lower_error: ``"fail"`` or ``"fallback"`` (move a failed partition's nodes on).
     :param progress: called as ``progress(message, done, total)`` while lowering.
+    :param trust_model: read model files that run code when loaded (a ``.pt2`` holding pickles).
     """
     clock = _Clock()
     plugins = plugins or get_plugins()
@@ -111,7 +128,7 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
     identities = {b: f"{versions[b]};{plugins.code_identity(b)}" for b in chain}
 
     with clock("export"):
-        resolved = _resolve(model, example_inputs, input_shapes, plugins)
+        resolved = _resolve(model, example_inputs, input_shapes, plugins, trust_model)
         keep = [op for b in chain for op in compilers[b].ops_to_not_decompose()]
         ep = export_model(resolved, keep)
         import torch
@@ -228,9 +245,9 @@ def _refuse_host_ops(view: GraphView, the_plan: Plan) -> None:
 
 
 def _resolve(model: Any, example_inputs: Sequence[Any], input_shapes: Sequence[InputSpec],
-             plugins: Plugins) -> ResolvedModel:
+             plugins: Plugins, trust_model: bool = False) -> ResolvedModel:
     if isinstance(model, str):
-        return resolve_model(model, input_shapes, plugins)
+        return resolve_model(model, input_shapes, plugins, trust_model)
     if isinstance(model, ResolvedModel):
         return model
     import torch

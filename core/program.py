@@ -393,6 +393,14 @@ class _Validator:
             self.key(m, key, "manifest")
         self.str_(m["handoff_version"], "manifest.handoff_version")
         self.dict_(m["metadata"], "manifest.metadata")
+        if "signatures" in m:  # format 1.2, optional
+            for i, sig in enumerate(self.list_(m["signatures"], "manifest.signatures")):
+                path = f"manifest.signatures[{i}]"
+                self.dict_(sig, path)
+                for key, length in (("key", 64), ("signature", 128)):
+                    text = self.str_(self.key(sig, key, path), f"{path}.{key}")
+                    if len(text) != length or text.strip("0123456789abcdef"):
+                        raise self.fail(f"{path}.{key}", f"expected {length} lowercase hex digits")
 
         values = self.list_(m["values"], "manifest.values")
         self.nbytes = [self.value(v, i) for i, v in enumerate(values)]
@@ -889,9 +897,10 @@ def _align_up(n: int, alignment: int) -> int:
 
 
 def _layout(
-    manifest: dict, segments: Sequence[Any], alignment: int, name: str
+    manifest: dict, segments: Sequence[Any], alignment: int, name: str, signer: Any = None
 ) -> tuple[bytes, bytes, list[tuple[int, memoryview]], int]:
-    """Plan the file: returns header, manifest bytes, [(offset, bytes view)], file size."""
+    """Plan the file: returns header, manifest bytes, [(offset, bytes view)], file size. With a
+    ``signer`` (``handoff.signing.LocalKey``), the manifest gets its signature."""
     if type(alignment) is not int or not (MIN_ALIGNMENT <= alignment <= MAX_ALIGNMENT) or alignment & (alignment - 1):
         raise ValueError(f"alignment {alignment!r} is not a power of two between {MIN_ALIGNMENT} and {MAX_ALIGNMENT}")
     if not isinstance(manifest, dict):
@@ -911,6 +920,9 @@ def _layout(
         pos += view.nbytes
     full = dict(manifest)
     full["segments"] = table
+    full.pop("signatures", None)
+    if signer is not None:
+        full["signatures"] = [signer.sign(full)]
     moff = pos
     try:
         text = json.dumps(full, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -944,9 +956,10 @@ def _chunks(header: bytes, data: bytes, views: list[tuple[int, memoryview]]) -> 
     yield data
 
 
-def program_bytes(manifest: dict, segments: Sequence[Any], alignment: int = DEFAULT_ALIGNMENT) -> bytes:
+def program_bytes(manifest: dict, segments: Sequence[Any], alignment: int = DEFAULT_ALIGNMENT,
+                  signer: Any = None) -> bytes:
     """The program file for ``manifest`` and ``segments``, in memory (see :func:`write_program`)."""
-    header, data, views, size = _layout(manifest, segments, alignment, "<bytes>")
+    header, data, views, size = _layout(manifest, segments, alignment, "<bytes>", signer)
     out = bytearray()
     for chunk in _chunks(header, data, views):
         out += chunk
@@ -955,7 +968,8 @@ def program_bytes(manifest: dict, segments: Sequence[Any], alignment: int = DEFA
 
 
 def write_program(
-    path_or_file: Any, manifest: dict, segments: Sequence[Any], alignment: int = DEFAULT_ALIGNMENT
+    path_or_file: Any, manifest: dict, segments: Sequence[Any], alignment: int = DEFAULT_ALIGNMENT,
+    signer: Any = None,
 ) -> int:
     """Write a program file and return its size in bytes.
 
@@ -969,6 +983,8 @@ def write_program(
     :param manifest: every key of the manifest schema except ``"segments"``.
     :param segments: the segment payloads, any C-contiguous buffers.
     :param alignment: a power of two between 8 and 65536.
+    :param signer: signs the manifest (``handoff.signing.LocalKey``); any ``signatures`` the
+        manifest held are replaced (they would not match the new segment table).
     :raises ProgramFormatError: the manifest is invalid or not JSON-serialisable.
     """
     is_path = isinstance(path_or_file, (str, bytes, os.PathLike))
@@ -976,7 +992,7 @@ def write_program(
         name = os.fsdecode(os.fspath(path_or_file))
     else:
         name = str(getattr(path_or_file, "name", "<file>"))
-    header, data, views, size = _layout(manifest, segments, alignment, name)
+    header, data, views, size = _layout(manifest, segments, alignment, name, signer)
     if not is_path:
         for chunk in _chunks(header, data, views):
             path_or_file.write(chunk)

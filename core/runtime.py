@@ -15,6 +15,7 @@ import numpy as np
 
 from . import hostops
 from .errors import HandoffError, one_line
+from .native import admit
 from .plugins import Plugins, get_plugins
 from .program import ProgramFile, constant_array
 
@@ -24,16 +25,19 @@ TORCH_HINT = "pip install torch==2.13.0"
 class Program:
     """A loaded program. Use :func:`load`; close it (or use ``with``) to release the delegates."""
 
-    def __init__(self, file: ProgramFile, plugins: Plugins, options: Mapping[str, Mapping[str, str]]):
+    def __init__(self, file: ProgramFile, plugins: Plugins, options: Mapping[str, Mapping[str, str]],
+                 trusted_keys: Sequence[Any] = (), allow_unsigned: bool = False):
         self.file = file
         self.manifest = file.manifest
         self._handles: list[tuple[Any, Any]] = []  # (runtime, handle) per delegate
         self._closed = False
+        #: how the program's native code was trusted, or None when it has none
+        self.trust: str | None = None
         start = time.perf_counter()
         try:
             self._constants = {c["value"]: constant_array(file, i) for i, c in enumerate(self.manifest["constants"])}
             self._aten_ops = self._resolve_aten_ops()
-            self._load_delegates(plugins, options)
+            self._load_delegates(plugins, options, trusted_keys, allow_unsigned)
             self._plan()
         except BaseException:
             self.close()
@@ -41,7 +45,8 @@ class Program:
         self.load_seconds = time.perf_counter() - start
 
     # -- load ----------------------------------------------------------------------------------
-    def _load_delegates(self, plugins: Plugins, options: Mapping[str, Mapping[str, str]]) -> None:
+    def _load_delegates(self, plugins: Plugins, options: Mapping[str, Mapping[str, str]],
+                        trusted_keys: Sequence[Any], allow_unsigned: bool) -> None:
         delegates = self.manifest["delegates"]
         parsed: dict[str, dict[str, Any]] = {}
         for backend in options:
@@ -57,6 +62,9 @@ class Program:
             ok, reason = plugins.runtime_available(backend)
             if not ok:
                 raise HandoffError(f"{self.file.name}: backend '{backend}' cannot run here: {reason}")
+        native = [i for i, d in enumerate(delegates) if plugins.runtime(d["backend"]).native_code]
+        if native:  # before any delegate loads: a file's native code runs only if the user trusts it
+            self.trust = admit(self.file, native, trusted_keys, allow_unsigned)
         for i, d in enumerate(delegates):
             runtime = plugins.runtime(d["backend"])
             blob = self.file.segment(d["segment"])
@@ -268,10 +276,14 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 
 def load(source: str | os.PathLike[str] | bytes, options: Mapping[str, Mapping[str, str]] | None = None,
-         plugins: Plugins | None = None) -> Program:
+         plugins: Plugins | None = None, trusted_keys: Sequence[str | os.PathLike[str]] = (),
+         allow_unsigned: bool = False) -> Program:
     """Open, verify and initialise a program file (a path, or the bytes of one).
 
     :param options: backend id -> runtime option name -> value (``{"xnnpack": {"threads": "2"}}``).
+    :param trusted_keys: directories of PEM public keys whose signatures make native code loadable,
+        besides the local key and ``$HANDOFF_HOME/trusted`` (see ``docs/security.md``).
+    :param allow_unsigned: load native code that no trusted key signed (only for files you trust).
     """
     file = ProgramFile.from_bytes(bytes(source)) if isinstance(source, (bytes, bytearray)) else ProgramFile.open(os.fspath(source))
-    return Program(file, plugins or get_plugins(), options or {})
+    return Program(file, plugins or get_plugins(), options or {}, trusted_keys, allow_unsigned)

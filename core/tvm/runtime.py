@@ -10,17 +10,14 @@ still gets working TVM (DLPack exchange with torch tensors goes through ``__dlpa
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import platform
 import sys
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from handoff import Runtime
+from handoff import Runtime, native_library
 
 #: What to install when TVM is missing (the runtime needs no torch).
 INSTALL_HINT = "pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post0"
@@ -75,6 +72,8 @@ class _Delegate:
 class TvmRuntime(Runtime):
     """Runs TVM delegates on the CPU (see :class:`handoff.Runtime`)."""
 
+    native_code = True  # a delegate is a shared library
+
     def is_available(self) -> tuple[bool, str]:
         try:
             import_tvm()
@@ -86,19 +85,13 @@ class TvmRuntime(Runtime):
     def load(self, blob: memoryview, metadata: Mapping[str, Any], options: Mapping[str, Any]) -> _Delegate:
         """Check the delegate fits this host and TVM, then open it in a Relax VM.
 
-        The library is written to a private temporary file only for as long as ``dlopen`` needs
-        it: it is unlinked as soon as it is loaded, so nothing is left behind if the process dies.
-        """
+        The blob is a shared library: native code, written to a private file by
+        :func:`handoff.native_library` only when its bytes are the ones the user trusts, and
+        removed as soon as it is loaded."""
         tvm = import_tvm()
         _check_compatible(tvm, metadata)
-        fd, path = tempfile.mkstemp(prefix="handoff-tvm-", suffix=".so")  # mode 0600
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
+        with native_library(blob, "tvm delegate") as path:
             lib = tvm.runtime.load_module(path)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
         from tvm.runtime.vm import VirtualMachine
 
         vm = VirtualMachine(lib, tvm.cpu())

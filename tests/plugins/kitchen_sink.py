@@ -65,7 +65,8 @@ def handoff_zoo_models() -> dict[str, ZooModel]:
 
 
 @hookimpl
-def handoff_resolve_model(spec: str, input_shapes: Sequence[Any], zoo: Mapping[str, ZooModel]) -> ResolvedModel | None:
+def handoff_resolve_model(spec: str, input_shapes: Sequence[Any], zoo: Mapping[str, ZooModel],
+                          trust_model: bool) -> ResolvedModel | None:
     calls.append("handoff_resolve_model")
     if not spec.startswith("sink:"):
         return None
