@@ -129,6 +129,8 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-model", action="store_true", help="read a model file that runs code when loaded (a .pt2 "
                    "holding pickles): only for files whose author you trust")
     p.add_argument("--no-sign", action="store_true", help="do not sign the program with the local key")
+    p.add_argument("--fallback-copies", action="store_true", help="store next to each vendor delegate a copy of "
+                   "its partition compiled by tvm (for the host or --target), run where the vendor's runtime is missing")
     p.add_argument("--quiet", action="store_true", help="print only the output path")
 
 
@@ -274,7 +276,7 @@ def run_partition(args: argparse.Namespace) -> int:
                                    for b in {*min_per, *max_per}},
                            default_limits=Limits(min_default, max_default),
                            on_lower_error=args.on_lower_error, use_cache=not args.no_cache, progress=progress,
-                           trust_model=args.trust_model)
+                           trust_model=args.trust_model, fallback_copies=args.fallback_copies)
     output = args.output or _default_output(args.model)
     result.write(output, sign=not args.no_sign)
     if args.report:

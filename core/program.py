@@ -1,4 +1,4 @@
-"""The ``.hof`` program file, format version 1.2: reader, writer and validation.
+"""The ``.hof`` program file, format version 1.3: reader, writer and validation.
 
 A program file is one header, the segments (delegate blobs and constant tensors, each aligned),
 and a JSON manifest that says what the segments are and how to run them::
@@ -56,7 +56,7 @@ __all__ = [
 #: First 8 bytes of every program (PNG-style: non-ASCII byte, name, CR LF, ^Z, LF).
 MAGIC = b"\x89HOF\r\n\x1a\n"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 2
+FORMAT_MINOR = 3
 HEADER_SIZE = 96
 
 #: Header flag bits understood by this reader (none are defined in 1.0).
@@ -447,15 +447,11 @@ class _Validator:
         delegates = self.list_(m["delegates"], "manifest.delegates")
         for i, entry in enumerate(delegates):
             path = f"manifest.delegates[{i}]"
-            self.dict_(entry, path)
-            for key in ("backend", "backend_version", "partition"):
-                self.str_(self.key(entry, key, path), f"{path}.{key}", nonempty=key == "backend")
-            self.ref(self.key(entry, "segment", path), f"{path}.segment", nsegs, "segment")
-            self.dict_(self.key(entry, "metadata", path), f"{path}.metadata")
-            options = self.dict_(self.key(entry, "options", path), f"{path}.options")
-            for k, val in options.items():
-                self.str_(k, f"{path}.options")
-                self.str_(val, f"{path}.options[{_short(k)}]")
+            self.delegate(entry, path, nsegs)
+            self.str_(self.key(entry, "partition", path), f"{path}.partition")
+            if "fallbacks" in entry:  # format 1.3, optional: the same partition by other backends
+                for j, copy in enumerate(self.list_(entry["fallbacks"], f"{path}.fallbacks")):
+                    self.delegate(copy, f"{path}.fallbacks[{j}]", nsegs)
 
         # The hot loop (one pass per instruction): field paths are only formatted on failure.
         nvalues, ndelegates = self.nvalues, len(delegates)
@@ -516,6 +512,18 @@ class _Validator:
             v = entry["value"]
             if definer[v] is None:
                 raise self.fail(f"manifest.outputs[{i}].value", f"value {v} is never written")
+
+    def delegate(self, entry: Any, path: str, nsegs: int) -> None:
+        """A delegate entry's backend, version, blob segment, metadata and options (§4.6)."""
+        self.dict_(entry, path)
+        for key in ("backend", "backend_version"):
+            self.str_(self.key(entry, key, path), f"{path}.{key}", nonempty=key == "backend")
+        self.ref(self.key(entry, "segment", path), f"{path}.segment", nsegs, "segment")
+        self.dict_(self.key(entry, "metadata", path), f"{path}.metadata")
+        options = self.dict_(self.key(entry, "options", path), f"{path}.options")
+        for k, val in options.items():
+            self.str_(k, f"{path}.options")
+            self.str_(val, f"{path}.options[{_short(k)}]")
 
     def refs(self, ins: dict, key: str, i: int, count: int, allow_null: bool = False) -> list:
         """``ins[key]``, a list of value ids (or nulls), checked."""
