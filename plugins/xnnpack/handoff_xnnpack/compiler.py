@@ -3,16 +3,18 @@
 Capability is XNNPACK's own: :meth:`XnnpackCompiler.support` rewrites ops XNNPACK has no kernel
 for into ops it has (:mod:`handoff_xnnpack.rewrites`, the same rewrites lowering applies),
 converts that copy of the program to ExecuTorch's Edge dialect exactly as
-``to_edge_transform_and_lower`` does, lets
+``to_edge_transform_and_lower`` does, folds what computes from constants alone
+(:class:`_FoldConstants`), lets
 ``XnnpackPartitioner`` (its per-op ``PartitionerConfig`` classes and their ``check_constraints``)
 tag what it would delegate, and maps the tags back to the ATen nodes through torch.fx's
-``from_node`` provenance. For each node it declines, the reason is the one the config reports
-through executorch's ``WhyNoPartition`` logger (``"Add node doesn't support alpha != 1"``), or
-"XNNPACK has no kernel for OP" when no config exists for the op.
+``from_node`` provenance. A node's verdict comes from the Edge nodes that compute from its inputs
+(not from constant operands Edge makes under the same provenance). For each node it declines, the
+reason is the one the config reports through executorch's ``WhyNoPartition`` logger (``"Add node
+doesn't support alpha != 1"``), or "XNNPACK has no kernel for OP" when no config exists for the op.
 
 Lowering (:meth:`XnnpackCompiler.preprocess`) is the rewrites, then ``to_edge_transform_and_lower`` with
-``XnnpackPartitioner`` and then ``to_executorch``: the blob is the resulting ``.pte``, which must
-hold exactly one ``XnnpackBackend`` delegate call and no other kernel.
+the same fold and ``XnnpackPartitioner`` and then ``to_executorch``: the blob is the resulting
+``.pte``, which must hold exactly one ``XnnpackBackend`` delegate call and no other kernel.
 """
 
 from __future__ import annotations
@@ -102,6 +104,12 @@ class XnnpackCompiler:
 
     # -- capability ---------------------------------------------------------------------------
     def support(self, ep: torch.export.ExportedProgram) -> dict[str, str | None]:
+        """ATen node name -> ``None`` when XNNPACK takes it, else XNNPACK's one-line reason.
+
+        Judged on the program :meth:`preprocess` lowers (rewritten, in Edge, constants folded): a
+        node is taken when XNNPACK's partitioner tags every Edge node that computes it from its
+        inputs. Nodes that compute nothing at run time (an identity, or a value of weights alone,
+        folded into a constant) are taken when a neighbour is, and then join its partition."""
         names = [n.name for n in ep.graph.nodes if n.op == "call_function"]
         partitioner = XnnpackPartitioner()
         try:
