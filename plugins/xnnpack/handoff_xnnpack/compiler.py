@@ -129,12 +129,13 @@ class XnnpackCompiler:
         edge_constants = _constant_nodes(edge)
         reasons: dict[torch.fx.Node, str | None] = {}
 
-        def declined(enodes: list[torch.fx.Node]) -> tuple[torch.fx.Node, str] | None:
+        def declined(enodes: list[torch.fx.Node]) -> str | None:
+            """XNNPACK's reason for the first of ``enodes`` it leaves out, None if it takes all."""
             for enode in enodes:
                 if enode.meta.get("delegation_tag") is None:
                     if enode not in reasons:
                         reasons[enode] = _why_declined(enode, edge, partitioner)
-                    return enode, reasons[enode]
+                    return reasons[enode]
             return None
 
         verdict: dict[str, str | None] = {}
@@ -163,22 +164,21 @@ class XnnpackCompiler:
             # The Edge nodes that compute from the node's inputs decide, in XNNPACK's words. Edge
             # also makes operands from constants under the same provenance (``x + 3``: an int64
             # tensor cast to float32); _FoldConstants folds those, and one it could not fold would
-            # stay outside the delegate, so it declines the node too, as itself.
+            # stay outside the delegate, so it declines the node too, saying so.
             data = [e for e in enodes if e not in edge_constants]
-            found = declined(data or enodes)
-            if found is None and data:
-                found = declined([e for e in enodes if e in edge_constants])
-                if found is not None:
-                    found = found[0], (f"{_op_name(anode)}: XNNPACK takes it, but not the constant operand Edge "
-                                       f"computes for it: {found[1]}")
-            verdict[name] = None if found is None else found[1]
+            verdict[name] = declined(data or enodes)
+            if verdict[name] is None and data and (why := declined([e for e in enodes if e in edge_constants])):
+                verdict[name] = f"{_op_name(anode)}: XNNPACK takes it, but not the operand Edge makes for it ({why})"
         # Nothing of a pending node runs wherever it lands. XNNPACK takes it only when a neighbour
         # runs on XNNPACK (it then joins that partition), so it never makes a partition of its own;
         # repeated, so that a chain of them joins through its end.
-        for name in pending:
-            verdict[name] = pending[name]
-        while joined := [name for name in pending if any(
-                verdict.get(n.name, "not judged") is None for n in (*aten_nodes[name].all_input_nodes, *aten_nodes[name].users))]:
+        verdict.update(pending)
+
+        def joins(name: str) -> bool:
+            neighbours = (*aten_nodes[name].all_input_nodes, *aten_nodes[name].users)
+            return any(verdict.get(n.name, "not judged") is None for n in neighbours)
+
+        while joined := [name for name in pending if joins(name)]:
             for name in joined:
                 verdict[name] = None
                 del pending[name]
