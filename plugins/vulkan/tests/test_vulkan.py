@@ -292,7 +292,8 @@ def test_ops_without_a_gpu_schedule_are_declined_and_fall_back(monkeypatch):
 
     model = MatmulTanh()
     x, w = torch.randn(32, 64), torch.randn(64, 64) / 8
-    result = handoff.partition(model, (x, w), backends=["vulkan"])
+    # min size 1: each one-node mm partition would otherwise join TVM's as an island
+    result = handoff.partition(model, (x, w), backends=["vulkan"], default_limits=handoff.Limits(1))
     declined = {d["op"]: d["reasons"]["vulkan"] for d in result.report.declined}
     assert "no TVM 0.27 dlight GPU schedule binds every block" in declined["aten.tanh.default"]
     assert result.report.stats["vulkan"].ops == {"aten.mm.default": 2}
