@@ -45,6 +45,9 @@ TORCH_HINT = "pip install torch==2.13.0"
 #: this size a copy costs less than checking, so small outputs are always copied.
 COPY_BELOW_BYTES = 1 << 16
 
+#: The next step after a delegate broke the contract (an output the program does not declare).
+CONTRACT_HINT = "; the backend broke its contract: re-partition without it, or report it to its authors"
+
 # Kinds of planned operations (the first field of each tuple in ``Program._ops``).
 _DELEGATE, _TO_HOST, _ATEN = 0, 1, 2
 
@@ -396,23 +399,25 @@ class Program:
                     if to_host is not None:
                         outs = to_host(outs)
                     if len(outs) != len(writes):
-                        raise _RunError(f"{where} returned {len(outs)} outputs, the program expects {len(writes)}")
+                        raise _RunError(f"{where} returned {len(outs)} outputs, the program expects {len(writes)}"
+                                        f"{CONTRACT_HINT}")
                     if host_out:
                         for s, out, check in zip(writes, outs, checks):
-                            env[s] = _host_value(out, check, where)
+                            env[s] = _host_value(out, check, where, CONTRACT_HINT)
                     else:
                         for s, out, (shape, dtype, vid) in zip(writes, outs, checks):
                             if getattr(out, "shape", shape) != shape:
                                 raise _RunError(f"{where} produced a value of shape {list(out.shape)} for value "
-                                                f"{vid}, the program expects {dtype}{list(shape)}")
+                                                f"{vid}, the program expects {dtype}{list(shape)}{CONTRACT_HINT}")
                             env[s] = out
                 elif kind == _TO_HOST:
                     _, to_host, src, dst, checks, drops, releases, where = op
                     outs = to_host([env[s] for s in src])
                     if len(outs) != len(src):
-                        raise _RunError(f"{where}: to_host returned {len(outs)} arrays for {len(src)} values")
+                        raise _RunError(f"{where}: to_host returned {len(outs)} arrays for {len(src)} values"
+                                        f"{CONTRACT_HINT}")
                     for s, out, (shape, dtype, vid, d) in zip(dst, outs, checks):
-                        env[s] = _host_value(out, (shape, dtype, vid), self._delegate_name(d))
+                        env[s] = _host_value(out, (shape, dtype, vid), self._delegate_name(d), CONTRACT_HINT)
                 else:
                     _, fn, args, kwargs, writes, checks, drops, releases, where = op
                     outs = self._run_aten(fn, args, kwargs, env, where)
@@ -531,15 +536,15 @@ class Program:
             pass
 
 
-def _host_value(out: Any, check: tuple[tuple[int, ...], np.dtype, int], where: str) -> np.ndarray:
+def _host_value(out: Any, check: tuple[tuple[int, ...], np.dtype, int], where: str, hint: str = "") -> np.ndarray:
     """``out``, a value in host memory, as a C-contiguous numpy array of the declared shape and
-    dtype; a one-line error naming ``where`` otherwise."""
+    dtype; a one-line error naming ``where`` (and ending with ``hint``) otherwise."""
     if type(out) is not np.ndarray:
         out = np.asarray(out)
     shape, dtype, vid = check
     if out.shape != shape or (out.dtype is not dtype and out.dtype != dtype):  # builtin dtypes are singletons
         raise _RunError(f"{where} produced {out.dtype}{list(out.shape)} for value {vid}, "
-                        f"the program expects {dtype}{list(shape)}")
+                        f"the program expects {dtype}{list(shape)}{hint}")
     return out if out.flags.c_contiguous else np.ascontiguousarray(out)
 
 

@@ -14,6 +14,7 @@ import handoff
 from handoff import plugins
 from handoff.errors import HandoffError
 from handoff.program import ProgramFile, write_program
+from handoff.runtime import CONTRACT_HINT
 
 
 @pytest.fixture
@@ -267,7 +268,7 @@ def test_a_wrong_output_names_the_delegate(chain_program, tmp_path):
         with handoff.load(path, options=options) as program:
             with pytest.raises(HandoffError) as err:
                 program.run([x])
-            assert str(err.value) == f"{where} {what} for value 1, the program expects float32[2, 9]"
+            assert str(err.value) == f"{where} {what} for value 1, the program expects float32[2, 9]{CONTRACT_HINT}"
     # A device value's dtype is checked when it comes to the host, naming the delegate that made it.
     manifest["values"][1]["shape"] = [2, 8]
     last = manifest["instructions"][-1]
@@ -278,7 +279,7 @@ def test_a_wrong_output_names_the_delegate(chain_program, tmp_path):
             program.run([x])
     partition = manifest["delegates"][last["delegate"]]["partition"]
     assert str(err.value) == (f"delegate {last['delegate']} ({partition}, backend 'sinkb') produced float32[2, 8] for "
-                              f"value {last['outputs'][0]}, the program expects float16[2, 8]")
+                              f"value {last['outputs'][0]}, the program expects float16[2, 8]{CONTRACT_HINT}")
 
 
 def _threaded(program, inputs, threads=8):
