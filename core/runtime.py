@@ -242,7 +242,6 @@ class Program:
         op_reads: list[tuple[int, ...]] = []
         op_writes: list[tuple[int, ...]] = []
         op_lock: list[Any] = []
-        delegate_op: dict[int, int] = {}  # delegate index -> op of its (last) call
         locks = [None if reentrant[d] else threading.Lock() for d in range(len(self._handles))]
 
         def add_conversions(at: int) -> None:
@@ -273,7 +272,6 @@ class Program:
                 host_out = domain[writes[0]] == HOST_MEMORY if writes else True
                 ops.append([_DELEGATE, runtime.execute, handle, locks[d], reads[k], writes, host_out, checks,
                             runtime.to_host if eager[d] else None, self._delegate_name(d)])
-                delegate_op[d] = len(ops) - 1
                 op_lock.append(locks[d])
             else:
                 ops.append([_ATEN, self._aten_ops[k], *self._aten_arguments(ins, domain, host_slot), writes,
