@@ -319,7 +319,7 @@ class VulkanRuntime(Runtime):
             handle.last_host_seconds = dict(zip(_PHASES, np.diff(clock).tolist()))
             with dev.readback_lock:  # its timestamps are read with the next readback on this device
                 dev.pending[handle] = None
-        return handle.outputs
+        return list(handle.outputs)  # the same ranges every call; a new list, so no caller can change them
 
     def to_host(self, values: Sequence[Any]) -> list[np.ndarray]:
         """Numpy copies of :class:`GpuValue` objects: per device, one copy of each into the
