@@ -28,7 +28,7 @@ import operator
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 
 @contextlib.contextmanager
