@@ -4,6 +4,11 @@
 imported when a program that needs them is loaded, and torch only when the program has host ATen
 ops. Delegates are initialised once, at load; :meth:`Program.run` only executes.
 
+**Which blob runs each delegate** is decided first, at load, per delegate: its own, or where its
+backend is not installed, cannot run here or fails to load it, the first of its fallback copies
+(format 1.3) that can (:meth:`Program._load_delegates`). Everything below is planned for the
+runtimes so chosen.
+
 **The data path.** Everything :meth:`Program.run` decides is planned once, at load (``_plan``):
 
 * each value's *memory domain*: ``"host"`` (numpy) for inputs, constants and host ops' results,
@@ -229,7 +234,7 @@ class Program:
             parts.append(f"delegate{'' if one else 's'} {listed} run{'s' if one else ''} {'its' if one else 'their'} "
                          f"fallback cop{'y' if one else 'ies'} {copies} (backend '{backend}') because {reason}")
         warnings.warn(FallbackWarning(f"{self.file.name}: {'; '.join(parts)}; load with strict=True (handoff run "
-                                      f"--strict) to refuse instead"), stacklevel=4)
+                                      f"--strict) to refuse instead"), stacklevel=5)  # the caller of load()
 
     def _entry_name(self, i: int, k: int) -> str:
         """Delegate ``i``'s entry ``k`` (0: its own blob, k: its fallback copy k - 1) in messages."""
