@@ -149,6 +149,7 @@ def extract_partition(ep: Any, names: Sequence[str],
     for n in nodes:
         env[n] = graph.node_copy(n, env.__getitem__)
     graph.output(tuple(env[o] for o in outputs))
+    _propagate_contiguous(graph, [(inp, weights[inp.name][1]) for inp in used_weights] + [(inp, None) for inp in external])
     out_specs = [OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(env[o].name), None) for o in outputs]
     example = tuple(torch.zeros(tuple(i.meta["val"].shape), dtype=i.meta["val"].dtype) for i in external)
     call = ModuleCallSignature(inputs=[], outputs=[], in_spec=_pytree.tree_flatten((example, {}))[1],
@@ -164,6 +165,28 @@ def extract_partition(ep: Any, names: Sequence[str],
         with torch.no_grad(), quiet_torch():
             sub = sub.run_decompositions(dict(decomp_table))
     return sub, external, outputs
+
+
+def _propagate_contiguous(graph: Any, placeholders: Sequence[tuple[Any, Any]]) -> None:
+    """Recompute every value's fake tensor in ``graph`` with contiguous inputs. In the parent an
+    input of the partition may be a strided view (a transpose feeding a matmul); the partition
+    receives a dense array at run time, and a compiler that plans memory from the strides
+    (ExecuTorch's dim order) must see that. ``placeholders``: (parent node, weight tensor or None)
+    in the graph's placeholder order."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode()
+    fakes = []
+    for node, tensor in placeholders:
+        if tensor is None:
+            with mode:
+                fakes.append(torch.empty(tuple(node.meta["val"].shape), dtype=node.meta["val"].dtype))
+        else:
+            fakes.append(mode.from_tensor(tensor))
+    with quiet_torch():
+        FakeTensorProp(torch.fx.GraphModule(torch.nn.Module(), graph), mode).propagate_dont_convert_inputs(*fakes)
 
 
 class _ContentKeys:
