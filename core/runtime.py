@@ -170,13 +170,12 @@ class Program:
                     handle = runtime.load(self.file.segment(entry["segment"]), entry["metadata"],
                                           parsed[entry["backend"]])
                 except Exception as exc:
+                    failed = (k, f"backend '{entry['backend']}' failed to load its blob: {one_line(exc)}")
                     if n + 1 < len(tries[i]):
-                        why.append((k, f"backend '{entry['backend']}' failed to load its blob: {one_line(exc)}"))
+                        why.append(failed)
                         continue
                     if why:
-                        raise HandoffError(self._cannot_run(i, [*why, (k, f"backend '{entry['backend']}' failed to "
-                                                                         f"load its blob: {one_line(exc)}")],
-                                                            strict)) from exc
+                        raise HandoffError(self._cannot_run(i, [*why, failed], strict)) from exc
                     hint = self._strict_hint(d) if strict else ""
                     if isinstance(exc, HandoffError) and not hint:
                         raise

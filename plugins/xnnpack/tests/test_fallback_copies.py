@@ -24,15 +24,10 @@ from handoff.plugins import Plugins  # noqa: E402
 from handoff.testing import check_against_eager  # noqa: E402
 
 pytestmark = pytest.mark.slow
-PLUGIN = "handoff_xnnpack.plugin"
 
 
-def test_xnnpack_program_runs_its_tvm_copies_where_xnnpack_is_not_installed(tmp_path, monkeypatch):
-    monkeypatch.setenv("HANDOFF_HOME", str(tmp_path / "home"))
-    with_xnnpack = Plugins(autoload=False, extra=[PLUGIN])
-    ok, why = with_xnnpack.runtime_available("xnnpack")
-    if not ok:
-        pytest.skip(why)
+def test_xnnpack_program_runs_its_tvm_copies_where_xnnpack_is_not_installed(plugins, tmp_path):
+    with_xnnpack = plugins  # the built-ins and handoff-xnnpack (tests/conftest.py)
     zoo = with_xnnpack.zoo()["small_cnn"]
     model, specs = zoo.build(), zoo.inputs
     result = handoff.partition("zoo:small_cnn", backends=["xnnpack"], plugins=with_xnnpack, fallback_copies=True)
