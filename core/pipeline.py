@@ -155,7 +155,7 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
     with clock("export"):
         keep = [op for b in chain for op in compilers[b].ops_to_not_decompose()]
         ep = export_model(resolved, keep)
-        from .quantization import duplicate_dequantize, is_quantized
+        from .quantization import duplicate_dequantize, is_quantized, quantized_spans
 
         int8 = is_quantized(ep)
         if int8:
@@ -172,6 +172,10 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
         for b in chain:
             support[b] = dict(_backend_call(b, "capability check", compilers[b].support, ep))
             patterns[b] = [list(p) for p in _backend_call(b, "capability check", compilers[b].fused_patterns, ep)]
+        if int8:  # an op travels with its quantize/dequantize ops (handoff.quantization.quantized_spans)
+            spans = quantized_spans(ep)
+            for b in chain:
+                patterns[b] += spans
 
     lowerer = Lowerer(ep, compilers, identities, parsed, decomp_table, use_cache=use_cache)
     excluded: dict[str, dict[str, str]] = {}

@@ -105,8 +105,12 @@ def quantize_resolved(resolved: ResolvedModel, compilers: Mapping[str, Any], sch
         raise HandoffError(f"--calibration {calibration}: give a number of batches from 1 to {MAX_CALIBRATION}")
     import torch
 
-    with _quiet_torchao():
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    try:
+        with _quiet_torchao():
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except ImportError as exc:
+        raise HandoffError(f"--quantize needs torchao ({one_line(exc, 200)}): pip install 'handoff[compile]' "
+                           f"(torchao==0.18.0)") from exc
 
     if resolved.exported is not None and is_quantized(resolved.exported):
         raise HandoffError(f"{resolved.name} is already quantized (it holds {QDQ_NAMESPACE} ops); "
@@ -170,8 +174,8 @@ def _compose(compilers: Mapping[str, Any], scheme: str) -> Any:
         if q is not None:
             offered.append((backend, q))
     if not offered:
-        raise HandoffError(f"none of the selected backends ({', '.join(compilers)}) offers a {scheme} quantizer; "
-                           f"select one that does (xnnpack, qnn, tvm) or quantize the model yourself with PT2E")
+        raise HandoffError(f"none of the selected backends ({', '.join(compilers)}) offers a quantizer for {scheme}; "
+                           f"select one that does (xnnpack, tvm) or quantize the model yourself with PT2E")
 
     class Attributed(ComposableQuantizer):
         """torchao's ComposableQuantizer, recording which backend's quantizer annotated which node."""
@@ -280,7 +284,7 @@ def duplicate_dequantize(ep: Any) -> int:
     delegate (no dequantize is stranded between them). Returns how many copies were made."""
     graph, made = ep.graph, 0
     for node in list(graph.nodes):
-        if getattr(node.target, "namespace", None) != QDQ_NAMESPACE or "dequantize" not in node.target.__name__:
+        if node.op != "call_function" or not _is_qdq(node, "dequantize"):
             continue
         for user in list(node.users)[1:]:
             with graph.inserting_before(user):
@@ -291,6 +295,27 @@ def duplicate_dequantize(ep: Any) -> int:
     if made:
         ep.graph_module.recompile()
     return made
+
+
+def _is_qdq(node: Any, kind: str) -> bool:
+    return getattr(node.target, "namespace", None) == QDQ_NAMESPACE and node.target.__name__.startswith(kind)
+
+
+def quantized_spans(ep: Any) -> list[list[str]]:
+    """Each quantized op with the dequantize ops feeding it and the quantize ops it feeds, as node
+    name groups: the core adds them to every backend's fused patterns, so an op travels with its
+    quantize/dequantize ops (a backend takes the whole span as int8, or none of it, with a reason)
+    and no quantize/dequantize op is stranded between two delegates. Call after
+    :func:`duplicate_dequantize`, so spans are disjoint (each dequantize has one consumer)."""
+    spans = []
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or getattr(node.target, "namespace", None) == QDQ_NAMESPACE:
+            continue
+        before = [a.name for a in node.all_input_nodes if a.op == "call_function" and _is_qdq(a, "dequantize")]
+        after = [u.name for u in node.users if _is_qdq(u, "quantize")]
+        if before or after:
+            spans.append([*before, node.name, *after])
+    return spans
 
 
 @contextlib.contextmanager

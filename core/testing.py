@@ -111,7 +111,8 @@ def snr_db(got: Any, want: Any) -> float:
 
 def check_int8(program: Any, quantized: Any, float_model: Any, input_specs: Sequence[Any],
                seeds: Sequence[int] = tuple(range(21, 29)), steps: float = TOLERANCE["int8"]) -> dict[str, float]:
-    """Run an int8 ``program`` on fresh random inputs (one set per seed) against both references:
+    """Run an int8 ``program`` (a path, the bytes of one, or anything with ``run(inputs)``, such
+    as a loaded :class:`handoff.Program`) on fresh random inputs (one set per seed) against both references:
     the quantized eager model (``quantized.reference`` of :func:`handoff.quantize`, or the converted
     module itself), within ``steps`` quantization steps of each output; and the float model,
     measured. Also checks that outputs change with the input. Returns ``max_steps`` (largest
@@ -121,12 +122,12 @@ def check_int8(program: Any, quantized: Any, float_model: Any, input_specs: Sequ
     import torch
 
     from .models import random_inputs
-    from .runtime import Program, load
+    from .runtime import load
 
     reference = getattr(quantized, "reference", quantized)
     out_steps = output_steps(reference)
-    owned = not isinstance(program, Program)
-    prog = load(program) if isinstance(program, (bytes, bytearray, str, os.PathLike)) else program
+    owned = isinstance(program, (bytes, bytearray, str, os.PathLike))
+    prog = load(program) if owned else program
     worst, agree, rows, firsts = 0.0, 0, 0, []
     gots, floats = [], []
     try:
