@@ -198,3 +198,21 @@ def test_zoo_transformer_int8_on_tvm():
     assert result.report.coverage("tvm") == 100.0
     acc = testing.check_int8(result.to_bytes(), result.quantized, model, zoo.inputs, seeds=(51, 52))
     assert acc["max_steps"] <= 1 and acc["snr_db"] > 15
+
+
+@pytest.mark.slow
+def test_cli_quantize_prints_who_annotated_what(sink_plugins, tmp_path, capsys):
+    import json
+
+    from handoff.cli import main
+
+    out, report = tmp_path / "q.hof", tmp_path / "r.json"
+    assert main(["partition", "sink:net", "--backends", "sink,tvm", "--quantize", "int8", "--calibration", "2",
+                 "--option", "sink.ops=aten.mul.Tensor", "-o", str(out), "--report", str(report)]) == 0
+    text = capsys.readouterr().out
+    assert "int8: calibration 2 random batches" in text and "sink's quantizer annotated: mul×2" in text
+    assert "tvm runs" in text and "dequantize-compute-quantize" in text
+    q = json.loads(report.read_text())["quantization"]
+    assert q["annotated_by"]["sink"] == {"aten.mul.Tensor": 2} and q["batches"] == 2
+    with handoff.load(out) as program:
+        assert np.isfinite(program.run([np.ones((2, 8), np.float32)])[0]).all()
