@@ -9,8 +9,8 @@ same quantizer, same calibration, same quantization parameters) with its own
 ``to_edge_transform_and_lower(XnnpackPartitioner)``. Printed for each: median latency (timed in
 interleaved rounds, see ``_timing``), load + first inference (median of fresh loads), program
 size, each as a ratio to ExecuTorch's int8 program; the int8 sizes against the fp32 program
-(ExecuTorch's fp32 XNNPACK program of the float model); accuracy against the quantized eager model (in quantization steps of the
-output) and against fp32 eager (SNR, top-1 agreement) on fresh inputs.
+(ExecuTorch's fp32 XNNPACK program of the float model); accuracy against the quantized eager
+model (in quantization steps of the output) and against fp32 eager (SNR, top-1 agreement) on fresh inputs.
 Targets (issue 14): 100% delegated to xnnpack as int8, latency <= 1.05x, size <= 1.05x ExecuTorch
 and <= 0.3x fp32. Not a test; numbers only.
 """
@@ -61,13 +61,15 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     report = result.report
     int8 = report.quantization["backends"].get("xnnpack", {})
-    print(f"handoff partition --quantize int8: {seconds:.0f} s ({', '.join(f'{k} {v:.0f}s' for k, v in report.timings.items())})")
+    phases = ", ".join(f"{k} {v:.0f}s" for k, v in report.timings.items())
+    print(f"handoff partition --quantize int8: {seconds:.0f} s ({phases})")
     print(f"  coverage: xnnpack {report.coverage('xnnpack'):.1f}% of {report.total_nodes} nodes in "
           f"{report.stats['xnnpack'].partitions} delegate(s); host {report.stats['aten'].nodes} nodes; "
           f"{int8.get('qdq_ops', 0)} quantize/dequantize ops on xnnpack ({'; '.join(int8.get('compute', []))})")
 
     # ExecuTorch's own int8 program from the same converted graph.
-    pte = to_edge_transform_and_lower(result.quantized.exported, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
+    edge = to_edge_transform_and_lower(result.quantized.exported, partitioner=[XnnpackPartitioner()])
+    pte = edge.to_executorch().buffer
     pte_path = work / f"{name}.int8.pte"
     pte_path.write_bytes(pte)
     # the fp32 reference for size: ExecuTorch's fp32 XNNPACK program (handoff's fp32 xnnpack program
