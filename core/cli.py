@@ -133,6 +133,12 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sign", action="store_true", help="do not sign the program with the local key")
     p.add_argument("--fallback-copies", action="store_true", help="store next to each vendor delegate a copy of "
                    "its partition compiled by tvm (for the host or --target), run where the vendor's runtime is missing")
+    p.add_argument("--quantize", choices=("int8",), help="PT2E-quantize the float model with the selected backends' "
+                   "quantizers (highest priority first), then partition the int8 graph")
+    p.add_argument("--calibration", type=int, metavar="N", help="with --quantize: calibrate on N random batches "
+                   "(default 8)")
+    p.add_argument("--calibration-data", metavar="FILE.npz", help="with --quantize: calibrate on these batches, one "
+                   "array per model input, in input order, shaped (N, *input shape)")
     p.add_argument("--quiet", action="store_true", help="print only the output path")
 
 
@@ -278,7 +284,9 @@ def run_partition(args: argparse.Namespace) -> int:
                                    for b in {*min_per, *max_per}},
                            default_limits=Limits(min_default, max_default),
                            on_lower_error=args.on_lower_error, use_cache=not args.no_cache, progress=progress,
-                           trust_model=args.trust_model, fallback_copies=args.fallback_copies)
+                           trust_model=args.trust_model, fallback_copies=args.fallback_copies,
+                           quantize=args.quantize, calibration=args.calibration,
+                           calibration_data=args.calibration_data)
     output = args.output or _default_output(args.model)
     result.write(output, sign=not args.no_sign)
     if args.report:

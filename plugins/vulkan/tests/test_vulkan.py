@@ -242,6 +242,30 @@ def test_capability_reasons_per_node():
         OPTIONS["fuse"].parse("fuse", "2")
 
 
+def test_int8_is_declined_with_a_reason():
+    """A PT2E-quantized graph: WGSL has no 8-bit integers, so every quantize/dequantize op (it
+    reads or makes int8) is declined with that reason; the float op between them is claimed."""
+    _needs_compiler()
+    import torch
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed)
+
+    from handoff_vulkan.compiler import VulkanCompiler
+
+    class QDQ(torch.nn.Module):
+        def forward(self, x):
+            qd = torch.ops.quantized_decomposed
+            x = qd.dequantize_per_tensor(qd.quantize_per_tensor(x, 0.05, 0, -128, 127, torch.int8),
+                                         0.05, 0, -128, 127, torch.int8)
+            return qd.quantize_per_tensor(torch.relu(x), 0.05, 0, -128, 127, torch.int8)
+
+    ep = _export(QDQ(), torch.randn(4, 8))
+    support = VulkanCompiler({}).support(ep)
+    by_op = {n.name: support[n.name] for n in ep.graph.nodes if n.op == "call_function"}
+    assert {k: v for k, v in by_op.items() if "quantize" in k} == {
+        k: "int8 tensor: WGSL has no 8-bit integers" for k in by_op if "quantize" in k}
+    assert by_op["relu"] is None
+
+
 class _LeavesItUnbound:
     """A schedule rule that 'applies' but binds nothing, as dlight's Transpose sometimes does."""
 
