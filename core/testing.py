@@ -1,8 +1,9 @@
 """Checks for backend tests (ours and plugin authors'): a program against eager PyTorch.
 
-Tolerances are stated per dtype: outputs must lie within ``TOLERANCE[dtype]`` relative of eager
-(``rtol``, plus an absolute floor of the same fraction of the output's largest magnitude, for
-entries near zero). Imports torch; not for the runtime.
+Tolerances are stated per dtype, in one table that the conformance suite uses too: outputs must
+lie within ``TOLERANCE[dtype]`` relative of eager (``rtol``, plus an absolute floor of the same
+fraction of the output's largest magnitude, for entries near zero). Imports torch; not for the
+runtime.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-#: Relative tolerance by the precision a backend computes in.
-TOLERANCE = {"float32": 1e-4, "float16": 1e-2}
+#: Relative tolerance by the precision a backend computes in. ``int8`` is for quantized patterns
+#: (q/dq around a float op), whose outputs may differ from eager by a rounding step: two steps of a
+#: symmetric int8 scale that covers the output's range. Integers and booleans must be exact.
+TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "int8": 2 / 127, "int32": 0.0, "int64": 0.0, "bool": 0.0}
 
 
 def assert_matches_eager(got: np.ndarray, want: Any, dtype: str = "float32") -> None:
