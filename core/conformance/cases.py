@@ -288,7 +288,7 @@ fn("clamp", "elementwise", lambda x: torch.clamp(x, -2, 3), NCHW, dtypes=FLOAT_I
 fn("where", "elementwise", torch.where, I("N", "C", kind="mask"), NC, NC, dtypes=FLOAT_INT)
 fn("masked_fill", "elementwise", lambda x, m: x.masked_fill(m, -4.0), NCL, I("N", "C", "L", kind="mask"))
 fn("gt", "elementwise", torch.gt, NC, NC, dtypes=FLOAT_INT)
-fn("eq_scalar", "elementwise", lambda x: x == 2, I("N", "C", kind="positive"), dtypes=("int32",))
+fn("eq_scalar", "elementwise", lambda x: x == 0, I("N", "C", kind="unit"), dtypes=("int32",))  # -1..1: a third true
 fn("le_select", "elementwise", lambda x, y: torch.where(x <= y, x, y * 2.0), NCL, NCL)
 
 # -- activations ------------------------------------------------------------------------------------

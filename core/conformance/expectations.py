@@ -18,7 +18,8 @@ reported as a failure (XPASS), so the list cannot go stale::
       "conv_transpose2d[float16-*]": "TVM 0.27's importer: output_padding dropped"
       "contract[threads]": "the runtime is not thread-safe yet"
 
-Keys are fnmatch patterns over item names (``CASE[DTYPE-MODE]``, ``contract[CHECK]``). Any
+Keys are patterns over item names (``CASE[DTYPE-MODE]``, ``contract[CHECK]``): ``*`` and ``?`` are
+wildcards, brackets are literal (:func:`item_matches`). Any
 problem in a file is a usage error naming the file and the entry.
 """
 
@@ -156,8 +157,14 @@ def load_xfails(paths: Iterable[str]) -> list[KnownFailure]:
     return out
 
 
+def item_matches(item: str, pattern: str) -> bool:
+    """``pattern`` (``*``, ``?`` wildcards; ``[`` and ``]`` literal, as item names hold them)
+    matches ``item``."""
+    return fnmatch.fnmatchcase(item, pattern.replace("[", "\0").replace("]", "[]]").replace("\0", "[[]"))
+
+
 def match_xfail(failures: Sequence[KnownFailure], backend: str, item: str) -> KnownFailure | None:
     for f in failures:
-        if f.backend in (None, backend) and fnmatch.fnmatchcase(item, f.pattern):
+        if f.backend in (None, backend) and item_matches(item, f.pattern):
             return f
     return None

@@ -144,12 +144,12 @@ class Suite:
     # -- collection -------------------------------------------------------------------------------
     def _build_targets(self) -> list[str]:
         from handoff import HandoffError
-        from handoff.plugins import Plugins
+        from handoff.plugins import AUTOLOAD_ENV, Plugins
 
         from .expectations import ExpectationError, Expectations, load_xfails
         from .runner import Target
 
-        plugins = Plugins(autoload=True, extra=_ENV_PLUGINS)
+        plugins = Plugins(extra=_ENV_PLUGINS)  # entry points unless $HANDOFF_DISABLE_PLUGIN_AUTOLOAD
         installed = list(plugins.backends)
         backends = installed if self.requested == ["all"] else self.requested
         unknown = [b for b in backends if b not in installed]
@@ -157,7 +157,9 @@ class Suite:
             broken = "".join(f"; {b}" for b in plugins.broken)
             raise pytest.UsageError(f"--handoff-backend: {', '.join(unknown)} not installed; installed: "
                                     f"{', '.join(installed) or 'none'}{broken} (an uninstalled plugin under "
-                                    f"development: HANDOFF_PLUGINS=module.plugin)")
+                                    f"development: HANDOFF_PLUGINS=module.plugin)"
+                                    + (f"; ${AUTOLOAD_ENV} is set, so installed plugins are not loaded"
+                                       if os.environ.get(AUTOLOAD_ENV) else ""))
         options = _split_options(self.config.getoption("handoff_option"), backends, "--handoff-option")
         runtime_options = _split_options(self.config.getoption("handoff_runtime_option"), backends,
                                          "--handoff-runtime-option")
@@ -249,11 +251,12 @@ class Suite:
         """An xfail entry that names no item the suite has (whatever this run selects) is a typo
         or a case that is gone: a usage error, so the list cannot rot."""
         from .contract import CHECKS
+        from .expectations import item_matches
 
         names = [f"contract[{c}]" for c in CHECKS] + [f"{c.name}[{d}-{m}]" for c in cases for d in c.dtypes
                                                       for m in ("fixed", "drawn")]
         stale = [f for f in self.xfails if (f.backend is not None and f.backend not in backends)
-                 or not fnmatch.filter(names, f.pattern)]
+                 or not any(item_matches(n, f.pattern) for n in names)]
         if stale:
             lines = "; ".join(f"{f.source}: {f.pattern!r}" + (f" (backend {f.backend} not under test)"
                                                               if f.backend and f.backend not in backends else "")
@@ -326,8 +329,7 @@ class Suite:
         from handoff import __version__
         from handoff.plugins import Plugins
 
-        plugins = self.targets[next(iter(self.targets))].plugins if self.targets else Plugins(autoload=True,
-                                                                                              extra=_ENV_PLUGINS)
+        plugins = self.targets[next(iter(self.targets))].plugins if self.targets else Plugins(extra=_ENV_PLUGINS)
         backends = {}
         for bid in sorted(set(self.results) | set(self.contract)):
             dist, version = (None, None)

@@ -61,7 +61,7 @@ def main(path: str) -> int:
 
     from handoff.plugins import Plugins
 
-    plugins = Plugins(autoload=True, extra=req["plugins_env"])
+    plugins = Plugins(extra=req["plugins_env"])  # the parent's environment: the same plugins
     runtime = plugins.runtime(req["backend"])
     blob = open(req["blob"], "rb").read()
     if getattr(runtime, "native_code", False):
