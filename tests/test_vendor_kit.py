@@ -59,8 +59,9 @@ def fresh_env(tmp_path_factory):
     purelib = subprocess.check_output([str(venv / "bin" / "python"), "-c",
                                        "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip()
     Path(purelib, "third_party.pth").write_text(str(_third_party(tmp)) + "\n")
-    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", *map(str, sorted(dist.glob("*.whl")))],
-         env, tmp)
+    # pytest itself too: a linked package gets no console script, and the guide runs `pytest`
+    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed",
+          f"pytest=={pytest.__version__}", *map(str, sorted(dist.glob("*.whl")))], env, tmp)
     env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env['PATH']}", VIRTUAL_ENV=str(venv),
                HANDOFF_HOME=str(tmp / "home"), PIP_NO_DEPS="1")
     return {"tmp": tmp, "env": env, "dist": dist, "venv": venv}
