@@ -37,3 +37,20 @@ def run_suite(backend: str, args: Sequence[str] = (), autoload: bool = True, tim
                               cwd=tmp, env=child, capture_output=True, text=True, timeout=timeout)
         data = json.loads(report.read_text()) if report.exists() else {}
     return proc.returncode, data, proc.stdout + proc.stderr
+
+
+def check_ci(backend: str, xfail: str | Path, autoload: bool = True) -> dict[str, Any]:
+    """The suite as a backend's CI runs it: :data:`CI_CASES` in float32, fixed and one drawn
+    example (seed 2026, so reruns agree), with the backend's strict ``xfail`` file. Raises
+    ``AssertionError`` with the suite's output unless every item and contract check passes (or is
+    a listed known failure) and at least five cases ran; returns the backend's report."""
+    status, report, output = run_suite(backend, ["--handoff-cases", CI_CASES, "--handoff-dtypes", "float32",
+                                                 "--handoff-examples", "1", "--handoff-seed", "2026",
+                                                 "--handoff-xfail", str(xfail)], autoload=autoload)
+    if status != 0:
+        raise AssertionError(f"conformance suite against {backend}: pytest exit {status}\n{output[-6000:]}")
+    result = report["backends"][backend]
+    bad = {k: c for k, c in result["contract"].items() if c["status"] not in ("passed", "xfailed")}
+    if bad or result["summary"].get("passed", 0) < 5:
+        raise AssertionError(f"conformance suite against {backend}: contract {bad}, summary {result['summary']}")
+    return result
