@@ -107,6 +107,11 @@ def build_parser(prog: str = "handoff") -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", parents=[common], help="show a program's header, instructions and segments")
     i.add_argument("program")
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    n = sub.add_parser("new-backend", parents=[common], help="create a backend plugin distribution (pyproject, "
+                       "compiler, runtime, catalogue entry, README, tests running the conformance suite)")
+    n.add_argument("name", help="the backend id: lowercase letters, digits and underscores (package handoff_NAME)")
+    n.add_argument("--dir", help="where to create it (default: ./handoff-NAME); must not exist or be empty")
     return parser
 
 
@@ -507,8 +512,20 @@ def _signature_line(manifest: dict) -> str:
     return verify(manifest, trusted_keys()).describe()
 
 
+def _cmd_new_backend(args: argparse.Namespace) -> int:
+    from .scaffold import create, names
+
+    root, files = create(args.name, args.dir)
+    print(f"created {root}/ for backend '{args.name}' (distribution {names(args.name)['dist']}):")
+    for path in files:
+        print(f"  {path.relative_to(root)}")
+    print(f"next: cd {root} && pip install -e '.[test]' && pytest   (README.md: where your SDK goes, how to publish)")
+    return EXIT_OK
+
+
 COMMANDS = {"backends": _cmd_backends, "zoo": _cmd_zoo, "partition": run_partition, "run": _cmd_run,
-            "inspect": _cmd_inspect, "sign": _cmd_sign, "verify": _cmd_verify, "key": _cmd_key}
+            "inspect": _cmd_inspect, "sign": _cmd_sign, "verify": _cmd_verify, "key": _cmd_key,
+            "new-backend": _cmd_new_backend}
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -1,12 +1,13 @@
 """Checks for backend tests (ours and plugin authors'): a program against eager PyTorch.
 
-Tolerances are stated per dtype: outputs must lie within ``TOLERANCE[dtype]`` relative of eager
-(``rtol``, plus an absolute floor of the same fraction of the output's largest magnitude, for
-entries near zero). An int8 program is compared with the quantized eager model (the converted
-PT2E module) in quantization steps of each output (``TOLERANCE["int8"]`` steps: integer kernels
-round intermediate values their own way, and a rounding difference moves a value by one step),
-and with the float model by signal-to-noise ratio and top-1 agreement, which are reported rather
-than bounded by a universal constant. Imports torch; not for the runtime.
+Tolerances are stated per dtype, in one table that the conformance suite uses too: outputs must
+lie within ``TOLERANCE[dtype]`` relative of eager (``rtol``, plus an absolute floor of the same
+fraction of the output's largest magnitude, for entries near zero). An int8 program is compared
+with the quantized eager model (the converted PT2E module) in quantization steps of each output
+(``TOLERANCE["int8"]`` steps: integer kernels round intermediate values their own way, and a
+rounding difference moves a value by one step), and with the float model by signal-to-noise ratio
+and top-1 agreement, which are reported rather than bounded by a universal constant. Imports
+torch; not for the runtime.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from typing import Any, Sequence
 import numpy as np
 
 #: Relative tolerance by the precision a backend computes in; for ``int8``, the largest difference
-#: from the quantized eager model in quantization steps of the output.
-TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "int8": 3}
+#: from the quantized eager model in quantization steps of the output. ``qdq`` is for single
+#: quantized patterns (q/dq around a float op) against eager: two steps of a symmetric int8 scale
+#: that covers the output's range. Integers and booleans must be exact.
+TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "int8": 3, "qdq": 2 / 127, "int32": 0.0, "int64": 0.0, "bool": 0.0}
 
 
 def _numpy(x: Any) -> np.ndarray:

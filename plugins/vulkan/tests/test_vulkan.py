@@ -8,6 +8,7 @@ for entries near zero (as in the core's end-to-end tests).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -89,20 +90,15 @@ def _check_against_eager(program_bytes: bytes, name: str, seeds=(11, 12)) -> Non
 
 
 # -- the plugin module and the blob format (no GPU, no compiler) -----------------------------------
-def test_plugin_declares_the_backend_without_heavy_imports():
-    code = textwrap.dedent(f"""
-        import sys
-        import handoff.runtime, {PLUGIN} as plugin
-        (spec,) = plugin.handoff_backends()
-        assert (spec.id, spec.device) == ("vulkan", "gpu"), spec
-        assert spec.compiler == "handoff_vulkan.compiler:VulkanCompiler"
-        assert spec.runtime == "handoff_vulkan.runtime:VulkanRuntime"
-        assert set(spec.options) == {{"fuse"}} and set(spec.runtime_options) == {{"adapter", "timestamps"}}
-        import handoff_vulkan.runtime
-        heavy = [m for m in ("torch", "tvm", "wgpu") if m in sys.modules]
-        assert not heavy, heavy
-    """)
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(PLUGIN_DIR)})
+def test_plugin_declares_the_backend():
+    """(That the plugin and runtime modules import neither torch, TVM nor wgpu is the conformance
+    suite's contract[imports] check: test_conformance.py.)"""
+    plugin = importlib.import_module(PLUGIN)
+    (spec,) = plugin.handoff_backends()
+    assert (spec.id, spec.device) == ("vulkan", "gpu"), spec
+    assert spec.compiler == "handoff_vulkan.compiler:VulkanCompiler"
+    assert spec.runtime == "handoff_vulkan.runtime:VulkanRuntime"
+    assert set(spec.options) == {"fuse"} and set(spec.runtime_options) == {"adapter", "timestamps"}
 
 
 def test_blob_round_trip_and_refusals():
