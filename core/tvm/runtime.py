@@ -15,12 +15,13 @@ import dataclasses
 import os
 import platform
 import sys
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from handoff import Runtime
+
+from ..tempfiles import temp_file
 
 #: What to install when TVM is missing (the runtime needs no torch).
 INSTALL_HINT = "pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post0"
@@ -91,7 +92,7 @@ class TvmRuntime(Runtime):
         """
         tvm = import_tvm()
         _check_compatible(tvm, metadata)
-        fd, path = tempfile.mkstemp(prefix="handoff-tvm-", suffix=".so")  # mode 0600
+        fd, path = temp_file("tvm", ".so")  # mode 0600; a killed process's is swept by the next
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)

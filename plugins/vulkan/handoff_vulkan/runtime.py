@@ -10,16 +10,15 @@ staging buffer once.
 
 One wgpu device is shared by every delegate of the process that asks for the same adapter.
 
-Environment: ``WGPU_BACKEND_TYPE`` defaults to ``Vulkan``; ``XDG_RUNTIME_DIR`` to a private
-temporary directory and ``XDG_CACHE_HOME`` to ``$HANDOFF_HOME/cache`` (Mesa's drivers write their
-shader cache there) when unset.
+Environment: ``WGPU_BACKEND_TYPE`` defaults to ``Vulkan``; ``XDG_RUNTIME_DIR`` to
+``$HANDOFF_HOME/xdg-runtime`` (mode 0700) and ``XDG_CACHE_HOME`` to ``$HANDOFF_HOME/cache`` (Mesa's
+drivers write their shader cache there) when unset.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import threading
 import time
 from typing import Any, Mapping, Sequence
@@ -47,15 +46,19 @@ def prepare_environment() -> None:
     """Set what wgpu and Mesa need, unless the user already did (see the module docstring)."""
     with _env_lock:
         os.environ.setdefault("WGPU_BACKEND_TYPE", "Vulkan")
-        if not os.environ.get("XDG_RUNTIME_DIR"):
-            os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="handoff-xdg-")  # mode 0700
-        if not os.environ.get("XDG_CACHE_HOME"):
-            try:
-                from handoff import cache_dir
+        from handoff import cache_dir
 
-                os.environ["XDG_CACHE_HOME"] = str(cache_dir("cache"))
-            except OSError:  # an unwritable HANDOFF_HOME: Mesa then keeps no shader cache
-                pass
+        # One directory reused by every process (a fresh temporary one per process was never
+        # removed); nothing is written there (the drivers only probe for a display server).
+        for variable, name, mode in (("XDG_RUNTIME_DIR", "xdg-runtime", 0o700), ("XDG_CACHE_HOME", "cache", None)):
+            if not os.environ.get(variable):
+                try:
+                    path = cache_dir(name)
+                    if mode is not None:
+                        os.chmod(path, mode)
+                    os.environ[variable] = str(path)
+                except OSError:  # an unwritable HANDOFF_HOME: Mesa keeps no shader cache, the probe warns
+                    pass
 
 
 def import_wgpu() -> Any:
