@@ -293,6 +293,12 @@ class Runtime:
     #: ``True`` when ``execute`` may run concurrently on one handle (it keeps no per-call state in
     #: the handle, or locks what it shares itself).
     reentrant: bool = False
+    #: ``True`` when the vendor runtime may crash the process (abort, segfault) on a malformed blob
+    #: instead of raising. The core then loads, runs and releases every blob not produced on this
+    #: machine once in a separate process before :meth:`load` sees it here, and remembers the
+    #: blobs that passed (:mod:`handoff.probe`). ``load`` must work in that process too: it gets
+    #: the same blob, metadata and options.
+    isolate_untrusted: bool = False
 
     def is_available(self) -> tuple[bool, str]:
         """Whether this backend can run here, and why not (``(False, "onnxruntime-qnn not

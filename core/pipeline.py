@@ -41,7 +41,9 @@ class PartitionResult:
     def to_bytes(self, alignment: int = 64) -> bytes:
         from .program import program_bytes
 
-        return program_bytes(self.assembled.manifest, self.assembled.segments, alignment=alignment)
+        data = program_bytes(self.assembled.manifest, self.assembled.segments, alignment=alignment)
+        remember_blobs(self.assembled.manifest, self.assembled.segments)
+        return data
 
     def write(self, path: str, alignment: int = 64) -> int:
         """Write the ``.hof`` file; returns its size in bytes."""
@@ -49,9 +51,19 @@ class PartitionResult:
 
         start = time.perf_counter()
         size = write_program(path, self.assembled.manifest, self.assembled.segments, alignment=alignment)
+        remember_blobs(self.assembled.manifest, self.assembled.segments)
         self.report.output, self.report.program_bytes = str(path), size
         self.report.timings["write"] = time.perf_counter() - start
         return size
+
+
+def remember_blobs(manifest: Mapping[str, Any], segments: Sequence[Any]) -> None:
+    """Blobs lowered on this machine are trusted: a runtime that checks unknown blobs in a separate
+    process (:mod:`handoff.probe`) loads these directly."""
+    from .probe import blob_key, remember
+
+    for d in manifest["delegates"]:
+        remember(d["backend"], blob_key(d["backend"], d["backend_version"], segments[d["segment"]], d["metadata"]))
 
 
 def backend_chain(backends: Sequence[str], plugins: Plugins, fallback: bool) -> list[str]:

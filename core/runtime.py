@@ -13,8 +13,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from . import hostops
+from . import hostops, probe
 from .errors import HandoffError, one_line
+from .limits import check_run_bytes
 from .plugins import Plugins, get_plugins
 from .program import ProgramFile, constant_array
 
@@ -31,6 +32,7 @@ class Program:
         self._closed = False
         start = time.perf_counter()
         try:
+            check_run_bytes(self.manifest, file.name)  # a file must not size the host's allocations at will
             self._constants = {c["value"]: constant_array(file, i) for i, c in enumerate(self.manifest["constants"])}
             self._aten_ops = self._resolve_aten_ops()
             self._load_delegates(plugins, options)
@@ -60,6 +62,9 @@ class Program:
         for i, d in enumerate(delegates):
             runtime = plugins.runtime(d["backend"])
             blob = self.file.segment(d["segment"])
+            if runtime.isolate_untrusted:  # its vendor runtime may crash on a bad blob: check it elsewhere first
+                spec = plugins.spec(d["backend"])
+                probe.vouch(self.file.name, self.manifest, i, spec.version, spec.runtime, blob, parsed[d["backend"]])
             try:
                 handle = runtime.load(blob, d["metadata"], parsed[d["backend"]])
             except HandoffError:
