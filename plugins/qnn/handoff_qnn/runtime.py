@@ -36,6 +36,11 @@ class _Delegate:
 class QnnRuntime(Runtime):
     """Runs QNN delegates through ONNX Runtime's QNN EP (see :class:`handoff.backend.Runtime`)."""
 
+    #: The QNN HTP backend dies of SIGSEGV on some malformed context binaries (found by
+    #: tests/fuzz/fuzz_qnn.py; the input is in tests/fuzz/crashers/qnn/), where it should fail
+    #: ``QnnContext_createFromBinary``: blobs not made here are loaded in a probe process first.
+    isolate_untrusted = True
+
     def is_available(self) -> tuple[bool, str]:
         try:
             _ort.import_ort()
