@@ -24,10 +24,10 @@ from handoff.cli import main
 from handoff.program import ProgramFile, program_bytes
 
 
-def identity_program(shape: list[int], name: str = "y", dtype: str = "float32") -> bytes:
+def identity_program(shape: list[int], name: str = "y", dtype: str = "float32", metadata: dict | None = None) -> bytes:
     """A data-only program: input x -> aten.clone -> output ``name``, of ``dtype[shape]``."""
     manifest = {
-        "handoff_version": handoff.__version__, "metadata": {},
+        "handoff_version": handoff.__version__, "metadata": metadata or {},
         "values": [{"dtype": dtype, "shape": shape}, {"dtype": dtype, "shape": shape}],
         "inputs": [{"name": "x", "value": 0}], "outputs": [{"name": name, "value": 1}],
         "constants": [], "delegates": [],
@@ -198,7 +198,7 @@ def test_sweeping_never_touches_a_live_process_s_files(tmp_path):
 def test_inspect_into_a_closed_pipe_is_quiet(tmp_path):
     """`handoff inspect --json | head -1` ended in a BrokenPipeError traceback."""
     path = tmp_path / "m.hof"
-    path.write_bytes(identity_program([2]))
+    path.write_bytes(identity_program([2], metadata={"note": "x" * (1 << 20)}))  # more than a pipe holds
     cli = [sys.executable, "-c", "import sys; from handoff.cli import main; sys.exit(main())", "inspect", "--json",
            str(path)]
     proc = subprocess.run(f"{' '.join(map(repr, cli))} | head -c 1", shell=True, capture_output=True, text=True,
