@@ -71,7 +71,8 @@ def remember_blobs(manifest: Mapping[str, Any], segments: Sequence[Any]) -> None
     from .probe import blob_key, remember
 
     for d in manifest["delegates"]:
-        remember(d["backend"], blob_key(d["backend"], d["backend_version"], segments[d["segment"]], d["metadata"]))
+        for e in (d, *d.get("fallbacks", ())):  # its own blob and its fallback copies (format 1.3)
+            remember(e["backend"], blob_key(e["backend"], e["backend_version"], segments[e["segment"]], e["metadata"]))
 
 
 def _signer(sign: bool) -> Any:

@@ -27,7 +27,7 @@ import signal
 import struct
 import subprocess
 import sys
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .errors import HandoffError, one_line
 
@@ -77,21 +77,20 @@ def remember(backend: str, key: str) -> None:
         pass
 
 
-def vouch(file_name: str, manifest: Mapping[str, Any], index: int, version: str, runtime_ref: str,
-          blob: Any, options: Mapping[str, Any]) -> None:
-    """Make sure loading delegate ``index`` of ``manifest`` cannot take the process down: return
-    when its blob is known, else probe it in a child process and remember it; raise
-    :class:`HandoffError` otherwise."""
-    delegate = manifest["delegates"][index]
-    backend = delegate["backend"]
-    values = manifest["values"]
-    calls = [ins for ins in manifest["instructions"] if ins["op"] == "delegate" and ins["delegate"] == index]
-    inputs = [(values[v]["shape"], values[v]["dtype"]) for v in (calls[0]["inputs"] if calls else [])]
-    key = blob_key(backend, version, blob, delegate["metadata"])
+def vouch(where: str, entry: Mapping[str, Any], inputs: Sequence[tuple[Sequence[int], str]], version: str,
+          runtime_ref: str, blob: Any, options: Mapping[str, Any]) -> None:
+    """Make sure loading ``blob`` cannot take the process down: return when it is known, else
+    probe it in a child process and remember it; raise :class:`HandoffError` otherwise.
+
+    :param where: names the delegate in errors ("m.hof: delegate 0 (xnnpack_0, backend 'xnnpack')").
+    :param entry: its manifest entry (a delegate, or one of its fallback copies): backend, metadata.
+    :param inputs: ``(shape, dtype)`` of each input the probe runs it on (zeros).
+    """
+    backend = entry["backend"]
+    key = blob_key(backend, version, blob, entry["metadata"])
     if is_known(backend, key):
         return
-    where = f"{file_name}: delegate {index} ({delegate['partition']}, backend '{backend}')"
-    request = json.dumps({"runtime": runtime_ref, "metadata": delegate["metadata"], "options": dict(options),
+    request = json.dumps({"runtime": runtime_ref, "metadata": entry["metadata"], "options": dict(options),
                           "inputs": [[list(shape), dtype] for shape, dtype in inputs],
                           "memory": MEMORY_ALLOWANCE + len(blob)}).encode()
     try:
