@@ -5,7 +5,7 @@ whole process (``terminate called after throwing ... UnicodeDecodeError``) on so
 programs whose checksums are valid, where it should return an error. A runtime that declares
 :attr:`handoff.Runtime.isolate_untrusted` gets this treatment from the core: before its ``load``
 sees a blob in the user's process, the blob is loaded, run once on zeros and released in a child
-process (``python -m handoff.probe``), under a memory cap and a time limit. A crash, a hang or an
+process (:func:`_serve`), under a memory cap and a time limit. A crash, a hang or an
 allocation past the cap there becomes a one-line :class:`~handoff.HandoffError` here; success is
 remembered, so each blob is probed once per ``$HANDOFF_HOME``:
 
@@ -37,6 +37,9 @@ TIMEOUT_SECONDS = 120
 #: libraries and what a sane load allocates). A blob that makes the runtime allocate more fails.
 MEMORY_ALLOWANCE = 8 << 30
 _LEN = struct.Struct("<Q")
+#: The child's program. Not ``-m handoff.probe``: runpy warns when handoff's ``__init__`` has
+#: imported this module already, and the warning would stand in for a crash's own last words.
+_CHILD = "import sys; from handoff.probe import _serve; sys.exit(_serve())"
 #: Exit status of a probe whose runtime raised (a clean error, reported as it is).
 _RAISED = 3
 
@@ -94,7 +97,7 @@ def vouch(where: str, entry: Mapping[str, Any], inputs: Sequence[tuple[Sequence[
                           "inputs": [[list(shape), dtype] for shape, dtype in inputs],
                           "memory": MEMORY_ALLOWANCE + len(blob)}).encode()
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "handoff.probe"], stdin=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_child_env())
     except OSError as exc:
         raise HandoffError(f"{where}: cannot start a process to check the blob in ({one_line(exc)})") from exc

@@ -212,6 +212,20 @@ class VulkanRuntime(Runtime):
     def load(self, blob: memoryview, metadata: Mapping[str, Any], options: Mapping[str, Any]) -> _Delegate:
         header, data = unpack(blob)
         dev = self._device(options)
+        # The blob comes from a program file: a header field that is missing or of the wrong type,
+        # or WGSL that wgpu refuses (found by tests/fuzz/fuzz_vulkan.py: a mutated kernel escaped
+        # as wgpu's own GPUValidationError), is a corrupt blob, said in one line.
+        try:
+            return self._build(header, data, dev)
+        except dev.wgpu.GPUError as exc:
+            raise ValueError(f"vulkan delegate blob is corrupt: wgpu refused it on {dev.name}: "
+                             f"{' '.join(str(exc).split())[:300]}; re-partition the model") from None
+        except (KeyError, TypeError, IndexError) as exc:
+            raise ValueError(f"vulkan delegate blob header is corrupt: {type(exc).__name__}: {exc}; "
+                             f"re-partition the model") from None
+
+    def _build(self, header: Mapping[str, Any], data: memoryview, dev: _Device) -> _Delegate:
+        """The delegate's buffers, pipelines and dispatches on ``dev``, from a blob's header."""
         _check_limits(header["limits"], dev)
         wgpu, device = dev.wgpu, dev.device
         usage = wgpu.BufferUsage
