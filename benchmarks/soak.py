@@ -72,9 +72,12 @@ def main() -> int:
     parser.add_argument("--backends", default="tvm,xnnpack,vulkan,qnn")
     args = parser.parse_args()
 
+    import warnings
+
     import handoff
     from handoff import get_plugins, one_line
 
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export's deprecation chatter
     plugins = get_plugins()
     backends = [b for b in args.backends.split(",") if b in plugins.backends and plugins.runtime_available(b)[0]]
     print(f"soak: {args.runs} runs after {args.warmup} warm-up runs per program; backends {', '.join(backends)}; "
