@@ -1,4 +1,4 @@
-# make demo | make test | make bench — each sets up .venv first if it is missing or stale.
+# make demo | make test | make bench | make fuzz — each sets up .venv first if it is missing or stale.
 # The core and every plugin under plugins/ are installed (editable), with the Debian packages
 # listed in apt-packages.txt and plugins/*/apt-packages.txt.
 
@@ -10,7 +10,7 @@ APT_FILES := $(wildcard apt-packages.txt plugins/*/apt-packages.txt)
 DEMO_MODEL ?= zoo:small_transformer
 OUT := out
 
-.PHONY: demo test bench apt setup clean wheels
+.PHONY: demo test bench fuzz apt setup clean wheels
 
 setup: $(VENV)/.installed
 
@@ -49,5 +49,14 @@ wheels: setup
 bench: setup
 	$(PY) benchmarks/tvm_tuning.py
 
+# Coverage-guided fuzzing (atheris + libFuzzer; docs/security.md, "Fuzzing"): each harness in turn,
+# one process and one worker at a time, for FUZZ_TIME seconds (tests/fuzz/campaign.py). New inputs
+# go to .fuzz/NAME/corpus, crashes to .fuzz/NAME/ (crash-*, oom-*, timeout-*), figures to
+# .fuzz/summary.json.
+FUZZ_HARNESSES ?= program hostops options tvm xnnpack vulkan qnn
+FUZZ_TIME ?= 60
+fuzz: setup
+	$(PY) tests/fuzz/campaign.py --seconds $(FUZZ_TIME) $(FUZZ_HARNESSES)
+
 clean:
-	rm -rf $(OUT) $(VENV) build dist *.egg-info core/*.egg-info
+	rm -rf $(OUT) $(VENV) build dist *.egg-info core/*.egg-info .fuzz

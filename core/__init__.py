@@ -41,6 +41,7 @@ from .native import native_library  # noqa: E402
 from .hookspecs import hookimpl, hookspec  # noqa: E402
 from .plugins import Plugins, get_plugins  # noqa: E402
 from .runtime import Program, load  # noqa: E402
+from .tempfiles import temp_dir  # noqa: E402
 from .zoo import ResolvedModel, ZooModel  # noqa: E402
 
 # The ahead-of-time API (imports torch when used) and the helpers plugins may use.
@@ -69,4 +70,4 @@ __all__ = ["__version__", "HOST_MEMORY", "PLUGIN_API_VERSION", "BackendSpec", "C
            "HandoffError", "Limits", "Lowered", "LoweringError", "Option", "PartitionResult", "Plugins", "Program",
            "ProgramFormatError", "Quantized", "Report", "ResolvedModel", "Runtime", "ZooModel", "cache_dir",
            "extract_partition", "get_plugins", "hookimpl", "hookspec", "load", "native_library", "one_line", "partition",
-           "quantize"]
+           "quantize", "temp_dir"]

@@ -302,6 +302,12 @@ class Runtime:
     #: ``True`` when ``execute`` may run concurrently on one handle (it keeps no per-call state in
     #: the handle, or locks what it shares itself).
     reentrant: bool = False
+    #: ``True`` when the vendor runtime may crash the process (abort, segfault) on a malformed blob
+    #: instead of raising. The core then loads, runs and releases every blob not produced on this
+    #: machine once in a separate process before :meth:`load` sees it here, and remembers the
+    #: blobs that passed (:mod:`handoff.probe`). ``load`` must work in that process too: it gets
+    #: the same blob, metadata and options.
+    isolate_untrusted: bool = False
     #: ``True`` when a blob is native code (a shared library to ``dlopen``). The core then loads
     #: the program only when it is signed by a key the user trusts (or the user allowed unsigned
     #: programs), and ``load`` must turn the blob into a file with :func:`handoff.native_library`,

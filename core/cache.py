@@ -13,11 +13,11 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .backend import Lowered
+from .tempfiles import create_file
 
 HOME_ENV = "HANDOFF_HOME"
 
@@ -37,7 +37,8 @@ def cache_dir(name: str) -> Path:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    # ".tmp-<pid>-<random>": what a killed writer leaves is removed by the next writer here.
+    fd, tmp = create_file(path.parent, ".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 import traceback
@@ -15,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import HandoffError
+from .errors import HandoffError, one_line
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -162,8 +164,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "handoff") -> int:
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning)
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # the reader went away (`handoff inspect --json | head -1`): stop quietly
+        _silence_stdout()
+        return EXIT_FAIL
     except HandoffError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {printable(str(exc))}", file=sys.stderr)
         if args.debug:
             traceback.print_exc()
         return EXIT_FAIL
@@ -171,11 +176,31 @@ def main(argv: Sequence[str] | None = None, prog: str = "handoff") -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_FAIL
     except Exception as exc:  # a bug: still one line, traceback on request
-        print(f"{prog}: internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:400]} "
+        print(f"{prog}: internal error: {printable(one_line(exc))} "
               f"(rerun with --debug for the traceback, and please report it)", file=sys.stderr)
         if args.debug:
             traceback.print_exc()
         return EXIT_FAIL
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (terminal escapes, bidirectional overrides) shown as
+    ``\\xNN``: names from a program file must not drive the user's terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
+                        text)
 
 
 def partition_main(argv: Sequence[str] | None = None) -> int:
@@ -264,6 +289,10 @@ def run_partition(args: argparse.Namespace) -> int:
         shapes = [parse_input_shape(s) for s in args.input_shape]
     except ValueError as exc:
         raise HandoffError(str(exc)) from exc
+    output = args.output or _default_output(args.model)
+    check_writable(output, "-o")  # before minutes of export and lowering, not after
+    if args.report:
+        check_writable(args.report, "--report")
     options = _options(args.option)
     if args.target:
         options.setdefault("tvm", {})["target"] = args.target
@@ -292,10 +321,12 @@ def run_partition(args: argparse.Namespace) -> int:
                            trust_model=args.trust_model, fallback_copies=args.fallback_copies,
                            quantize=args.quantize, calibration=args.calibration,
                            calibration_data=args.calibration_data)
-    output = args.output or _default_output(args.model)
     result.write(output, sign=not args.no_sign)
     if args.report:
-        Path(args.report).write_text(json.dumps(result.report.to_json(), indent=2))
+        try:
+            Path(args.report).write_text(json.dumps(result.report.to_json(), indent=2))
+        except OSError as exc:
+            raise HandoffError(f"--report {args.report}: cannot write: {exc.strerror or exc}") from exc
     if args.quiet:
         print(output)
     else:
@@ -304,6 +335,27 @@ def run_partition(args: argparse.Namespace) -> int:
             out = Console(width=140)
         result.report.render(out)
     return EXIT_OK
+
+
+def check_writable(path: str, flag: str) -> None:
+    """Fail now, in one line, when ``path`` cannot be written: its directory is missing or
+    read-only, or it names a directory. (Tries a temporary file, which also works for root.)"""
+    from .tempfiles import create_file
+
+    target = Path(path)
+    parent = target.parent
+    if target.is_dir():
+        raise HandoffError(f"{flag} {path}: is a directory; name a file in it, e.g. {target / 'model.hof'}")
+    if not parent.is_dir():
+        raise HandoffError(f"{flag} {path}: directory {parent} does not exist; create it first "
+                           f"(mkdir -p {parent}) or choose another path")
+    try:
+        fd, tmp = create_file(parent, f".{target.name}.", ".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise HandoffError(f"{flag} {path}: cannot write in directory {parent}: {exc.strerror or exc}; "
+                           f"choose another path") from exc
 
 
 def _default_output(model: str) -> str:
@@ -315,11 +367,13 @@ def _default_output(model: str) -> str:
 def _cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from .limits import check_random_inputs
     from .runtime import load
 
     from .errors import FallbackWarning
 
     options = _options(args.option)
+    save_dir = _prepare_save_dir(args.save_outputs) if args.save_outputs else None
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FallbackWarning)
@@ -337,39 +391,41 @@ def _cmd_run(args: argparse.Namespace) -> int:
             if len(args.input) != len(specs):
                 raise HandoffError(f"{args.program} takes {len(specs)} input(s) "
                                    f"({', '.join(s[0] for s in specs)}); got {len(args.input)} --input")
-            inputs = []
-            for path in args.input:
-                try:
-                    inputs.append(np.load(path, allow_pickle=False))
-                except (OSError, ValueError) as exc:
-                    raise HandoffError(f"--input {path}: cannot read a .npy array: {exc}") from exc
+            inputs = [_read_input(path, spec) for path, spec in zip(args.input, specs)]
             source = "given"
         else:
+            check_random_inputs(specs, args.program)
             rng = np.random.default_rng(0)
             inputs = [_random_array(rng, shape, dtype) for _, shape, dtype in specs]
             source = "random (seed 0)"
         first_start = time.perf_counter()
-        outputs = program.run(inputs)
+        outputs = _run_program(program, inputs, args.program)
         first_s = time.perf_counter() - first_start
         times = []
         if args.bench > 0:
             for _ in range(args.warmup):
-                program.run(inputs)
+                _run_program(program, inputs, args.program)
             for _ in range(args.bench):
                 t0 = time.perf_counter()
-                program.run(inputs)
+                _run_program(program, inputs, args.program)
                 times.append(time.perf_counter() - t0)
         ran = [{"delegate": i, "partition": d["partition"], "backend": d["backend"], "copy": d["copy"],
                 "runtime": d["runtime"], "fallback_reason": d["fallback_reason"]}
                for i, d in enumerate(program.stats()["delegates"])]
     summary: dict[str, Any] = {"program": args.program, "inputs": source, "load_ms": round(load_s * 1e3, 3),
                                "first_run_ms": round(first_s * 1e3, 3), "delegates": ran, "outputs": []}
-    for (name, _, _), out in zip(program.output_specs, outputs):
-        summary["outputs"].append({"name": name, "dtype": str(out.dtype), "shape": list(out.shape),
-                                   "head": [float(v) for v in out.reshape(-1)[:6]]})
-        if args.save_outputs:
-            Path(args.save_outputs).mkdir(parents=True, exist_ok=True)
-            np.save(Path(args.save_outputs) / f"{name}.npy", out)
+    files = _output_files([name for name, _, _ in program.output_specs])
+    for (name, _, _), out, file in zip(program.output_specs, outputs, files):
+        entry = {"name": name, "dtype": str(out.dtype), "shape": list(out.shape),
+                 "head": [float(v) for v in out.reshape(-1)[:6]]}
+        if save_dir is not None:
+            try:
+                np.save(save_dir / file, out)
+            except OSError as exc:
+                raise HandoffError(f"--save-outputs {args.save_outputs}: cannot write {file}: "
+                                   f"{exc.strerror or exc}") from exc
+            entry["file"] = str(save_dir / file)
+        summary["outputs"].append(entry)
     if times:
         ordered = sorted(times)
         summary["bench"] = {"runs": len(times), "p50_ms": round(_pct(ordered, 50) * 1e3, 3),
@@ -377,22 +433,87 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return EXIT_OK
-    print(f"{args.program}: loaded in {summary['load_ms']:.1f} ms, first run {summary['first_run_ms']:.1f} ms, "
-          f"inputs: {source}")
+    print(printable(f"{args.program}: loaded in {summary['load_ms']:.1f} ms, first run "
+                    f"{summary['first_run_ms']:.1f} ms, inputs: {source}"))
     copies = [d for d in ran if d["copy"] is not None]
     if copies:
         print(f"  delegates: {len(ran) - len(copies)} of {len(ran)} ran on their own backend, {len(copies)} on a "
               f"fallback copy")
         for d in copies:
-            print(f"  delegate {d['delegate']} ({d['partition']}, backend '{d['backend']}') ran its fallback copy "
-                  f"{d['copy']} (backend '{d['runtime']}'): {d['fallback_reason']}")
+            print(printable(f"  delegate {d['delegate']} ({d['partition']}, backend '{d['backend']}') ran its "
+                            f"fallback copy {d['copy']} (backend '{d['runtime']}'): {d['fallback_reason']}"))
     for o in summary["outputs"]:
         head = ", ".join(f"{v:.5g}" for v in o["head"])
-        print(f"  {o['name']}: {o['dtype']}{o['shape']} [{head}{', ...' if np.prod(o['shape']) > 6 else ''}]")
+        saved = f" -> {o['file']}" if "file" in o else ""
+        print(printable(f"  {o['name']}: {o['dtype']}{o['shape']} [{head}{', ...' if np.prod(o['shape']) > 6 else ''}]"
+                        f"{saved}"))
     if times:
         b = summary["bench"]
         print(f"  {b['runs']} runs: p50 {b['p50_ms']:.3f} ms, p90 {b['p90_ms']:.3f} ms")
     return EXIT_OK
+
+
+def _run_program(program: Any, inputs: list[Any], name: str) -> list[Any]:
+    """``program.run``, with anything but a HandoffError (a delegate's vendor runtime failing on
+    what the file holds) reported in one line: the file is the cause, not a handoff bug."""
+    try:
+        return program.run(inputs)
+    except HandoffError:
+        raise
+    except Exception as exc:
+        raise HandoffError(f"{name}: running the program failed: {one_line(exc)}") from exc
+
+
+def _read_input(path: str, spec: tuple[str, tuple[int, ...], str]) -> Any:
+    """One ``--input`` .npy file, mapped (not read) until its dtype and shape match the input's."""
+    import stat as stat_
+
+    import numpy as np
+
+    name, shape, dtype = spec
+    try:
+        st = os.stat(path)
+        if not stat_.S_ISREG(st.st_mode):
+            raise HandoffError(f"--input {path}: not a regular file; give a .npy file (numpy.save)")
+        array = np.load(path, mmap_mode="r", allow_pickle=False) if st.st_size else np.load(path, allow_pickle=False)
+    except HandoffError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:
+        raise HandoffError(f"--input {path}: cannot read a .npy array: {one_line(exc, 200)}") from exc
+    if not isinstance(array, np.ndarray):
+        raise HandoffError(f"--input {path}: holds several arrays (.npz); give one .npy file per input")
+    if array.dtype != np.dtype(dtype) or array.shape != tuple(shape):
+        raise HandoffError(f"--input {path}: input '{name}' expects {dtype}{list(shape)}, the file holds "
+                           f"{array.dtype}{list(array.shape)}")
+    return array
+
+
+def _prepare_save_dir(directory: str) -> Path:
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HandoffError(f"--save-outputs {directory}: cannot create the directory: {exc.strerror or exc}") from exc
+    check_writable(str(path / "output.npy"), "--save-outputs")
+    return path
+
+
+_UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._+-]")
+
+
+def _output_files(names: Sequence[str]) -> list[str]:
+    """A file name for each output: its name with anything but letters, digits and ``._+-``
+    replaced (a name from the program file must not reach outside ``--save-outputs``, as
+    ``../x`` or ``/etc/x`` would), no leading dot, at most 100 characters, unique."""
+    files: list[str] = []
+    for i, name in enumerate(names):
+        stem = _UNSAFE_FILE_CHARS.sub("_", name).lstrip(".")[:100] or f"output{i}"
+        file, n = f"{stem}.npy", 1
+        while file.lower() in (f.lower() for f in files):
+            n += 1
+            file = f"{stem}-{n}.npy"
+        files.append(file)
+    return files
 
 
 def _pct(ordered: list[float], pct: int) -> float:
@@ -401,8 +522,8 @@ def _pct(ordered: list[float], pct: int) -> float:
 
 
 def _random_array(rng: Any, shape: tuple[int, ...], dtype: str) -> Any:
-    if dtype.startswith("float"):
-        return rng.standard_normal(shape).astype(dtype)
+    if dtype.startswith("float"):  # drawn in float32 (float64 for float64): no float64 temporary
+        return rng.standard_normal(shape, dtype="float64" if dtype == "float64" else "float32").astype(dtype, copy=False)
     if dtype == "bool":
         return rng.random(shape) > 0.5
     return rng.integers(0, 8, size=shape).astype(dtype)
@@ -471,38 +592,42 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(m, indent=2))
             return EXIT_OK
-        print(f"{args.program}: handoff program format {pf.major}.{pf.minor}, {pf.file_size} bytes, "
-              f"alignment {pf.alignment}, flags {pf.flags:#x}, written by handoff {m['handoff_version']}")
-        print(f"signature: {_signature_line(m)}")
+
+        def say(text: str) -> None:  # names in the file are shown, never interpreted by the terminal
+            print(printable(text))
+
+        say(f"{args.program}: handoff program format {pf.major}.{pf.minor}, {pf.file_size} bytes, "
+            f"alignment {pf.alignment}, flags {pf.flags:#x}, written by handoff {m['handoff_version']}")
+        say(f"signature: {_signature_line(m)}")
         vals = m["values"]
 
         def sig(vid: int) -> str:
             return f"%{vid}:{vals[vid]['dtype']}{vals[vid]['shape']}"
 
-        print("inputs:  " + ", ".join(f"{i['name']}={sig(i['value'])}" for i in m["inputs"]))
-        print("outputs: " + ", ".join(f"{o['name']}={sig(o['value'])}" for o in m["outputs"]))
-        print(f"instructions ({len(m['instructions'])}):")
+        say("inputs:  " + ", ".join(f"{i['name']}={sig(i['value'])}" for i in m["inputs"]))
+        say("outputs: " + ", ".join(f"{o['name']}={sig(o['value'])}" for o in m["outputs"]))
+        say(f"instructions ({len(m['instructions'])}):")
         for n, ins in enumerate(m["instructions"]):
             outs = ", ".join("_" if v is None else f"%{v}" for v in ins["outputs"])
             if ins["op"] == "delegate":
                 d = m["delegates"][ins["delegate"]]
                 ins_s = ", ".join(f"%{v}" for v in ins["inputs"])
-                print(f"  {n:>3}  {outs} = delegate[{d['backend']} {d['backend_version']}] {d['partition']}({ins_s})"
-                      f"  segment {d['segment']}")
+                say(f"  {n:>3}  {outs} = delegate[{d['backend']} {d['backend_version']}] {d['partition']}({ins_s})"
+                    f"  segment {d['segment']}")
             else:
-                print(f"  {n:>3}  {outs} = {ins['target']}(...)  [host]")
+                say(f"  {n:>3}  {outs} = {ins['target']}(...)  [host]")
         carry = sum(1 for d in m["delegates"] if d.get("fallbacks"))
-        print(f"delegates ({len(m['delegates'])}" + (f", {carry} with fallback copies" if carry else "") + "):")
+        say(f"delegates ({len(m['delegates'])}" + (f", {carry} with fallback copies" if carry else "") + "):")
         for n, d in enumerate(m["delegates"]):
             meta = ", ".join(f"{k}={v}" for k, v in d["metadata"].items() if not isinstance(v, (dict, list)))
-            print(f"  {n:>3}  {d['backend']:<8} {d['partition']:<12} {meta}")
+            say(f"  {n:>3}  {d['backend']:<8} {d['partition']:<12} {meta}")
             for k, c in enumerate(d.get("fallbacks", ())):
                 size = m["segments"][c["segment"]]["length"]
-                print(f"       fallback copy {k}: {c['backend']} {c['backend_version']}, segment {c['segment']} "
+                say(f"       fallback copy {k}: {c['backend']} {c['backend_version']}, segment {c['segment']} "
                       f"({size} bytes)")
-        print(f"segments ({len(m['segments'])}):")
+        say(f"segments ({len(m['segments'])}):")
         for n, s in enumerate(m["segments"]):
-            print(f"  {n:>3}  offset {s['offset']:>10}  {s['length']:>10} bytes  sha256 {s['sha256'][:16]}…")
+            say(f"  {n:>3}  offset {s['offset']:>10}  {s['length']:>10} bytes  sha256 {s['sha256'][:16]}…")
     return EXIT_OK
 
 

@@ -12,7 +12,7 @@ What is checked at load, before anything runs (:func:`check_instruction`): the o
 and torch's meta implementation of it, given the declared dtypes and shapes of its inputs and
 the file's arguments, produces exactly the outputs the manifest declares. So no argument (an
 ``aten.full`` size, say) can make the host allocate more than the file declares, and the declared
-sizes themselves are capped by the runtime (``handoff.runtime.LIMITS``).
+sizes themselves are capped at load (:data:`handoff.limits.MAX_RUN_BYTES`).
 """
 
 from __future__ import annotations

@@ -17,12 +17,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
-import tempfile
 import threading
 from typing import Any, Iterator, Mapping, Sequence
 
 from .errors import HandoffError
+from .tempfiles import temp_dir
 
 _APPROVED: set[str] = set()
 _LOCK = threading.Lock()
@@ -84,12 +83,9 @@ def native_library(blob: bytes | memoryview, what: str, suffix: str = ".so") -> 
         raise HandoffError(f"{what}: native code with sha256 {digest[:16]}… was not approved for loading: its "
                            f"program is not signed by a trusted key, or its bytes differ from the signed ones; sign "
                            f"the program (handoff sign), pass --trusted-keys DIR, or --allow-unsigned if you trust it")
-    directory = tempfile.mkdtemp(prefix=f"handoff-native-{os.getpid()}-")  # mode 0700
-    try:
+    with temp_dir("native") as directory:  # mode 0700; a killed process's is swept by the next
         path = os.path.join(directory, f"delegate{suffix}")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
         yield path
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)

@@ -49,8 +49,10 @@ class PartitionResult:
     def to_bytes(self, alignment: int = 64, sign: bool = True) -> bytes:
         from .program import program_bytes
 
-        return program_bytes(self.assembled.manifest, self.assembled.segments, alignment=alignment,
+        data = program_bytes(self.assembled.manifest, self.assembled.segments, alignment=alignment,
                              signer=_signer(sign))
+        remember_blobs(self.assembled.manifest, self.assembled.segments)
+        return data
 
     def write(self, path: str, alignment: int = 64, sign: bool = True) -> int:
         """Write the ``.hof`` file; returns its size in bytes."""
@@ -59,9 +61,20 @@ class PartitionResult:
         start = time.perf_counter()
         size = write_program(path, self.assembled.manifest, self.assembled.segments, alignment=alignment,
                              signer=_signer(sign))
+        remember_blobs(self.assembled.manifest, self.assembled.segments)
         self.report.output, self.report.program_bytes = str(path), size
         self.report.timings["write"] = time.perf_counter() - start
         return size
+
+
+def remember_blobs(manifest: Mapping[str, Any], segments: Sequence[Any]) -> None:
+    """Blobs lowered on this machine are trusted: a runtime that checks unknown blobs in a separate
+    process (:mod:`handoff.probe`) loads these directly."""
+    from .probe import blob_key, remember
+
+    for d in manifest["delegates"]:
+        for e in (d, *d.get("fallbacks", ())):  # its own blob and its fallback copies (format 1.3)
+            remember(e["backend"], blob_key(e["backend"], e["backend_version"], segments[e["segment"]], e["metadata"]))
 
 
 def _signer(sign: bool) -> Any:

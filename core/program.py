@@ -38,6 +38,7 @@ from typing import Any, Iterator, NamedTuple, Sequence, Union
 import numpy as np
 
 from .errors import HandoffError, ProgramFormatError
+from .tempfiles import create_file
 
 __all__ = [
     "MAGIC",
@@ -760,15 +761,24 @@ class ProgramFile:
         if isinstance(name, bytes):
             name = os.fsdecode(name)
         try:
-            with open(name, "rb") as f:
-                st = os.fstat(f.fileno())
-                if stat.S_ISREG(st.st_mode) and st.st_size > 0:
-                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                    return cls(memoryview(mm), name, mm)
-                data = f.read()  # empty file (cannot be mapped) or not a regular file
+            # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below.
+            fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
         except OSError as e:
             raise HandoffError(f"{name}: cannot read program file: {e.strerror or e}") from e
-        return cls(memoryview(data), name)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise HandoffError(f"{name}: cannot read program file: it is {_file_kind(st.st_mode)}, not a regular "
+                                   f"file; give the path of a .hof file (copy a stream to a file first)")
+            if st.st_size == 0:
+                return cls(memoryview(b""), name)  # an empty file cannot be mapped; rejected as truncated
+            try:
+                mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            except OSError as e:
+                raise HandoffError(f"{name}: cannot read program file: {e.strerror or e}") from e
+        finally:
+            os.close(fd)
+        return cls(memoryview(mm), name, mm)
 
     @classmethod
     def from_bytes(cls, data: Union[bytes, bytearray, memoryview], name: str = "<bytes>") -> "ProgramFile":
@@ -872,6 +882,15 @@ class ProgramFile:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self._segments)} segments, {self.file_size} bytes"
         return f"<ProgramFile {self.name!r} v{getattr(self, 'major', '?')}.{getattr(self, 'minor', '?')} {state}>"
+
+
+def _file_kind(mode: int) -> str:
+    for test, words in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return words
+    return "not a regular file"
 
 
 def value_nbytes(value_entry: dict) -> int:
@@ -986,14 +1005,16 @@ def write_program(
     sha256 of each segment) added; the caller's dict is not changed. The manifest is validated
     exactly as a reader would before anything is written.
 
-    :param path_or_file: a path (written atomically: a temporary file in the same directory,
-        then ``os.replace``) or a binary file object (written from its current position).
+    :param path_or_file: a path (written atomically: a temporary file ``.NAME.<pid>-<random>.tmp``
+        in the same directory, then ``os.replace``; a file it replaces keeps its permission bits)
+        or a binary file object (written from its current position).
     :param manifest: every key of the manifest schema except ``"segments"``.
     :param segments: the segment payloads, any C-contiguous buffers.
     :param alignment: a power of two between 8 and 65536.
     :param signer: signs the manifest (``handoff.signing.LocalKey``); any ``signatures`` the
         manifest held are replaced (they would not match the new segment table).
     :raises ProgramFormatError: the manifest is invalid or not JSON-serialisable.
+    :raises HandoffError: the path cannot be written (nothing is left behind).
     """
     is_path = isinstance(path_or_file, (str, bytes, os.PathLike))
     if is_path:
@@ -1007,24 +1028,31 @@ def write_program(
         return size
 
     directory, base = os.path.split(os.path.abspath(name))
-    while True:
-        tmp = os.path.join(directory, f".{base}.{os.urandom(6).hex()}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-            break
-        except FileExistsError:
-            continue
+    try:
+        try:  # a replaced file keeps its permission bits; a new one gets 0666 less the umask
+            old = os.stat(name)
+            mode = stat.S_IMODE(old.st_mode) if stat.S_ISREG(old.st_mode) else None
+        except FileNotFoundError:
+            mode = None
+        # ".NAME.<pid>-<random>.tmp": a killed writer's file is removed by the next write here.
+        fd, tmp = create_file(directory, f".{base}.", ".tmp", mode=0o666)
+    except OSError as e:
+        raise HandoffError(f"{name}: cannot write program file: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, "wb") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
             for chunk in _chunks(header, data, views):
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, name)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError):
+            raise HandoffError(f"{name}: cannot write program file: {exc.strerror or exc}") from exc
         raise
     return size

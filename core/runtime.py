@@ -39,9 +39,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from . import hostops
+from . import hostops, probe
 from .backend import HOST_MEMORY
 from .errors import FallbackWarning, HandoffError, one_line
+from .limits import check_run_bytes
 from .native import admit
 from .plugins import Plugins, get_plugins
 from .program import ProgramFile, constant_array, value_nbytes
@@ -93,6 +94,7 @@ class Program:
         self._runs_lock = threading.Lock()
         start = time.perf_counter()
         try:
+            check_run_bytes(self.manifest, file.name)  # a file must not size the host's allocations at will
             self._constants = {c["value"]: constant_array(file, i) for i, c in enumerate(self.manifest["constants"])}
             self._aten_ops = self._resolve_aten_ops()
             self._load_delegates(plugins, options, trusted_keys, allow_unsigned, strict)
@@ -167,8 +169,12 @@ class Program:
                     admit_native([(i, k)])
                 runtime = plugins.runtime(entry["backend"])
                 try:
-                    handle = runtime.load(self.file.segment(entry["segment"]), entry["metadata"],
-                                          parsed[entry["backend"]])
+                    blob = self.file.segment(entry["segment"])
+                    if runtime.isolate_untrusted:  # its vendor runtime may crash on a bad blob: check it elsewhere first
+                        spec = plugins.spec(entry["backend"])
+                        probe.vouch(f"{self.file.name}: {self._entry_name(i, k)}", entry, self._call_inputs(i),
+                                    spec.version, spec.runtime, blob, parsed[entry["backend"]])
+                    handle = runtime.load(blob, entry["metadata"], parsed[entry["backend"]])
                 except Exception as exc:
                     failed = (k, f"backend '{entry['backend']}' failed to load its blob: {one_line(exc)}")
                     if n + 1 < len(tries[i]):
@@ -234,6 +240,12 @@ class Program:
                          f"fallback cop{'y' if one else 'ies'} {copies} (backend '{backend}') because {reason}")
         warnings.warn(FallbackWarning(f"{self.file.name}: {'; '.join(parts)}; load with strict=True (handoff run "
                                       f"--strict) to refuse instead"), stacklevel=5)  # the caller of load()
+
+    def _call_inputs(self, i: int) -> list[tuple[list[int], str]]:
+        """``(shape, dtype)`` of delegate ``i``'s inputs where the program calls it (for a probe)."""
+        values = self.manifest["values"]
+        calls = [ins for ins in self.manifest["instructions"] if ins["op"] == "delegate" and ins["delegate"] == i]
+        return [(values[v]["shape"], values[v]["dtype"]) for v in (calls[0]["inputs"] if calls else [])]
 
     def _entry_name(self, i: int, k: int) -> str:
         """Delegate ``i``'s entry ``k`` (0: its own blob, k: its fallback copy k - 1) in messages."""

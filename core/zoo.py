@@ -47,7 +47,9 @@ class ResolvedModel:
 
 
 def parse_input_shape(text: str) -> InputSpec:
-    """``"1x3x224x224"`` or ``"1x128:int64"`` -> ``((1, 3, 224, 224), "float32")``."""
+    """``"1x3x224x224"`` or ``"1x128:int64"`` -> ``((1, 3, 224, 224), "float32")``; ``ValueError``
+    with a one-line message for anything else, including a shape whose example tensor would exceed
+    :data:`handoff.limits.MAX_EXAMPLE_INPUT_BYTES`."""
     shape_text, _, dtype = text.partition(":")
     dtype = dtype or "float32"
     try:
@@ -58,6 +60,11 @@ def parse_input_shape(text: str) -> InputSpec:
         raise ValueError(f"--input-shape {text!r}: dimensions must be >= 0")
     if dtype not in INPUT_DTYPES:
         raise ValueError(f"--input-shape {text!r}: dtype {dtype!r} not one of {', '.join(INPUT_DTYPES)}")
+    import numpy as np
+
+    from .limits import check_example_input
+
+    check_example_input(text, shape, np.dtype(dtype).itemsize)
     return shape, dtype
 
 

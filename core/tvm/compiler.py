@@ -13,16 +13,14 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import tvm
 from tvm import relax
 
-from handoff import Compiler, Lowered, LoweringError, cache_dir, native
+from handoff import Compiler, Lowered, LoweringError, cache_dir, native, temp_dir
 
 from handoff.quantization import is_quantized
 
@@ -101,10 +99,12 @@ class TvmCompiler(Compiler):
         if self.tune:
             mod = self._tune(mod)
         executable = relax.build(mod, target=self.target)
-        with tempfile.TemporaryDirectory(prefix="handoff-tvm-") as tmp:
-            path = os.path.join(tmp, "delegate.so")
-            executable.export_library(path, **({"cc": self.cc} if self.cc else {}))
-            blob = Path(path).read_bytes()
+        # The linker's objects (lib0.o, devc.o) go into the same directory, not a tempdir of TVM's
+        # own, so a killed partition leaves nothing that the next one does not remove.
+        with temp_dir("tvm") as tmp:
+            path = tmp / "delegate.so"
+            executable.export_library(str(path), workspace_dir=str(tmp), **({"cc": self.cc} if self.cc else {}))
+            blob = path.read_bytes()
         native.approve(native.sha256(blob))  # built here: this process may load it
         return Lowered(blob, {
             "compiler": "apache-tvm",

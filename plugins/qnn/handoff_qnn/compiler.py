@@ -36,14 +36,13 @@ import logging
 import operator
 import os
 import re
-import tempfile
 import time
 from typing import Any, Iterator, Mapping, Sequence
 
 import onnx
 import torch
 
-from handoff import Compiler, Lowered, LoweringError, cache_dir, extract_partition, one_line
+from handoff import Compiler, Lowered, LoweringError, cache_dir, extract_partition, one_line, temp_dir
 
 from . import __version__, _format, _ort, ops
 from ._worker import worker_for
@@ -194,7 +193,7 @@ class QnnCompiler(Compiler):
             raise LoweringError(f"torch.onnx.export produced {len(model.graph.input)} graph inputs for a partition "
                                 f"with {user_inputs} inputs")
         versions = _ort.versions()
-        with tempfile.TemporaryDirectory(prefix="handoff-qnn-") as tmp:
+        with temp_dir("qnn") as tmp:  # removed by the next run if this one is killed
             ctx_path = os.path.join(tmp, _CTX_NAME)
             start = time.perf_counter()
             self._compile(model, ctx_path, ep, versions)

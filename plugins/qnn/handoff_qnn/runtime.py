@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from handoff import Runtime, one_line
+from handoff import Runtime, one_line, temp_dir
 
 from . import INSTALL_HINT, _format, _ort
 
@@ -36,6 +35,11 @@ class _Delegate:
 
 class QnnRuntime(Runtime):
     """Runs QNN delegates through ONNX Runtime's QNN EP (see :class:`handoff.backend.Runtime`)."""
+
+    #: The QNN HTP backend dies of SIGSEGV on some malformed context binaries (found by
+    #: tests/fuzz/fuzz_qnn.py; the input is in tests/fuzz/crashers/qnn/), where it should fail
+    #: ``QnnContext_createFromBinary``: blobs not made here are loaded in a probe process first.
+    isolate_untrusted = True
 
     def is_available(self) -> tuple[bool, str]:
         try:
@@ -58,7 +62,7 @@ class QnnRuntime(Runtime):
         container = _format.unpack(blob)
         _check_versions(container.header)
         ctx_name, ctx = container.epcontext_model
-        with tempfile.TemporaryDirectory(prefix="handoff-qnn-") as tmp:  # created 0700
+        with temp_dir("qnn") as tmp:  # created 0700; a killed process's is removed by the next
             for name, data in container.context_binaries:
                 fd = os.open(os.path.join(tmp, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "wb") as f:

@@ -20,16 +20,15 @@ core runs one call per delegate at a time and keeps its lock until those outputs
 One wgpu device is shared by every delegate of the process that asks for the same adapter (and
 the same ``timestamps`` setting, which needs a device feature).
 
-Environment: ``WGPU_BACKEND_TYPE`` defaults to ``Vulkan``; ``XDG_RUNTIME_DIR`` to a private
-temporary directory and ``XDG_CACHE_HOME`` to ``$HANDOFF_HOME/cache`` (Mesa's drivers write their
-shader cache there) when unset.
+Environment: ``WGPU_BACKEND_TYPE`` defaults to ``Vulkan``; ``XDG_RUNTIME_DIR`` to
+``$HANDOFF_HOME/xdg-runtime`` (mode 0700) and ``XDG_CACHE_HOME`` to ``$HANDOFF_HOME/cache`` (Mesa's
+drivers write their shader cache there) when unset.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import threading
 import time
 from typing import Any, Mapping, Sequence
@@ -58,15 +57,19 @@ def prepare_environment() -> None:
     """Set what wgpu and Mesa need, unless the user already did (see the module docstring)."""
     with _env_lock:
         os.environ.setdefault("WGPU_BACKEND_TYPE", "Vulkan")
-        if not os.environ.get("XDG_RUNTIME_DIR"):
-            os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="handoff-xdg-")  # mode 0700
-        if not os.environ.get("XDG_CACHE_HOME"):
-            try:
-                from handoff import cache_dir
+        from handoff import cache_dir
 
-                os.environ["XDG_CACHE_HOME"] = str(cache_dir("cache"))
-            except OSError:  # an unwritable HANDOFF_HOME: Mesa then keeps no shader cache
-                pass
+        # One directory reused by every process (a fresh temporary one per process was never
+        # removed); nothing is written there (the drivers only probe for a display server).
+        for variable, name, mode in (("XDG_RUNTIME_DIR", "xdg-runtime", 0o700), ("XDG_CACHE_HOME", "cache", None)):
+            if not os.environ.get(variable):
+                try:
+                    path = cache_dir(name)
+                    if mode is not None:
+                        os.chmod(path, mode)
+                    os.environ[variable] = str(path)
+                except OSError:  # an unwritable HANDOFF_HOME: Mesa keeps no shader cache, the probe warns
+                    pass
 
 
 def import_wgpu() -> Any:
@@ -209,6 +212,20 @@ class VulkanRuntime(Runtime):
     def load(self, blob: memoryview, metadata: Mapping[str, Any], options: Mapping[str, Any]) -> _Delegate:
         header, data = unpack(blob)
         dev = self._device(options)
+        # The blob comes from a program file: a header field that is missing or of the wrong type,
+        # or WGSL that wgpu refuses (found by tests/fuzz/fuzz_vulkan.py: a mutated kernel escaped
+        # as wgpu's own GPUValidationError), is a corrupt blob, said in one line.
+        try:
+            return self._build(header, data, dev)
+        except dev.wgpu.GPUError as exc:
+            raise ValueError(f"vulkan delegate blob is corrupt: wgpu refused it on {dev.name}: "
+                             f"{' '.join(str(exc).split())[:300]}; re-partition the model") from None
+        except (KeyError, TypeError, IndexError) as exc:
+            raise ValueError(f"vulkan delegate blob header is corrupt: {type(exc).__name__}: {exc}; "
+                             f"re-partition the model") from None
+
+    def _build(self, header: Mapping[str, Any], data: memoryview, dev: _Device) -> _Delegate:
+        """The delegate's buffers, pipelines and dispatches on ``dev``, from a blob's header."""
         _check_limits(header["limits"], dev)
         wgpu, device = dev.wgpu, dev.device
         usage = wgpu.BufferUsage

@@ -199,6 +199,8 @@ def test_runtime_sets_its_environment_only_when_unset(monkeypatch, tmp_path):
     runtime.prepare_environment()
     xdg = Path(os.environ["XDG_RUNTIME_DIR"])
     assert xdg.is_dir() and (xdg.stat().st_mode & 0o777) == 0o700
+    # one directory under $HANDOFF_HOME for every process (was a new /tmp/handoff-xdg-* per process)
+    assert xdg == Path(os.environ["HANDOFF_HOME"]) / "xdg-runtime"
     assert Path(os.environ["XDG_CACHE_HOME"]).is_relative_to(Path(os.environ["HANDOFF_HOME"]))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     runtime.prepare_environment()

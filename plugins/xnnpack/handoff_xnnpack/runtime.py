@@ -91,6 +91,9 @@ class XnnpackRuntime(Runtime):
     delegate's outputs are fresh tensors the binding copied out of the program's memory."""
 
     reentrant = True
+    #: ExecuTorch aborts the process on some malformed programs (an ET_LOG message holding invalid
+    #: UTF-8 while its binding redirects logging to Python: pybind11 throws inside a noexcept path).
+    isolate_untrusted = True
 
     def __init__(self) -> None:
         self._binding: Any = None

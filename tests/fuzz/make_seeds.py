@@ -1,0 +1,99 @@
+"""Regenerate the checked-in seed corpora under ``tests/fuzz/corpus/`` (needs every backend).
+
+The seeds are the zoo's two architectures at tiny widths, so that each seed is a few KB: the zoo's
+own ``EncoderLayer`` (dim 8, 2 heads) and a CNN with ``SmallCNN``'s layers at 4 channels
+(conv-bn-relu, a residual block, max pool, a strided conv, average pool, linear). Each is
+partitioned for every backend (programs, and the delegate blobs with their metadata) and with
+no backend at all (data-only programs of host ops), signed by a key of its own (``tvm`` seeds must
+not be trusted by the harness). Run: ``python tests/fuzz/make_seeds.py [BACKEND...]``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+CORPUS = HERE / "corpus"
+
+
+class TinyCNN(nn.Module):
+    """``handoff.zoo_models.SmallCNN`` at 4 channels, on 1x3x8x8."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                   nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.down = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.block(x))
+        x = nn.functional.max_pool2d(x, 2)
+        x = self.down(x)
+        return torch.cumsum(self.fc(torch.flatten(self.pool(x), 1)), 1)  # cumsum: a host op
+
+
+def models() -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...]]]:
+    from handoff.zoo_models import EncoderLayer, _randomize_norms
+
+    torch.manual_seed(0)
+    return {"cnn": (_randomize_norms(TinyCNN(), 1), (torch.randn(1, 3, 8, 8),)),
+            "attn": (_randomize_norms(EncoderLayer(8, 2, 16), 2), (torch.randn(1, 4, 8),))}
+
+
+def _write(harness: str, name: str, data: bytes) -> None:
+    folder = CORPUS / harness
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(data)
+    print(f"{harness}/{name}: {len(data)} bytes")
+
+
+#: ``corpus/options/``: command-line option lines and input shapes (see ``fuzz_options``).
+OPTION_SEEDS = {
+    "xnnpack-threads": "xnnpack.threads=2\n",
+    "tvm-target": "tvm.target=llvm -mcpu=native\ntvm.tune=0\n",
+    "vulkan": "vulkan.adapter=llvmpipe\nvulkan.timestamps=1\nvulkan.fuse=false\n",
+    "qnn": "qnn.htp_performance_mode=burst\nqnn.precision=fp16\n",
+    "shapes": "1x3x224x224\n2x8:int64\n",
+}
+
+
+def main() -> int:
+    import handoff
+    from handoff.program import ProgramFile
+
+    backends = [b for b in sys.argv[1:]] or ["xnnpack", "qnn", "vulkan", "tvm"]
+    for harness in ("program", "hostops", "options", *backends):
+        shutil.rmtree(CORPUS / harness, ignore_errors=True)
+    for name, text in OPTION_SEEDS.items():
+        _write("options", name, text.encode())
+    for name, (model, inputs) in models().items():
+        data = handoff.partition(model, inputs, backends=[], fallback=False, aten=True).to_bytes()
+        _write("program", f"{name}-host", data)
+        _write("hostops", f"{name}-host", data)
+        for backend in backends:
+            result = handoff.partition(model, inputs, backends=[backend], fallback=False, aten=True,
+                                       default_limits=handoff.Limits(1, None))
+            data = result.to_bytes()
+            if backend == "tvm":  # a shared library: what fuzz_tvm keeps away from dlopen
+                _write("tvm", name, data)
+                continue
+            _write("program", f"{name}-{backend}", data)
+            pf = ProgramFile.from_bytes(data)
+            for i, d in enumerate(pf.manifest["delegates"]):
+                _write(backend, f"{name}-{i}", bytes(pf.segment(d["segment"])))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HANDOFF_HOME", str(HERE / ".seeds-home"))
+    sys.exit(main())
