@@ -156,6 +156,8 @@ class CoreMLCompiler(Compiler):
         key = _content_key(sub)
         try:
             lowered = self._lower(sub, "group")
+        except LoweringError as exc:  # the converter's words, without the class name
+            return " ".join(str(exc).split())
         except Exception as exc:
             return one_line(exc)
         if keep:

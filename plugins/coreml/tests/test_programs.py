@@ -11,6 +11,7 @@ other delegate by its real runtime. Tolerances: fp32 1e-4, fp16 1e-2 relative of
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -119,6 +120,7 @@ def test_zoo_model_converts_whole(name, precision, zoo_results, use_plugins):
         with pytest.raises(reference.NotEvaluable, match="conv"):
             reference.evaluate(blob, [torch.randn(*s).numpy() for s, _ in zoo.inputs])
     if sys.platform != "darwin":
+        use_plugins("handoff_coreml.plugin")
         with pytest.raises(handoff.HandoffError, match=f"backend 'coreml' cannot run here: "
                                                        f"{NOT_APPLE.replace('(', '.').replace(')', '.')}"):
             handoff.load(result.to_bytes())
@@ -169,14 +171,16 @@ def test_transformer_blocks_with_xnnpack(model, shape, precision, use_plugins):
     xnnpack or tvm; the program computes what eager torch does."""
     use_plugins("handoff_coreml.plugin", "handoff_xnnpack.plugin")
     model = model().eval()
+    # on_lower_error: ExecuTorch's XNNPACK lowering asserts on the causal mask's constant-only part
+    # (constant_prop_pass), which then moves on to tvm
     result = handoff.partition(model, (torch.randn(shape),), backends=["coreml", "xnnpack"],
-                               options={"coreml": {"precision": precision}})
+                               options={"coreml": {"precision": precision}}, on_lower_error="fallback")
     report = result.report
     taken = report.stats["coreml"].ops
     for op in ("aten.native_layer_norm.default", "aten.gelu.default", "aten._softmax.default"):
         assert taken.get(op), (op, taken)
     assert taken.get("aten.bmm.default") or taken.get("aten.matmul.default"), taken
-    assert report.coverage("coreml") > 80.0
+    assert report.coverage("coreml") > 70.0  # at the default --min-partition-size 3, small islands join tvm
     for d in report.declined:
         assert d["ran_on"] in ("xnnpack", "tvm") and d["reasons"]["coreml"] not in ("", "not reported"), d
     text = _rendered(report)
@@ -223,7 +227,7 @@ def test_check_partition_declines_what_fails_in_context(monkeypatch, use_plugins
     use_plugins("handoff_coreml.plugin", "handoff_xnnpack.plugin")
     model = Block().eval()
     result = handoff.partition(model, (torch.randn(2, 16),), backends=["coreml", "xnnpack"],
-                               options={"coreml": {"precision": "fp32"}})
+                               options={"coreml": {"precision": "fp32"}}, default_limits=handoff.Limits(1))
     (declined,) = result.report.declined
     assert declined["op"] == "aten.gelu.default" and declined["ran_on"] == "xnnpack"
     assert declined["reasons"]["coreml"] == ("coremltools 9.0 fails to convert aten.gelu.default in this graph (what "
@@ -233,7 +237,7 @@ def test_check_partition_declines_what_fails_in_context(monkeypatch, use_plugins
     calls.clear()
     use_plugins("handoff_coreml.plugin", "handoff_xnnpack.plugin")
     again = handoff.partition(model, (torch.randn(2, 16),), backends=["coreml", "xnnpack"],
-                              options={"coreml": {"precision": "fp32"}})
+                              options={"coreml": {"precision": "fp32"}}, default_limits=handoff.Limits(1))
     assert again.report.declined == result.report.declined and calls == []
 
 
@@ -249,3 +253,34 @@ def test_partition_cli_is_quiet(tmp_path, handoff_home):
     for noise in ("Running MIL", "Converting PyTorch", "Failed to load", "has not been tested", "passes/s",
                   "coremltools", "scikit-learn"):
         assert noise not in proc.stderr, proc.stderr
+
+
+def _cli(*args: str, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HANDOFF_PLUGINS": "handoff_coreml.plugin,handoff_xnnpack.plugin",
+           "HANDOFF_DISABLE_PLUGIN_AUTOLOAD": "1", "HANDOFF_HOME": str(home),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([str(Path(sys.executable).parent / "handoff"), *args], env=env, capture_output=True,
+                          text=True)
+
+
+def test_cnn_for_coreml_and_xnnpack_on_linux(tmp_path):
+    """The command users quote first, on Linux: ``partition --backends coreml,xnnpack`` writes a
+    program whose Core ML delegate cannot run here, and ``run`` says so in one line naming the
+    backend and the reason; with ``--fallback-copies`` every Core ML delegate carries a tvm copy of
+    its partition, and the report shows what the copies cost. (Running such a program through its
+    copies is the core runtime's part of fallback copies, tested there.)"""
+    plain, copied = tmp_path / "plain.hof", tmp_path / "copied.hof"
+    made = _cli("partition", "zoo:small_cnn", "--backends", "coreml,xnnpack", "-o", str(plain), home=tmp_path)
+    assert made.returncode == 0, made.stderr
+    ran = _cli("run", str(plain), home=tmp_path)
+    assert ran.returncode != 0
+    (line,) = ran.stderr.strip().splitlines()
+    assert line.endswith(f"backend 'coreml' cannot run here: {NOT_APPLE}"), ran.stderr
+    made = _cli("partition", "zoo:small_cnn", "--backends", "coreml,xnnpack", "--fallback-copies", "-o", str(copied),
+                home=tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert "fallback copies: 1 of 1 vendor delegate(s) carry a tvm copy (coreml +" in made.stdout, made.stdout
+    inspected = _cli("inspect", "--json", str(copied), home=tmp_path)
+    assert inspected.returncode == 0, inspected.stderr
+    delegates = [d for d in json.loads(inspected.stdout)["delegates"] if d["backend"] == "coreml"]
+    assert delegates and all([c["backend"] for c in d["fallbacks"]] == ["tvm"] for d in delegates), delegates
