@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -263,12 +264,12 @@ def _cli(*args: str, home: Path) -> subprocess.CompletedProcess:
                           text=True)
 
 
-def test_cnn_for_coreml_and_xnnpack_on_linux(tmp_path):
+def test_cnn_for_coreml_and_xnnpack_on_linux(tmp_path, monkeypatch, use_plugins):
     """The command users quote first, on Linux: ``partition --backends coreml,xnnpack`` writes a
     program whose Core ML delegate cannot run here, and ``run`` says so in one line naming the
     backend and the reason; with ``--fallback-copies`` every Core ML delegate carries a tvm copy of
-    its partition, and the report shows what the copies cost. (Running such a program through its
-    copies is the core runtime's part of fallback copies, tested there.)"""
+    its partition, the report shows what the copies cost, and the program runs end to end through
+    the copies (one warning naming coreml and the reason) within 1e-4 relative of eager."""
     plain, copied = tmp_path / "plain.hof", tmp_path / "copied.hof"
     made = _cli("partition", "zoo:small_cnn", "--backends", "coreml,xnnpack", "-o", str(plain), home=tmp_path)
     assert made.returncode == 0, made.stderr
@@ -284,3 +285,17 @@ def test_cnn_for_coreml_and_xnnpack_on_linux(tmp_path):
     assert inspected.returncode == 0, inspected.stderr
     delegates = [d for d in json.loads(inspected.stdout)["delegates"] if d["backend"] == "coreml"]
     assert delegates and all([c["backend"] for c in d["fallbacks"]] == ["tvm"] for d in delegates), delegates
+    ran = _cli("run", str(copied), home=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert "backend 'coreml'" in ran.stderr and NOT_APPLE in ran.stderr, ran.stderr
+    monkeypatch.setenv("HANDOFF_HOME", str(tmp_path))  # the key the CLI signed the program with
+    use_plugins("handoff_coreml.plugin", "handoff_xnnpack.plugin")
+    zoo = handoff.get_plugins().zoo()["small_cnn"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        program = handoff.load(str(copied))
+    with program:
+        assert [str(w.message) for w in caught if NOT_APPLE in str(w.message)], [str(w.message) for w in caught]
+        check_against_eager(program, zoo.build(), zoo.inputs, dtype="float32")
+        stats = [d for d in program.stats()["delegates"] if d["backend"] == "coreml"]
+    assert [(d["copy"], d["runtime"], d["fallback_reason"]) for d in stats] == [(0, "tvm", f"backend 'coreml' cannot run here: {NOT_APPLE}")] * len(delegates)
