@@ -10,7 +10,7 @@ APT_FILES := $(wildcard apt-packages.txt plugins/*/apt-packages.txt)
 DEMO_MODEL ?= zoo:small_transformer
 OUT := out
 
-.PHONY: demo test bench apt setup clean
+.PHONY: demo test bench apt setup clean wheels
 
 setup: $(VENV)/.installed
 
@@ -41,8 +41,13 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# The core and every plugin as wheels in dist/ (offline: build requirements come from the local index).
+wheels: setup
+	rm -rf dist && $(PY) -m pip wheel -q --no-deps -w dist . $(addprefix ./,$(PLUGINS))
+	@ls dist
+
 bench: setup
 	$(PY) benchmarks/tvm_tuning.py
 
 clean:
-	rm -rf $(OUT) $(VENV) build *.egg-info core/*.egg-info
+	rm -rf $(OUT) $(VENV) build dist *.egg-info core/*.egg-info

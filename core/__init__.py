@@ -47,6 +47,8 @@ from .zoo import ResolvedModel, ZooModel  # noqa: E402
 _LAZY = {
     "partition": ("pipeline", "partition"),
     "PartitionResult": ("pipeline", "PartitionResult"),
+    "quantize": ("quantization", "quantize"),
+    "Quantized": ("quantization", "Quantized"),
     "Limits": ("partitioner", "Limits"),
     "Report": ("report", "Report"),
     "extract_partition": ("lower", "extract_partition"),
@@ -65,5 +67,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = ["__version__", "HOST_MEMORY", "PLUGIN_API_VERSION", "BackendSpec", "Compiler", "FallbackWarning",
            "HandoffError", "Limits", "Lowered", "LoweringError", "Option", "PartitionResult", "Plugins", "Program",
-           "ProgramFormatError", "Report", "ResolvedModel", "Runtime", "ZooModel", "cache_dir", "extract_partition",
-           "get_plugins", "hookimpl", "hookspec", "load", "native_library", "one_line", "partition"]
+           "ProgramFormatError", "Quantized", "Report", "ResolvedModel", "Runtime", "ZooModel", "cache_dir",
+           "extract_partition", "get_plugins", "hookimpl", "hookspec", "load", "native_library", "one_line", "partition",
+           "quantize"]

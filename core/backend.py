@@ -260,6 +260,15 @@ class Compiler:
         Default: ``{}`` (every partition of supported nodes compiles)."""
         return {}
 
+    def quantizer(self, scheme: str) -> Any | None:
+        """The PT2E quantizer (a ``torchao.quantization.pt2e.quantizer.Quantizer``) that annotates
+        a float model for this backend's integer kernels under ``scheme`` (``"int8"``), or ``None``
+        when the backend offers none. ``handoff partition --quantize`` composes the selected
+        backends' quantizers in priority order, the way ExecuTorch's ``ComposableQuantizer`` does:
+        each annotates only what no higher-priority quantizer annotated. The quantizer may read
+        this backend's options (``self.options``), e.g. 16-bit activations. Default: ``None``."""
+        return None
+
     def cache_key(self) -> str:
         """Whatever else decides the blob besides the partition, the options, the backend version
         and the plugin's code (which the core adds itself: its distribution version and a digest of

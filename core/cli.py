@@ -107,6 +107,11 @@ def build_parser(prog: str = "handoff") -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", parents=[common], help="show a program's header, instructions and segments")
     i.add_argument("program")
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    n = sub.add_parser("new-backend", parents=[common], help="create a backend plugin distribution (pyproject, "
+                       "compiler, runtime, catalogue entry, README, tests running the conformance suite)")
+    n.add_argument("name", help="the backend id: lowercase letters, digits and underscores (package handoff_NAME)")
+    n.add_argument("--dir", help="where to create it (default: ./handoff-NAME); must not exist or be empty")
     return parser
 
 
@@ -133,6 +138,12 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sign", action="store_true", help="do not sign the program with the local key")
     p.add_argument("--fallback-copies", action="store_true", help="store next to each vendor delegate a copy of "
                    "its partition compiled by tvm (for the host or --target), run where the vendor's runtime is missing")
+    p.add_argument("--quantize", choices=("int8",), help="PT2E-quantize the float model with the selected backends' "
+                   "quantizers (highest priority first), then partition the int8 graph")
+    p.add_argument("--calibration", type=int, metavar="N", help="with --quantize: calibrate on N random batches "
+                   "(default 8)")
+    p.add_argument("--calibration-data", metavar="FILE.npz", help="with --quantize: calibrate on these batches, one "
+                   "array per model input, in input order, shaped (N, *input shape)")
     p.add_argument("--quiet", action="store_true", help="print only the output path")
 
 
@@ -278,7 +289,9 @@ def run_partition(args: argparse.Namespace) -> int:
                                    for b in {*min_per, *max_per}},
                            default_limits=Limits(min_default, max_default),
                            on_lower_error=args.on_lower_error, use_cache=not args.no_cache, progress=progress,
-                           trust_model=args.trust_model, fallback_copies=args.fallback_copies)
+                           trust_model=args.trust_model, fallback_copies=args.fallback_copies,
+                           quantize=args.quantize, calibration=args.calibration,
+                           calibration_data=args.calibration_data)
     output = args.output or _default_output(args.model)
     result.write(output, sign=not args.no_sign)
     if args.report:
@@ -499,8 +512,20 @@ def _signature_line(manifest: dict) -> str:
     return verify(manifest, trusted_keys()).describe()
 
 
+def _cmd_new_backend(args: argparse.Namespace) -> int:
+    from .scaffold import create, names
+
+    root, files = create(args.name, args.dir)
+    print(f"created {root}/ for backend '{args.name}' (distribution {names(args.name)['dist']}):")
+    for path in files:
+        print(f"  {path.relative_to(root)}")
+    print(f"next: cd {root} && pip install -e '.[test]' && pytest   (README.md: where your SDK goes, how to publish)")
+    return EXIT_OK
+
+
 COMMANDS = {"backends": _cmd_backends, "zoo": _cmd_zoo, "partition": run_partition, "run": _cmd_run,
-            "inspect": _cmd_inspect, "sign": _cmd_sign, "verify": _cmd_verify, "key": _cmd_key}
+            "inspect": _cmd_inspect, "sign": _cmd_sign, "verify": _cmd_verify, "key": _cmd_key,
+            "new-backend": _cmd_new_backend}
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

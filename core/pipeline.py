@@ -25,7 +25,7 @@ FALLBACK_BACKEND = "tvm"
 ON_LOWER_ERROR = ("fail", "fallback")
 #: Phases timed in the report's ``timings`` (seconds); ``write`` is filled in by
 #: :meth:`PartitionResult.write`.
-TIMED_PHASES = ("export", "capability", "plan", "lower", "write")
+TIMED_PHASES = ("export", "quantize", "capability", "plan", "lower", "write")
 #: The default ``--min-partition-size``: a partition smaller than this joins a neighbouring
 #: partition whose backend also takes its nodes (see :mod:`handoff.partitioner`), because each
 #: delegate boundary costs more than the few ops it would run (measured: docs/plugins.md,
@@ -43,6 +43,8 @@ class PartitionResult:
 
     assembled: Assembled
     report: Report
+    #: with ``quantize=``: the PT2E result, whose ``reference`` is the quantized eager model
+    quantized: Any = None
 
     def to_bytes(self, alignment: int = 64, sign: bool = True) -> bytes:
         from .program import program_bytes
@@ -89,7 +91,8 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
               default_limits: Limits | None = None,
               on_lower_error: str = "fail", use_cache: bool = True, plugins: Plugins | None = None,
               progress: Callable[[str, int, int], None] | None = None, trust_model: bool = False,
-              fallback_copies: bool = False) -> PartitionResult:
+              fallback_copies: bool = False, quantize: str | None = None, calibration: int | None = None,
+              calibration_data: Any = None) -> PartitionResult:
     """Partition ``model`` across ``backends`` (priority order) and lower every partition.
 
     :param model: a MODEL string (``zoo:small_cnn``, ``m.pt2``, ``file.py:Name``), an
@@ -108,6 +111,10 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
     :param fallback_copies: store next to each vendor delegate a copy of the same partition
         compiled by the built-in ``tvm`` backend (for the host or ``options["tvm"]["target"]``),
         which the runtime runs where the vendor's runtime is missing or fails to load.
+    :param quantize: ``"int8"``: PT2E-quantize the float model first with the selected backends'
+        quantizers (:mod:`handoff.quantization`), calibrated on ``calibration`` random batches or on
+        ``calibration_data`` (a ``.npz`` path or a sequence of input tuples). A model that already
+        holds PT2E quantize/dequantize ops is partitioned as it is, without this.
     """
     clock = _Clock()
     plugins = plugins or get_plugins()
@@ -134,8 +141,25 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
 
     with clock("export"):
         resolved = _resolve(model, example_inputs, input_shapes, plugins, trust_model)
+    quantized = None
+    if quantize:
+        from .quantization import quantize_resolved
+
+        with clock("quantize"):
+            quantized = quantize_resolved(resolved, {b: compilers[b] for b in chain}, quantize, calibration,
+                                          calibration_data)
+        resolved = ResolvedModel(name=resolved.name, exported=quantized.exported,
+                                 example_inputs=resolved.example_inputs)
+    elif calibration is not None or calibration_data is not None:
+        raise HandoffError("--calibration and --calibration-data calibrate --quantize; add --quantize int8")
+    with clock("export"):
         keep = [op for b in chain for op in compilers[b].ops_to_not_decompose()]
         ep = export_model(resolved, keep)
+        from .quantization import duplicate_dequantize, is_quantized, quantized_spans
+
+        int8 = is_quantized(ep)
+        if int8:
+            duplicate_dequantize(ep)
         import torch
 
         decomp_table = torch.export.default_decompositions()
@@ -148,6 +172,10 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
         for b in chain:
             support[b] = dict(_backend_call(b, "capability check", compilers[b].support, ep))
             patterns[b] = [list(p) for p in _backend_call(b, "capability check", compilers[b].fused_patterns, ep)]
+        if int8:  # an op travels with its quantize/dequantize ops (handoff.quantization.quantized_spans)
+            spans = quantized_spans(ep)
+            for b in chain:
+                patterns[b] += spans
 
     lowerer = Lowerer(ep, compilers, identities, parsed, decomp_table, use_cache=use_cache)
     excluded: dict[str, dict[str, str]] = {}
@@ -195,9 +223,31 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
         assembled = assemble(ep, the_plan, lowered, recorded, versions, metadata, copies)
     report = Report.build(resolved.name, chain, view, the_plan, lowered, moves, assembled)
     report.copies = copy_notes
+    if int8:
+        report.quantization = _quantization_note(quantized, the_plan, view, lowered)
     report.timings.update(clock.seconds)
     plugins.pm.hook.handoff_report(report=report)
-    return PartitionResult(assembled, report)
+    return PartitionResult(assembled, report, quantized)
+
+
+def _quantization_note(quantized: Any, the_plan: Plan, view: GraphView, lowered: Mapping[str, Any]) -> dict[str, Any]:
+    """The report's ``quantization``: how the model was quantized (when by this run) and, per
+    backend, the quantize/dequantize ops it received and how its delegates compute them."""
+    from .quantization import QDQ_NAMESPACE
+
+    note: dict[str, Any] = quantized.to_json() if quantized else {"scheme": "int8", "calibration": "quantized "
+                                                                  "before handoff (a PT2E model)"}
+    per: dict[str, dict[str, Any]] = {}
+    for node in view.order:
+        if view.ops[node].startswith(QDQ_NAMESPACE + "."):
+            entry = per.setdefault(the_plan.assignment[node], {"qdq_ops": 0, "compute": []})
+            entry["qdq_ops"] += 1
+    for part in the_plan.partitions:
+        how = lowered[part.name].lowered.metadata.get("int8_compute")
+        if how and part.backend in per and how not in per[part.backend]["compute"]:
+            per[part.backend]["compute"].append(how)
+    note["backends"] = per
+    return note
 
 
 class _Clock:

@@ -55,6 +55,9 @@ class Report:
     crossings: int = 0
     #: with ``--fallback-copies``: per vendor partition, its tvm copy and its size, or why none
     copies: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    #: for an int8 program: how it was quantized (which backend's quantizer annotated which ops,
+    #: calibration, ops left float) and the quantize/dequantize ops each backend runs
+    quantization: dict[str, Any] | None = None
 
     @classmethod
     def build(cls, model: str, backends: list[str], view: GraphView, plan: Plan, lowered: dict[str, Any],
@@ -99,6 +102,7 @@ class Report:
             "islands": self.islands,
             "crossings": self.crossings,
             "fallback_copies": self.copies,
+            "quantization": self.quantization,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "notes": self.notes,
         }
@@ -116,7 +120,7 @@ class Report:
                 continue
             short: collections.Counter[str] = collections.Counter()
             for op, c in s.ops.items():  # aten.add.Tensor -> add: overloads are in the JSON
-                short[op.split(".")[1] if op.startswith("aten.") else op] += c
+                short[op.split(".")[1] if op.startswith(("aten.", "quantized_decomposed.")) else op] += c
             top = short.most_common()
             ops = ", ".join(f"{op}×{c}" for op, c in top[:OPS_SHOWN]) + (
                 f", +{len(top) - OPS_SHOWN} more" if len(top) > OPS_SHOWN else "")
@@ -153,6 +157,8 @@ class Report:
             for c in self.copies:
                 if c["copy"] is None:
                     console.print(f"[yellow]no copy[/] for {c['partition']} ({c['backend']}): {c['reason']}")
+        if self.quantization:
+            self._render_quantization(console)
         if self.timings:
             phases = ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items())
             console.print(f"{self.crossings} value crossing(s) per run; {phases}")
@@ -160,6 +166,24 @@ class Report:
             console.print(f"note: {note}")
         if self.output:
             console.print(f"wrote {self.output} ({_size(self.program_bytes)})")
+
+
+    def _render_quantization(self, console: Any) -> None:
+        q = self.quantization or {}
+        console.print(f"{q.get('scheme', 'int8')}: calibration {q.get('calibration')}")
+        for backend, ops in q.get("annotated_by", {}).items():
+            shown = ", ".join(f"{op.split('.')[1] if op.startswith('aten.') else op}×{c}"
+                              for op, c in sorted(ops.items(), key=lambda kv: -kv[1])) or "nothing"
+            console.print(f"  {backend}'s quantizer annotated: {shown}")
+        if q.get("float_ops"):
+            left = sum(q["float_ops"].values())
+            console.print(f"  {left} op(s) no quantizer annotated stay float: "
+                          + ", ".join(f"{op.split('.')[1] if op.startswith('aten.') else op}×{c}"
+                                      for op, c in sorted(q["float_ops"].items(), key=lambda kv: -kv[1])))
+        for backend, entry in q.get("backends", {}).items():
+            where = "aten (host)" if backend == HOST else backend
+            how = f" ({'; '.join(entry['compute'])})" if entry.get("compute") else ""
+            console.print(f"  {where} runs {entry['qdq_ops']} quantize/dequantize op(s){how}")
 
 
 def _crossings(manifest: dict[str, Any]) -> int:

@@ -1,8 +1,13 @@
 """Checks for backend tests (ours and plugin authors'): a program against eager PyTorch.
 
-Tolerances are stated per dtype: outputs must lie within ``TOLERANCE[dtype]`` relative of eager
-(``rtol``, plus an absolute floor of the same fraction of the output's largest magnitude, for
-entries near zero). Imports torch; not for the runtime.
+Tolerances are stated per dtype, in one table that the conformance suite uses too: outputs must
+lie within ``TOLERANCE[dtype]`` relative of eager (``rtol``, plus an absolute floor of the same
+fraction of the output's largest magnitude, for entries near zero). An int8 program is compared
+with the quantized eager model (the converted PT2E module) in quantization steps of each output
+(``TOLERANCE["int8"]`` steps: integer kernels round intermediate values their own way, and a
+rounding difference moves a value by one step), and with the float model by signal-to-noise ratio
+and top-1 agreement, which are reported rather than bounded by a universal constant. Imports
+torch; not for the runtime.
 """
 
 from __future__ import annotations
@@ -12,13 +17,22 @@ from typing import Any, Sequence
 
 import numpy as np
 
-#: Relative tolerance by the precision a backend computes in.
-TOLERANCE = {"float32": 1e-4, "float16": 1e-2}
+#: Relative tolerance by the precision a backend computes in; for ``int8``, the largest difference
+#: from the quantized eager model in quantization steps of the output. ``qdq`` is for single
+#: quantized patterns (q/dq around a float op) against eager: two steps of a symmetric int8 scale
+#: that covers the output's range. Integers and booleans must be exact.
+TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "int8": 3, "qdq": 2 / 127, "int32": 0.0, "int64": 0.0, "bool": 0.0}
+
+
+def _numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
 def assert_matches_eager(got: np.ndarray, want: Any, dtype: str = "float32") -> None:
     """``got`` (numpy) within ``TOLERANCE[dtype]`` relative of ``want`` (a tensor or array)."""
-    want = want.detach().cpu().numpy() if hasattr(want, "detach") else np.asarray(want)
+    if dtype == "int8":
+        raise ValueError("int8 outputs are compared in quantization steps: use assert_matches_quantized")
+    want = _numpy(want)
     scale = float(np.abs(want).max()) or 1.0
     np.testing.assert_allclose(got, want, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * scale)
 
@@ -52,3 +66,94 @@ def check_against_eager(program: Any, model: Any, input_specs: Sequence[Any], se
     if len(firsts) > 1:
         assert not np.allclose(firsts[0], firsts[1]), "output does not depend on the input: degenerate model"
     return firsts
+
+
+def output_steps(reference: Any) -> list[float]:
+    """The quantization step of each output of a converted PT2E module (``reference``): the scale
+    of the dequantize op nearest before the output, following ops that keep the scale (views,
+    flatten, ReLU, pooling)."""
+    graph = reference.graph
+    out = next(n for n in graph.nodes if n.op == "output")
+    values = out.args[0] if isinstance(out.args[0], (tuple, list)) else [out.args[0]]
+    steps = []
+    for value in values:
+        node, step = value, None
+        while step is None and node is not None and getattr(node, "op", None) == "call_function":
+            name = getattr(node.target, "__name__", "")
+            if getattr(node.target, "namespace", None) == "quantized_decomposed" and name.startswith("dequantize"):
+                scale = node.args[1]
+                step = float(scale) if not hasattr(scale, "op") else None
+                break
+            node = node.args[0] if node.args and hasattr(node.args[0], "op") else None
+        if step is None:
+            raise ValueError(f"output {len(steps)} of the quantized model is not dequantized from an int8 value; "
+                             "compare it with assert_matches_eager instead")
+        steps.append(step)
+    return steps
+
+
+def assert_matches_quantized(got: np.ndarray, want: Any, step: float, steps: float = TOLERANCE["int8"]) -> float:
+    """``got`` within ``steps`` quantization steps (``step`` each) of ``want``, the quantized eager
+    model's output; returns the largest difference in steps."""
+    want = _numpy(want)
+    diff = float(np.abs(got.astype(np.float64) - want).max() / step) if want.size else 0.0
+    if diff > steps + 1e-3:
+        worst = int(np.abs(got - want).argmax())
+        raise AssertionError(f"output differs from the quantized eager model by {diff:.2f} quantization steps "
+                             f"(step {step:.3g}) at flat index {worst}: {got.flat[worst]} vs {want.flat[worst]}; "
+                             f"allowed: {steps}")
+    return diff
+
+
+def snr_db(got: Any, want: Any) -> float:
+    """Signal-to-noise ratio of ``got`` against ``want`` in dB (inf when they are equal)."""
+    got, want = _numpy(got).astype(np.float64), _numpy(want).astype(np.float64)
+    noise = float(np.sum((got - want) ** 2))
+    return float("inf") if noise == 0 else 10 * float(np.log10(float(np.sum(want ** 2)) / noise))
+
+
+def check_int8(program: Any, quantized: Any, float_model: Any, input_specs: Sequence[Any],
+               seeds: Sequence[int] = tuple(range(21, 29)), steps: float = TOLERANCE["int8"]) -> dict[str, float]:
+    """Run an int8 ``program`` (a path, the bytes of one, or anything with ``run(inputs)``, such
+    as a loaded :class:`handoff.Program`) on fresh random inputs (one set per seed) against both references:
+    the quantized eager model (``quantized.reference`` of :func:`handoff.quantize`, or the converted
+    module itself), within ``steps`` quantization steps of each output; and the float model,
+    measured. Also checks that outputs change with the input. Returns ``max_steps`` (largest
+    difference from the quantized model, in steps), ``snr_db`` (program vs float, over every
+    output of every seed) and ``top1_agreement`` (fraction of rows of the first output whose
+    argmax equals the float model's)."""
+    import torch
+
+    from .models import random_inputs
+    from .runtime import load
+
+    reference = getattr(quantized, "reference", quantized)
+    out_steps = output_steps(reference)
+    owned = isinstance(program, (bytes, bytearray, str, os.PathLike))
+    prog = load(program) if owned else program
+    worst, agree, rows, firsts = 0.0, 0, 0, []
+    gots, floats = [], []
+    try:
+        for seed in seeds:
+            x = random_inputs(input_specs, seed=seed)
+            got = prog.run(x)
+            with torch.no_grad():
+                want = reference(*x)
+                fp = float_model(*x)
+            want = want if isinstance(want, (tuple, list)) else [want]
+            fp = fp if isinstance(fp, (tuple, list)) else [fp]
+            for g, w, step in zip(got, want, out_steps):
+                worst = max(worst, assert_matches_quantized(g, w, step, steps))
+            gots.extend(np.ravel(g) for g in got)
+            floats.extend(np.ravel(_numpy(f)) for f in fp)
+            first, fp0 = got[0].reshape(got[0].shape[0], -1), _numpy(fp[0]).reshape(got[0].shape[0], -1)
+            agree += int(np.sum(first.argmax(-1) == fp0.argmax(-1)))
+            rows += first.shape[0]
+            firsts.append(got[0])
+    finally:
+        if owned:
+            prog.close()
+    if len(firsts) > 1:
+        assert not np.allclose(firsts[0], firsts[1]), "output does not depend on the input: degenerate model"
+    return {"max_steps": worst, "snr_db": snr_db(np.concatenate(gots), np.concatenate(floats)),
+            "top1_agreement": agree / rows if rows else float("nan")}

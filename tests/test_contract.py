@@ -106,7 +106,7 @@ def test_base_class_defaults():
     compiler = Compiler({"a": 1})
     assert compiler.options == {"a": 1}
     assert (tuple(compiler.ops_to_not_decompose()), tuple(compiler.fused_patterns(None)),
-            dict(compiler.check_partition(None, ["n"])), compiler.cache_key()) == ((), (), {}, "")
+            dict(compiler.check_partition(None, ["n"])), compiler.cache_key(), compiler.quantizer("int8")) == ((), (), {}, "", None)
     with pytest.raises(NotImplementedError, match="Compiler does not implement support"):
         compiler.support(None)
     runtime = Runtime()

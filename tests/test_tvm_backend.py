@@ -111,10 +111,9 @@ def _lower_and_compare(model: nn.Module, shapes, options=None, name="p0"):
 
 # -- the plugin and the options -----------------------------------------------------------------
 
-def test_plugin_and_runtime_import_without_torch_or_tvm():
-    code = ("import sys, handoff.tvm.plugin, handoff.tvm.runtime; "
-            "bad = [m for m in ('torch', 'tvm') if m in sys.modules]; assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
+def test_plugin_declares_tvm_and_its_options():
+    """(That the plugin and runtime modules import neither torch nor TVM is the conformance
+    suite's contract[imports] check: tests/test_tvm_conformance.py.)"""
     (spec,) = handoff_backends()
     assert (spec.id, spec.device) == ("tvm", "cpu")
     assert set(spec.options) == {"target", "mcpu", "tune"}

@@ -24,7 +24,9 @@ from tvm import relax
 
 from handoff import Compiler, Lowered, LoweringError, cache_dir, native
 
-from .importer import decline_reason, import_partition
+from handoff.quantization import is_quantized
+
+from .importer import INT8_COMPUTE, decline_reason, import_partition
 from .runtime import host_triple
 
 #: The linker ``export_library`` needs for target=aarch64 (Debian: gcc-aarch64-linux-gnu).
@@ -79,6 +81,13 @@ class TvmCompiler(Compiler):
     def support(self, ep: Any) -> Mapping[str, str | None]:
         return {n.name: decline_reason(n) for n in ep.graph.nodes if n.op == "call_function"}
 
+    def quantizer(self, scheme: str) -> Any:
+        """A symmetric per-channel default (:mod:`handoff.tvm.quantizer`): TVM imports every
+        quantize/dequantize op, so any PT2E scheme lowers."""
+        from .quantizer import SymmetricQuantizer
+
+        return SymmetricQuantizer()
+
     def cache_key(self) -> str:
         # The detected CPU and the TVM build decide the blob too, not only the options.
         return json.dumps({"tvm": tvm.__version__, "target": self.target_config}, sort_keys=True)
@@ -109,6 +118,7 @@ class TvmCompiler(Compiler):
             "num_outputs": len(outputs),
             "inputs": inputs,
             "outputs": outputs,
+            **({"int8_compute": INT8_COMPUTE} if is_quantized(ep) else {}),
         })
 
     # -- MetaSchedule ----------------------------------------------------------------------------

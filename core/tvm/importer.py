@@ -44,6 +44,8 @@ def decline_reason(node: torch.fx.Node) -> str | None:
         return None  # the core keeps every getitem with its producer
     if isinstance(target, torch._ops.OpOverload):
         shown = f"{target.namespace}.{target.__name__}"
+        if target.namespace == "quantized_decomposed":
+            return _quantize_reason(node, shown)
         # The table is keyed without namespace: only ATen ops are what its names mean.
         if target.namespace != "aten":
             return f"{TVM_NAME} Relax importer converts ATen ops only, not {shown}"
@@ -91,6 +93,82 @@ def io_spec(ty: Any) -> dict[str, Any]:
     return {"shape": shape, "dtype": str(ty.dtype)}
 
 
+# -- PT2E quantize/dequantize ops -------------------------------------------------------------------
+# The Relax importer converts ATen ops only. A PT2E-quantized graph wraps each op in
+# ``quantized_decomposed`` quantize/dequantize ops; these converters import them as Relax integer
+# arithmetic with torch's own formulas (``torch/ao/quantization/fx/_decomposed.py``), so a tvm
+# partition computes int8 -> dequantize -> fp32 kernel -> quantize -> int8 and matches the
+# quantized eager model to the rounding step: Relax has no integer conv/matmul kernels that its
+# importer targets, so the ops between run in fp32 (a backend says so with :data:`INT8_COMPUTE`).
+
+#: How a partition holding quantize/dequantize ops computes on TVM (for delegate metadata).
+INT8_COMPUTE = "dequantize-compute-quantize: int8 tensors between ops, fp32 kernels (Relax has no integer kernels)"
+_INT_DTYPES = {torch.int8: "int8", torch.uint8: "uint8", torch.int16: "int16", torch.int32: "int32"}
+
+
+def _quantize_reason(node: torch.fx.Node, shown: str) -> str | None:
+    if node.target.__name__ not in _QUANTIZE_CONVERTERS:
+        return f"{TVM_NAME}: handoff imports quantize/dequantize ops but not {shown}"
+    dtype = node.args[5 if "per_tensor" in node.target.__name__ else 6]
+    if dtype not in _INT_DTYPES:
+        return f"{shown} with dtype {dtype}: handoff imports int8/uint8/int16/int32 quantization only"
+    if node.kwargs.get("out_dtype") not in (None, torch.float32):
+        return f"{shown} with out_dtype {node.kwargs['out_dtype']}: only float32 is imported"
+    return None
+
+
+def _operand(importer: Any, value: Any, dtype: str) -> Any:
+    """A scale or zero point: an imported tensor (``.tensor`` overloads, per-channel) or a constant."""
+    if isinstance(value, torch.fx.Node):
+        return importer.block_builder.emit(relax.op.astype(importer.env[value], dtype))  # zero points: int64
+    return relax.const(value, dtype)
+
+
+def _per_channel(importer: Any, expr: Any, axis: int, ndim: int) -> Any:
+    """A 1-D per-channel parameter shaped to broadcast along ``axis`` of an ``ndim`` tensor."""
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return importer.block_builder.emit(relax.op.reshape(expr, shape))
+
+
+def _quantize(node: torch.fx.Node, importer: Any) -> Any:
+    x = importer.env[node.args[0]]
+    per_channel = "per_channel" in node.target.__name__
+    ndim = len(node.args[0].meta["val"].shape)
+    scale, zero = _operand(importer, node.args[1], "float32"), _operand(importer, node.args[2], "float32")
+    qmin, qmax, dtype = node.args[4:7] if per_channel else node.args[3:6]
+    if per_channel:
+        scale, zero = (_per_channel(importer, e, node.args[3], ndim) for e in (scale, zero))
+    bb = importer.block_builder
+    inv = bb.emit(relax.op.divide(relax.const(1.0, "float32"), scale))
+    q = bb.emit(relax.op.add(relax.op.round(relax.op.multiply(x, inv)), zero))
+    return bb.emit(relax.op.astype(relax.op.clip(q, float(qmin), float(qmax)), _INT_DTYPES[dtype]))
+
+
+def _dequantize(node: torch.fx.Node, importer: Any) -> Any:
+    x = importer.env[node.args[0]]
+    per_channel = "per_channel" in node.target.__name__
+    ndim = len(node.args[0].meta["val"].shape)
+    scale = _operand(importer, node.args[1], "float32")
+    zero = None if node.args[2] is None else _operand(importer, node.args[2], "float32")
+    if per_channel:
+        scale = _per_channel(importer, scale, node.args[3], ndim)
+        zero = None if zero is None else _per_channel(importer, zero, node.args[3], ndim)
+    bb = importer.block_builder
+    xf = bb.emit(relax.op.astype(x, "float32"))
+    if zero is not None:
+        xf = bb.emit(relax.op.subtract(xf, zero))
+    return bb.emit(relax.op.multiply(xf, scale))
+
+
+_QUANTIZE_CONVERTERS = {
+    "quantize_per_tensor.default": _quantize, "quantize_per_tensor.tensor": _quantize,
+    "quantize_per_channel.default": _quantize,
+    "dequantize_per_tensor.default": _dequantize, "dequantize_per_tensor.tensor": _dequantize,
+    "dequantize_per_channel.default": _dequantize,
+}
+
+
 def import_partition(ep: Any) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
     """``(Relax module, input specs, output specs)`` of one partition's ExportedProgram.
 
@@ -99,7 +177,7 @@ def import_partition(ep: Any) -> tuple[Any, list[dict[str, Any]], list[dict[str,
     try:
         # Already core ATen: decomposing again would retrace and rename the nodes that
         # LoweringError.node refers to.
-        mod = from_exported_program(ep, run_ep_decomposition=False)
+        mod = from_exported_program(ep, run_ep_decomposition=False, custom_convert_map=dict(_QUANTIZE_CONVERTERS))
     except Exception as exc:
         node = failing_node(exc)
         where = f" at node {node}" if node else ""

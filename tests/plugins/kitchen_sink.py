@@ -5,7 +5,9 @@ Its two backends, ``sink`` and ``sinkb``, are small but real: the compiler seria
 into a list of elementwise ops plus weights, and the runtime interprets that list with numpy. Which
 ATen ops each claims is an option (``ops``), so tests can build any mix of claimed and declined
 nodes; ``fail_on`` makes lowering fail at an op; ``fuse`` reports mul->relu pairs as fused patterns;
-``max_nodes`` makes ``check_partition`` shrink partitions larger than that.
+``max_nodes`` makes ``check_partition`` shrink partitions larger than that. Its int8 quantizer
+(``quantizer``) annotates the ``mul`` ops it claims (int8 per-tensor inputs and output); it runs
+them in float between the dequantize and quantize ops, which it leaves to the next backend.
 
 At run time, ``check=1`` refuses non-finite outputs, ``fail_load=1`` makes loading every blob fail,
 ``$HANDOFF_SINK_UNAVAILABLE`` (comma-separated backend ids) makes those runtimes report that they
@@ -140,6 +142,11 @@ class SinkCompiler(Compiler):
     def cache_key(self) -> str:
         return f"numpy {np.__version__}"
 
+    def quantizer(self, scheme: str) -> Any:
+        if scheme != "int8" or "aten.mul.Tensor" not in self.ops:
+            return None
+        return _sink_quantizer()
+
     def support(self, ep: Any) -> dict[str, str | None]:
         out = {}
         for node in ep.graph.nodes:
@@ -185,6 +192,30 @@ class SinkCompiler(Compiler):
                 outputs = [env[o.name] for o in node.args[0]]
         body = json.dumps({"program": program, "consts": consts, "outputs": outputs}).encode()
         return Lowered(MAGIC + struct.pack("<I", len(body)) + body, {"compiler": "sink", "ops": len(program)})
+
+
+def _sink_quantizer() -> Any:
+    """A PT2E quantizer annotating every unannotated float ``mul`` (torchao imported only here)."""
+    import torch
+    from torchao.quantization.pt2e.observer import MinMaxObserver
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    act = QuantizationSpec(dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine,
+                           is_dynamic=False, observer_or_fake_quant_ctr=MinMaxObserver)
+
+    class SinkQuantizer(Quantizer):
+        def annotate(self, model: Any) -> Any:
+            for node in model.graph.nodes:
+                if node.target is torch.ops.aten.mul.Tensor and Q_ANNOTATION_KEY not in node.meta:
+                    tensors = {a: act for a in node.args if isinstance(a, torch.fx.Node)}
+                    node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(tensors, act, _annotated=True)
+            return model
+
+        def validate(self, model: Any) -> None:
+            pass
+
+    return SinkQuantizer()
 
 
 class SinkTensor:

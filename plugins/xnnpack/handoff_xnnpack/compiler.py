@@ -99,6 +99,16 @@ class XnnpackCompiler(Compiler):
         fused when both land in one partition, and decomposed to a depthwise conv otherwise)."""
         return []
 
+    def quantizer(self, scheme: str) -> Any:
+        """ExecuTorch's ``XNNPACKQuantizer`` with its symmetric config: weights int8 per output
+        channel, activations int8 per tensor (what ExecuTorch's own int8 XNNPACK flow uses)."""
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+            XNNPACKQuantizer,
+            get_symmetric_quantization_config,
+        )
+
+        return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+
     # -- capability ---------------------------------------------------------------------------
     def support(self, ep: torch.export.ExportedProgram) -> dict[str, str | None]:
         """ATen node name -> ``None`` when XNNPACK takes it, else XNNPACK's one-line reason.
@@ -244,6 +254,9 @@ class XnnpackCompiler(Compiler):
             "num_outputs": len(plans[0].outputs),
             "pte_bytes": len(pte),
         }
+        if any(getattr(n.target, "namespace", None) == "quantized_decomposed" for n in ep.graph.nodes):
+            # ExecuTorch's XNNPACK passes fuse each dequantize -> op -> quantize into one QS8 operator
+            meta["int8_compute"] = "XNNPACK int8 (QS8) kernels, dequantize-op-quantize fused by ExecuTorch"
         if self.options["threads"] is not None:
             meta["threads"] = self.options["threads"]
         if et_version != EXECUTORCH_VERSION:

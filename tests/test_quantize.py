@@ -1,0 +1,218 @@
+"""int8 end to end in the core: PT2E quantization with the backends' quantizers (composed in
+priority order), calibration data, the tvm backend's quantize/dequantize import, and the checks of
+handoff.testing against the quantized eager model and fp32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
+
+import handoff
+from handoff import HandoffError, testing
+from handoff.models import random_inputs
+from handoff.quantization import QDQ_NAMESPACE, duplicate_dequantize, is_quantized
+
+
+class TwoHeads(torch.nn.Module):
+    """conv -> relu feeding two heads (a shared activation), and a residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.a = torch.nn.Conv2d(8, 8, 1)
+        self.b = torch.nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        return self.a(y) + self.b(y)
+
+
+SPECS = [((1, 3, 16, 16), "float32")]
+
+
+@pytest.fixture(scope="module")
+def quantized_two_heads():
+    model = TwoHeads().eval()
+    return model, handoff.quantize(model, random_inputs(SPECS), backends=["tvm"], calibration=4)
+
+
+def test_quantize_annotates_with_the_backend_quantizer_and_records_it(quantized_two_heads):
+    _, q = quantized_two_heads
+    assert q.annotated["tvm"] == {"aten.conv2d.default": 3, "aten.relu.default": 1, "aten.add.Tensor": 1}
+    assert q.calibration == "4 random batches" and q.batches == 4 and q.float_ops == {}
+    assert is_quantized(q.exported)
+    # weights are stored as int8, per output channel, symmetric
+    per_channel = [n for n in q.exported.graph.nodes if "dequantize_per_channel" in str(n.target)]
+    assert len(per_channel) == 3 and all(n.args[6] == torch.int8 and n.args[4:6] == (-127, 127) for n in per_channel)
+
+
+@pytest.mark.slow
+def test_tvm_runs_int8_within_quantization_steps_and_reports_how(quantized_two_heads, tmp_path):
+    model, q = quantized_two_heads
+    # also the path of a model quantized before handoff: a .pt2 holding quantize/dequantize ops
+    torch.export.save(q.exported, tmp_path / "q.pt2")
+    result = handoff.partition(str(tmp_path / "q.pt2"), backends=["tvm"], fallback=False)
+    report = result.report
+    assert report.coverage("tvm") == 100.0 and report.stats["aten"].nodes == 0
+    note = report.quantization
+    assert note["backends"]["tvm"]["qdq_ops"] > 0
+    assert "dequantize-compute-quantize" in note["backends"]["tvm"]["compute"][0]
+    assert "quantized before handoff" in note["calibration"]
+    acc = testing.check_int8(result.to_bytes(), q, model, SPECS)
+    # TVM imports the ops with torch's own formulas: equal to the rounding step
+    assert acc["max_steps"] <= 1 and acc["snr_db"] > 20 and acc["top1_agreement"] >= 0.5
+
+
+@pytest.mark.slow
+def test_quantizers_compose_in_priority_order(sink_plugins):
+    """sink (first) annotates the muls it claims, tvm's quantizer the rest, and the report says
+    who annotated what. The sink runs no int8 tensor, so each quantized mul travels with its
+    quantize/dequantize ops to tvm (a fused span), with that reason; the program matches the
+    quantized eager model."""
+    import kitchen_sink
+
+    model = kitchen_sink.sink_net()
+    specs = [((2, 8), "float32")]
+    result = handoff.partition(model, random_inputs(specs), backends=["sink", "tvm"], quantize="int8",
+                               calibration=4, options={"sink": {"ops": "aten.mul.Tensor"}},
+                               default_limits=handoff.Limits(min_size=1))
+    annotated = result.report.quantization["annotated_by"]
+    assert annotated["sink"] == {"aten.mul.Tensor": 2}
+    assert "aten.mul.Tensor" not in annotated["tvm"] and annotated["tvm"].get("aten.add.Tensor")
+    assert result.report.stats["sink"].nodes == 0 and result.report.coverage("tvm") == 100.0
+    muls = [d for d in result.report.declined if d["op"] == "aten.mul.Tensor"]
+    assert len(muls) == 2 and all(d["reasons"]["sink"].startswith("fused pattern with dequantize")
+                                  for d in muls)
+    assert result.report.stats["aten"].nodes == 0  # no quantize/dequantize op stranded on the host
+    testing.check_int8(result.to_bytes(), result.quantized, model, specs)
+
+
+def test_duplicate_dequantize_gives_each_consumer_its_own():
+    class M(torch.nn.Module):
+        def forward(self, x):
+            q = torch.ops.quantized_decomposed.quantize_per_tensor(x, 0.1, 0, -128, 127, torch.int8)
+            d = torch.ops.quantized_decomposed.dequantize_per_tensor(q, 0.1, 0, -128, 127, torch.int8)
+            return d + 1, d * 2
+
+    ep = torch.export.export(M(), (torch.randn(4),))
+    x = torch.randn(4)
+    want = ep.module()(x)
+    assert duplicate_dequantize(ep) == 1
+    dqs = [n for n in ep.graph.nodes if "dequantize" in str(n.target)]
+    assert len(dqs) == 2 and all(len(n.users) == 1 for n in dqs)
+    for got, w in zip(ep.module()(x), want):
+        torch.testing.assert_close(got, w)
+
+
+def _resolved():
+    from handoff.zoo import ResolvedModel
+
+    return ResolvedModel("two_heads", module=TwoHeads().eval(), example_inputs=random_inputs(SPECS))
+
+
+def test_calibration_data_npz(tmp_path):
+    from handoff.quantization import _calibration_batches
+
+    example = random_inputs(SPECS)
+    path = tmp_path / "cal.npz"
+    np.savez(path, np.random.default_rng(0).standard_normal((5, 1, 3, 16, 16)).astype(np.float32))
+    batches, where = _calibration_batches(example, None, str(path))
+    assert len(batches) == 5 and where.endswith(": 5 batches") and batches[0][0].shape == (1, 3, 16, 16)
+    np.savez(path, np.zeros((1, 3, 16, 16), np.float32))
+    assert len(_calibration_batches(example, None, str(path))[0]) == 1
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ([np.zeros((2, 1, 3, 8, 8), np.float32)], r"array 0 has shape \[2, 1, 3, 8, 8\]; input 0 is \[1, 3, 16, 16\], "
+                                                r"so give \(N, 1, 3, 16, 16\)"),
+    ([np.zeros((2, 1, 3, 16, 16), np.float32)] * 2, r"holds 2 array\(s\), the model has 1 input"),
+    ([np.zeros((2, 1, 3, 16, 16), np.float64)], r"batch 0: input 0 is float64\[1, 3, 16, 16\], the model takes float32"),
+    ([np.array([object()], dtype=object)], r"not a numpy .npz file .*numpy.savez"),
+])
+def test_bad_calibration_data_says_what_and_how(tmp_path, arrays, message):
+    from handoff.quantization import quantize_resolved
+
+    path = tmp_path / "cal.npz"
+    np.savez(path, *arrays, allow_pickle=True)
+    with pytest.raises(HandoffError, match=message):
+        quantize_resolved(_resolved(), {"tvm": handoff.get_plugins().compiler("tvm", {})}, "int8", None, str(path))
+
+
+def test_quantize_argument_errors(quantized_two_heads, tmp_path):
+    from handoff.quantization import quantize_resolved
+    from handoff.zoo import ResolvedModel
+
+    tvm = {"tvm": handoff.get_plugins().compiler("tvm", {})}
+    with pytest.raises(HandoffError, match="either --calibration N .* or --calibration-data FILE.npz, not both"):
+        quantize_resolved(_resolved(), tvm, "int8", 4, str(tmp_path / "x.npz"))
+    with pytest.raises(HandoffError, match="--calibration 0: give a number of batches from 1 to"):
+        quantize_resolved(_resolved(), tvm, "int8", 0)
+    with pytest.raises(HandoffError, match="--quantize 'int4': choose one of int8"):
+        quantize_resolved(_resolved(), tvm, "int4")
+    with pytest.raises(HandoffError, match=r"--calibration-data .*missing.npz: no such file"):
+        quantize_resolved(_resolved(), tvm, "int8", None, str(tmp_path / "missing.npz"))
+    _, q = quantized_two_heads
+    with pytest.raises(HandoffError, match=f"already quantized \\(it holds {QDQ_NAMESPACE} ops\\); partition it "
+                                           "without --quantize"):
+        quantize_resolved(ResolvedModel("q", exported=q.exported, example_inputs=random_inputs(SPECS)), tvm)
+
+
+def test_no_quantizer_among_the_backends(sink_plugins):
+    with pytest.raises(HandoffError, match=r"none of the selected backends \(sink\) offers a quantizer for int8"):
+        handoff.quantize(TwoHeads().eval(), random_inputs(SPECS), backends=["sink"],
+                         options={"sink": {"ops": "aten.add.Tensor"}})
+
+
+def test_calibration_needs_quantize(capsys):
+    from handoff.cli import main
+
+    assert main(["partition", "zoo:small_cnn", "--backends", "tvm", "--calibration", "2"]) != 0
+    assert "--calibration and --calibration-data calibrate --quantize; add --quantize int8" in capsys.readouterr().err
+
+
+def test_output_steps_and_snr(quantized_two_heads):
+    _, q = quantized_two_heads
+    (step,) = testing.output_steps(q.reference)
+    add = [n for n in q.exported.graph.nodes if "dequantize_per_tensor" in str(n.target)][-1]
+    assert step == pytest.approx(add.args[1]) and step > 0
+    want = np.linspace(-1, 1, 100)
+    assert testing.snr_db(want, want) == float("inf")
+    assert testing.snr_db(want + 0.01, want) == pytest.approx(10 * np.log10(np.sum(want ** 2) / (100 * 1e-4)))
+    with pytest.raises(AssertionError, match=r"differs from the quantized eager model by 4.00 quantization steps"):
+        testing.assert_matches_quantized(np.array([0.4]), np.array([0.0]), 0.1)
+
+
+@pytest.mark.slow
+def test_zoo_transformer_int8_on_tvm():
+    """The zoo transformer's linear layers in int8 on tvm (layer norm, softmax and GELU stay float)."""
+    zoo = handoff.get_plugins().zoo()["small_transformer"]
+    model = zoo.build()
+    result = handoff.partition(model, random_inputs(zoo.inputs), backends=["tvm"], fallback=False, quantize="int8",
+                               calibration=4)
+    q = result.report.quantization
+    assert q["annotated_by"]["tvm"]["aten.linear.default"] == 9
+    assert result.report.coverage("tvm") == 100.0
+    acc = testing.check_int8(result.to_bytes(), result.quantized, model, zoo.inputs, seeds=(51, 52))
+    assert acc["max_steps"] <= 1 and acc["snr_db"] > 15
+
+
+@pytest.mark.slow
+def test_cli_quantize_prints_who_annotated_what(sink_plugins, tmp_path, capsys):
+    import json
+
+    from handoff.cli import main
+
+    out, report = tmp_path / "q.hof", tmp_path / "r.json"
+    assert main(["partition", "sink:net", "--backends", "sink,tvm", "--quantize", "int8", "--calibration", "2",
+                 "--option", "sink.ops=aten.mul.Tensor", "-o", str(out), "--report", str(report)]) == 0
+    text = capsys.readouterr().out
+    assert "int8: calibration 2 random batches" in text and "sink's quantizer annotated: mul×2" in text
+    assert "tvm runs" in text and "dequantize-compute-quantize" in text
+    q = json.loads(report.read_text())["quantization"]
+    assert q["annotated_by"]["sink"] == {"aten.mul.Tensor": 2} and q["batches"] == 2
+    with handoff.load(out) as program:
+        assert np.isfinite(program.run([np.ones((2, 8), np.float32)])[0]).all()
