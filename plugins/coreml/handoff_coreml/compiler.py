@@ -1,0 +1,304 @@
+"""The ahead-of-time half of the ``coreml`` backend: coremltools 9.0's torch.export frontend.
+
+Lowering one partition (:meth:`CoreMLCompiler.preprocess`):
+
+1. the capability check of :mod:`handoff_coreml.capability` runs on the partition (a node it
+   declines is a :class:`handoff.LoweringError` naming it, never a silently wrong conversion);
+2. ``coremltools.convert(ep, convert_to="mlprogram", minimum_deployment_target=...,
+   compute_precision=...)`` writes the ML Program package (``.mlpackage``), with the partition's
+   inputs and outputs as features ``input_0..``/``output_0..`` of their dtypes (Core ML has no
+   int64 or bool features: int32 and float32 carry them);
+3. the package is zipped into the blob (:mod:`handoff_coreml._format`), and the blob is checked
+   as the runtime will read it: unpacked with the runtime's own checks, reloaded with
+   ``coremltools.models.MLModel(..., skip_model_load=True)``, its specification's features
+   compared with the partition's; and every partition node must be accounted for by the ML
+   Program: each MIL operation carries the debug handles of the torch nodes it came from (through
+   coremltools' fusions), and a node none carries must be a ``getitem``, computed from weights
+   alone (folded into a constant) or a reshape/copy that MIL removed. Anything else is a
+   ``LoweringError``: a conversion that silently dropped work.
+
+Capability (:meth:`CoreMLCompiler.support`) is coremltools' own frontend, asked about every node
+(:mod:`handoff_coreml.capability`); after planning, :meth:`CoreMLCompiler.check_partition`
+converts every planned partition for real (option ``verify``, on by default) and declines, by
+bisection, the nodes coremltools fails on in context. That conversion is kept, so ``preprocess``
+of the same partition does not convert it again; outcomes are cached under
+``$HANDOFF_HOME/coreml/verified``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import operator
+import os
+import tempfile
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from handoff import Compiler, Lowered, LoweringError, cache_dir, extract_partition, one_line
+
+from . import __version__, _format, _package, capability
+from ._quiet import quiet
+
+with quiet():
+    import coremltools as ct
+    from coremltools.converters.mil.mil.scope import ScopeSource
+
+A = torch.ops.aten
+CT = capability.CT
+#: Ops MIL removes when they change nothing but the view of the data, or only check it (their
+#: handles may vanish).
+_MOVEMENT = frozenset({A.view.default, A._unsafe_view.default, A.clone.default, A.alias.default, A.expand.default,
+                       A.permute.default, A.squeeze.dims, A.squeeze.dim, A.unsqueeze.default, A.slice.Tensor,
+                       A._to_copy.default, A._assert_tensor_metadata.default})
+_CONSTANT, _EMPTY = object(), object()  # verification outcomes of groups with nothing to convert
+
+
+class CoreMLCompiler(Compiler):
+    """Capability and lowering for the ``coreml`` backend (see the module docstring).
+
+    Options (typed, see :data:`handoff_coreml._format.OPTIONS`): ``deployment_target``,
+    ``precision``, ``compute_units`` (recorded as the delegate's default), ``verify``.
+    """
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        super().__init__(options)
+        self.target = self.options.get("deployment_target") or "iOS15"
+        self.precision = self.options.get("precision") or "fp16"
+        self.compute_units = self.options.get("compute_units") or "all"
+        self.verify = bool(self.options.get("verify", True))
+        self._converted: dict[str, Lowered] = {}  # partition content -> what check_partition converted
+        self._key_of: tuple[Any, str] = (None, "")
+
+    def cache_key(self) -> str:
+        """What decides a blob besides the options and the plugin's code: the converter, and torch
+        (whose export the converter reads)."""
+        return f"coremltools {ct.__version__}; torch {torch.__version__}; blob format {_format.FORMAT_VERSION}"
+
+    def ops_to_not_decompose(self) -> Sequence[Any]:
+        """``aten.linear``: coremltools converts it to one MIL ``linear`` (decomposed it is a
+        transpose, a matmul or addmm and reshapes around it)."""
+        return [A.linear.default]
+
+    # -- capability ---------------------------------------------------------------------------
+    def support(self, ep: torch.export.ExportedProgram) -> dict[str, str | None]:
+        return capability.translate(ep, self.target)
+
+    def check_partition(self, ep: Any, nodes: Sequence[str]) -> dict[str, str]:
+        """Convert the planned partition ``nodes`` for real (when ``verify`` is on); decline the
+        nodes that make it fail (:meth:`_find_refused`). The outcome is cached per program,
+        partition, options and coremltools version."""
+        if not self.verify:
+            return {}
+        by_name = {n.name: n for n in ep.graph.nodes}
+        group = [n for n in nodes if by_name[n].target is not operator.getitem]
+        key = hashlib.sha256("\0".join([self._program_key(ep), *group, json.dumps(self.options, sort_keys=True),
+                                        self.cache_key(), __version__]).encode()).hexdigest()
+        path = cache_dir("coreml/verified") / f"{key}.json"
+        try:
+            return dict(json.loads(path.read_text())["declined"])
+        except Exception:
+            declined = self._find_refused(ep, group)
+            with contextlib.suppress(OSError):
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({"declined": declined}))
+                os.replace(tmp, path)
+            return declined
+
+    def _find_refused(self, ep: Any, group: list[str]) -> dict[str, str]:
+        """Decline, one at a time, the last node of the smallest failing prefix (topological
+        order) of ``group``, until the rest converts."""
+        remaining = list(group)
+        declined: dict[str, str] = {}
+        by_name = {n.name: n for n in ep.graph.nodes}
+        while remaining:
+            outcome = self._check(ep, remaining, keep=True)
+            if outcome is None:
+                break
+            if outcome is _CONSTANT or outcome is _EMPTY:
+                why = "computes only from weights (a constant)" if outcome is _CONSTANT else "has no outputs"
+                declined.update({n: f"this group of {len(remaining)} node(s) {why}: nothing for Core ML to run"
+                                 for n in remaining})
+                break
+            lo, hi, error = 1, len(remaining), outcome  # smallest k with remaining[:k] failing
+            while lo < hi:
+                mid = (lo + hi) // 2
+                result = self._check(ep, remaining[:mid])
+                if result is None or result is _CONSTANT or result is _EMPTY:
+                    lo = mid + 1
+                else:
+                    hi, error = mid, result
+            culprit = remaining[hi - 1]
+            context = "even alone" if hi == 1 else "in this graph (what precedes it converts without it)"
+            declined[culprit] = f"{CT} fails to convert {capability.op_name(by_name[culprit].target)} {context}: {error}"
+            remaining.remove(culprit)
+        return declined
+
+    def _check(self, ep: Any, names: list[str], keep: bool = False) -> Any:
+        """``None`` when ``names`` (with their getitems) convert as one partition, the failure
+        otherwise, or :data:`_CONSTANT` / :data:`_EMPTY` for groups with nothing to run. With
+        ``keep``, a successful conversion is kept for :meth:`preprocess`."""
+        wanted = set(names)
+        ordered = [n.name for n in ep.graph.nodes if n.op == "call_function" and (
+            n.name in wanted or (n.target is operator.getitem and n.args[0].name in wanted))]
+        try:
+            sub, inputs, outputs = extract_partition(ep, ordered, {})
+        except Exception as exc:
+            return f"cannot cut the group out of the program: {one_line(exc)}"
+        if not inputs:
+            return _CONSTANT
+        if not outputs:
+            return _EMPTY
+        key = _content_key(sub)
+        try:
+            lowered = self._lower(sub, "group")
+        except LoweringError as exc:  # the converter's words, without the class name
+            return " ".join(str(exc).split())
+        except Exception as exc:
+            return one_line(exc)
+        if keep:
+            self._converted[key] = lowered
+        return None
+
+    def _program_key(self, ep: Any) -> str:
+        """A content hash of ``ep`` (graph and weights), computed once per program."""
+        if self._key_of[0] is not ep:
+            h = hashlib.sha256(str(ep.graph).encode())
+            for name, t in sorted([*ep.state_dict.items(), *ep.constants.items()], key=lambda kv: kv[0]):
+                if isinstance(t, torch.Tensor):
+                    h.update(name.encode())
+                    h.update(_tensor_bytes(t))
+            self._key_of = (ep, h.hexdigest())
+        return self._key_of[1]
+
+    # -- lowering -----------------------------------------------------------------------------
+    def preprocess(self, ep: torch.export.ExportedProgram, name: str) -> Lowered:
+        converted = self._converted.pop(_content_key(ep), None)
+        return converted if converted is not None else self._lower(ep, name)
+
+    def _lower(self, ep: torch.export.ExportedProgram, name: str) -> Lowered:
+        for node, reason in capability.translate(ep, self.target).items():
+            if reason:
+                raise LoweringError(f"{node}: {reason}", node=node)
+        return self.lower_unchecked(ep, name)
+
+    def lower_unchecked(self, ep: torch.export.ExportedProgram, name: str) -> Lowered:
+        """Lowering without the capability check (``tools/check_op_table.py`` converts what the
+        check declines with it). Changes ``ep`` in place: omitted defaults filled in, debug handles."""
+        capability.fill_defaults(ep)
+        calls = [n for n in ep.graph.nodes if n.op == "call_function"]
+        for i, node in enumerate(calls):  # provenance through MIL's passes (see _unaccounted)
+            node.meta["debug_handle"] = i
+        inputs = [_feature(f"input_{i}", n) for i, n in enumerate(_user_inputs(ep))]
+        outputs = [_feature(f"output_{i}", n) for i, n in enumerate(_outputs(ep))]
+        with tempfile.TemporaryDirectory(prefix="handoff-coreml-") as tmp:
+            start = time.perf_counter()
+            try:
+                with quiet():
+                    model = ct.convert(
+                        ep, convert_to="mlprogram", skip_model_load=True,
+                        minimum_deployment_target=capability.TARGETS[self.target],
+                        compute_precision=ct.precision.FLOAT16 if self.precision == "fp16" else ct.precision.FLOAT32,
+                        compute_units=ct.ComputeUnit[self.compute_units.upper()],
+                        inputs=[ct.TensorType(name=f["name"], dtype=np.dtype(f["coreml_dtype"])) for f in inputs],
+                        outputs=[ct.TensorType(name=f["name"], dtype=np.dtype(f["coreml_dtype"])) for f in outputs],
+                        package_dir=os.path.join(tmp, _format.PACKAGE))
+            except Exception as exc:
+                raise LoweringError(f"{CT} failed to convert {name}: {one_line(exc)}") from exc
+            seconds = time.perf_counter() - start
+            missing = _unaccounted(ep, calls, model._mil_program)
+            if missing:
+                raise LoweringError(f"{CT} converted {name} without computing {', '.join(missing[:5])}"
+                                    f"{' and more' if len(missing) > 5 else ''}: no MIL operation carries "
+                                    f"{'its' if len(missing) == 1 else 'their'} provenance", node=missing[0].split()[0])
+            header = {"coremltools": ct.__version__, "handoff_coreml": __version__,
+                      "spec_version": int(model.get_spec().specificationVersion),
+                      "deployment_target": self.target, "precision": self.precision,
+                      "compute_units": self.compute_units, "inputs": inputs, "outputs": outputs}
+            blob = _format.pack(header, os.path.join(tmp, _format.PACKAGE))
+            del model
+        spec = _reloaded(blob)
+        metadata = {
+            "compiler": "coremltools", "coremltools_version": ct.__version__, "format": _format.FORMAT_VERSION,
+            "spec_version": header["spec_version"], "deployment_target": self.target, "precision": self.precision,
+            "compute_units": self.compute_units, "inputs": inputs, "outputs": outputs,
+            "mil_ops": _package.mil_ops(spec), "package_bytes": len(blob), "convert_seconds": round(seconds, 3),
+        }
+        return Lowered(blob, metadata)
+
+
+def _user_inputs(ep: Any) -> list[torch.fx.Node]:
+    names = set(ep.graph_signature.user_inputs)
+    return [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in names]
+
+
+def _outputs(ep: Any) -> list[torch.fx.Node]:
+    (out,) = [n for n in ep.graph.nodes if n.op == "output"]
+    return list(out.args[0])
+
+
+def _feature(name: str, node: torch.fx.Node) -> dict[str, Any]:
+    """A Core ML input/output feature for the partition value ``node``."""
+    val = node.meta["val"]
+    dtype = str(val.dtype).removeprefix("torch.")
+    if dtype not in _format.BOUNDARY_DTYPES:
+        raise LoweringError(f"{node.name} crosses the partition boundary as {dtype}, which Core ML features cannot "
+                            f"carry (valid: {', '.join(_format.BOUNDARY_DTYPES)})", node=node.name)
+    return {"name": name, "dtype": dtype, "coreml_dtype": _format.BOUNDARY_DTYPES[dtype],
+            "shape": [int(d) for d in val.shape]}
+
+
+def _unaccounted(ep: Any, calls: list[torch.fx.Node], program: Any) -> list[str]:
+    """Partition nodes no MIL operation of ``program`` carries the debug handle of, except
+    ``getitem`` nodes, nodes computed from weights alone (folded into constants) and data movement
+    MIL may remove: ``["name (op)", ...]``."""
+    seen: set[int] = set()
+    for op in program.functions["main"].operations:
+        seen.update(h for h in op.scopes.get(ScopeSource.EXIR_DEBUG_HANDLE, []) if isinstance(h, int))
+    sig = ep.graph_signature
+    constant = set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers) | set(sig.inputs_to_lifted_tensor_constants)
+    missing = []
+    for i, node in enumerate(calls):
+        if all(a.name in constant for a in node.all_input_nodes):
+            constant.add(node.name)
+        if i in seen or node.target is operator.getitem or node.name in constant or node.target in _MOVEMENT:
+            continue
+        missing.append(f"{node.name} ({capability.op_name(node.target)})")
+    return missing
+
+
+def _reloaded(blob: bytes) -> Any:
+    """The blob as the runtime reads it: unpacked with its checks, the package reloaded by
+    coremltools (``skip_model_load``), its features compared with the header; its specification."""
+    container = _format.unpack(blob)
+    with tempfile.TemporaryDirectory(prefix="handoff-coreml-") as tmp:
+        spec = _package.read_spec(_format.extract(container, tmp))
+    try:
+        _package.check_spec(spec, container.header)
+    except ValueError as exc:
+        raise LoweringError(f"{CT} wrote a package that does not match the partition: {exc}") from None
+    return spec
+
+
+def _content_key(ep: Any) -> str:
+    """Graph code, input types and weights of a partition program: equal for the group
+    ``check_partition`` converted and the same partition handed to ``preprocess``."""
+    h = hashlib.sha256(ep.graph_module.code.encode())
+    for node in ep.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            h.update(f"{node.name}:{getattr(val, 'dtype', None)}{list(getattr(val, 'shape', []))}".encode())
+    for name, t in sorted([*ep.state_dict.items(), *ep.constants.items()], key=lambda kv: kv[0]):
+        if isinstance(t, torch.Tensor):
+            h.update(name.encode())
+            h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
