@@ -31,7 +31,7 @@ def check_against_eager(program: Any, model: Any, input_specs: Sequence[Any], se
     Returns the program's first output per seed."""
     import torch
 
-    from .models import random_inputs
+    from .zoo import random_inputs
     from .runtime import Program, load
 
     owned = not isinstance(program, Program)

@@ -390,7 +390,7 @@ def test_zoo_model_on_vulkan_and_xnnpack_matches_eager(name, tmp_path_factory, _
 def test_one_submission_per_run_and_no_allocation(monkeypatch, tmp_path_factory):
     _needs_compiler()
     _needs_gpu()
-    from handoff.models import random_inputs
+    from handoff.zoo import random_inputs
 
     program_bytes, _ = _zoo_program("small_cnn", ("vulkan",), tmp_path_factory.mktemp("home"))
     zoo = handoff.get_plugins().zoo()["small_cnn"]
@@ -424,7 +424,7 @@ def test_runtime_runs_without_torch_or_tvm(tmp_path, tmp_path_factory):
     _needs_gpu()
     import torch
 
-    from handoff.models import random_inputs
+    from handoff.zoo import random_inputs
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4)).eval()

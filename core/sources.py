@@ -1,9 +1,10 @@
-"""The core's built-in plugin for model sources and the zoo.
+"""The core's built-in plugin for model sources: what the MODEL argument can name.
 
 Registered like any plugin (``trylast``), so another plugin can add sources or override these.
-Sources: ``zoo:NAME``; ``path.pt2`` written by ``torch.export.save``; ``path/file.py:Name`` where
-``Name`` is an ``nn.Module`` subclass or a factory, with inputs from ``--input-shape`` or from an
-``example_inputs()`` function in that file.
+Sources: ``zoo:NAME`` (the built-in models of :mod:`handoff.zoo` and every plugin's); ``path.pt2``
+written by ``torch.export.save``; ``path/file.py:Name`` where ``Name`` is an ``nn.Module``
+subclass or a factory, with inputs from ``--input-shape`` or from an ``example_inputs()``
+function in that file.
 """
 
 from __future__ import annotations
@@ -14,40 +15,16 @@ import logging
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from .hookspecs import hookimpl
 from .hostops import NAMESPACES
-from .zoo import InputSpec, ResolvedModel, ZooModel
+from .zoo import BUILTIN, InputSpec, ResolvedModel, ZooModel, random_inputs
 
 
 @hookimpl(trylast=True)
 def handoff_zoo_models() -> dict[str, ZooModel]:
-    return {
-        "small_cnn": ZooModel("handoff.zoo_models:small_cnn", [((1, 3, 64, 64), "float32")],
-                              "conv-bn-relu CNN with a residual block, 1x3x64x64 -> 10 classes"),
-        "small_transformer": ZooModel("handoff.zoo_models:small_transformer", [((1, 32, 64), "float32")],
-                                      "2-layer pre-norm transformer encoder, 32 tokens x 64 dims"),
-        "mobilenet_v2": ZooModel("handoff.zoo_models:mobilenet_v2", [((1, 3, 224, 224), "float32")],
-                                 "MobileNetV2 1.0, 1x3x224x224 -> 1000 classes"),
-    }
-
-
-def random_inputs(specs: Sequence[InputSpec], seed: int = 0) -> tuple[Any, ...]:
-    """Example tensors for ``specs``: normal floats, small non-negative integers, random bools."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for shape, dtype in specs:
-        tdt = getattr(torch, dtype)
-        if tdt.is_floating_point:
-            out.append(torch.randn(shape, generator=gen).to(tdt))
-        elif tdt == torch.bool:
-            out.append(torch.rand(shape, generator=gen) > 0.5)
-        else:
-            out.append(torch.randint(0, 8, shape, generator=gen).to(tdt))
-    return tuple(out)
+    return dict(BUILTIN)
 
 
 @hookimpl(trylast=True)
@@ -67,8 +44,8 @@ def _from_zoo(name: str, input_shapes: Sequence[InputSpec], zoo: Mapping[str, Zo
     if name not in zoo:
         raise ValueError(f"unknown zoo model '{name}'; zoo models: {', '.join(sorted(zoo))}")
     model = zoo[name]
-    return ResolvedModel(name=f"zoo:{name}", module=model.build(),
-                         example_inputs=random_inputs(input_shapes or model.inputs))
+    inputs = random_inputs(input_shapes, int_high=model.int_high) if input_shapes else model.example_inputs()
+    return ResolvedModel(name=f"zoo:{name}", module=model.build(), example_inputs=inputs, zoo=model)
 
 
 def _from_pt2(path: Path) -> ResolvedModel:
