@@ -35,8 +35,13 @@ DEFAULT_MIN_PARTITION_SIZE = 3
 
 @dataclasses.dataclass
 class PartitionResult:
+    """The program (:attr:`assembled`), its delegation report, and the decomposed
+    ``ExportedProgram`` it was partitioned from (:attr:`exported`: the graph whose node names the
+    manifest's values carry; :mod:`handoff.numerics` evaluates it eagerly)."""
+
     assembled: Assembled
     report: Report
+    exported: Any = None
 
     def to_bytes(self, alignment: int = 64) -> bytes:
         from .program import program_bytes
@@ -169,7 +174,7 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
     report = Report.build(resolved.name, chain, view, the_plan, lowered, moves, assembled)
     report.timings.update(clock.seconds)
     plugins.pm.hook.handoff_report(report=report)
-    return PartitionResult(assembled, report)
+    return PartitionResult(assembled, report, ep)
 
 
 class _Clock:
