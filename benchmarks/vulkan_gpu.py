@@ -9,7 +9,8 @@ Two modes, because the GPU machine has no TVM (and need not have handoff install
 * ``--run DIR`` (on the GPU machine): for each ``.hof`` in DIR, and in the same process
   * handoff: ``handoff.load`` with ``--option vulkan.timestamps=1``; end to end is
     ``program.run([x])`` with numpy in and out (input upload, one queue submission, one
-    readback); device time is the timestamp-query span of the run's compute pass;
+    readback of the output: a submission and a map); device time is the timestamp-query span of
+    the run's compute pass;
   * torch: the zoo model with the saved weights on ``cuda`` in fp32 with TF32 off; end to end is
     ``model(x.cuda()).cpu()`` (upload, run, read back); device time is CUDA events around
     ``model(x_gpu)``;
@@ -108,10 +109,10 @@ def run_handoff(path: Path, x: np.ndarray, want: np.ndarray, args: argparse.Name
             t = time.perf_counter()
             program.run([x])
             wall.append(time.perf_counter() - t)
-            stats = program.stats()  # per delegate: the last run's GPU time and host phases
-            gpu.append(sum(d["gpu_seconds"] or 0.0 for d in stats))
-            phases.append(stats[0]["host_seconds"] or {})
-        adapter = stats[0]["adapter"]
+            delegates = [d["stats"] for d in program.stats()["delegates"]]  # the last run's GPU time, host phases
+            gpu.append(sum(d["gpu_seconds"] or 0.0 for d in delegates))
+            phases.append(delegates[0]["host_seconds"] or {})
+        adapter = delegates[0]["adapter"]
         meta = program.manifest["delegates"][0]["metadata"]
     return {"adapter": adapter, "load_ms": load_s * 1e3, "first_run_ms": first_s * 1e3,
             "e2e_ms": _median_ms(wall), "e2e_p90_ms": float(np.percentile(wall, 90)) * 1e3,

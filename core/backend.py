@@ -293,6 +293,11 @@ class Runtime:
     #: ``True`` when ``execute`` may run concurrently on one handle (it keeps no per-call state in
     #: the handle, or locks what it shares itself).
     reentrant: bool = False
+    #: ``True`` when a blob is native code (a shared library to ``dlopen``). The core then loads
+    #: the program only when it is signed by a key the user trusts (or the user allowed unsigned
+    #: programs), and ``load`` must turn the blob into a file with :func:`handoff.native_library`,
+    #: which refuses bytes other than the signed ones. See ``docs/security.md``.
+    native_code: bool = False
 
     def is_available(self) -> tuple[bool, str]:
         """Whether this backend can run here, and why not (``(False, "onnxruntime-qnn not

@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from .backend import Lowered
 
@@ -56,7 +57,9 @@ class CacheHit:
 
 class LoweringCache:
     """Blobs by content key under ``$HANDOFF_HOME/lowered``: ``KEY.blob`` and ``KEY.json`` (the
-    blob's sha256, its metadata, and the original compile time, so a cached run still reports it).
+    blob's sha256, its metadata, the original compile time, so a cached run still reports it, and
+    the local key's signature over all of these: a replaced blob and digest is a miss, not a blob
+    a later ``partition`` embeds).
 
     The key (:meth:`key`) covers the backend, its plugin's code identity (distribution version and
     a digest of its files), the compiler's own ``cache_key()``, the options and the partition's
@@ -76,18 +79,32 @@ class LoweringCache:
         return h.hexdigest()
 
     def get(self, key: str) -> CacheHit | None:
+        """The entry under ``key`` when its blob matches its digest and the entry carries the
+        local key's signature; anything else (missing, damaged, replaced) is a miss."""
+        from .signing import entry_is_authentic
+
         blob_path, meta_path = self.root / f"{key}.blob", self.root / f"{key}.json"
         try:
             meta = json.loads(meta_path.read_text())
             blob = blob_path.read_bytes()
-            if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
+            digest = hashlib.sha256(blob).hexdigest()
+            entry = _signed_part(key, digest, meta["metadata"], meta["compile_seconds"])
+            if digest != meta.get("sha256") or not entry_is_authentic(entry, meta.get("signature")):
                 return None
-            return CacheHit(Lowered(blob, dict(meta["metadata"])), float(meta.get("compile_seconds", 0.0)))
+            return CacheHit(Lowered(blob, dict(meta["metadata"])), float(meta["compile_seconds"]))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
     def put(self, key: str, lowered: Lowered, compile_seconds: float) -> None:
+        from .signing import sign_entry
+
+        digest = hashlib.sha256(lowered.blob).hexdigest()
+        meta = {"sha256": digest, "metadata": lowered.metadata, "compile_seconds": compile_seconds,
+                "signature": sign_entry(_signed_part(key, digest, lowered.metadata, compile_seconds))}
         _atomic_write(self.root / f"{key}.blob", lowered.blob)
-        meta = {"sha256": hashlib.sha256(lowered.blob).hexdigest(), "metadata": lowered.metadata,
-                "compile_seconds": compile_seconds}
         _atomic_write(self.root / f"{key}.json", json.dumps(meta).encode())
+
+
+def _signed_part(key: str, digest: str, metadata: Any, compile_seconds: Any) -> bytes:
+    """What a cache entry's signature covers: its key, its blob's digest, its metadata and time."""
+    return json.dumps([key, digest, metadata, compile_seconds], sort_keys=True).encode()

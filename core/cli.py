@@ -92,6 +92,23 @@ def build_parser(prog: str = "handoff") -> argparse.ArgumentParser:
     r.add_argument("--tolerance", type=float, default=None, metavar="REL",
                    help="relative error a delegate may have in --check-against (default 1e-3)")
     r.add_argument("--json", action="store_true", help="print a JSON summary")
+    add_trust_arguments(r)
+
+    s = sub.add_parser("sign", parents=[common], help="sign a program (ed25519), so runtimes that trust the key "
+                       "load its native code")
+    s.add_argument("program")
+    s.add_argument("--key", metavar="KEY.pem", help="ed25519 private key (default: the local key in $HANDOFF_HOME/keys)")
+    s.add_argument("-o", "--output", help="write the signed program here (default: replace PROGRAM)")
+
+    v = sub.add_parser("verify", parents=[common], help="check a program's every byte and its signature")
+    v.add_argument("program")
+    v.add_argument("--trusted-keys", action="append", default=[], metavar="DIR",
+                   help="directory of PEM public keys to trust, besides the local key and $HANDOFF_HOME/trusted")
+
+    k = sub.add_parser("key", parents=[common], help="print this machine's public signing key (give it to whoever "
+                       "runs your programs), or trust someone else's")
+    k.add_argument("--trust", metavar="PUBLIC.pem", help="trust this public key from now on (copies it into "
+                   "$HANDOFF_HOME/trusted)")
 
     c = sub.add_parser("compare", parents=[common], help="lower a model with several strategies and measure each: "
                        "coverage, size, load and first-run time, latency, error vs eager PyTorch")
@@ -120,6 +137,8 @@ def build_parser(prog: str = "handoff") -> argparse.ArgumentParser:
                    help="fail: a partition that fails to lower fails its strategy; fallback (default): it moves to "
                         "the next backend")
     c.add_argument("--no-cache", action="store_true", help="do not reuse lowered partitions from $HANDOFF_HOME")
+    c.add_argument("--trust-model", action="store_true", help="read a model file that runs code when loaded (a .pt2 "
+                   "holding pickles): only for files whose author you trust")
     c.add_argument("--max-workers", type=int, metavar="N", help="at most N measuring processes at once (each holds "
                    "its backends' runtimes, a few hundred MB); strategies are then timed in groups of N, interleaved "
                    "within each group (default: all at once)")
@@ -155,7 +174,20 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
                    help="fallback: move a partition that fails to lower to the next backend")
     p.add_argument("--report", metavar="FILE.json", help="write the delegation report as JSON")
     p.add_argument("--no-cache", action="store_true", help="do not reuse lowered partitions from $HANDOFF_HOME")
+    p.add_argument("--trust-model", action="store_true", help="read a model file that runs code when loaded (a .pt2 "
+                   "holding pickles): only for files whose author you trust")
+    p.add_argument("--no-sign", action="store_true", help="do not sign the program with the local key")
+    p.add_argument("--fallback-copies", action="store_true", help="store next to each vendor delegate a copy of "
+                   "its partition compiled by tvm (for the host or --target), run where the vendor's runtime is missing")
     p.add_argument("--quiet", action="store_true", help="print only the output path")
+
+
+def add_trust_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trusted-keys", action="append", default=[], metavar="DIR",
+                   help="directory of PEM public keys whose signatures make a program's native code loadable, "
+                        "besides the local key and $HANDOFF_HOME/trusted")
+    p.add_argument("--allow-unsigned", action="store_true",
+                   help="load native code no trusted key signed (only for programs you trust)")
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "handoff") -> int:
@@ -329,9 +361,10 @@ def run_partition(args: argparse.Namespace) -> int:
                            limits={b: Limits(min_per.get(b, min_default), max_per.get(b, max_default))
                                    for b in {*min_per, *max_per}},
                            default_limits=Limits(min_default, max_default),
-                           on_lower_error=args.on_lower_error, use_cache=not args.no_cache, progress=progress)
+                           on_lower_error=args.on_lower_error, use_cache=not args.no_cache, progress=progress,
+                           trust_model=args.trust_model, fallback_copies=args.fallback_copies)
     output = args.output or _default_output(args.model)
-    result.write(output)
+    result.write(output, sign=not args.no_sign)
     if args.report:
         Path(args.report).write_text(json.dumps(result.report.to_json(), indent=2))
     if args.quiet:
@@ -358,7 +391,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     options = _options(args.option)
     start = time.perf_counter()
-    program = load(args.program, options=options)
+    program = load(args.program, options=options, trusted_keys=args.trusted_keys, allow_unsigned=args.allow_unsigned)
     load_s = time.perf_counter() - start
     with program:
         specs = program.input_specs
@@ -432,6 +465,7 @@ def _check_against(args: argparse.Namespace, specs: Sequence[Any], inputs: Seque
     from .bench import errors
     from .plugins import get_plugins
     from .program import ProgramFile
+    from .signing import local_key
 
     plugins = get_plugins()
     tolerance = numerics.DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
@@ -442,7 +476,8 @@ def _check_against(args: argparse.Namespace, specs: Sequence[Any], inputs: Seque
         reference = resolved.module if resolved.module is not None else ep.module()
         with torch.no_grad():
             eager = [t.numpy() for t in _pytree.tree_leaves(reference(*tensors)) if isinstance(t, torch.Tensor)]
-        rows = numerics.check_delegates(pf, ep, tensors, options, plugins, tolerance)
+        # the program loaded with the runtime's trust checks, so its delegates may be signed here
+        rows = numerics.check_delegates(pf, ep, tensors, options, plugins, tolerance, signer=local_key())
     return {"model": args.check_against, "tolerance": tolerance, **errors(outputs, eager), "per_delegate": rows}
 
 
@@ -494,7 +529,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                          tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
                          runtime_options=_options(args.option), on_lower_error=args.on_lower_error,
                          use_cache=not args.no_cache, auto=auto, max_workers=args.max_workers, plugins=plugins,
-                         progress=progress)
+                         trust_model=args.trust_model, progress=progress)
     if args.plot:
         plot(result, args.plot)
     if args.json:
@@ -527,6 +562,60 @@ def _random_array(rng: Any, shape: tuple[int, ...], dtype: str) -> Any:
     return rng.integers(0, 8, size=shape).astype(dtype)
 
 
+def _cmd_sign(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .program import ProgramFile, write_program
+    from .signing import LocalKey, local_key
+
+    if args.key and not Path(args.key).is_file():
+        raise HandoffError(f"--key {args.key}: no such file; give an ed25519 private key in PEM form")
+    key = LocalKey(Path(args.key)) if args.key else local_key()
+    with ProgramFile.open(args.program) as pf:
+        pf.verify_all()  # sign only what is intact
+        manifest = {k: v for k, v in pf.manifest.items() if k not in ("segments", "signatures")}
+        segments = [bytes(pf.segment(i)) for i in range(len(pf))]
+    output = args.output or args.program
+    write_program(output, manifest, segments, alignment=pf.alignment, signer=key)
+    print(f"{output}: signed by key {key.id}")
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .program import ProgramFile
+    from .signing import trusted_keys, verify
+
+    with ProgramFile.open(args.program) as pf:
+        pf.verify_all()
+        verdict = verify(pf.manifest, trusted_keys(args.trusted_keys))
+    if verdict.trusted_by is None:
+        raise HandoffError(f"{args.program}: every segment is intact, but the program is {verdict.describe()}; "
+                           f"get the signer's public key and pass --trusted-keys DIR")
+    print(f"{args.program}: every segment intact; {verdict.describe()}")
+    return EXIT_OK
+
+
+def _cmd_key(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from .signing import TRUSTED_DIR, _home, _load_public, key_id, local_key
+
+    if args.trust:
+        public = _load_public(Path(args.trust))
+        directory = _home() / TRUSTED_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / f"{key_id(public)}.pem"
+        shutil.copyfile(args.trust, target)
+        print(f"trusting key {key_id(public)} ({target})")
+        return EXIT_OK
+    key = local_key()
+    print(f"# handoff public key {key.id} (its private key: {key.path}); save this text to a file and trust it "
+          f"elsewhere with: handoff key --trust FILE")
+    print(key.public_pem().decode(), end="")
+    return EXIT_OK
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .program import ProgramFile
 
@@ -538,6 +627,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             return EXIT_OK
         print(f"{args.program}: handoff program format {pf.major}.{pf.minor}, {pf.file_size} bytes, "
               f"alignment {pf.alignment}, flags {pf.flags:#x}, written by handoff {m['handoff_version']}")
+        print(f"signature: {_signature_line(m)}")
         vals = m["values"]
 
         def sig(vid: int) -> str:
@@ -565,8 +655,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _signature_line(manifest: dict) -> str:
+    from .signing import trusted_keys, verify
+
+    return verify(manifest, trusted_keys()).describe()
+
+
 COMMANDS = {"backends": _cmd_backends, "zoo": _cmd_zoo, "partition": run_partition, "run": _cmd_run,
-            "inspect": _cmd_inspect, "compare": _cmd_compare}
+            "inspect": _cmd_inspect, "compare": _cmd_compare, "sign": _cmd_sign, "verify": _cmd_verify,
+            "key": _cmd_key}
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -118,7 +118,7 @@ def compare(model: Any, strategies: Sequence[Strategy], *, runs: int = DEFAULT_R
             tolerance: float = numerics.DEFAULT_TOLERANCE, input_shapes: Sequence[Any] = (),
             runtime_options: Mapping[str, Mapping[str, str]] | None = None, on_lower_error: str = "fallback",
             use_cache: bool = True, auto: bool = False, max_workers: int | None = None, plugins: Any = None,
-            progress: Callable[[str, int, int], None] | None = None) -> CompareResult:
+            trust_model: bool = False, progress: Callable[[str, int, int], None] | None = None) -> CompareResult:
     """Lower ``model`` with each of ``strategies`` and measure every program (see the module
     docstring). ``runs`` timed runs per strategy in ``rounds`` rounds, after ``warmup`` untimed
     ones; inputs drawn with ``seed``; ``runtime_options`` apply to every program using that
@@ -126,7 +126,8 @@ def compare(model: Any, strategies: Sequence[Strategy], *, runs: int = DEFAULT_R
     that fails to lower moves to the next backend, and the strategy lists the move).
     ``max_workers`` caps the worker processes alive at once (each holds its backends' runtimes, a
     few hundred MB): strategies are then measured in consecutive groups, interleaved within each
-    group only. Default: all at once."""
+    group only. Default: all at once. ``trust_model``: read a model file that runs code when
+    loaded (a ``.pt2`` holding pickles)."""
     from .plugins import get_plugins
 
     plugins = plugins or get_plugins()
@@ -143,7 +144,7 @@ def compare(model: Any, strategies: Sequence[Strategy], *, runs: int = DEFAULT_R
 
     say("exporting", 0, total)
     start = time.perf_counter()
-    resolved, eager, inputs = _export_once(model, input_shapes, seed, plugins)
+    resolved, eager, inputs = _export_once(model, input_shapes, seed, plugins, trust_model)
     export_seconds = time.perf_counter() - start
 
     results: list[StrategyResult] = []
@@ -187,7 +188,8 @@ def _check_strategy(s: Strategy, plugins: Any) -> None:
         raise HandoffError(f"strategy {s.name!r}: {exc}") from exc
 
 
-def _export_once(model: Any, input_shapes: Sequence[Any], seed: int, plugins: Any) -> tuple[Any, list[Any], tuple]:
+def _export_once(model: Any, input_shapes: Sequence[Any], seed: int, plugins: Any,
+                 trust_model: bool) -> tuple[Any, list[Any], tuple]:
     """``(resolved model with its torch.export, eager outputs, fresh inputs)``."""
     import torch
     from torch.utils import _pytree
@@ -195,7 +197,7 @@ def _export_once(model: Any, input_shapes: Sequence[Any], seed: int, plugins: An
     from .export import resolve_model, torch_export
     from .zoo import ResolvedModel, random_inputs
 
-    resolved = resolve_model(model, input_shapes, plugins) if isinstance(model, str) else model
+    resolved = resolve_model(model, input_shapes, plugins, trust_model) if isinstance(model, str) else model
     if not isinstance(resolved, ResolvedModel):
         raise HandoffError(f"compare takes a MODEL string or a handoff.ResolvedModel, not {type(resolved).__name__}")
     exported = torch_export(resolved)
@@ -217,6 +219,7 @@ def _lower(s: Strategy, resolved: Any, inputs: tuple, per_delegate: bool, on_low
            ) -> tuple[StrategyResult, bytes | None, list[numerics.DelegateCase]]:
     from .pipeline import partition
     from .program import ProgramFile
+    from .signing import local_key
 
     result = StrategyResult(s)
     try:
@@ -245,7 +248,7 @@ def _lower(s: Strategy, resolved: Any, inputs: tuple, per_delegate: bool, on_low
     cases = []
     if per_delegate:
         with ProgramFile.from_bytes(program, name=s.name) as pf:
-            cases = numerics.delegate_cases(pf, part.exported, inputs)
+            cases = numerics.delegate_cases(pf, part.exported, inputs, signer=local_key())  # made here
         unavailable = dict(absent)
         result.per_delegate = [{**numerics.summary(c), "skipped": f"backend '{c.backend}' cannot run here: "
                                 f"{unavailable[c.backend]}"} for c in cases if c.backend in unavailable]

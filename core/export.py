@@ -15,11 +15,12 @@ from .plugins import Plugins
 from .zoo import InputSpec, ResolvedModel
 
 
-def resolve_model(spec: str, input_shapes: Sequence[InputSpec], plugins: Plugins) -> ResolvedModel:
+def resolve_model(spec: str, input_shapes: Sequence[InputSpec], plugins: Plugins,
+                  trust_model: bool = False) -> ResolvedModel:
     """Ask the ``handoff_resolve_model`` hook what ``spec`` names."""
     try:
         resolved = plugins.pm.hook.handoff_resolve_model(spec=spec, input_shapes=list(input_shapes),
-                                                         zoo=plugins.zoo())
+                                                         zoo=plugins.zoo(), trust_model=trust_model)
     except ValueError as exc:
         raise HandoffError(str(exc)) from exc
     if resolved is None:

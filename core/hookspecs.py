@@ -100,7 +100,7 @@ def handoff_zoo_models() -> Mapping[str, ZooModel]:
 
 @hookspec(firstresult=True)
 def handoff_resolve_model(spec: str, input_shapes: Sequence[tuple[tuple[int, ...], str]],
-                          zoo: Mapping[str, ZooModel]) -> ResolvedModel | None:
+                          zoo: Mapping[str, ZooModel], trust_model: bool) -> ResolvedModel | None:
     """Turn the MODEL argument of ``handoff partition`` into a module or exported program.
 
     ``firstresult``: the first plugin returning something other than ``None`` wins. The core's own
@@ -110,6 +110,9 @@ def handoff_resolve_model(spec: str, input_shapes: Sequence[tuple[tuple[int, ...
     :param spec: the MODEL argument as typed.
     :param input_shapes: parsed ``--input-shape`` options, ``((1, 3, 224, 224), "float32")`` each.
     :param zoo: every ``zoo:`` model of every plugin (see :func:`handoff_zoo_models`).
+    :param trust_model: the user passed ``--trust-model``: the model file may run code when read
+        (pickles). A model file is code the user runs; without this flag, refuse formats that
+        would run code with a one-line reason naming ``--trust-model``.
     :return: a :class:`handoff.zoo.ResolvedModel`, or ``None`` when ``spec`` is not for this plugin.
         Raise ``ValueError`` with a one-line message when it is, but is broken.
 

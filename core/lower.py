@@ -317,10 +317,14 @@ def _encode_arg(arg: Any, value_of: Callable[[Any], int], where: str) -> Any:
 
 
 def assemble(ep: Any, plan: Plan, lowered: Mapping[str, LoweredPartition], compilers_options: Mapping[str, Mapping[str, str]],
-             versions: Mapping[str, str], metadata: Mapping[str, Any]) -> Assembled:
+             versions: Mapping[str, str], metadata: Mapping[str, Any],
+             copies: Mapping[str, Sequence[LoweredPartition]] | None = None) -> Assembled:
     """Build the format-1 manifest and segment list for ``plan``. Each value names the fx node of
     ``ep`` that produces it (``node``, informational), which is how :mod:`handoff.numerics`
-    finds a delegate's inputs and outputs in an eager run of the same program."""
+    finds a delegate's inputs and outputs in an eager run of the same program.
+
+    :param copies: partition name -> the same partition lowered by other backends (fallback
+        copies, tried in order where the delegate's own backend cannot run; format 1.3)."""
     import torch
 
     weights = _weights(ep)
@@ -363,14 +367,20 @@ def assemble(ep: Any, plan: Plan, lowered: Mapping[str, LoweredPartition], compi
 
     delegates: list[dict[str, Any]] = []
     instructions: list[dict[str, Any]] = []
+
+    def entry(backend: str, lowered_part: LoweredPartition) -> dict[str, Any]:
+        return {"backend": backend, "backend_version": versions[backend], "segment": segment(lowered_part.lowered.blob),
+                "metadata": lowered_part.lowered.metadata, "options": dict(compilers_options.get(backend, {}))}
+
     for step in plan.steps:
         if isinstance(step, Partition):
             lp = lowered[step.name]
             in_ids = [value_of(n) for n in lp.inputs]
-            delegates.append({"backend": step.backend, "backend_version": versions[step.backend],
-                              "segment": segment(lp.lowered.blob), "partition": step.name,
-                              "metadata": lp.lowered.metadata, "options": dict(compilers_options.get(step.backend, {})),
-                              "nodes": len(step.nodes)})
+            delegate = {**entry(step.backend, lp), "partition": step.name, "nodes": len(step.nodes)}
+            fallbacks = [entry(c.partition.backend, c) for c in (copies or {}).get(step.name, ())]
+            if fallbacks:
+                delegate["fallbacks"] = fallbacks
+            delegates.append(delegate)
             instructions.append({"op": "delegate", "delegate": len(delegates) - 1, "inputs": in_ids,
                                  "outputs": [new_value(n) for n in lp.outputs]})
             continue

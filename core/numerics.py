@@ -76,10 +76,14 @@ def eager_values(ep: Any, inputs: Sequence[Any]) -> dict[str, Any]:
 
 
 def delegate_cases(program: ProgramFile, ep: Any, inputs: Sequence[Any],
-                   values: Mapping[str, Any] | None = None) -> list[DelegateCase]:
+                   values: Mapping[str, Any] | None = None, signer: Any = None) -> list[DelegateCase]:
     """Every delegate of ``program`` as a :class:`DelegateCase`, its boundary values taken from
     an eager run of ``ep`` (the decomposed graph it was partitioned from) on ``inputs``
-    (``values``: that run's :func:`eager_values`, when the caller has it already)."""
+    (``values``: that run's :func:`eager_values`, when the caller has it already).
+
+    :param signer: signs each one-delegate program (``handoff.signing.LocalKey``) so that its
+        native code loads. Pass one only when ``program`` itself is trusted: made in this process,
+        or loaded already with the runtime's trust checks."""
     m = program.manifest
     values = eager_values(ep, inputs) if values is None else values
     nodes = {n.name: n for n in ep.graph.nodes}
@@ -94,7 +98,7 @@ def delegate_cases(program: ProgramFile, ep: Any, inputs: Sequence[Any],
         cases.append(DelegateCase(
             delegate=d, backend=entry["backend"], partition=entry["partition"],
             ops=_ops_between(nodes, ins_nodes, out_nodes),
-            program=_one_delegate_program(m, ins, bytes(program.segment(entry["segment"]))),
+            program=_one_delegate_program(m, ins, bytes(program.segment(entry["segment"])), signer),
             inputs=[_array(values[_node_of(m, v, values, program.name)], m["values"][v], v)
                     for v in dict.fromkeys(ins["inputs"])],
             expected=[_array(values[n], m["values"][v], v) for n, v in zip(out_nodes, ins["outputs"])]))
@@ -136,10 +140,11 @@ def summary(case: DelegateCase) -> dict[str, Any]:
 
 def check_delegates(program: ProgramFile, ep: Any, inputs: Sequence[Any],
                     options: Mapping[str, Mapping[str, Any]] | None = None, plugins: Any = None,
-                    tolerance: float = DEFAULT_TOLERANCE) -> list[dict[str, Any]]:
+                    tolerance: float = DEFAULT_TOLERANCE, signer: Any = None) -> list[dict[str, Any]]:
     """:func:`run_case` for every delegate of ``program`` in this process, each row marked
-    ``mismatch`` when its relative error exceeds ``tolerance``."""
-    rows = [run_case(case, options, plugins) for case in delegate_cases(program, ep, inputs)]
+    ``mismatch`` when its relative error exceeds ``tolerance`` (``signer`` as for
+    :func:`delegate_cases`)."""
+    rows = [run_case(case, options, plugins) for case in delegate_cases(program, ep, inputs, signer=signer)]
     return mark(rows, tolerance)
 
 
@@ -228,9 +233,11 @@ def _ops_between(nodes: Mapping[str, Any], inputs: Sequence[str], outputs: Seque
     return dict(counts.most_common())
 
 
-def _one_delegate_program(manifest: Mapping[str, Any], ins: Mapping[str, Any], blob: bytes) -> bytes:
+def _one_delegate_program(manifest: Mapping[str, Any], ins: Mapping[str, Any], blob: bytes,
+                          signer: Any = None) -> bytes:
     """The bytes of a program that runs the delegate call ``ins`` alone: its inputs are the
-    program's inputs, its outputs the program's outputs."""
+    program's inputs, its outputs the program's outputs. Fallback copies are left out: what is
+    checked is the delegate's own backend."""
     remap: dict[int, int] = {}
     values = []
     for vid in [*ins["inputs"], *ins["outputs"]]:
@@ -238,7 +245,8 @@ def _one_delegate_program(manifest: Mapping[str, Any], ins: Mapping[str, Any], b
             remap[vid] = len(values)
             values.append(dict(manifest["values"][vid]))
     inputs = list(dict.fromkeys(ins["inputs"]))
-    delegate = dict(manifest["delegates"][ins["delegate"]], segment=0)
+    delegate = {k: v for k, v in manifest["delegates"][ins["delegate"]].items() if k != "fallbacks"}
+    delegate["segment"] = 0
     sub = {"handoff_version": manifest["handoff_version"], "values": values,
            "inputs": [{"name": f"input_{i}", "value": remap[v]} for i, v in enumerate(inputs)],
            "outputs": [{"name": f"output_{i}", "value": remap[v]} for i, v in enumerate(ins["outputs"])],
@@ -247,7 +255,7 @@ def _one_delegate_program(manifest: Mapping[str, Any], ins: Mapping[str, Any], b
                              "outputs": [remap[v] for v in ins["outputs"]]}],
            "metadata": {"checks": f"delegate {ins['delegate']} ({delegate['partition']})",
                         "model": manifest.get("metadata", {}).get("model", "")}}
-    return program_bytes(sub, [blob])
+    return program_bytes(sub, [blob], signer=signer)
 
 
 def _runtime_available(backend: str, plugins: Any) -> tuple[bool, str]:

@@ -16,7 +16,7 @@ from . import hostops
 from .errors import HandoffError, one_line
 from .export import export_model, resolve_model
 from .lower import Assembled, Lowerer, LoweringFailure, Move, assemble
-from .partitioner import HOST, GraphView, Limits, Plan, graph_view, plan
+from .partitioner import HOST, GraphView, Limits, Partition, Plan, graph_view, plan
 from .plugins import Plugins, get_plugins
 from .report import Report
 from .zoo import InputSpec, ResolvedModel
@@ -35,28 +35,42 @@ DEFAULT_MIN_PARTITION_SIZE = 3
 
 @dataclasses.dataclass
 class PartitionResult:
-    """The program (:attr:`assembled`), its delegation report, and the decomposed
-    ``ExportedProgram`` it was partitioned from (:attr:`exported`: the graph whose node names the
-    manifest's values carry; :mod:`handoff.numerics` evaluates it eagerly)."""
+    """The program (manifest and segments), the delegation report of one ``partition`` run, and
+    the decomposed ``ExportedProgram`` it was partitioned from (:attr:`exported`: the graph whose
+    node names the manifest's values carry; :mod:`handoff.numerics` evaluates it eagerly).
+
+    :meth:`to_bytes` and :meth:`write` sign the program with the local key (``handoff.signing``)
+    unless ``sign=False``: the runtime of this machine trusts it, and others can trust it by
+    adding its public key (``handoff key``)."""
 
     assembled: Assembled
     report: Report
     exported: Any = None
 
-    def to_bytes(self, alignment: int = 64) -> bytes:
+    def to_bytes(self, alignment: int = 64, sign: bool = True) -> bytes:
         from .program import program_bytes
 
-        return program_bytes(self.assembled.manifest, self.assembled.segments, alignment=alignment)
+        return program_bytes(self.assembled.manifest, self.assembled.segments, alignment=alignment,
+                             signer=_signer(sign))
 
-    def write(self, path: str, alignment: int = 64) -> int:
+    def write(self, path: str, alignment: int = 64, sign: bool = True) -> int:
         """Write the ``.hof`` file; returns its size in bytes."""
         from .program import write_program
 
         start = time.perf_counter()
-        size = write_program(path, self.assembled.manifest, self.assembled.segments, alignment=alignment)
+        size = write_program(path, self.assembled.manifest, self.assembled.segments, alignment=alignment,
+                             signer=_signer(sign))
         self.report.output, self.report.program_bytes = str(path), size
         self.report.timings["write"] = time.perf_counter() - start
         return size
+
+
+def _signer(sign: bool) -> Any:
+    if not sign:
+        return None
+    from .signing import local_key
+
+    return local_key()
 
 
 def backend_chain(backends: Sequence[str], plugins: Plugins, fallback: bool) -> list[str]:
@@ -77,7 +91,8 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
               fallback: bool = True, aten: bool = True, limits: Mapping[str, Limits] | None = None,
               default_limits: Limits | None = None,
               on_lower_error: str = "fail", use_cache: bool = True, plugins: Plugins | None = None,
-              progress: Callable[[str, int, int], None] | None = None) -> PartitionResult:
+              progress: Callable[[str, int, int], None] | None = None, trust_model: bool = False,
+              fallback_copies: bool = False) -> PartitionResult:
     """Partition ``model`` across ``backends`` (priority order) and lower every partition.
 
     :param model: a MODEL string (``zoo:small_cnn``, ``m.pt2``, ``file.py:Name``), an
@@ -92,6 +107,10 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
         backends not named get ``default_limits`` (min size :data:`DEFAULT_MIN_PARTITION_SIZE`).
     :param on_lower_error: ``"fail"`` or ``"fallback"`` (move a failed partition's nodes on).
     :param progress: called as ``progress(message, done, total)`` while lowering.
+    :param trust_model: read model files that run code when loaded (a ``.pt2`` holding pickles).
+    :param fallback_copies: store next to each vendor delegate a copy of the same partition
+        compiled by the built-in ``tvm`` backend (for the host or ``options["tvm"]["target"]``),
+        which the runtime runs where the vendor's runtime is missing or fails to load.
     """
     clock = _Clock()
     plugins = plugins or get_plugins()
@@ -102,21 +121,22 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
         raise HandoffError("no backends selected and host ATen ops are off; pass --backends (installed: "
                            f"{', '.join(plugins.backends)}) or drop --no-fallback")
     given = {b: dict(o) for b, o in (options or {}).items()}
+    compiled = [*chain, FALLBACK_BACKEND] if fallback_copies and FALLBACK_BACKEND not in chain else list(chain)
     for b in given:
-        if b not in chain:
+        if b not in compiled:
             raise HandoffError(f"options given for backend '{b}', which is not selected; selected: {', '.join(chain)}")
-    parsed = {b: plugins.parse_options(b, given.get(b, {})) for b in chain}
-    compilers = {b: plugins.compiler(b, given.get(b, {})) for b in chain}
+    parsed = {b: plugins.parse_options(b, given.get(b, {})) for b in compiled}
+    compilers = {b: plugins.compiler(b, given.get(b, {})) for b in compiled}
     for b in limits or {}:
         if b not in chain:
             raise HandoffError(f"partition limits given for backend '{b}', which is not selected; selected: {', '.join(chain)}")
     default_limits = default_limits or Limits(min_size=DEFAULT_MIN_PARTITION_SIZE)
     limits = {b: (limits or {}).get(b, default_limits) for b in chain}
-    versions = {b: plugins.spec(b).version for b in chain}
-    identities = {b: f"{versions[b]};{plugins.code_identity(b)}" for b in chain}
+    versions = {b: plugins.spec(b).version for b in compiled}
+    identities = {b: f"{versions[b]};{plugins.code_identity(b)}" for b in compiled}
 
     with clock("export"):
-        resolved = _resolve(model, example_inputs, input_shapes, plugins)
+        resolved = _resolve(model, example_inputs, input_shapes, plugins, trust_model)
         keep = [op for b in chain for op in compilers[b].ops_to_not_decompose()]
         ep = export_model(resolved, keep)
         import torch
@@ -167,11 +187,17 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
             for n in part.nodes:
                 excluded.setdefault(n, {})[part.backend] = reason
 
+    copies: dict[str, list[Any]] = {}
+    copy_notes: list[dict[str, Any]] = []
+    if fallback_copies:
+        with clock("lower"):
+            copies, copy_notes = _fallback_copies(the_plan, lowerer, compilers[FALLBACK_BACKEND], support, ep)
     with clock("lower"):
         metadata = {"model": resolved.name, "backends": chain}
-        recorded = {b: {k: str(v) for k, v in given.get(b, {}).items()} for b in chain}
-        assembled = assemble(ep, the_plan, lowered, recorded, versions, metadata)
+        recorded = {b: {k: str(v) for k, v in given.get(b, {}).items()} for b in compiled}
+        assembled = assemble(ep, the_plan, lowered, recorded, versions, metadata, copies)
     report = Report.build(resolved.name, chain, view, the_plan, lowered, moves, assembled)
+    report.copies = copy_notes
     report.timings.update(clock.seconds)
     plugins.pm.hook.handoff_report(report=report)
     return PartitionResult(assembled, report, ep)
@@ -200,6 +226,35 @@ def _backend_call(backend: str, what: str, fn: Callable[..., Any], *args: Any) -
         raise
     except Exception as exc:
         raise HandoffError(f"backend '{backend}': {what} failed: {one_line(exc, 300)}") from exc
+
+
+def _fallback_copies(the_plan: Plan, lowerer: Lowerer, tvm: Any, support: dict[str, dict[str, Any]],
+                     ep: Any) -> tuple[dict[str, list[Any]], list[dict[str, Any]]]:
+    """Each vendor partition lowered again by the built-in ``tvm`` backend, where it takes every
+    node: ``(partition name -> [copy], report entries)``; a partition ``tvm`` cannot take whole
+    gets no copy, and its entry says why."""
+    if FALLBACK_BACKEND not in support:
+        support[FALLBACK_BACKEND] = dict(_backend_call(FALLBACK_BACKEND, "capability check", tvm.support, ep))
+    tvm_support = support[FALLBACK_BACKEND]
+    copies: dict[str, list[Any]] = {}
+    notes = []
+    for part in the_plan.partitions:
+        if part.backend == FALLBACK_BACKEND:
+            continue
+        note: dict[str, Any] = {"partition": part.name, "backend": part.backend, "copy": None, "bytes": 0}
+        declined = next(((n, r) for n in part.nodes if (r := tvm_support.get(n, "not reported")) is not None), None)
+        if declined:
+            note["reason"] = f"tvm declines {declined[0]}: {declined[1]}"
+        else:
+            try:
+                lp = lowerer.lower(Partition(FALLBACK_BACKEND, f"{part.name}_copy", part.nodes))
+            except LoweringFailure as fail:
+                note["reason"] = f"tvm failed to lower it at {fail.first_op}: {fail.message}"
+            else:
+                copies[part.name] = [lp]
+                note.update(copy=FALLBACK_BACKEND, bytes=len(lp.lowered.blob))
+        notes.append(note)
+    return copies, notes
 
 
 def _check_partitions(the_plan: Plan, compilers: Mapping[str, Any], ep: Any,
@@ -233,9 +288,9 @@ def _refuse_host_ops(view: GraphView, the_plan: Plan) -> None:
 
 
 def _resolve(model: Any, example_inputs: Sequence[Any], input_shapes: Sequence[InputSpec],
-             plugins: Plugins) -> ResolvedModel:
+             plugins: Plugins, trust_model: bool = False) -> ResolvedModel:
     if isinstance(model, str):
-        return resolve_model(model, input_shapes, plugins)
+        return resolve_model(model, input_shapes, plugins, trust_model)
     if isinstance(model, ResolvedModel):
         return model
     import torch

@@ -1,4 +1,4 @@
-"""The ``.hof`` program file, format version 1.2: reader, writer and validation.
+"""The ``.hof`` program file, format version 1.3: reader, writer and validation.
 
 A program file is one header, the segments (delegate blobs and constant tensors, each aligned),
 and a JSON manifest that says what the segments are and how to run them::
@@ -56,7 +56,7 @@ __all__ = [
 #: First 8 bytes of every program (PNG-style: non-ASCII byte, name, CR LF, ^Z, LF).
 MAGIC = b"\x89HOF\r\n\x1a\n"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 2
+FORMAT_MINOR = 3
 HEADER_SIZE = 96
 
 #: Header flag bits understood by this reader (none are defined in 1.0).
@@ -393,6 +393,14 @@ class _Validator:
             self.key(m, key, "manifest")
         self.str_(m["handoff_version"], "manifest.handoff_version")
         self.dict_(m["metadata"], "manifest.metadata")
+        if "signatures" in m:  # format 1.2, optional
+            for i, sig in enumerate(self.list_(m["signatures"], "manifest.signatures")):
+                path = f"manifest.signatures[{i}]"
+                self.dict_(sig, path)
+                for key, length in (("key", 64), ("signature", 128)):
+                    text = self.str_(self.key(sig, key, path), f"{path}.{key}")
+                    if len(text) != length or text.strip("0123456789abcdef"):
+                        raise self.fail(f"{path}.{key}", f"expected {length} lowercase hex digits")
 
         values = self.list_(m["values"], "manifest.values")
         self.nbytes = [self.value(v, i) for i, v in enumerate(values)]
@@ -439,15 +447,11 @@ class _Validator:
         delegates = self.list_(m["delegates"], "manifest.delegates")
         for i, entry in enumerate(delegates):
             path = f"manifest.delegates[{i}]"
-            self.dict_(entry, path)
-            for key in ("backend", "backend_version", "partition"):
-                self.str_(self.key(entry, key, path), f"{path}.{key}", nonempty=key == "backend")
-            self.ref(self.key(entry, "segment", path), f"{path}.segment", nsegs, "segment")
-            self.dict_(self.key(entry, "metadata", path), f"{path}.metadata")
-            options = self.dict_(self.key(entry, "options", path), f"{path}.options")
-            for k, val in options.items():
-                self.str_(k, f"{path}.options")
-                self.str_(val, f"{path}.options[{_short(k)}]")
+            self.delegate(entry, path, nsegs)
+            self.str_(self.key(entry, "partition", path), f"{path}.partition")
+            if "fallbacks" in entry:  # format 1.3, optional: the same partition by other backends
+                for j, copy in enumerate(self.list_(entry["fallbacks"], f"{path}.fallbacks")):
+                    self.delegate(copy, f"{path}.fallbacks[{j}]", nsegs)
 
         # The hot loop (one pass per instruction): field paths are only formatted on failure.
         nvalues, ndelegates = self.nvalues, len(delegates)
@@ -508,6 +512,18 @@ class _Validator:
             v = entry["value"]
             if definer[v] is None:
                 raise self.fail(f"manifest.outputs[{i}].value", f"value {v} is never written")
+
+    def delegate(self, entry: Any, path: str, nsegs: int) -> None:
+        """A delegate entry's backend, version, blob segment, metadata and options (§4.6)."""
+        self.dict_(entry, path)
+        for key in ("backend", "backend_version"):
+            self.str_(self.key(entry, key, path), f"{path}.{key}", nonempty=key == "backend")
+        self.ref(self.key(entry, "segment", path), f"{path}.segment", nsegs, "segment")
+        self.dict_(self.key(entry, "metadata", path), f"{path}.metadata")
+        options = self.dict_(self.key(entry, "options", path), f"{path}.options")
+        for k, val in options.items():
+            self.str_(k, f"{path}.options")
+            self.str_(val, f"{path}.options[{_short(k)}]")
 
     def refs(self, ins: dict, key: str, i: int, count: int, allow_null: bool = False) -> list:
         """``ins[key]``, a list of value ids (or nulls), checked."""
@@ -889,9 +905,10 @@ def _align_up(n: int, alignment: int) -> int:
 
 
 def _layout(
-    manifest: dict, segments: Sequence[Any], alignment: int, name: str
+    manifest: dict, segments: Sequence[Any], alignment: int, name: str, signer: Any = None
 ) -> tuple[bytes, bytes, list[tuple[int, memoryview]], int]:
-    """Plan the file: returns header, manifest bytes, [(offset, bytes view)], file size."""
+    """Plan the file: returns header, manifest bytes, [(offset, bytes view)], file size. With a
+    ``signer`` (``handoff.signing.LocalKey``), the manifest gets its signature."""
     if type(alignment) is not int or not (MIN_ALIGNMENT <= alignment <= MAX_ALIGNMENT) or alignment & (alignment - 1):
         raise ValueError(f"alignment {alignment!r} is not a power of two between {MIN_ALIGNMENT} and {MAX_ALIGNMENT}")
     if not isinstance(manifest, dict):
@@ -911,6 +928,9 @@ def _layout(
         pos += view.nbytes
     full = dict(manifest)
     full["segments"] = table
+    full.pop("signatures", None)
+    if signer is not None:
+        full["signatures"] = [signer.sign(full)]
     moff = pos
     try:
         text = json.dumps(full, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -944,9 +964,10 @@ def _chunks(header: bytes, data: bytes, views: list[tuple[int, memoryview]]) -> 
     yield data
 
 
-def program_bytes(manifest: dict, segments: Sequence[Any], alignment: int = DEFAULT_ALIGNMENT) -> bytes:
+def program_bytes(manifest: dict, segments: Sequence[Any], alignment: int = DEFAULT_ALIGNMENT,
+                  signer: Any = None) -> bytes:
     """The program file for ``manifest`` and ``segments``, in memory (see :func:`write_program`)."""
-    header, data, views, size = _layout(manifest, segments, alignment, "<bytes>")
+    header, data, views, size = _layout(manifest, segments, alignment, "<bytes>", signer)
     out = bytearray()
     for chunk in _chunks(header, data, views):
         out += chunk
@@ -955,7 +976,8 @@ def program_bytes(manifest: dict, segments: Sequence[Any], alignment: int = DEFA
 
 
 def write_program(
-    path_or_file: Any, manifest: dict, segments: Sequence[Any], alignment: int = DEFAULT_ALIGNMENT
+    path_or_file: Any, manifest: dict, segments: Sequence[Any], alignment: int = DEFAULT_ALIGNMENT,
+    signer: Any = None,
 ) -> int:
     """Write a program file and return its size in bytes.
 
@@ -969,6 +991,8 @@ def write_program(
     :param manifest: every key of the manifest schema except ``"segments"``.
     :param segments: the segment payloads, any C-contiguous buffers.
     :param alignment: a power of two between 8 and 65536.
+    :param signer: signs the manifest (``handoff.signing.LocalKey``); any ``signatures`` the
+        manifest held are replaced (they would not match the new segment table).
     :raises ProgramFormatError: the manifest is invalid or not JSON-serialisable.
     """
     is_path = isinstance(path_or_file, (str, bytes, os.PathLike))
@@ -976,7 +1000,7 @@ def write_program(
         name = os.fsdecode(os.fspath(path_or_file))
     else:
         name = str(getattr(path_or_file, "name", "<file>"))
-    header, data, views, size = _layout(manifest, segments, alignment, name)
+    header, data, views, size = _layout(manifest, segments, alignment, name, signer)
     if not is_path:
         for chunk in _chunks(header, data, views):
             path_or_file.write(chunk)

@@ -53,6 +53,8 @@ class Report:
     islands: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     #: values carried between steps per run (all backends and the host)
     crossings: int = 0
+    #: with ``--fallback-copies``: per vendor partition, its tvm copy and its size, or why none
+    copies: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @classmethod
     def build(cls, model: str, backends: list[str], view: GraphView, plan: Plan, lowered: dict[str, Any],
@@ -96,6 +98,7 @@ class Report:
             "moves": self.moves,
             "islands": self.islands,
             "crossings": self.crossings,
+            "fallback_copies": self.copies,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "notes": self.notes,
         }
@@ -140,6 +143,16 @@ class Report:
         for island in self.islands:
             console.print(f"[cyan]joined[/] {len(island['nodes'])} node(s) from {island['from_backend']} to "
                           f"{island['to_partition']}: {island['reason']}")
+        if self.copies:
+            cost: collections.Counter[str] = collections.Counter()
+            for c in self.copies:
+                cost[c["backend"]] += c["bytes"]
+            sizes = ", ".join(f"{b} +{_size(n)}" for b, n in cost.items())
+            made = sum(c["copy"] is not None for c in self.copies)
+            console.print(f"fallback copies: {made} of {len(self.copies)} vendor delegate(s) carry a tvm copy ({sizes})")
+            for c in self.copies:
+                if c["copy"] is None:
+                    console.print(f"[yellow]no copy[/] for {c['partition']} ({c['backend']}): {c['reason']}")
         if self.timings:
             phases = ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items())
             console.print(f"{self.crossings} value crossing(s) per run; {phases}")

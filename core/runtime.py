@@ -3,37 +3,93 @@
 ``import handoff.runtime`` imports neither torch nor any compiler: backends' runtime halves are
 imported when a program that needs them is loaded, and torch only when the program has host ATen
 ops. Delegates are initialised once, at load; :meth:`Program.run` only executes.
+
+**The data path.** Everything :meth:`Program.run` decides is planned once, at load (``_plan``):
+
+* each value's *memory domain*: ``"host"`` (numpy) for inputs, constants and host ops' results,
+  and for a delegate's outputs the domain its runtime reports (:meth:`Runtime.memory`);
+* for each read, whether the value can be handed over as it is (same domain; or a numpy array,
+  which every runtime takes and converts itself) or must first be brought to host memory with
+  its producer's :meth:`Runtime.to_host` (a device value read by a host op, another domain, or
+  the caller). Conversions are batched: one ``to_host`` call per producing runtime and domain for
+  all the values one instruction (or the program's outputs) needs, and each value is converted
+  at most once;
+* each value's last use: a run drops its reference right after, so memory is held only as long as
+  needed (:meth:`Program.stats` reports the peak);
+* the locks. A runtime that is not :attr:`Runtime.reentrant` gets one lock per delegate; a run
+  takes it before ``execute`` and keeps it until the device values that call returned are no
+  longer needed (so the runtime may reuse its output buffers on its next call). Runs take locks
+  in program order and never wait for one while holding a later one, so runs on many threads
+  cannot deadlock;
+* host ops' arguments, decoded from the manifest's JSON encoding into torch objects.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from . import hostops
+from .backend import HOST_MEMORY
 from .errors import HandoffError, one_line
+from .native import admit
 from .plugins import Plugins, get_plugins
-from .program import ProgramFile, constant_array
+from .program import ProgramFile, constant_array, value_nbytes
 
 TORCH_HINT = "pip install torch==2.13.0"
+#: A program output is copied before it is returned when it could share memory with a caller's
+#: input or the program file (a delegate may hand an input back, TVM's DLPack views alias). Up to
+#: this size a copy costs less than checking, so small outputs are always copied.
+COPY_BELOW_BYTES = 1 << 16
+
+#: The next step after a delegate broke the contract (an output the program does not declare).
+CONTRACT_HINT = "; the backend broke its contract: re-partition without it, or report it to its authors"
+
+# Kinds of planned operations (the first field of each tuple in ``Program._ops``).
+_DELEGATE, _TO_HOST, _ATEN = 0, 1, 2
+
+
+class _RunError(HandoffError):
+    """A failure the core detected itself during a run (its message already says where)."""
+
+
+class _Ref:
+    """Placeholder for a value's tensor in a host op's decoded arguments."""
+
+    __slots__ = ("slot",)
+
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
+
+
+class _RefList(list):  # type: ignore[type-arg]
+    """A decoded argument list holding :class:`_Ref` placeholders, rebuilt on every run."""
 
 
 class Program:
-    """A loaded program. Use :func:`load`; close it (or use ``with``) to release the delegates."""
+    """A loaded program. Use :func:`load`; close it (or use ``with``) to release the delegates.
 
-    def __init__(self, file: ProgramFile, plugins: Plugins, options: Mapping[str, Mapping[str, str]]):
+    :meth:`run` may be called from many threads at once (module docstring: the locks)."""
+
+    def __init__(self, file: ProgramFile, plugins: Plugins, options: Mapping[str, Mapping[str, str]],
+                 trusted_keys: Sequence[Any] = (), allow_unsigned: bool = False):
         self.file = file
         self.manifest = file.manifest
         self._handles: list[tuple[Any, Any]] = []  # (runtime, handle) per delegate
         self._closed = False
+        #: how the program's native code was trusted, or None when it has none
+        self.trust: str | None = None
+        self._runs = 0
+        self._runs_lock = threading.Lock()
         start = time.perf_counter()
         try:
             self._constants = {c["value"]: constant_array(file, i) for i, c in enumerate(self.manifest["constants"])}
             self._aten_ops = self._resolve_aten_ops()
-            self._load_delegates(plugins, options)
+            self._load_delegates(plugins, options, trusted_keys, allow_unsigned)
             self._plan()
         except BaseException:
             self.close()
@@ -41,7 +97,8 @@ class Program:
         self.load_seconds = time.perf_counter() - start
 
     # -- load ----------------------------------------------------------------------------------
-    def _load_delegates(self, plugins: Plugins, options: Mapping[str, Mapping[str, str]]) -> None:
+    def _load_delegates(self, plugins: Plugins, options: Mapping[str, Mapping[str, str]],
+                        trusted_keys: Sequence[Any], allow_unsigned: bool) -> None:
         delegates = self.manifest["delegates"]
         parsed: dict[str, dict[str, Any]] = {}
         for backend in options:
@@ -57,6 +114,10 @@ class Program:
             ok, reason = plugins.runtime_available(backend)
             if not ok:
                 raise HandoffError(f"{self.file.name}: backend '{backend}' cannot run here: {reason}")
+        native = [i for i, d in enumerate(delegates) if plugins.runtime(d["backend"]).native_code]
+        if native:  # before any delegate loads: a file's native code runs only if the user trusts it
+            self.trust = admit(self.file, native, trusted_keys, allow_unsigned)
+        self._memory: list[str] = []
         for i, d in enumerate(delegates):
             runtime = plugins.runtime(d["backend"])
             blob = self.file.segment(d["segment"])
@@ -65,9 +126,18 @@ class Program:
             except HandoffError:
                 raise
             except Exception as exc:
-                raise HandoffError(f"{self.file.name}: delegate {i} ({d['partition']}, backend '{d['backend']}') "
-                                   f"failed to load: {type(exc).__name__}: {' '.join(str(exc).split())[:400]}") from exc
+                raise HandoffError(f"{self.file.name}: {self._delegate_name(i)} failed to load: "
+                                   f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}") from exc
             self._handles.append((runtime, handle))
+            try:
+                self._memory.append(str(runtime.memory(handle)))
+            except Exception as exc:
+                raise HandoffError(f"{self.file.name}: {self._delegate_name(i)} cannot say where its outputs live "
+                                   f"(Runtime.memory): {one_line(exc)}") from exc
+
+    def _delegate_name(self, i: int) -> str:
+        d = self.manifest["delegates"][i]
+        return f"delegate {i} ({d['partition']}, backend '{d['backend']}')"
 
     def _resolve_aten_ops(self) -> dict[int, Any]:
         """Host ops, resolved from the allow-list (:mod:`handoff.hostops`) and checked, before
@@ -104,26 +174,195 @@ class Program:
         return resolved
 
     def _plan(self) -> None:
-        """What :meth:`run` does, decoded once: the manifest's strings and lists become tuples,
-        dtypes and bound methods, so a run costs microseconds on top of its delegates."""
-        m = self.manifest
-        vals = m["values"]
-        self._expect = {i: (tuple(v["shape"]), np.dtype(v["dtype"])) for i, v in enumerate(vals)}
-        self._input_plan = [(i["name"], i["value"], *self._expect[i["value"]]) for i in m["inputs"]]
-        self._output_ids = [o["value"] for o in m["outputs"]]
-        self._steps = []
-        for i, ins in enumerate(m["instructions"]):
-            if ins["op"] == "delegate":
-                runtime, handle = self._handles[ins["delegate"]]
-                self._steps.append((i, runtime.execute, handle, tuple(ins["inputs"]), tuple(ins["outputs"])))
-            else:
-                self._steps.append((i, None, ins, (), tuple(ins["outputs"])))
+        """Decide, once, everything :meth:`run` does (module docstring): ``self._ops``, a list of
+        tuples :meth:`run` executes in order, and the figures :meth:`stats` reports.
 
-    def _where(self, index: int) -> str:
-        ins = self.manifest["instructions"][index]
-        if ins["op"] == "delegate":
-            return f"delegate {ins['delegate']} ({self.manifest['delegates'][ins['delegate']]['partition']})"
-        return f"instruction {index} ({ins['target']})"
+        Slots: value ``v`` lives in ``env[v]`` in its producer's domain; a device value that must
+        also exist in host memory gets a second slot, ``env[n + k]``, for its host copy."""
+        m = self.manifest
+        values, instructions = m["values"], m["instructions"]
+        n = len(values)
+        expect = [(tuple(v["shape"]), np.dtype(v["dtype"])) for v in values]
+        domain: dict[int, str] = {i["value"]: HOST_MEMORY for i in m["inputs"]}
+        domain.update((vid, HOST_MEMORY) for vid in self._constants)
+        producer: dict[int, int] = {}  # device value -> delegate index
+        reentrant = [bool(getattr(rt, "reentrant", False)) for rt, _ in self._handles]
+        calls = [0] * len(self._handles)
+        for ins in instructions:
+            if ins["op"] == "delegate":
+                calls[ins["delegate"]] += 1
+        # A non-reentrant device delegate called by more than one instruction would overwrite the
+        # outputs of its earlier call that are still needed: its outputs go to host memory at once.
+        eager = [self._memory[d] != HOST_MEMORY and not reentrant[d] and calls[d] > 1 for d in range(len(calls))]
+
+        host_slot: dict[int, int] = {}  # device value -> slot of its host copy
+        first_need: dict[int, int] = {}  # device value -> instruction (len(instructions): the outputs) needing it on the host
+        transfers = 0
+
+        def host_copy(vid: int, at: int) -> int:
+            if vid not in host_slot:
+                host_slot[vid] = n + len(host_slot)
+                first_need[vid] = at
+            return host_slot[vid]
+
+        reads: list[tuple[int, ...]] = []  # per instruction: the slots it reads, in order
+        for k, ins in enumerate(instructions):
+            if ins["op"] == "delegate":
+                d = ins["delegate"]
+                mine = self._memory[d]
+                slots = []
+                for vid in ins["inputs"]:
+                    if domain[vid] == mine:
+                        slots.append(vid)
+                    elif domain[vid] == HOST_MEMORY:
+                        slots.append(vid)
+                        transfers += 1  # numpy into a device runtime, which converts it
+                    else:
+                        slots.append(host_copy(vid, k))
+                        transfers += mine != HOST_MEMORY
+                reads.append(tuple(slots))
+                out_domain = HOST_MEMORY if eager[d] else mine
+                for vid in ins["outputs"]:
+                    domain[vid] = out_domain
+                    if out_domain != HOST_MEMORY:
+                        producer[vid] = d
+                transfers += eager[d] * len(ins["outputs"])
+            else:
+                slots = [vid if domain[vid] == HOST_MEMORY else host_copy(vid, k) for vid in _value_ids(ins)]
+                reads.append(tuple(slots))
+                for vid in ins["outputs"]:
+                    if vid is not None:
+                        domain[vid] = HOST_MEMORY
+        end = len(instructions)
+        outputs = [o["value"] for o in m["outputs"]]
+        out_slots = [vid if domain[vid] == HOST_MEMORY else host_copy(vid, end) for vid in outputs]
+        transfers += len(host_slot)
+
+        # Conversions, batched per producing runtime and domain, just before the first need.
+        batches: dict[int, dict[tuple[int, str], list[int]]] = {}
+        for vid, at in first_need.items():
+            d = producer[vid]
+            key = (id(self._handles[d][0]), self._memory[d])
+            batches.setdefault(at, {}).setdefault(key, []).append(vid)
+
+        # The operations, in order, with what each reads and writes (for liveness and locks).
+        ops: list[list[Any]] = []
+        op_reads: list[tuple[int, ...]] = []
+        op_writes: list[tuple[int, ...]] = []
+        op_lock: list[Any] = []
+        locks = [None if reentrant[d] else threading.Lock() for d in range(len(self._handles))]
+
+        def add_conversions(at: int) -> None:
+            for group in batches.get(at, {}).values():
+                runtime = self._handles[producer[group[0]]][0]
+                src = tuple(group)
+                dst = tuple(host_slot[v] for v in group)
+                names = sorted({producer[v] for v in group})
+                delegates = m["delegates"]
+                listed = ", ".join(f"{d} ({delegates[d]['partition']})" for d in names)
+                where = (f"delegate{'s' if len(names) > 1 else ''} {listed} (backend '{delegates[names[0]]['backend']}'): "
+                         f"reading {'their' if len(names) > 1 else 'its'} outputs into host memory")
+                checks = tuple((expect[v][0], expect[v][1], v, producer[v]) for v in group)
+                ops.append([_TO_HOST, runtime.to_host, src, dst, checks, where])
+                op_reads.append(src)
+                op_writes.append(dst)
+                op_lock.append(None)
+
+        for k, ins in enumerate(instructions):
+            add_conversions(k)
+            writes = tuple(ins["outputs"])
+            if ins["op"] == "delegate":
+                d = ins["delegate"]
+                runtime, handle = self._handles[d]
+                # Numpy outputs are checked as they arrive; device values' shapes too where they
+                # have one (a tuple compare), their dtypes when they are brought to the host.
+                checks = tuple((expect[v][0], expect[v][1], v) for v in writes)
+                host_out = domain[writes[0]] == HOST_MEMORY if writes else True
+                ops.append([_DELEGATE, runtime.execute, handle, locks[d], reads[k], writes, host_out, checks,
+                            runtime.to_host if eager[d] else None, self._delegate_name(d)])
+                op_lock.append(locks[d])
+            else:
+                ops.append([_ATEN, self._aten_ops[k], *self._aten_arguments(ins, domain, host_slot), writes,
+                            tuple(None if v is None else (expect[v][0], expect[v][1], v) for v in writes),
+                            f"instruction {k} ({ins['target']})"])
+                op_lock.append(None)
+            op_reads.append(reads[k])
+            op_writes.append(tuple(v for v in writes if v is not None))
+        add_conversions(end)
+
+        # Liveness: each slot's last reader (the outputs count as a reader after every op).
+        last = len(ops)
+        last_read: dict[int, int] = {}
+        for j, slots in enumerate(op_reads):
+            for s in slots:
+                last_read[s] = j
+        for s in out_slots:
+            last_read[s] = last
+        drops: list[list[int]] = [[] for _ in ops]
+        born: dict[int, int] = {i["value"]: -1 for i in m["inputs"]}
+        for j, slots in enumerate(op_writes):
+            born.update((s, j) for s in slots)
+        for s, j in born.items():
+            when = last_read.get(s, max(j, 0))  # never read: dropped right after it is made
+            if when < last and ops:
+                drops[when].append(s)
+
+        # Locks: held from the delegate's call until the last read of the device values it made.
+        releases: list[list[Any]] = [[] for _ in ops]
+        for j, lock in enumerate(op_lock):
+            if lock is None:
+                continue
+            mine = [last_read.get(s, j) for s in op_writes[j] if s < n and domain[s] != HOST_MEMORY]
+            releases[min(max([j, *mine]), len(ops) - 1)].append(lock)
+        held: list[Any] = []
+        self._held_before: list[tuple[Any, ...]] = []
+        for j in range(len(ops)):
+            self._held_before.append(tuple(held))
+            if op_lock[j] is not None:
+                held.append(op_lock[j])
+            for lock in releases[j]:
+                held.remove(lock)
+
+        # Bytes held at once (inputs and every value a run makes; constants live in the file).
+        value_of = {slot: vid for vid, slot in host_slot.items()}
+        size = {s: value_nbytes(values[s if s < n else value_of[s]]) for s in born}
+        live = sum(size[i["value"]] for i in m["inputs"] if i["value"] in size)
+        peak = live
+        for j in range(len(ops)):
+            live += sum(size[s] for s in op_writes[j])
+            peak = max(peak, live)
+            live -= sum(size[s] for s in drops[j])
+
+        for j, op in enumerate(ops):
+            op.insert(-1, tuple(drops[j]))
+            op.insert(-1, tuple(releases[j]))
+        self._ops = [tuple(op) for op in ops]
+        self._env0: list[Any] = [None] * (n + len(host_slot))
+        for vid, arr in self._constants.items():
+            self._env0[vid] = arr
+        self._input_plan = [(i["name"], i["value"], *expect[i["value"]]) for i in m["inputs"]]
+        constant_or_input = set(self._constants) | {i["value"] for i in m["inputs"]}
+        seen: set[int] = set()
+        self._output_plan = []
+        for vid, slot in zip(outputs, out_slots):
+            self._output_plan.append((slot, vid in constant_or_input or slot in seen))
+            seen.add(slot)
+        # The whole file as one array: an output sharing memory with it views a constant.
+        self._file_span = np.frombuffer(self.file._view, np.uint8) if self.file._view is not None else None
+        self._peak_bytes, self._host_transfers = peak, transfers
+
+    def _aten_arguments(self, ins: Mapping[str, Any], domain: Mapping[int, str],
+                        host_slot: Mapping[int, int]) -> tuple[Any, Any]:
+        """A host op's arguments decoded once: torch objects, with a :class:`_Ref` where a run
+        puts a value's tensor (constants' tensors are made here, once)."""
+        def tensor(vid: int) -> Any:
+            if vid in self._torch_constants:
+                return self._torch_constants[vid]
+            return _Ref(vid if domain[vid] == HOST_MEMORY else host_slot[vid])
+
+        args = _with_refs(_decode(list(ins["args"]), tensor))
+        kwargs = {k: _with_refs(_decode(v, tensor)) for k, v in ins["kwargs"].items()}
+        return args, kwargs
 
     # -- signature -----------------------------------------------------------------------------
     @property
@@ -140,36 +379,92 @@ class Program:
     # -- run -----------------------------------------------------------------------------------
     def run(self, inputs: Sequence[Any] | Mapping[str, Any]) -> list[np.ndarray]:
         """Run the program. ``inputs``: numpy arrays or torch tensors, in order or by name.
-        Returns numpy arrays in output order."""
+        Returns numpy arrays in output order, which share memory with nothing the caller or the
+        program holds. Safe to call from many threads at once.
+
+        :raises HandoffError: bad inputs, or a delegate, conversion or host op that failed (one
+            line naming it); the program stays usable for the next run."""
         if self._closed:
             raise HandoffError(f"{self.file.name}: program is closed")
-        env: dict[int, Any] = dict(self._constants)
         arrays = self._inputs(inputs)
+        env = self._env0.copy()
         for (name, vid, shape, dtype), arr in zip(self._input_plan, arrays):
-            if arr.dtype != dtype or arr.shape != shape:
+            if arr.shape != shape or (arr.dtype is not dtype and arr.dtype != dtype):
                 raise HandoffError(f"input '{name}': expected {dtype}{list(shape)}, got {arr.dtype}{list(arr.shape)}")
             env[vid] = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
-        expect = self._expect
-        for index, execute, handle, reads, writes in self._steps:
-            if execute is not None:
-                outs = execute(handle, [env[v] for v in reads])
-            else:
-                outs = self._run_aten(index, handle, env)
-            if len(outs) != len(writes):
-                raise HandoffError(f"{self._where(index)} returned {len(outs)} outputs, the program expects {len(writes)}")
-            for vid, out in zip(writes, outs):
-                if vid is None:
-                    continue
-                if type(out) is not np.ndarray:
-                    out = np.asarray(out)
-                shape, dtype = expect[vid]
-                if out.shape != shape or out.dtype != dtype:
-                    raise HandoffError(f"{self._where(index)} produced {out.dtype}{list(out.shape)} for value {vid}, "
-                                       f"the program expects {dtype}{list(shape)}")
-                env[vid] = out
-        return [np.array(env[v], copy=True) for v in self._output_ids]
+        j = acquired = -1
+        try:
+            for j, op in enumerate(self._ops):
+                kind = op[0]
+                if kind == _DELEGATE:
+                    _, execute, handle, lock, reads, writes, host_out, checks, to_host, drops, releases, where = op
+                    if lock is not None:
+                        lock.acquire()
+                        acquired = j
+                    outs = execute(handle, [env[s] for s in reads])
+                    if to_host is not None:
+                        outs = to_host(outs)
+                    if len(outs) != len(writes):
+                        raise _RunError(f"{where} returned {len(outs)} outputs, the program expects {len(writes)}"
+                                        f"{CONTRACT_HINT}")
+                    if host_out:
+                        for s, out, check in zip(writes, outs, checks):
+                            env[s] = _host_value(out, check, where, CONTRACT_HINT)
+                    else:
+                        for s, out, (shape, dtype, vid) in zip(writes, outs, checks):
+                            if getattr(out, "shape", shape) != shape:
+                                raise _RunError(f"{where} produced a value of shape {list(out.shape)} for value "
+                                                f"{vid}, the program expects {dtype}{list(shape)}{CONTRACT_HINT}")
+                            env[s] = out
+                elif kind == _TO_HOST:
+                    _, to_host, src, dst, checks, drops, releases, where = op
+                    outs = to_host([env[s] for s in src])
+                    if len(outs) != len(src):
+                        raise _RunError(f"{where}: to_host returned {len(outs)} arrays for {len(src)} values"
+                                        f"{CONTRACT_HINT}")
+                    for s, out, (shape, dtype, vid, d) in zip(dst, outs, checks):
+                        env[s] = _host_value(out, (shape, dtype, vid), self._delegate_name(d), CONTRACT_HINT)
+                else:
+                    _, fn, args, kwargs, writes, checks, drops, releases, where = op
+                    outs = self._run_aten(fn, args, kwargs, env, where)
+                    if len(outs) != len(writes):
+                        raise _RunError(f"{where} returned {len(outs)} outputs, the program expects {len(writes)}")
+                    for s, out, check in zip(writes, outs, checks):
+                        if s is not None:
+                            env[s] = _host_value(out, check, where)
+                for s in drops:
+                    env[s] = None
+                for lock in releases:
+                    lock.release()
+        except BaseException as exc:
+            if j >= 0:
+                for lock in self._held_before[j]:
+                    lock.release()
+                if acquired == j:
+                    self._ops[j][3].release()
+            if j >= 0 and isinstance(exc, Exception) and not isinstance(exc, _RunError):
+                raise HandoffError(f"{self._ops[j][-1]} failed: {one_line(exc)}") from exc
+            raise
+        result = []
+        for slot, copy in self._output_plan:
+            arr = env[slot]
+            if copy or arr.nbytes < COPY_BELOW_BYTES or self._may_alias(arr, arrays):
+                arr = arr.copy()
+            result.append(arr)
+        with self._runs_lock:
+            self._runs += 1
+        return result
+
+    def _may_alias(self, arr: np.ndarray, inputs: Sequence[np.ndarray]) -> bool:
+        """Whether ``arr`` may share memory with a caller's input or the program file."""
+        if not arr.flags.writeable or (self._file_span is not None and np.may_share_memory(arr, self._file_span)):
+            return True
+        return any(np.may_share_memory(arr, x) for x in inputs)
 
     def _inputs(self, inputs: Sequence[Any] | Mapping[str, Any]) -> list[np.ndarray]:
+        if type(inputs) is list or type(inputs) is tuple:  # the common case, without ABC checks
+            if len(inputs) == len(self._input_plan):
+                return [x if type(x) is np.ndarray else _to_numpy(x) for x in inputs]
         names = [name for name, *_ in self._input_plan]
         if isinstance(inputs, Mapping):
             missing = [n for n in names if n not in inputs]
@@ -184,30 +479,40 @@ class Program:
             raise HandoffError(f"program takes {len(names)} input(s) ({', '.join(names)}), got {len(inputs)}")
         return [_to_numpy(x) for x in inputs]
 
-    def _run_aten(self, index: int, ins: Mapping[str, Any], env: dict[int, Any]) -> list[Any]:
+    def _run_aten(self, fn: Any, args: Any, kwargs: Mapping[str, Any], env: list[Any], where: str) -> list[Any]:
         import torch
 
-        def tensor(vid: int) -> Any:
-            if vid in self._torch_constants:
-                return self._torch_constants[vid]
-            return torch.from_numpy(np.array(env[vid]) if not env[vid].flags.writeable else env[vid])
+        def tensor(slot: int) -> Any:
+            arr = env[slot]
+            return torch.from_numpy(arr if arr.flags.writeable else np.array(arr))
 
         try:
-            result = self._aten_ops[index](*_decode(ins["args"], tensor),
-                                           **{k: _decode(v, tensor) for k, v in ins["kwargs"].items()})
+            result = fn(*_fill(args, tensor), **{k: _fill(v, tensor) for k, v in kwargs.items()})
         except Exception as exc:
-            raise HandoffError(f"instruction {index} ({ins['target']}) failed on the host: {one_line(exc, 300)}") from exc
+            raise _RunError(f"{where} failed on the host: {one_line(exc, 300)}") from exc
         results = list(result) if isinstance(result, (tuple, list)) else [result]
         return [r.numpy() if isinstance(r, torch.Tensor) else r for r in results]
 
-    def stats(self) -> list[dict[str, Any]]:
-        """Per delegate: backend, partition, and what its runtime reports about the last run
-        (``Runtime.stats``, where the backend implements it)."""
-        out = []
-        for d, (runtime, handle) in zip(self.manifest["delegates"], self._handles):
-            extra = runtime.stats(handle) if hasattr(runtime, "stats") else {}
-            out.append({"backend": d["backend"], "partition": d["partition"], **dict(extra)})
-        return out
+    def stats(self) -> dict[str, Any]:
+        """What the runs so far did:
+
+        * ``runs``: completed runs;
+        * ``peak_bytes``: bytes of values a run holds at once, at most (the manifest's declared
+          sizes of the inputs, of every value the run makes, and of the host copies of device
+          values; constants live in the program file and are not counted; 0 before a run);
+        * ``host_transfers``: values converted to or from host memory by a run (a device value
+          brought to the host by ``to_host``, a numpy array handed to a device runtime); the plan
+          fixes it, so every run makes the same (0 before a run);
+        * ``delegates``: per delegate, ``backend``, ``partition``, ``memory`` (its domain,
+          :meth:`Runtime.memory`) and ``stats``, what its runtime reports about its last
+          ``execute`` (:meth:`Runtime.stats`)."""
+        delegates = []
+        for d, memory, (runtime, handle) in zip(self.manifest["delegates"], self._memory, self._handles):
+            delegates.append({"backend": d["backend"], "partition": d["partition"], "memory": memory,
+                              "stats": dict(runtime.stats(handle))})
+        runs = self._runs
+        return {"runs": runs, "peak_bytes": self._peak_bytes if runs else 0,
+                "host_transfers": self._host_transfers if runs else 0, "delegates": delegates}
 
     # -- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -215,6 +520,7 @@ class Program:
         if self._closed:
             return
         self._closed = True
+        self._ops, self._env0, self._file_span = [], [], None
         while self._handles:
             runtime, handle = self._handles.pop()
             try:
@@ -234,6 +540,53 @@ class Program:
             self.close()
         except Exception:
             pass
+
+
+def _host_value(out: Any, check: tuple[tuple[int, ...], np.dtype, int], where: str, hint: str = "") -> np.ndarray:
+    """``out``, a value in host memory, as a C-contiguous numpy array of the declared shape and
+    dtype; a one-line error naming ``where`` (and ending with ``hint``) otherwise."""
+    if type(out) is not np.ndarray:
+        out = np.asarray(out)
+    shape, dtype, vid = check
+    if out.shape != shape or (out.dtype is not dtype and out.dtype != dtype):  # builtin dtypes are singletons
+        raise _RunError(f"{where} produced {out.dtype}{list(out.shape)} for value {vid}, "
+                        f"the program expects {dtype}{list(shape)}{hint}")
+    return out if out.flags.c_contiguous else np.ascontiguousarray(out)
+
+
+def _value_ids(ins: Mapping[str, Any]) -> list[int]:
+    """The value ids a host op reads (every ``{"value": i}`` in its arguments), in order."""
+    found: list[int] = []
+
+    def walk(arg: Any) -> None:
+        if isinstance(arg, list):
+            for a in arg:
+                walk(a)
+        elif isinstance(arg, dict) and "value" in arg:
+            found.append(arg["value"])
+
+    walk(ins["args"])
+    for v in ins["kwargs"].values():
+        walk(v)
+    return list(dict.fromkeys(found))
+
+
+def _with_refs(arg: Any) -> Any:
+    """``arg`` with every list that holds a :class:`_Ref` (at any depth) made a :class:`_RefList`."""
+    if isinstance(arg, list):
+        items = [_with_refs(a) for a in arg]
+        return _RefList(items) if any(type(a) in (_Ref, _RefList) for a in items) else items
+    return arg
+
+
+def _fill(arg: Any, tensor: Callable[[int], Any]) -> Any:
+    """A run's arguments from decoded ones: each :class:`_Ref` replaced by its value's tensor."""
+    kind = type(arg)
+    if kind is _Ref:
+        return tensor(arg.slot)
+    if kind is _RefList:
+        return [_fill(a, tensor) for a in arg]
+    return arg
 
 
 def _decode(arg: Any, tensor: Any) -> Any:
@@ -268,10 +621,14 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 
 def load(source: str | os.PathLike[str] | bytes, options: Mapping[str, Mapping[str, str]] | None = None,
-         plugins: Plugins | None = None) -> Program:
+         plugins: Plugins | None = None, trusted_keys: Sequence[str | os.PathLike[str]] = (),
+         allow_unsigned: bool = False) -> Program:
     """Open, verify and initialise a program file (a path, or the bytes of one).
 
     :param options: backend id -> runtime option name -> value (``{"xnnpack": {"threads": "2"}}``).
+    :param trusted_keys: directories of PEM public keys whose signatures make native code loadable,
+        besides the local key and ``$HANDOFF_HOME/trusted`` (see ``docs/security.md``).
+    :param allow_unsigned: load native code that no trusted key signed (only for files you trust).
     """
     file = ProgramFile.from_bytes(bytes(source)) if isinstance(source, (bytes, bytearray)) else ProgramFile.open(os.fspath(source))
-    return Program(file, plugins or get_plugins(), options or {})
+    return Program(file, plugins or get_plugins(), options or {}, trusted_keys, allow_unsigned)

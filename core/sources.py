@@ -9,10 +9,13 @@ function in that file.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
+import json
 import logging
 import sys
+import threading
 import zipfile
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -29,14 +32,14 @@ def handoff_zoo_models() -> dict[str, ZooModel]:
 
 @hookimpl(trylast=True)
 def handoff_resolve_model(spec: str, input_shapes: Sequence[InputSpec],
-                          zoo: Mapping[str, ZooModel]) -> ResolvedModel | None:
+                          zoo: Mapping[str, ZooModel], trust_model: bool) -> ResolvedModel | None:
     if spec.startswith("zoo:"):
         return _from_zoo(spec[4:], input_shapes, zoo)
     path_part, sep, name = spec.rpartition(":") if spec.count(":") else ("", "", "")
     if sep and path_part.endswith(".py"):
         return _from_python_file(Path(path_part), name, input_shapes)
     if spec.endswith(".pt2"):
-        return _from_pt2(Path(spec))
+        return _from_pt2(Path(spec), trust_model)
     return None
 
 
@@ -48,23 +51,86 @@ def _from_zoo(name: str, input_shapes: Sequence[InputSpec], zoo: Mapping[str, Zo
     return ResolvedModel(name=f"zoo:{name}", module=model.build(), example_inputs=inputs, zoo=model)
 
 
-def _from_pt2(path: Path) -> ResolvedModel:
+def _from_pt2(path: Path, trust_model: bool) -> ResolvedModel:
+    """A ``torch.export.save`` file. It can hold pickles, which run code when loaded (torch's own
+    loader falls back to ``torch.load(weights_only=False)``), so unless ``trust_model`` it must hold
+    none: its archive is checked first, and every ``torch.load`` it makes is forced to torch's
+    restricted ``weights_only`` unpickler."""
     import torch
 
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path}: not a torch.export.save file (not a zip archive); write it with torch.export.save")
+    if not trust_model:
+        why = _pickle_payload(path)
+        if why:
+            raise ValueError(f"{path}: {why}, which runs code when loaded; a .pt2 file is code you run (like a .py): "
+                             f"pass --trust-model if you trust its author")
     register_op_namespaces()
     logging.disable(logging.ERROR)  # torch logs its own traceback before raising; we say it in one line
     try:
-        ep = torch.export.load(str(path))
+        with contextlib.nullcontext() if trust_model else _weights_only(path):
+            ep = torch.export.load(str(path))
+    except _PickleRefused as exc:
+        raise ValueError(str(exc)) from None
     except Exception as exc:
         raise ValueError(f"{path}: not a torch.export.save file ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from exc
     finally:
         logging.disable(logging.NOTSET)
     args = ep.example_inputs[0] if ep.example_inputs else ()
     return ResolvedModel(name=path.name, exported=ep, example_inputs=tuple(args))
+
+
+class _PickleRefused(Exception):
+    pass
+
+
+def _pickle_payload(path: Path) -> str | None:
+    """What in a ``.pt2`` archive is a pickle beyond torch's restricted tensor unpickler, if any."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            if not any(n.endswith("/archive_format") or n == "archive_format" for n in names):
+                return "it is a legacy torch.export archive, whose weights are pickles"
+            for name in names:
+                if "/data/aotinductor/" in f"/{name}" or "/data/executorch/" in f"/{name}":
+                    return f"it holds compiled artifacts ({name})"
+                if name.endswith(("_weights_config.json", "_constants_config.json")):
+                    config = json.loads(archive.read(name)).get("config", {})
+                    for fqn, meta in config.items():
+                        if meta.get("use_pickle") or str(meta.get("path_name", "")).startswith(("custom_obj_",
+                                                                                                 "opaque_obj_")):
+                            return f"it holds a pickled object ({fqn})"
+    except (OSError, ValueError, zipfile.BadZipFile, AttributeError) as exc:
+        return f"its archive cannot be checked ({type(exc).__name__})"
+    return None
+
+
+@contextlib.contextmanager
+def _weights_only(path: Path) -> Any:
+    """Make every ``torch.load`` inside use the restricted unpickler, and refuse the fallback to
+    ``weights_only=False`` that ``torch.export.load`` attempts for example inputs."""
+    import torch
+
+    real = torch.load
+
+    def guarded(f: Any, *args: Any, weights_only: Any = None, **kwargs: Any) -> Any:
+        if weights_only is False:
+            raise _PickleRefused(f"{path}: its example inputs are a pickle beyond torch's restricted unpickler, which "
+                                 f"runs code when loaded; a .pt2 file is code you run (like a .py): pass --trust-model "
+                                 f"if you trust its author")
+        return real(f, *args, weights_only=True, **kwargs)
+
+    with _TORCH_LOAD_LOCK:
+        torch.load = guarded
+        try:
+            yield
+        finally:
+            torch.load = real
+
+
+_TORCH_LOAD_LOCK = threading.Lock()
 
 
 def register_op_namespaces() -> None:

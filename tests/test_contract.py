@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import handoff
-from handoff import BackendSpec, Compiler, HandoffError, Lowered, Option, Runtime, hookimpl, plugins
+from handoff import BackendSpec, Compiler, HandoffError, Option, Runtime, hookimpl, plugins
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -565,6 +565,17 @@ HOSTILE = [
     (_set(["delegates", 0, "metadata"], None), "manifest.delegates[0].metadata", "expected an object"),
     (_set(["delegates", 0, "backend"], ""), "manifest.delegates[0].backend", "must not be empty"),
     (_del(["delegates", 0, "partition"]), "manifest.delegates[0].partition", "is missing"),
+    # fallback copies (1.3) and signatures (1.2)
+    (_set(["delegates", 0, "fallbacks"], {}), "manifest.delegates[0].fallbacks", "expected a list"),
+    (_set(["delegates", 0, "fallbacks"], [{"backend": "tvm", "backend_version": "1", "segment": 7, "metadata": {},
+                                           "options": {}}]), "manifest.delegates[0].fallbacks[0].segment", "does not exist"),
+    (_set(["delegates", 0, "fallbacks"], [{"backend": "tvm", "segment": 1, "metadata": {}, "options": {}}]),
+     "manifest.delegates[0].fallbacks[0].backend_version", "is missing"),
+    (_set(["delegates", 0, "fallbacks"], [{"backend": "", "backend_version": "1", "segment": 1, "metadata": {},
+                                           "options": {}}]), "manifest.delegates[0].fallbacks[0].backend", "must not be empty"),
+    (_set(["signatures"], {}), "manifest.signatures", "expected a list"),
+    (_set(["signatures"], [{"key": "ab", "signature": "00" * 64}]), "manifest.signatures[0].key", "64 lowercase hex"),
+    (_set(["signatures"], [{"key": "ab" * 32}]), "manifest.signatures[0].signature", "is missing"),
     # instructions: references
     (_set(["instructions", 0, "delegate"], 1), "manifest.instructions[0].delegate", "delegate 1 does not exist"),
     (_set(["instructions", 0, "inputs"], [0, 9]), "manifest.instructions[0].inputs[1]", "value 9 does not exist"),
@@ -689,7 +700,7 @@ def test_manifest_inside_a_segment():
 def test_writer_writes_crc32_and_it_is_checked_on_access():
     data = small_program()
     with ProgramFile.from_bytes(data) as pf:
-        assert pf.minor == FORMAT_MINOR == 2
+        assert pf.minor == FORMAT_MINOR == 3
         table = pf.manifest["segments"]
         assert [t["crc32"] for t in table] == [zlib.crc32(W.tobytes()), zlib.crc32(BLOB)]
     assert_segment_1_damage_caught(data, "crc32")
@@ -1015,7 +1026,7 @@ def test_writer_reproduces_golden_file_but_for_the_1_1_additions():
     data = program_bytes(manifest, segments, alignment=alignment)
     golden = GOLDEN.read_bytes()
     with ProgramFile.from_bytes(data) as new, ProgramFile.from_bytes(golden) as old:
-        assert (new.major, new.minor, old.major, old.minor) == (1, 2, 1, 0)
+        assert (new.major, new.minor, old.major, old.minor) == (1, 3, 1, 0)
         assert [{k: v for k, v in s.items() if k != "crc32"} for s in new.manifest["segments"]] == old.manifest["segments"]
         assert [s["crc32"] for s in new.manifest["segments"]] == [zlib.crc32(bytes(old.segment(i))) for i in range(len(old))]
         assert {k: v for k, v in new.manifest.items() if k != "segments"} == \

@@ -14,6 +14,7 @@ import handoff
 from handoff import plugins
 from handoff.errors import HandoffError
 from handoff.program import ProgramFile, write_program
+from handoff.runtime import CONTRACT_HINT
 
 
 @pytest.fixture
@@ -102,7 +103,7 @@ def test_bad_inputs_are_clear(sink_program):
 
 def test_runtime_options_are_checked(sink_program):
     path, _ = sink_program
-    with pytest.raises(HandoffError, match="^backend 'sink' has no runtime option 'turbo'; valid runtime options: check$"):
+    with pytest.raises(HandoffError, match="^backend 'sink' has no runtime option 'turbo'; valid runtime options: check, memory$"):
         handoff.load(path, options={"sink": {"turbo": "1"}})
     with pytest.raises(HandoffError, match=r"no runtime option 'fuse' \('fuse' is a compile option\)"):
         handoff.load(path, options={"sink": {"fuse": "1"}})
@@ -144,3 +145,202 @@ def test_host_ops_without_torch_give_install_hint(sink_program, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.strip()
     assert out == (f"{path}: 1 host ATen op(s) (aten.sin.default) need torch, which is not installed; "
                    "install with: pip install torch==2.13.0, or re-partition with --no-aten")
+
+
+# -- the data path: memory domains, liveness, transfers, threads, failures ------------------------------
+class Chain(torch.nn.Module):
+    """sink -> sinkb -> host ops -> sink -> sinkb, with a value (c) that sinkb reuses later, the
+    host ops read, and the caller gets: every kind of edge between memory domains. An input
+    above 9 makes c exactly 1 in float32, d infinite, and sink's second delegate fail with
+    ``check=1``, while sinkb holds c."""
+
+    def forward(self, x):
+        a = torch.relu(x * 2.0)  # sink
+        c = torch.tanh(a + 1.0)  # sinkb
+        d = torch.reciprocal(1.0 - c)  # host (no backend claims these)
+        e = torch.relu(d * 3.0)  # sink
+        return torch.neg(e) + c, c  # sinkb
+
+
+VALUE_BYTES = 2 * 8 * 4  # every value of Chain is float32[2, 8]
+
+
+@pytest.fixture
+def chain_program(sink_plugins):
+    result = handoff.partition(Chain(), (torch.randn(2, 8),), backends=["sink", "sinkb"], fallback=False,
+                               options={"sink": {"ops": "aten.mul.Tensor,aten.relu.default"},
+                                        "sinkb": {"ops": "aten.add.Tensor,aten.tanh.default,aten.neg.default"}},
+                               default_limits=handoff.Limits(min_size=1))
+    manifest = result.assembled.manifest
+    steps = [manifest["delegates"][i["delegate"]]["backend"] if i["op"] == "delegate" else "host"
+             for i in manifest["instructions"]]
+    assert steps == ["sink", "sinkb", "host", "host", "sink", "sinkb"]
+    return result.to_bytes()
+
+
+def _device(memory="device"):
+    return {"sink": {"memory": memory}, "sinkb": {"memory": memory}}
+
+
+def _old_transfers(program) -> int:
+    """What the runtime before memory domains converted: every delegate input and output."""
+    return sum(len(i["inputs"]) + len(i["outputs"]) for i in program.manifest["instructions"] if i["op"] == "delegate")
+
+
+def test_values_are_dropped_after_their_last_use(chain_program):
+    with handoff.load(chain_program) as program:
+        assert program.stats()["peak_bytes"] == 0  # no run yet
+        x = np.random.default_rng(0).standard_normal((2, 8), dtype=np.float32) * 0.1  # 1 - c far from 0
+        got = program.run([x])
+        stats = program.stats()
+    want = [t.numpy() for t in Chain()(torch.from_numpy(x))]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+    every_value = len(program.manifest["values"]) * VALUE_BYTES  # x, a, c, 1 - c, d, e, f: 7 values
+    # At most 3 at once: c (waiting for sinkb and the caller) and an op's input and output.
+    assert stats["runs"] == 1 and stats["peak_bytes"] == 3 * VALUE_BYTES < every_value
+    assert stats["host_transfers"] == 0  # everything is numpy
+    assert [d["memory"] for d in stats["delegates"]] == ["host"] * 4
+    assert stats["delegates"][0] == {"backend": "sink", "partition": stats["delegates"][0]["partition"],
+                                     "memory": "host", "stats": {"ops": 2}}
+
+
+def test_device_values_cross_to_the_host_only_where_needed(chain_program):
+    x = np.random.default_rng(1).standard_normal((2, 8), dtype=np.float32)
+    with handoff.load(chain_program) as host, handoff.load(chain_program, options=_device()) as device:
+        want = host.run([x])
+        got = device.run([x])
+        stats = device.stats()
+        old = _old_transfers(device)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+        assert type(g) is np.ndarray and g.flags.writeable and g.flags.c_contiguous
+    # x into sink; c to the host for sin (and, the same copy, for the caller); d into sink; f to the caller.
+    # a (sink -> sinkb), e (sink -> sinkb) and c (sinkb -> sinkb) stay in "sink:device".
+    assert stats["host_transfers"] == 4 < old == 9
+    assert {d["memory"] for d in stats["delegates"]} == {"sink:device"}
+    # At most 4 at once: c, its host copy, and an op's input and output.
+    assert stats["peak_bytes"] == 4 * VALUE_BYTES
+
+
+def test_outputs_share_no_memory_with_inputs_constants_or_each_other(sink_plugins, tmp_path):
+    class PassThrough(torch.nn.Module):
+        def forward(self, x):
+            return x, torch.relu(x), x
+
+    result = handoff.partition(PassThrough(), (torch.randn(2, 8),), backends=["sink"], fallback=False)
+    with handoff.load(result.to_bytes()) as program:
+        x = np.ones((2, 8), np.float32)
+        a, b, c = program.run([x])
+    assert not np.shares_memory(a, x) and not np.shares_memory(c, x) and not np.shares_memory(a, c)
+    np.testing.assert_array_equal(b, x)
+
+
+def test_a_failing_delegate_is_one_line_and_the_program_runs_on(chain_program):
+    with handoff.load(chain_program, options={"sink": {"check": "1", "memory": "device"},
+                                              "sinkb": {"memory": "device"}}) as program:
+        good = np.random.default_rng(2).standard_normal((2, 8), dtype=np.float32)
+        want = program.run([good])
+        bad = good.copy()
+        bad[0, 0] = 10.0
+        partition = program.manifest["delegates"][2]["partition"]
+        with pytest.raises(HandoffError) as err:
+            program.run([bad])
+        assert str(err.value) == (f"delegate 2 ({partition}, backend 'sink') failed: FloatingPointError: "
+                                  "sink produced a non-finite output")
+        # The run failed while sinkb's device values were held: its locks were given back.
+        assert not any(op[3].locked() for op in program._ops if op[0] == 0 and op[3] is not None)
+        for g, w in zip(program.run([good]), want):
+            np.testing.assert_array_equal(g, w)
+        assert program.stats()["runs"] == 2
+
+
+def test_a_wrong_output_names_the_delegate(chain_program, tmp_path):
+    with ProgramFile.from_bytes(chain_program) as pf:
+        manifest = {k: v for k, v in pf.manifest.items() if k != "segments"}
+        segments = [bytes(pf.segment(i)) for i in range(len(pf))]
+    manifest["values"][manifest["instructions"][0]["outputs"][0]]["shape"] = [2, 9]
+    path = tmp_path / "wrong.hof"
+    write_program(str(path), manifest, segments)
+    x = np.zeros((2, 8), np.float32)
+    where = f"delegate 0 ({manifest['delegates'][0]['partition']}, backend 'sink') produced"
+    for options, what in (({}, "float32[2, 8]"), (_device(), "a value of shape [2, 8]")):
+        with handoff.load(path, options=options) as program:
+            with pytest.raises(HandoffError) as err:
+                program.run([x])
+            assert str(err.value) == f"{where} {what} for value 1, the program expects float32[2, 9]{CONTRACT_HINT}"
+    # A device value's dtype is checked when it comes to the host, naming the delegate that made it.
+    manifest["values"][1]["shape"] = [2, 8]
+    last = manifest["instructions"][-1]
+    manifest["values"][last["outputs"][0]]["dtype"] = "float16"
+    write_program(str(path), manifest, segments)
+    with handoff.load(path, options=_device()) as program:
+        with pytest.raises(HandoffError) as err:
+            program.run([x])
+    partition = manifest["delegates"][last["delegate"]]["partition"]
+    assert str(err.value) == (f"delegate {last['delegate']} ({partition}, backend 'sinkb') produced float32[2, 8] for "
+                              f"value {last['outputs'][0]}, the program expects float16[2, 8]{CONTRACT_HINT}")
+
+
+def _threaded(program, inputs, threads=8):
+    """Each thread runs its share of ``inputs``; returns the outputs in input order."""
+    import threading
+
+    results: list = [None] * len(inputs)
+    errors: list = []
+
+    def work(k):
+        try:
+            for i in range(k, len(inputs), threads):
+                results[i] = program.run([inputs[i]])
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors, errors[0]
+    return results
+
+
+def test_runs_from_8_threads_match_single_threaded_runs(chain_program):
+    rng = np.random.default_rng(3)
+    inputs = [rng.standard_normal((2, 8), dtype=np.float32) for _ in range(8 * 200)]
+    with handoff.load(chain_program, options=_device()) as program:
+        want = [program.run([x]) for x in inputs]
+        got = _threaded(program, inputs)
+        assert program.stats()["runs"] == 2 * len(inputs)
+    for g, w in zip(got, want):
+        for a, b in zip(g, w):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_tvm_values_stay_tvm_tensors_and_threads_are_safe(sink_plugins):
+    """tvm -> sink -> tvm, where the second TVM delegate also reads the first one's output:
+    that edge stays a TVM tensor. One Relax VM crashes when called from two threads at once: the
+    core serialises each TVM delegate."""
+
+    class Mixed(torch.nn.Module):
+        def forward(self, x):
+            a = torch.tanh(x) * 2.0  # tvm
+            b = torch.relu(a)  # sink
+            return torch.sin(b) + a  # tvm
+
+    result = handoff.partition(Mixed(), (torch.randn(4, 16),), backends=["sink", "tvm"], fallback=False,
+                               options={"sink": {"ops": "aten.relu.default"}}, default_limits=handoff.Limits(min_size=1))
+    rng = np.random.default_rng(4)
+    inputs = [rng.standard_normal((4, 16), dtype=np.float32) for _ in range(8 * 200)]
+    with handoff.load(result.to_bytes()) as program:
+        assert [d["backend"] for d in program.manifest["delegates"]] == ["tvm", "sink", "tvm"]
+        want = [program.run([x]) for x in inputs]
+        got = _threaded(program, inputs)
+        stats = program.stats()
+        # x into TVM, a to the host for sink, b into TVM, the output to the host; a -> tvm stays.
+        assert stats["host_transfers"] == 4 < _old_transfers(program) == 7
+        assert [d["memory"] for d in stats["delegates"]] == ["tvm:cpu", "host", "tvm:cpu"]
+    np.testing.assert_allclose(want[0][0], Mixed()(torch.from_numpy(inputs[0])).numpy(), rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g[0], w[0])

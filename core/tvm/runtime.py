@@ -1,6 +1,12 @@
 """The runtime half of the ``tvm`` backend: a delegate blob is a shared library holding a Relax VM
 executable; ``load`` opens it in a Relax VM on the CPU and ``execute`` calls its ``main``.
 
+Values stay TVM tensors between TVM delegates (memory domain ``"tvm:cpu"``): ``execute`` takes
+numpy arrays through DLPack without a copy (unless the array is not 64-byte aligned, which TVM's
+generated code assumes), passes TVM tensors through, and returns the VM's output tensors as they
+are; ``to_host`` views them as numpy arrays, again through DLPack. Not reentrant: one Relax VM
+called from two threads at once crashes, so the core runs one ``execute`` per delegate at a time.
+
 Imports neither torch nor TVM at module level. When TVM is first imported here and torch is not
 already loaded, torch is hidden from that import: ``tvm_ffi`` imports torch opportunistically
 (``try: import torch``, only for DLPack interop with torch tensors, which this runtime never
@@ -10,20 +16,27 @@ still gets working TVM (DLPack exchange with torch tensors goes through ``__dlpa
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
+import operator
 import platform
 import sys
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from handoff import Runtime
+from handoff import Runtime, native_library
 
 #: What to install when TVM is missing (the runtime needs no torch).
 INSTALL_HINT = "pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post0"
+#: The memory domain of every TVM delegate's outputs (see handoff.Runtime.memory).
+MEMORY = "tvm:cpu"
+#: Data alignment TVM's generated code assumes of its arguments (``tvm.runtime.from_dlpack``
+#: checks the same): an input that is not aligned so is copied into an array that is.
+ALIGNMENT = 64
+#: DLPack version asked of numpy: 1.0 carries a read-only flag, so read-only arrays (constants
+#: mapped from the program file, a caller's frozen input) go to TVM without a copy. TVM only reads
+#: its arguments.
+_DLPACK_VERSION = (1, 0)
 
 _ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
 
@@ -70,10 +83,16 @@ class _Delegate:
     main: Any
     num_inputs: int
     num_outputs: int
+    tensor_type: type  # TVM's tensor class: inputs of this type go to the VM as they are
+    from_dlpack: Any  # tvm_ffi.from_dlpack
+    array_size: Any  # len() of the tvm_ffi Array main returns
+    array_item: Any  # (array, i) -> its item i
 
 
 class TvmRuntime(Runtime):
     """Runs TVM delegates on the CPU (see :class:`handoff.Runtime`)."""
+
+    native_code = True  # a delegate is a shared library
 
     def is_available(self) -> tuple[bool, str]:
         try:
@@ -86,41 +105,72 @@ class TvmRuntime(Runtime):
     def load(self, blob: memoryview, metadata: Mapping[str, Any], options: Mapping[str, Any]) -> _Delegate:
         """Check the delegate fits this host and TVM, then open it in a Relax VM.
 
-        The library is written to a private temporary file only for as long as ``dlopen`` needs
-        it: it is unlinked as soon as it is loaded, so nothing is left behind if the process dies.
-        """
+        The blob is a shared library: native code, written to a private file by
+        :func:`handoff.native_library` only when its bytes are the ones the user trusts, and
+        removed as soon as it is loaded."""
         tvm = import_tvm()
         _check_compatible(tvm, metadata)
-        fd, path = tempfile.mkstemp(prefix="handoff-tvm-", suffix=".so")  # mode 0600
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
+        with native_library(blob, "tvm delegate") as path:
             lib = tvm.runtime.load_module(path)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
         from tvm.runtime.vm import VirtualMachine
 
         vm = VirtualMachine(lib, tvm.cpu())
-        return _Delegate(vm, vm[str(metadata.get("entry", "main"))],
-                         int(metadata["num_inputs"]), int(metadata["num_outputs"]))
+        import tvm_ffi
 
-    def execute(self, handle: _Delegate, inputs: Sequence[Any]) -> list[np.ndarray]:
+        # tvm_ffi's own functions behind Array's len() and [i]: the Python wrappers around them
+        # cost 2 us per output (index normalisation, slices); the fallback is those wrappers.
+        ffi = getattr(tvm_ffi, "_ffi_api", None)
+        size, item = getattr(ffi, "ArraySize", None), getattr(ffi, "ArrayGetItem", None)
+        if size is None or item is None:
+            size, item = len, operator.getitem
+        return _Delegate(vm, vm[str(metadata.get("entry", "main"))],
+                         int(metadata["num_inputs"]), int(metadata["num_outputs"]),
+                         tvm.runtime.Tensor, tvm_ffi.from_dlpack, size, item)
+
+    def memory(self, handle: _Delegate) -> str:
+        return MEMORY
+
+    def execute(self, handle: _Delegate, inputs: Sequence[Any]) -> list[Any]:
+        """Run the VM on numpy arrays or TVM tensors; returns the VM's output tensors."""
         if len(inputs) != handle.num_inputs:
             raise ValueError(f"TVM delegate takes {handle.num_inputs} inputs, got {len(inputs)}")
-        tvm = sys.modules["tvm"]
-        args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in inputs]
-        result = handle.main(*args)
+        tensor = handle.tensor_type
+        result = handle.main(*[a if type(a) is tensor else _tensor(a, handle.from_dlpack) for a in inputs])
         # The compiler imports with unwrap_unit_return_tuple=False, so main returns a tuple (a
         # tvm_ffi Array); a bare tensor is accepted too, should an executable return one.
-        values = [result] if hasattr(result, "numpy") else list(result)
-        if len(values) != handle.num_outputs:
-            raise ValueError(f"TVM delegate returned {len(values)} outputs, its metadata says {handle.num_outputs}")
-        return [v.numpy() if hasattr(v, "numpy") else np.asarray(v) for v in values]
+        if type(result) is tensor:
+            return [result]
+        count, item = handle.array_size(result), handle.array_item
+        if count != handle.num_outputs:
+            raise ValueError(f"TVM delegate returned {count} outputs, its metadata says {handle.num_outputs}")
+        return [item(result, i) for i in range(count)]
+
+    def to_host(self, values: Sequence[Any]) -> list[np.ndarray]:
+        """Numpy views of TVM tensors (DLPack, no copy)."""
+        return [np.from_dlpack(v) for v in values]
 
     def release(self, handle: _Delegate) -> None:
         # Dropping the last references frees the VM, its memory pools and (via the module) the library.
         handle.main = handle.vm = None
+
+
+def _tensor(array: Any, from_dlpack: Any) -> Any:
+    """A TVM tensor viewing ``array`` (numpy, or anything ``numpy.asarray`` takes) through DLPack,
+    or, when its data is not :data:`ALIGNMENT`-aligned, viewing an aligned copy of it."""
+    if type(array) is not np.ndarray:
+        array = np.asarray(array)
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
+    tensor = from_dlpack(array.__dlpack__(max_version=_DLPACK_VERSION))
+    if tensor.data_ptr() % ALIGNMENT == 0 or array.size == 0:
+        return tensor
+    # numpy allocates at 16 bytes or better, so the padding is whole items (ALIGNMENT >= itemsize).
+    n, itemsize = array.size, array.itemsize
+    raw = np.empty(n + ALIGNMENT // itemsize, array.dtype)
+    start = -from_dlpack(raw).data_ptr() % ALIGNMENT // itemsize  # data_ptr: cheaper than raw.ctypes
+    copy = raw[start:start + n]
+    copy[...] = array.reshape(-1)
+    return from_dlpack(copy.reshape(array.shape).__dlpack__(max_version=_DLPACK_VERSION))
 
 
 def _check_compatible(tvm: Any, metadata: Mapping[str, Any]) -> None:

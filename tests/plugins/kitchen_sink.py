@@ -8,12 +8,19 @@ nodes; ``fail_on`` makes lowering fail at an op; ``fuse`` reports mul->relu pair
 ``max_nodes`` makes ``check_partition`` shrink partitions larger than that; ``wrong_op`` makes the
 lowered delegate compute an op wrongly (its result off by :data:`WRONG_BY`), for tests that must
 find the delegate carrying an error.
+
+At run time, ``check=1`` refuses non-finite outputs, and ``memory=device`` makes a backend behave
+like a device runtime: its outputs are :class:`SinkTensor` objects (memory domain ``"sink:device"``,
+shared by ``sink`` and ``sinkb``), which ``to_host`` copies into numpy. ``sinkb`` is not reentrant:
+as a GPU runtime may, it writes every call's outputs into the same buffers of its delegate, and it
+raises if two calls of one delegate ever overlap.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import threading
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -38,7 +45,10 @@ OPTIONS = {"ops": Option("str", "comma-separated ATen ops to claim", default=DEF
            "fuse": Option("bool", "report mul->relu pairs as fused patterns", default=False),
            "max_nodes": Option("int", "check_partition takes nodes out of partitions larger than this", min=1),
            "wrong_op": Option("str", "an ATen op the lowered delegate computes wrongly (off by WRONG_BY)")}
-RUNTIME_OPTIONS = {"check": Option("bool", "refuse non-finite outputs", default=False)}
+RUNTIME_OPTIONS = {"check": Option("bool", "refuse non-finite outputs", default=False),
+                   "memory": Option("choice", "where outputs live: host (numpy) or device (SinkTensor)",
+                                    default="host", choices=("host", "device"))}
+DEVICE_MEMORY = "sink:device"
 MAGIC = b"SINK"
 WRONG_BY = 0.25  # what a ``wrong_op`` adds to that op's result
 
@@ -48,9 +58,11 @@ calls: list[str] = []  # hooks called, for the tests
 @hookimpl
 def handoff_backends() -> list[BackendSpec]:
     calls.append("handoff_backends")
-    return [BackendSpec(id=bid, version="9.9", compiler=f"{__name__}:SinkCompiler", runtime=f"{__name__}:SinkRuntime",
+    runtimes = {"sink": "SinkRuntime", "sinkb": "SinkBRuntime"}
+    return [BackendSpec(id=bid, version="9.9", compiler=f"{__name__}:SinkCompiler", runtime=f"{__name__}:{runtime}",
                         description=f"kitchen-sink test backend {bid}", options=OPTIONS,
-                        runtime_options=RUNTIME_OPTIONS, api_version=PLUGIN_API_VERSION) for bid in ("sink", "sinkb")]
+                        runtime_options=RUNTIME_OPTIONS, api_version=PLUGIN_API_VERSION)
+            for bid, runtime in runtimes.items()]
 
 
 @hookimpl
@@ -69,7 +81,8 @@ def handoff_zoo_models() -> dict[str, ZooModel]:
 
 
 @hookimpl
-def handoff_resolve_model(spec: str, input_shapes: Sequence[Any], zoo: Mapping[str, ZooModel]) -> ResolvedModel | None:
+def handoff_resolve_model(spec: str, input_shapes: Sequence[Any], zoo: Mapping[str, ZooModel],
+                          trust_model: bool) -> ResolvedModel | None:
     calls.append("handoff_resolve_model")
     if not spec.startswith("sink:"):
         return None
@@ -174,23 +187,44 @@ class SinkCompiler(Compiler):
         return Lowered(MAGIC + struct.pack("<I", len(body)) + body, {"compiler": "sink", "ops": len(program)})
 
 
+class SinkTensor:
+    """A "device value" of the kitchen sink: data the core must not read (it has no
+    ``__dlpack__``), only hand to a sink runtime or give to ``to_host``."""
+
+    __slots__ = ("_data", "dtype", "shape")
+
+    def __init__(self, data: np.ndarray) -> None:
+        self._data, self.shape, self.dtype = data, data.shape, data.dtype
+
+
 class SinkRuntime(Runtime):
     loaded = 0
     released = 0
-    reentrant = True  # execute keeps no state in the handle
+    reentrant = True  # execute keeps no state in the handle but its last stats
 
     def is_available(self) -> tuple[bool, str]:
         return True, ""
 
-    def load(self, blob: memoryview, metadata: Mapping[str, Any], options: Mapping[str, str]) -> Any:
+    def load(self, blob: memoryview, metadata: Mapping[str, Any], options: Mapping[str, Any]) -> Any:
         data = bytes(blob)
         if data[:4] != MAGIC:
             raise ValueError("not a sink blob")
         (n,) = struct.unpack("<I", data[4:8])
         SinkRuntime.loaded += 1
-        return {**json.loads(data[8:8 + n]), "check": options["check"], "last": {}}
+        return {**json.loads(data[8:8 + n]), "check": options["check"], "device": options["memory"] == "device",
+                "last": {}, "buffers": None, "busy": threading.Lock()}
 
-    def execute(self, handle: Any, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def memory(self, handle: Any) -> str:
+        return DEVICE_MEMORY if handle["device"] else "host"
+
+    def execute(self, handle: Any, inputs: Sequence[Any]) -> list[Any]:
+        outs = self._compute(handle, [v._data if isinstance(v, SinkTensor) else v for v in inputs])
+        if handle["check"] and not all(np.isfinite(o).all() for o in outs):
+            raise FloatingPointError("sink produced a non-finite output")
+        handle["last"] = {"ops": len(handle["program"])}
+        return [SinkTensor(o) for o in outs] if handle["device"] else outs
+
+    def _compute(self, handle: Any, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         tmps: list[Any] = []
 
         def get(ref: list[Any]) -> Any:
@@ -201,14 +235,34 @@ class SinkRuntime(Runtime):
         for op, args, kwargs, offset in handle["program"]:
             out = NUMPY_OPS[op](*[get(a) for a in args], **kwargs)
             tmps.append(np.asarray(out + offset, dtype=np.float32))
-        outs = [np.asarray(get(o), dtype=np.float32) for o in handle["outputs"]]
-        if handle["check"] and not all(np.isfinite(o).all() for o in outs):
-            raise FloatingPointError("sink produced a non-finite output")
-        handle["last"] = {"ops": len(handle["program"])}
-        return outs
+        return [np.asarray(get(o), dtype=np.float32) for o in handle["outputs"]]
+
+    def to_host(self, values: Sequence[Any]) -> list[np.ndarray]:
+        return [np.array(v._data) for v in values]  # copies: a device's memory is not the host's
 
     def stats(self, handle: Any) -> Mapping[str, Any]:
         return handle["last"]
 
     def release(self, handle: Any) -> None:
         SinkRuntime.released += 1
+
+
+class SinkBRuntime(SinkRuntime):
+    """``sinkb``: not reentrant, and with ``memory=device`` it reuses its output buffers."""
+
+    reentrant = False
+
+    def execute(self, handle: Any, inputs: Sequence[Any]) -> list[Any]:
+        if not handle["busy"].acquire(blocking=False):
+            raise RuntimeError("sinkb: execute entered twice at once on one delegate (the core must serialise it)")
+        try:
+            outs = super().execute(handle, inputs)
+            if not handle["device"]:
+                return outs
+            if handle["buffers"] is None:
+                handle["buffers"] = [SinkTensor(np.empty_like(o._data)) for o in outs]
+            for buffer, out in zip(handle["buffers"], outs):
+                buffer._data[...] = out._data  # the previous call's outputs are overwritten here
+            return handle["buffers"]
+        finally:
+            handle["busy"].release()

@@ -173,7 +173,8 @@ class WithErf(torch.nn.Module):
 def test_declined_op_reason_in_report(qnn_plugins):
     torch.manual_seed(0)
     model = WithErf().eval()
-    result = handoff.partition(model, (torch.randn(4, 16),), backends=["qnn"])
+    # min size 1: a one-node QNN island would otherwise join TVM's partition (which takes it too)
+    result = handoff.partition(model, (torch.randn(4, 16),), backends=["qnn"], default_limits=handoff.Limits(1))
     (declined,) = [d for d in result.report.declined if d["op"] == "aten.erf.default"]
     assert declined["reasons"]["qnn"].startswith("QNN HTP has no kernel for aten.erf.default")
     assert declined["ran_on"] == "tvm"
@@ -227,8 +228,9 @@ def test_claimed_partition_that_fails_falls_back(qnn_plugins):
                                on_lower_error="fallback")
     (move,) = result.report.moves
     assert move["backend"] == "qnn" and "Failed to finalize QNN graph" in move["reason"]
-    # The in-context check (default) declines the culprit up front instead.
-    result = handoff.partition(Scaled(), (q, v), backends=["qnn"])
+    # The in-context check (default) declines the culprit up front instead (min size 1: the
+    # one-node QNN partition left would otherwise join TVM's).
+    result = handoff.partition(Scaled(), (q, v), backends=["qnn"], default_limits=handoff.Limits(1))
     assert not result.report.moves and result.report.stats["qnn"].nodes == 1
     with handoff.load(result.to_bytes()) as program:
         (got,) = program.run([q, v])

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import operator
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 import tvm

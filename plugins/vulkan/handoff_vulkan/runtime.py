@@ -2,13 +2,23 @@
 
 Imports neither torch nor TVM, and wgpu only inside the methods. Per delegate, :meth:`load`
 creates everything once: the weights' buffers (uploaded from the mapped program file), one
-buffer per input and per intermediate storage, a staging buffer all outputs are read back through,
-one compute pipeline per kernel, and one bind group per dispatch (scalar arguments live in one
-uniform buffer written at load: shapes are static). :meth:`execute` then writes the inputs,
-records every dispatch into one compute pass plus the output copies, submits once, and maps the
-staging buffer once.
+buffer per input and per intermediate storage, one compute pipeline per kernel, and one bind group
+per dispatch (scalar arguments live in one uniform buffer written at load: shapes are static).
 
-One wgpu device is shared by every delegate of the process that asks for the same adapter.
+Outputs stay on the GPU. :meth:`execute` writes numpy inputs with ``queue.write_buffer``, copies
+inputs that another delegate on the same device left on the GPU (:class:`GpuValue`) with
+``copy_buffer_to_buffer``, records every dispatch into one compute pass, submits, and returns
+without waiting: its outputs are :class:`GpuValue` ranges of its own buffers, which the next
+vulkan delegate reads on the GPU (the queue orders the work, so consecutive delegates never wait
+for each other). :meth:`to_host` reads any number of values back at once: one staging copy each
+into the device's readback buffer, one submit, one map. The memory domain
+(:meth:`VulkanRuntime.memory`) is the wgpu device: ``"wgpu:<adapter name>"``.
+
+Not reentrant: a delegate's outputs live in its buffers, which its next call overwrites, so the
+core runs one call per delegate at a time and keeps its lock until those outputs are consumed.
+
+One wgpu device is shared by every delegate of the process that asks for the same adapter (and
+the same ``timestamps`` setting, which needs a device feature).
 
 Environment: ``WGPU_BACKEND_TYPE`` defaults to ``Vulkan``; ``XDG_RUNTIME_DIR`` to a private
 temporary directory and ``XDG_CACHE_HOME`` to ``$HANDOFF_HOME/cache`` (Mesa's drivers write their
@@ -35,7 +45,8 @@ INSTALL_HINT = f"pip install wgpu=={WGPU_VERSION}"
 DRIVER_HINT = ("install a Vulkan driver and loader (Debian/Ubuntu: apt-get install mesa-vulkan-drivers libvulkan1 "
                "gives lavapipe, a CPU implementation; a GPU vendor's driver for real hardware)")
 #: Phases of a run timed on the host with ``timestamps=1``: write the inputs and record the
-#: commands; submit; wait for the GPU and map the readback buffer; copy the outputs out.
+#: commands, and submit (in ``execute``); wait for the GPU and map the readback buffer, and copy
+#: the outputs out (in the ``to_host`` that read this delegate's outputs).
 _PHASES = ("write_and_encode", "submit", "wait_and_map", "read")
 #: Adapter types in the order ``adapter`` (unset) prefers them.
 _PREFERENCE = ("DiscreteGPU", "IntegratedGPU", "VirtualGPU", "CPU", "Unknown")
@@ -91,7 +102,7 @@ def choose_adapter(adapters: Sequence[Any], wanted: str | None) -> Any:
     raise ValueError(f"option adapter={wanted!r} matches no Vulkan adapter; adapters here: {names}")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Device:
     wgpu: Any
     adapter: Any
@@ -100,36 +111,55 @@ class _Device:
     name: str
     limits: dict[str, int]
     timestamps: bool
+    memory: str  # the memory domain of its delegates' outputs
+    readback_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # guards what follows
+    staging: Any = None  # the MAP_READ buffer every readback goes through, grown on demand
+    staging_size: int = 0
+    pending: dict[Any, None] = dataclasses.field(default_factory=dict)  # delegates whose timestamps are unread
 
 
-@dataclasses.dataclass
+class GpuValue:
+    """A delegate output left on the GPU: ``nbytes`` bytes at ``offset`` of ``buffer``, holding a
+    C-order array of ``shape`` and ``dtype``. Valid until its delegate runs again (the core holds
+    the delegate's lock until then)."""
+
+    __slots__ = ("buffer", "dtype", "nbytes", "offset", "owner", "shape")
+
+    def __init__(self, owner: "_Delegate", buffer: Any, offset: int, nbytes: int, shape: tuple[int, ...],
+                 dtype: np.dtype) -> None:
+        self.owner, self.buffer, self.offset, self.nbytes, self.shape, self.dtype = owner, buffer, offset, nbytes, shape, dtype
+
+    def __repr__(self) -> str:
+        return f"GpuValue({self.dtype}{list(self.shape)} on {self.owner.dev.name})"
+
+
+@dataclasses.dataclass(eq=False)
 class _Delegate:
     """What ``load`` returns; everything ``execute`` needs, created once."""
 
     dev: _Device
     buffers: list[Any]
     inputs: list[tuple[int, tuple[int, ...], np.dtype]]  # (buffer, shape, dtype) per input
-    outputs: list[tuple[int, int, int, tuple[int, ...], np.dtype, int]]  # buffer, offset, nbytes, shape, dtype, staging offset
-    staging: Any
-    staging_size: int
+    outputs: list[GpuValue]  # what every execute returns: its output ranges
     passes: list[tuple[Any, Any, tuple[int, int, int]]]  # (pipeline, bind group, workgroups) per dispatch
     uniform: Any
     raw: list[tuple[Any, ...]] | None = None  # native handles of ``passes`` (see _record)
     query_set: Any = None
     query_buffer: Any = None
-    timestamp_offset: int = 0
     submits: int = 0
     last_gpu_seconds: float | None = None  # with timestamps=1: the last run's compute pass on the GPU
     last_host_seconds: dict[str, float] | None = None  # with timestamps=1: the last run's phases (_PHASES)
     keep: list[Any] = dataclasses.field(default_factory=list)
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # one run at a time (one staging buffer)
 
 
 class VulkanRuntime(Runtime):
     """Runs vulkan delegates through wgpu (see :class:`handoff.Runtime`)."""
 
+    reentrant = False
+
     def __init__(self) -> None:
-        self._devices: dict[tuple[str, bool], _Device] = {}
+        self._devices: dict[tuple[str, bool], _Device] = {}  # (adapter name, timestamps) -> device
+        self._chosen: dict[str, Any] = {}  # the adapter option, lowercased -> adapter
         self._lock = threading.Lock()
 
     # -- availability ----------------------------------------------------------------------------
@@ -152,12 +182,16 @@ class VulkanRuntime(Runtime):
     def _device(self, options: Mapping[str, str]) -> _Device:
         wanted = (options.get("adapter") or "").strip()
         timestamps = bool(options.get("timestamps"))
-        key = (wanted.lower(), timestamps)
         with self._lock:
+            wgpu = import_wgpu()
+            # Keyed by the adapter, not the option's spelling: delegates on one adapter share a
+            # device, so their values can pass between them on the GPU.
+            if wanted.lower() not in self._chosen:
+                self._chosen[wanted.lower()] = choose_adapter(vulkan_adapters(wgpu), wanted or None)
+            adapter = self._chosen[wanted.lower()]
+            key = (_adapter_name(adapter), timestamps)
             if key in self._devices:
                 return self._devices[key]
-            wgpu = import_wgpu()
-            adapter = choose_adapter(vulkan_adapters(wgpu), wanted or None)
             features = []
             if timestamps:
                 if "timestamp-query" not in adapter.features:
@@ -165,7 +199,9 @@ class VulkanRuntime(Runtime):
                 features.append("timestamp-query")
             # wgpu-py requests the adapter's own limits when none are given: the most it allows.
             device = adapter.request_device_sync(required_features=features, label="handoff-vulkan")
-            dev = _Device(wgpu, adapter, device, device.queue, _adapter_name(adapter), dict(device.limits), timestamps)
+            name = _adapter_name(adapter)
+            dev = _Device(wgpu, adapter, device, device.queue, name, dict(device.limits), timestamps,
+                          f"wgpu:{name}" + (" +timestamps" if timestamps else ""))
             self._devices[key] = dev
             return dev
 
@@ -188,15 +224,6 @@ class VulkanRuntime(Runtime):
             buffers.append(buf)
 
         inputs = [(int(s["buffer"]), tuple(s["shape"]), np.dtype(s["dtype"])) for s in header["inputs"]]
-        outputs, offset = [], 0
-        for s in header["outputs"]:
-            outputs.append((int(s["buffer"]), int(s["offset"]), int(s["nbytes"]), tuple(s["shape"]), np.dtype(s["dtype"]),
-                            offset))
-            offset += -(-int(s["nbytes"]) // 4) * 4
-        timestamp_offset = -(-offset // 256) * 256
-        staging_size = timestamp_offset + (16 if dev.timestamps else 0)
-        staging = device.create_buffer(size=max(staging_size, 4), usage=usage.MAP_READ | usage.COPY_DST,
-                                       label="handoff-readback")
 
         # Kernels: one shader module, bind group layout and pipeline each.
         pipelines, layouts = [], []
@@ -235,31 +262,44 @@ class VulkanRuntime(Runtime):
         if dispatches:
             dev.queue.write_buffer(uniform, 0, uniform_data)
 
-        delegate = _Delegate(dev, buffers, inputs, outputs, staging, staging_size, passes, uniform,
-                             raw=_native_passes(passes), timestamp_offset=timestamp_offset, keep=[pipelines, layouts])
+        delegate = _Delegate(dev, buffers, inputs, [], passes, uniform, raw=_native_passes(passes),
+                             keep=[pipelines, layouts])
+        delegate.outputs = [GpuValue(delegate, buffers[int(s["buffer"])], int(s["offset"]), int(s["nbytes"]),
+                                     tuple(s["shape"]), np.dtype(s["dtype"])) for s in header["outputs"]]
         if dev.timestamps:
             delegate.query_set = device.create_query_set(type=wgpu.QueryType.timestamp, count=2)
             delegate.query_buffer = device.create_buffer(size=16, usage=usage.QUERY_RESOLVE | usage.COPY_SRC)
         return delegate
 
     # -- run -------------------------------------------------------------------------------------
-    def execute(self, handle: _Delegate, inputs: Sequence[Any]) -> list[np.ndarray]:
+    def memory(self, handle: _Delegate) -> str:
+        return handle.dev.memory
+
+    def execute(self, handle: _Delegate, inputs: Sequence[Any]) -> list[GpuValue]:
+        """Write or copy the inputs, record the dispatches, submit; return the output ranges
+        without waiting for the GPU."""
         if len(inputs) != len(handle.inputs):
             raise ValueError(f"vulkan delegate takes {len(handle.inputs)} inputs, got {len(inputs)}")
-        with handle.lock:
-            return self._run(handle, inputs)
-
-    def _run(self, handle: _Delegate, inputs: Sequence[Any]) -> list[np.ndarray]:
         dev = handle.dev
-        queue = dev.queue
         profile = handle.query_set is not None
         clock = [time.perf_counter()] if profile else None
-        for i, ((buf, shape, dtype), arr) in enumerate(zip(handle.inputs, inputs)):
-            arr = np.asarray(arr)
+        encoder = dev.device.create_command_encoder()
+        for i, ((buf, shape, dtype), value) in enumerate(zip(handle.inputs, inputs)):
+            if type(value) is GpuValue:
+                if value.owner.dev is not dev:
+                    raise ValueError(f"vulkan delegate input {i} is on another wgpu device ({value.owner.dev.memory}, "
+                                     f"this delegate runs on {dev.memory})")
+                if value.dtype != dtype or value.shape != shape:
+                    raise ValueError(f"vulkan delegate input {i} expects {dtype}{list(shape)}, got "
+                                     f"{value.dtype}{list(value.shape)}")
+                if value.nbytes:
+                    encoder.copy_buffer_to_buffer(value.buffer, value.offset, handle.buffers[buf], 0, _padded(value.nbytes))
+                continue
+            arr = np.asarray(value)
             if arr.dtype != dtype or arr.shape != shape:
                 raise ValueError(f"vulkan delegate input {i} expects {dtype}{list(shape)}, got {arr.dtype}{list(arr.shape)}")
-            queue.write_buffer(handle.buffers[buf], 0, np.ascontiguousarray(arr))
-        encoder = dev.device.create_command_encoder()
+            # Queue writes happen before the commands submitted after them, so before this run's copies.
+            dev.queue.write_buffer(handle.buffers[buf], 0, np.ascontiguousarray(arr))
         timestamp_writes = None
         if profile:
             timestamp_writes = {"query_set": handle.query_set, "beginning_of_pass_write_index": 0,
@@ -267,44 +307,46 @@ class VulkanRuntime(Runtime):
         compute = encoder.begin_compute_pass(timestamp_writes=timestamp_writes)
         _record(compute, handle.passes, handle.raw)
         compute.end()
-        for buf, offset, nbytes, _, _, dst in handle.outputs:
-            encoder.copy_buffer_to_buffer(handle.buffers[buf], offset, handle.staging, dst, -(-nbytes // 4) * 4)
         if profile:
             encoder.resolve_query_set(handle.query_set, 0, 2, handle.query_buffer, 0)
-            encoder.copy_buffer_to_buffer(handle.query_buffer, 0, handle.staging, handle.timestamp_offset, 16)
         commands = encoder.finish()
         if profile:
             clock.append(time.perf_counter())
-        queue.submit([commands])
+        dev.queue.submit([commands])
         handle.submits += 1
         if profile:
             clock.append(time.perf_counter())
-        # Mapping waits for the submission (wgpu polls the device); "READ_NOSYNC" skips the empty
-        # extra submit wgpu-py would otherwise make before mapping a MAP_READ buffer.
-        handle.staging.map_sync("READ_NOSYNC", 0, max(handle.staging_size, 4))
-        if profile:
-            clock.append(time.perf_counter())
-        try:  # a view of the mapped memory: each output is copied out once, before unmapping
-            raw = handle.staging.read_mapped(0, max(handle.staging_size, 4), copy=False)
-            outs = [np.frombuffer(raw, dtype=dtype, count=nbytes // dtype.itemsize, offset=dst).reshape(shape).copy()
-                    for _, _, nbytes, shape, dtype, dst in handle.outputs]
-            if profile:
-                begin, end = (int(t) for t in np.frombuffer(raw, dtype=np.uint64, count=2, offset=handle.timestamp_offset))
-        finally:  # unmapping releases the view
-            handle.staging.unmap()
-        if profile:
-            handle.last_gpu_seconds = float(end - begin) * _timestamp_period(dev) * 1e-9
-            clock.append(time.perf_counter())
             handle.last_host_seconds = dict(zip(_PHASES, np.diff(clock).tolist()))
-        return outs
+            with dev.readback_lock:  # its timestamps are read with the next readback on this device
+                dev.pending[handle] = None
+        return list(handle.outputs)  # the same ranges every call; a new list, so no caller can change them
+
+    def to_host(self, values: Sequence[Any]) -> list[np.ndarray]:
+        """Numpy copies of :class:`GpuValue` objects: per device, one copy of each into the
+        readback buffer, one submit, one map (and, with ``timestamps=1``, the pending delegates'
+        timestamps in the same readback)."""
+        out: list[Any] = [None] * len(values)
+        devices: dict[_Device, list[tuple[int, GpuValue]]] = {}
+        for i, value in enumerate(values):
+            if type(value) is not GpuValue:
+                raise TypeError(f"vulkan to_host: value {i} is a {type(value).__name__}, not a GpuValue")
+            devices.setdefault(value.owner.dev, []).append((i, value))
+        for dev, items in devices.items():
+            with dev.readback_lock:
+                _read_back(dev, items, out)
+        return out
 
     def stats(self, handle: _Delegate) -> dict[str, Any]:
-        """The last run's GPU time and host phases (with the ``timestamps=1`` runtime option)."""
-        return {"adapter": handle.dev.name, "gpu_seconds": handle.last_gpu_seconds,
+        """The adapter, submissions so far, and with the ``timestamps=1`` runtime option the last
+        run's GPU time and host phases (known once its outputs, or a later delegate's on the
+        same device, were read back)."""
+        return {"adapter": handle.dev.name, "submits": handle.submits, "gpu_seconds": handle.last_gpu_seconds,
                 "host_seconds": handle.last_host_seconds}
 
     def release(self, handle: _Delegate) -> None:
-        for buf in [*handle.buffers, handle.staging, handle.uniform, handle.query_buffer]:
+        with handle.dev.readback_lock:
+            handle.dev.pending.pop(handle, None)
+        for buf in [*handle.buffers, handle.uniform, handle.query_buffer]:
             if buf is not None:
                 try:
                     buf.destroy()
@@ -315,7 +357,63 @@ class VulkanRuntime(Runtime):
                 handle.query_set.destroy()
             except Exception:
                 pass
-        handle.buffers, handle.passes, handle.raw, handle.keep = [], [], None, []
+        handle.buffers, handle.outputs, handle.passes, handle.raw, handle.keep = [], [], [], None, []
+
+
+def _padded(nbytes: int) -> int:
+    """``nbytes`` rounded up to a multiple of 4, as buffer sizes and copies must be."""
+    return -(-nbytes // 4) * 4
+
+
+def _read_back(dev: _Device, items: list[tuple[int, GpuValue]], out: list[Any]) -> None:
+    """Copy ``items`` (index in ``out``, value) of one device into numpy arrays in ``out``, through
+    the device's readback buffer; called with ``dev.readback_lock`` held."""
+    placed, size = [], 0
+    for i, value in items:
+        placed.append((i, value, size))
+        size += _padded(value.nbytes)
+    pending = list(dev.pending) if dev.timestamps else []
+    timestamps_at = size
+    size += 16 * len(pending)
+    if size == 0:  # only empty values
+        for i, value, _ in placed:
+            out[i] = np.empty(value.shape, value.dtype)
+        return
+    if dev.staging_size < size:
+        if dev.staging is not None:
+            dev.staging.destroy()
+        dev.staging_size = max(size, 2 * dev.staging_size)  # grows to what a run needs, then stays
+        dev.staging = dev.device.create_buffer(size=dev.staging_size, usage=dev.wgpu.BufferUsage.MAP_READ |
+                                               dev.wgpu.BufferUsage.COPY_DST, label="handoff-readback")
+    clock = time.perf_counter()
+    encoder = dev.device.create_command_encoder()
+    for _, value, at in placed:
+        if value.nbytes:
+            encoder.copy_buffer_to_buffer(value.buffer, value.offset, dev.staging, at, _padded(value.nbytes))
+    for k, delegate in enumerate(pending):
+        encoder.copy_buffer_to_buffer(delegate.query_buffer, 0, dev.staging, timestamps_at + 16 * k, 16)
+    dev.queue.submit([encoder.finish()])
+    # Mapping waits for the submission (wgpu polls the device); "READ_NOSYNC" skips the empty
+    # extra submit wgpu-py would otherwise make before mapping a MAP_READ buffer.
+    dev.staging.map_sync("READ_NOSYNC", 0, size)
+    mapped = time.perf_counter()
+    try:  # a view of the mapped memory: each value is copied out once, before unmapping
+        raw = dev.staging.read_mapped(0, size, copy=False)
+        for i, value, at in placed:
+            out[i] = np.frombuffer(raw, dtype=value.dtype, count=value.nbytes // value.dtype.itemsize,
+                                   offset=at).reshape(value.shape).copy()
+        ticks = np.frombuffer(raw, dtype=np.uint64, count=2 * len(pending), offset=timestamps_at).tolist()
+    finally:  # unmapping releases the view
+        dev.staging.unmap()
+    if dev.timestamps:
+        period = _timestamp_period(dev) * 1e-9
+        for k, delegate in enumerate(pending):
+            delegate.last_gpu_seconds = float(ticks[2 * k + 1] - ticks[2 * k]) * period
+            dev.pending.pop(delegate, None)
+        phases = {"wait_and_map": mapped - clock, "read": time.perf_counter() - mapped}
+        for delegate in {value.owner for _, value in items}:
+            if delegate.last_host_seconds is not None:
+                delegate.last_host_seconds.update(phases)
 
 
 def _record(compute: Any, passes: list[tuple[Any, Any, tuple[int, int, int]]], raw: list[tuple[Any, ...]] | None) -> None:
@@ -388,4 +486,4 @@ def _check_limits(needed: Mapping[str, int], dev: _Device) -> None:
             raise ValueError(f"the delegate needs {wgpu_name} >= {needed[name]}, adapter {dev.name} allows {have}")
 
 
-__all__ = ["VulkanRuntime", "choose_adapter", "prepare_environment", "vulkan_adapters"]
+__all__ = ["GpuValue", "VulkanRuntime", "choose_adapter", "prepare_environment", "vulkan_adapters"]

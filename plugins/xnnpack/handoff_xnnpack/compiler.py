@@ -3,16 +3,18 @@
 Capability is XNNPACK's own: :meth:`XnnpackCompiler.support` rewrites ops XNNPACK has no kernel
 for into ops it has (:mod:`handoff_xnnpack.rewrites`, the same rewrites lowering applies),
 converts that copy of the program to ExecuTorch's Edge dialect exactly as
-``to_edge_transform_and_lower`` does, lets
+``to_edge_transform_and_lower`` does, folds what computes from constants alone
+(:class:`_FoldConstants`), lets
 ``XnnpackPartitioner`` (its per-op ``PartitionerConfig`` classes and their ``check_constraints``)
 tag what it would delegate, and maps the tags back to the ATen nodes through torch.fx's
-``from_node`` provenance. For each node it declines, the reason is the one the config reports
-through executorch's ``WhyNoPartition`` logger (``"Add node doesn't support alpha != 1"``), or
-"XNNPACK has no kernel for OP" when no config exists for the op.
+``from_node`` provenance. A node's verdict comes from the Edge nodes that compute from its inputs
+(not from constant operands Edge makes under the same provenance). For each node it declines, the
+reason is the one the config reports through executorch's ``WhyNoPartition`` logger (``"Add node
+doesn't support alpha != 1"``), or "XNNPACK has no kernel for OP" when no config exists for the op.
 
 Lowering (:meth:`XnnpackCompiler.preprocess`) is the rewrites, then ``to_edge_transform_and_lower`` with
-``XnnpackPartitioner`` and then ``to_executorch``: the blob is the resulting ``.pte``, which must
-hold exactly one ``XnnpackBackend`` delegate call and no other kernel.
+the same fold and ``XnnpackPartitioner`` and then ``to_executorch``: the blob is the resulting
+``.pte``, which must hold exactly one ``XnnpackBackend`` delegate call and no other kernel.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import operator
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 
 @contextlib.contextmanager
@@ -56,9 +58,12 @@ with _muted("torchao", "torch.utils._pytree"):
     from executorch.exir import to_edge_transform_and_lower
     from executorch.exir.backend.canonical_partitioners.config_partitioner import format_target_name
     from executorch.exir.backend.utils import WhyNoPartition
+    from executorch.exir.pass_base import ExportedProgramPassBase, ExportedProgramPassResult
+    from executorch.exir.passes.constant_prop_pass import constant_prop_pass
     from executorch.exir.program._program import (
         _gen_edge_manager_for_partitioners,
         _remove_invalid_ops_for_not_decompose,
+        lift_constant_tensor_pass,
     )
 
 from handoff import Compiler, Lowered, LoweringError, one_line
@@ -96,6 +101,12 @@ class XnnpackCompiler(Compiler):
 
     # -- capability ---------------------------------------------------------------------------
     def support(self, ep: torch.export.ExportedProgram) -> dict[str, str | None]:
+        """ATen node name -> ``None`` when XNNPACK takes it, else XNNPACK's one-line reason.
+
+        Judged on the program :meth:`preprocess` lowers (rewritten, in Edge, constants folded): a
+        node is taken when XNNPACK's partitioner tags every Edge node that computes it from its
+        inputs. Nodes that compute nothing at run time (an identity, or a value of weights alone,
+        folded into a constant) are taken when a neighbour is, and then join its partition."""
         names = [n.name for n in ep.graph.nodes if n.op == "call_function"]
         partitioner = XnnpackPartitioner()
         try:
@@ -111,40 +122,63 @@ class XnnpackCompiler(Compiler):
             for aname in anames:
                 by_aten.setdefault(aname, []).append(enode)
         aten_nodes = {n.name: n for n in ep.graph.nodes}
+        from_weights = {n.name for n in _constant_nodes(ep) if n.op == "call_function"}
+        edge_constants = _constant_nodes(edge)
         reasons: dict[torch.fx.Node, str | None] = {}
+
+        def declined(enodes: list[torch.fx.Node]) -> str | None:
+            """XNNPACK's reason for the first of ``enodes`` it leaves out, None if it takes all."""
+            for enode in enodes:
+                if enode.meta.get("delegation_tag") is None:
+                    if enode not in reasons:
+                        reasons[enode] = _why_declined(enode, edge, partitioner)
+                    return reasons[enode]
+            return None
+
         verdict: dict[str, str | None] = {}
-        identities: list[str] = []
+        # nodes that compute nothing at run time, with the reason to decline them if they are alone
+        pending: dict[str, str] = {}
         for name in names:
             enodes = by_aten.get(name, [])
+            anode = aten_nodes[name]
             if not enodes:
-                anode = aten_nodes[name]
                 if anode.target is operator.getitem and isinstance(anode.args[0], torch.fx.Node):
                     # follows its producer (multi-output ops are judged as a whole)
                     verdict[name] = verdict.get(anode.args[0].name, "not reported")
                 elif not anode.users:
                     # removed by the Edge conversion (_assert_tensor_metadata, dead code): nothing to run
                     verdict[name] = None
-                elif anode.target in DECOMPOSITIONS:
-                    identities.append(name)  # rewritten to nothing (an expand to its own shape)
-                    verdict[name] = "pending"
+                elif anode.target in DECOMPOSITIONS:  # rewritten to nothing (an expand to its own shape)
+                    pending[name] = (f"{_op_name(anode)}: an identity here (XNNPACK drops it), but neither its "
+                                     "input nor its users run on XNNPACK")
+                elif name in from_weights:  # folded into a constant by _FoldConstants
+                    pending[name] = (f"{_op_name(anode)}: computed from weights alone (lowering folds it into a "
+                                     "constant), but none of its users runs on XNNPACK")
                 else:
                     verdict[name] = (f"{_op_name(anode)} has no counterpart in ExecuTorch's Edge program, "
                                      "so XNNPACK's partitioner never saw it")
                 continue
-            verdict[name] = None
-            for enode in enodes:
-                if enode.meta.get("delegation_tag") is None:
-                    if enode not in reasons:
-                        reasons[enode] = _why_declined(enode, edge, partitioner)
-                    verdict[name] = reasons[enode]
-                    break
-        # Nothing of an identity runs wherever it lands. XNNPACK takes it only when a neighbour runs
-        # on XNNPACK (it then joins that partition), so it never makes a partition of its own.
-        alone = [name for name in identities if not any(
-            verdict.get(n.name, "not judged") is None for n in (*aten_nodes[name].all_input_nodes, *aten_nodes[name].users))]
-        for name in identities:
-            verdict[name] = (f"{_op_name(aten_nodes[name])}: an identity here (XNNPACK drops it), but neither its "
-                             "input nor its users run on XNNPACK") if name in alone else None
+            # The Edge nodes that compute from the node's inputs decide, in XNNPACK's words. Edge
+            # also makes operands from constants under the same provenance (``x + 3``: an int64
+            # tensor cast to float32); _FoldConstants folds those, and one it could not fold would
+            # stay outside the delegate, so it declines the node too, saying so.
+            data = [e for e in enodes if e not in edge_constants]
+            verdict[name] = declined(data or enodes)
+            if verdict[name] is None and data and (why := declined([e for e in enodes if e in edge_constants])):
+                verdict[name] = f"{_op_name(anode)}: XNNPACK takes it, but not the operand Edge makes for it ({why})"
+        # Nothing of a pending node runs wherever it lands. XNNPACK takes it only when a neighbour
+        # runs on XNNPACK (it then joins that partition), so it never makes a partition of its own;
+        # repeated, so that a chain of them joins through its end.
+        verdict.update(pending)
+
+        def joins(name: str) -> bool:
+            neighbours = (*aten_nodes[name].all_input_nodes, *aten_nodes[name].users)
+            return any(verdict.get(n.name, "not judged") is None for n in neighbours)
+
+        while joined := [name for name in pending if joins(name)]:
+            for name in joined:
+                verdict[name] = None
+                del pending[name]
         return verdict
 
     # -- lowering -----------------------------------------------------------------------------
@@ -152,7 +186,8 @@ class XnnpackCompiler(Compiler):
         try:
             with _quiet_partitioner():
                 edge_manager = to_edge_transform_and_lower(
-                    rewrite(ep), partitioner=[XnnpackPartitioner()], compile_config=get_xnnpack_edge_compile_config())
+                    rewrite(ep), transform_passes=[_FoldConstants()], partitioner=[XnnpackPartitioner()],
+                    compile_config=get_xnnpack_edge_compile_config())
         except Exception as exc:
             raise LoweringError(f"xnnpack: partition {name}: ExecuTorch's XNNPACK lowering failed: "
                                 f"{one_line(exc)}") from exc
@@ -228,11 +263,46 @@ def _toolchain_key() -> str:
 
 
 def _edge_program(ep: torch.export.ExportedProgram, partitioner: XnnpackPartitioner) -> torch.export.ExportedProgram:
-    """``ep`` in Edge dialect, converted exactly as ``to_edge_transform_and_lower`` converts it
-    before partitioning (same preserved ops, same compile config). ``ep`` itself is not changed."""
+    """``ep`` in Edge dialect, converted and transformed exactly as :meth:`XnnpackCompiler.preprocess`'s
+    ``to_edge_transform_and_lower`` converts and transforms it before partitioning (same preserved
+    ops, same compile config, :class:`_FoldConstants`, constants lifted). ``ep`` itself is not changed."""
     manager = _gen_edge_manager_for_partitioners(
         {"forward": [partitioner]}, {"forward": ep}, get_xnnpack_edge_compile_config(), None)
-    return manager.exported_program("forward")
+    manager = manager.transform([_FoldConstants()])
+    return lift_constant_tensor_pass(manager.exported_program("forward"))
+
+
+class _FoldConstants(ExportedProgramPassBase):
+    """ExecuTorch's ``constant_prop_pass`` as an Edge transform pass: every node that computes from
+    weights and constants alone becomes a constant (``full``, quantize ops and impure ops excepted,
+    as ExecuTorch excepts them).
+
+    Edge turns a Python scalar operand into a tensor of the scalar's own type and casts it to the
+    other operand's (``x + 3`` on float32 ``x``: an int64 ``3`` and a ``_to_dim_order_copy``).
+    XNNPACK declines the int64 cast, and ``to_edge_transform_and_lower`` alone leaves one such copy
+    outside its delegate per scalar (18 in torchvision's MobileNetV3-small, from its hardsigmoids);
+    folded, XNNPACK reads float32 constants instead and the delegate is whole."""
+
+    def call(self, ep: torch.export.ExportedProgram) -> ExportedProgramPassResult:
+        if not any(n.op == "call_function" for n in _constant_nodes(ep)):
+            return ExportedProgramPassResult(ep, False)
+        skip_dim_order = get_xnnpack_edge_compile_config()._skip_dim_order  # the clone it adds for constant outputs
+        return ExportedProgramPassResult(constant_prop_pass(ep, _skip_dim_order=skip_dim_order), True)
+
+
+def _constant_nodes(ep: torch.export.ExportedProgram) -> set[torch.fx.Node]:
+    """The nodes of ``ep`` whose value depends on no user input: its weights (parameters, buffers
+    it does not mutate, lifted constants) and the pure ops that compute from them alone."""
+    sig = ep.graph_signature
+    mutated = set(sig.buffers_to_mutate.values())
+    weights = {*sig.inputs_to_parameters, *sig.inputs_to_lifted_tensor_constants,
+               *(name for name, fqn in sig.inputs_to_buffers.items() if fqn not in mutated)}
+    constant: set[torch.fx.Node] = set()
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in weights or (
+                node.op == "call_function" and not node.is_impure() and all(i in constant for i in node.all_input_nodes)):
+            constant.add(node)
+    return constant
 
 
 def _sources(node: torch.fx.Node, graph_id: int, names: set[str]) -> list[str]:

@@ -1,16 +1,18 @@
 """ATen rewrites that express ops XNNPACK has no kernel for with ops it has.
 
 ExecuTorch's XNNPACK partitioner declines ``native_layer_norm``, ``expand_copy``, ``squeeze_copy``,
-``select_copy``, ``sum``, ``unsqueeze_copy`` except on the last dim, and ``mean.dim`` except over
-the two innermost dims of a 4-D tensor with ``keepdim``. A transformer block is full of them, so without
-rewrites its XNNPACK regions are cut into a dozen delegates with other kernels in between, and
-every cut costs a trip through the host. ExecuTorch's own XNNPACK passes do the same kind of
-rewrite for other ops (``Conv1dUnsqueezePass`` turns a 1-D conv into a 2-D one,
-``RemoveNoopExpandCopyPass`` drops shape-preserving expands); these cover the rest. Two more are
-about Python scalar operands: the ``.Scalar`` overloads of add/sub/mul/div (which XNNPACK has no
-config for; ``scaled_dot_product_attention`` decomposes to ``mul.Scalar``) become the ``.Tensor``
-ones, and in float16 graphs ``x * 0.125`` gets a constant of the tensor's dtype, where Edge would
-make a float32 constant and a cast XNNPACK cannot run.
+``select_copy``, ``sum``, ``split_with_sizes_copy``, ``unsqueeze_copy`` except on the last dim, and
+``mean.dim`` except over the two innermost dims of a 4-D tensor with ``keepdim``. A transformer
+block is full of them, and ShuffleNet splits the channels of every block in two, so without
+rewrites their XNNPACK regions are cut into a dozen delegates with other kernels in between, and
+every cut costs a trip through the host. ExecuTorch's own passes do the same kind of rewrite
+for other ops (``Conv1dUnsqueezePass`` turns a 1-D conv into a 2-D one for XNNPACK,
+``RemoveNoopExpandCopyPass`` drops shape-preserving expands, and its Arm backend's
+``ConvertSplitToSlicePass`` turns splits into slices); these cover the rest. Two more are about
+Python scalar operands: the ``.Scalar`` overloads of add/sub/mul/div (which XNNPACK has no config
+for; ``scaled_dot_product_attention`` decomposes to ``mul.Scalar``) become the ``.Tensor`` ones,
+and in float16 graphs ``x * 0.125`` gets a constant of the tensor's dtype, where Edge would make a
+float32 constant and a cast XNNPACK cannot run.
 
 :data:`DECOMPOSITIONS` is a ``run_decompositions`` table applied to the ATen program before it is
 converted to Edge, in capability (:meth:`XnnpackCompiler.support`) and in lowering
@@ -26,6 +28,7 @@ centred variance, ``rsqrt``: the textbook two-pass formula, the one ATen's CPU k
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Callable, Sequence
 
@@ -145,6 +148,16 @@ def _select(x: torch.Tensor, dim: int, index: int) -> torch.Tensor:
     return aten.slice.Tensor(x, dim, index, index + 1).reshape(shape)
 
 
+def _split_with_sizes(x: torch.Tensor, split_sizes: Sequence[int], dim: int = 0) -> Any:
+    """One ``slice`` per piece (XNNPACK's static slice), as ExecuTorch's Arm backend does
+    (``ConvertSplitToSlicePass``). Empty pieces are left alone: XNNPACK refuses zero-sized tensors."""
+    if x.dim() == 0 or 0 in split_sizes:
+        return NotImplemented
+    dim %= x.dim()
+    starts = itertools.accumulate(split_sizes, initial=0)
+    return [aten.slice.Tensor(x, dim, start, start + size) for start, size in zip(starts, split_sizes)]
+
+
 def _expand(x: torch.Tensor, size: Sequence[int], *, implicit: bool = False) -> Any:
     if len(size) == x.dim() and all(s in (-1, have) for s, have in zip(size, x.shape)):
         return x  # expanding to its own shape: nothing to do
@@ -161,6 +174,7 @@ DECOMPOSITIONS: dict[Any, Callable[..., Any]] = {
     aten.squeeze.default: _squeeze,
     aten.unsqueeze.default: _unsqueeze,
     aten.select.int: _select,
+    aten.split_with_sizes.default: _split_with_sizes,
     aten.expand.default: _expand,
     **{getattr(aten, name).Tensor: _scalar_as_tensor(getattr(aten, name).Tensor, False)
        for name in ("add", "sub", "mul", "div")},

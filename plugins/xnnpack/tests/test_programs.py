@@ -92,7 +92,9 @@ class CumsumBetween(nn.Module):
 def test_model_split_around_an_op_xnnpack_lacks(plugins):
     torch.manual_seed(0)
     model = CumsumBetween().eval()
-    result = handoff.partition(model, (torch.randn(2, 6, 16),), backends=["xnnpack", "tvm"])
+    # min size 1: the two-node tail (fc2, mean) would otherwise join TVM's partition as an island
+    result = handoff.partition(model, (torch.randn(2, 6, 16),), backends=["xnnpack", "tvm"],
+                               default_limits=handoff.Limits(1))
     report = result.report
     (declined,) = report.declined
     assert declined["op"] == "aten.cumsum.default" and declined["ran_on"] == "tvm"
@@ -104,6 +106,46 @@ def test_model_split_around_an_op_xnnpack_lacks(plugins):
     with handoff.load(result.to_bytes()) as program:
         assert [d["backend"] for d in program.manifest["delegates"]] == ["xnnpack", "tvm", "xnnpack"]
         check_against_eager(program, model, [((2, 6, 16), "float32")])
+        stats = program.stats()
+        # XNNPACK returns numpy and TVM keeps TVM tensors: only the two edges between them cross
+        # (into TVM through DLPack, and back). Before, every delegate input and output did.
+        assert [d["memory"] for d in stats["delegates"]] == ["host", "tvm:cpu", "host"]
+        old = sum(len(i["inputs"]) + len(i["outputs"]) for i in program.manifest["instructions"])
+        assert stats["host_transfers"] == 2 < old == 6
+
+
+def test_runs_from_8_threads_match_single_threaded_runs(plugins):
+    """xnnpack, tvm, xnnpack from 8 threads at once, 200 runs each: XNNPACK is reentrant (its own
+    pool lock), one Relax VM is not (the core serialises the TVM delegate)."""
+    import threading
+
+    import numpy as np
+
+    torch.manual_seed(0)
+    result = handoff.partition(CumsumBetween().eval(), (torch.randn(2, 6, 16),), backends=["xnnpack", "tvm"],
+                               default_limits=handoff.Limits(min_size=1))
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal((2, 6, 16), dtype=np.float32) for _ in range(16)]
+    failures: list = []
+    with handoff.load(result.to_bytes()) as program:
+        want = [program.run([x])[0] for x in inputs]
+
+        def work(k):
+            try:
+                for i in range(200):
+                    j = (k + i) % len(inputs)
+                    if not np.array_equal(program.run([inputs[j]])[0], want[j]):
+                        failures.append(f"thread {k}, run {i}: differs from the single-threaded result")
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                failures.append(f"thread {k}: {exc!r}")
+
+        workers = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert program.stats()["runs"] == len(inputs) + 8 * 200
+    assert not failures, failures[:3]
 
 
 class TorchEncoder(nn.Module):
