@@ -74,6 +74,8 @@ def build_parser(prog: str = "handoff") -> argparse.ArgumentParser:
 
     z = sub.add_parser("zoo", parents=[common], help="list the zoo: models with their inputs, parameters and FLOPs")
     z.add_argument("--json", action="store_true")
+    z.add_argument("--torchvision", action="store_true", help="list the torchvision:NAME models instead "
+                   "(torchvision's classification and segmentation models, random weights)")
 
     p = sub.add_parser("partition", parents=[common], help="partition and lower a model into a .hof program")
     add_partition_arguments(p)
@@ -119,6 +121,8 @@ def build_parser(prog: str = "handoff") -> argparse.ArgumentParser:
     c.add_argument("--strategies", action="append", default=[], metavar="FILE.yaml|auto",
                    help="strategies from a YAML file, or 'auto': every backend that compiles here alone (and with "
                         "the option values it marks worth comparing) and every ordered pair of vendor backends")
+    c.add_argument("--skip", action="append", default=[], metavar="SPEC|NAME",
+                   help="leave out this strategy (e.g. --strategies auto --skip 'tvm[tune=200]'); repeat for more")
     c.add_argument("--runs", type=int, default=50, metavar="N", help="timed runs per strategy (default 50)")
     c.add_argument("--rounds", type=int, default=10, metavar="N",
                    help="interleaved rounds the runs are split into (default 10)")
@@ -284,6 +288,12 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 
     from .plugins import get_plugins
 
+    if args.torchvision:
+        from .zoo import vision
+
+        names = [f"torchvision:{n}" for n in vision.names()]
+        print(json.dumps(names, indent=2) if args.json else "\n".join(names))
+        return EXIT_OK
     rows = []
     for name, model in sorted(get_plugins().zoo().items()):
         rows.append({"name": f"zoo:{name}", "inputs": [{"shape": list(s), "dtype": d} for s, d in model.inputs],
@@ -303,6 +313,8 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
                            for i in r["inputs"])
         table.add_row(r["name"], shapes, _si(r["params"]), _si(r["flops"]), r["description"])
     console.print(table)
+    console.print("also torchvision:NAME, any torchvision classification or segmentation model with random "
+                  "weights (1x3x224x224 unless --input-shape; list them with: handoff zoo --torchvision)")
     return EXIT_OK
 
 
@@ -517,6 +529,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if not chosen:
         raise HandoffError("no strategies; pass --strategy SPEC (e.g. --strategy xnnpack --strategy qnn,xnnpack), "
                            "--strategies FILE.yaml or --strategies auto")
+    chosen = st.skip(chosen, args.skip)
     try:
         shapes = [parse_input_shape(s) for s in args.input_shape]
     except ValueError as exc:

@@ -25,7 +25,7 @@ def resolve_model(spec: str, input_shapes: Sequence[InputSpec], plugins: Plugins
         raise HandoffError(str(exc)) from exc
     if resolved is None:
         raise HandoffError(f"cannot read model {spec!r}; give a .pt2 file (torch.export.save), "
-                           f"path/file.py:ClassName, or zoo:NAME (zoo: {', '.join(sorted(plugins.zoo()))})")
+                           f"path/file.py:ClassName, torchvision:NAME, or zoo:NAME (zoo: {', '.join(sorted(plugins.zoo()))})")
     return resolved
 
 

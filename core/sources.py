@@ -1,7 +1,9 @@
 """The core's built-in plugin for model sources: what the MODEL argument can name.
 
 Registered like any plugin (``trylast``), so another plugin can add sources or override these.
-Sources: ``zoo:NAME`` (the built-in models of :mod:`handoff.zoo` and every plugin's); ``path.pt2``
+Sources: ``zoo:NAME`` (the built-in models of :mod:`handoff.zoo` and every plugin's);
+``torchvision:NAME`` (torchvision's classification and segmentation models, random weights,
+1x3x224x224 unless ``--input-shape``: :mod:`handoff.zoo.vision`); ``path.pt2``
 written by ``torch.export.save``; ``path/file.py:Name`` where ``Name`` is an ``nn.Module``
 subclass or a factory, with inputs from ``--input-shape`` or from an ``example_inputs()``
 function in that file.
@@ -24,6 +26,8 @@ from .hookspecs import hookimpl
 from .hostops import NAMESPACES
 from .zoo import BUILTIN, InputSpec, ResolvedModel, ZooModel, random_inputs
 
+TORCHVISION = "torchvision:"
+
 
 @hookimpl(trylast=True)
 def handoff_zoo_models() -> dict[str, ZooModel]:
@@ -35,6 +39,8 @@ def handoff_resolve_model(spec: str, input_shapes: Sequence[InputSpec],
                           zoo: Mapping[str, ZooModel], trust_model: bool) -> ResolvedModel | None:
     if spec.startswith("zoo:"):
         return _from_zoo(spec[4:], input_shapes, zoo)
+    if spec.startswith(TORCHVISION):
+        return _from_torchvision(spec.removeprefix(TORCHVISION), input_shapes)
     path_part, sep, name = spec.rpartition(":") if spec.count(":") else ("", "", "")
     if sep and path_part.endswith(".py"):
         return _from_python_file(Path(path_part), name, input_shapes)
@@ -49,6 +55,19 @@ def _from_zoo(name: str, input_shapes: Sequence[InputSpec], zoo: Mapping[str, Zo
     model = zoo[name]
     inputs = random_inputs(input_shapes, int_high=model.int_high) if input_shapes else model.example_inputs()
     return ResolvedModel(name=f"zoo:{name}", module=model.build(), example_inputs=inputs, zoo=model)
+
+
+def _from_torchvision(name: str, input_shapes: Sequence[InputSpec]) -> ResolvedModel:
+    from .zoo import vision
+
+    (shape, dtype), *more = input_shapes or [vision.DEFAULT_INPUT]
+    if more or dtype != "float32":
+        raise ValueError(f"torchvision:{name} takes one float32 image batch; give one --input-shape like 1x3x224x224")
+    try:
+        module = vision.build(name, shape)
+    except ImportError as exc:
+        raise ValueError(f"torchvision:{name}: torchvision is not installed ({exc}); pip install torchvision") from None
+    return ResolvedModel(name=f"{TORCHVISION}{name}", module=module, example_inputs=random_inputs([(shape, dtype)]))
 
 
 def _from_pt2(path: Path, trust_model: bool) -> ResolvedModel:

@@ -98,3 +98,32 @@ def test_handoff_zoo_lists_inputs_parameters_and_flops(capsys):
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["zoo:resnet18"]["params"] == 11689512 and rows["zoo:resnet18"]["flops"] == 3628146688
     assert rows["zoo:langid"]["inputs"] == [{"shape": [1, 128], "dtype": "int64"}]
+
+
+@pytest.mark.slow  # two torchvision models built, run and exported: about a minute on 2 busy cores
+def test_torchvision_models_are_a_model_source(capsys):
+    """``torchvision:NAME``: torchvision imports beside the CPU torch, builds without downloads
+    (segmentation backbones too), gets calibrated, deterministic, non-degenerate weights, and
+    exports."""
+    from handoff.export import export_model, resolve_model
+
+    plugins = handoff.get_plugins()
+    for name in ("mobilenet_v3_small", "lraspp_mobilenet_v3_large"):
+        state = torch.random.get_rng_state()
+        resolved = resolve_model(f"torchvision:{name}", [((1, 3, 64, 64), "float32")], plugins)
+        again = resolve_model(f"torchvision:{name}", [((1, 3, 64, 64), "float32")], plugins)
+        assert torch.equal(torch.random.get_rng_state(), state)  # building leaves the caller's random state alone
+        x1, x2 = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+        with torch.no_grad():
+            a, b = resolved.module(x1), resolved.module(x2)
+            torch.testing.assert_close(again.module(x1), a, rtol=0, atol=0)
+        assert torch.isfinite(a).all() and (a - b).abs().max() > 1e-2 * a.abs().max(), name
+        ep = export_model(resolved)
+        with torch.no_grad():
+            torch.testing.assert_close(ep.module()(x1), a, rtol=1e-4, atol=1e-4)
+    with pytest.raises(handoff.HandoffError, match=r"^unknown torchvision model 'resnet7'; classification and "
+                                                   r"segmentation models: alexnet, "):
+        resolve_model("torchvision:resnet7", [], plugins)
+    assert main(["zoo", "--torchvision"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert "torchvision:resnet50" in listed and "torchvision:deeplabv3_mobilenet_v3_large" in listed

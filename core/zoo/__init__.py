@@ -10,6 +10,8 @@ module per family and are imported only when one is built:
 * :mod:`handoff.zoo.transformer`: ``small_transformer``, ``vit_tiny``, ``langid``;
 * :mod:`handoff.zoo.unet`: ``squeezesam`` (interactive segmentation);
 * :mod:`handoff.zoo.rnn`: ``bandwidth_gru``, ``noise_suppressor``.
+* :mod:`handoff.zoo.vision`: torchvision's models as ``torchvision:NAME`` (not in :data:`BUILTIN`:
+  any classification or segmentation model torchvision has, built on demand).
 
 Every built-in has deterministic random weights whose norms are calibrated (batch norms get the
 statistics of random data, so activations keep their scale through deep stacks and outputs
