@@ -183,6 +183,24 @@ def auto(plugins: Any) -> list[Strategy]:
     return out
 
 
+def skip(strategies: Sequence[Strategy], specs: Sequence[str]) -> list[Strategy]:
+    """``strategies`` without those named like one of ``specs`` or written like one
+    (``tvm[tune=200]``; options in any order). A spec that matches none is an error naming the
+    strategies there are, so a typo does not silently measure what was meant to be left out."""
+    def matches(s: Strategy, text: str) -> bool:
+        return s.name == text or _key(s) == _key(parse(text))
+
+    missed = [text for text in specs if not any(matches(s, text) for s in strategies)]
+    if missed:
+        raise HandoffError(f"--skip {missed[0]}: no such strategy; the strategies are: "
+                           f"{', '.join(s.spec for s in strategies)}")
+    return [s for s in strategies if not any(matches(s, text) for text in specs)]
+
+
+def _key(s: Strategy) -> tuple[Any, ...]:
+    return s.backends, tuple(sorted((b, tuple(sorted(o.items()))) for b, o in s.options.items() if o))
+
+
 def unique(strategies: Sequence[Strategy]) -> list[Strategy]:
     """``strategies`` without repeats (same backends and options), names made unique."""
     seen: set[str] = set()

@@ -78,3 +78,13 @@ def test_auto_enumerates_singles_option_values_and_ordered_pairs(sink_plugins):
 def test_unique_drops_repeats_and_keeps_names_distinct():
     out = unique([parse("xnnpack"), parse("xnnpack"), parse("qnn", name="xnnpack")])
     assert [(s.name, s.spec) for s in out] == [("xnnpack", "xnnpack"), ("xnnpack (2)", "qnn")]
+
+
+def test_skip_leaves_out_strategies_by_spec_or_name():
+    from handoff.strategies import skip
+
+    strategies = [parse("tvm"), parse("tvm[tune=200,mcpu=znver3]"), parse("xnnpack", name="cpu")]
+    assert [s.spec for s in skip(strategies, ["tvm[mcpu=znver3, tune=200]", "cpu"])] == ["tvm"]
+    with pytest.raises(HandoffError, match=r"^--skip tvm\[tune=20\]: no such strategy; the strategies are: tvm, "
+                                           r"tvm\[tune=200,mcpu=znver3\], xnnpack$"):
+        skip(strategies, ["tvm[tune=20]"])
