@@ -302,8 +302,8 @@ def _measure(results: list[StrategyResult], programs: Mapping[int, bytes],
                 r.status, r.reason = FAILED, str(exc)
                 worker.close()
                 del workers[i]
-                r.per_delegate = sorted([*r.per_delegate, *({**numerics.summary(c), "skipped": str(exc)}
-                                                            for c in cases.get(i, ()))], key=lambda row: row["delegate"])
+                if cases.get(i):  # one delegate failing to load says nothing of the others: check each alone
+                    workers[i] = _Worker(None, options, plugins)
         timed = {i: w for i, w in workers.items() if results[i].status == OK}
         per_round = max(1, runs // rounds)
 
