@@ -14,10 +14,9 @@ Target (issue "Core 2"): mobilenet_v3_small and shufflenet_v2_x0_5 within 1.2x o
 mobilenet_v2 and resnet18 are controls. ``--sweep`` partitions a wider set of torchvision
 classification models at a small input and checks each against eager (no timing).
 
-torchvision's PyPI wheel is built against CUDA torch: beside the CPU torch its C ops do not load
-and ``import torchvision`` fails on ``torchvision::nms``. Its models are pure Python, so
-:func:`import_torchvision` defines the two schemas it looks up first. The test
-``plugins/xnnpack/tests/test_torchvision.py`` uses these helpers too. Not a test; numbers only.
+The models are built by :mod:`handoff.zoo.vision` (which makes torchvision importable beside the
+CPU torch). The test ``plugins/xnnpack/tests/test_torchvision.py`` uses these helpers too. Not a
+test; numbers only.
 """
 
 from __future__ import annotations
@@ -37,45 +36,14 @@ SWEEP_MODELS = ("resnet18", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_
                 "squeezenet1_1", "mnasnet0_5", "efficientnet_b0", "regnet_x_400mf", "googlenet", "alexnet")
 
 
-def import_torchvision() -> Any:
-    """``torchvision``, importable beside the CPU torch: its ``_meta_registrations`` look up
-    ``torchvision::nms`` and ``torchvision::qnms`` at import, which its CUDA-built C extension
-    would register. Defining their schemas (no kernels) is enough for the models, which never
-    call them."""
-    import torch
-
-    if not hasattr(torch.ops.torchvision, "nms"):
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-        import_torchvision.library = lib  # a Library's definitions live as long as the object
-    import torchvision
-
-    return torchvision
-
-
 def build(name: str, size: int, seed: int = 0) -> tuple[Any, tuple[Any, ...]]:
-    """torchvision model ``name``, randomly initialised (no downloads), in eval mode, and a
-    ``1x3xSIZExSIZE`` example input.
-
-    Its batch-norm statistics are those of a few random batches: with the initial ones (mean 0,
-    variance 1) activations shrink layer by layer, and MobileNetV3's outputs are ~1e-10 and barely
-    depend on the input, which no comparison against eager can tell from a broken program."""
+    """torchvision model ``name`` as ``torchvision:NAME`` builds it (random weights, calibrated
+    norms: :func:`handoff.zoo.vision.build`), and a ``1x3xSIZExSIZE`` example input."""
     import torch
 
-    models = import_torchvision().models
-    torch.manual_seed(seed)
-    kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
-    model = getattr(models, name)(weights=None, **kwargs)
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # a plain average over the batches
-    model.train()
-    with torch.no_grad():
-        for _ in range(3 if norms else 0):
-            model(torch.randn(4, 3, size, size))
-    return model.eval(), (torch.randn(1, 3, size, size),)
+    from handoff.zoo import vision
+
+    return vision.build(name, (1, 3, size, size), seed), (torch.randn(1, 3, size, size),)
 
 
 def executorch_program(model: Any, inputs: Sequence[Any], emit: bool = True) -> tuple[Any, dict[str, int]]:

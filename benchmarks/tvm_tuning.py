@@ -29,7 +29,7 @@ def main() -> None:
     import torch
 
     import handoff
-    from handoff.models import random_inputs
+    from handoff.zoo import random_inputs
 
     zoo = handoff.get_plugins().zoo()[args.model.removeprefix("zoo:")]
     model = zoo.build()

@@ -60,7 +60,7 @@ def lower(out: Path, models: list[str]) -> None:
     import torch
 
     import handoff
-    from handoff.models import random_inputs
+    from handoff.zoo import random_inputs
 
     plugins = handoff.plugins.Plugins(autoload=False, extra=["handoff_vulkan.plugin"])
     handoff.plugins.set_plugins(plugins)
@@ -128,11 +128,11 @@ def run_torch(name: str, state: Path, x: np.ndarray, want: np.ndarray, args: arg
         return None
     if not torch.cuda.is_available():
         return None
-    from handoff import zoo_models
+    from handoff.zoo import BUILTIN
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    model = getattr(zoo_models, name)()
+    model = BUILTIN[name].build()
     model.load_state_dict(torch.load(state, map_location="cpu"))
     model = model.eval().cuda()
     xt = torch.from_numpy(x)

@@ -31,7 +31,7 @@ def bench_model(spec: str, runs: int, loads: int, work: Path) -> list[tuple[str,
     from executorch.extension.pybindings import portable_lib as et
 
     import handoff
-    from handoff.models import random_inputs
+    from handoff.zoo import random_inputs
 
     zoo = handoff.get_plugins().zoo()[spec.removeprefix("zoo:")]
     model = zoo.build()

@@ -16,7 +16,10 @@ below is resolved lazily, on first use.
 
 The public API, for users and plugin authors alike, is what ``__all__`` lists here, plus the
 modules :mod:`handoff.blob` (the delegate envelope), :mod:`handoff.testing` (checks against eager
-PyTorch) and :mod:`handoff.tvm` (TVM's Relax importer, for backends that generate code with TVM).
+PyTorch), :mod:`handoff.tvm` (TVM's Relax importer, for backends that generate code with TVM),
+:mod:`handoff.zoo` (the ``zoo:`` models), :mod:`handoff.bench` (timing, percentiles, error
+figures), and, for researchers, :mod:`handoff.compare` with :mod:`handoff.strategies` and
+:mod:`handoff.numerics` (``handoff compare``, per-delegate checks).
 Plugins import nothing else from handoff (a test checks the plugins in this repository).
 """
 

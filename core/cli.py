@@ -7,6 +7,8 @@ Exit status: 0 success, 1 failure (one line on stderr; the traceback only with `
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -15,7 +17,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .errors import HandoffError, one_line
 
@@ -72,7 +74,10 @@ def build_parser(prog: str = "handoff") -> argparse.ArgumentParser:
     b.add_argument("--runnable", action="store_true", help="print the comma-separated ids of the vendor backends "
                    "that can both compile and run here, NPUs first (for --backends)")
 
-    sub.add_parser("zoo", parents=[common], help="list the built-in zoo: models")
+    z = sub.add_parser("zoo", parents=[common], help="list the zoo: models with their inputs, parameters and FLOPs")
+    z.add_argument("--json", action="store_true")
+    z.add_argument("--torchvision", action="store_true", help="list the torchvision:NAME models instead "
+                   "(torchvision's classification and segmentation models, random weights)")
 
     p = sub.add_parser("partition", parents=[common], help="partition and lower a model into a .hof program")
     add_partition_arguments(p)
@@ -85,6 +90,11 @@ def build_parser(prog: str = "handoff") -> argparse.ArgumentParser:
     r.add_argument("--warmup", type=int, default=3, metavar="N")
     r.add_argument("--option", action="append", default=[], metavar="BACKEND.NAME=VALUE", help="runtime option")
     r.add_argument("--save-outputs", metavar="DIR", help="write each output as DIR/NAME.npy")
+    r.add_argument("--check-against", metavar="MODEL", help="compare the outputs, and each delegate on its own "
+                   "boundary inputs, with eager PyTorch running MODEL (the model the program was partitioned from); "
+                   "exit 1 when a delegate differs by more than --tolerance")
+    r.add_argument("--tolerance", type=float, default=None, metavar="REL",
+                   help="relative error a delegate may have in --check-against (default 1e-3)")
     r.add_argument("--json", action="store_true", help="print a JSON summary")
     r.add_argument("--strict", action="store_true", help="never run a delegate's fallback copy: fail when its own "
                    "backend is missing, cannot run here or fails to load it")
@@ -105,6 +115,48 @@ def build_parser(prog: str = "handoff") -> argparse.ArgumentParser:
                        "runs your programs), or trust someone else's")
     k.add_argument("--trust", metavar="PUBLIC.pem", help="trust this public key from now on (copies it into "
                    "$HANDOFF_HOME/trusted)")
+
+    c = sub.add_parser("compare", parents=[common], help="lower a model with several strategies and measure each: "
+                       "coverage, size, load and first-run time, latency, error vs eager PyTorch")
+    c.add_argument("model", help="model.pt2 | path/file.py:Name | zoo:NAME")
+    c.add_argument("--strategy", action="append", default=[], metavar="SPEC",
+                   help="a backend priority list with options, e.g. xnnpack, qnn,xnnpack, "
+                        "'qnn[precision=fp16,soc_model=SM8650],xnnpack', 'tvm[tune=200]' (repeat for more)")
+    c.add_argument("--strategies", action="append", default=[], metavar="FILE.yaml|auto",
+                   help="strategies from a YAML file, or 'auto': every backend that compiles here alone (and with "
+                        "the option values it marks worth comparing) and every ordered pair of vendor backends")
+    c.add_argument("--skip", action="append", default=[], metavar="SPEC|NAME",
+                   help="leave out this strategy (e.g. --strategies auto --skip 'tvm[tune=200]'); repeat for more")
+    c.add_argument("--runs", type=int, default=50, metavar="N", help="timed runs per strategy (default 50)")
+    c.add_argument("--rounds", type=int, default=10, metavar="N",
+                   help="interleaved rounds the runs are split into (default 10)")
+    c.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed runs first (default 3)")
+    c.add_argument("--seed", type=int, default=1, help="seed of the fresh random inputs (default 1)")
+    c.add_argument("--per-delegate", action="store_true", help="also check each delegate against eager PyTorch "
+                   "evaluating the same subgraph on the same boundary inputs")
+    c.add_argument("--tolerance", type=float, default=None, metavar="REL",
+                   help="relative error over which a delegate is flagged (default 1e-3)")
+    c.add_argument("--input-shape", action="append", default=[], metavar="1x3x224x224[:DTYPE]", help="once per input")
+    c.add_argument("--option", action="append", default=[], metavar="BACKEND.NAME=VALUE",
+                   help="runtime option for every program using that backend")
+    c.add_argument("--no-fallback", action="store_true", help="no tvm fallback in any strategy: nodes its backends "
+                   "leave run as host ATen ops")
+    c.add_argument("--on-lower-error", choices=("fail", "fallback"), default="fallback",
+                   help="fail: a partition that fails to lower fails its strategy; fallback (default): it moves to "
+                        "the next backend")
+    c.add_argument("--no-cache", action="store_true", help="do not reuse lowered partitions from $HANDOFF_HOME")
+    c.add_argument("--trust-model", action="store_true", help="read a model file that runs code when loaded (a .pt2 "
+                   "holding pickles): only for files whose author you trust")
+    c.add_argument("--max-workers", type=int, metavar="N", help="at most N measuring processes at once (each holds "
+                   "its backends' runtimes, a few hundred MB); strategies are then timed in groups of N, interleaved "
+                   "within each group (default: all at once)")
+    c.add_argument("--json", nargs="?", const="-", metavar="FILE", help="write the results as JSON (to stdout "
+                   "without FILE, instead of the table)")
+    c.add_argument("--csv", nargs="?", const="-", metavar="FILE", help="write one CSV row per strategy (to stdout "
+                   "without FILE, instead of the table)")
+    c.add_argument("--plot", metavar="OUT.png", help="chart: latency (p50, p90), coverage by backend, and the "
+                   "Pareto front for --strategies auto")
+    c.add_argument("--quiet", action="store_true", help="no progress display")
 
     i = sub.add_parser("inspect", parents=[common], help="show a program's header, instructions and segments")
     i.add_argument("program")
@@ -269,17 +321,71 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
     from .plugins import get_plugins
 
+    if args.torchvision:
+        from .zoo import vision
+
+        names = [f"torchvision:{n}" for n in vision.names()]
+        print(json.dumps(names, indent=2) if args.json else "\n".join(names))
+        return EXIT_OK
+    rows = []
     for name, model in sorted(get_plugins().zoo().items()):
-        shapes = ", ".join("x".join(map(str, s)) + (f":{d}" if d != "float32" else "") for s, d in model.inputs)
-        print(f"zoo:{name:<20} {shapes:<20} {model.description}")
+        rows.append({"name": f"zoo:{name}", "inputs": [{"shape": list(s), "dtype": d} for s, d in model.inputs],
+                     "params": model.params, "flops": model.flops, "description": model.description})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    table = Table(title="Zoo models (FLOPs per inference as torch.utils.flop_counter counts them)", title_justify="left")
+    for col, just in (("model", "left"), ("inputs", "left"), ("parameters", "right"), ("FLOPs", "right"),
+                      ("description", "left")):
+        table.add_column(col, justify=just, no_wrap=col != "description")  # type: ignore[arg-type]
+    for r in rows:
+        shapes = ", ".join("x".join(map(str, i["shape"])) + (f":{i['dtype']}" if i["dtype"] != "float32" else "")
+                           for i in r["inputs"])
+        table.add_row(r["name"], shapes, _si(r["params"]), _si(r["flops"]), r["description"])
+    console.print(table)
+    console.print("also torchvision:NAME, any torchvision classification or segmentation model with random "
+                  "weights (1x3x224x224 unless --input-shape; list them with: handoff zoo --torchvision)")
     return EXIT_OK
+
+
+def _si(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(n)
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar on stderr (when it is a terminal), as a ``progress(message, done, total)``
+    callback."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True,
+                  disable=quiet or not console.is_terminal) as bar:
+        task = bar.add_task("exporting", total=None)
+
+        def progress(message: str, done: int, total: int) -> None:
+            bar.update(task, description=message[:100], completed=done, total=total)
+
+        yield progress
 
 
 def run_partition(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .partitioner import Limits
     from .pipeline import DEFAULT_MIN_PARTITION_SIZE, partition
@@ -302,15 +408,7 @@ def run_partition(args: argparse.Namespace) -> int:
     max_default, max_per = _per_backend_ints(args.max_partitions, "--max-partitions")
     backends = [b for b in args.backends.split(",") if b.strip()]
 
-    console = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True,
-                  disable=args.quiet or not console.is_terminal) as bar:
-        task = bar.add_task("exporting", total=None)
-
-        def progress(message: str, done: int, total: int) -> None:
-            bar.update(task, description=message, completed=done, total=total)
-
+    with _progress(args.quiet) as progress:
         min_default = min_default or DEFAULT_MIN_PARTITION_SIZE
         result = partition(args.model, backends=backends, input_shapes=shapes, options=options,
                            fallback=not args.no_fallback, aten=not (args.no_aten or args.no_fallback),
@@ -367,10 +465,10 @@ def _default_output(model: str) -> str:
 def _cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from .bench import percentiles, time_calls
+    from .errors import FallbackWarning
     from .limits import check_random_inputs
     from .runtime import load
-
-    from .errors import FallbackWarning
 
     options = _options(args.option)
     save_dir = _prepare_save_dir(args.save_outputs) if args.save_outputs else None
@@ -401,21 +499,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         first_start = time.perf_counter()
         outputs = _run_program(program, inputs, args.program)
         first_s = time.perf_counter() - first_start
-        times = []
-        if args.bench > 0:
-            for _ in range(args.warmup):
-                _run_program(program, inputs, args.program)
-            for _ in range(args.bench):
-                t0 = time.perf_counter()
-                _run_program(program, inputs, args.program)
-                times.append(time.perf_counter() - t0)
+        times = (time_calls(lambda: _run_program(program, inputs, args.program), args.bench, args.warmup)
+                 if args.bench > 0 else [])
         ran = [{"delegate": i, "partition": d["partition"], "backend": d["backend"], "copy": d["copy"],
                 "runtime": d["runtime"], "fallback_reason": d["fallback_reason"]}
                for i, d in enumerate(program.stats()["delegates"])]
+        output_specs = program.output_specs
     summary: dict[str, Any] = {"program": args.program, "inputs": source, "load_ms": round(load_s * 1e3, 3),
                                "first_run_ms": round(first_s * 1e3, 3), "delegates": ran, "outputs": []}
-    files = _output_files([name for name, _, _ in program.output_specs])
-    for (name, _, _), out, file in zip(program.output_specs, outputs, files):
+    check = _check_against(args, specs, inputs, outputs, options) if args.check_against else None
+    files = _output_files([name for name, _, _ in output_specs])
+    for (name, _, _), out, file in zip(output_specs, outputs, files):
         entry = {"name": name, "dtype": str(out.dtype), "shape": list(out.shape),
                  "head": [float(v) for v in out.reshape(-1)[:6]]}
         if save_dir is not None:
@@ -427,12 +521,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
             entry["file"] = str(save_dir / file)
         summary["outputs"].append(entry)
     if times:
-        ordered = sorted(times)
-        summary["bench"] = {"runs": len(times), "p50_ms": round(_pct(ordered, 50) * 1e3, 3),
-                            "p90_ms": round(_pct(ordered, 90) * 1e3, 3)}
+        summary["bench"] = {"runs": len(times), **{f"{k}_ms": round(v * 1e3, 3) for k, v in percentiles(times).items()}}
+    if check is not None:
+        summary["check"] = check
     if args.json:
-        print(json.dumps(summary, indent=2))
-        return EXIT_OK
+        from .compare import jsonable
+
+        print(json.dumps(jsonable(summary), indent=2))
+        return _check_status(check)
     print(printable(f"{args.program}: loaded in {summary['load_ms']:.1f} ms, first run "
                     f"{summary['first_run_ms']:.1f} ms, inputs: {source}"))
     copies = [d for d in ran if d["copy"] is not None]
@@ -450,6 +546,57 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if times:
         b = summary["bench"]
         print(f"  {b['runs']} runs: p50 {b['p50_ms']:.3f} ms, p90 {b['p90_ms']:.3f} ms")
+    if check is not None:
+        from rich.console import Console
+
+        from .compare_report import err_text, render_delegates, snr_text
+
+        console = Console() if Console().is_terminal else Console(width=160)
+        console.print(f"  against eager {args.check_against}: max abs error {err_text(check['max_abs_error'])}, "
+                      f"SNR {snr_text(check['snr_db'])} dB")
+        render_delegates([(Path(args.program).name, check["per_delegate"])], check["tolerance"], console, "program")
+    return _check_status(check)
+
+
+def _check_against(args: argparse.Namespace, specs: Sequence[Any], inputs: Sequence[Any], outputs: Sequence[Any],
+                   options: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """``run --check-against MODEL``: the program's outputs against eager MODEL, and every delegate
+    against eager PyTorch on its own boundary inputs (:mod:`handoff.numerics`)."""
+    import numpy as np
+    import torch
+    from torch.utils import _pytree
+
+    from . import numerics
+    from .bench import errors
+    from .plugins import get_plugins
+    from .program import ProgramFile
+    from .signing import local_key
+
+    plugins = get_plugins()
+    tolerance = numerics.DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
+    tensors = [torch.from_numpy(np.array(x, copy=True)) for x in inputs]
+    with ProgramFile.open(args.program) as pf:
+        resolved, ep = numerics.export_for(pf.manifest, args.check_against, plugins,
+                                           [(shape, dtype) for _, shape, dtype in specs])
+        reference = resolved.module if resolved.module is not None else ep.module()
+        with torch.no_grad():
+            eager = [t.numpy() for t in _pytree.tree_leaves(reference(*tensors)) if isinstance(t, torch.Tensor)]
+        # the program loaded with the runtime's trust checks, so its delegates may be signed here
+        rows = numerics.check_delegates(pf, ep, tensors, options, plugins, tolerance, signer=local_key())
+    return {"model": args.check_against, "tolerance": tolerance, **errors(outputs, eager), "per_delegate": rows}
+
+
+def _check_status(check: dict[str, Any] | None) -> int:
+    if check is None:
+        return EXIT_OK
+    bad = [r for r in check["per_delegate"] if r.get("mismatch")]
+    if bad:
+        worst = max(bad, key=lambda r: r["relative_error"])
+        print(f"handoff: error: {len(bad)} delegate(s) differ from eager PyTorch by more than {check['tolerance']:g} "
+              f"relative; the largest: delegate {worst['delegate']} ({worst['partition']}, backend "
+              f"'{worst['backend']}'), relative error {worst['relative_error']:.3g}; its ops: "
+              f"{', '.join(worst['ops'])}", file=sys.stderr)
+        return EXIT_FAIL
     return EXIT_OK
 
 
@@ -516,9 +663,64 @@ def _output_files(names: Sequence[str]) -> list[str]:
     return files
 
 
-def _pct(ordered: list[float], pct: int) -> float:
-    k = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
-    return ordered[k]
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from . import strategies as st
+    from .compare import compare
+    from .compare_report import plot, render, write_csv
+    from .numerics import DEFAULT_TOLERANCE
+    from .plugins import get_plugins
+    from .zoo import parse_input_shape
+
+    plugins = get_plugins()
+    chosen: list[st.Strategy] = [st.parse(text) for text in args.strategy]
+    auto = False
+    for source in args.strategies:
+        if source == "auto":
+            auto = True
+            chosen += st.auto(plugins)
+        else:
+            chosen += st.load_file(source)
+    if not chosen:
+        raise HandoffError("no strategies; pass --strategy SPEC (e.g. --strategy xnnpack --strategy qnn,xnnpack), "
+                           "--strategies FILE.yaml or --strategies auto")
+    chosen = st.skip(chosen, args.skip)
+    try:
+        shapes = [parse_input_shape(s) for s in args.input_shape]
+    except ValueError as exc:
+        raise HandoffError(str(exc)) from exc
+    with _progress(args.quiet) as progress:
+        if args.no_fallback:
+            chosen = [dataclasses.replace(s, fallback=False) for s in chosen]
+        result = compare(args.model, st.unique(chosen), runs=args.runs, rounds=args.rounds, warmup=args.warmup,
+                         seed=args.seed, per_delegate=args.per_delegate, input_shapes=shapes,
+                         tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
+                         runtime_options=_options(args.option), on_lower_error=args.on_lower_error,
+                         use_cache=not args.no_cache, auto=auto, max_workers=args.max_workers, plugins=plugins,
+                         trust_model=args.trust_model, progress=progress)
+    if args.plot:
+        plot(result, args.plot)
+    if args.json:
+        text = json.dumps(result.to_json(), indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text)
+    if args.csv:
+        if args.csv == "-":
+            write_csv(result, sys.stdout)
+        else:
+            with open(args.csv, "w", newline="") as f:
+                write_csv(result, f)
+    if "-" not in (args.json, args.csv):
+        out = Console()
+        if not out.is_terminal:
+            out = Console(width=200)
+        render(result, out)
+        if args.plot:
+            out.print(f"wrote {args.plot}")
+    return EXIT_OK
 
 
 def _random_array(rng: Any, shape: tuple[int, ...], dtype: str) -> Any:
@@ -649,8 +851,8 @@ def _cmd_new_backend(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"backends": _cmd_backends, "zoo": _cmd_zoo, "partition": run_partition, "run": _cmd_run,
-            "inspect": _cmd_inspect, "sign": _cmd_sign, "verify": _cmd_verify, "key": _cmd_key,
-            "new-backend": _cmd_new_backend}
+            "inspect": _cmd_inspect, "compare": _cmd_compare, "sign": _cmd_sign, "verify": _cmd_verify,
+            "key": _cmd_key, "new-backend": _cmd_new_backend}
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

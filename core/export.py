@@ -25,7 +25,7 @@ def resolve_model(spec: str, input_shapes: Sequence[InputSpec], plugins: Plugins
         raise HandoffError(str(exc)) from exc
     if resolved is None:
         raise HandoffError(f"cannot read model {spec!r}; give a .pt2 file (torch.export.save), "
-                           f"path/file.py:ClassName, or zoo:NAME (zoo: {', '.join(sorted(plugins.zoo()))})")
+                           f"path/file.py:ClassName, torchvision:NAME, or zoo:NAME (zoo: {', '.join(sorted(plugins.zoo()))})")
     return resolved
 
 
@@ -37,21 +37,29 @@ def quiet_torch() -> Iterator[None]:
         yield
 
 
+def torch_export(resolved: ResolvedModel) -> Any:
+    """The model's ``ExportedProgram`` before decomposition: ``resolved.exported``, or
+    ``torch.export`` of its module on its example inputs."""
+    import torch
+
+    if resolved.exported is not None:
+        return resolved.exported
+    try:
+        with torch.no_grad(), quiet_torch():
+            return torch.export.export(resolved.module.eval(), tuple(resolved.example_inputs), strict=False)
+    except Exception as exc:
+        first = " ".join(str(exc).split())[:400]
+        raise HandoffError(f"torch.export failed for {resolved.name}: {type(exc).__name__}: {first}; hint: "
+                           f"the model must be traceable without data-dependent Python control flow "
+                           f"(see torch.export docs on torch.cond), and its inputs must match --input-shape") from exc
+
+
 def export_model(resolved: ResolvedModel, keep_ops: Iterable[Any] = ()) -> Any:
     """``torch.export`` the model (unless it already is exported) and decompose it to core ATen,
     keeping ``keep_ops`` whole. Returns the decomposed ``ExportedProgram``."""
     import torch
 
-    ep = resolved.exported
-    if ep is None:
-        try:
-            with torch.no_grad(), quiet_torch():
-                ep = torch.export.export(resolved.module.eval(), tuple(resolved.example_inputs), strict=False)
-        except Exception as exc:
-            first = " ".join(str(exc).split())[:400]
-            raise HandoffError(f"torch.export failed for {resolved.name}: {type(exc).__name__}: {first}; hint: "
-                               f"the model must be traceable without data-dependent Python control flow "
-                               f"(see torch.export docs on torch.cond), and its inputs must match --input-shape") from exc
+    ep = torch_export(resolved)
     table = torch.export.default_decompositions()
     for op in keep_ops:
         table.pop(op, None)

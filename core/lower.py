@@ -370,7 +370,9 @@ def _encode_arg(arg: Any, value_of: Callable[[Any], int], where: str) -> Any:
 def assemble(ep: Any, plan: Plan, lowered: Mapping[str, LoweredPartition], compilers_options: Mapping[str, Mapping[str, str]],
              versions: Mapping[str, str], metadata: Mapping[str, Any],
              copies: Mapping[str, Sequence[LoweredPartition]] | None = None) -> Assembled:
-    """Build the format-1 manifest and segment list for ``plan``.
+    """Build the format-1 manifest and segment list for ``plan``. Each value names the fx node of
+    ``ep`` that produces it (``node``, informational), which is how :mod:`handoff.numerics`
+    finds a delegate's inputs and outputs in an eager run of the same program.
 
     :param copies: partition name -> the same partition lowered by other backends (fallback
         copies, tried in order where the delegate's own backend cannot run; format 1.3)."""
@@ -394,7 +396,8 @@ def assemble(ep: Any, plan: Plan, lowered: Mapping[str, LoweredPartition], compi
         if not isinstance(val, torch.Tensor):
             raise HandoffError(f"node {node.name} ({op_name(node.target)}) produces {type(val).__name__}, not a tensor; "
                                f"program format 1 passes only tensors between steps")
-        values.append({"dtype": dtype_name(val.dtype, f"node {node.name}"), "shape": [int(d) for d in val.shape]})
+        values.append({"dtype": dtype_name(val.dtype, f"node {node.name}"), "shape": [int(d) for d in val.shape],
+                       "node": node.name})  # informational: lets tools match values to the graph
         value_ids[node.name] = len(values) - 1
         return len(values) - 1
 

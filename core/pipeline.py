@@ -35,7 +35,9 @@ DEFAULT_MIN_PARTITION_SIZE = 3
 
 @dataclasses.dataclass
 class PartitionResult:
-    """The program (manifest and segments) and the delegation report of one ``partition`` run.
+    """The program (manifest and segments), the delegation report of one ``partition`` run, and
+    the decomposed ``ExportedProgram`` it was partitioned from (:attr:`exported`: the graph whose
+    node names the manifest's values carry; :mod:`handoff.numerics` evaluates it eagerly).
 
     :meth:`to_bytes` and :meth:`write` sign the program with the local key (``handoff.signing``)
     unless ``sign=False``: the runtime of this machine trusts it, and others can trust it by
@@ -45,6 +47,7 @@ class PartitionResult:
     report: Report
     #: with ``quantize=``: the PT2E result, whose ``reference`` is the quantized eager model
     quantized: Any = None
+    exported: Any = None
 
     def to_bytes(self, alignment: int = 64, sign: bool = True) -> bytes:
         from .program import program_bytes
@@ -240,7 +243,7 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
         report.quantization = _quantization_note(quantized, the_plan, view, lowered)
     report.timings.update(clock.seconds)
     plugins.pm.hook.handoff_report(report=report)
-    return PartitionResult(assembled, report, quantized)
+    return PartitionResult(assembled, report, quantized, ep)
 
 
 def _quantization_note(quantized: Any, the_plan: Plan, view: GraphView, lowered: Mapping[str, Any]) -> dict[str, Any]:

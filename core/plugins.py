@@ -2,7 +2,7 @@
 
 Plugins come from three places, in this order:
 
-1. the built-in plugins of the core (the model sources and zoo, and the ``tvm`` backend, ``trylast``);
+1. the built-in plugins of the core (the model sources with the zoo, and the ``tvm`` backend, ``trylast``);
 2. modules named in ``$HANDOFF_PLUGINS`` (comma separated), always loaded: the development loop
    of a plugin that is not installed yet;
 3. the ``handoff.backends`` entry-point group of every installed distribution, unless
@@ -43,7 +43,7 @@ AUTOLOAD_ENV = "HANDOFF_DISABLE_PLUGIN_AUTOLOAD"
 PLUGINS_ENV = "HANDOFF_PLUGINS"
 #: (plugin name, module) of the core's own plugins; the names match the core's entry points so an
 #: installed core does not register them twice.
-BUILTIN_PLUGINS = (("models", "handoff.models"), ("tvm", "handoff.tvm.plugin"))
+BUILTIN_PLUGINS = (("sources", "handoff.sources"), ("tvm", "handoff.tvm.plugin"))
 _HOOKS = tuple(name for name in hookspecs.__all__ if name.startswith("handoff_"))
 
 

@@ -213,7 +213,7 @@ def _calibration_batches(example: tuple[Any, ...], n: int | None, data: Any) -> 
 
     if data is None:
         n = n or DEFAULT_CALIBRATION
-        from .models import random_inputs
+        from .zoo import random_inputs
 
         specs = [(tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in example]
         return [random_inputs(specs, seed=1000 + i) for i in range(n)], f"{n} random batches"

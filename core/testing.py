@@ -45,7 +45,7 @@ def check_against_eager(program: Any, model: Any, input_specs: Sequence[Any], se
     Returns the program's first output per seed."""
     import torch
 
-    from .models import random_inputs
+    from .zoo import random_inputs
     from .runtime import Program, load
 
     owned = not isinstance(program, Program)
@@ -124,7 +124,7 @@ def check_int8(program: Any, quantized: Any, float_model: Any, input_specs: Sequ
     argmax equals the float model's)."""
     import torch
 
-    from .models import random_inputs
+    from .zoo import random_inputs
     from .runtime import load
 
     reference = getattr(quantized, "reference", quantized)

@@ -200,7 +200,7 @@ def test_bad_option_values_name_the_valid_ones(option, raw, message):
 def test_options_reach_the_compiler_parsed_with_defaults(sink_plugins):
     compiler = sink_plugins.compiler("sink", {"fuse": "yes", "max_nodes": "3"})
     assert compiler.options == {"ops": "aten.add.Tensor,aten.mul.Tensor,aten.relu.default", "fail_on": None,
-                                "crash_on": None, "fuse": True, "max_nodes": 3}
+                                "crash_on": None, "fuse": True, "max_nodes": 3, "wrong_op": None}
     with pytest.raises(HandoffError, match=r"^backend 'sink': option max_nodes='0' is not valid; valid values: "
                                            r"an integer >= 1$"):
         sink_plugins.compiler("sink", {"max_nodes": "0"})

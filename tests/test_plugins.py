@@ -139,7 +139,7 @@ def test_unknown_backend_error_names_installed_and_hint(sink_plugins):
 def test_unknown_option_lists_valid_ones(sink_plugins):
     with pytest.raises(handoff.HandoffError) as err:
         handoff.partition("sink:x", backends=["sink"], options={"sink": {"speed": "11"}})
-    assert str(err.value) == "backend 'sink' has no option 'speed'; valid options: crash_on, fail_on, fuse, max_nodes, ops"
+    assert str(err.value) == "backend 'sink' has no option 'speed'; valid options: crash_on, fail_on, fuse, max_nodes, ops, wrong_op"
 
 
 def test_bad_option_value_is_one_line(sink_plugins):

@@ -5,9 +5,11 @@ Its two backends, ``sink`` and ``sinkb``, are small but real: the compiler seria
 into a list of elementwise ops plus weights, and the runtime interprets that list with numpy. Which
 ATen ops each claims is an option (``ops``), so tests can build any mix of claimed and declined
 nodes; ``fail_on`` makes lowering fail at an op; ``fuse`` reports mul->relu pairs as fused patterns;
-``max_nodes`` makes ``check_partition`` shrink partitions larger than that. Its int8 quantizer
-(``quantizer``) annotates the ``mul`` ops it claims (int8 per-tensor inputs and output); it runs
-them in float between the dequantize and quantize ops, which it leaves to the next backend.
+``max_nodes`` makes ``check_partition`` shrink partitions larger than that; ``wrong_op`` makes the
+lowered delegate compute an op wrongly (its result off by :data:`WRONG_BY`), for tests that must
+find the delegate carrying an error. Its int8 quantizer (``quantizer``) annotates the ``mul`` ops
+it claims (int8 per-tensor inputs and output); it runs them in float between the dequantize and
+quantize ops, which it leaves to the next backend.
 
 At run time, ``check=1`` refuses non-finite outputs, ``fail_load=1`` makes loading every blob fail,
 ``$HANDOFF_SINK_UNAVAILABLE`` (comma-separated backend ids) makes those runtimes report that they
@@ -46,7 +48,8 @@ OPTIONS = {"ops": Option("str", "comma-separated ATen ops to claim", default=DEF
            "fail_on": Option("str", "an ATen op whose lowering fails"),
            "crash_on": Option("str", "an ATen op whose lowering raises a plain error that names no node"),
            "fuse": Option("bool", "report mul->relu pairs as fused patterns", default=False),
-           "max_nodes": Option("int", "check_partition takes nodes out of partitions larger than this", min=1)}
+           "max_nodes": Option("int", "check_partition takes nodes out of partitions larger than this", min=1),
+           "wrong_op": Option("str", "an ATen op the lowered delegate computes wrongly (off by WRONG_BY)")}
 RUNTIME_OPTIONS = {"check": Option("bool", "refuse non-finite outputs", default=False),
                    "memory": Option("choice", "where outputs live: host (numpy) or device (SinkTensor)",
                                     default="host", choices=("host", "device")),
@@ -54,6 +57,7 @@ RUNTIME_OPTIONS = {"check": Option("bool", "refuse non-finite outputs", default=
 UNAVAILABLE_ENV = "HANDOFF_SINK_UNAVAILABLE"
 DEVICE_MEMORY = "sink:device"
 MAGIC = b"SINK"
+WRONG_BY = 0.25  # what a ``wrong_op`` adds to that op's result
 
 calls: list[str] = []  # hooks called, for the tests
 
@@ -128,6 +132,7 @@ class SinkCompiler(Compiler):
         self.crash_on = options["crash_on"]
         self.fuse = options["fuse"]
         self.max_nodes = options["max_nodes"]
+        self.wrong_op = options["wrong_op"]
         self.checked: list[list[str]] = []  # partitions check_partition saw, for the tests
 
     def ops_to_not_decompose(self) -> list[Any]:
@@ -186,7 +191,7 @@ class SinkCompiler(Compiler):
                 if op not in NUMPY_OPS:
                     raise LoweringError(f"sink cannot lower {op}", node=node.name)
                 args = [env[a.name] if hasattr(a, "name") else ["scalar", a] for a in node.args]
-                program.append([op, args, dict(node.kwargs)])
+                program.append([op, args, dict(node.kwargs), WRONG_BY if op == self.wrong_op else 0.0])
                 env[node.name] = ["tmp", len(program) - 1]
             elif node.op == "output":
                 outputs = [env[o.name] for o in node.args[0]]
@@ -268,9 +273,9 @@ class SinkRuntime(Runtime):
             return {"input": lambda: inputs[i], "const": lambda: np.asarray(handle["consts"][i], dtype=np.float32),
                     "tmp": lambda: tmps[i], "scalar": lambda: i}[kind]()
 
-        for op, args, kwargs in handle["program"]:
+        for op, args, kwargs, offset in handle["program"]:
             out = NUMPY_OPS[op](*[get(a) for a in args], **kwargs)
-            tmps.append(np.asarray(out, dtype=np.float32))
+            tmps.append(np.asarray(out + offset, dtype=np.float32))
         return [np.asarray(get(o), dtype=np.float32) for o in handle["outputs"]]
 
     def to_host(self, values: Sequence[Any]) -> list[np.ndarray]:

@@ -444,7 +444,7 @@ def _old_transfers(program) -> int:
 def test_transformer_on_vulkan_transfers_only_its_input_and_output_and_runs_from_8_threads(tmp_path_factory):
     _needs_compiler()
     _needs_gpu()
-    from handoff.models import random_inputs
+    from handoff.zoo import random_inputs
 
     program_bytes, _ = _zoo_program("small_transformer", ("vulkan",), tmp_path_factory.mktemp("home"))
     zoo = handoff.get_plugins().zoo()["small_transformer"]
@@ -464,7 +464,7 @@ def test_values_stay_on_the_gpu_between_vulkan_delegates(monkeypatch, tmp_path_f
     gelu reads and returns crosses host memory."""
     _needs_compiler()
     _needs_gpu()
-    from handoff.models import random_inputs
+    from handoff.zoo import random_inputs
     from handoff_vulkan.compiler import VulkanCompiler
 
     real = VulkanCompiler.support
@@ -492,7 +492,7 @@ def test_values_stay_on_the_gpu_between_vulkan_delegates(monkeypatch, tmp_path_f
 def test_one_submission_per_delegate_one_readback_per_run_and_no_allocation(monkeypatch, tmp_path_factory):
     _needs_compiler()
     _needs_gpu()
-    from handoff.models import random_inputs
+    from handoff.zoo import random_inputs
 
     program_bytes, _ = _zoo_program("small_cnn", ("vulkan",), tmp_path_factory.mktemp("home"))
     zoo = handoff.get_plugins().zoo()["small_cnn"]
@@ -528,7 +528,7 @@ def test_runtime_runs_without_torch_or_tvm(tmp_path, tmp_path_factory):
     _needs_gpu()
     import torch
 
-    from handoff.models import random_inputs
+    from handoff.zoo import random_inputs
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4)).eval()

@@ -1,9 +1,12 @@
-"""The core's built-in plugin for model sources and the zoo.
+"""The core's built-in plugin for model sources: what the MODEL argument can name.
 
 Registered like any plugin (``trylast``), so another plugin can add sources or override these.
-Sources: ``zoo:NAME``; ``path.pt2`` written by ``torch.export.save``; ``path/file.py:Name`` where
-``Name`` is an ``nn.Module`` subclass or a factory, with inputs from ``--input-shape`` or from an
-``example_inputs()`` function in that file.
+Sources: ``zoo:NAME`` (the built-in models of :mod:`handoff.zoo` and every plugin's);
+``torchvision:NAME`` (torchvision's classification and segmentation models, random weights,
+1x3x224x224 unless ``--input-shape``: :mod:`handoff.zoo.vision`); ``path.pt2``
+written by ``torch.export.save``; ``path/file.py:Name`` where ``Name`` is an ``nn.Module``
+subclass or a factory, with inputs from ``--input-shape`` or from an ``example_inputs()``
+function in that file.
 """
 
 from __future__ import annotations
@@ -17,40 +20,18 @@ import sys
 import threading
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from .hookspecs import hookimpl
 from .hostops import NAMESPACES
-from .zoo import InputSpec, ResolvedModel, ZooModel
+from .zoo import BUILTIN, InputSpec, ResolvedModel, ZooModel, random_inputs
+
+TORCHVISION = "torchvision:"
 
 
 @hookimpl(trylast=True)
 def handoff_zoo_models() -> dict[str, ZooModel]:
-    return {
-        "small_cnn": ZooModel("handoff.zoo_models:small_cnn", [((1, 3, 64, 64), "float32")],
-                              "conv-bn-relu CNN with a residual block, 1x3x64x64 -> 10 classes"),
-        "small_transformer": ZooModel("handoff.zoo_models:small_transformer", [((1, 32, 64), "float32")],
-                                      "2-layer pre-norm transformer encoder, 32 tokens x 64 dims"),
-        "mobilenet_v2": ZooModel("handoff.zoo_models:mobilenet_v2", [((1, 3, 224, 224), "float32")],
-                                 "MobileNetV2 1.0, 1x3x224x224 -> 1000 classes"),
-    }
-
-
-def random_inputs(specs: Sequence[InputSpec], seed: int = 0) -> tuple[Any, ...]:
-    """Example tensors for ``specs``: normal floats, small non-negative integers, random bools."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for shape, dtype in specs:
-        tdt = getattr(torch, dtype)
-        if tdt.is_floating_point:
-            out.append(torch.randn(shape, generator=gen).to(tdt))
-        elif tdt == torch.bool:
-            out.append(torch.rand(shape, generator=gen) > 0.5)
-        else:
-            out.append(torch.randint(0, 8, shape, generator=gen).to(tdt))
-    return tuple(out)
+    return dict(BUILTIN)
 
 
 @hookimpl(trylast=True)
@@ -58,6 +39,8 @@ def handoff_resolve_model(spec: str, input_shapes: Sequence[InputSpec],
                           zoo: Mapping[str, ZooModel], trust_model: bool) -> ResolvedModel | None:
     if spec.startswith("zoo:"):
         return _from_zoo(spec[4:], input_shapes, zoo)
+    if spec.startswith(TORCHVISION):
+        return _from_torchvision(spec.removeprefix(TORCHVISION), input_shapes)
     path_part, sep, name = spec.rpartition(":") if spec.count(":") else ("", "", "")
     if sep and path_part.endswith(".py"):
         return _from_python_file(Path(path_part), name, input_shapes)
@@ -70,8 +53,21 @@ def _from_zoo(name: str, input_shapes: Sequence[InputSpec], zoo: Mapping[str, Zo
     if name not in zoo:
         raise ValueError(f"unknown zoo model '{name}'; zoo models: {', '.join(sorted(zoo))}")
     model = zoo[name]
-    return ResolvedModel(name=f"zoo:{name}", module=model.build(),
-                         example_inputs=random_inputs(input_shapes or model.inputs))
+    inputs = random_inputs(input_shapes, int_high=model.int_high) if input_shapes else model.example_inputs()
+    return ResolvedModel(name=f"zoo:{name}", module=model.build(), example_inputs=inputs, zoo=model)
+
+
+def _from_torchvision(name: str, input_shapes: Sequence[InputSpec]) -> ResolvedModel:
+    from .zoo import vision
+
+    (shape, dtype), *more = input_shapes or [vision.DEFAULT_INPUT]
+    if more or dtype != "float32":
+        raise ValueError(f"torchvision:{name} takes one float32 image batch; give one --input-shape like 1x3x224x224")
+    try:
+        module = vision.build(name, shape)
+    except ImportError as exc:
+        raise ValueError(f"torchvision:{name}: torchvision is not installed ({exc}); pip install torchvision") from None
+    return ResolvedModel(name=f"{TORCHVISION}{name}", module=module, example_inputs=random_inputs([(shape, dtype)]))
 
 
 def _from_pt2(path: Path, trust_model: bool) -> ResolvedModel:

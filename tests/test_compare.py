@@ -1,0 +1,184 @@
+"""handoff compare and run --check-against: measurements in worker processes, consistent JSON,
+CSV and the chart, and per-delegate numerics that single out the delegate carrying an error."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+import handoff
+from handoff import plugins as plugins_module
+from handoff.cli import main
+from handoff.compare import NOT_RUNNABLE, OK, compare
+from handoff.program import ProgramFile
+from handoff.strategies import parse
+
+ALL_OPS = "aten.add.Tensor,aten.mul.Tensor,aten.relu.default,aten.sin.default"
+WHOLE = f"sink[ops={ALL_OPS}]"  # one delegate
+SPLIT = "sink,sinkb[ops=aten.sin.default]"  # sink, sinkb (sin), sink
+WRONG = "sink,sinkb[ops=aten.sin.default,wrong_op=aten.sin.default]"
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_compare_two_strategies_json_csv_and_chart(sink_plugins, capsys, tmp_path):
+    png, csv_path, json_path = tmp_path / "c.png", tmp_path / "c.csv", tmp_path / "c.json"
+    code, out, err = _run(capsys, "compare", "zoo:sink_net", "--strategy", WHOLE, "--strategy", SPLIT,
+                          "--per-delegate", "--runs", "12", "--rounds", "3", "--warmup", "1", "--no-fallback",
+                          "--json", str(json_path), "--csv", str(csv_path), "--plot", str(png))
+    assert code == 0, err
+    assert "Compare zoo:sink_net: 2 strategies" in out and "Per delegate" in out and f"wrote {png}" in out
+    result = json.loads(json_path.read_text())
+    assert result["model"] == "zoo:sink_net" and result["runs"] == 12 and result["rounds"] == 3
+    whole, split = result["strategies"]
+    for s in (whole, split):
+        assert s["status"] == OK and s["runs"] == 12
+        assert sum(s["coverage_percent"].values()) == pytest.approx(100.0, abs=0.05)
+        assert s["p50_ms"] > 0 and s["p90_ms"] >= s["p50_ms"] and s["load_ms"] > 0 and s["first_run_ms"] > 0
+        assert s["program_bytes"] > 0 and s["compile_seconds"] >= 0
+        assert s["max_abs_error"] <= 1e-5 and (s["snr_db"] == "inf" or s["snr_db"] > 100)
+        assert s["per_delegate"] and all(d["max_abs_error"] <= 1e-5 and not d["mismatch"] for d in s["per_delegate"])
+    assert whole["coverage_percent"] == {"sink": 100.0} and whole["delegates"] == {"sink": 1}
+    assert split["delegates"] == {"sink": 2, "sinkb": 1} and split["delegate_count"] == 3
+    assert split["crossings"] > whole["crossings"]
+    assert [d["backend"] for d in split["per_delegate"]] == ["sink", "sinkb", "sink"]
+    assert split["per_delegate"][1]["ops"] == {"aten.sin.default": 1}
+    assert split["declined"]["aten.sin.default"]["reason"] == "sink has no kernel for aten.sin.default"
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["strategy"] for r in rows] == [WHOLE, SPLIT] and rows[1]["delegates_sinkb"] == "1"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_per_delegate_singles_out_the_backend_computing_an_op_wrongly(sink_plugins):
+    result = compare("zoo:sink_net", [parse(WRONG, fallback=False)], runs=2, rounds=1, warmup=0, per_delegate=True)
+    (s,) = result.strategies
+    assert s.max_abs_error > 0.1  # the whole program is off ...
+    rows = s.per_delegate
+    assert [(r["backend"], r["mismatch"]) for r in rows] == [("sink", False), ("sinkb", True), ("sink", False)]
+    wrong = rows[1]
+    assert wrong.get("worst") and wrong["ops"] == {"aten.sin.default": 1}
+    assert wrong["max_abs_error"] == pytest.approx(0.25, rel=1e-3)  # ... by kitchen_sink.WRONG_BY, at sin alone
+    # the delegates after it got eager inputs, so the error does not leak into them
+    assert rows[2]["max_abs_error"] == 0.0 and rows[2]["snr_db"] == math.inf
+
+
+def test_a_backend_that_cannot_run_here_is_lowered_not_run(sink_plugins, monkeypatch, tmp_path):
+    real = plugins_module.Plugins.runtime_available
+
+    def no_sinkb(self, backend):
+        return (False, "sinkb runs on the moon only") if backend == "sinkb" else real(self, backend)
+
+    monkeypatch.setattr(plugins_module.Plugins, "runtime_available", no_sinkb)
+    result = compare("zoo:sink_net", [parse(WHOLE, fallback=False), parse(SPLIT, fallback=False)], runs=2,
+                     rounds=1, warmup=0, per_delegate=True, max_workers=1)
+    assert result.worker_groups == 2
+    whole, split = result.strategies
+    assert whole.status == OK and whole.p50_ms is not None
+    assert split.status == NOT_RUNNABLE and split.reason == "sinkb: sinkb runs on the moon only"
+    assert split.program_bytes > 0 and split.coverage["sinkb"] > 0 and split.p50_ms is None
+    assert split.max_abs_error is None and not split.pareto and whole.pareto
+    # the delegates that can run here are still checked
+    assert [("skipped" in r, r["backend"]) for r in split.per_delegate] == [(False, "sink"), (True, "sinkb"),
+                                                                            (False, "sink")]
+    j = result.to_json()["strategies"][1]
+    assert j["status"] == "not runnable here" and j["p50_ms"] is None
+    from handoff.compare_report import plot
+
+    plot(result, tmp_path / "c.png")  # a not-runnable strategy is labelled, not drawn
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_auto_with_pareto_front_and_stdout_json(sink_plugins, capsys, tmp_path, monkeypatch):
+    from handoff import strategies
+
+    # auto over the kitchen sink only (tvm's strategies would compile with TVM: slow tests have those)
+    monkeypatch.setattr(strategies, "auto", lambda plugins: [parse(WHOLE), parse(SPLIT), parse(WRONG)])
+    code, out, err = _run(capsys, "compare", "zoo:sink_net", "--strategies", "auto", "--runs", "4", "--rounds", "2",
+                          "--json", "--plot", str(tmp_path / "p.png"), "--quiet", "--no-fallback")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["auto"] and result["pareto_objectives"] == ["p50_ms", "program_bytes", "max_abs_error"]
+    assert any(s["pareto"] for s in result["strategies"])  # which ones depends on the timings
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_pareto_front_over_latency_size_and_error():
+    from handoff.compare import StrategyResult, _mark_pareto
+
+    def measured(name, p50, size, err, status=OK):
+        return StrategyResult(parse(name), status=status, samples_ms=[p50], program_bytes=size, max_abs_error=err)
+
+    rs = [measured("fast", 1.0, 900, 1e-3), measured("small", 5.0, 100, 1e-3), measured("exact", 9.0, 900, 0.0),
+          measured("dominated", 2.0, 900, 1e-3), measured("tie", 1.0, 900, 1e-3),
+          measured("unmeasured", 0.1, 1, 0.0, status=NOT_RUNNABLE)]
+    _mark_pareto(rs)
+    assert [r.strategy.name for r in rs if r.pareto] == ["fast", "small", "exact", "tie"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--strategy", "nope"], "strategy 'nope': backend 'nope' not installed; installed: sink, sinkb, tvm"),
+    (["--strategy", "sink[speed=3]"], "strategy 'sink[speed=3]': backend 'sink' has no option 'speed'"),
+    ([], "no strategies; pass --strategy SPEC"),
+    (["--strategy", "sink", "--runs", "0"], "--runs 0, --rounds 10, --warmup 3: need runs and rounds >= 1"),
+    (["--strategy", "sink", "--max-workers", "0"], "--max-workers 0: need at least 1"),
+])
+def test_compare_errors_are_one_line(sink_plugins, capsys, argv, message):
+    code, out, err = _run(capsys, "compare", "zoo:sink_net", *argv)
+    assert code == 1 and err.startswith(f"handoff: error: {message}") and err.count("\n") == 1
+
+
+def test_a_strategy_that_fails_to_lower_is_reported_not_fatal(sink_plugins):
+    result = compare("zoo:sink_net", [parse("sink[fail_on=aten.relu.default]", fallback=False),
+                                      parse(WHOLE, fallback=False)], runs=2, rounds=1, on_lower_error="fail")
+    failed, ok = result.strategies
+    assert failed.status == "failed" and "backend 'sink' failed to lower partition" in failed.reason
+    assert ok.status == OK
+
+
+def test_run_check_against_names_the_delegate_and_its_ops(sink_plugins, capsys, tmp_path):
+    good, bad = tmp_path / "good.hof", tmp_path / "bad.hof"
+    for path, spec in ((good, SPLIT), (bad, WRONG)):
+        s = parse(spec)
+        handoff.partition("zoo:sink_net", backends=list(s.backends), options=s.options,
+                          fallback=False).write(str(path))
+    code, out, err = _run(capsys, "run", str(good), "--check-against", "zoo:sink_net")
+    assert code == 0, err
+    assert "against eager zoo:sink_net: max abs error" in out and "Per delegate" in out and "sinkb_0" in out
+    code, out, err = _run(capsys, "run", str(bad), "--check-against", "zoo:sink_net", "--json")
+    assert code == 1
+    assert err.startswith("handoff: error: 1 delegate(s) differ from eager PyTorch by more than 0.001 relative; the "
+                          "largest: delegate 1 (sinkb_0, backend 'sinkb'), relative error") and "aten.sin.default" in err
+    check = json.loads(out)["check"]
+    assert [r["mismatch"] for r in check["per_delegate"]] == [False, True, False]
+    code, out, err = _run(capsys, "run", str(bad), "--check-against", "zoo:sink_net", "--tolerance", "0.5")
+    assert code == 0, err
+
+
+def test_check_against_another_model_is_refused(sink_plugins, capsys, tmp_path):
+    path = tmp_path / "m.hof"
+    handoff.partition("zoo:sink_net", backends=["sink"], options={"sink": {"ops": ALL_OPS}},
+                      fallback=False).write(str(path))
+    code, out, err = _run(capsys, "run", str(path), "--check-against", "zoo:small_transformer")
+    assert code == 1 and err.startswith("handoff: error: zoo:small_transformer does not export with the program's "
+                                        "inputs (float32[2, 8])") and "pass the model it was made from" in err
+
+
+def test_numerics_need_node_names(sink_plugins):
+    from handoff import numerics
+
+    result = handoff.partition("zoo:sink_net", backends=["sink"], options={"sink": {"ops": ALL_OPS}}, fallback=False)
+    manifest = result.assembled.manifest
+    assert all("node" in v for v in manifest["values"])
+    for v in manifest["values"]:
+        del v["node"]  # a program written before values named their nodes
+    with ProgramFile.from_bytes(result.to_bytes()) as pf:
+        with pytest.raises(handoff.HandoffError, match="re-partition it with this handoff to check delegates"):
+            numerics.delegate_cases(pf, result.exported, [torch.randn(2, 8)])
