@@ -45,7 +45,7 @@ def main() -> None:
 
     import handoff
     from handoff import testing
-    from handoff.models import random_inputs
+    from handoff.zoo import random_inputs
 
     name = args.model.removeprefix("zoo:")
     zoo = handoff.get_plugins().zoo()[name]

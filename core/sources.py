@@ -20,7 +20,7 @@ import sys
 import threading
 import zipfile
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .hookspecs import hookimpl
 from .hostops import NAMESPACES

@@ -12,7 +12,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_
 
 import handoff
 from handoff import HandoffError, testing
-from handoff.models import random_inputs
+from handoff.zoo import random_inputs
 from handoff.quantization import QDQ_NAMESPACE, duplicate_dequantize, is_quantized
 
 

@@ -179,7 +179,7 @@ def random_values(shape: Sequence[int], kind: str, dtype: str, dims: Mapping[str
         return torch.randint(0, dims[kind[6:]], tuple(shape), generator=gen)
     if kind == "mask":
         return torch.rand(tuple(shape), generator=gen) > 0.5
-    if kind.startswith("zoo:"):  # a zoo model's integer input: small non-negative values, as handoff.models
+    if kind.startswith("zoo:"):  # a zoo model's integer input: small non-negative values, as handoff.zoo
         return torch.randint(0, 8, tuple(shape), generator=gen).to(getattr(torch, kind[4:]))
     if dtype == "int32":
         lo, hi = {"normal": (-8, 9), "positive": (1, 9), "unit": (-1, 2)}[kind]

@@ -23,7 +23,7 @@ CORPUS = HERE / "corpus"
 
 
 class TinyCNN(nn.Module):
-    """``handoff.zoo_models.SmallCNN`` at 4 channels, on 1x3x8x8."""
+    """``handoff.zoo.cnn.SmallCNN`` at 4 channels, on 1x3x8x8."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -43,11 +43,12 @@ class TinyCNN(nn.Module):
 
 
 def models() -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...]]]:
-    from handoff.zoo_models import EncoderLayer, _randomize_norms
+    from handoff.zoo._weights import calibrated
+    from handoff.zoo.transformer import EncoderLayer
 
     torch.manual_seed(0)
-    return {"cnn": (_randomize_norms(TinyCNN(), 1), (torch.randn(1, 3, 8, 8),)),
-            "attn": (_randomize_norms(EncoderLayer(8, 2, 16), 2), (torch.randn(1, 4, 8),))}
+    return {"cnn": (calibrated(TinyCNN(), [((1, 3, 8, 8), "float32")], seed=1), (torch.randn(1, 3, 8, 8),)),
+            "attn": (calibrated(EncoderLayer(8, 2, 16), [((1, 4, 8), "float32")], seed=2), (torch.randn(1, 4, 8),))}
 
 
 def _write(harness: str, name: str, data: bytes) -> None:

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 import handoff  # noqa: E402
 from handoff import testing  # noqa: E402
-from handoff.models import random_inputs  # noqa: E402
+from handoff.zoo import random_inputs  # noqa: E402
 from handoff.plugins import Plugins, set_plugins  # noqa: E402
 
 pytestmark = pytest.mark.slow
