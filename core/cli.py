@@ -85,6 +85,20 @@ def build_parser(prog: str = "handoff") -> argparse.ArgumentParser:
     r.add_argument("--save-outputs", metavar="DIR", help="write each output as DIR/NAME.npy")
     r.add_argument("--json", action="store_true", help="print a JSON summary")
     add_trust_arguments(r)
+    add_rpc_arguments(r, "run on a device of KEY from the pool of this TVM RPC tracker (the program is shipped "
+                         "as it is; the device's own trust rules apply)")
+
+    sv = sub.add_parser("serve", parents=[common], help="serve this device to a TVM RPC tracker's pool: run the "
+                        ".hof programs clients send (handoff run/compare --rpc)")
+    sv.add_argument("--tracker", required=True, metavar="HOST:PORT", help="the TVM RPC tracker to register with")
+    sv.add_argument("--key", required=True, help="the device kind clients ask for (e.g. rk3588, pixel8)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; TVM's RPC trusts "
+                    "its network: expose it only on a private network)")
+    sv.add_argument("--port", type=int, default=9090, help="first port to try (default 9090)")
+    sv.add_argument("--port-end", type=int, metavar="PORT", help="try ports up to this one (default --port + 100)")
+    sv.add_argument("--allow-tuning", action="store_true", help="let MetaSchedule's RPC runner upload and run its "
+                    "candidate kernels (unsigned native code): only on devices reserved for tuning")
+    add_trust_arguments(sv)
 
     s = sub.add_parser("sign", parents=[common], help="sign a program (ed25519), so runtimes that trust the key "
                        "load its native code")
@@ -118,6 +132,9 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--option", action="append", default=[], metavar="BACKEND.NAME=VALUE", help="compile option")
     p.add_argument("--target", help="shorthand for --option tvm.target=TARGET (host, aarch64)")
     p.add_argument("--tune", type=int, metavar="N", help="shorthand for --option tvm.tune=N (MetaSchedule trials)")
+    add_rpc_arguments(p, "with --tune: measure MetaSchedule's candidates on the devices of --key in this TVM RPC "
+                         "tracker's pool (their handoff serve needs --allow-tuning); shorthand for --option "
+                         "tvm.rpc=HOST:PORT/KEY")
     p.add_argument("--min-partition-size", action="append", default=[], metavar="[BACKEND=]N",
                    help="a smaller partition joins a neighbouring partition whose backend also takes its nodes "
                         "(default 3; 1 keeps every island)")
@@ -132,6 +149,13 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fallback-copies", action="store_true", help="store next to each vendor delegate a copy of "
                    "its partition compiled by tvm (for the host or --target), run where the vendor's runtime is missing")
     p.add_argument("--quiet", action="store_true", help="print only the output path")
+
+
+def add_rpc_arguments(p: argparse.ArgumentParser, rpc_help: str) -> None:
+    p.add_argument("--rpc", metavar="HOST:PORT", help=rpc_help)
+    p.add_argument("--key", metavar="KEY", help="with --rpc: the device key (handoff serve --key)")
+    p.add_argument("--rpc-wait", type=float, default=120.0, metavar="S",
+                   help="with --rpc: seconds to wait for a free device (default 120)")
 
 
 def add_trust_arguments(p: argparse.ArgumentParser) -> None:
@@ -181,15 +205,11 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .pipeline import FALLBACK_BACKEND
     from .plugins import get_plugins
 
     plugins = get_plugins()
     if args.runnable:
-        rank = {"npu": 0, "gpu": 1, "cpu": 2}
-        ids = [bid for bid, spec in sorted(plugins.backends.items(), key=lambda kv: rank[kv[1].device])
-               if bid != FALLBACK_BACKEND and plugins.compiler_available(bid)[0] and plugins.runtime_available(bid)[0]]
-        print(",".join(ids))
+        print(",".join(plugins.runnable()))
         return EXIT_OK
     rows = []
     for bid, spec in plugins.backends.items():
@@ -256,6 +276,8 @@ def run_partition(args: argparse.Namespace) -> int:
         options.setdefault("tvm", {})["target"] = args.target
     if args.tune is not None:
         options.setdefault("tvm", {})["tune"] = str(args.tune)
+    if args.rpc or args.key:
+        options.setdefault("tvm", {})["rpc"] = f"{args.rpc or ''}/{_rpc_key(args)}"
     min_default, min_per = _per_backend_ints(args.min_partition_size, "--min-partition-size")
     max_default, max_per = _per_backend_ints(args.max_partitions, "--max-partitions")
     backends = [b for b in args.backends.split(",") if b.strip()]
@@ -297,15 +319,51 @@ def _default_output(model: str) -> str:
     return f"{stem}.hof"
 
 
+def _rpc_key(args: argparse.Namespace) -> str:
+    if not (args.rpc and args.key):
+        raise HandoffError("--rpc HOST:PORT and --key KEY go together: the tracker, and the device key to ask it for")
+    from .remote import parse_keys
+
+    keys = parse_keys(args.key)
+    if len(keys) > 1:
+        raise HandoffError(f"--key {args.key!r}: one key here (handoff compare takes several)")
+    return keys[0]
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .remote import ServeConfig, serve
+
+    config = ServeConfig(tuple(args.trusted_keys), args.allow_unsigned, args.allow_tuning)
+
+    def ready(port: int) -> None:
+        print(f"handoff serve: key '{args.key}' on {args.host}:{port}, registered with the RPC tracker {args.tracker}"
+              f"{' (tuning allowed)' if args.allow_tuning else ''}; Ctrl-C stops", flush=True)
+
+    serve(args.tracker, args.key, args.host, args.port, args.port_end or args.port + 100, config, ready)
+    return EXIT_OK
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from .program import ProgramFile
     from .runtime import load
 
     options = _options(args.option)
-    start = time.perf_counter()
-    program = load(args.program, options=options, trusted_keys=args.trusted_keys, allow_unsigned=args.allow_unsigned)
-    load_s = time.perf_counter() - start
+    if args.rpc or args.key:
+        key = _rpc_key(args)
+        for flag in ("trusted_keys", "allow_unsigned"):
+            if getattr(args, flag):
+                raise HandoffError(f"--{flag.replace('_', '-')} applies to local runs; a device trusts what its "
+                                   f"handoff serve was told to (its --trusted-keys)")
+        with ProgramFile.open(args.program) as pf:
+            pf.verify_all()
+            program: Any = _Specs(pf.manifest)
+    else:
+        start = time.perf_counter()
+        program = load(args.program, options=options, trusted_keys=args.trusted_keys,
+                       allow_unsigned=args.allow_unsigned)
+        load_s = time.perf_counter() - start
     with program:
         specs = program.input_specs
         if args.input:
@@ -323,17 +381,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
             rng = np.random.default_rng(0)
             inputs = [_random_array(rng, shape, dtype) for _, shape, dtype in specs]
             source = "random (seed 0)"
-        first_start = time.perf_counter()
-        outputs = program.run(inputs)
-        first_s = time.perf_counter() - first_start
-        times = []
-        if args.bench > 0:
-            for _ in range(args.warmup):
-                program.run(inputs)
-            for _ in range(args.bench):
-                t0 = time.perf_counter()
-                program.run(inputs)
-                times.append(time.perf_counter() - t0)
+        if args.rpc:
+            from .remote import run_remote
+
+            remote = run_remote(args.program, args.rpc, key, inputs, bench=args.bench, warmup=args.warmup,
+                                options=options, wait_s=args.rpc_wait)
+            outputs, times = remote.outputs, [t / 1e3 for t in remote.times_ms]
+            load_s, first_s = remote.load_ms / 1e3, remote.first_run_ms / 1e3
+            source += f"; ran on device '{key}' ({remote.device.get('hostname')}) via {args.rpc}"
+        else:
+            first_start = time.perf_counter()
+            outputs = program.run(inputs)
+            first_s = time.perf_counter() - first_start
+            times = []
+            if args.bench > 0:
+                for _ in range(args.warmup):
+                    program.run(inputs)
+                for _ in range(args.bench):
+                    t0 = time.perf_counter()
+                    program.run(inputs)
+                    times.append(time.perf_counter() - t0)
     summary: dict[str, Any] = {"program": args.program, "inputs": source, "load_ms": round(load_s * 1e3, 3),
                                "first_run_ms": round(first_s * 1e3, 3), "outputs": []}
     for (name, _, _), out in zip(program.output_specs, outputs):
@@ -358,6 +425,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
         b = summary["bench"]
         print(f"  {b['runs']} runs: p50 {b['p50_ms']:.3f} ms, p90 {b['p90_ms']:.3f} ms")
     return EXIT_OK
+
+
+class _Specs:
+    """A program's inputs and outputs, read from its manifest (a remote run loads it elsewhere)."""
+
+    def __init__(self, manifest: dict[str, Any]) -> None:
+        vals = manifest["values"]
+        self.input_specs, self.output_specs = (
+            [(x["name"], tuple(vals[x["value"]]["shape"]), vals[x["value"]]["dtype"]) for x in manifest[side]]
+            for side in ("inputs", "outputs"))
+
+    def __enter__(self) -> "_Specs":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
 
 
 def _pct(ordered: list[float], pct: int) -> float:
@@ -473,7 +556,7 @@ def _signature_line(manifest: dict) -> str:
 
 
 COMMANDS = {"backends": _cmd_backends, "zoo": _cmd_zoo, "partition": run_partition, "run": _cmd_run,
-            "inspect": _cmd_inspect, "sign": _cmd_sign, "verify": _cmd_verify, "key": _cmd_key}
+            "serve": _cmd_serve, "inspect": _cmd_inspect, "sign": _cmd_sign, "verify": _cmd_verify, "key": _cmd_key}
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
