@@ -431,10 +431,9 @@ class _Specs:
     """A program's inputs and outputs, read from its manifest (a remote run loads it elsewhere)."""
 
     def __init__(self, manifest: dict[str, Any]) -> None:
-        vals = manifest["values"]
-        self.input_specs, self.output_specs = (
-            [(x["name"], tuple(vals[x["value"]]["shape"]), vals[x["value"]]["dtype"]) for x in manifest[side]]
-            for side in ("inputs", "outputs"))
+        from .program import io_specs
+
+        self.input_specs, self.output_specs = io_specs(manifest)
 
     def __enter__(self) -> "_Specs":
         return self

@@ -184,7 +184,7 @@ class RemoteResult:
     device: dict[str, Any]
 
 
-def run_remote(program: str | os.PathLike[str] | bytes, rpc: str, key: str, inputs: Sequence[Any] | None = None,
+def run_remote(program: str | os.PathLike[str] | bytes, rpc: str, key: str, inputs: Sequence[Any],
                *, bench: int = 0, warmup: int = 3, options: Mapping[str, Mapping[str, str]] | None = None,
                wait_s: float = DEFAULT_WAIT_S, timeout_s: float = 0) -> RemoteResult:
     """Run ``program`` on a device of ``key`` from the pool of the tracker at ``rpc``.
@@ -192,7 +192,7 @@ def run_remote(program: str | os.PathLike[str] | bytes, rpc: str, key: str, inpu
     The program (a path or its bytes) is shipped as it is: build it here for the device's target;
     nothing compiles on the device. Its native code loads only if the device trusts the signer.
 
-    :param inputs: one array per program input (:attr:`Program.input_specs`).
+    :param inputs: one array per program input (:func:`handoff.program.io_specs`).
     :param bench: time this many runs on the device after ``warmup`` runs (``times_ms``).
     :param options: runtime options, as for :func:`handoff.load`.
     :param wait_s: how long to wait for a free device of ``key``.
@@ -202,37 +202,72 @@ def run_remote(program: str | os.PathLike[str] | bytes, rpc: str, key: str, inpu
     """
     data = bytes(program) if isinstance(program, (bytes, bytearray)) else Path(program).read_bytes()
     request = json.dumps({"bench": int(bench), "warmup": int(warmup), "options": dict(options or {})})
-    with Tracker(rpc) as tracker:
-        session = tracker.request(key, wait_s=wait_s, session_timeout_s=timeout_s)
-        where = f"device '{key}' (via the RPC tracker {tracker.address})"
-        try:
-            run = session.get_function(_RUN)
-        except Exception as exc:
-            raise HandoffError(f"{where} does not serve handoff ({one_line(exc, 120)}); run handoff serve there, not "
-                               f"python -m tvm.exec.rpc_server") from None
-        try:
-            reply = bytes(run(data, request, _pack(list(inputs or []))))
-        except Exception as exc:
-            raise HandoffError(f"{where} failed mid-run: {_rpc_reason(exc)}; the device's handoff serve died or "
-                               f"its session timed out: check its log, then rerun (other keys are unaffected)") from None
-        finally:
-            del session
-    summary, outputs = _unpack(reply, where)
+    reply, where = _call(rpc, key, _RUN, (data, request, _pack(list(inputs))), wait_s, timeout_s)
+    summary, outputs = _unpack(bytes(reply), where)
     if "error" in summary:
         raise HandoffError(f"{where}: {summary['error']}")
     return RemoteResult(key, outputs, summary["load_ms"], summary["first_run_ms"], summary["times_ms"],
                         summary.get("trust"), summary["device"])
 
 
+def key_targets(rpc: str, keys: Sequence[str], overrides: Sequence[str] = ()) -> dict[str, str]:
+    """The ``tvm`` target to build for each device key (``compare --rpc ... --key K1,K2``):
+    ``--key-target K=TARGET`` items in ``overrides`` first; otherwise the device is asked
+    (:func:`remote_info`): an aarch64 device gets ``aarch64``, a device of this machine's
+    architecture ``host``; any other device needs an override."""
+    import platform
+
+    from .tvm.plugin import TARGETS
+
+    chosen: dict[str, str] = {}
+    for item in overrides:
+        key, eq, target = item.partition("=")
+        if not (eq and key in keys and target in TARGETS):
+            raise HandoffError(f"--key-target {item!r}: expected KEY=TARGET with KEY one of {', '.join(keys)} and "
+                               f"TARGET one of {', '.join(TARGETS)}")
+        chosen[key] = target
+    for key in keys:
+        if key in chosen:
+            continue
+        machine = str(remote_info(rpc, key).get("machine", "")).lower()
+        if machine in ("aarch64", "arm64"):
+            chosen[key] = "aarch64"
+        elif machine == platform.machine().lower():
+            chosen[key] = "host"
+        else:
+            raise HandoffError(f"device '{key}' is a {machine or 'device of unknown architecture'}, which no tvm target "
+                               f"covers by default; pass --key-target {key}=TARGET ({', '.join(TARGETS)})")
+    return chosen
+
+
 def remote_info(rpc: str, key: str, wait_s: float = DEFAULT_WAIT_S) -> dict[str, Any]:
     """What a device of ``key`` says about itself (:func:`device_info` there)."""
+    reply, _ = _call(rpc, key, _INFO, (), wait_s, 0)
+    return json.loads(str(reply))
+
+
+def _call(rpc: str, key: str, name: str, args: tuple, wait_s: float, timeout_s: float) -> tuple[Any, str]:
+    """Call ``name(*args)`` in a session with a device of ``key``; the session ends on return
+    (nothing here, not even an exception's traceback, keeps the device busy)."""
     with Tracker(rpc) as tracker:
-        session = tracker.request(key, wait_s=wait_s)
+        where = f"device '{key}' (via the RPC tracker {tracker.address})"
+        session = tracker.request(key, wait_s=wait_s, session_timeout_s=timeout_s)
+        failure = None
         try:
-            return json.loads(str(session.get_function(_INFO)()))
+            function = session.get_function(name)
+            try:
+                return function(*args), where
+            except Exception as exc:
+                failure = (f"{where} failed mid-run: {_rpc_reason(exc)}; the device's handoff serve died or its "
+                           f"session timed out: check its log, then rerun (other keys are unaffected)")
+            finally:
+                del function
         except Exception as exc:
-            raise HandoffError(f"device '{key}' (via the RPC tracker {tracker.address}) did not answer "
-                               f"{_INFO}: {_rpc_reason(exc)}; run handoff serve there") from None
+            failure = (f"{where} does not serve handoff ({_rpc_reason(exc)}); run handoff serve there, not "
+                       f"python -m tvm.exec.rpc_server")
+        finally:
+            del session
+    raise HandoffError(failure)
 
 
 def _rpc_reason(exc: BaseException) -> str:
@@ -291,7 +326,13 @@ def device_info() -> dict[str, Any]:
         tvm_version = tvm.__version__
     except Exception:
         tvm_version = None
-    return {"hostname": platform.node(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+    try:
+        import psutil
+
+        cores = psutil.cpu_count(logical=False)
+    except ImportError:
+        cores = None
+    return {"hostname": platform.node(), "machine": platform.machine(), "cpu_count": os.cpu_count(), "cpu_cores": cores,
             "handoff": __version__, "tvm": tvm_version, "runnable": plugins.runnable(), "backends": backends}
 
 
@@ -382,6 +423,8 @@ def _session_env(config: ServeConfig, original_env: Any) -> Any:
     """Replaces ``tvm.rpc.server._server_env`` (each session's setup, in its own process)."""
 
     def server_env(load_library: Any, work_path: Any) -> Any:
+        # one line per session, for the device's operator (and tests)
+        print(f"handoff serve: session in process {os.getpid()}", flush=True)
         temp = original_env(None, work_path) if config.allow_tuning else work_path
         if config.allow_tuning:  # uploads stay inside the session's scratch directory
             import tvm_ffi
