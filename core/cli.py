@@ -336,7 +336,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(tuple(args.trusted_keys), args.allow_unsigned, args.allow_tuning)
 
     def ready(port: int) -> None:
-        print(f"handoff serve: key '{args.key}' on {args.host}:{port}, registered with the RPC tracker {args.tracker}"
+        print(f"handoff serve: key '{args.key}' on {args.host}:{port}, registering with the RPC tracker {args.tracker}"
               f"{' (tuning allowed)' if args.allow_tuning else ''}; Ctrl-C stops", flush=True)
 
     serve(args.tracker, args.key, args.host, args.port, args.port_end or args.port + 100, config, ready)

@@ -28,8 +28,8 @@ and lets a shared library be loaded only when its bytes are ones the device's tr
 approved (:mod:`handoff.native`). ``--allow-tuning`` lets MetaSchedule's RPC runner upload and
 run its candidate kernels (unsigned native code) in the session's scratch directory: only on
 devices reserved for tuning. TVM's RPC transport itself trusts its network (a client can copy
-raw memory), so the server binds 127.0.0.1 unless told otherwise: reach devices through SSH
-tunnels or a private network.
+raw memory), so the server binds 127.0.0.1 unless told otherwise: reach devices over a private
+network or VPN.
 """
 
 from __future__ import annotations
@@ -54,6 +54,17 @@ DEFAULT_WAIT_S = 120.0
 DEFAULT_TRACKER_PORT = 9190
 _RUN, _INFO = "handoff.remote.run", "handoff.remote.info"
 TRACKER_HINT = "start one with: python -m tvm.exec.rpc_tracker --host 127.0.0.1 --port {port}"
+
+
+def _tvm_rpc() -> Any:
+    """``tvm.rpc``, imported without torch (:func:`handoff.tvm.runtime.import_tvm`): a device
+    or a client needs none of it, and it costs seconds and hundreds of MB."""
+    from .tvm.runtime import import_tvm
+
+    import_tvm()
+    from tvm import rpc
+
+    return rpc
 
 
 # -- addresses -----------------------------------------------------------------------------------
@@ -92,8 +103,7 @@ class Tracker:
         except OSError as exc:
             raise HandoffError(f"cannot reach the RPC tracker at {self.address} ({one_line(exc, 120)}); check --rpc, "
                                f"or {TRACKER_HINT.format(port=self.port)}") from None
-        from tvm import rpc
-
+        rpc = _tvm_rpc()
         try:
             self._session = rpc.connect_tracker(self.host, self.port)
             self._session._sock.settimeout(timeout_s)
@@ -130,7 +140,7 @@ class Tracker:
 
     def request(self, key: str, wait_s: float = DEFAULT_WAIT_S, session_timeout_s: float = 0) -> Any:
         """An RPC session with a free device of ``key``, waiting up to ``wait_s`` for one."""
-        from tvm import rpc
+        rpc = _tvm_rpc()
         from tvm.rpc import base
 
         self.servers(key)
@@ -449,6 +459,7 @@ def serve(tracker: str, key: str, host: str = "127.0.0.1", port: int = 9090, por
 
     One session at a time; each runs in a process of its own, forked from this one, so a
     program that crashes ends its session, not the server."""
+    _tvm_rpc()
     import tvm_ffi
     from tvm.rpc import server as tvm_server
 
