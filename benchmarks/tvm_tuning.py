@@ -79,6 +79,7 @@ def farm(args: argparse.Namespace) -> None:
     from handoff.signing import local_key
 
     signer = local_key().path  # the devices trust this key (handoff serve --trusted-keys)
+    import tvm.s_tir.tensor_intrin  # noqa: F401  MetaSchedule imports it once per process: not in the first key's time
     rows = []
     for key in parse_keys(args.key):
         home = Path(tempfile.mkdtemp(prefix=f"handoff-bench-{key}-"))  # a fresh tuning database per key

@@ -86,7 +86,7 @@ def build_parser(prog: str = "handoff") -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print a JSON summary")
     add_trust_arguments(r)
     add_rpc_arguments(r, "run on a device of KEY from the pool of this TVM RPC tracker (the program is shipped "
-                         "as it is; the device's own trust rules apply)")
+                         "as it is; the device's own trust rules apply)", session=True)
 
     sv = sub.add_parser("serve", parents=[common], help="serve this device to a TVM RPC tracker's pool: run the "
                         ".hof programs clients send (handoff run/compare --rpc)")
@@ -151,11 +151,14 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="print only the output path")
 
 
-def add_rpc_arguments(p: argparse.ArgumentParser, rpc_help: str) -> None:
+def add_rpc_arguments(p: argparse.ArgumentParser, rpc_help: str, session: bool = False) -> None:
     p.add_argument("--rpc", metavar="HOST:PORT", help=rpc_help)
     p.add_argument("--key", metavar="KEY", help="with --rpc: the device key (handoff serve --key)")
-    p.add_argument("--rpc-wait", type=float, default=120.0, metavar="S",
-                   help="with --rpc: seconds to wait for a free device (default 120)")
+    if session:
+        p.add_argument("--rpc-wait", type=float, default=120.0, metavar="S",
+                       help="with --rpc: seconds to wait for a free device (default 120)")
+        p.add_argument("--rpc-timeout", type=float, default=0.0, metavar="S",
+                       help="with --rpc: the device ends the session after S seconds (default: no limit)")
 
 
 def add_trust_arguments(p: argparse.ArgumentParser) -> None:
@@ -385,7 +388,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             from .remote import run_remote
 
             remote = run_remote(args.program, args.rpc, key, inputs, bench=args.bench, warmup=args.warmup,
-                                options=options, wait_s=args.rpc_wait)
+                                options=options, wait_s=args.rpc_wait, timeout_s=args.rpc_timeout)
             outputs, times = remote.outputs, [t / 1e3 for t in remote.times_ms]
             load_s, first_s = remote.load_ms / 1e3, remote.first_run_ms / 1e3
             source += f"; ran on device '{key}' ({remote.device.get('hostname')}) via {args.rpc}"

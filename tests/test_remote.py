@@ -219,6 +219,16 @@ def test_a_device_says_what_it_can_run(client):
     assert info["cpu_count"] == os.cpu_count() and info["handoff"] == handoff.__version__
 
 
+def test_a_session_past_its_timeout_is_ended_by_the_device(client, program):
+    x = np.ones((6, 8), np.float32)
+    with pytest.raises(HandoffError) as err:
+        run_remote(program, client.address, "dev-b", [x], bench=10**5, warmup=10**4, timeout_s=1)
+    assert str(err.value).startswith(f"device 'dev-b' (via the RPC tracker {client.address}) failed mid-run: ")
+    assert "session has expired" in str(err.value) and "\n" not in str(err.value)
+    (got,) = run_remote(program, client.address, "dev-b", [x]).outputs  # the server goes on
+    assert got.shape == (6, 6)
+
+
 def test_targets_per_key_come_from_the_device_or_key_target(client):
     assert key_targets(client.address, ["dev-a", "dev-b"], ["dev-b=aarch64"]) == {"dev-a": "host", "dev-b": "aarch64"}
     with pytest.raises(HandoffError, match=r"--key-target 'dev-c=host': expected KEY=TARGET with KEY one of dev-a"):
