@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -342,7 +343,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"handoff serve: key '{args.key}' on {args.host}:{port}, registering with the RPC tracker {args.tracker}"
               f"{' (tuning allowed)' if args.allow_tuning else ''}; Ctrl-C stops", flush=True)
 
-    serve(args.tracker, args.key, args.host, args.port, args.port_end or args.port + 100, config, ready)
+    try:
+        serve(args.tracker, args.key, args.host, args.port, args.port_end or args.port + 100, config, ready)
+    except KeyboardInterrupt:
+        # TVM's listen loop is a non-daemon thread that retries on socket errors: Ctrl-C ends the process
+        print("handoff serve: stopped", flush=True)
+        os._exit(EXIT_OK)
     return EXIT_OK
 
 
