@@ -167,7 +167,12 @@ class TvmCompiler(Compiler):
             work_dir = str(self.tuning_dir)
             # MetaSchedule logs every round to stdout at its logger's level: keep the console to
             # warnings; the full log goes to logs/ next to the database.
-            logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+            ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+            ms_logger.setLevel(logging.WARNING)
+            # A tuning earlier in this process leaves an unnamed handler on this logger, which
+            # MetaSchedule's logging config cannot name (AttributeError on None): drop such handlers.
+            for handler in [h for h in ms_logger.handlers if h.get_name() is None]:
+                ms_logger.removeHandler(handler)
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, work_dir=work_dir)
             ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, database=database,
                           max_trials_global=self.tune, max_trials_per_task=per_task,
