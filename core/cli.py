@@ -99,6 +99,20 @@ def build_parser(prog: str = "handoff") -> argparse.ArgumentParser:
     r.add_argument("--strict", action="store_true", help="never run a delegate's fallback copy: fail when its own "
                    "backend is missing, cannot run here or fails to load it")
     add_trust_arguments(r)
+    add_rpc_arguments(r, "run on a device of KEY from the pool of this TVM RPC tracker (the program is shipped "
+                         "as it is; the device's own trust rules apply)", session=True)
+
+    sv = sub.add_parser("serve", parents=[common], help="serve this device to a TVM RPC tracker's pool: run the "
+                        ".hof programs clients send (handoff run/compare --rpc)")
+    sv.add_argument("--tracker", required=True, metavar="HOST:PORT", help="the TVM RPC tracker to register with")
+    sv.add_argument("--key", required=True, help="the device kind clients ask for (e.g. rk3588, pixel8)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; TVM's RPC trusts "
+                    "its network: expose it only on a private network)")
+    sv.add_argument("--port", type=int, default=9090, help="first port to try (default 9090)")
+    sv.add_argument("--port-end", type=int, metavar="PORT", help="try ports up to this one (default --port + 100)")
+    sv.add_argument("--allow-tuning", action="store_true", help="let MetaSchedule's RPC runner upload and run its "
+                    "candidate kernels (unsigned native code): only on devices reserved for tuning")
+    add_trust_arguments(sv)
 
     s = sub.add_parser("sign", parents=[common], help="sign a program (ed25519), so runtimes that trust the key "
                        "load its native code")
@@ -179,6 +193,9 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--option", action="append", default=[], metavar="BACKEND.NAME=VALUE", help="compile option")
     p.add_argument("--target", help="shorthand for --option tvm.target=TARGET (host, aarch64)")
     p.add_argument("--tune", type=int, metavar="N", help="shorthand for --option tvm.tune=N (MetaSchedule trials)")
+    add_rpc_arguments(p, "with --tune: measure MetaSchedule's candidates on the devices of --key in this TVM RPC "
+                         "tracker's pool (their handoff serve needs --allow-tuning); shorthand for --option "
+                         "tvm.rpc=HOST:PORT/KEY")
     p.add_argument("--min-partition-size", action="append", default=[], metavar="[BACKEND=]N",
                    help="a smaller partition joins a neighbouring partition whose backend also takes its nodes "
                         "(default 3; 1 keeps every island)")
@@ -199,6 +216,16 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-data", metavar="FILE.npz", help="with --quantize: calibrate on these batches, one "
                    "array per model input, in input order, shaped (N, *input shape)")
     p.add_argument("--quiet", action="store_true", help="print only the output path")
+
+
+def add_rpc_arguments(p: argparse.ArgumentParser, rpc_help: str, session: bool = False) -> None:
+    p.add_argument("--rpc", metavar="HOST:PORT", help=rpc_help)
+    p.add_argument("--key", metavar="KEY", help="with --rpc: the device key (handoff serve --key)")
+    if session:
+        p.add_argument("--rpc-wait", type=float, default=120.0, metavar="S",
+                       help="with --rpc: seconds to wait for a free device (default 120)")
+        p.add_argument("--rpc-timeout", type=float, default=0.0, metavar="S",
+                       help="with --rpc: the device ends the session after S seconds (default: no limit)")
 
 
 def add_trust_arguments(p: argparse.ArgumentParser) -> None:
@@ -271,15 +298,11 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .pipeline import FALLBACK_BACKEND
     from .plugins import get_plugins
 
     plugins = get_plugins()
     if args.runnable:
-        rank = {"npu": 0, "gpu": 1, "cpu": 2}
-        ids = [bid for bid, spec in sorted(plugins.backends.items(), key=lambda kv: rank[kv[1].device])
-               if bid != FALLBACK_BACKEND and plugins.compiler_available(bid)[0] and plugins.runtime_available(bid)[0]]
-        print(",".join(ids))
+        print(",".join(plugins.runnable()))
         return EXIT_OK
     rows = []
     for bid, spec in plugins.backends.items():
@@ -404,6 +427,8 @@ def run_partition(args: argparse.Namespace) -> int:
         options.setdefault("tvm", {})["target"] = args.target
     if args.tune is not None:
         options.setdefault("tvm", {})["tune"] = str(args.tune)
+    if args.rpc or args.key:
+        options.setdefault("tvm", {})["rpc"] = f"{args.rpc or ''}/{_rpc_key(args)}"
     min_default, min_per = _per_backend_ints(args.min_partition_size, "--min-partition-size")
     max_default, max_per = _per_backend_ints(args.max_partitions, "--max-partitions")
     backends = [b for b in args.backends.split(",") if b.strip()]
@@ -462,27 +487,67 @@ def _default_output(model: str) -> str:
     return f"{stem}.hof"
 
 
+def _rpc_key(args: argparse.Namespace) -> str:
+    if not (args.rpc and args.key):
+        raise HandoffError("--rpc HOST:PORT and --key KEY go together: the tracker, and the device key to ask it for")
+    from .remote import parse_keys
+
+    keys = parse_keys(args.key)
+    if len(keys) > 1:
+        raise HandoffError(f"--key {args.key!r}: one key here (handoff compare takes several)")
+    return keys[0]
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .remote import ServeConfig, serve
+
+    config = ServeConfig(tuple(args.trusted_keys), args.allow_unsigned, args.allow_tuning)
+
+    def ready(port: int) -> None:
+        print(f"handoff serve: key '{args.key}' on {args.host}:{port}, registering with the RPC tracker {args.tracker}"
+              f"{' (tuning allowed)' if args.allow_tuning else ''}; Ctrl-C stops", flush=True)
+
+    try:
+        serve(args.tracker, args.key, args.host, args.port, args.port_end or args.port + 100, config, ready)
+    except KeyboardInterrupt:
+        # TVM's listen loop is a non-daemon thread that retries on socket errors: Ctrl-C ends the process
+        print("handoff serve: stopped", flush=True)
+        os._exit(EXIT_OK)
+    return EXIT_OK
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .bench import percentiles, time_calls
     from .errors import FallbackWarning
     from .limits import check_random_inputs
+    from .program import ProgramFile
     from .runtime import load
 
     options = _options(args.option)
     save_dir = _prepare_save_dir(args.save_outputs) if args.save_outputs else None
-    start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", FallbackWarning)
-        program = load(args.program, options=options, trusted_keys=args.trusted_keys,
-                       allow_unsigned=args.allow_unsigned, strict=args.strict)
-    load_s = time.perf_counter() - start
-    for w in caught:  # one line each on stderr, as errors are
-        if issubclass(w.category, FallbackWarning):
-            print(f"handoff: warning: {w.message}", file=sys.stderr)
-        else:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if args.rpc or args.key:
+        key = _rpc_key(args)
+        for flag in ("trusted_keys", "allow_unsigned", "strict"):
+            if getattr(args, flag):
+                raise HandoffError(f"--{flag.replace('_', '-')} applies to local runs; a device trusts and loads what "
+                                   f"its handoff serve was told to (its --trusted-keys)")
+        with ProgramFile.open(args.program) as pf:
+            pf.verify_all()
+            program: Any = _Specs(pf.manifest)
+    else:
+        start = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", FallbackWarning)
+            program = load(args.program, options=options, trusted_keys=args.trusted_keys,
+                           allow_unsigned=args.allow_unsigned, strict=args.strict)
+        load_s = time.perf_counter() - start
+        for w in caught:  # one line each on stderr, as errors are
+            if issubclass(w.category, FallbackWarning):
+                print(f"handoff: warning: {w.message}", file=sys.stderr)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     with program:
         specs = program.input_specs
         if args.input:
@@ -496,14 +561,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
             rng = np.random.default_rng(0)
             inputs = [_random_array(rng, shape, dtype) for _, shape, dtype in specs]
             source = "random (seed 0)"
-        first_start = time.perf_counter()
-        outputs = _run_program(program, inputs, args.program)
-        first_s = time.perf_counter() - first_start
-        times = (time_calls(lambda: _run_program(program, inputs, args.program), args.bench, args.warmup)
-                 if args.bench > 0 else [])
-        ran = [{"delegate": i, "partition": d["partition"], "backend": d["backend"], "copy": d["copy"],
-                "runtime": d["runtime"], "fallback_reason": d["fallback_reason"]}
-               for i, d in enumerate(program.stats()["delegates"])]
+        if args.rpc:
+            from .remote import run_remote
+
+            remote = run_remote(args.program, args.rpc, key, inputs, bench=args.bench, warmup=args.warmup,
+                                options=options, wait_s=args.rpc_wait, timeout_s=args.rpc_timeout)
+            outputs, times = remote.outputs, [t / 1e3 for t in remote.times_ms]
+            load_s, first_s = remote.load_ms / 1e3, remote.first_run_ms / 1e3
+            source += f"; ran on device '{key}' ({remote.device.get('hostname')}) via {args.rpc}"
+            ran: list[dict[str, Any]] = []
+        else:
+            first_start = time.perf_counter()
+            outputs = _run_program(program, inputs, args.program)
+            first_s = time.perf_counter() - first_start
+            times = (time_calls(lambda: _run_program(program, inputs, args.program), args.bench, args.warmup)
+                     if args.bench > 0 else [])
+            ran = [{"delegate": i, "partition": d["partition"], "backend": d["backend"], "copy": d["copy"],
+                    "runtime": d["runtime"], "fallback_reason": d["fallback_reason"]}
+                   for i, d in enumerate(program.stats()["delegates"])]
         output_specs = program.output_specs
     summary: dict[str, Any] = {"program": args.program, "inputs": source, "load_ms": round(load_s * 1e3, 3),
                                "first_run_ms": round(first_s * 1e3, 3), "delegates": ran, "outputs": []}
@@ -723,6 +798,21 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Specs:
+    """A program's inputs and outputs, read from its manifest (a remote run loads it elsewhere)."""
+
+    def __init__(self, manifest: dict[str, Any]) -> None:
+        from .program import io_specs
+
+        self.input_specs, self.output_specs = io_specs(manifest)
+
+    def __enter__(self) -> "_Specs":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
 def _random_array(rng: Any, shape: tuple[int, ...], dtype: str) -> Any:
     if dtype.startswith("float"):  # drawn in float32 (float64 for float64): no float64 temporary
         return rng.standard_normal(shape, dtype="float64" if dtype == "float64" else "float32").astype(dtype, copy=False)
@@ -851,8 +941,8 @@ def _cmd_new_backend(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"backends": _cmd_backends, "zoo": _cmd_zoo, "partition": run_partition, "run": _cmd_run,
-            "inspect": _cmd_inspect, "compare": _cmd_compare, "sign": _cmd_sign, "verify": _cmd_verify,
-            "key": _cmd_key, "new-backend": _cmd_new_backend}
+            "serve": _cmd_serve, "inspect": _cmd_inspect, "compare": _cmd_compare, "sign": _cmd_sign,
+            "verify": _cmd_verify, "key": _cmd_key, "new-backend": _cmd_new_backend}
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

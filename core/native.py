@@ -33,6 +33,12 @@ def approve(sha256: str) -> None:
         _APPROVED.add(sha256)
 
 
+def is_approved(sha256: str) -> bool:
+    """Whether native code whose SHA-256 is ``sha256`` may be loaded by this process."""
+    with _LOCK:
+        return sha256 in _APPROVED
+
+
 def sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -77,9 +83,7 @@ def native_library(blob: bytes | memoryview, what: str, suffix: str = ".so") -> 
         bytes differ from the ones that were signed.
     """
     digest = sha256(blob)
-    with _LOCK:
-        approved = digest in _APPROVED
-    if not approved:
+    if not is_approved(digest):
         raise HandoffError(f"{what}: native code with sha256 {digest[:16]}… was not approved for loading: its "
                            f"program is not signed by a trusted key, or its bytes differ from the signed ones; sign "
                            f"the program (handoff sign), pass --trusted-keys DIR, or --allow-unsigned if you trust it")

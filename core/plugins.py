@@ -303,6 +303,15 @@ class Plugins:
         except HandoffError as exc:
             return False, str(exc)
 
+    def runnable(self) -> list[str]:
+        """The vendor backends that can both compile and run here, NPUs first, then GPUs and CPUs
+        (``handoff backends --runnable``; a remote device answers the same for itself)."""
+        from .pipeline import FALLBACK_BACKEND
+
+        rank = {"npu": 0, "gpu": 1, "cpu": 2}
+        return [bid for bid, spec in sorted(self.backends.items(), key=lambda kv: rank[kv[1].device])
+                if bid != FALLBACK_BACKEND and self.compiler_available(bid)[0] and self.runtime_available(bid)[0]]
+
     def _hint_suffix(self, backend_id: str) -> str:
         hint = self.registry.install_hint(backend_id)
         return f"; install with: {hint}" if hint else ""

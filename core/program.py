@@ -893,6 +893,14 @@ def _file_kind(mode: int) -> str:
     return "not a regular file"
 
 
+def io_specs(manifest: dict) -> tuple[list[tuple[str, tuple[int, ...], str]], ...]:
+    """``(inputs, outputs)`` of a program's manifest, each ``[(name, shape, dtype)]``, as
+    :class:`handoff.Program` reports once loaded (a remote client reads them without loading)."""
+    vals = manifest["values"]
+    return tuple([(x["name"], tuple(vals[x["value"]]["shape"]), vals[x["value"]]["dtype"]) for x in manifest[side]]
+                 for side in ("inputs", "outputs"))
+
+
 def value_nbytes(value_entry: dict) -> int:
     """Bytes of a manifest ``values`` entry's raw data: element count times itemsize."""
     return math.prod(value_entry["shape"]) * _ITEMSIZE[value_entry["dtype"]]

@@ -45,7 +45,7 @@ from .errors import FallbackWarning, HandoffError, one_line
 from .limits import check_run_bytes
 from .native import admit
 from .plugins import Plugins, get_plugins
-from .program import ProgramFile, constant_array, value_nbytes
+from .program import ProgramFile, constant_array, io_specs, value_nbytes
 
 TORCH_HINT = "pip install torch==2.13.0"
 #: A program output is copied before it is returned when it could share memory with a caller's
@@ -487,13 +487,11 @@ class Program:
     @property
     def input_specs(self) -> list[tuple[str, tuple[int, ...], str]]:
         """``(name, shape, dtype)`` of each input."""
-        vals = self.manifest["values"]
-        return [(i["name"], tuple(vals[i["value"]]["shape"]), vals[i["value"]]["dtype"]) for i in self.manifest["inputs"]]
+        return io_specs(self.manifest)[0]
 
     @property
     def output_specs(self) -> list[tuple[str, tuple[int, ...], str]]:
-        vals = self.manifest["values"]
-        return [(o["name"], tuple(vals[o["value"]]["shape"]), vals[o["value"]]["dtype"]) for o in self.manifest["outputs"]]
+        return io_specs(self.manifest)[1]
 
     # -- run -----------------------------------------------------------------------------------
     def run(self, inputs: Sequence[Any] | Mapping[str, Any]) -> list[np.ndarray]:

@@ -116,7 +116,7 @@ def test_plugin_declares_tvm_and_its_options():
     suite's contract[imports] check: tests/test_tvm_conformance.py.)"""
     (spec,) = handoff_backends()
     assert (spec.id, spec.device) == ("tvm", "cpu")
-    assert set(spec.options) == {"target", "mcpu", "tune"}
+    assert set(spec.options) == {"target", "mcpu", "tune", "rpc"}
 
 
 @pytest.mark.parametrize("options, valid", [
@@ -336,11 +336,15 @@ def test_aarch64_delegate_is_an_arm_elf_and_refused_on_x86():
             TvmRuntime().load(memoryview(blob), lowered.metadata, {})
 
 
-def test_tuning_a_cross_target_is_refused():
+def test_tuning_a_cross_target_needs_devices_to_measure_on():
     if shutil.which("aarch64-linux-gnu-gcc") is None:
         pytest.skip("aarch64-linux-gnu-gcc absent")
-    with pytest.raises(ValueError, match="tune needs target=host"):
+    with pytest.raises(ValueError, match="tune with target=aarch64 needs aarch64 devices to measure on: add --rpc"):
         TvmCompiler({"target": "aarch64", "tune": "8"})
+    with pytest.raises(ValueError, match="option rpc measures tuning candidates on remote devices: give tune=N"):
+        TvmCompiler({"rpc": "127.0.0.1:9190/rk3588"})
+    with pytest.raises(ValueError, match="expected HOST:PORT/KEY"):
+        TvmCompiler({"rpc": "127.0.0.1:9190", "tune": "8"})
 
 
 # -- MetaSchedule -------------------------------------------------------------------------------

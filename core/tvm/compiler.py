@@ -35,13 +35,18 @@ class TvmCompiler(Compiler):
     """Lowers partitions with Apache TVM (see :class:`handoff.Compiler`).
 
     Options (typed, see :mod:`handoff.tvm.plugin`): ``target`` (``host`` or ``aarch64``),
-    ``mcpu`` (an LLVM CPU name for the target's triple), ``tune`` (MetaSchedule trials, ``0``).
+    ``mcpu`` (an LLVM CPU name for the target's triple), ``tune`` (MetaSchedule trials, ``0``),
+    ``rpc`` (``HOST:PORT/KEY``: measure tuning candidates on the devices of ``KEY`` in that TVM RPC
+    tracker's pool instead of this machine).
     """
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         super().__init__(options)
         target = options.get("target") or "host"
         self.tune = int(options.get("tune") or 0)
+        self.rpc = _parse_rpc(options.get("rpc"))
+        if self.rpc and not self.tune:
+            raise ValueError("option rpc measures tuning candidates on remote devices: give tune=N (--tune N) too")
 
         if target == "host":
             self.triple, self.cc = host_triple(), None
@@ -50,9 +55,10 @@ class TvmCompiler(Compiler):
             if shutil.which(AARCH64_CC) is None:
                 raise ValueError(f"target=aarch64 needs the cross linker {AARCH64_CC} on PATH: "
                                  f"apt-get install gcc-aarch64-linux-gnu")
-            if self.tune:
-                raise ValueError("option tune needs target=host: MetaSchedule measures candidates on this "
-                                 "machine; tune on an aarch64 host with target=host instead")
+            if self.tune and not self.rpc:
+                raise ValueError("option tune with target=aarch64 needs aarch64 devices to measure on: add --rpc "
+                                 "HOST:PORT --key KEY (handoff serve --allow-tuning on the boards), or tune on an "
+                                 "aarch64 host with target=host")
 
         mcpu = options.get("mcpu")
         if mcpu is None:
@@ -72,7 +78,13 @@ class TvmCompiler(Compiler):
             # MetaSchedule requires it (parallel schedule rules); it keys the tuning database too.
             from tvm.s_tir.meta_schedule.utils import cpu_count
 
-            config["num-cores"] = cpu_count(logical=False)
+            if self.rpc:  # the device's cores: they shape the schedules and key the database
+                from handoff.remote import remote_info
+
+                device = remote_info(self.rpc[0], self.rpc[1])
+                config["num-cores"] = int(device.get("cpu_cores") or device["cpu_count"])
+            else:
+                config["num-cores"] = cpu_count(logical=False)
         self.target_config = config
         self.target = tvm.target.Target(config)
 
@@ -165,14 +177,61 @@ class TvmCompiler(Compiler):
             work_dir = str(self.tuning_dir)
             # MetaSchedule logs every round to stdout at its logger's level: keep the console to
             # warnings; the full log goes to logs/ next to the database.
-            logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+            ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+            ms_logger.setLevel(logging.WARNING)
+            # A tuning earlier in this process leaves an unnamed handler on this logger, which
+            # MetaSchedule's logging config cannot name (AttributeError on None): drop such handlers.
+            for handler in [h for h in ms_logger.handlers if h.get_name() is None]:
+                ms_logger.removeHandler(handler)
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, work_dir=work_dir)
             ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, database=database,
                           max_trials_global=self.tune, max_trials_per_task=per_task,
                           num_trials_per_iter=min(64, per_task),
-                          builder=ms.builder.LocalBuilder(f_build=_build_candidate))
+                          builder=ms.builder.LocalBuilder(f_build=_build_candidate,
+                                                          **({"f_export": _export_candidate(self.cc)} if self.rpc
+                                                             else {})),
+                          **({"runner": self._rpc_runner()} if self.rpc else {}))
         with self.target, database:
             return relax.transform.MetaScheduleApplyDatabase()(mod)
+
+    def _rpc_runner(self) -> Any:
+        """MetaSchedule's RPC runner on the pool of ``self.rpc``: one worker per device of the key,
+        so N devices measure N candidates at once (the tracker hands each session a free one)."""
+        from tvm.s_tir import meta_schedule as ms
+
+        from handoff.remote import Tracker, parse_address
+
+        (host, port), key = parse_address(self.rpc[0]), self.rpc[1]
+        with Tracker(self.rpc[0]) as tracker:
+            servers = tracker.servers(key)
+        return ms.runner.RPCRunner(ms.runner.RPCConfig(host, port, key, session_timeout_sec=60),
+                                   max_workers=servers)
+
+
+def _parse_rpc(text: str | None) -> tuple[str, str] | None:
+    """``HOST:PORT/KEY`` -> ``("HOST:PORT", "KEY")``."""
+    if not text:
+        return None
+    address, slash, key = str(text).rpartition("/")
+    if not (slash and address and key):
+        raise ValueError(f"option rpc={text!r}: expected HOST:PORT/KEY (a TVM RPC tracker and a device key), e.g. "
+                         f"127.0.0.1:9190/rk3588")
+    return address, key
+
+
+def _export_candidate(cc: str | None) -> Any:
+    """MetaSchedule's export for remote measurement: a linked shared library, so the device
+    links nothing (its ``handoff serve`` loads it as it is); nested for cloudpickle, as above."""
+
+    def export(mod: Any) -> str:
+        import os
+        import tempfile
+
+        path = os.path.join(tempfile.mkdtemp(prefix="handoff-tune-"), "candidate.so")
+        mod.export_library(path, **({"cc": cc} if cc else {}))
+        return path
+
+    return export
 
 
 def _host_cpu(triple: str) -> str | None:

@@ -29,6 +29,8 @@ def handoff_backends() -> list[BackendSpec]:
                                   "aarch64); 'generic' makes a blob that runs on any CPU of the triple"),
             "tune": Option("int", "MetaSchedule trials per partition (0: untuned); records are kept in "
                                   "$HANDOFF_HOME/tuning/tvm and reused", default=0, min=0, compare=(0, 200)),
+            "rpc": Option("str", "HOST:PORT/KEY: with tune, measure candidates on the devices of KEY in this TVM RPC "
+                                 "tracker's pool (handoff serve --allow-tuning there) instead of this machine"),
         },
     )]
 
