@@ -118,6 +118,8 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--option", action="append", default=[], metavar="BACKEND.NAME=VALUE", help="compile option")
     p.add_argument("--target", help="shorthand for --option tvm.target=TARGET (host, aarch64)")
     p.add_argument("--tune", type=int, metavar="N", help="shorthand for --option tvm.tune=N (MetaSchedule trials)")
+    p.add_argument("--tune-budget", type=int, metavar="MINUTES",
+                   help="shorthand for --option tvm.tune_budget=MINUTES (MetaSchedule tuning time per partition)")
     p.add_argument("--min-partition-size", action="append", default=[], metavar="[BACKEND=]N",
                    help="a smaller partition joins a neighbouring partition whose backend also takes its nodes "
                         "(default 3; 1 keeps every island)")
@@ -145,6 +147,9 @@ def add_trust_arguments(p: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None, prog: str = "handoff") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    from .quiet import set_debug
+
+    set_debug(getattr(args, "debug", False))
     # torch.export's deprecation noise about its own pytree internals: not actionable by users
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning)
     try:
@@ -256,6 +261,8 @@ def run_partition(args: argparse.Namespace) -> int:
         options.setdefault("tvm", {})["target"] = args.target
     if args.tune is not None:
         options.setdefault("tvm", {})["tune"] = str(args.tune)
+    if args.tune_budget is not None:
+        options.setdefault("tvm", {})["tune_budget"] = str(args.tune_budget)
     min_default, min_per = _per_backend_ints(args.min_partition_size, "--min-partition-size")
     max_default, max_per = _per_backend_ints(args.max_partitions, "--max-partitions")
     backends = [b for b in args.backends.split(",") if b.strip()]

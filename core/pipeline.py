@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -57,9 +58,21 @@ class PartitionResult:
         start = time.perf_counter()
         size = write_program(path, self.assembled.manifest, self.assembled.segments, alignment=alignment,
                              signer=_signer(sign))
+        _remember_verified(path)
         self.report.output, self.report.program_bytes = str(path), size
         self.report.timings["write"] = time.perf_counter() - start
         return size
+
+
+def _remember_verified(path: str) -> None:
+    """Check the file just written and record it (``handoff.verified``), so its first load skips
+    the checks; waits out the racy window first (at most 50 ms on file systems with fine times)."""
+    from . import verified
+    from .program import ProgramFile
+
+    verified.wait_until_not_racy(os.stat(path))
+    with ProgramFile.open(path) as pf:
+        pf.remember_verified()
 
 
 def _signer(sign: bool) -> Any:

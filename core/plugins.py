@@ -36,6 +36,7 @@ import pluggy
 from . import hookspecs
 from .backend import PLUGIN_API_VERSION, BackendSpec, Compiler, Runtime, import_ref
 from .errors import HandoffError, one_line
+from .quiet import quiet_native
 from .registry import Registry
 
 ENTRY_POINT_GROUP = "handoff.backends"
@@ -276,7 +277,8 @@ class Plugins:
     def _import_half(self, backend_id: str, half: str, base: type) -> Any:
         ref = getattr(self.spec(backend_id), half)
         try:
-            cls = import_ref(ref)
+            with quiet_native():  # vendor libraries print when they load
+                cls = import_ref(ref)
         except Exception as exc:
             raise HandoffError(f"backend '{backend_id}': its {half} ({ref}) cannot be imported: "
                                f"{one_line(exc)}{self._hint_suffix(backend_id)}") from exc
@@ -288,7 +290,8 @@ class Plugins:
     def runtime_available(self, backend_id: str) -> tuple[bool, str]:
         """``(True, "")`` or ``(False, reason)``; never raises."""
         try:
-            ok, reason = self.runtime(backend_id).is_available()
+            with quiet_native():  # probing loads the vendor runtime, which may print
+                ok, reason = self.runtime(backend_id).is_available()
             return bool(ok), str(reason or "")
         except HandoffError as exc:
             return False, str(exc)

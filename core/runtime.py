@@ -39,6 +39,7 @@ from .errors import HandoffError, one_line
 from .native import admit
 from .plugins import Plugins, get_plugins
 from .program import ProgramFile, constant_array, value_nbytes
+from .quiet import quiet_native
 
 TORCH_HINT = "pip install torch==2.13.0"
 #: A program output is copied before it is returned when it could share memory with a caller's
@@ -91,6 +92,8 @@ class Program:
             self._aten_ops = self._resolve_aten_ops()
             self._load_delegates(plugins, options, trusted_keys, allow_unsigned)
             self._plan()
+            # every segment checked: later loads of the unchanged file skip the checks
+            file.remember_verified()
         except BaseException:
             self.close()
             raise
@@ -122,7 +125,8 @@ class Program:
             runtime = plugins.runtime(d["backend"])
             blob = self.file.segment(d["segment"])
             try:
-                handle = runtime.load(blob, d["metadata"], parsed[d["backend"]])
+                with quiet_native():  # vendor runtimes print when they initialise
+                    handle = runtime.load(blob, d["metadata"], parsed[d["backend"]])
             except HandoffError:
                 raise
             except Exception as exc:
