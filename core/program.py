@@ -304,7 +304,8 @@ def _decode_manifest(data: bytes, name: str, moff: int) -> Any:
     finally:
         if gc_was_enabled:
             gc.enable()
-    depth = _json_depth(data)
+    # Fewer brackets than the limit cannot nest deeper than it (most manifests: no scan at all).
+    depth = 0 if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH else _json_depth(data)
     if depth > MAX_JSON_DEPTH:
         raise fail(f"JSON nests {depth} levels deep, more than {MAX_JSON_DEPTH}")
     return obj

@@ -29,6 +29,13 @@ def handoff_backends() -> list[BackendSpec]:
                                   "aarch64); 'generic' makes a blob that runs on any CPU of the triple"),
             "tune": Option("int", "MetaSchedule trials per partition (0: untuned); records are kept in "
                                   "$HANDOFF_HOME/tuning/tvm and reused", default=0, min=0, compare=(0, 200)),
+            "tune_budget": Option("int", "minutes of MetaSchedule tuning per partition, largest operators first "
+                                         "(0: none); records are kept in $HANDOFF_HOME/tuning/tvm and reused by "
+                                         "every model with the same workload", default=0, min=0, max=24 * 60),
+            "schedule": Option("choice", "schedules for what tuning did not cover: default = dlight's CPU rules "
+                                         "and handoff's (parallel, vectorised); dlight = dlight's CPU rules only; "
+                                         "none = TVM's pipeline as it is (naive loops)",
+                               default="default", choices=("default", "dlight", "none")),
         },
     )]
 
