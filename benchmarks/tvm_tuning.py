@@ -28,11 +28,18 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=0, help="minutes of tuning (tvm.tune_budget)")
     ap.add_argument("--schedules", default="none,dlight,default", help="untuned rows to time")
     ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads for torch and TVM alike (default: each its own default, one per core); 1 "
+                         "compares kernels without thread-pool effects, e.g. on a shared machine")
     args = ap.parse_args()
+    if args.threads:
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("HANDOFF_HOME", tempfile.mkdtemp(prefix="handoff-bench-"))
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import handoff
     from handoff.models import random_inputs
 
@@ -48,7 +55,9 @@ def main() -> None:
               **({"tune_budget": str(args.budget)} if args.budget else {})}
     if tuning:
         what = f"{args.budget} min" if args.budget else f"{args.trials} trials"
-        configs += [(f"tvm tuned ({what})", tuning), ("tvm tuned, database reused", tuning)]
+        configs.append((f"tvm tuned ({what})", tuning))
+        if not args.budget:  # a budget would spend itself again on the tasks left untuned
+            configs.append(("tvm tuned, database reused", tuning))
     for label, options in configs:
         t0 = time.perf_counter()
         result = handoff.partition(args.model, backends=[], options={"tvm": options}, use_cache=False)
@@ -66,7 +75,8 @@ def main() -> None:
     eager = times["eager torch"]
     rows = [("eager torch", eager, None, None)] + [(label, times[label], c, e) for label, _, c, e in built]
 
-    print(f"{args.model}, {args.runs} runs after warm-up, HANDOFF_HOME={os.environ['HANDOFF_HOME']}")
+    print(f"{args.model}, {args.runs} runs after warm-up, torch threads {torch.get_num_threads()}, "
+          f"TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'default')}, HANDOFF_HOME={os.environ['HANDOFF_HOME']}")
     print(f"{'':36} {'median ms':>10} {'x eager':>8} {'compile s':>10} {'max rel err':>12}")
     for label, ms, compile_s, err in rows:
         c = f"{compile_s:10.1f}" if compile_s is not None else f"{'-':>10}"
