@@ -85,7 +85,7 @@ def main() -> None:
 
     x = np.random.default_rng(0).standard_normal(SHAPE, dtype=np.float32)
     x_aligned, x_misaligned = aligned(x), aligned(x, 16)
-    with handoff.load(single_path) as single, handoff.load(chain_path) as chain:
+    with handoff.load(single_path) as single, handoff.load(chain_path, allow_unsigned=True) as chain:  # assembled here, unsigned
         import tvm_ffi
 
         (runtime, handle), = single._handles

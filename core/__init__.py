@@ -36,7 +36,7 @@ from .backend import (  # noqa: E402
     Option,
     Runtime,
 )
-from .errors import HandoffError, ProgramFormatError, one_line  # noqa: E402
+from .errors import FallbackWarning, HandoffError, ProgramFormatError, one_line  # noqa: E402
 from .native import native_library  # noqa: E402
 from .quiet import quiet_native  # noqa: E402
 from .hookspecs import hookimpl, hookspec  # noqa: E402
@@ -64,7 +64,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'handoff' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "HOST_MEMORY", "PLUGIN_API_VERSION", "BackendSpec", "Compiler", "HandoffError", "Limits",
-           "Lowered", "LoweringError", "Option", "PartitionResult", "Plugins", "Program", "ProgramFormatError", "Report",
-           "ResolvedModel", "Runtime", "ZooModel", "cache_dir", "extract_partition", "get_plugins", "hookimpl",
-           "hookspec", "load", "native_library", "one_line", "partition", "quiet_native"]
+__all__ = ["__version__", "HOST_MEMORY", "PLUGIN_API_VERSION", "BackendSpec", "Compiler", "FallbackWarning",
+           "HandoffError", "Limits", "Lowered", "LoweringError", "Option", "PartitionResult", "Plugins", "Program",
+           "ProgramFormatError", "Report", "ResolvedModel", "Runtime", "ZooModel", "cache_dir", "extract_partition",
+           "get_plugins", "hookimpl", "hookspec", "load", "native_library", "one_line", "partition", "quiet_native"]

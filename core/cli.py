@@ -84,6 +84,8 @@ def build_parser(prog: str = "handoff") -> argparse.ArgumentParser:
     r.add_argument("--option", action="append", default=[], metavar="BACKEND.NAME=VALUE", help="runtime option")
     r.add_argument("--save-outputs", metavar="DIR", help="write each output as DIR/NAME.npy")
     r.add_argument("--json", action="store_true", help="print a JSON summary")
+    r.add_argument("--strict", action="store_true", help="never run a delegate's fallback copy: fail when its own "
+                   "backend is missing, cannot run here or fails to load it")
     add_trust_arguments(r)
 
     s = sub.add_parser("sign", parents=[common], help="sign a program (ed25519), so runtimes that trust the key "
@@ -309,10 +311,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from .runtime import load
 
+    from .errors import FallbackWarning
+
     options = _options(args.option)
     start = time.perf_counter()
-    program = load(args.program, options=options, trusted_keys=args.trusted_keys, allow_unsigned=args.allow_unsigned)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FallbackWarning)
+        program = load(args.program, options=options, trusted_keys=args.trusted_keys,
+                       allow_unsigned=args.allow_unsigned, strict=args.strict)
     load_s = time.perf_counter() - start
+    for w in caught:  # one line each on stderr, as errors are
+        if issubclass(w.category, FallbackWarning):
+            print(f"handoff: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     with program:
         specs = program.input_specs
         if args.input:
@@ -341,8 +353,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 t0 = time.perf_counter()
                 program.run(inputs)
                 times.append(time.perf_counter() - t0)
+        ran = [{"delegate": i, "partition": d["partition"], "backend": d["backend"], "copy": d["copy"],
+                "runtime": d["runtime"], "fallback_reason": d["fallback_reason"]}
+               for i, d in enumerate(program.stats()["delegates"])]
     summary: dict[str, Any] = {"program": args.program, "inputs": source, "load_ms": round(load_s * 1e3, 3),
-                               "first_run_ms": round(first_s * 1e3, 3), "outputs": []}
+                               "first_run_ms": round(first_s * 1e3, 3), "delegates": ran, "outputs": []}
     for (name, _, _), out in zip(program.output_specs, outputs):
         summary["outputs"].append({"name": name, "dtype": str(out.dtype), "shape": list(out.shape),
                                    "head": [float(v) for v in out.reshape(-1)[:6]]})
@@ -358,6 +373,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{args.program}: loaded in {summary['load_ms']:.1f} ms, first run {summary['first_run_ms']:.1f} ms, "
           f"inputs: {source}")
+    copies = [d for d in ran if d["copy"] is not None]
+    if copies:
+        print(f"  delegates: {len(ran) - len(copies)} of {len(ran)} ran on their own backend, {len(copies)} on a "
+              f"fallback copy")
+        for d in copies:
+            print(f"  delegate {d['delegate']} ({d['partition']}, backend '{d['backend']}') ran its fallback copy "
+                  f"{d['copy']} (backend '{d['runtime']}'): {d['fallback_reason']}")
     for o in summary["outputs"]:
         head = ", ".join(f"{v:.5g}" for v in o["head"])
         print(f"  {o['name']}: {o['dtype']}{o['shape']} [{head}{', ...' if np.prod(o['shape']) > 6 else ''}]")
@@ -463,10 +485,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                       f"  segment {d['segment']}")
             else:
                 print(f"  {n:>3}  {outs} = {ins['target']}(...)  [host]")
-        print(f"delegates ({len(m['delegates'])}):")
+        carry = sum(1 for d in m["delegates"] if d.get("fallbacks"))
+        print(f"delegates ({len(m['delegates'])}" + (f", {carry} with fallback copies" if carry else "") + "):")
         for n, d in enumerate(m["delegates"]):
             meta = ", ".join(f"{k}={v}" for k, v in d["metadata"].items() if not isinstance(v, (dict, list)))
             print(f"  {n:>3}  {d['backend']:<8} {d['partition']:<12} {meta}")
+            for k, c in enumerate(d.get("fallbacks", ())):
+                size = m["segments"][c["segment"]]["length"]
+                print(f"       fallback copy {k}: {c['backend']} {c['backend_version']}, segment {c['segment']} "
+                      f"({size} bytes)")
         print(f"segments ({len(m['segments'])}):")
         for n, s in enumerate(m["segments"]):
             print(f"  {n:>3}  offset {s['offset']:>10}  {s['length']:>10} bytes  sha256 {s['sha256'][:16]}…")

@@ -35,3 +35,9 @@ def one_line(exc: BaseException | str, limit: int = 400) -> str:
     if isinstance(exc, BaseException) and not isinstance(exc, HandoffError):
         text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class FallbackWarning(UserWarning):
+    """A program loaded, but some delegates run their fallback copies (format 1.3) because their
+    own backend is not installed, not available here, or failed to load their blob. One per
+    :func:`handoff.load`; ``strict=True`` (``handoff run --strict``) refuses instead."""

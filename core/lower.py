@@ -106,36 +106,87 @@ def extract_partition(ep: Any, names: Sequence[str],
 
     Its user inputs are the values flowing in from outside (model inputs, other partitions, host
     ops), its parameters/buffers are the weights the nodes use, its outputs the values used
-    outside. ``decomp_table`` (default: none) is applied after the export. Returns
+    outside. ``decomp_table`` (default: none) decomposes any of the nodes' ops it lists. Returns
     ``(sub_ep, input_nodes, output_nodes)`` with nodes of ``ep.graph``.
     """
     import torch
     import torch.fx
+    from torch.export import ExportedProgram
+    from torch.export.exported_program import ModuleCallEntry, ModuleCallSignature
+    from torch.export.graph_signature import (ExportGraphSignature, InputKind, InputSpec, OutputKind, OutputSpec,
+                                              TensorArgument)
+    from torch.utils import _pytree
 
     nodes, external, used_weights, outputs = partition_io(ep, names)
     weights = _weights(ep)
-    root = torch.nn.Module()
     graph = torch.fx.Graph()
     env: dict[Any, Any] = {}
-    for i, inp in enumerate(external):
-        env[inp] = graph.placeholder(f"input_{i}")
-        env[inp].meta["val"] = inp.meta["val"]
+    specs: list[Any] = []
+    state_dict: dict[str, Any] = {}
+    constants: dict[str, Any] = {}
+
+    def placeholder(node: Any, name: str) -> Any:
+        env[node] = graph.placeholder(name)
+        env[node].meta["val"] = node.meta["val"]
+        return env[node].name
+
+    # Weights first, then user inputs: the placeholder order torch.export itself produces.
     for i, inp in enumerate(used_weights):
         kind, tensor = weights[inp.name]
-        attr = f"w{i}_{inp.name}"
+        target = f"w{i}_{inp.name}"
+        arg = TensorArgument(placeholder(inp, f"p_{target}"))
         if kind == "parameter":
-            root.register_parameter(attr, torch.nn.Parameter(tensor.detach(), requires_grad=False))
+            state_dict[target] = torch.nn.Parameter(tensor.detach(), requires_grad=False)
+            specs.append(InputSpec(InputKind.PARAMETER, arg, target))
+        elif kind == "buffer":
+            state_dict[target] = tensor.detach()
+            specs.append(InputSpec(InputKind.BUFFER, arg, target, persistent=True))
         else:
-            root.register_buffer(attr, tensor.detach(), persistent=kind == "buffer")
-        env[inp] = graph.get_attr(attr)
+            constants[target] = tensor.detach()
+            specs.append(InputSpec(InputKind.CONSTANT_TENSOR, arg, target))
+    for i, inp in enumerate(external):
+        specs.append(InputSpec(InputKind.USER_INPUT, TensorArgument(placeholder(inp, f"input_{i}")), None))
     for n in nodes:
         env[n] = graph.node_copy(n, env.__getitem__)
     graph.output(tuple(env[o] for o in outputs))
-    gm = torch.fx.GraphModule(root, graph)
+    _propagate_contiguous(graph, [(inp, weights[inp.name][1]) for inp in used_weights] + [(inp, None) for inp in external])
+    out_specs = [OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(env[o].name), None) for o in outputs]
     example = tuple(torch.zeros(tuple(i.meta["val"].shape), dtype=i.meta["val"].dtype) for i in external)
-    with torch.no_grad(), quiet_torch():
-        sub = torch.export.export(gm, example, strict=False).run_decompositions(dict(decomp_table or {}))
+    call = ModuleCallSignature(inputs=[], outputs=[], in_spec=_pytree.tree_flatten((example, {}))[1],
+                               out_spec=_pytree.tree_flatten(tuple(outputs))[1])
+    # The nodes are already core ATen (decomposed once, with the same table, in export_model), so
+    # the program is assembled from them directly: re-tracing with torch.export would cost as much
+    # as exporting the model again. ``decomp_table`` applies only ops it lists beyond that.
+    sub = ExportedProgram(root=torch.nn.Module(), graph=graph,
+                          graph_signature=ExportGraphSignature(specs, out_specs), state_dict=state_dict,
+                          range_constraints={}, module_call_graph=[ModuleCallEntry("", call)],
+                          example_inputs=(example, {}), constants=constants)
+    if decomp_table and any(n.target in decomp_table for n in graph.nodes if n.op == "call_function"):
+        with torch.no_grad(), quiet_torch():
+            sub = sub.run_decompositions(dict(decomp_table))
     return sub, external, outputs
+
+
+def _propagate_contiguous(graph: Any, placeholders: Sequence[tuple[Any, Any]]) -> None:
+    """Recompute every value's fake tensor in ``graph`` with contiguous inputs. In the parent an
+    input of the partition may be a strided view (a transpose feeding a matmul); the partition
+    receives a dense array at run time, and a compiler that plans memory from the strides
+    (ExecuTorch's dim order) must see that. ``placeholders``: (parent node, weight tensor or None)
+    in the graph's placeholder order."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode()
+    fakes = []
+    for node, tensor in placeholders:
+        if tensor is None:
+            with mode:
+                fakes.append(torch.empty(tuple(node.meta["val"].shape), dtype=node.meta["val"].dtype))
+        else:
+            fakes.append(mode.from_tensor(tensor))
+    with quiet_torch():
+        FakeTensorProp(torch.fx.GraphModule(torch.nn.Module(), graph), mode).propagate_dont_convert_inputs(*fakes)
 
 
 class _ContentKeys:

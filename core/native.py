@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from .errors import HandoffError
 
@@ -38,10 +38,12 @@ def sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def admit(program_file: Any, native: Sequence[int], trusted_keys: Sequence[Any] = (),
+def admit(program_file: Any, native: Sequence[tuple[str, Mapping[str, Any]]], trusted_keys: Sequence[Any] = (),
           allow_unsigned: bool = False) -> str:
-    """Decide whether the native-code delegates ``native`` (indices into the manifest's
-    delegates) of ``program_file`` may load, and approve their segments' SHA-256 if so.
+    """Decide whether the native-code delegate blobs ``native`` of ``program_file`` may load, and
+    approve their segments' SHA-256 if so. Each item is ``(what, entry)``: a manifest delegate
+    entry, or one of its fallback copies (format 1.3), and the words naming it in the error
+    ("delegate 0 (tvm_0, backend 'tvm')").
 
     :returns: how the program was trusted ("signed by key ... (trusted: the local key)",
         "unsigned, allowed by --allow-unsigned").
@@ -56,14 +58,12 @@ def admit(program_file: Any, native: Sequence[int], trusted_keys: Sequence[Any] 
     else:
         verdict = signing.verify(manifest, signing.trusted_keys(trusted_keys))
         if verdict.trusted_by is None:
-            d = manifest["delegates"][native[0]]
-            raise HandoffError(f"{program_file.name}: delegate {native[0]} ({d['partition']}, backend '{d['backend']}') "
-                               f"is native code and the program is {verdict.describe()}; load it only if you trust it: "
-                               f"add the signer's public key with --trusted-keys DIR (or to $HANDOFF_HOME/trusted), or "
-                               f"pass --allow-unsigned")
+            raise HandoffError(f"{program_file.name}: {native[0][0]} is native code and the program is "
+                               f"{verdict.describe()}; load it only if you trust it: add the signer's public key with "
+                               f"--trusted-keys DIR (or to $HANDOFF_HOME/trusted), or pass --allow-unsigned")
         how = verdict.describe()
-    for i in native:
-        approve(manifest["segments"][manifest["delegates"][i]["segment"]]["sha256"])
+    for _, entry in native:
+        approve(manifest["segments"][entry["segment"]]["sha256"])
     return how
 
 

@@ -4,6 +4,11 @@
 imported when a program that needs them is loaded, and torch only when the program has host ATen
 ops. Delegates are initialised once, at load; :meth:`Program.run` only executes.
 
+**Which blob runs each delegate** is decided first, at load, per delegate: its own, or where its
+backend is not installed, cannot run here or fails to load it, the first of its fallback copies
+(format 1.3) that can (:meth:`Program._load_delegates`). Everything below is planned for the
+runtimes so chosen.
+
 **The data path.** Everything :meth:`Program.run` decides is planned once, at load (``_plan``):
 
 * each value's *memory domain*: ``"host"`` (numpy) for inputs, constants and host ops' results,
@@ -30,14 +35,14 @@ import contextlib
 import os
 import threading
 import time
-import weakref
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from . import hostops
 from .backend import HOST_MEMORY
-from .errors import HandoffError, one_line
+from .errors import FallbackWarning, HandoffError, one_line
 from .native import admit
 from .plugins import Plugins, get_plugins
 from .program import ProgramFile, constant_array, value_nbytes
@@ -52,8 +57,9 @@ COPY_BELOW_BYTES = 1 << 16
 #: The next step after a delegate broke the contract (an output the program does not declare).
 CONTRACT_HINT = "; the backend broke its contract: re-partition without it, or report it to its authors"
 
-#: runtimes (instances) that have loaded a delegate in this process (see ``_load_delegates``)
-_LOADED: "weakref.WeakSet[Any]" = weakref.WeakSet()
+#: runtime classes that have loaded a delegate in this process (see ``_load_delegates``): the
+#: vendor library behind a class initialises once per process
+_LOADED: set[type] = set()
 
 # Kinds of planned operations (the first field of each tuple in ``Program._ops``).
 _DELEGATE, _TO_HOST, _ATEN = 0, 1, 2
@@ -82,7 +88,7 @@ class Program:
     :meth:`run` may be called from many threads at once (module docstring: the locks)."""
 
     def __init__(self, file: ProgramFile, plugins: Plugins, options: Mapping[str, Mapping[str, str]],
-                 trusted_keys: Sequence[Any] = (), allow_unsigned: bool = False):
+                 trusted_keys: Sequence[Any] = (), allow_unsigned: bool = False, strict: bool = False):
         self.file = file
         self.manifest = file.manifest
         self._handles: list[tuple[Any, Any]] = []  # (runtime, handle) per delegate
@@ -95,7 +101,7 @@ class Program:
         try:
             self._constants = {c["value"]: constant_array(file, i) for i, c in enumerate(self.manifest["constants"])}
             self._aten_ops = self._resolve_aten_ops()
-            self._load_delegates(plugins, options, trusted_keys, allow_unsigned)
+            self._load_delegates(plugins, options, trusted_keys, allow_unsigned, strict)
             self._plan()
             # every segment checked: later loads of the unchanged file skip the checks
             file.remember_verified()
@@ -106,51 +112,152 @@ class Program:
 
     # -- load ----------------------------------------------------------------------------------
     def _load_delegates(self, plugins: Plugins, options: Mapping[str, Mapping[str, str]],
-                        trusted_keys: Sequence[Any], allow_unsigned: bool) -> None:
+                        trusted_keys: Sequence[Any], allow_unsigned: bool, strict: bool) -> None:
+        """Resolve each delegate on its own (docs/format.md, "Fallback copies"): its own blob when
+        its backend is installed, available here and loads it; else, unless ``strict``, the first
+        of its fallback copies that does, with one :class:`FallbackWarning` for the whole load."""
         delegates = self.manifest["delegates"]
-        parsed: dict[str, dict[str, Any]] = {}
+        used = sorted({e["backend"] for d in delegates for e in _candidates(d)})
         for backend in options:
-            if backend not in {d["backend"] for d in delegates}:
+            if backend not in used:
                 raise HandoffError(f"{self.file.name}: options given for backend '{backend}', which this program does "
-                                   f"not use; it uses: {', '.join(sorted({d['backend'] for d in delegates})) or 'none'}")
-        for backend in sorted({d["backend"] for d in delegates}):
-            if backend not in plugins.backends:
-                users = [i for i, d in enumerate(delegates) if d["backend"] == backend]
-                raise HandoffError(f"{self.file.name}: delegate {users[0]} needs "
-                                   f"{plugins.not_installed_message(backend)}")
-            parsed[backend] = plugins.parse_options(backend, options.get(backend, {}), runtime=True)
-            ok, reason = plugins.runtime_available(backend)
-            if not ok:
-                raise HandoffError(f"{self.file.name}: backend '{backend}' cannot run here: {reason}")
-        native = [i for i, d in enumerate(delegates) if plugins.runtime(d["backend"]).native_code]
-        if native:  # before any delegate loads: a file's native code runs only if the user trusts it
-            self.trust = admit(self.file, native, trusted_keys, allow_unsigned)
-        self._memory: list[str] = []
+                                   f"not use; it uses: {', '.join(used) or 'none'}")
+        parsed = {b: plugins.parse_options(b, options.get(b, {}), runtime=True) for b in used if b in plugins.backends}
+        self._installed = set(plugins.backends)
+        why_not: dict[str, str | None] = {}  # backend -> why its runtime cannot be used here, or None
+
+        def unusable(backend: str) -> str | None:
+            if backend not in why_not:
+                if backend not in plugins.backends:
+                    why_not[backend] = plugins.not_installed_message(backend)
+                else:
+                    ok, reason = plugins.runtime_available(backend)
+                    why_not[backend] = None if ok else f"backend '{backend}' cannot run here: {reason}"
+            return why_not[backend]
+
+        # Which entry each delegate tries first, and which after it, chosen before anything loads.
+        tries: list[list[int]] = []
+        skipped: list[list[tuple[int, str]]] = []  # per delegate: (candidate, why not) in order
         for i, d in enumerate(delegates):
-            runtime = plugins.runtime(d["backend"])
-            blob = self.file.segment(d["segment"])
-            try:
-                # Vendor runtimes print when they initialise, i.e. on their first load in a process.
-                # Only that one is redirected: ExecuTorch 1.5.1 loads 6 ms slower with fd 2 redirected.
-                first = runtime not in _LOADED
-                with quiet_native() if first else contextlib.nullcontext():
-                    handle = runtime.load(blob, d["metadata"], parsed[d["backend"]])
-                _LOADED.add(runtime)
-            except HandoffError:
-                raise
-            except Exception as exc:
-                raise HandoffError(f"{self.file.name}: {self._delegate_name(i)} failed to load: "
-                                   f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}") from exc
+            candidates = _candidates(d) if not strict else [d]
+            order, why = [], []
+            for k, entry in enumerate(candidates):
+                reason = unusable(entry["backend"])
+                if reason is None:
+                    order.append(k)
+                else:
+                    why.append((k, reason))
+            if not order:
+                raise HandoffError(self._cannot_run(i, why, strict))
+            tries.append(order)
+            skipped.append(why)
+
+        admitted: set[tuple[int, int]] = set()
+
+        def admit_native(picks: Sequence[tuple[int, int]]) -> None:
+            native = [(i, k) for i, k in picks if (i, k) not in admitted
+                      and plugins.runtime(_candidates(delegates[i])[k]["backend"]).native_code]
+            if native:  # before these delegates load: a file's native code runs only if the user trusts it
+                self.trust = admit(self.file, [(self._entry_name(i, k), _candidates(delegates[i])[k])
+                                               for i, k in native], trusted_keys, allow_unsigned)
+                admitted.update(native)
+
+        admit_native([(i, order[0]) for i, order in enumerate(tries)])
+        self._memory: list[str] = []
+        #: per delegate: (fallback copy index or None, backend id whose runtime runs it, why not its own)
+        self.choices: list[tuple[int | None, str, str | None]] = []
+        for i, d in enumerate(delegates):
+            candidates = _candidates(d)
+            why = skipped[i]
+            for n, k in enumerate(tries[i]):
+                entry = candidates[k]
+                if n:
+                    admit_native([(i, k)])
+                runtime = plugins.runtime(entry["backend"])
+                try:
+                    # Vendor runtimes print when they initialise, i.e. on their first load in a process;
+                    # only that one is redirected (ExecuTorch 1.5.1 loaded ~6 ms slower with fd 2 redirected).
+                    with quiet_native() if type(runtime) not in _LOADED else contextlib.nullcontext():
+                        handle = runtime.load(self.file.segment(entry["segment"]), entry["metadata"],
+                                              parsed[entry["backend"]])
+                    _LOADED.add(type(runtime))
+                except Exception as exc:
+                    if n + 1 < len(tries[i]):
+                        why.append((k, f"backend '{entry['backend']}' failed to load its blob: {one_line(exc)}"))
+                        continue
+                    if why:
+                        raise HandoffError(self._cannot_run(i, [*why, (k, f"backend '{entry['backend']}' failed to "
+                                                                         f"load its blob: {one_line(exc)}")],
+                                                            strict)) from exc
+                    hint = self._strict_hint(d) if strict else ""
+                    if isinstance(exc, HandoffError) and not hint:
+                        raise
+                    text = str(exc) if isinstance(exc, HandoffError) else \
+                        f"{self.file.name}: {self._entry_name(i, k)} failed to load: {one_line(exc)}"
+                    raise HandoffError(text + hint) from exc
+                break
             self._handles.append((runtime, handle))
+            reason = next((r for j, r in why if j == 0), None)
+            self.choices.append((None if k == 0 else k - 1, entry["backend"], reason))
             try:
                 self._memory.append(str(runtime.memory(handle)))
             except Exception as exc:
                 raise HandoffError(f"{self.file.name}: {self._delegate_name(i)} cannot say where its outputs live "
                                    f"(Runtime.memory): {one_line(exc)}") from exc
+        self._warn_fallbacks()
+
+    def _cannot_run(self, i: int, why: Sequence[tuple[int, str]], strict: bool) -> str:
+        """The one-line error for delegate ``i``, none of whose entries can run: ``why`` says,
+        per entry tried (0: its own blob, k: fallback copy k - 1), why not."""
+        d = self.manifest["delegates"][i]
+        if len(why) == 1 and why[0][0] == 0:  # its own backend only: the messages of programs without copies
+            reason = why[0][1]
+            installed = d["backend"] in self._installed
+            text = f"{self.file.name}: {reason}" if installed else f"{self.file.name}: delegate {i} needs {reason}"
+            return text + (self._strict_hint(d) if strict else "")
+        parts = [f"{'its own blob' if k == 0 else f'fallback copy {k - 1}'}: {reason}" for k, reason in why]
+        return f"{self.file.name}: delegate {i} ({d['partition']}) cannot run here: {'; '.join(parts)}"
+
+    @staticmethod
+    def _strict_hint(d: Mapping[str, Any]) -> str:
+        """What a strict load left unused, and how to use it ("" when the delegate has no copies)."""
+        copies = d.get("fallbacks", [])
+        if not copies:
+            return ""
+        one = len(copies) == 1
+        return (f"; strict: its fallback cop{'y' if one else 'ies'} (backend "
+                f"{', '.join(repr(c['backend']) for c in copies)}) not used: load without strict=True "
+                f"(handoff run without --strict) to run {'it' if one else 'them'}")
+
+    def _warn_fallbacks(self) -> None:
+        """One warning per load naming every delegate that runs a fallback copy, and why."""
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, (copy, backend, reason) in enumerate(self.choices):
+            if copy is not None:
+                groups.setdefault((str(reason), backend), []).append(i)
+        if not groups:
+            return
+        delegates = self.manifest["delegates"]
+        parts = []
+        for (reason, backend), users in groups.items():
+            one = len(users) == 1
+            listed = ", ".join(f"{i} ({delegates[i]['partition']}, backend '{delegates[i]['backend']}')" for i in users)
+            copies = ", ".join(sorted({str(self.choices[i][0]) for i in users}))
+            parts.append(f"delegate{'' if one else 's'} {listed} run{'s' if one else ''} {'its' if one else 'their'} "
+                         f"fallback cop{'y' if one else 'ies'} {copies} (backend '{backend}') because {reason}")
+        warnings.warn(FallbackWarning(f"{self.file.name}: {'; '.join(parts)}; load with strict=True (handoff run "
+                                      f"--strict) to refuse instead"), stacklevel=5)  # the caller of load()
+
+    def _entry_name(self, i: int, k: int) -> str:
+        """Delegate ``i``'s entry ``k`` (0: its own blob, k: its fallback copy k - 1) in messages."""
+        d = self.manifest["delegates"][i]
+        if k == 0:
+            return f"delegate {i} ({d['partition']}, backend '{d['backend']}')"
+        return f"delegate {i} ({d['partition']}, fallback copy {k - 1}, backend '{d['fallbacks'][k - 1]['backend']}')"
 
     def _delegate_name(self, i: int) -> str:
-        d = self.manifest["delegates"][i]
-        return f"delegate {i} ({d['partition']}, backend '{d['backend']}')"
+        copy = self.choices[i][0] if i < len(self.choices) else None
+        return self._entry_name(i, 0 if copy is None else copy + 1)
 
     def _resolve_aten_ops(self) -> dict[int, Any]:
         """Host ops, resolved from the allow-list (:mod:`handoff.hostops`) and checked, before
@@ -273,7 +380,7 @@ class Program:
                 names = sorted({producer[v] for v in group})
                 delegates = m["delegates"]
                 listed = ", ".join(f"{d} ({delegates[d]['partition']})" for d in names)
-                where = (f"delegate{'s' if len(names) > 1 else ''} {listed} (backend '{delegates[names[0]]['backend']}'): "
+                where = (f"delegate{'s' if len(names) > 1 else ''} {listed} (backend '{self.choices[names[0]][1]}'): "
                          f"reading {'their' if len(names) > 1 else 'its'} outputs into host memory")
                 checks = tuple((expect[v][0], expect[v][1], v, producer[v]) for v in group)
                 ops.append([_TO_HOST, runtime.to_host, src, dst, checks, where])
@@ -516,13 +623,16 @@ class Program:
         * ``host_transfers``: values converted to or from host memory by a run (a device value
           brought to the host by ``to_host``, a numpy array handed to a device runtime); the plan
           fixes it, so every run makes the same (0 before a run);
-        * ``delegates``: per delegate, ``backend``, ``partition``, ``memory`` (its domain,
-          :meth:`Runtime.memory`) and ``stats``, what its runtime reports about its last
-          ``execute`` (:meth:`Runtime.stats`)."""
+        * ``delegates``: per delegate, ``backend`` (its own), ``partition``, which entry runs it:
+          ``copy`` (``None``: its own blob; ``k``: its fallback copy ``k``), ``runtime`` (the
+          backend whose runtime runs that entry) and ``fallback_reason`` (why not its own blob, or
+          ``None``), ``memory`` (its domain, :meth:`Runtime.memory`) and ``stats``, what its
+          runtime reports about its last ``execute`` (:meth:`Runtime.stats`)."""
         delegates = []
-        for d, memory, (runtime, handle) in zip(self.manifest["delegates"], self._memory, self._handles):
-            delegates.append({"backend": d["backend"], "partition": d["partition"], "memory": memory,
-                              "stats": dict(runtime.stats(handle))})
+        for d, (copy, backend, reason), memory, (runtime, handle) in zip(self.manifest["delegates"], self.choices,
+                                                                        self._memory, self._handles):
+            delegates.append({"backend": d["backend"], "partition": d["partition"], "copy": copy, "runtime": backend,
+                              "fallback_reason": reason, "memory": memory, "stats": dict(runtime.stats(handle))})
         runs = self._runs
         return {"runs": runs, "peak_bytes": self._peak_bytes if runs else 0,
                 "host_transfers": self._host_transfers if runs else 0, "delegates": delegates}
@@ -625,6 +735,11 @@ def _decode(arg: Any, tensor: Any) -> Any:
     return arg
 
 
+def _candidates(delegate: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """What can run a delegate, in the order tried: its own entry, then its fallback copies."""
+    return [delegate, *delegate.get("fallbacks", ())]
+
+
 def _to_numpy(x: Any) -> np.ndarray:
     if isinstance(x, np.ndarray):
         return x
@@ -635,13 +750,20 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 def load(source: str | os.PathLike[str] | bytes, options: Mapping[str, Mapping[str, str]] | None = None,
          plugins: Plugins | None = None, trusted_keys: Sequence[str | os.PathLike[str]] = (),
-         allow_unsigned: bool = False) -> Program:
+         allow_unsigned: bool = False, strict: bool = False) -> Program:
     """Open, verify and initialise a program file (a path, or the bytes of one).
+
+    Each delegate runs on its own backend when that backend is installed, available here and
+    loads the delegate's blob; otherwise on the first of its fallback copies (format 1.3,
+    ``partition --fallback-copies``) whose backend does, with one :class:`~handoff.FallbackWarning`
+    per load naming each such delegate, its backend, the reason and the copy used
+    (:meth:`Program.stats` says which copy runs).
 
     :param options: backend id -> runtime option name -> value (``{"xnnpack": {"threads": "2"}}``).
     :param trusted_keys: directories of PEM public keys whose signatures make native code loadable,
         besides the local key and ``$HANDOFF_HOME/trusted`` (see ``docs/security.md``).
     :param allow_unsigned: load native code that no trusted key signed (only for files you trust).
+    :param strict: never use a fallback copy: a delegate whose own backend cannot run it is an error.
     """
     file = ProgramFile.from_bytes(bytes(source)) if isinstance(source, (bytes, bytearray)) else ProgramFile.open(os.fspath(source))
-    return Program(file, plugins or get_plugins(), options or {}, trusted_keys, allow_unsigned)
+    return Program(file, plugins or get_plugins(), options or {}, trusted_keys, allow_unsigned, strict)

@@ -43,6 +43,9 @@ DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "golden_v1.hof"
 #: Pinned: the golden file must never be regenerated (see tests/data/make_golden.py).
 GOLDEN_SHA256 = "9f6af99e0c353f5ace64aa082b39b0035e838c9586c12614eaa7320779c66082"
+#: Format 1.3 (fallback copies): written once by tests/data/make_golden_v1_3.py, pinned likewise.
+GOLDEN_1_3 = DATA / "golden_v1_3.hof"
+GOLDEN_1_3_SHA256 = "d636edfdbdeeb4e322d32bd4b613dfc2d4117120c954142f2d8442caac172995"
 HEADER = struct.Struct("<8sHHIQQQII32s16s")
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -1049,3 +1052,74 @@ def test_writer_reproduces_golden_file_but_for_the_1_1_additions():
         assert {k: v for k, v in new.manifest.items() if k != "segments"} == \
             {k: v for k, v in old.manifest.items() if k != "segments"}
         assert data[HEADER_SIZE:new.manifest_offset] == golden[HEADER_SIZE:old.manifest_offset]
+
+
+# ----------------------------------------------------------------------------------------------
+# The format-1.3 golden file (fallback copies; written once by tests/data/make_golden_v1_3.py)
+
+
+def _golden_1_3_module():
+    spec = importlib.util.spec_from_file_location("make_golden_v1_3", DATA / "make_golden_v1_3.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_golden_1_3_file_is_unchanged_and_reads():
+    assert hashlib.sha256(GOLDEN_1_3.read_bytes()).hexdigest() == GOLDEN_1_3_SHA256, (
+        "tests/data/golden_v1_3.hof changed: it must never be regenerated; restore it from git"
+    )
+    with ProgramFile.open(GOLDEN_1_3) as pf:
+        pf.verify_all()
+        assert (pf.major, pf.minor, pf.flags, pf.alignment, pf.file_size) == (1, 3, 0, 64, 2506)
+        d0, d1 = pf.manifest["delegates"]
+        assert (d0["backend"], d0["segment"], d1["backend"], d1["segment"]) == ("golden_npu", 0, "sinkb", 3)
+        assert [(c["backend"], c["backend_version"], c["segment"]) for c in d0["fallbacks"]] == \
+            [("golden_dsp", "2.0.0", 1), ("sink", "9.9", 2)]
+        assert d0["fallbacks"][0]["metadata"] == {"arch": "v73"}
+        assert d1["fallbacks"] == [{"backend": "sink", "backend_version": "9.9", "segment": 3,
+                                    "metadata": {"compiler": "sink", "ops": 2},
+                                    "options": {"ops": "aten.mul.Tensor,aten.tanh.default"}}]
+        assert bytes(pf.segment(0)) == b"GOLDEN-NPU-v1\x00" + bytes(range(64))
+        assert bytes(pf.segment(3))[:4] == b"SINK"
+    # today's writer, given its contents, writes the same bytes while it writes format 1.3
+    if FORMAT_MINOR == 3:
+        assert program_bytes(*_golden_1_3_module().build()[:2], alignment=64) == GOLDEN_1_3.read_bytes()
+
+
+def test_golden_1_3_file_loads_and_runs_its_fallback_copies(sink_plugins, monkeypatch):
+    """Delegate 0's own backend and first copy are never installed: its second copy (sink) runs;
+    delegate 1 runs on sinkb, or on its sink copy where sinkb cannot run. Outputs equal eager."""
+    import warnings
+
+    import torch
+
+    import handoff
+    from handoff.testing import assert_matches_eager
+
+    w = torch.tensor(_golden_1_3_module().W)
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(7))
+    want = torch.tanh(torch.relu(x * w + 1) * x)
+    for off, runtimes in (("", ["sink", "sinkb"]), ("sinkb", ["sink", "sink"])):
+        monkeypatch.setenv("HANDOFF_SINK_UNAVAILABLE", off)
+        with pytest.warns(handoff.FallbackWarning) as warned:
+            program = handoff.load(GOLDEN_1_3)
+        with program:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                got = program.run([x.numpy()])
+                again = program.run([(x * 2).numpy()])
+            stats = program.stats()["delegates"]
+        assert len(warned) == 1
+        assert [(d["copy"], d["runtime"]) for d in stats] == [(1, runtimes[0]), (None if not off else 0, runtimes[1])]
+        assert stats[0]["fallback_reason"].startswith("backend 'golden_npu' not installed;")
+        assert_matches_eager(got[0], want)
+        assert_matches_eager(again[0], torch.tanh(torch.relu(2 * x * w + 1) * 2 * x))
+    assert str(warned[0].message).startswith(
+        f"{GOLDEN_1_3}: delegate 0 (golden_npu_0, backend 'golden_npu') runs its fallback copy 1 (backend 'sink') "
+        f"because backend 'golden_npu' not installed;")
+    assert "delegate 1 (sinkb_0, backend 'sinkb') runs its fallback copy 0 (backend 'sink') because backend 'sinkb' " \
+           "cannot run here: switched off by $HANDOFF_SINK_UNAVAILABLE" in str(warned[0].message)
+    with pytest.raises(HandoffError, match=r"golden_v1_3.hof: delegate 0 needs backend 'golden_npu' not installed;.*"
+                                           r"strict: its fallback copies \(backend 'golden_dsp', 'sink'\) not used"):
+        handoff.load(GOLDEN_1_3, strict=True)

@@ -103,7 +103,7 @@ def test_bad_inputs_are_clear(sink_program):
 
 def test_runtime_options_are_checked(sink_program):
     path, _ = sink_program
-    with pytest.raises(HandoffError, match="^backend 'sink' has no runtime option 'turbo'; valid runtime options: check, memory$"):
+    with pytest.raises(HandoffError, match="^backend 'sink' has no runtime option 'turbo'; valid runtime options: check, fail_load, memory$"):
         handoff.load(path, options={"sink": {"turbo": "1"}})
     with pytest.raises(HandoffError, match=r"no runtime option 'fuse' \('fuse' is a compile option\)"):
         handoff.load(path, options={"sink": {"fuse": "1"}})
@@ -202,6 +202,7 @@ def test_values_are_dropped_after_their_last_use(chain_program):
     assert stats["host_transfers"] == 0  # everything is numpy
     assert [d["memory"] for d in stats["delegates"]] == ["host"] * 4
     assert stats["delegates"][0] == {"backend": "sink", "partition": stats["delegates"][0]["partition"],
+                                     "copy": None, "runtime": "sink", "fallback_reason": None,
                                      "memory": "host", "stats": {"ops": 2}}
 
 

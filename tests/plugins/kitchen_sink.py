@@ -7,7 +7,9 @@ ATen ops each claims is an option (``ops``), so tests can build any mix of claim
 nodes; ``fail_on`` makes lowering fail at an op; ``fuse`` reports mul->relu pairs as fused patterns;
 ``max_nodes`` makes ``check_partition`` shrink partitions larger than that.
 
-At run time, ``check=1`` refuses non-finite outputs, and ``memory=device`` makes a backend behave
+At run time, ``check=1`` refuses non-finite outputs, ``fail_load=1`` makes loading every blob fail,
+``$HANDOFF_SINK_UNAVAILABLE`` (comma-separated backend ids) makes those runtimes report that they
+cannot run here (both for tests of fallback copies), and ``memory=device`` makes a backend behave
 like a device runtime: its outputs are :class:`SinkTensor` objects (memory domain ``"sink:device"``,
 shared by ``sink`` and ``sinkb``), which ``to_host`` copies into numpy. ``sinkb`` is not reentrant:
 as a GPU runtime may, it writes every call's outputs into the same buffers of its delegate, and it
@@ -17,6 +19,7 @@ raises if two calls of one delegate ever overlap.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import threading
 from typing import Any, Mapping, Sequence
@@ -44,7 +47,9 @@ OPTIONS = {"ops": Option("str", "comma-separated ATen ops to claim", default=DEF
            "max_nodes": Option("int", "check_partition takes nodes out of partitions larger than this", min=1)}
 RUNTIME_OPTIONS = {"check": Option("bool", "refuse non-finite outputs", default=False),
                    "memory": Option("choice", "where outputs live: host (numpy) or device (SinkTensor)",
-                                    default="host", choices=("host", "device"))}
+                                    default="host", choices=("host", "device")),
+                   "fail_load": Option("bool", "loading any blob fails", default=False)}
+UNAVAILABLE_ENV = "HANDOFF_SINK_UNAVAILABLE"
 DEVICE_MEMORY = "sink:device"
 MAGIC = b"SINK"
 
@@ -193,14 +198,19 @@ class SinkTensor:
 
 
 class SinkRuntime(Runtime):
+    backend = "sink"
     loaded = 0
     released = 0
     reentrant = True  # execute keeps no state in the handle but its last stats
 
     def is_available(self) -> tuple[bool, str]:
+        if self.backend in os.environ.get(UNAVAILABLE_ENV, "").split(","):
+            return False, f"switched off by ${UNAVAILABLE_ENV}"
         return True, ""
 
     def load(self, blob: memoryview, metadata: Mapping[str, Any], options: Mapping[str, Any]) -> Any:
+        if options["fail_load"]:
+            raise RuntimeError(f"{self.backend}: refusing to load (fail_load=1)")
         data = bytes(blob)
         if data[:4] != MAGIC:
             raise ValueError("not a sink blob")
@@ -245,6 +255,7 @@ class SinkRuntime(Runtime):
 class SinkBRuntime(SinkRuntime):
     """``sinkb``: not reentrant, and with ``memory=device`` it reuses its output buffers."""
 
+    backend = "sinkb"
     reentrant = False
 
     def execute(self, handle: Any, inputs: Sequence[Any]) -> list[Any]:

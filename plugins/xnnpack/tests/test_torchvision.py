@@ -27,28 +27,11 @@ pytest.importorskip("tvm")
 from torch import nn  # noqa: E402
 
 import handoff  # noqa: E402
-from handoff.plugins import Plugins, set_plugins  # noqa: E402
 from handoff.testing import check_against_eager  # noqa: E402
 from handoff_xnnpack.compiler import XnnpackCompiler  # noqa: E402
 from handoff_xnnpack.rewrites import rewrite  # noqa: E402
 
 pytestmark = pytest.mark.slow  # every test compiles with ExecuTorch's XNNPACK toolchain
-PLUGIN = "handoff_xnnpack.plugin"
-
-
-@pytest.fixture(scope="module")
-def plugins(tmp_path_factory):
-    """The core's built-ins plus this plugin only (no autoload), caches in a temp HANDOFF_HOME."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HANDOFF_HOME", str(tmp_path_factory.mktemp("handoff_home")))
-    pm = Plugins(autoload=False, extra=[PLUGIN])
-    ok, why = pm.runtime_available("xnnpack")
-    if not ok:
-        pytest.skip(why)
-    set_plugins(pm)
-    yield pm
-    set_plugins(None)
-    mp.undo()
 
 
 @pytest.fixture(scope="module")
