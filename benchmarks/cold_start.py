@@ -4,8 +4,8 @@
 
 What an app feels when it launches: one new Python process per measurement imports the runtime,
 loads the model file, runs one inference on a fixed input and prints a checksum of the output.
-The parent times it from spawn to exit and reads the child's peak resident set size
-(``os.wait4``). Contenders, on the same model and input:
+The parent times it from spawn to exit; the child reports its peak resident set size
+(``VmHWM`` of ``/proc/self/status``: ``ru_maxrss`` would count the forked parent's pages too). Contenders, on the same model and input:
 
 * handoff: one program per backend (``--backends``), each partitioned with that backend first
   (TVM takes what it declines), loaded with ``handoff.load``;
@@ -35,7 +35,7 @@ import sys, numpy as np, handoff
 x = np.load(sys.argv[2])
 with handoff.load(sys.argv[1]) as program:
     y = program.run([x])[0]
-print(float(np.abs(y).sum()), flush=True)
+print(float(np.abs(y).sum()), open("/proc/self/status").read().split("VmHWM:")[1].split()[0], flush=True)
 """
 
 EXECUTORCH = """
@@ -44,7 +44,7 @@ from executorch.runtime import Runtime
 x = torch.from_numpy(np.load(sys.argv[2]))
 method = Runtime.get().load_program(sys.argv[1]).load_method("forward")
 y = method.execute([x])[0].numpy()
-print(float(np.abs(y).sum()), flush=True)
+print(float(np.abs(y).sum()), open("/proc/self/status").read().split("VmHWM:")[1].split()[0], flush=True)
 """
 
 ORT = """
@@ -52,25 +52,26 @@ import sys, numpy as np, onnxruntime as ort
 x = np.load(sys.argv[2])
 session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
 y = session.run(None, {session.get_inputs()[0].name: x})[0]
-print(float(np.abs(y).sum()), flush=True)
+print(float(np.abs(y).sum()), open("/proc/self/status").read().split("VmHWM:")[1].split()[0], flush=True)
 """
 
 
 def _child(script: str, model: Path, x: Path, env: dict[str, str]) -> tuple[float, float, str]:
-    """Seconds from spawn to exit, peak RSS in MiB, and stdout of one fresh process."""
+    """Seconds from spawn to exit, peak RSS in MiB, and the output checksum of one fresh process."""
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-c", script, str(model), str(x)], env=env,
                                 stdout=subprocess.PIPE, stderr=err)
-        out = proc.stdout.read()  # one line
-        _, status, usage = os.wait4(proc.pid, 0)
+        out = proc.stdout.read()  # one line: checksum, peak RSS in kB
+        _, status, _ = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - t0
         proc.returncode = code = os.waitstatus_to_exitcode(status)
         proc.stdout.close()
         if code:
             err.seek(0)
             raise SystemExit(f"{model.name}: the child failed ({code}):\n{err.read().decode()[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024, out.decode().strip()
+    checksum, hwm_kb = out.decode().split()
+    return seconds, int(hwm_kb) / 1024, checksum
 
 
 def build(spec: str, backends: list[str], work: Path) -> tuple[dict[str, tuple[str, Path]], Path, float]:
