@@ -185,7 +185,7 @@ def test_inspect_and_run_keep_native_chatter_off_stderr(plugins, tmp_path):
     path = tmp_path / "cnn.hof"
     handoff.partition("zoo:small_cnn", backends=["xnnpack"], fallback=False).write(str(path))
     exe = Path(sys.executable).with_name("handoff")
-    env = {**os.environ, "HANDOFF_PLUGINS": PLUGIN, "PYTHONPATH": str(PLUGIN_DIR)}
+    env = {**os.environ, "HANDOFF_PLUGINS": "handoff_xnnpack.plugin", "PYTHONPATH": str(PLUGIN_DIR)}
 
     def stderr_of(*args: str) -> str:
         done = subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=300)
