@@ -1,13 +1,16 @@
-"""What MetaSchedule tuning buys the built-in TVM backend, against eager torch in the same run.
+"""What the default schedules and MetaSchedule tuning buy the built-in TVM backend, against eager
+torch in the same run.
 
-    python benchmarks/tvm_tuning.py [--model zoo:mobilenet_v2] [--trials 256] [--runs 30]
+    python benchmarks/tvm_tuning.py [--model zoo:mobilenet_v2] [--budget MINUTES | --trials N] [--runs 30]
     python benchmarks/tvm_tuning.py --rpc HOST:PORT --key K1,K2 [--model ...] [--trials N]
 
-Partitions the model onto tvm untuned and with ``--tune N`` (into a fresh ``$HANDOFF_HOME``
-unless one is set), then partitions it tuned a second time to show the database is reused, and
-prints median latencies (after warm-up) as ratios to eager torch. Not a test: numbers only.
+Partitions the model onto tvm untuned with each ``schedule`` option (``none``: TVM's CPU pipeline
+as it is; ``dlight``: dlight's CPU rules; ``default``: those and handoff's rules), then, when
+``--budget`` or ``--trials`` is given, tuned (into a fresh ``$HANDOFF_HOME`` unless one is set),
+then tuned a second time to show the database is reused, and prints median latencies (after
+warm-up) as ratios to eager torch. Not a test: numbers only.
 
-With ``--rpc``: a tuning farm. For each key in turn, the same ``--tune N`` into a fresh tuning
+With ``--rpc``: a tuning farm. For each key in turn, the same ``--trials N`` into a fresh tuning
 database, candidates measured on the devices registered under that key (``handoff serve
 --allow-tuning``); prints each key's server count, tuning wall time and its ratio to the first
 key's, and the tuned program's median latency measured on a device of the key. Register one
@@ -24,24 +27,33 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _timing import median_ms  # benchmarks/, next to this script
+from _timing import interleaved_median_ms  # benchmarks/, next to this script
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="zoo:mobilenet_v2")
-    ap.add_argument("--trials", type=int, default=256)
+    ap.add_argument("--trials", type=int, default=0, help="MetaSchedule trials (tvm.tune)")
+    ap.add_argument("--budget", type=int, default=0, help="minutes of tuning (tvm.tune_budget)")
+    ap.add_argument("--schedules", default="none,dlight,default", help="untuned rows to time")
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--rpc", metavar="HOST:PORT", help="TVM RPC tracker of a tuning farm (see the docstring)")
     ap.add_argument("--key", default="", help="with --rpc: device keys, comma-separated")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads for torch and TVM alike (default: each its own default, one per core); 1 "
+                         "compares kernels without thread-pool effects, e.g. on a shared machine")
     args = ap.parse_args()
     if args.rpc:
         farm(args)
         return
+    if args.threads:
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("HANDOFF_HOME", tempfile.mkdtemp(prefix="handoff-bench-"))
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import handoff
     from handoff.zoo import random_inputs
 
@@ -50,25 +62,40 @@ def main() -> None:
     x = random_inputs(zoo.inputs, seed=5)
     with torch.no_grad():
         want = model(*x).numpy()
-        eager = median_ms(lambda: model(*x), args.runs, warmup=5)
 
-    rows = [("eager torch", eager, None, None)]
-    for label, options in (("tvm untuned", {}), (f"tvm tuned ({args.trials} trials)", {"tune": str(args.trials)}),
-                           ("tvm tuned, database reused", {"tune": str(args.trials)})):
+    built = []
+    configs = [(f"tvm untuned, schedule={name}", {"schedule": name}) for name in args.schedules.split(",") if name]
+    tuning = {**({"tune": str(args.trials)} if args.trials else {}),
+              **({"tune_budget": str(args.budget)} if args.budget else {})}
+    if tuning:
+        what = f"{args.budget} min" if args.budget else f"{args.trials} trials"
+        configs.append((f"tvm tuned ({what})", tuning))
+        if not args.budget:  # a budget would spend itself again on the tasks left untuned
+            configs.append(("tvm tuned, database reused", tuning))
+    for label, options in configs:
         t0 = time.perf_counter()
         result = handoff.partition(args.model, backends=[], options={"tvm": options}, use_cache=False)
         compile_s = time.perf_counter() - t0
-        with handoff.load(result.to_bytes()) as program:
-            (got,) = program.run(x)
-            err = float(np.abs(got - want).max() / (np.abs(want).max() or 1))
-            rows.append((label, median_ms(lambda: program.run(x), args.runs, warmup=5), compile_s, err))
+        program = handoff.load(result.to_bytes())
+        (got,) = program.run(x)
+        err = float(np.abs(got - want).max() / (np.abs(want).max() or 1))
+        built.append((label, program, compile_s, err))
 
-    print(f"{args.model}, {args.runs} runs after warm-up, HANDOFF_HOME={os.environ['HANDOFF_HOME']}")
-    print(f"{'':32} {'median ms':>10} {'x eager':>8} {'compile s':>10} {'max rel err':>12}")
+    # Everyone timed in interleaved rounds (a shared machine's drift hits all alike).
+    fns = {"eager torch": lambda: model(*x)}
+    fns.update({label: (lambda p=program: p.run(x)) for label, program, _, _ in built})
+    with torch.no_grad():
+        times = interleaved_median_ms(fns, args.runs, warmup=3)
+    eager = times["eager torch"]
+    rows = [("eager torch", eager, None, None)] + [(label, times[label], c, e) for label, _, c, e in built]
+
+    print(f"{args.model}, {args.runs} runs after warm-up, torch threads {torch.get_num_threads()}, "
+          f"TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'default')}, HANDOFF_HOME={os.environ['HANDOFF_HOME']}")
+    print(f"{'':36} {'median ms':>10} {'x eager':>8} {'compile s':>10} {'max rel err':>12}")
     for label, ms, compile_s, err in rows:
         c = f"{compile_s:10.1f}" if compile_s is not None else f"{'-':>10}"
         e = f"{err:12.1e}" if err is not None else f"{'-':>12}"
-        print(f"{label:32} {ms:10.2f} {ms / eager:8.2f} {c} {e}")
+        print(f"{label:36} {ms:10.2f} {ms / eager:8.2f} {c} {e}")
 
 
 def farm(args: argparse.Namespace) -> None:

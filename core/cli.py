@@ -196,6 +196,8 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
     add_rpc_arguments(p, "with --tune: measure MetaSchedule's candidates on the devices of --key in this TVM RPC "
                          "tracker's pool (their handoff serve needs --allow-tuning); shorthand for --option "
                          "tvm.rpc=HOST:PORT/KEY")
+    p.add_argument("--tune-budget", type=int, metavar="MINUTES",
+                   help="shorthand for --option tvm.tune_budget=MINUTES (MetaSchedule tuning time per partition)")
     p.add_argument("--min-partition-size", action="append", default=[], metavar="[BACKEND=]N",
                    help="a smaller partition joins a neighbouring partition whose backend also takes its nodes "
                         "(default 3; 1 keeps every island)")
@@ -239,6 +241,9 @@ def add_trust_arguments(p: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None, prog: str = "handoff") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    from .quiet import set_debug
+
+    set_debug(getattr(args, "debug", False))
     # torch.export's deprecation noise about its own pytree internals: not actionable by users
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning)
     try:
@@ -429,6 +434,8 @@ def run_partition(args: argparse.Namespace) -> int:
         options.setdefault("tvm", {})["tune"] = str(args.tune)
     if args.rpc or args.key:
         options.setdefault("tvm", {})["rpc"] = f"{args.rpc or ''}/{_rpc_key(args)}"
+    if args.tune_budget is not None:
+        options.setdefault("tvm", {})["tune_budget"] = str(args.tune_budget)
     min_default, min_per = _per_backend_ints(args.min_partition_size, "--min-partition-size")
     max_default, max_per = _per_backend_ints(args.max_partitions, "--max-partitions")
     backends = [b for b in args.backends.split(",") if b.strip()]

@@ -20,6 +20,7 @@ catalogue (``registry.yaml``, PyYAML) only when a message or ``handoff backends`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -36,6 +37,7 @@ import pluggy
 from . import hookspecs
 from .backend import PLUGIN_API_VERSION, BackendSpec, Compiler, Runtime, import_ref
 from .errors import HandoffError, one_line
+from .quiet import quiet_native
 from .registry import Registry
 
 ENTRY_POINT_GROUP = "handoff.backends"
@@ -98,6 +100,7 @@ class Plugins:
         self._registry: Registry | None = None
         self._backends: dict[str, tuple[BackendSpec, str]] | None = None
         self._runtimes: dict[str, Any] = {}
+        self._probed: set[str] = set()  # backends whose runtime was asked is_available()
         for name, module in BUILTIN_PLUGINS:
             self._register_module(name, module, Origin("built-in", "handoff", _dist_version("handoff")))
         env_extra = [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
@@ -276,7 +279,8 @@ class Plugins:
     def _import_half(self, backend_id: str, half: str, base: type) -> Any:
         ref = getattr(self.spec(backend_id), half)
         try:
-            cls = import_ref(ref)
+            with quiet_native():  # vendor libraries print when they load
+                cls = import_ref(ref)
         except Exception as exc:
             raise HandoffError(f"backend '{backend_id}': its {half} ({ref}) cannot be imported: "
                                f"{one_line(exc)}{self._hint_suffix(backend_id)}") from exc
@@ -288,7 +292,10 @@ class Plugins:
     def runtime_available(self, backend_id: str) -> tuple[bool, str]:
         """``(True, "")`` or ``(False, reason)``; never raises."""
         try:
-            ok, reason = self.runtime(backend_id).is_available()
+            # The first probe loads the vendor runtime, which may print; later ones do not.
+            with quiet_native() if backend_id not in self._probed else contextlib.nullcontext():
+                ok, reason = self.runtime(backend_id).is_available()
+            self._probed.add(backend_id)
             return bool(ok), str(reason or "")
         except HandoffError as exc:
             return False, str(exc)

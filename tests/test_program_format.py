@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -623,6 +624,9 @@ HOSTILE = [
     (_set(["segments", 0, "crc32"], 2**32), "manifest.segments[0].crc32", "out of range"),
     (_set(["segments", 0, "crc32"], "1234"), "manifest.segments[0].crc32", "expected an integer"),
     (_set(["segments", 0, "crc32"], 1.0), "manifest.segments[0].crc32", "expected an integer"),
+    (_set(["segments", 0, "xxh3"], 12), "manifest.segments[0].xxh3", "expected a string"),
+    (_set(["segments", 0, "xxh3"], "0123456789ABCDEF"), "manifest.segments[0].xxh3", "16 lowercase hex digits"),
+    (_set(["segments", 0, "xxh3"], "0123"), "manifest.segments[0].xxh3", "16 lowercase hex digits"),
     (_set(["segments"], {}), "manifest.segments", "expected a list"),
 ]
 
@@ -700,13 +704,23 @@ def test_manifest_inside_a_segment():
     expect_error(bytes(data), "manifest.segments[0].offset", 128, "overlaps the manifest")
 
 
-def test_writer_writes_crc32_and_it_is_checked_on_access():
+def test_writer_writes_xxh3_and_crc32_and_xxh3_is_checked_on_access():
     data = small_program()
     with ProgramFile.from_bytes(data) as pf:
-        assert pf.minor == FORMAT_MINOR == 3
+        assert pf.minor == FORMAT_MINOR == 4
         table = pf.manifest["segments"]
         assert [t["crc32"] for t in table] == [zlib.crc32(W.tobytes()), zlib.crc32(BLOB)]
-    assert_segment_1_damage_caught(data, "crc32")
+        assert [t["xxh3"] for t in table] == [xxhash.xxh3_64_hexdigest(W.tobytes()), xxhash.xxh3_64_hexdigest(BLOB)]
+    assert_segment_1_damage_caught(data, "xxh3")
+
+
+def test_crc32_checked_on_access_in_1_1_files():
+    m = small_manifest()
+    m["segments"] = [{"offset": 128, "length": 24, "sha256": hashlib.sha256(W.tobytes()).hexdigest(),
+                      "crc32": zlib.crc32(W.tobytes())},
+                     {"offset": 192, "length": len(BLOB), "sha256": hashlib.sha256(BLOB).hexdigest(),
+                      "crc32": zlib.crc32(BLOB)}]
+    assert_segment_1_damage_caught(raw_program(m, small_segments(), minor=1), "crc32")
 
 
 def assert_segment_1_damage_caught(data: bytes, field: str) -> None:
@@ -1020,7 +1034,7 @@ def test_golden_file_from_bytes_and_every_truncation():
 
 def test_writer_reproduces_golden_file_but_for_the_1_1_additions():
     """Today's writer, given the golden file's contents, writes the golden file with the minor
-    version and the segments' crc32 (format 1.1) as the only differences (the golden file has no
+    version and the segments' crc32 (format 1.1) and xxh3 (1.4) as the only differences (the golden file has no
     identical segments, so 1.2's sharing changes nothing)."""
     spec = importlib.util.spec_from_file_location("make_golden", DATA / "make_golden.py")
     mod = importlib.util.module_from_spec(spec)
@@ -1029,9 +1043,12 @@ def test_writer_reproduces_golden_file_but_for_the_1_1_additions():
     data = program_bytes(manifest, segments, alignment=alignment)
     golden = GOLDEN.read_bytes()
     with ProgramFile.from_bytes(data) as new, ProgramFile.from_bytes(golden) as old:
-        assert (new.major, new.minor, old.major, old.minor) == (1, 3, 1, 0)
-        assert [{k: v for k, v in s.items() if k != "crc32"} for s in new.manifest["segments"]] == old.manifest["segments"]
+        assert (new.major, new.minor, old.major, old.minor) == (1, 4, 1, 0)
+        assert [{k: v for k, v in s.items() if k not in ("crc32", "xxh3")} for s in new.manifest["segments"]] == \
+            old.manifest["segments"]
         assert [s["crc32"] for s in new.manifest["segments"]] == [zlib.crc32(bytes(old.segment(i))) for i in range(len(old))]
+        assert [s["xxh3"] for s in new.manifest["segments"]] == \
+            [xxhash.xxh3_64_hexdigest(bytes(old.segment(i))) for i in range(len(old))]
         assert {k: v for k, v in new.manifest.items() if k != "segments"} == \
             {k: v for k, v in old.manifest.items() if k != "segments"}
         assert data[HEADER_SIZE:new.manifest_offset] == golden[HEADER_SIZE:old.manifest_offset]

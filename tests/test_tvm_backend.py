@@ -361,3 +361,65 @@ def test_tuning_stays_correct_and_reuses_its_database():
 
     _lower_and_compare(model, [(4, 16)], {"tune": "8"}, name="p1")
     assert records.read_text().count("\n") == tuned, "the second run tuned again"
+
+
+# -- default schedules (no tuning) ----------------------------------------------------------------
+
+def _unscheduled(model: nn.Module, shape) -> list[str]:
+    """The PrimFuncs of ``model``'s fused Relax module that no default schedule rule claims."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from handoff.tvm.importer import import_partition
+    from handoff.tvm.schedules import default_schedule
+
+    mod, _, _ = import_partition(_core_aten(model, torch.randn(shape)))
+    compiler = TvmCompiler({})
+    with compiler.target:
+        mod = tvm.transform.Sequential(cpu.library_dispatch_passes(compiler.target) + cpu.legalize_passes(compiler.target)
+                                       + [default_schedule()])(mod)
+    return [gv.name_hint for gv, f in mod.functions_items()
+            if isinstance(f, tvm.tirx.PrimFunc) and not f.attrs.get("tirx.is_scheduled", False)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,shape", [(ConvNet, (2, 3, 32, 32)), (Block, (2, 8, 32))], ids=["convnet", "block"])
+def test_default_schedules_claim_convolutions_matmuls_and_elementwise_ops(model, shape):
+    """Untuned builds are scheduled (parallel, vectorised), not TVM's naive loop nests."""
+    assert _unscheduled(_randomize_norms(model()), shape) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["none", "dlight"])
+def test_other_schedule_choices_match_eager(schedule):
+    lowered = _lower_and_compare(_randomize_norms(ConvNet()), [(2, 3, 32, 32)], {"schedule": schedule})
+    assert lowered.metadata["schedule"] == schedule
+
+
+def test_tune_budget_sets_a_trial_cap():
+    from handoff.tvm.compiler import TRIALS_PER_MINUTE_CAP
+
+    compiler = TvmCompiler({"tune_budget": "3"})
+    assert (compiler.tune, compiler.tune_budget) == (3 * TRIALS_PER_MINUTE_CAP, 3)
+    assert TvmCompiler({"tune_budget": "3", "tune": "10"}).tune == 10
+
+
+@pytest.mark.slow
+def test_tuning_records_are_reused_across_models_by_workload(monkeypatch):
+    """A workload tuned for one model (the first Linear+ReLU) is not tuned again for another."""
+    from tvm.s_tir import meta_schedule as ms
+
+    tuned: list[int] = []
+    real = ms.tune_tasks
+
+    def counting(*, tasks, **kwargs):
+        tuned.append(len(tasks))
+        return real(tasks=tasks, **kwargs)
+
+    monkeypatch.setattr(ms, "tune_tasks", counting)
+    _lower_and_compare(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)), [(4, 16)], {"tune": "4"})
+    assert sum(tuned) == 2
+    tuned.clear()
+    _lower_and_compare(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), [(4, 16)], {"tune": "4"},
+                       name="other")
+    assert sum(tuned) == 1, "the shared Linear(16, 32)+ReLU workload was tuned twice"

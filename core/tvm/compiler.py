@@ -2,8 +2,9 @@
 
 A partition is imported with TVM's Relax importer for ``torch.export``
 (:func:`tvm.relax.frontend.torch.from_exported_program`), optionally tuned with MetaSchedule, built
-for an LLVM target with :func:`tvm.relax.build`, and exported as a shared library: the delegate
-blob is that library's bytes. Capability is the importer's own converter table, so ``support``
+for an LLVM target with :func:`tvm.relax.build` (TVM's CPU pipeline with the default schedules of
+:mod:`handoff.tvm.schedules` for whatever tuning did not cover), and exported as a shared library:
+the delegate blob is that library's bytes. Capability is the importer's own converter table, so ``support``
 claims exactly the ops the installed TVM can import.
 """
 
@@ -14,6 +15,7 @@ import json
 import logging
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,6 +28,7 @@ from handoff.quantization import is_quantized
 
 from .importer import INT8_COMPUTE, decline_reason, import_partition
 from .runtime import host_triple
+from .schedules import default_schedule
 
 #: The linker ``export_library`` needs for target=aarch64 (Debian: gcc-aarch64-linux-gnu).
 AARCH64_CC = "aarch64-linux-gnu-gcc"
@@ -44,9 +47,14 @@ class TvmCompiler(Compiler):
         super().__init__(options)
         target = options.get("target") or "host"
         self.tune = int(options.get("tune") or 0)
+        self.tune_budget = float(options.get("tune_budget") or 0)  # minutes
+        if self.tune_budget and not self.tune:
+            self.tune = TRIALS_PER_MINUTE_CAP * max(1, math.ceil(self.tune_budget))
         self.rpc = _parse_rpc(options.get("rpc"))
         if self.rpc and not self.tune:
-            raise ValueError("option rpc measures tuning candidates on remote devices: give tune=N (--tune N) too")
+            raise ValueError("option rpc measures tuning candidates on remote devices: give tune=N (--tune N) or "
+                             "tune_budget=MINUTES (--tune-budget) too")
+        self.schedule = options.get("schedule") or "default"
 
         if target == "host":
             self.triple, self.cc = host_triple(), None
@@ -110,7 +118,7 @@ class TvmCompiler(Compiler):
 
         if self.tune:
             mod = self._tune(mod)
-        executable = relax.build(mod, target=self.target)
+        executable = relax.build(mod, target=self.target, relax_pipeline=_pipeline(self.target, self.schedule))
         # The linker's objects (lib0.o, devc.o) go into the same directory, not a tempdir of TVM's
         # own, so a killed partition leaves nothing that the next one does not remove.
         with temp_dir("tvm") as tmp:
@@ -125,6 +133,8 @@ class TvmCompiler(Compiler):
             "triple": self.triple,
             "mcpu": self.mcpu,
             "tune_trials": self.tune,
+            "tune_budget_minutes": self.tune_budget,
+            "schedule": self.schedule,
             "entry": "main",
             "num_inputs": len(inputs),
             "num_outputs": len(outputs),
@@ -184,13 +194,21 @@ class TvmCompiler(Compiler):
             for handler in [h for h in ms_logger.handlers if h.get_name() is None]:
                 ms_logger.removeHandler(handler)
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, work_dir=work_dir)
-            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, database=database,
-                          max_trials_global=self.tune, max_trials_per_task=per_task,
-                          num_trials_per_iter=min(64, per_task),
-                          builder=ms.builder.LocalBuilder(f_build=_build_candidate,
-                                                          **({"f_export": _export_candidate(self.cc)} if self.rpc
-                                                             else {})),
-                          **({"runner": self._rpc_runner()} if self.rpc else {}))
+            builder = ms.builder.LocalBuilder(f_build=_build_candidate,
+                                              **({"f_export": _export_candidate(self.cc)} if self.rpc else {}))
+            runner = {"runner": self._rpc_runner()} if self.rpc else {}
+            # A time budget: the largest tasks (most FLOPs, they dominate the latency) first, each
+            # with its share of trials, until the budget is spent; the rest keep the default schedule.
+            deadline = time.monotonic() + self.tune_budget * 60 if self.tune_budget else None
+            order = sorted(range(len(todo)), key=lambda k: -float(todo[k].weight) * _flops(todo[k]))
+            groups = [order] if deadline is None else [[k] for k in order]
+            for group in groups:
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                ms.tune_tasks(tasks=[contexts[k] for k in group], task_weights=[weights[k] for k in group],
+                              work_dir=work_dir, database=database,
+                              max_trials_global=per_task * len(group), max_trials_per_task=per_task,
+                              num_trials_per_iter=min(64, per_task), builder=builder, **runner)
         with self.target, database:
             return relax.transform.MetaScheduleApplyDatabase()(mod)
 
@@ -232,6 +250,40 @@ def _export_candidate(cc: str | None) -> Any:
         return path
 
     return export
+
+
+#: with ``tune_budget`` alone, trials are capped at this many per minute of budget (the budget,
+#: not the cap, normally ends tuning: 2 cores measure about 0.3 candidates a second here)
+TRIALS_PER_MINUTE_CAP = 64
+
+
+def _flops(task: Any) -> float:
+    """Estimated floating-point operations of a task's workload (0 when TVM cannot say)."""
+    try:
+        from tvm.s_tir.analysis import estimate_tir_flops
+
+        return float(estimate_tir_flops(task.dispatched[0]))
+    except Exception:
+        return 0.0
+
+
+def _pipeline(target: Any, schedule: str) -> Any:
+    """TVM's Relax pipeline for CPU targets (``relax.backend.cpu_generic``) with the default
+    schedules (:mod:`handoff.tvm.schedules`) between fusion and lowering. ``schedule``:
+    ``default`` (dlight's CPU rules, then handoff's), ``dlight`` (dlight's CPU rules only),
+    ``none`` (TVM's pipeline as it is: naive loop nests)."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    scheduling = [] if schedule == "none" else [default_schedule(schedule)]
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _run(mod: Any, _ctx: Any) -> Any:
+        with target:
+            return tvm.transform.Sequential(
+                cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + scheduling
+                + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
+
+    return _run
 
 
 def _host_cpu(triple: str) -> str | None:

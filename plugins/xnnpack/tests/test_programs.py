@@ -173,3 +173,26 @@ def test_torch_attention_modules(model, shape, plugins):
     assert {d["op"] for d in report.declined} >= {"aten.where.self", "aten.any.dim"}
     assert all(d["reasons"]["xnnpack"].startswith("XNNPACK has no kernel for") for d in report.declined)
     check_against_eager(result.to_bytes(), model, [(shape, "float32")])
+
+
+def test_inspect_and_run_keep_native_chatter_off_stderr(plugins, tmp_path):
+    """ExecuTorch's cpuinfo prints five ``[cpuinfo_utils.cpp:…]`` lines to fd 2 whenever its runtime
+    loads; ``handoff inspect`` and ``handoff run`` keep them off the terminal (stderr holds only
+    handoff's own lines, here none), and show them with ``--debug``."""
+    import os
+    import subprocess
+
+    path = tmp_path / "cnn.hof"
+    handoff.partition("zoo:small_cnn", backends=["xnnpack"], fallback=False).write(str(path))
+    exe = Path(sys.executable).with_name("handoff")
+    env = {**os.environ, "HANDOFF_PLUGINS": "handoff_xnnpack.plugin", "PYTHONPATH": str(PLUGIN_DIR)}
+
+    def stderr_of(*args: str) -> str:
+        done = subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    for command in (["inspect", str(path)], ["run", str(path)]):
+        err = stderr_of(*command)
+        assert [line for line in err.splitlines() if not line.startswith("handoff")] == [], err
+    assert "cpuinfo" in stderr_of("run", str(path), "--debug")

@@ -1,0 +1,211 @@
+"""Default CPU schedules for untuned TVM builds: what ``tvm`` compiles with when nothing is tuned.
+
+TVM 0.27's Relax pipeline for LLVM targets (``relax.get_default_pipeline``: legalize, fuse,
+lower) schedules nothing: every operator becomes the naive loop nest its TOPI compute describes,
+one thread, no vector instructions (MobileNetV2: 8.7x eager torch on this host). TVM 0.27 has no
+TOPI schedules for x86 or Arm any more (``tvm.topi`` keeps computes only); its CPU schedules are
+the dlight rules ``tvm.s_tir.dlight.cpu.GEMV`` and ``Reduction`` (softmax, norms), which
+:func:`default_schedule` applies first. What they do not claim, convolutions, matmuls, pooling
+and elementwise work, gets the two rules here, written with the same dlight machinery:
+
+* :class:`Contraction`, one reduction block (conv2d, matmul, pooling), with fused injective
+  blocks around it: the innermost output loops are fused until they span a vector register and
+  split into (outer, vector lanes), the next output loop is register-blocked by 4, the reduction
+  loops go between, the outer output loops are fused and parallel, the init is split off the
+  reduction, and the epilogue (bias, ReLU, clip) is computed in the same parallel loop.
+* :class:`Injective`, loop nests with no reduction: fused, parallel over the outer part,
+  vectorised over the inner part.
+
+Every rule returns ``None`` for a function it does not understand, which then stays as the
+pipeline leaves it (correct, only slower): a schedule rule never changes what is computed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight import normalize_prim_func
+from tvm.s_tir.dlight.base import get_extent
+from tvm.target import Target
+from tvm.target.codegen import llvm_get_vector_width
+
+#: rows of the output tile kept in registers by :class:`Contraction`
+REGISTER_ROWS = 4
+
+
+def _lanes(target: Target, bits: int) -> int:
+    width = llvm_get_vector_width(target)
+    return max(2, (width if width > 0 else 128) // bits)
+
+
+def _dtype_bits(sch: s_tir.Schedule, block: Any) -> int:
+    writes = sch.get(block).writes
+    return writes[0].source.dtype.bits if writes else 32
+
+
+def _static(sch: s_tir.Schedule, loop: Any) -> int | None:
+    extent = get_extent(sch, loop)
+    return extent if isinstance(extent, int) else None
+
+
+def _vector_factor(extent: int, lanes: int) -> int:
+    """The largest power of two up to ``lanes`` that divides ``extent`` (1: do not vectorise)."""
+    v = lanes
+    while v > 1 and extent % v:
+        v //= 2
+    return v
+
+
+class _CPURule(dl.ScheduleRule):
+    """A rule for LLVM targets whose schedule primitives may refuse a function: then ``None``."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        try:
+            return self.schedule(s_tir.Schedule(func), target)
+        except Exception:  # tvm.error.TVMError and friends: leave the function unscheduled
+            return None
+
+    def schedule(self, sch: s_tir.Schedule, target: Target) -> s_tir.Schedule | None:
+        raise NotImplementedError
+
+
+class Injective(_CPURule):
+    """Elementwise, broadcast, transpose, reshape, padding: parallel outer, vectorised inner."""
+
+    def schedule(self, sch: s_tir.Schedule, target: Target) -> s_tir.Schedule | None:
+        blocks = normalize_prim_func(sch)
+        if not blocks or any(not b.is_injective() for b in blocks):
+            return None
+        # Inline producers into the last block where TVM allows it (fewer passes over memory).
+        for b in blocks[:-1]:
+            try:
+                sch.compute_inline(b.block_rv)
+            except Exception:  # not inlinable (e.g. read by two consumers): its own loop nest
+                pass
+        for b in normalize_prim_func(sch) or []:
+            _parallel_vector(sch, b.block_rv, _lanes(target, _dtype_bits(sch, b.block_rv)))
+        return sch
+
+
+def _parallel_vector(sch: s_tir.Schedule, block: Any, lanes: int) -> None:
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    extent = _static(sch, fused)
+    if extent is None or extent < 2 * lanes:
+        if extent is not None and extent >= 2:
+            sch.parallel(fused)
+        return
+    lanes = _vector_factor(extent, lanes)
+    if lanes < 2:
+        sch.parallel(fused)
+        return
+    outer, inner = sch.split(fused, factors=[None, lanes])
+    sch.parallel(outer)
+    sch.vectorize(inner)
+
+
+class Contraction(_CPURule):
+    """One reduction block (conv2d, depthwise conv, matmul, pooling) with injective blocks
+    around it (padding before, bias/activation after): see the module docstring."""
+
+    def schedule(self, sch: s_tir.Schedule, target: Target) -> s_tir.Schedule | None:
+        blocks = normalize_prim_func(sch)
+        if not blocks:
+            return None
+        reductions = [b for b in blocks if not b.is_injective()]
+        if len(reductions) != 1:
+            return None
+        main = reductions[0]
+        kinds = main.dom_kind()
+        nspatial = len(kinds) - len(kinds.lstrip("S"))
+        if not nspatial or kinds[nspatial:].strip("R") or nspatial == len(kinds):
+            return None  # not S...SR...R
+        # Producers (padding) inlined into the reduction; consumers (epilogue) after it.
+        index = blocks.index(main)
+        for b in blocks[:index]:
+            try:
+                sch.compute_inline(b.block_rv)
+            except Exception:
+                return None
+        # The epilogue chain is inlined into its last block, which is computed per parallel tile
+        # (it cannot go into the reduction block: that would apply it to partial sums).
+        epilogue = blocks[index + 1:]
+        for b in epilogue[:-1]:
+            try:
+                sch.compute_inline(b.block_rv)
+            except Exception:
+                return None
+        epilogue = epilogue[-1:]
+        block = main.block_rv
+        loops = sch.get_loops(block)
+        spatial, reduce = list(loops[:nspatial]), list(loops[nspatial:])
+        extents = [_static(sch, lp) for lp in loops]
+        if any(e is None for e in extents):
+            return None
+        lanes = _lanes(target, _dtype_bits(sch, block))
+        # Fuse inner output loops until they span at least a vector register.
+        inner = spatial.pop()
+        while spatial and _static(sch, inner) < lanes:
+            inner = sch.fuse(spatial.pop(), inner)
+        tail = []
+        lanes = _vector_factor(_static(sch, inner), lanes)
+        if lanes >= 4:
+            inner, inner_i = sch.split(inner, factors=[None, lanes])
+            tail = [inner_i]
+        rows = []
+        if spatial and _static(sch, spatial[-1]) % REGISTER_ROWS == 0 and _static(sch, spatial[-1]) > REGISTER_ROWS:
+            row_o, row_i = sch.split(spatial.pop(), factors=[None, REGISTER_ROWS])
+            spatial.append(row_o)
+            rows = [row_i]
+        sch.reorder(*spatial, inner, *reduce, *rows, *tail)
+        outer = sch.fuse(*spatial) if len(spatial) > 1 else (spatial[0] if spatial else None)
+        parallel = outer if outer is not None else inner
+        sch.parallel(parallel)
+        for loop in rows:
+            sch.unroll(loop)
+        if tail:
+            sch.vectorize(tail[0])  # before the init is split off: vectorize wants a whole reduction block
+        if reduce:
+            sch.decompose_reduction(block, reduce[0])
+        for b in epilogue:
+            sch.reverse_compute_at(b.block_rv, parallel)
+            loops = sch.get_loops(b.block_rv)[1:]
+            if loops:
+                fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+                v = _vector_factor(_static(sch, fused) or 1, lanes)
+                if v >= 4:
+                    _, vec = sch.split(fused, factors=[None, v])
+                    sch.vectorize(vec)
+        return sch
+
+
+class _Guarded(dl.ScheduleRule):
+    """Another rule, with its failures (a primitive refusing a function) turned into ``None``."""
+
+    def __init__(self, rule: dl.ScheduleRule) -> None:
+        self.rule = rule
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> Any:
+        try:
+            return self.rule.apply(func, target, tunable)
+        except Exception:
+            return None
+
+
+def dlight_rules() -> list[dl.ScheduleRule]:
+    """TVM's own CPU rules (``tvm.s_tir.dlight.cpu``), guarded."""
+    return [_Guarded(dl.cpu.GEMV()), _Guarded(dl.cpu.Reduction())]
+
+
+def default_schedule(rules: str = "default") -> Any:
+    """The module pass that schedules every PrimFunc no rule has scheduled yet (tuned ones keep
+    their tuned schedule): dlight's CPU GEMV and Reduction rules, then (``rules="default"``)
+    :class:`Contraction` and :class:`Injective`; ``rules="dlight"``: dlight's only."""
+    extra = [Contraction(), Injective()] if rules == "default" else []
+    return dl.ApplyDefaultSchedule(*dlight_rules(), *extra)

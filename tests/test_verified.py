@@ -1,0 +1,153 @@
+"""Verified-file records (handoff.verified): an unchanged, fully checked program file is not checked
+again, and a file changed after it was recorded is checked again (its damage still reported)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import handoff
+from handoff import verified
+from handoff.errors import ProgramFormatError
+from handoff.program import ProgramFile, program_bytes, write_program
+
+W = np.arange(6, dtype="<f4").reshape(2, 3)
+BLOB = b"delegate-blob\x00\xff" * 64
+MANIFEST = {
+    "handoff_version": "0.1.0", "metadata": {},
+    "values": [{"dtype": "float32", "shape": [2, 3]}] * 3,
+    "inputs": [{"name": "x", "value": 0}], "outputs": [{"name": "y", "value": 2}],
+    "constants": [{"value": 1, "segment": 0}],
+    "delegates": [{"backend": "fake", "backend_version": "1", "segment": 1, "partition": "p0", "metadata": {},
+                   "options": {}}],
+    "instructions": [{"op": "delegate", "delegate": 0, "inputs": [0, 1], "outputs": [2]}],
+}
+
+
+def _settled(tmp_path, name="p.hof"):
+    """A program file whose times are older than the racy window."""
+    path = tmp_path / name
+    write_program(str(path), MANIFEST, [W.tobytes(), BLOB])
+    verified.wait_until_not_racy(os.stat(path))
+    return path
+
+
+def _no_checks(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a recorded, unchanged file was checked again")
+
+    monkeypatch.setattr(ProgramFile, "_verify", refuse)
+
+
+def test_a_checked_file_is_recorded_and_not_checked_again(tmp_path, monkeypatch):
+    path = _settled(tmp_path)
+    with ProgramFile.open(path) as pf:
+        assert not pf.recorded
+        assert pf.remember_verified()
+    assert len(os.listdir(verified._directory())) == 1
+    _no_checks(monkeypatch)
+    with ProgramFile.open(path) as pf:
+        assert pf.recorded
+        assert bytes(pf.segment(1)) == BLOB
+
+
+@pytest.mark.parametrize("keep_mtime", [False, True])
+def test_a_file_changed_after_its_record_is_checked_again(tmp_path, keep_mtime):
+    """Damage in place (same inode, same size), even with the modification time put back (the
+    change time still moves): the next open checks, and the damage is the usual one-line error."""
+    path = _settled(tmp_path)
+    with ProgramFile.open(path) as pf:
+        offset = pf.manifest["segments"][1]["offset"]
+        assert pf.remember_verified()
+    before = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(offset + 3)
+        f.write(b"X")
+    if keep_mtime:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size) == (before.st_ino, before.st_size)
+    with ProgramFile.open(path) as pf:
+        assert not pf.recorded
+        with pytest.raises(ProgramFormatError, match=r"segments\[1\]\.xxh3 at offset \d+: does not match .*corrupted"):
+            pf.segment(1)
+        with pytest.raises(ProgramFormatError):
+            pf.remember_verified()
+
+
+def test_a_copy_or_replacement_is_checked_again(tmp_path):
+    path = _settled(tmp_path)
+    with ProgramFile.open(path) as pf:
+        assert pf.remember_verified()
+    copy = _settled(tmp_path, "copy.hof")
+    os.replace(copy, path)  # another inode under the recorded name
+    with ProgramFile.open(path) as pf:
+        assert not pf.recorded
+
+
+def test_a_racy_file_is_not_recorded(tmp_path):
+    """Written just now: a change within the same clock tick would keep its times, so no record."""
+    path = tmp_path / "fresh.hof"
+    write_program(str(path), MANIFEST, [W.tobytes(), BLOB])
+    with ProgramFile.open(path) as pf:
+        assert verified.racy(os.stat(path), pf._stat[1])
+        assert not pf.remember_verified()
+    assert not verified._directory().exists() or not os.listdir(verified._directory())
+
+
+def test_bytes_are_never_recorded():
+    with ProgramFile.from_bytes(program_bytes(MANIFEST, [W.tobytes(), BLOB])) as pf:
+        assert not pf.remember_verified() and not pf.recorded
+
+
+def test_an_unwritable_home_is_only_a_miss(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("HANDOFF_HOME", str(blocker))
+    path = _settled(tmp_path)
+    with ProgramFile.open(path) as pf:
+        assert not pf.remember_verified()
+    with ProgramFile.open(path) as pf:
+        assert not pf.recorded and bytes(pf.segment(1)) == BLOB
+
+
+def test_a_record_for_other_content_does_not_count(tmp_path):
+    """The record holds the manifest's SHA-256: the same key with another manifest is a miss."""
+    path = _settled(tmp_path)
+    st = os.stat(path)
+    assert verified.record(st, b"\x00" * 32, verified.wait_until_not_racy(st))
+    with ProgramFile.open(path) as pf:
+        assert not pf.recorded
+
+
+def test_partition_and_load_record_the_file(sink_plugins, tmp_path, monkeypatch):
+    """``PartitionResult.write`` records what it wrote, so even the first load skips the checks."""
+    import kitchen_sink
+
+    model = kitchen_sink.sink_net()
+    x = torch.randn(2, 8)
+    path = tmp_path / "sink.hof"
+    handoff.partition(model, (x,), backends=["sink"], fallback=False).write(str(path))
+    _no_checks(monkeypatch)
+    with handoff.load(path) as program:
+        assert program.file.recorded
+        np.testing.assert_allclose(program.run([x.numpy()])[0], model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_first_load_records_the_file(sink_plugins, tmp_path, monkeypatch):
+    import shutil
+
+    import kitchen_sink
+
+    path = tmp_path / "sink.hof"
+    handoff.partition(kitchen_sink.sink_net(), (torch.randn(2, 8),), backends=["sink"], fallback=False).write(str(path))
+    shutil.rmtree(verified._directory())
+    with handoff.load(path):
+        pass
+    assert len(os.listdir(verified._directory())) == 1
+    _no_checks(monkeypatch)
+    with handoff.load(path) as program:
+        assert program.file.recorded
