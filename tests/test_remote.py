@@ -165,7 +165,7 @@ def test_cli_run_on_a_device(client, program, tmp_path, capsys):
     assert main(["run", str(path), "--rpc", client.address]) == 1
     assert "--rpc HOST:PORT and --key KEY go together" in capsys.readouterr().err
     assert main(["run", str(path), "--rpc", client.address, "--key", "dev-b", "--allow-unsigned"]) == 1
-    assert "a device trusts what its handoff serve was told to" in capsys.readouterr().err
+    assert "a device trusts and loads what its handoff serve was told to" in capsys.readouterr().err
 
 
 def test_the_device_applies_its_own_trust_rules(client, program, tmp_path, monkeypatch):

@@ -116,7 +116,7 @@ def test_plugin_declares_tvm_and_its_options():
     suite's contract[imports] check: tests/test_tvm_conformance.py.)"""
     (spec,) = handoff_backends()
     assert (spec.id, spec.device) == ("tvm", "cpu")
-    assert set(spec.options) == {"target", "mcpu", "tune", "rpc"}
+    assert set(spec.options) == {"target", "mcpu", "tune", "rpc", "tune_budget", "schedule"}
 
 
 @pytest.mark.parametrize("options, valid", [

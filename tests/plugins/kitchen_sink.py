@@ -273,7 +273,8 @@ class SinkRuntime(Runtime):
             return {"input": lambda: inputs[i], "const": lambda: np.asarray(handle["consts"][i], dtype=np.float32),
                     "tmp": lambda: tmps[i], "scalar": lambda: i}[kind]()
 
-        for op, args, kwargs, offset in handle["program"]:
+        for op, args, kwargs, *wrong in handle["program"]:
+            offset = wrong[0] if wrong else 0.0  # blobs from before wrong_op (golden_v1_3.hof) have none
             out = NUMPY_OPS[op](*[get(a) for a in args], **kwargs)
             tmps.append(np.asarray(out + offset, dtype=np.float32))
         return [np.asarray(get(o), dtype=np.float32) for o in handle["outputs"]]
