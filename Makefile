@@ -39,7 +39,7 @@ demo: setup
 	$(VENV)/bin/handoff run $(OUT)/demo.hof --bench 20
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # The core and every plugin as wheels in dist/ (offline: build requirements come from the local index).
 wheels: setup
