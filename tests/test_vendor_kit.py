@@ -71,7 +71,8 @@ def fresh_env(tmp_path_factory):
 def test_wheels_install_and_every_backend_runs_a_zoo_model(fresh_env):
     env, tmp = fresh_env["env"], fresh_env["tmp"]
     wheels = sorted(p.name for p in fresh_env["dist"].glob("*.whl"))
-    assert [w.split("-")[0] for w in wheels] == ["handoff", "handoff_qnn", "handoff_vulkan", "handoff_xnnpack"]
+    assert [w.split("-")[0] for w in wheels] == ["handoff", "handoff_coreml", "handoff_qnn", "handoff_vulkan",
+                                                 "handoff_xnnpack"]
     where = _run(["python", "-c", "import handoff, handoff_xnnpack, sys; print(handoff.__file__); "
                   "print(handoff_xnnpack.__file__); print(sys.path)"], env, tmp)
     assert where.count(str(fresh_env["venv"])) >= 2 and str(ROOT) not in where, where
@@ -81,6 +82,7 @@ def test_wheels_install_and_every_backend_runs_a_zoo_model(fresh_env):
                       ("vulkan", "handoff-vulkan")):
         assert rows[bid]["distribution"] == dist and rows[bid]["distribution_version"] == "0.1.0", rows[bid]
         assert rows[bid]["aot"] and rows[bid]["runtime"], rows[bid]
+    assert rows["coreml"]["distribution"] == "handoff-coreml", rows["coreml"]  # lowers here, runs on Apple only
     assert "handoff-xnnpack 0.1.0" in _run(["handoff", "backends"], env, tmp)
     for bid in ("xnnpack", "qnn", "vulkan", "tvm"):
         _run(["handoff", "partition", "zoo:small_cnn", "--backends", bid, "-o", f"{bid}.hof"], env, tmp)
