@@ -12,6 +12,10 @@ then be one-line errors through ``handoff.load``: copy each into ``tests/fuzz/cr
 (``tests/test_fuzz.py`` checks them). Any crash of another harness is a bug in handoff: fix it and
 add the input to ``tests/fuzz/regressions/NAME/``.
 
+An ``oom-*`` input is run again alone in a fresh process: if it fits the limit there, the OOM was
+libFuzzer's own bookkeeping growing over millions of runs; the input is renamed ``growth-*`` and
+the harness restarted with its corpus (``fuzzer_growth_restarts`` in the summary).
+
 Usage: ``python tests/fuzz/campaign.py --seconds 1800 program hostops ...`` (prints one line per
 harness: time, executions, executions per second, coverage, crashes; and writes .fuzz/summary.json).
 """
@@ -65,8 +69,12 @@ def run(name: str, seconds: float, extra: list[str]) -> dict:
             totals["cov"], totals["ft"], totals["corpus"] = max(totals["cov"], cov), max(totals["ft"], ft), corp
             totals["peak_rss_mb"] = max(totals["peak_rss_mb"], rss)
         totals["seconds"] += took
-        totals["crashes"] += [Path(p).name for p in found if "slow-unit" not in p]
-        if proc.returncode == 0 or name not in RESTARTED:
+        found = [p for p in found if "slow-unit" not in p]
+        growth = [p for p in found if Path(p).name.startswith("oom-") and not _oom_alone(name, Path(p))]
+        totals["crashes"] += [Path(p).name for p in found if p not in growth]
+        if growth:
+            totals["fuzzer_growth_restarts"] = totals.get("fuzzer_growth_restarts", 0) + len(growth)
+        elif proc.returncode == 0 or name not in RESTARTED:
             break
         early = early + 1 if "INITED" not in text else 0
         if early >= 2:
@@ -76,6 +84,23 @@ def run(name: str, seconds: float, extra: list[str]) -> dict:
         time.sleep(1)
     totals["exec_per_s"] = round(totals["execs"] / totals["seconds"], 1) if totals["seconds"] else 0
     return totals
+
+
+def _oom_alone(name: str, unit: Path) -> bool:
+    """Whether an ``oom-*`` input also runs out of memory on its own, in a fresh process.
+
+    libFuzzer's RSS includes its own bookkeeping, which grows by about 1 KB per execution in these
+    Python harnesses (the program harness passed 2 GB after 1.5 million runs in 22 minutes, while
+    its target's memory stayed flat). An input that runs alone under the same limit is that growth,
+    not a finding: it is kept as ``growth-*`` for the record and the harness is restarted with its
+    corpus; one that runs out of memory alone is a real finding.
+    """
+    alone = subprocess.run([sys.executable, str(HERE / f"fuzz_{name}.py"), "-rss_limit_mb=2048", "-timeout=60",
+                            str(unit)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    if alone.returncode != 0:
+        return True
+    unit.rename(unit.with_name("growth-" + unit.name[len("oom-"):]))
+    return False
 
 
 def main() -> int:
@@ -94,7 +119,8 @@ def main() -> int:
         print(f"fuzz_{name}: {result['seconds']:.0f} s, {result['execs']} executions ({result['exec_per_s']}/s), "
               f"coverage {result['cov']} edges / {result['ft']} features, corpus {result['corpus']}, "
               f"peak RSS {result['peak_rss_mb']} MB, {len(result['crashes'])} crash(es) "
-              f"{result['crashes'] or ''}{', restarts ' + str(result['restarts']) if result['restarts'] else ''}",
+              f"{result['crashes'] or ''}{', restarts ' + str(result['restarts']) if result['restarts'] else ''}"
+              f"{' (' + str(result['fuzzer_growth_restarts']) + ' for fuzzer memory growth)' if result.get('fuzzer_growth_restarts') else ''}",
               flush=True)
     return 0
 
