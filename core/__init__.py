@@ -57,6 +57,7 @@ _LAZY = {
     "Limits": ("partitioner", "Limits"),
     "Report": ("report", "Report"),
     "extract_partition": ("lower", "extract_partition"),
+    "first_failing": ("lower", "first_failing"),
     "cache_dir": ("cache", "cache_dir"),
 }
 
@@ -71,7 +72,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["__version__", "HOST_MEMORY", "PLUGIN_API_VERSION", "BackendSpec", "Compiler", "FallbackWarning",
-           "HandoffError", "Limits", "Lowered", "LoweringError", "Option", "PartitionResult", "Plugins", "Program",
-           "ProgramFormatError", "Quantized", "Report", "ResolvedModel", "Runtime", "ZooModel", "cache_dir",
-           "extract_partition", "get_plugins", "hookimpl", "hookspec", "load", "native_library", "one_line", "partition",
-           "quantize", "quiet_native", "temp_dir"]
+           "HandoffError", "Limits", "Lowered", "LoweringError", "Option", "PartitionResult", "Plugins",
+           "Program", "ProgramFormatError", "Quantized", "Report", "ResolvedModel", "Runtime", "ZooModel",
+           "cache_dir", "extract_partition", "first_failing", "get_plugins", "hookimpl", "hookspec", "load",
+           "native_library", "one_line", "partition", "quantize", "quiet_native", "temp_dir"]
