@@ -41,7 +41,7 @@ from .backend import (  # noqa: E402
 )
 from .errors import FallbackWarning, HandoffError, ProgramFormatError, one_line  # noqa: E402
 from .native import native_library  # noqa: E402
-from .quiet import quiet_native  # noqa: E402
+from .quiet import quiet_loggers, quiet_native  # noqa: E402
 from .hookspecs import hookimpl, hookspec  # noqa: E402
 from .plugins import Plugins, get_plugins  # noqa: E402
 from .runtime import Program, load  # noqa: E402
@@ -75,4 +75,4 @@ __all__ = ["__version__", "HOST_MEMORY", "PLUGIN_API_VERSION", "BackendSpec", "C
            "HandoffError", "Limits", "Lowered", "LoweringError", "Option", "PartitionResult", "Plugins",
            "Program", "ProgramFormatError", "Quantized", "Report", "ResolvedModel", "Runtime", "ZooModel",
            "cache_dir", "extract_partition", "first_failing", "get_plugins", "hookimpl", "hookspec", "load",
-           "native_library", "one_line", "partition", "quantize", "quiet_native", "temp_dir"]
+           "native_library", "one_line", "partition", "quantize", "quiet_loggers", "quiet_native", "temp_dir"]

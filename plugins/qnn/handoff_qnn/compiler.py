@@ -43,7 +43,7 @@ import onnx
 import torch
 
 from handoff import (Compiler, Lowered, LoweringError, cache_dir, extract_partition, first_failing, one_line,
-                     temp_dir)
+                     quiet_loggers, temp_dir)
 
 from . import __version__, _format, _ort, ops
 from ._worker import worker_for
@@ -297,20 +297,12 @@ def to_onnx(ep: torch.export.ExportedProgram, name: str = "partition") -> onnx.M
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """torch.onnx logs a warning per torchvision op it cannot register, on every export."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration",
-                                              "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        import warnings
+    import warnings
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    with quiet_loggers("torch.onnx", "torch.onnx._internal.exporter._registration", "onnxscript"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _read_context(folder: str, ctx_path: str) -> tuple[bytes, list[tuple[str, bytes]]]:
