@@ -54,6 +54,7 @@ _LAZY = {
     "PartitionResult": ("pipeline", "PartitionResult"),
     "quantize": ("quantization", "quantize"),
     "Quantized": ("quantization", "Quantized"),
+    "is_quantized": ("quantization", "is_quantized"),
     "Limits": ("partitioner", "Limits"),
     "Report": ("report", "Report"),
     "extract_partition": ("lower", "extract_partition"),
@@ -74,5 +75,6 @@ def __getattr__(name: str) -> Any:
 __all__ = ["__version__", "HOST_MEMORY", "PLUGIN_API_VERSION", "BackendSpec", "Compiler", "FallbackWarning",
            "HandoffError", "Limits", "Lowered", "LoweringError", "Option", "PartitionResult", "Plugins",
            "Program", "ProgramFormatError", "Quantized", "Report", "ResolvedModel", "Runtime", "ZooModel",
-           "cache_dir", "extract_partition", "first_failing", "get_plugins", "hookimpl", "hookspec", "load",
-           "native_library", "one_line", "partition", "quantize", "quiet_loggers", "quiet_native", "temp_dir"]
+           "cache_dir", "extract_partition", "first_failing", "get_plugins", "hookimpl", "hookspec",
+           "is_quantized", "load", "native_library", "one_line", "partition", "quantize", "quiet_loggers",
+           "quiet_native", "temp_dir"]

@@ -69,7 +69,9 @@ class Quantized:
 
 
 def is_quantized(ep: Any) -> bool:
-    """Whether an ``ExportedProgram`` already holds PT2E quantize/dequantize ops."""
+    """Whether an ``ExportedProgram`` (a model, or a partition as ``preprocess`` receives it)
+    holds PT2E quantize/dequantize ops: an int8 model. Public API (``handoff.is_quantized``): a
+    backend uses it to record, or choose, its integer path."""
     return any(getattr(n.target, "namespace", None) == QDQ_NAMESPACE for n in ep.graph.nodes)
 
 

@@ -423,17 +423,23 @@ def test_load_and_run_read_no_catalogue(sink_plugins, tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
-PUBLIC_MODULES = {"handoff", "handoff.blob", "handoff.testing", "handoff.tvm"}
+PUBLIC_MODULES = {"handoff", "handoff.blob", "handoff.conformance", "handoff.testing", "handoff.tvm"}
 
 
-@pytest.mark.parametrize("package", sorted(ROOT.glob("plugins/*/handoff_*")), ids=lambda p: p.name)
+@pytest.mark.parametrize("package", sorted([*ROOT.glob("plugins/*/handoff_*"), *ROOT.glob("plugins/*/tools")]),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_plugins_use_only_the_public_api(package):
-    """A plugin imports from handoff only what docs/plugins.md documents."""
+    """A plugin (its package and tools) imports from handoff only what docs/plugins.md documents:
+    the public modules, and from ``handoff`` itself only what ``handoff.__all__`` lists."""
+    public = set(handoff.__all__) | {m.split(".")[1] for m in PUBLIC_MODULES if "." in m}
     for path in package.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 names = [node.module]
+                if node.module == "handoff":
+                    for alias in node.names:
+                        assert alias.name in public, f"{path.relative_to(ROOT)}:{node.lineno} imports handoff.{alias.name}"
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             for name in names:

@@ -30,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from handoff import Compiler, Lowered, LoweringError, one_line, quiet_loggers
+from handoff import Compiler, Lowered, LoweringError, is_quantized, one_line, quiet_loggers
 
 # Importing ExecuTorch pulls in torchao, which logs warnings about CUDA kernels a CPU wheel cannot
 # load and a torch.compile deprecation: noise in a CPU lowering flow.
@@ -239,7 +239,7 @@ class XnnpackCompiler(Compiler):
             "num_outputs": len(plans[0].outputs),
             "pte_bytes": len(pte),
         }
-        if any(getattr(n.target, "namespace", None) == "quantized_decomposed" for n in ep.graph.nodes):
+        if is_quantized(ep):
             # ExecuTorch's XNNPACK passes fuse each dequantize -> op -> quantize into one QS8 operator
             meta["int8_compute"] = "XNNPACK int8 (QS8) kernels, dequantize-op-quantize fused by ExecuTorch"
         if self.options["threads"] is not None:
