@@ -41,7 +41,7 @@ from .backend import (  # noqa: E402
 )
 from .errors import FallbackWarning, HandoffError, ProgramFormatError, one_line  # noqa: E402
 from .native import native_library  # noqa: E402
-from .quiet import quiet_native  # noqa: E402
+from .quiet import quiet_loggers, quiet_native  # noqa: E402
 from .hookspecs import hookimpl, hookspec  # noqa: E402
 from .plugins import Plugins, get_plugins  # noqa: E402
 from .runtime import Program, load  # noqa: E402
@@ -54,9 +54,11 @@ _LAZY = {
     "PartitionResult": ("pipeline", "PartitionResult"),
     "quantize": ("quantization", "quantize"),
     "Quantized": ("quantization", "Quantized"),
+    "is_quantized": ("quantization", "is_quantized"),
     "Limits": ("partitioner", "Limits"),
     "Report": ("report", "Report"),
     "extract_partition": ("lower", "extract_partition"),
+    "first_failing": ("lower", "first_failing"),
     "cache_dir": ("cache", "cache_dir"),
 }
 
@@ -71,7 +73,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["__version__", "HOST_MEMORY", "PLUGIN_API_VERSION", "BackendSpec", "Compiler", "FallbackWarning",
-           "HandoffError", "Limits", "Lowered", "LoweringError", "Option", "PartitionResult", "Plugins", "Program",
-           "ProgramFormatError", "Quantized", "Report", "ResolvedModel", "Runtime", "ZooModel", "cache_dir",
-           "extract_partition", "get_plugins", "hookimpl", "hookspec", "load", "native_library", "one_line", "partition",
-           "quantize", "quiet_native", "temp_dir"]
+           "HandoffError", "Limits", "Lowered", "LoweringError", "Option", "PartitionResult", "Plugins",
+           "Program", "ProgramFormatError", "Quantized", "Report", "ResolvedModel", "Runtime", "ZooModel",
+           "cache_dir", "extract_partition", "first_failing", "get_plugins", "hookimpl", "hookspec",
+           "is_quantized", "load", "native_library", "one_line", "partition", "quantize", "quiet_loggers",
+           "quiet_native", "temp_dir"]

@@ -15,7 +15,7 @@ import json
 import math
 import operator
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from . import __version__
 from .backend import Lowered, LoweringError
@@ -187,6 +187,40 @@ def _propagate_contiguous(graph: Any, placeholders: Sequence[tuple[Any, Any]]) -
             fakes.append(mode.from_tensor(tensor))
     with quiet_torch():
         FakeTensorProp(torch.fx.GraphModule(torch.nn.Module(), graph), mode).propagate_dont_convert_inputs(*fakes)
+
+
+def first_failing(check: Callable[[list[str]], Any], nodes: Sequence[str]) -> Iterator[tuple[str, Any, bool]]:
+    """The nodes that break a group, for :meth:`handoff.Compiler.check_partition`. Public API.
+
+    ``check(names)`` test-compiles ``names`` (a sub-list of ``nodes``, in their order) as one
+    group and returns ``None`` when it compiles, otherwise the failure (the compiler's message).
+    A group with nothing to compile (only weights, no outputs) should pass: such a prefix is no
+    node's fault.
+
+    Each round checks the nodes left; when they fail, bisection finds the smallest failing prefix
+    (topological order: what precedes the culprit compiles without it) in about log2(n) checks,
+    and yields ``(node, failure, alone)``: its last node, ``check``'s answer for that prefix, and
+    whether that prefix is the node alone (when not, what precedes it passes without it). The node is taken out and the next round starts, until the
+    rest compiles (then the last call of ``check`` was on exactly the nodes left, so a compiler
+    may keep that result for ``preprocess``) or nothing is left. ``check`` is assumed monotone
+    (a failing prefix keeps failing when nodes are added after it); where it is not, the node
+    found still fails with what precedes it.
+    """
+    remaining = list(nodes)
+    while remaining:
+        failure = check(remaining)
+        if failure is None:
+            return
+        lo, hi = 1, len(remaining)  # the smallest k with remaining[:k] failing lies in [lo, hi]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            result = check(remaining[:mid])
+            if result is None:
+                lo = mid + 1
+            else:
+                hi, failure = mid, result
+        culprit = remaining.pop(hi - 1)
+        yield culprit, failure, hi == 1
 
 
 class _ContentKeys:

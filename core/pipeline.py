@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -64,9 +63,8 @@ class PartitionResult:
 
         start = time.perf_counter()
         size = write_program(path, self.assembled.manifest, self.assembled.segments, alignment=alignment,
-                             signer=_signer(sign))
+                             signer=_signer(sign), remember=True)  # its first load skips the checks
         remember_blobs(self.assembled.manifest, self.assembled.segments)
-        _remember_verified(path)
         self.report.output, self.report.program_bytes = str(path), size
         self.report.timings["write"] = time.perf_counter() - start
         return size
@@ -80,17 +78,6 @@ def remember_blobs(manifest: Mapping[str, Any], segments: Sequence[Any]) -> None
     for d in manifest["delegates"]:
         for e in (d, *d.get("fallbacks", ())):  # its own blob and its fallback copies (format 1.3)
             remember(e["backend"], blob_key(e["backend"], e["backend_version"], segments[e["segment"]], e["metadata"]))
-
-
-def _remember_verified(path: str) -> None:
-    """Check the file just written and record it (``handoff.verified``), so its first load skips
-    the checks; waits out the racy window first (at most 50 ms on file systems with fine times)."""
-    from . import verified
-    from .program import ProgramFile
-
-    verified.wait_until_not_racy(os.stat(path))
-    with ProgramFile.open(path) as pf:
-        pf.remember_verified()
 
 
 def _signer(sign: bool) -> Any:

@@ -1051,7 +1051,7 @@ def program_bytes(manifest: dict, segments: Sequence[Any], alignment: int = DEFA
 
 def write_program(
     path_or_file: Any, manifest: dict, segments: Sequence[Any], alignment: int = DEFAULT_ALIGNMENT,
-    signer: Any = None,
+    signer: Any = None, remember: bool = False,
 ) -> int:
     """Write a program file and return its size in bytes.
 
@@ -1068,6 +1068,9 @@ def write_program(
     :param alignment: a power of two between 8 and 65536.
     :param signer: signs the manifest (``handoff.signing.LocalKey``); any ``signatures`` the
         manifest held are replaced (they would not match the new segment table).
+    :param remember: (a path only) record the file as checked (:mod:`handoff.verified`) from the
+        digests computed while writing, so its first load skips the segment checks; waits until
+        the written file's times are not racy (at most 50 ms on file systems with fine times).
     :raises ProgramFormatError: the manifest is invalid or not JSON-serialisable.
     :raises HandoffError: the path cannot be written (nothing is left behind).
     """
@@ -1101,6 +1104,9 @@ def write_program(
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
+            if remember:  # the temporary file is ours alone until the rename: its content is known
+                started = verified.wait_until_not_racy(os.fstat(f.fileno()))
+                written = os.fstat(f.fileno())
         os.replace(tmp, name)
     except BaseException as exc:
         try:
@@ -1110,4 +1116,6 @@ def write_program(
         if isinstance(exc, OSError):
             raise HandoffError(f"{name}: cannot write program file: {exc.strerror or exc}") from exc
         raise
+    if remember:
+        verified.record_written(name, written, hashlib.sha256(data).digest(), started)
     return size

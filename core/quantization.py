@@ -21,14 +21,16 @@ normalised images and embeddings), so observers see a realistic range rather tha
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
-import logging
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .errors import HandoffError, one_line
+from .quiet import quiet_loggers
 from .zoo import ResolvedModel
+
+#: torchao logs warnings about CUDA kernels a CPU wheel cannot load: noise in a CPU flow.
+_TORCHAO_LOGGERS = ("torchao", "torch.utils._pytree")
 
 #: Quantization schemes ``--quantize`` accepts.
 SCHEMES = ("int8",)
@@ -67,7 +69,9 @@ class Quantized:
 
 
 def is_quantized(ep: Any) -> bool:
-    """Whether an ``ExportedProgram`` already holds PT2E quantize/dequantize ops."""
+    """Whether an ``ExportedProgram`` (a model, or a partition as ``preprocess`` receives it)
+    holds PT2E quantize/dequantize ops: an int8 model. Public API (``handoff.is_quantized``): a
+    backend uses it to record, or choose, its integer path."""
     return any(getattr(n.target, "namespace", None) == QDQ_NAMESPACE for n in ep.graph.nodes)
 
 
@@ -106,7 +110,7 @@ def quantize_resolved(resolved: ResolvedModel, compilers: Mapping[str, Any], sch
     import torch
 
     try:
-        with _quiet_torchao():
+        with quiet_loggers(*_TORCHAO_LOGGERS):
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     except ImportError as exc:
         raise HandoffError(f"--quantize needs torchao ({one_line(exc, 200)}): pip install 'handoff[compile]' "
@@ -161,7 +165,7 @@ def _op(node: Any) -> str:
 
 def _compose(compilers: Mapping[str, Any], scheme: str) -> Any:
     """The selected backends' quantizers in priority order, composed (see the module docstring)."""
-    with _quiet_torchao():
+    with quiet_loggers(*_TORCHAO_LOGGERS):
         from torchao.quantization.pt2e.quantizer import ComposableQuantizer
         from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
@@ -316,17 +320,3 @@ def quantized_spans(ep: Any) -> list[list[str]]:
         if before or after:
             spans.append([*before, node.name, *after])
     return spans
-
-
-@contextlib.contextmanager
-def _quiet_torchao() -> Iterator[None]:
-    """torchao logs warnings about CUDA kernels a CPU wheel cannot load: noise in a CPU flow."""
-    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)

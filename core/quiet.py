@@ -14,11 +14,16 @@ captured is attached to the exception as a note (Python shows it with the traceb
 
 The redirect is process-wide (file descriptors are), so blocks on several threads share one: the
 first to enter redirects, the last to leave restores.
+
+What libraries log through Python's ``logging`` (torchao's warnings about kernels a CPU wheel cannot
+load, ExecuTorch's per-node partitioner lines, the ONNX exporter's registrations) is muted by
+:func:`quiet_loggers` instead, around the calls that log.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import tempfile
@@ -116,3 +121,22 @@ def quiet_native() -> Iterator[None]:
         raise
     else:
         _leave()
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Raise the Python loggers ``names`` (their children included) to ``level`` for the block,
+    then restore the levels they had: a library used by the caller too keeps its settings. A no-op
+    with ``--debug``."""
+    if _passthrough():
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, levels):
+            lg.setLevel(old)

@@ -8,20 +8,85 @@ with the quantized eager model (the converted PT2E module) in quantization steps
 rounding difference moves a value by one step), and with the float model by signal-to-noise ratio
 and top-1 agreement, which are reported rather than bounded by a universal constant. Imports
 torch; not for the runtime.
+
+For a plugin's own test suite: :func:`plugin_tests` (called from its ``tests/conftest.py``) keeps
+installed plugins out, and the pytest fixtures :func:`isolated_plugins` (autouse),
+:func:`handoff_home` and :func:`use_plugins`, imported into that conftest, give each test only the
+plugins it registers (:func:`register_plugins`) and one ``HANDOFF_HOME`` for the session::
+
+    from handoff.testing import handoff_home, isolated_plugins, plugin_tests, use_plugins  # noqa: F401
+    plugin_tests(__file__)
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import pytest
 
 #: Relative tolerance by the precision a backend computes in; for ``int8``, the largest difference
 #: from the quantized eager model in quantization steps of the output. ``qdq`` is for single
 #: quantized patterns (q/dq around a float op) against eager: two steps of a symmetric int8 scale
 #: that covers the output's range. Integers and booleans must be exact.
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "int8": 3, "qdq": 2 / 127, "int32": 0.0, "int64": 0.0, "bool": 0.0}
+
+
+def plugin_tests(conftest: str, *paths: str) -> None:
+    """Prepare a plugin's test session; call it from the plugin's ``tests/conftest.py`` with
+    ``__file__``. Installed plugins are never autoloaded (``HANDOFF_DISABLE_PLUGIN_AUTOLOAD=1``,
+    ``HANDOFF_PLUGINS`` cleared): a test sees only what it registers. The plugin's source tree (the
+    conftest's parent folder, for a checkout that is not pip-installed) and ``paths`` (relative to
+    the conftest's folder, e.g. ``"."`` for test plugins kept next to it) go first on ``sys.path``."""
+    here = Path(conftest).resolve().parent
+    for path in (here.parent, *(here / p for p in paths)):
+        if str(path.resolve()) not in sys.path:
+            sys.path.insert(0, str(path.resolve()))
+    os.environ["HANDOFF_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    os.environ.pop("HANDOFF_PLUGINS", None)
+
+
+def register_plugins(*modules: str) -> Any:
+    """Install, for this process, a plugin manager (:class:`handoff.Plugins`) with the core's
+    built-in backends and the plugin modules ``modules`` (import paths such as
+    ``"handoff_acme.plugin"``), never the installed ones. A module that fails to load fails the
+    call with the reason. Returns the manager."""
+    from . import plugins
+
+    pm = plugins.Plugins(autoload=False, extra=list(modules))
+    assert not pm.broken, pm.broken
+    plugins.set_plugins(pm)
+    return pm
+
+
+@pytest.fixture(scope="session")
+def handoff_home(tmp_path_factory: Any) -> Path:
+    """The ``HANDOFF_HOME`` of the test session (a temporary folder): one test's compiles are
+    cached for the next."""
+    return tmp_path_factory.mktemp("handoff_home")
+
+
+@pytest.fixture(autouse=True)
+def isolated_plugins(handoff_home: Path, monkeypatch: Any) -> Any:
+    """Autouse where imported: each test starts and ends with no plugin manager installed (the
+    next :func:`handoff.get_plugins` builds a fresh one) and ``HANDOFF_HOME`` set to
+    :func:`handoff_home`."""
+    from . import plugins
+
+    monkeypatch.setenv("HANDOFF_HOME", str(handoff_home))
+    plugins.set_plugins(None)
+    yield
+    plugins.set_plugins(None)
+
+
+@pytest.fixture(scope="session")
+def use_plugins() -> Any:
+    """:func:`register_plugins`, for tests and fixtures that choose their plugins as they go:
+    ``use_plugins("handoff_acme.plugin", "handoff_xnnpack.plugin")``."""
+    return register_plugins
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -158,3 +223,15 @@ def check_int8(program: Any, quantized: Any, float_model: Any, input_specs: Sequ
         assert not np.allclose(firsts[0], firsts[1]), "output does not depend on the input: degenerate model"
     return {"max_steps": worst, "snr_db": snr_db(np.concatenate(gots), np.concatenate(floats)),
             "top1_agreement": agree / rows if rows else float("nan")}
+
+
+#: The op-table check of a plugin's ``tools/check_op_table.py`` (:mod:`handoff.op_table`), loaded on use.
+_OP_TABLE = ("NotEvaluable", "Sample", "Samples", "check_op_table", "check_sample", "mismatch")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _OP_TABLE:
+        from . import op_table
+
+        return getattr(op_table, name)
+    raise AttributeError(f"module 'handoff.testing' has no attribute {name!r}")

@@ -10,8 +10,9 @@ one that was checked is checked again, and damage still gives its one-line error
 
 Records live in ``$HANDOFF_HOME/verified``, one small file per key holding the manifest's
 SHA-256 (so a record also names the content it was made for). They are written after a load has
-checked every segment (``Program``), and by ``partition`` for the file it wrote. A record that
-cannot be read or written is a miss, never an error: it only saves time.
+checked every segment (``Program``), and by ``partition`` for the file it wrote, from the digest
+computed while writing (:func:`record_written`: nothing is read back). A record that cannot be
+read or written is a miss, never an error: it only saves time.
 
 *Racy files.* File times come from a clock that ticks coarsely (a few ms on Linux, 1-2 s on some
 file systems), so a file changed in the same tick in which it was checked keeps its times. As git
@@ -71,6 +72,32 @@ def record(st: os.stat_result, manifest_sha256: bytes, started_ns: int) -> bool:
     ``$HANDOFF_HOME`` is not writable)."""
     if racy(st, started_ns):
         return False
+    return _write_record(st, manifest_sha256)
+
+
+def record_written(path: str, written: os.stat_result, manifest_sha256: bytes, started_ns: int) -> bool:
+    """Remember a program file this process has just written, without reading it back.
+    ``written`` is the ``fstat`` of the (private, temporary) file before it was renamed to
+    ``path``, taken once its times were no longer racy at ``started_ns``
+    (:func:`wait_until_not_racy`); ``manifest_sha256`` the digest computed while writing.
+
+    The rename changes the file's ctime only. So the file now at ``path`` is the one written, with
+    that content, when its device, inode, size and mtime still match ``written``: a write since
+    would have moved its mtime past ``started_ns``, clearly later than the written file's (the
+    racy rule, applied to the written file). Returns whether a record was written."""
+    if racy(written, started_ns):
+        return False
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    same = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if same != (written.st_dev, written.st_ino, written.st_size, written.st_mtime_ns):
+        return False
+    return _write_record(st, manifest_sha256)
+
+
+def _write_record(st: os.stat_result, manifest_sha256: bytes) -> bool:
     directory = _directory()
     try:
         directory.mkdir(parents=True, exist_ok=True)

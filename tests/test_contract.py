@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import handoff
 from handoff import BackendSpec, Compiler, HandoffError, Option, Runtime, hookimpl, plugins
@@ -272,6 +274,53 @@ def test_check_partition_shrinks_a_partition_with_reasons(sink_plugins):
         np.testing.assert_allclose(program.run([x])[0], model(x).detach().numpy(), rtol=1e-6, atol=1e-6)
 
 
+
+def _combination_check(bad: set[frozenset[str]], calls: list[list[str]]):
+    """A "compiler" that fails on any group holding all nodes of one of ``bad``, naming them."""
+
+    def check(names: list[str]) -> str | None:
+        calls.append(list(names))
+        hit = [sorted(b) for b in bad if b <= set(names)]
+        return f"fails with {min(hit)}" if hit else None
+
+    return check
+
+
+def test_first_failing_finds_the_node_that_breaks_a_group():
+    nodes = [f"n{i}" for i in range(64)]
+    calls: list[list[str]] = []
+    assert list(handoff.first_failing(_combination_check(set(), calls), nodes)) == [] and calls == [nodes]
+    calls.clear()
+    found = list(handoff.first_failing(_combination_check({frozenset({"n3", "n40"})}, calls), nodes))
+    assert found == [("n40", "fails with ['n3', 'n40']", False)]
+    assert len(calls) <= 1 + 6 + 1  # the whole group, log2(64) prefixes, the rest
+    assert calls[-1] == [n for n in nodes if n != "n40"]  # the last check is the rest's
+    calls.clear()
+    found = list(handoff.first_failing(_combination_check({frozenset({"n0"}), frozenset({"n5"})}, calls), nodes[:8]))
+    assert found == [("n0", "fails with ['n0']", True), ("n5", "fails with ['n5']", False)]  # n1..n4 pass
+    calls.clear()
+    everything = {frozenset({n}) for n in nodes[:3]}
+    assert [n for n, _, _ in handoff.first_failing(_combination_check(everything, calls), nodes[:3])] == nodes[:3]
+    assert all(calls)  # never asked about an empty group
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 24).flatmap(lambda n: st.tuples(
+    st.just(n), st.sets(st.frozensets(st.integers(0, n - 1), min_size=1, max_size=3), max_size=4))))
+def test_first_failing_matches_a_linear_scan(case):
+    """Against the obvious algorithm: take out the last node of the shortest failing prefix
+    (checking prefixes one by one) until the rest passes."""
+    n, bad_ints = case
+    nodes = [f"n{i}" for i in range(n)]
+    bad = {frozenset(f"n{i}" for i in b) for b in bad_ints}
+    check = _combination_check(bad, [])
+    expected, remaining = [], list(nodes)
+    while check(remaining) is not None:
+        k = next(k for k in range(1, len(remaining) + 1) if check(remaining[:k]) is not None)
+        expected.append((remaining[k - 1], check(remaining[:k]), k == 1))
+        remaining.pop(k - 1)
+    assert list(handoff.first_failing(check, nodes)) == expected
+
 # -- the program file ------------------------------------------------------------------------------
 
 class Twice(torch.nn.Module):
@@ -374,17 +423,23 @@ def test_load_and_run_read_no_catalogue(sink_plugins, tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
-PUBLIC_MODULES = {"handoff", "handoff.blob", "handoff.testing", "handoff.tvm"}
+PUBLIC_MODULES = {"handoff", "handoff.blob", "handoff.conformance", "handoff.testing", "handoff.tvm"}
 
 
-@pytest.mark.parametrize("package", sorted(ROOT.glob("plugins/*/handoff_*")), ids=lambda p: p.name)
+@pytest.mark.parametrize("package", sorted([*ROOT.glob("plugins/*/handoff_*"), *ROOT.glob("plugins/*/tools")]),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_plugins_use_only_the_public_api(package):
-    """A plugin imports from handoff only what docs/plugins.md documents."""
+    """A plugin (its package and tools) imports from handoff only what docs/plugins.md documents:
+    the public modules, and from ``handoff`` itself only what ``handoff.__all__`` lists."""
+    public = set(handoff.__all__) | {m.split(".")[1] for m in PUBLIC_MODULES if "." in m}
     for path in package.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 names = [node.module]
+                if node.module == "handoff":
+                    for alias in node.names:
+                        assert alias.name in public, f"{path.relative_to(ROOT)}:{node.lineno} imports handoff.{alias.name}"
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             for name in names:

@@ -1065,6 +1065,21 @@ def _golden_1_3_module():
     return mod
 
 
+def test_golden_writers_never_overwrite_and_print_the_digest(tmp_path, capsys):
+    """Both golden-file scripts share make_golden.write_golden: an existing file is refused, a new
+    one is written (today's format) with its size and sha256 printed."""
+    mod = _golden_1_3_module()
+    assert mod.main([str(GOLDEN_1_3)]) == 1
+    assert "must never be regenerated" in capsys.readouterr().err
+    out = tmp_path / "again.hof"
+    assert mod.main([str(out)]) == 0
+    assert capsys.readouterr().out.strip() == (f"wrote {out}: {out.stat().st_size} bytes, "
+                                               f"sha256 {hashlib.sha256(out.read_bytes()).hexdigest()}")
+    with ProgramFile.open(out) as pf:
+        pf.verify_all()
+        assert len(pf.manifest["delegates"]) == 2
+
+
 def test_golden_1_3_file_is_unchanged_and_reads():
     assert hashlib.sha256(GOLDEN_1_3.read_bytes()).hexdigest() == GOLDEN_1_3_SHA256, (
         "tests/data/golden_v1_3.hof changed: it must never be regenerated; restore it from git"

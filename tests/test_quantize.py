@@ -13,7 +13,8 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_
 import handoff
 from handoff import HandoffError, testing
 from handoff.zoo import random_inputs
-from handoff.quantization import QDQ_NAMESPACE, duplicate_dequantize, is_quantized
+from handoff import is_quantized
+from handoff.quantization import QDQ_NAMESPACE, duplicate_dequantize
 
 
 class TwoHeads(torch.nn.Module):
@@ -44,7 +45,7 @@ def test_quantize_annotates_with_the_backend_quantizer_and_records_it(quantized_
     _, q = quantized_two_heads
     assert q.annotated["tvm"] == {"aten.conv2d.default": 3, "aten.relu.default": 1, "aten.add.Tensor": 1}
     assert q.calibration == "4 random batches" and q.batches == 4 and q.float_ops == {}
-    assert is_quantized(q.exported)
+    assert is_quantized(q.exported) and not is_quantized(torch.export.export(TwoHeads().eval(), random_inputs(SPECS)))
     # weights are stored as int8, per output channel, symmetric
     per_channel = [n for n in q.exported.graph.nodes if "dequantize_per_channel" in str(n.target)]
     assert len(per_channel) == 3 and all(n.args[6] == torch.int8 and n.args[4:6] == (-127, 127) for n in per_channel)

@@ -137,6 +137,50 @@ def test_partition_and_load_record_the_file(sink_plugins, tmp_path, monkeypatch)
         np.testing.assert_allclose(program.run([x.numpy()])[0], model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_partition_records_from_what_it_wrote_without_reading_it_back(sink_plugins, tmp_path, monkeypatch):
+    import kitchen_sink
+
+    result = handoff.partition(kitchen_sink.sink_net(), (torch.randn(2, 8),), backends=["sink"], fallback=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the written file was read back")
+
+    path = tmp_path / "sink.hof"
+    with monkeypatch.context() as patched:
+        patched.setattr(ProgramFile, "open", classmethod(refuse))
+        result.write(str(path))
+    _no_checks(monkeypatch)
+    with ProgramFile.open(path) as pf:
+        assert pf.recorded
+
+
+def test_a_written_file_changed_before_its_record_is_not_recorded(tmp_path):
+    """record_written records only the file it wrote: not one replaced or rewritten since, nor
+    one whose written times were still racy."""
+    path = tmp_path / "p.hof"
+    write_program(str(path), MANIFEST, [W.tobytes(), BLOB])
+    written = os.stat(path)
+    started = verified.wait_until_not_racy(written)
+    with ProgramFile.open(path) as pf:
+        digest = pf._manifest_sha256
+    assert not verified.record_written(str(path), written, digest, written.st_mtime_ns)  # racy
+    other = tmp_path / "q.hof"
+    write_program(str(other), MANIFEST, [W.tobytes(), BLOB])
+    os.replace(other, path)  # replaced: another inode
+    assert not verified.record_written(str(path), written, digest, started)
+    written = os.stat(path)
+    started = verified.wait_until_not_racy(written)
+    with open(path, "r+b") as f:  # rewritten in place after the write
+        f.seek(-1, os.SEEK_END)
+        f.write(b" ")
+    assert not verified.record_written(str(path), written, digest, started)
+    assert not verified._directory().exists() or not os.listdir(verified._directory())
+    path.unlink()
+    write_program(str(path), MANIFEST, [W.tobytes(), BLOB], remember=True)
+    with ProgramFile.open(path) as pf:
+        assert pf.recorded
+
+
 def test_the_first_load_records_the_file(sink_plugins, tmp_path, monkeypatch):
     import shutil
 
@@ -145,6 +189,7 @@ def test_the_first_load_records_the_file(sink_plugins, tmp_path, monkeypatch):
     path = tmp_path / "sink.hof"
     handoff.partition(kitchen_sink.sink_net(), (torch.randn(2, 8),), backends=["sink"], fallback=False).write(str(path))
     shutil.rmtree(verified._directory())
+    verified.wait_until_not_racy(os.stat(path))  # renamed into place just now: its ctime is racy
     with handoff.load(path):
         pass
     assert len(os.listdir(verified._directory())) == 1

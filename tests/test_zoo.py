@@ -127,3 +127,21 @@ def test_torchvision_models_are_a_model_source(capsys):
     assert main(["zoo", "--torchvision"]) == 0
     listed = capsys.readouterr().out.split()
     assert "torchvision:resnet50" in listed and "torchvision:deeplabv3_mobilenet_v3_large" in listed
+
+
+def test_small_cnn_channels_parameter_keeps_the_default():
+    """SmallCNN's channels/classes (the fuzz seeds' tiny CNN) leave the zoo model as it was:
+    16 and 32 channels, 10 classes, the same weights from the same seed."""
+    from handoff.zoo.cnn import SmallCNN
+
+    torch.manual_seed(0)
+    default = SmallCNN()
+    torch.manual_seed(0)
+    explicit = SmallCNN((16, 32), 10)
+    shapes = {k: tuple(v.shape) for k, v in default.state_dict().items()}
+    assert shapes["stem.0.weight"] == (16, 3, 3, 3) and shapes["down.0.weight"] == (32, 16, 3, 3)
+    assert shapes["fc.weight"] == (10, 32)
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), explicit.state_dict().values()))
+    tiny = SmallCNN((4, 4), 3).eval()
+    assert tuple(tiny(torch.randn(1, 3, 8, 8)).shape) == (1, 3)
+    assert sum(p.numel() for p in tiny.parameters()) < 1000

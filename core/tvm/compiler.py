@@ -22,9 +22,7 @@ from typing import Any, Mapping
 import tvm
 from tvm import relax
 
-from handoff import Compiler, Lowered, LoweringError, cache_dir, native, temp_dir
-
-from handoff.quantization import is_quantized
+from handoff import Compiler, Lowered, LoweringError, cache_dir, is_quantized, native, temp_dir
 
 from .importer import INT8_COMPUTE, decline_reason, import_partition
 from .runtime import host_triple

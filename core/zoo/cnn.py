@@ -20,16 +20,20 @@ def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act:
 
 
 class SmallCNN(nn.Module):
-    """conv-bn-relu blocks, a residual add, pooling and a classifier: 1x3x64x64 -> 1x10."""
+    """conv-bn-relu blocks, a residual add, pooling and a classifier: 1x3x64x64 -> 1x10.
 
-    def __init__(self) -> None:
+    ``channels``: those of the stem and residual block, and of the strided conv after the pool;
+    ``classes``: the classifier's outputs (the fuzz seeds use ``SmallCNN((4, 4), 3)``)."""
+
+    def __init__(self, channels: tuple[int, int] = (16, 32), classes: int = 10) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.block = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                                   nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
-        self.down = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        c, d = channels
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+                                   nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
+        self.down = nn.Sequential(nn.Conv2d(c, d, 3, stride=2, padding=1), nn.BatchNorm2d(d), nn.ReLU())
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(32, 10)
+        self.fc = nn.Linear(d, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

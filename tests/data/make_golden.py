@@ -28,6 +28,7 @@ import argparse
 import hashlib
 import os
 import sys
+from typing import Callable
 
 import numpy as np
 
@@ -147,10 +148,14 @@ def build() -> tuple[dict, list[bytes], int]:
     return manifest(), segments(), ALIGNMENT
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("output", nargs="?", default=GOLDEN)
-    parser.add_argument("--force", action="store_true", help="overwrite (never for golden_v1.hof)")
+def write_golden(argv: list[str] | None, default: str, build: Callable[[], tuple[dict, list[bytes], int]],
+                 description: str) -> int:
+    """The command line of a golden-file writer (this one and ``make_golden_v1_3.py``): write
+    ``build()`` to ``default`` (or the path given) only if it does not exist, and print its size
+    and sha256 for the test that pins it."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("output", nargs="?", default=default)
+    parser.add_argument("--force", action="store_true", help=f"overwrite (never for {os.path.basename(default)})")
     args = parser.parse_args(argv)
     if os.path.exists(args.output) and not args.force:
         print(f"{args.output} exists; the golden file must never be regenerated", file=sys.stderr)
@@ -161,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         digest = hashlib.sha256(f.read()).hexdigest()
     print(f"wrote {args.output}: {size} bytes, sha256 {digest}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return write_golden(argv, GOLDEN, build, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

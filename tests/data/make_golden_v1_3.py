@@ -24,16 +24,16 @@ Usage (with ``handoff`` importable)::
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import os
 import struct
 import sys
 
-from handoff.program import write_program
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+from make_golden import write_golden  # noqa: E402  (the writer both golden files share)
+
 GOLDEN = os.path.join(HERE, "golden_v1_3.hof")
 ALIGNMENT = 64
 W = [0.5, -1.25, 2.0, 0.75]
@@ -104,19 +104,7 @@ def build() -> tuple[dict, list[bytes], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("output", nargs="?", default=GOLDEN)
-    parser.add_argument("--force", action="store_true", help="overwrite (never for golden_v1_3.hof)")
-    args = parser.parse_args(argv)
-    if os.path.exists(args.output) and not args.force:
-        print(f"{args.output} exists; the golden file must never be regenerated", file=sys.stderr)
-        return 1
-    m, segs, alignment = build()
-    size = write_program(args.output, m, segs, alignment=alignment)
-    with open(args.output, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    print(f"wrote {args.output}: {size} bytes, sha256 {digest}")
-    return 0
+    return write_golden(argv, GOLDEN, build, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from handoff import (PLUGIN_API_VERSION, BackendSpec, Compiler, Lowered, LoweringError, Option, ResolvedModel,
-                     Runtime, ZooModel, hookimpl)
+                     Runtime, ZooModel, first_failing, hookimpl)
 
 #: ATen op -> numpy implementation (args after the tensors are scalars)
 NUMPY_OPS = {
@@ -140,9 +140,13 @@ class SinkCompiler(Compiler):
 
     def check_partition(self, ep: Any, nodes: Sequence[str]) -> dict[str, str]:
         self.checked.append(list(nodes))
-        if self.max_nodes is None or len(nodes) <= self.max_nodes:
+        if self.max_nodes is None:
             return {}
-        return {n: f"sink compiles at most {self.max_nodes} nodes together" for n in nodes[self.max_nodes:]}
+
+        def check(names: list[str]) -> str | None:  # a "compile" that fails on too many nodes
+            return None if len(names) <= self.max_nodes else f"sink compiles at most {self.max_nodes} nodes together"
+
+        return {node: message for node, message, _ in first_failing(check, nodes)}
 
     def cache_key(self) -> str:
         return f"numpy {np.__version__}"

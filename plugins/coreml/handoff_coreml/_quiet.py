@@ -15,6 +15,8 @@ import threading
 import warnings
 from typing import Iterator
 
+from handoff import quiet_loggers
+
 _LOGGERS = ("coremltools", "torchao", "torch.utils._pytree")
 #: module -> attribute holding the tqdm class it draws progress bars with
 _PROGRESS = {"coremltools.converters.mil.frontend.torch.ops": "_tqdm",
@@ -26,13 +28,9 @@ _LOCK = threading.RLock()
 def quiet() -> Iterator[None]:
     """Mute coremltools' loggers and warnings and disable its progress bars for the duration,
     then restore them (coremltools may be used by the caller too)."""
-    with _LOCK, warnings.catch_warnings():
+    with _LOCK, warnings.catch_warnings(), quiet_loggers(*_LOGGERS, level=logging.CRITICAL):
         warnings.simplefilter("ignore")
-        loggers = [logging.getLogger(name) for name in _LOGGERS]
-        levels = [lg.level for lg in loggers]
         patched = []
-        for lg in loggers:
-            lg.setLevel(logging.CRITICAL)
         for module_name, attr in _PROGRESS.items():
             module = sys.modules.get(module_name)
             bar = getattr(module, attr, None)
@@ -44,5 +42,3 @@ def quiet() -> Iterator[None]:
         finally:
             for module, attr, bar in patched:
                 setattr(module, attr, bar)
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)

@@ -39,7 +39,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from handoff import Compiler, Lowered, LoweringError, cache_dir, extract_partition, one_line
+from handoff import Compiler, Lowered, LoweringError, cache_dir, extract_partition, first_failing, one_line
 
 from . import __version__, _format, _package, capability
 from ._quiet import quiet
@@ -111,58 +111,50 @@ class CoreMLCompiler(Compiler):
 
     def _find_refused(self, ep: Any, group: list[str]) -> dict[str, str]:
         """Decline, one at a time, the last node of the smallest failing prefix (topological
-        order) of ``group``, until the rest converts."""
-        remaining = list(group)
-        declined: dict[str, str] = {}
+        order) of ``group``, until the rest converts (:func:`handoff.first_failing`); a rest with
+        nothing to convert is declined whole. The rest's conversion is kept for :meth:`preprocess`."""
         by_name = {n.name: n for n in ep.graph.nodes}
-        while remaining:
-            outcome = self._check(ep, remaining, keep=True)
-            if outcome is None:
-                break
-            if outcome is _CONSTANT or outcome is _EMPTY:
-                why = "computes only from weights (a constant)" if outcome is _CONSTANT else "has no outputs"
-                declined.update({n: f"this group of {len(remaining)} node(s) {why}: nothing for Core ML to run"
-                                 for n in remaining})
-                break
-            lo, hi, error = 1, len(remaining), outcome  # smallest k with remaining[:k] failing
-            while lo < hi:
-                mid = (lo + hi) // 2
-                result = self._check(ep, remaining[:mid])
-                if result is None or result is _CONSTANT or result is _EMPTY:
-                    lo = mid + 1
-                else:
-                    hi, error = mid, result
-            culprit = remaining[hi - 1]
-            context = "even alone" if hi == 1 else "in this graph (what precedes it converts without it)"
+        last: list[Any] = []  # the outcome and conversion of the latest check: the rest's, at the end
+
+        def check(names: list[str]) -> str | None:
+            last[:] = self._check(ep, names)
+            return None if last[0] is _CONSTANT or last[0] is _EMPTY else last[0]
+
+        declined = {}
+        for culprit, error, alone in first_failing(check, group):
+            context = "even alone" if alone else "in this graph (what precedes it converts without it)"
             declined[culprit] = f"{CT} fails to convert {capability.op_name(by_name[culprit].target)} {context}: {error}"
-            remaining.remove(culprit)
+        rest = [n for n in group if n not in declined]
+        if rest and (last[0] is _CONSTANT or last[0] is _EMPTY):
+            why = "computes only from weights (a constant)" if last[0] is _CONSTANT else "has no outputs"
+            declined.update({n: f"this group of {len(rest)} node(s) {why}: nothing for Core ML to run"
+                             for n in rest})
+        elif rest:
+            self._converted[last[1]] = last[2]
         return declined
 
-    def _check(self, ep: Any, names: list[str], keep: bool = False) -> Any:
-        """``None`` when ``names`` (with their getitems) convert as one partition, the failure
-        otherwise, or :data:`_CONSTANT` / :data:`_EMPTY` for groups with nothing to run. With
-        ``keep``, a successful conversion is kept for :meth:`preprocess`."""
+    def _check(self, ep: Any, names: list[str]) -> tuple[Any, str, Lowered | None]:
+        """``(outcome, content key, conversion)`` of converting ``names`` (with their getitems) as
+        one partition: outcome ``None`` when it converts, the failure otherwise, or
+        :data:`_CONSTANT` / :data:`_EMPTY` for groups with nothing to run."""
         wanted = set(names)
         ordered = [n.name for n in ep.graph.nodes if n.op == "call_function" and (
             n.name in wanted or (n.target is operator.getitem and n.args[0].name in wanted))]
         try:
             sub, inputs, outputs = extract_partition(ep, ordered, {})
         except Exception as exc:
-            return f"cannot cut the group out of the program: {one_line(exc)}"
+            return f"cannot cut the group out of the program: {one_line(exc)}", "", None
         if not inputs:
-            return _CONSTANT
+            return _CONSTANT, "", None
         if not outputs:
-            return _EMPTY
+            return _EMPTY, "", None
         key = _content_key(sub)
         try:
-            lowered = self._lower(sub, "group")
+            return None, key, self._lower(sub, "group")
         except LoweringError as exc:  # the converter's words, without the class name
-            return " ".join(str(exc).split())
+            return " ".join(str(exc).split()), key, None
         except Exception as exc:
-            return one_line(exc)
-        if keep:
-            self._converted[key] = lowered
-        return None
+            return one_line(exc), key, None
 
     def _program_key(self, ep: Any) -> str:
         """A content hash of ``ep`` (graph and weights), computed once per program."""

@@ -21,18 +21,10 @@ listed as "documented", not counted either way. Anything else is a mismatch: exi
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import math
-import operator
-import os
 import sys
-import tempfile
-import time
-import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the plugin's source tree
 
@@ -40,48 +32,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from handoff import Plugins  # noqa: E402
+from handoff.testing import NotEvaluable, Samples, check_op_table  # noqa: E402
 from handoff_coreml import capability, reference  # noqa: E402
 
 A = torch.ops.aten
-AUX = {operator.getitem, A._assert_tensor_metadata.default}
 #: Ops other backends keep whole (xnnpack: linear, hardswish, max_pool2d, upsample_bilinear2d):
 #: the capability check sees them undecomposed when those backends are selected too.
 KEPT_ELSEWHERE = (A.linear.default, A.hardswish.default, A.max_pool2d.default, A.upsample_bilinear2d.vec)
 
 
-@dataclasses.dataclass
-class Sample:
-    op: Any
-    label: str
-    fn: Callable[..., Any]
-    inputs: tuple[Any, ...]
-    module: torch.nn.Module | None = None
-    allow: tuple[Any, ...] = ()  # other ops the sample needs
-
-
-SAMPLES: list[Sample] = []
-_gen = torch.Generator().manual_seed(0)
-
-
-def r(*shape: int, dtype: torch.dtype = torch.float32, lo: float | None = None) -> torch.Tensor:
-    t = torch.randn(*shape, generator=_gen)
-    if lo is not None:
-        t = t.abs() + lo
-    return t.to(dtype)
-
-
-def ri(*shape: int, hi: int = 9, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-    return torch.randint(-hi, hi, shape, generator=_gen).to(dtype)
-
-
-def rb(*shape: int) -> torch.Tensor:
-    return torch.rand(*shape, generator=_gen) > 0.5
-
-
-def S(op: Any, label: str, fn: Callable[..., Any], *inputs: Any, module: torch.nn.Module | None = None,
-      allow: tuple[Any, ...] = ()) -> None:
-    SAMPLES.append(Sample(op, label, fn, inputs, module, allow))
+SAMPLES = Samples(seed=0)
+r, ri, rb, S, _gen = SAMPLES.r, SAMPLES.ri, SAMPLES.rb, SAMPLES.add, SAMPLES.gen
 
 
 def _norms(m: torch.nn.Module) -> torch.nn.Module:
@@ -289,162 +250,26 @@ S(A.scaled_dot_product_attention.default, "scaled_dot_product_attention (kept wh
   lambda q, k, v: A.scaled_dot_product_attention.default(q, k, v), r(1, 2, 5, 8), r(1, 2, 5, 8), r(1, 2, 5, 8))
 
 
-# -- the check --------------------------------------------------------------------------------------
-class _Fn(torch.nn.Module):
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args: Any) -> Any:
-        return self.fn(*args)
-
-
-def _exported(sample: Sample, keep: tuple[Any, ...]) -> torch.export.ExportedProgram:
-    module = sample.module if sample.module is not None else _Fn(sample.fn)
-    table = torch.export.default_decompositions()
-    for op in (*KEPT_ELSEWHERE, *keep):
-        table.pop(op, None)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.export.export(module.eval(), sample.inputs, strict=False).run_decompositions(table)
-
-
-def _matches(got: list[np.ndarray], want: Any, tol: float) -> str | None:
-    want = [w for w in torch.utils._pytree.tree_leaves(want) if isinstance(w, torch.Tensor)]
-    if len(got) != len(want):
-        return f"{len(got)} outputs, eager has {len(want)}"
-    for g, w in zip(got, want):
-        w = w.detach().numpy()
-        if g.shape != w.shape or g.dtype != w.dtype:
-            return f"output {g.dtype}{list(g.shape)}, eager {w.dtype}{list(w.shape)}"
-        if w.dtype.kind in "biu":
-            if not np.array_equal(g, w):
-                return f"{int((g != w).sum())} of {w.size} values differ"
-            continue
-        scale = float(np.abs(w[np.isfinite(w)]).max(initial=0.0)) or 1.0
-        gg, ww = g.astype(np.float64), w.astype(np.float64)
-        if not np.allclose(gg, ww, rtol=tol, atol=tol * scale, equal_nan=True):
-            err = float(np.nanmax(np.abs(gg - ww))) / scale
-            return f"max error {err:.1e} of the largest magnitude (tolerance {tol:g})"
-    return None
-
-
-def _eager_in_float16(module: torch.nn.Module, inputs: tuple[Any, ...], like: Any) -> Any:
-    """Eager torch computing in float16 (float32 inputs and weights rounded to float16), as an fp16
-    ML Program computes, with the dtypes of ``like`` (the float32 outputs); ``None`` where torch
-    has no float16 kernel."""
-    import copy
-
-    def half(x: Any) -> Any:
-        return x.half() if isinstance(x, torch.Tensor) and x.dtype == torch.float32 else x
-
+# -- the check (handoff.testing.check_op_table) ------------------------------------------------------
+def _evaluate(lowered: Any, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """The blob evaluated with coremltools' numpy implementations of its MIL operations (Core ML
+    itself runs on Apple platforms only)."""
     try:
-        with torch.no_grad():
-            out = copy.deepcopy(module).half()(*[half(x) for x in inputs])
-    except (RuntimeError, NotImplementedError):
-        return None
-    return [t.to(w.dtype) for t, w in zip(_tensors(out), _tensors(like))]
+        return reference.evaluate(lowered.blob, inputs)
+    except reference.NotEvaluable as exc:
+        raise NotEvaluable(f"no numpy implementation of MIL {', '.join(exc.ops)}") from exc
 
 
-def _tensors(values: Any) -> list[torch.Tensor]:
-    return [v for v in torch.utils._pytree.tree_leaves(values) if isinstance(v, torch.Tensor)]
-
-
-def check(sample: Sample, compiler: Any) -> dict[str, Any]:
-    ep = _exported(sample, tuple(compiler.ops_to_not_decompose()))
-    nodes = [n for n in ep.graph.nodes if n.op == "call_function"]
-    mine = [n for n in nodes if n.target == sample.op]
-    others = sorted({capability.op_name(n.target) for n in nodes
-                     if n.target != sample.op and n.target not in AUX and n.target not in sample.allow})
-    row: dict[str, Any] = {"op": capability.op_name(sample.op), "sample": sample.label}
-    if not mine or others:
-        row.update(verdict="bad sample", detail=f"graph has {row['op']} x{len(mine)} and {others}")
-        return row
-    reasons = compiler.support(ep)
-    declined = [reasons[n.name] for n in mine if reasons[n.name]]
-    declined += [r for n, r in reasons.items() if r and n not in {m.name for m in mine}]  # its neighbours
-    row["claimed"] = not declined
-    row["reason"] = declined[0] if declined else None
-    documented = any(n.target in capability.KNOWN_BAD or (n.target in (A.argmax.default, A.argmin.default)
-                                                           and "crashes Core ML" in (reasons[n.name] or ""))
-                     for n in mine)
-    fp16 = compiler.precision == "fp16" or any(
-        isinstance(v, torch.Tensor) and v.dtype == torch.float16 for v in sample.inputs)
-    tol = 1e-12 if any(isinstance(v, torch.Tensor) and v.dtype == torch.float64 for v in sample.inputs) else (
-        1e-2 if fp16 else 1e-4)
-    try:
-        lowered = compiler.lower_unchecked(ep, sample.label)
-    except Exception as exc:
-        row.update(works=False, detail="convert: " + " ".join(str(exc).split())[:200])
-    else:
-        row["mil_ops"] = lowered.metadata["mil_ops"]
-        try:
-            got = reference.evaluate(lowered.blob, [t.numpy() for t in sample.inputs])
-        except reference.NotEvaluable as exc:
-            row.update(works=True, evaluated=False, detail=f"converts; numerics not checkable here (no numpy "
-                                                           f"implementation of MIL {', '.join(exc.ops)})")
-        except Exception as exc:
-            row.update(works=False, detail="evaluate: " + " ".join(str(exc).split())[:200])
-        else:
-            module = sample.module if sample.module is not None else _Fn(sample.fn)
-            with torch.no_grad():
-                want = module(*sample.inputs)
-            wrong = _matches(got, want, tol)
-            if wrong and fp16:  # rounding ops (floor, trunc) and steep ones (tan) amplify float16 rounding
-                half = _eager_in_float16(module, sample.inputs, want)
-                if half is not None and _matches(got, half, tol) is None:
-                    wrong = None
-            row.update(works=wrong is None, evaluated=True,
-                       detail=("numerics: " + wrong) if wrong else "converts and matches eager")
-    if documented and not row["claimed"]:
-        row["verdict"] = "documented (device-only bug, declined)"
-    elif row["claimed"] == row["works"]:
-        row["verdict"] = "agree" if row.get("evaluated") or not row["works"] else "agree (conversion only)"
-    else:
-        row["verdict"] = ("MISMATCH: claimed, but it fails" if row["claimed"]
-                          else "MISMATCH: declined, but it converts" + (" and matches" if row.get("evaluated") else ""))
-    return row
+def _documented(node: Any, reason: str | None) -> bool:
+    """A decline for a device-only bug that no conversion shows."""
+    return node.target in capability.KNOWN_BAD or (node.target in (A.argmax.default, A.argmin.default)
+                                                   and "crashes Core ML" in (reason or ""))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
-                        help="coreml compile option (precision=fp32, deployment_target=iOS17)")
-    parser.add_argument("-k", default="", help="only samples whose op or label contains this text")
-    parser.add_argument("--json", metavar="FILE", help="write every row as JSON")
-    parser.add_argument("--verbose", action="store_true", help="print agreeing rows too")
-    args = parser.parse_args(argv)
-    options = dict(o.split("=", 1) for o in args.option)
-    options.setdefault("verify", "off")
-    os.environ.setdefault("HANDOFF_HOME", tempfile.mkdtemp(prefix="handoff-coreml-check-"))
-    pm = Plugins(autoload=False, extra=["handoff_coreml.plugin"])
-    compiler = pm.compiler("coreml", options)
-    rows = []
-    start = time.perf_counter()
-    for sample in SAMPLES:
-        if args.k and args.k not in sample.label and args.k not in capability.op_name(sample.op):
-            continue
-        try:
-            row = check(sample, compiler)
-        except Exception as exc:  # a crash of the capability check itself is a finding, not the end of the run
-            row = {"op": capability.op_name(sample.op), "sample": sample.label,
-                   "verdict": "ERROR: the check crashed", "detail": f"{type(exc).__name__}: {exc}"[:300]}
-        rows.append(row)
-        if args.verbose or not row["verdict"].startswith("agree"):
-            claim = "claimed" if row.get("claimed") else f"declined ({row.get('reason')})" if "claimed" in row else ""
-            print(f"{row['verdict']:<44} {row['op']:<48} {row['sample']:<44} {claim} -> {row.get('detail', '')}")
-    counts = {v: sum(r["verdict"] == v for r in rows) for v in
-              ("agree", "agree (conversion only)", "documented (device-only bug, declined)")}
-    bad = [r for r in rows if not r["verdict"].startswith(("agree", "documented"))]
-    print(f"\n{len(rows)} samples over {len({r['op'] for r in rows})} ops, options {options}: "
-          f"{counts['agree']} agree (converted and, where claimed, numerically checked), "
-          f"{counts['agree (conversion only)']} agree (claimed and converted; numerics not checkable here), "
-          f"{counts['documented (device-only bug, declined)']} documented device-only declines, "
-          f"{len(bad)} mismatch(es); {sum(bool(r.get('claimed')) for r in rows)} claimed; "
-          f"{time.perf_counter() - start:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"options": options, "rows": rows}, indent=1, default=str))
-    return 1 if bad else 0
+    return check_op_table("coreml", SAMPLES, argv, description=__doc__.splitlines()[0], lower="lower_unchecked",
+                          evaluate=lambda compiler: _evaluate, keep=KEPT_ELSEWHERE, documented=_documented,
+                          verb="convert", defaults={"verify": "off"})
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import onnx
 import torch
 
-from handoff import Compiler, Lowered, LoweringError, cache_dir, extract_partition, one_line, temp_dir
+from handoff import (Compiler, Lowered, LoweringError, cache_dir, extract_partition, first_failing, one_line,
+                     quiet_loggers, temp_dir)
 
 from . import __version__, _format, _ort, ops
 from ._worker import worker_for
@@ -113,34 +114,26 @@ class QnnCompiler(Compiler):
 
     def _find_refused(self, ep: Any, group: list[str], by_name: Mapping[str, Any]) -> dict[str, str]:
         """Decline, one at a time, the last node of the smallest failing prefix (topological
-        order) of ``group``, until the rest compiles. Each check cuts the nodes out exactly as the
-        core will (:func:`handoff.extract_partition`) and exports them the same way."""
-        remaining = list(group)
-        declined: dict[str, str] = {}
-        while remaining:
-            outcome = self._check(ep, remaining)
-            if outcome is None:
-                break
-            if outcome is _CONSTANT or outcome is _EMPTY:
-                why = ("computes only from weights (a constant)" if outcome is _CONSTANT
-                       else "is a no-op on its own (only copies)")
-                declined.update({n: f"this group of {len(remaining)} node(s) {why}: nothing for HTP to run"
-                                 for n in remaining})
-                break
-            lo, hi, error = 1, len(remaining), outcome  # smallest k with remaining[:k] failing
-            while lo < hi:
-                mid = (lo + hi) // 2
-                result = self._check(ep, remaining[:mid])
-                if result is None or result is _CONSTANT or result is _EMPTY:
-                    lo = mid + 1
-                else:
-                    hi, error = mid, result
-            culprit = remaining[hi - 1]
+        order) of ``group``, until the rest compiles (:func:`handoff.first_failing`); a rest with
+        nothing to compile is declined whole. Each check cuts the nodes out exactly as the core
+        will (:func:`handoff.extract_partition`) and exports them the same way."""
+        last: list[Any] = [None]  # the outcome of the latest check: the rest's, at the end
+
+        def check(names: list[str]) -> str | None:
+            last[0] = self._check(ep, names)
+            return None if last[0] is _CONSTANT or last[0] is _EMPTY else last[0]
+
+        declined = {}
+        for culprit, error, alone in first_failing(check, group):
             op = ops.op_name(by_name[culprit].target)
-            context = "even alone" if hi == 1 else "in this graph (what precedes it compiles without it)"
+            context = "even alone" if alone else "in this graph (what precedes it compiles without it)"
             declined[culprit] = f"QNN HTP fails to compile {op} {context}: {error}"
             _LOG.info("qnn: declined %s (%s) after an in-context compile failed", culprit, op)
-            remaining.remove(culprit)
+        rest = [n for n in group if n not in declined]
+        if rest and (last[0] is _CONSTANT or last[0] is _EMPTY):
+            why = ("computes only from weights (a constant)" if last[0] is _CONSTANT
+                   else "is a no-op on its own (only copies)")
+            declined.update({n: f"this group of {len(rest)} node(s) {why}: nothing for HTP to run" for n in rest})
         return declined
 
     def _check(self, ep: Any, names: list[str]) -> Any:
@@ -304,20 +297,12 @@ def to_onnx(ep: torch.export.ExportedProgram, name: str = "partition") -> onnx.M
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """torch.onnx logs a warning per torchvision op it cannot register, on every export."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration",
-                                              "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        import warnings
+    import warnings
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    with quiet_loggers("torch.onnx", "torch.onnx._internal.exporter._registration", "onnxscript"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _read_context(folder: str, ctx_path: str) -> tuple[bytes, list[tuple[str, bytes]]]:

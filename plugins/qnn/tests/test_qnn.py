@@ -140,7 +140,7 @@ def test_zoo_model_fp16_all_on_qnn(qnn_plugins, name):
     _run_against_eager(result, model, z.inputs, "fp16")
 
 
-def test_mixed_program_with_xnnpack(plugins_with):
+def test_mixed_program_with_xnnpack(use_plugins):
     if importlib.util.find_spec("handoff_xnnpack") is None:
         xnnpack_dir = PLUGIN_DIR.parent / "xnnpack"
         if (xnnpack_dir / "handoff_xnnpack").is_dir():
@@ -149,7 +149,7 @@ def test_mixed_program_with_xnnpack(plugins_with):
         import handoff_xnnpack.plugin  # noqa: F401
     except Exception as exc:  # being written concurrently, or executorch missing
         pytest.skip(f"handoff_xnnpack not importable: {exc}")
-    plugins_with("handoff_qnn.plugin", "handoff_xnnpack.plugin")
+    use_plugins("handoff_qnn.plugin", "handoff_xnnpack.plugin")
     z, model = _zoo("small_transformer")
     result = handoff.partition("zoo:small_transformer", backends=["qnn", "xnnpack"])
     stats = result.report.stats

@@ -18,65 +18,24 @@ and the exit status is 1.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import math
-import operator
-import os
 import sys
-import tempfile
-import time
-import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the plugin's source tree
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from handoff.testing import Samples, check_op_table  # noqa: E402
 from handoff_qnn import ops  # noqa: E402
-from handoff import Plugins  # noqa: E402
-from handoff_qnn.runtime import QnnRuntime  # noqa: E402
 
 A = torch.ops.aten
-AUX = {operator.getitem, A._assert_tensor_metadata.default}
 
 
-@dataclasses.dataclass
-class Sample:
-    op: Any
-    label: str
-    fn: Callable[..., Any]
-    inputs: tuple[Any, ...]
-    module: torch.nn.Module | None = None
-    allow: tuple[Any, ...] = ()  # other ops the sample needs (a neighbour for an op that is a no-op alone)
-
-
-SAMPLES: list[Sample] = []
-_gen = torch.Generator().manual_seed(0)
-
-
-def r(*shape: int, dtype: torch.dtype = torch.float32, lo: float | None = None) -> torch.Tensor:
-    t = torch.randn(*shape, generator=_gen)
-    if lo is not None:
-        t = t.abs() + lo
-    return t.to(dtype)
-
-
-def ri(*shape: int, hi: int = 9, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-    return torch.randint(-hi, hi, shape, generator=_gen).to(dtype)
-
-
-def rb(*shape: int) -> torch.Tensor:
-    return torch.rand(*shape, generator=_gen) > 0.5
-
-
-def S(op: Any, label: str, fn: Callable[..., Any], *inputs: Any, module: torch.nn.Module | None = None,
-      allow: tuple[Any, ...] = ()) -> None:
-    SAMPLES.append(Sample(op, label, fn, inputs, module, allow))
+SAMPLES = Samples(seed=0)
+r, ri, rb, S, _gen = SAMPLES.r, SAMPLES.ri, SAMPLES.rb, SAMPLES.add, SAMPLES.gen
 
 
 def _bn(c: int, d: int = 2) -> torch.nn.Module:
@@ -271,121 +230,10 @@ S(A.index.Tensor, "index 2 tensors", lambda a, i, j: a[i, j], r(5, 3), torch.ten
 S(A.argmax.default, "argmax float16", lambda a: a.argmax(-1), r(4, 16, dtype=torch.float16))
 
 
-# -- the check --------------------------------------------------------------------------------------
-class _Fn(torch.nn.Module):
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args: Any) -> Any:
-        return self.fn(*args)
-
-
-def _exported(sample: Sample) -> torch.export.ExportedProgram:
-    module = sample.module if sample.module is not None else _Fn(sample.fn)
-    table = torch.export.default_decompositions()
-    for op in ops.KEPT_ELSEWHERE:
-        table.pop(op, None)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.export.export(module.eval(), sample.inputs, strict=False).run_decompositions(table)
-
-
-def _matches(got: list[np.ndarray], want: Any, tol: float) -> str | None:
-    want = [w for w in torch.utils._pytree.tree_leaves(want) if isinstance(w, torch.Tensor)]
-    if len(got) != len(want):
-        return f"{len(got)} outputs, eager has {len(want)}"
-    for g, w in zip(got, want):
-        w = w.detach().numpy()
-        if g.shape != w.shape or g.dtype != w.dtype:
-            return f"output {g.dtype}{list(g.shape)}, eager {w.dtype}{list(w.shape)}"
-        if w.dtype.kind in "biu":
-            if not np.array_equal(g, w):
-                return f"{int((g != w).sum())} of {w.size} values differ"
-            continue
-        scale = float(np.abs(w).max()) or 1.0
-        err = float(np.abs(g.astype(np.float64) - w.astype(np.float64)).max()) / scale
-        if not np.allclose(g.astype(np.float64), w.astype(np.float64), rtol=tol, atol=tol * scale, equal_nan=True):
-            return f"max error {err:.1e} of the largest magnitude (tolerance {tol:g})"
-    return None
-
-
-def check(sample: Sample, compiler: Any, runtime: QnnRuntime) -> dict[str, Any]:
-    ep = _exported(sample)
-    nodes = [n for n in ep.graph.nodes if n.op == "call_function"]
-    mine = [n for n in nodes if n.target == sample.op]
-    others = sorted({ops.op_name(n.target) for n in nodes
-                     if n.target != sample.op and n.target not in AUX and n.target not in sample.allow})
-    row: dict[str, Any] = {"op": ops.op_name(sample.op), "sample": sample.label}
-    if not mine or others:
-        row.update(verdict="bad sample", detail=f"graph has {ops.op_name(sample.op)} x{len(mine)} and {others}")
-        return row
-    reasons = ops.support(ep, compiler.target)
-    declined = [reasons[n.name] for n in mine if reasons[n.name]]
-    row["claimed"] = not declined
-    row["reason"] = declined[0] if declined else None
-    fp16 = compiler.target.precision == "fp16" or any(
-        isinstance(v, torch.Tensor) and v.dtype == torch.float16 for v in sample.inputs)
-    try:
-        lowered = compiler.lower_unchecked(ep, sample.label)
-    except Exception as exc:
-        row.update(works=False, detail="compile: " + " ".join(str(exc).split())[:200])
-    else:
-        handle = runtime.load(memoryview(lowered.blob), lowered.metadata, {})
-        try:
-            got = runtime.execute(handle, [t.numpy() for t in sample.inputs])
-        except Exception as exc:
-            row.update(works=False, detail="run: " + " ".join(str(exc).split())[:200])
-        else:
-            module = sample.module if sample.module is not None else _Fn(sample.fn)
-            with torch.no_grad():
-                want = module(*sample.inputs)
-            wrong = _matches(got, want, 1e-2 if fp16 else 1e-4)
-            row.update(works=wrong is None, detail=("numerics: " + wrong) if wrong else "compiles and matches eager")
-        finally:
-            runtime.release(handle)
-    row["verdict"] = "agree" if row["claimed"] == row["works"] else (
-        "MISMATCH: claimed, but QNN fails it" if row["claimed"] else "MISMATCH: declined, but QNN runs it correctly")
-    return row
-
-
+# -- the check (handoff.testing.check_op_table: the runtime half runs the blob on the HTP emulator) --
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
-                        help="qnn compile option (precision=fp16, soc_model=SM8650, htp_arch=75)")
-    parser.add_argument("-k", default="", help="only samples whose op or label contains this text")
-    parser.add_argument("--json", metavar="FILE", help="write every row as JSON")
-    parser.add_argument("--verbose", action="store_true", help="print agreeing rows too")
-    args = parser.parse_args(argv)
-    options = dict(o.split("=", 1) for o in args.option)
-    os.environ.setdefault("HANDOFF_HOME", tempfile.mkdtemp(prefix="handoff-qnn-check-"))
-    pm = Plugins(autoload=False, extra=["handoff_qnn.plugin"])
-    compiler, runtime = pm.compiler("qnn", options), QnnRuntime()
-    ok, why = runtime.is_available()
-    if not ok:
-        print(f"cannot run QNN here: {why}", file=sys.stderr)
-        return 2
-    covered = {s.op for s in SAMPLES}
-    missing = [ops.op_name(op) for op in ops.TABLE if op not in covered]
-    rows = []
-    start = time.perf_counter()
-    for sample in SAMPLES:
-        if args.k and args.k not in sample.label and args.k not in ops.op_name(sample.op):
-            continue
-        row = check(sample, compiler, runtime)
-        rows.append(row)
-        if args.verbose or row["verdict"] != "agree":
-            claim = "claimed " if row.get("claimed") else f"declined ({row.get('reason')})" if "claimed" in row else ""
-            print(f"{row['verdict']:<46} {row['op']:<48} {row['sample']:<44} {claim} -> {row.get('detail', '')}")
-    bad = [r for r in rows if r["verdict"] != "agree"]
-    print(f"\n{len(rows)} samples over {len({r['op'] for r in rows})} ops, options {options or '{}'}: "
-          f"{len(rows) - len(bad)} agree, {len(bad)} mismatch(es); "
-          f"{sum(bool(r.get('claimed')) for r in rows)} claimed; {time.perf_counter() - start:.0f} s")
-    if missing and not args.k:
-        print(f"table entries without a sample: {', '.join(missing)}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"options": options, "rows": rows}, indent=1))
-    return 1 if bad or (missing and not args.k) else 0
+    return check_op_table("qnn", SAMPLES, argv, description=__doc__.splitlines()[0], lower="lower_unchecked",
+                          keep=ops.KEPT_ELSEWHERE, table=ops.TABLE, neighbours=False)
 
 
 if __name__ == "__main__":

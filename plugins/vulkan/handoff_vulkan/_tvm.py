@@ -7,7 +7,9 @@ what wgpu turns into SPIR-V for Vulkan):
    ``AnnotateTIROpPattern``, then ``FuseOps`` + ``FuseTIR`` (unless fusion is off).
 2. dlight GPU rules (Matmul, GEMV, Reduction, GeneralReduction, Transpose, Fallback), tried in
    order per PrimFunc; a rule whose schedule leaves any store outside a thread-bound loop (dlight's
-   Transpose can) counts as not applicable, and the next rule is tried.
+   Transpose can), or that inlines an epilogue into a unit reduction's init (dlight's Fallback does
+   for ``Linear(1, 1)``: :func:`broken_reductions`), counts as not applicable, and the next rule is
+   tried.
 3. Relax again: ``CallTIRRewrite`` (destination-passing calls) and ``StaticPlanBlockMemory``,
    whose storage tokens become the delegate's intermediate buffers, reused across tensors whose
    lifetimes do not overlap.
@@ -103,6 +105,31 @@ class _SmallReduction(dl.gpu.Fallback):
         return super().apply(func, target, tunable)
 
 
+def broken_reductions(func: Any) -> list[str]:
+    """Names of the blocks of a scheduled PrimFunc that keep a reduction's init but no longer
+    update as ``C = C op e``. A reduction whose every iterator has extent 1 (``Linear(1, 1)``'s
+    matmul, K = 1) loses its reduction iterator when dlight normalizes the function; dlight then
+    treats the block as spatial and inlines an epilogue (the bias add) into both its init and its
+    update, so the epilogue is applied twice. Such a schedule is refused: the next rule is tried,
+    and where none is left the op is declined with the reason (it runs elsewhere, correctly)."""
+    bad: list[str] = []
+    ops = (tirx.expr.Add, tirx.expr.Mul, tirx.expr.Max, tirx.expr.Min)
+
+    def visit(block: Any) -> None:
+        if block.init is None or any(iv.iter_type == tirx.IterVar.CommReduce for iv in block.iter_vars):
+            return
+        store = block.body
+        if not isinstance(store, tirx.BufferStore) or not isinstance(store.value, ops):
+            return
+        if not any(type(operand).__name__ == "BufferLoad" and operand.buffer.same_as(store.buffer)
+                   and tvm.ir.structural_equal(list(operand.indices), list(store.indices))
+                   for operand in (store.value.a, store.value.b)):
+            bad.append(block.name_hint)
+
+    tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, visit)], order="post")
+    return bad
+
+
 def unbound_stores(func: Any) -> list[str]:
     """Names of the blocks of a scheduled PrimFunc that store to a buffer outside every
     thread-bound loop: such a store would run on the host, so the schedule is unusable."""
@@ -152,6 +179,10 @@ def schedule(func: Any, tgt: Any) -> tuple[Any | None, str]:
         unbound = unbound_stores(scheduled)
         if unbound:
             notes.append(f"{name} left block(s) {', '.join(unbound[:3])} unbound to GPU threads")
+            continue
+        broken = broken_reductions(scheduled)
+        if broken:
+            notes.append(f"{name} inlined an epilogue into the init of unit reduction(s) {', '.join(broken[:3])}")
             continue
         return scheduled.with_attr("tirx.is_scheduled", True), ""
     return None, "; ".join(notes) or "no dlight GPU rule applies"

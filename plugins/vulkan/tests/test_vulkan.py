@@ -293,6 +293,35 @@ def test_schedule_leaving_blocks_unbound_is_rejected(monkeypatch):
     assert scheduled is None and "_LeavesItUnbound left block(s) b unbound to GPU threads" in why
 
 
+def test_unit_reduction_with_an_epilogue_is_never_wrong():
+    """Linear(1, 1) on a [1, 1] input (every extent 1; found by the conformance suite's drawn
+    shapes): dlight drops the unit reduction iterator and inlines the bias add into the init too,
+    adding the bias twice. That schedule is refused (broken_reductions), so the addmm is declined
+    with the reason and the program matches eager; K = 2 still runs on vulkan."""
+    _needs_compiler()
+    _needs_gpu()
+    import numpy as np
+    import torch
+
+    import handoff
+
+    set_plugins(Plugins(autoload=False, extra=[PLUGIN]))
+    for features, on_vulkan in ((1, False), (2, True)):
+        torch.manual_seed(0)
+        model, x = torch.nn.Linear(features, 1).eval(), torch.randn(1, features)
+        result = handoff.partition(model, (x,), backends=["vulkan"], fallback=False, use_cache=False)
+        declined = {d["op"]: d["reasons"]["vulkan"] for d in result.report.to_json()["declined"]}
+        if on_vulkan:
+            assert "aten.addmm.default" not in declined
+        else:
+            assert "inlined an epilogue into the init of unit reduction(s) matmul" in declined["aten.addmm.default"]
+        with handoff.load(result.to_bytes()) as program:
+            for seed in (11, 12):
+                x = torch.randn(1, features, generator=torch.Generator().manual_seed(seed))
+                np.testing.assert_allclose(program.run([x.numpy()])[0], model(x).detach().numpy(),
+                                           rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_ops_without_a_gpu_schedule_are_declined_and_fall_back(monkeypatch):
     """Only Matmul can schedule here: support() must decline every other op, naming the reason,

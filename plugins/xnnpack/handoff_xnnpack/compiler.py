@@ -30,24 +30,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-
-@contextlib.contextmanager
-def _muted(*names: str) -> Iterator[None]:
-    """Raise the named loggers to ERROR for the duration, then restore their levels."""
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
+from handoff import Compiler, Lowered, LoweringError, is_quantized, one_line, quiet_loggers
 
 # Importing ExecuTorch pulls in torchao, which logs warnings about CUDA kernels a CPU wheel cannot
 # load and a torch.compile deprecation: noise in a CPU lowering flow.
-with _muted("torchao", "torch.utils._pytree"):
+with quiet_loggers("torchao", "torch.utils._pytree"):
     import torch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.backends.xnnpack.serialization.xnnpack_graph_serialize import XNNHeader
@@ -65,8 +52,6 @@ with _muted("torchao", "torch.utils._pytree"):
         _remove_invalid_ops_for_not_decompose,
         lift_constant_tensor_pass,
     )
-
-from handoff import Compiler, Lowered, LoweringError, one_line
 
 from . import EXECUTORCH_VERSION, _format, rewrites
 from .rewrites import DECOMPOSITIONS, rewrite
@@ -254,7 +239,7 @@ class XnnpackCompiler(Compiler):
             "num_outputs": len(plans[0].outputs),
             "pte_bytes": len(pte),
         }
-        if any(getattr(n.target, "namespace", None) == "quantized_decomposed" for n in ep.graph.nodes):
+        if is_quantized(ep):
             # ExecuTorch's XNNPACK passes fuse each dequantize -> op -> quantize into one QS8 operator
             meta["int8_compute"] = "XNNPACK int8 (QS8) kernels, dequantize-op-quantize fused by ExecuTorch"
         if self.options["threads"] is not None:
@@ -390,7 +375,7 @@ def _capture_why() -> Iterator[_WhyCapture]:
 
 def _quiet_partitioner() -> contextlib.AbstractContextManager[None]:
     """Silence executorch's per-node INFO/WARNING chatter while partitioning and lowering."""
-    return _muted("executorch.backends.xnnpack", "executorch.exir")
+    return quiet_loggers("executorch.backends.xnnpack", "executorch.exir")
 
 
 def _why_declined(node: torch.fx.Node, edge: torch.export.ExportedProgram, partitioner: XnnpackPartitioner) -> str:

@@ -1,0 +1,278 @@
+"""A backend's capability table checked against its real compiler, one op at a time (the shared
+half of the plugins' ``tools/check_op_table.py``; public through :mod:`handoff.testing`).
+
+A plugin's tool lists its samples (:class:`Samples`: a one-op function or module and its inputs,
+one or more per op, plus the constraint cases its table declines) and calls :func:`check_op_table`
+with its backend, how to lower a node whatever the table says, and how to evaluate the blob. For
+every sample, the one-op module is exported and decomposed as ``handoff partition`` does (with
+the ops the backend keeps whole, and ``keep``), the compiler's ``support`` is asked whether it
+claims the op's node, and the node is lowered for real and, where the evaluator can, run and
+compared with eager torch (1e-12 relative for float64, 1e-2 where the backend or an input computes
+in float16, else 1e-4; exact for integers and bools; a float16 result may instead match eager
+torch run in float16). A claim must lower (and match, where evaluable); a decline must fail one
+of the two; a decline the plugin documents as a device-only bug (``documented``) counts neither
+way. Anything else is a mismatch: exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import operator
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .partitioner import op_name
+
+A = torch.ops.aten
+#: Nodes a one-op sample may hold besides its op.
+AUX = frozenset({operator.getitem, A._assert_tensor_metadata.default})
+
+
+@dataclasses.dataclass
+class Sample:
+    op: Any
+    label: str
+    fn: Callable[..., Any]
+    inputs: tuple[Any, ...]
+    module: torch.nn.Module | None = None
+    allow: tuple[Any, ...] = ()  # other ops the sample needs (a neighbour for an op that is a no-op alone)
+
+    def eager(self) -> torch.nn.Module:
+        return self.module if self.module is not None else _Fn(self.fn)
+
+
+class NotEvaluable(Exception):
+    """Raised by an evaluator that cannot run a blob here (the message says why): the sample then
+    counts as lowered, its numerics unchecked."""
+
+
+class Samples(list):
+    """The samples of a tool, with seeded input makers: ``r`` (float, ``lo``: positive from
+    ``lo``), ``ri`` (integers in [-hi, hi)), ``rb`` (booleans), and ``add`` (one sample)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def r(self, *shape: int, dtype: torch.dtype = torch.float32, lo: float | None = None) -> torch.Tensor:
+        t = torch.randn(*shape, generator=self.gen)
+        if lo is not None:
+            t = t.abs() + lo
+        return t.to(dtype)
+
+    def ri(self, *shape: int, hi: int = 9, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+        return torch.randint(-hi, hi, shape, generator=self.gen).to(dtype)
+
+    def rb(self, *shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.gen) > 0.5
+
+    def add(self, op: Any, label: str, fn: Callable[..., Any], *inputs: Any, module: torch.nn.Module | None = None,
+            allow: tuple[Any, ...] = ()) -> None:
+        self.append(Sample(op, label, fn, inputs, module, allow))
+
+
+class _Fn(torch.nn.Module):
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
+def _exported(sample: Sample, keep: Iterable[Any]) -> torch.export.ExportedProgram:
+    table = torch.export.default_decompositions()
+    for op in keep:
+        table.pop(op, None)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(sample.eager().eval(), sample.inputs, strict=False).run_decompositions(table)
+
+
+def _tensors(values: Any) -> list[torch.Tensor]:
+    return [v for v in torch.utils._pytree.tree_leaves(values) if isinstance(v, torch.Tensor)]
+
+
+def mismatch(got: Sequence[np.ndarray], want: Any, tol: float) -> str | None:
+    """Why the outputs ``got`` differ from eager ``want`` (tensors), or ``None``: same count, dtypes
+    and shapes; integers and bools exact; floats within ``tol`` relative (plus ``tol`` of the
+    largest finite magnitude), NaN where eager has NaN."""
+    want = _tensors(want)
+    if len(got) != len(want):
+        return f"{len(got)} outputs, eager has {len(want)}"
+    for g, w in zip(got, want):
+        w = w.detach().numpy()
+        if g.shape != w.shape or g.dtype != w.dtype:
+            return f"output {g.dtype}{list(g.shape)}, eager {w.dtype}{list(w.shape)}"
+        if w.dtype.kind in "biu":
+            if not np.array_equal(g, w):
+                return f"{int((g != w).sum())} of {w.size} values differ"
+            continue
+        scale = float(np.abs(w[np.isfinite(w)]).max(initial=0.0)) or 1.0
+        gg, ww = g.astype(np.float64), w.astype(np.float64)
+        if not np.allclose(gg, ww, rtol=tol, atol=tol * scale, equal_nan=True):
+            err = float(np.nanmax(np.abs(gg - ww))) / scale
+            return f"max error {err:.1e} of the largest magnitude (tolerance {tol:g})"
+    return None
+
+
+def _eager_in_float16(module: torch.nn.Module, inputs: tuple[Any, ...], like: Any) -> Any:
+    """Eager torch computing in float16 (float32 inputs and weights rounded to float16), as a
+    float16 backend computes, with the dtypes of ``like`` (the float32 outputs); ``None`` where
+    torch has no float16 kernel."""
+
+    def half(x: Any) -> Any:
+        return x.half() if isinstance(x, torch.Tensor) and x.dtype == torch.float32 else x
+
+    try:
+        with torch.no_grad():
+            out = copy.deepcopy(module).half()(*[half(x) for x in inputs])
+    except (RuntimeError, NotImplementedError):
+        return None
+    return [t.to(w.dtype) for t, w in zip(_tensors(out), _tensors(like))]
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
+
+
+def check_sample(sample: Sample, compiler: Any, lower: Callable[[Any, str], Any],
+                 evaluate: Callable[[Any, list[np.ndarray]], list[np.ndarray]], *, fp16: bool = False,
+                 keep: Iterable[Any] = (), documented: Callable[[Any, str | None], bool] | None = None,
+                 verb: str = "compile", neighbours: bool = True) -> dict[str, Any]:
+    """One row of the check: ``op``, ``sample``, ``claimed``, ``reason``, ``works``, ``evaluated``,
+    ``detail`` and the ``verdict`` (``agree``, ``agree (lowering only)``, ``documented ...``,
+    ``MISMATCH: ...`` or ``bad sample``). ``documented(node, reason)`` marks declines of
+    device-only bugs that no lowering shows. With ``neighbours``, a decline of any other node of
+    the sample (an ``allow`` op) counts as declining the sample too."""
+    ep = _exported(sample, (*compiler.ops_to_not_decompose(), *keep))
+    nodes = [n for n in ep.graph.nodes if n.op == "call_function"]
+    mine = [n for n in nodes if n.target == sample.op]
+    others = sorted({op_name(n.target) for n in nodes
+                     if n.target != sample.op and n.target not in AUX and n.target not in sample.allow})
+    row: dict[str, Any] = {"op": op_name(sample.op), "sample": sample.label}
+    if not mine or others:
+        row.update(verdict="bad sample", detail=f"graph has {row['op']} x{len(mine)} and {others}")
+        return row
+    reasons = compiler.support(ep)
+    declined = [reasons.get(n.name) for n in mine if reasons.get(n.name)]
+    if neighbours:
+        declined += [r for n, r in reasons.items() if r and n not in {m.name for m in mine}]
+    row.update(claimed=not declined, reason=declined[0] if declined else None)
+    fp16 = fp16 or any(isinstance(v, torch.Tensor) and v.dtype == torch.float16 for v in sample.inputs)
+    tol = 1e-12 if any(isinstance(v, torch.Tensor) and v.dtype == torch.float64 for v in sample.inputs) else (
+        1e-2 if fp16 else 1e-4)
+    try:
+        lowered = lower(ep, sample.label)
+    except Exception as exc:
+        row.update(works=False, detail=f"{verb}: {_short(exc)}")
+    else:
+        try:
+            got = evaluate(lowered, [t.numpy() for t in sample.inputs])
+        except NotEvaluable as exc:
+            row.update(works=True, evaluated=False, detail=f"{verb}s; numerics not checkable here ({exc})")
+        except Exception as exc:
+            row.update(works=False, detail=f"run: {_short(exc)}")
+        else:
+            module = sample.eager()
+            with torch.no_grad():
+                want = module(*sample.inputs)
+            wrong = mismatch(got, want, tol)
+            if wrong and fp16:  # rounding ops (floor, trunc) and steep ones (tan) amplify float16 rounding
+                half = _eager_in_float16(module, sample.inputs, want)
+                if half is not None and mismatch(got, half, tol) is None:
+                    wrong = None
+            row.update(works=wrong is None, evaluated=True,
+                       detail=f"numerics: {wrong}" if wrong else f"{verb}s and matches eager")
+    if documented is not None and not row["claimed"] and any(documented(n, reasons.get(n.name)) for n in mine):
+        row["verdict"] = "documented (device-only bug, declined)"
+    elif row["claimed"] == row["works"]:
+        row["verdict"] = "agree" if row.get("evaluated") or not row["works"] else "agree (lowering only)"
+    else:
+        row["verdict"] = ("MISMATCH: claimed, but it fails" if row["claimed"]
+                          else f"MISMATCH: declined, but it {verb}s" + (" and matches" if row.get("evaluated") else ""))
+    return row
+
+
+def check_op_table(backend: str, samples: Sequence[Sample], argv: Sequence[str] | None = None, *,
+                   description: str = "", lower: str = "preprocess",
+                   evaluate: Callable[[Any], Callable[[Any, list[np.ndarray]], list[np.ndarray]]] | None = None,
+                   table: Iterable[Any] = (), defaults: dict[str, str] | None = None, plugin: str | None = None,
+                   **kw: Any) -> int:
+    """The command line of a plugin's ``tools/check_op_table.py``: ``--option NAME=VALUE`` (compile
+    options of ``backend``, over ``defaults``), ``-k TEXT`` (a subset), ``--json FILE``,
+    ``--verbose``. Builds the compiler from the plugin module ``plugin`` (default
+    ``handoff_BACKEND.plugin``; nothing autoloaded), lowers with its method ``lower`` (e.g. one that
+    skips its capability check), evaluates with ``evaluate(compiler)`` (default: the backend's
+    runtime half: ``load``, ``execute``, ``release``), checks every sample (:func:`check_sample`;
+    ``kw`` goes there) and prints the mismatches and a summary. ``table``: the ops the capability
+    table lists; one without a sample fails the run. Returns the exit status."""
+    from .plugins import Plugins
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                        help=f"{backend} compile option")
+    parser.add_argument("-k", default="", help="only samples whose op or label contains this text")
+    parser.add_argument("--json", metavar="FILE", help="write every row as JSON")
+    parser.add_argument("--verbose", action="store_true", help="print agreeing rows too")
+    args = parser.parse_args(argv)
+    options = {**(defaults or {}), **dict(o.split("=", 1) for o in args.option)}
+    os.environ.setdefault("HANDOFF_HOME", tempfile.mkdtemp(prefix=f"handoff-{backend}-check-"))
+    pm = Plugins(autoload=False, extra=[plugin or f"handoff_{backend}.plugin"])
+    compiler = pm.compiler(backend, options)
+    if evaluate is None:
+        runtime, runtime_options = pm.runtime(backend), pm.parse_options(backend, {}, runtime=True)
+        ok, why = runtime.is_available()
+        if not ok:
+            print(f"cannot run {backend} here: {why}")
+            return 2
+
+        def run(lowered: Any, inputs: list[np.ndarray]) -> list[np.ndarray]:
+            handle = runtime.load(memoryview(lowered.blob), lowered.metadata, runtime_options)
+            try:
+                return [np.asarray(o) for o in runtime.execute(handle, inputs)]
+            finally:
+                runtime.release(handle)
+    else:
+        run = evaluate(compiler)
+    fp16 = compiler.options.get("precision") == "fp16"
+    rows = []
+    start = time.perf_counter()
+    for sample in samples:
+        if args.k and args.k not in sample.label and args.k not in op_name(sample.op):
+            continue
+        try:
+            row = check_sample(sample, compiler, getattr(compiler, lower), run, fp16=fp16, **kw)
+        except Exception as exc:  # a crash of the capability check itself is a finding, not the end of the run
+            row = {"op": op_name(sample.op), "sample": sample.label, "verdict": "ERROR: the check crashed",
+                   "detail": f"{type(exc).__name__}: {exc}"[:300]}
+        rows.append(row)
+        if args.verbose or not row["verdict"].startswith("agree"):
+            claim = "claimed" if row.get("claimed") else f"declined ({row.get('reason')})" if "claimed" in row else ""
+            print(f"{row['verdict']:<44} {row['op']:<48} {row['sample']:<44} {claim} -> {row.get('detail', '')}")
+    counts = {v: sum(r["verdict"] == v for r in rows)
+              for v in ("agree", "agree (lowering only)", "documented (device-only bug, declined)")}
+    bad = [r for r in rows if not r["verdict"].startswith(("agree", "documented"))]
+    covered = {s.op for s in samples}
+    missing = [op_name(op) for op in table if op not in covered]
+    print(f"\n{len(rows)} samples over {len({r['op'] for r in rows})} ops, options {options}: "
+          f"{counts['agree']} agree (lowered and, where claimed, numerically checked), "
+          f"{counts['agree (lowering only)']} agree (claimed and lowered; numerics not checkable here), "
+          f"{counts['documented (device-only bug, declined)']} documented device-only declines, "
+          f"{len(bad)} mismatch(es); {sum(bool(r.get('claimed')) for r in rows)} claimed; "
+          f"{time.perf_counter() - start:.0f} s")
+    if missing and not args.k:
+        print(f"table entries without a sample: {', '.join(missing)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"options": options, "rows": rows}, indent=1, default=str))
+    return 1 if bad or (missing and not args.k) else 0

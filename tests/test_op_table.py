@@ -1,0 +1,71 @@
+"""handoff.testing.check_op_table, the shared half of the plugins' tools/check_op_table.py, run
+against the kitchen-sink backend: agreement, each kind of mismatch, bad samples, uncovered table
+entries."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from handoff.testing import Samples, check_op_table
+
+A = torch.ops.aten
+
+
+def _samples() -> Samples:
+    samples = Samples(seed=3)
+    x = samples.r(2, 8)
+    samples.add(A.add.Tensor, "add", torch.add, x, samples.r(8))
+    samples.add(A.mul.Tensor, "mul", torch.mul, x, samples.r(2, 8, lo=0.5))
+    samples.add(A.sin.default, "sin", torch.sin, x)  # not claimed by default: the sink lowers it anyway
+    samples.add(A.relu.default, "relu of a sum", lambda a: torch.relu(a + 1), x)  # two ops: a bad sample
+    return samples
+
+
+def _run(tmp_path, capsys, *args: str, samples=None, **kw) -> tuple[int, dict, str]:
+    out = tmp_path / "rows.json"
+    status = check_op_table("sink", _samples() if samples is None else samples,
+                            ["--json", str(out), *args], plugin="kitchen_sink", **kw)
+    return status, {r["sample"]: r for r in json.loads(out.read_text())["rows"]}, capsys.readouterr().out
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HANDOFF_HOME", str(tmp_path / "home"))
+
+
+def test_claims_that_lower_and_match_agree(tmp_path, capsys):
+    status, rows, out = _run(tmp_path, capsys, "-k", "add")
+    assert status == 0 and list(rows) == ["add"]
+    assert rows["add"]["verdict"] == "agree" and rows["add"]["claimed"] and rows["add"]["evaluated"]
+    assert "1 samples over 1 ops" in out and "0 mismatch(es)" in out
+
+
+def test_mismatches_are_reported_and_fail_the_run(tmp_path, capsys):
+    status, rows, out = _run(tmp_path, capsys, "--option", "wrong_op=aten.mul.Tensor")
+    assert status == 1
+    assert rows["add"]["verdict"] == "agree"
+    assert rows["mul"]["verdict"] == "MISMATCH: claimed, but it fails"
+    assert rows["mul"]["detail"].startswith("numerics: max error")
+    assert rows["sin"]["verdict"] == "MISMATCH: declined, but it compiles and matches"
+    assert rows["relu of a sum"]["verdict"] == "bad sample"
+    assert "MISMATCH: claimed, but it fails" in out and "3 mismatch(es)" in out
+
+
+def test_a_claim_that_fails_to_lower_and_a_documented_decline(tmp_path, capsys):
+    status, rows, _ = _run(tmp_path, capsys, "-k", "a", "--option", "fail_on=aten.add.Tensor",
+                           "--option", "ops=aten.add.Tensor,aten.mul.Tensor,aten.sin.default",
+                           documented=lambda node, reason: False)
+    assert status == 1
+    assert rows["add"]["verdict"] == "MISMATCH: claimed, but it fails"
+    assert rows["add"]["detail"] == "compile: sink refuses aten.add.Tensor"
+    status, rows, _ = _run(tmp_path, capsys, "-k", "sin", documented=lambda node, reason: node.target == A.sin.default)
+    assert status == 0 and rows["sin"]["verdict"] == "documented (device-only bug, declined)"
+
+
+def test_table_entries_without_a_sample_fail_the_run(tmp_path, capsys):
+    status, _, out = _run(tmp_path, capsys, "--option", "ops=aten.add.Tensor,aten.mul.Tensor,aten.sin.default",
+                          samples=_samples()[:3], table=[A.add.Tensor, A.neg.default])
+    assert status == 1 and "table entries without a sample: aten.neg.default" in out
