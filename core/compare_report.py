@@ -31,7 +31,8 @@ def render(result: CompareResult, console: Any) -> None:
     if result.devices:
         where = " on devices " + ", ".join(f"{k} ({d['target']})" for k, d in result.devices.items()) + \
             f" via the RPC tracker {result.rpc}"
-    table = Table(title=f"Compare {result.model}: {len(result.strategies)} strategies{where}, {result.runs} runs each "
+    strategies = len(dict.fromkeys(r.strategy.name for r in result.strategies))
+    table = Table(title=f"Compare {result.model}: {strategies} strategies{where}, {result.runs} runs each "
                         f"in {result.rounds} interleaved rounds{groups}, inputs seed {result.inputs_seed}",
                   title_justify="left")
     keyed = bool(result.devices)
