@@ -21,7 +21,9 @@ here. So the farm rows also split the wall time into building (``LocalBuilder.bu
 measuring (from handing a batch to the RPC runner until its last result, intervals merged) and
 the rest (search, cost model, database). ``--min-repeat-ms`` sets how long the device times each
 candidate (MetaSchedule's ``min_repeat_ms``, default 100): a slow board measuring its kernels,
-where a farm pays off, is emulated by a larger value.
+where a farm pays off, is emulated by a larger value. ``--model benchmarks/_dense.py:Dense`` is
+one task (one round of 64 candidates with ``--trials 64``): little search, every candidate
+measured.
 """
 
 from __future__ import annotations
