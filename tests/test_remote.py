@@ -254,8 +254,8 @@ def test_compare_measures_every_strategy_on_every_key(client, sink_plugins, tmp_
     with_tvm = "sink"  # sin left to the tvm fallback: built for each key's target
     paths = {kind: tmp_path / f"c.{kind}" for kind in ("json", "csv", "png")}
     code = main(["compare", "zoo:sink_net", "--strategy", whole, "--strategy", split, "--strategy", with_tvm,
-                 "--rpc", client.address, "--key", "dev-a,dev-b", "--key-target", "dev-b=aarch64", "--runs", "4",
-                 "--rounds", "2", "--warmup", "1", "--quiet", "--json", str(paths["json"]), "--csv", str(paths["csv"]),
+                 "--rpc", client.address, "--key", "dev-a,dev-b", "--key-target", "dev-b=aarch64", "--runs", "3",
+                 "--rounds", "1", "--warmup", "1", "--quiet", "--json", str(paths["json"]), "--csv", str(paths["csv"]),
                  "--plot", str(paths["png"])])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -267,7 +267,7 @@ def test_compare_measures_every_strategy_on_every_key(client, sink_plugins, tmp_
     assert list(rows) == [(s, k) for s in (whole, split, with_tvm) for k in ("dev-a", "dev-b")]
     for cell in ((whole, "dev-a"), (whole, "dev-b"), (split, "dev-a"), (with_tvm, "dev-a")):
         r = rows[cell]
-        assert r["status"] == "ok" and r["runs"] == 4, (cell, r["reason"])
+        assert r["status"] == "ok" and r["runs"] == 3, (cell, r["reason"])
         assert r["load_ms"] > 0 and r["first_run_ms"] > 0 and r["p90_ms"] >= r["p50_ms"] > 0
         assert r["max_abs_error"] <= 1e-5, cell
     assert rows[(with_tvm, "dev-a")]["delegates"]["tvm"] == 1
