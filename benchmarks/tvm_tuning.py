@@ -15,6 +15,15 @@ database, candidates measured on the devices registered under that key (``handof
 --allow-tuning``); prints each key's server count, tuning wall time and its ratio to the first
 key's, and the tuned program's median latency measured on a device of the key. Register one
 server under K1 and two under K2 to see what a second device buys.
+
+Only measuring is spread over the devices: MetaSchedule searches and builds every candidate
+here. So the farm rows also split the wall time into building (``LocalBuilder.build``, summed),
+measuring (from handing a batch to the RPC runner until its last result, intervals merged) and
+the rest (search, cost model, database). ``--min-repeat-ms`` sets how long the device times each
+candidate (MetaSchedule's ``min_repeat_ms``, default 100): a slow board measuring its kernels,
+where a farm pays off, is emulated by a larger value. ``--model benchmarks/_dense.py:Dense`` is
+one task (one round of 64 candidates with ``--trials 64``): little search, every candidate
+measured.
 """
 
 from __future__ import annotations
@@ -39,6 +48,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--rpc", metavar="HOST:PORT", help="TVM RPC tracker of a tuning farm (see the docstring)")
     ap.add_argument("--key", default="", help="with --rpc: device keys, comma-separated")
+    ap.add_argument("--min-repeat-ms", type=int, default=0,
+                    help="with --rpc: how long a device times each candidate (MetaSchedule's min_repeat_ms; "
+                         "default: its own, 100)")
     ap.add_argument("--threads", type=int, default=0,
                     help="threads for torch and TVM alike (default: each its own default, one per core); 1 "
                          "compares kernels without thread-pool effects, e.g. on a shared machine")
@@ -102,11 +114,12 @@ def farm(args: argparse.Namespace) -> None:
     import handoff
     from handoff.program import ProgramFile, io_specs
     from handoff.remote import Tracker, parse_keys, run_remote
-
     from handoff.signing import local_key
 
     signer = local_key().path  # the devices trust this key (handoff serve --trusted-keys)
     import tvm.s_tir.tensor_intrin  # noqa: F401  MetaSchedule imports it once per process: not in the first key's time
+
+    clock = _TuningClock(args.min_repeat_ms)
     rows = []
     for key in parse_keys(args.key):
         home = Path(tempfile.mkdtemp(prefix=f"handoff-bench-{key}-"))  # a fresh tuning database per key
@@ -115,21 +128,84 @@ def farm(args: argparse.Namespace) -> None:
         os.environ["HANDOFF_HOME"] = str(home)
         with Tracker(args.rpc) as tracker:
             servers = tracker.servers(key)
+        clock.reset()
         t0 = time.perf_counter()
         result = handoff.partition(args.model, backends=[], use_cache=False,
                                    options={"tvm": {"tune": str(args.trials), "rpc": f"{args.rpc}/{key}"}})
         wall = time.perf_counter() - t0
+        build_s, measure_s, candidates = clock.build_s, clock.measure_s(), clock.candidates
         data = result.to_bytes()
         with ProgramFile.from_bytes(data) as pf:
             specs, _ = io_specs(pf.manifest)
         rng = np.random.default_rng(5)
         x = [rng.standard_normal(shape).astype(dtype) for _, shape, dtype in specs]
         remote = run_remote(data, args.rpc, key, x, bench=args.runs, warmup=5)
-        rows.append((key, servers, wall, float(np.median(remote.times_ms))))
-    print(f"{args.model}, {args.trials} trials per key, tracker {args.rpc}, {args.runs} runs on the device")
-    print(f"{'key':16} {'servers':>8} {'tuning wall s':>14} {'x first key':>12} {'median ms':>10}")
-    for key, servers, wall, ms in rows:
-        print(f"{key:16} {servers:8d} {wall:14.1f} {wall / rows[0][2]:12.2f} {ms:10.2f}")
+        rows.append((key, servers, wall, build_s, measure_s, candidates, float(np.median(remote.times_ms))))
+    repeat = args.min_repeat_ms or "100 (default)"
+    print(f"{args.model}, {args.trials} trials per key, min_repeat_ms {repeat}, tracker {args.rpc}, {args.runs} runs "
+          f"on the device")
+    print(f"{'key':12} {'servers':>7} {'cands':>6} {'tuning wall s':>14} {'x first':>8} {'build s':>8} "
+          f"{'measure s':>10} {'x first':>8} {'other s':>8} {'median ms':>10}")
+    first = rows[0]
+    for key, servers, wall, build_s, measure_s, candidates, ms in rows:
+        print(f"{key:12} {servers:7d} {candidates:6d} {wall:14.1f} {wall / first[2]:8.2f} {build_s:8.1f} "
+              f"{measure_s:10.1f} {measure_s / (first[4] or 1):8.2f} {wall - build_s - measure_s:8.1f} {ms:10.2f}")
+
+
+class _TuningClock:
+    """Times MetaSchedule's local building and remote measuring in this process by wrapping
+    ``LocalBuilder.build`` (synchronous) and ``RPCRunner.run`` (asynchronous: a batch is measured
+    from its hand-over until its last future completes); ``min_repeat_ms`` replaces the runner's
+    evaluator setting when given."""
+
+    def __init__(self, min_repeat_ms: int) -> None:
+        from tvm.s_tir.meta_schedule.builder import LocalBuilder
+        from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, RPCRunner
+
+        clock = self
+        self.reset()
+        builder_cls, runner_cls = LocalBuilder._cls, RPCRunner._cls  # the Python classes behind @derived_object
+        build, run, init = builder_cls.build, runner_cls.run, runner_cls.__init__
+
+        def timed_build(builder, inputs):
+            t0 = time.perf_counter()
+            try:
+                return build(builder, inputs)
+            finally:
+                clock.build_s += time.perf_counter() - t0
+
+        def timed_run(runner, inputs):
+            start = time.perf_counter()
+            futures = run(runner, inputs)
+            interval = [start, start]
+            clock.intervals.append(interval)
+            clock.candidates += len(futures)
+
+            def finished(_future):
+                interval[1] = max(interval[1], time.perf_counter())
+
+            for f in futures:
+                f.future.add_done_callback(finished)
+            return futures
+
+        def init_with_repeat(runner, rpc_config=None, evaluator_config=None, *rest, **kwargs):
+            if min_repeat_ms:
+                evaluator_config = EvaluatorConfig(min_repeat_ms=min_repeat_ms)
+            init(runner, rpc_config, evaluator_config, *rest, **kwargs)
+
+        builder_cls.build, runner_cls.run, runner_cls.__init__ = timed_build, timed_run, init_with_repeat
+
+    def reset(self) -> None:
+        self.build_s, self.intervals, self.candidates = 0.0, [], 0
+
+    def measure_s(self) -> float:
+        """Seconds during which at least one batch was being measured (overlaps counted once)."""
+        total, end = 0.0, float("-inf")
+        for a, b in sorted(self.intervals):
+            if b > end:
+                total += b - max(a, end)
+                end = b
+        return total
 
 
 if __name__ == "__main__":

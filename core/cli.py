@@ -170,6 +170,13 @@ def build_parser(prog: str = "handoff") -> argparse.ArgumentParser:
                    "without FILE, instead of the table)")
     c.add_argument("--plot", metavar="OUT.png", help="chart: latency (p50, p90), coverage by backend, and the "
                    "Pareto front for --strategies auto")
+    add_rpc_arguments(c, "measure every strategy on a device of each --key from the pool of this TVM RPC tracker "
+                         "(a row per strategy and key) instead of here; programs are built here for each key's "
+                         "target and shipped", session=True,
+                      key_help="with --rpc: device keys, K1,K2 (handoff serve --key)")
+    c.add_argument("--key-target", action="append", default=[], metavar="KEY=TARGET",
+                   help="with --rpc: build for this tvm target for KEY (host, aarch64; default: what the device "
+                        "says it is); repeat for more")
     c.add_argument("--quiet", action="store_true", help="no progress display")
 
     i = sub.add_parser("inspect", parents=[common], help="show a program's header, instructions and segments")
@@ -220,9 +227,10 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="print only the output path")
 
 
-def add_rpc_arguments(p: argparse.ArgumentParser, rpc_help: str, session: bool = False) -> None:
+def add_rpc_arguments(p: argparse.ArgumentParser, rpc_help: str, session: bool = False,
+                      key_help: str = "with --rpc: the device key (handoff serve --key)") -> None:
     p.add_argument("--rpc", metavar="HOST:PORT", help=rpc_help)
-    p.add_argument("--key", metavar="KEY", help="with --rpc: the device key (handoff serve --key)")
+    p.add_argument("--key", metavar="KEY", help=key_help)
     if session:
         p.add_argument("--rpc-wait", type=float, default=120.0, metavar="S",
                        help="with --rpc: seconds to wait for a free device (default 120)")
@@ -749,7 +757,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from . import strategies as st
-    from .compare import compare
+    from .compare import Devices, compare
     from .compare_report import plot, render, write_csv
     from .numerics import DEFAULT_TOLERANCE
     from .plugins import get_plugins
@@ -772,6 +780,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         shapes = [parse_input_shape(s) for s in args.input_shape]
     except ValueError as exc:
         raise HandoffError(str(exc)) from exc
+    devices = None
+    if args.rpc or args.key or args.key_target:
+        from .remote import parse_keys
+
+        if not (args.rpc and args.key):
+            raise HandoffError("--rpc HOST:PORT and --key K1,K2 go together (--key-target needs them too): the "
+                               "tracker, and the device keys to measure on")
+        devices = Devices(args.rpc, tuple(parse_keys(args.key)), tuple(args.key_target), args.rpc_wait,
+                          args.rpc_timeout)
     with _progress(args.quiet) as progress:
         if args.no_fallback:
             chosen = [dataclasses.replace(s, fallback=False) for s in chosen]
@@ -780,7 +797,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                          tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
                          runtime_options=_options(args.option), on_lower_error=args.on_lower_error,
                          use_cache=not args.no_cache, auto=auto, max_workers=args.max_workers, plugins=plugins,
-                         trust_model=args.trust_model, progress=progress)
+                         trust_model=args.trust_model, devices=devices, progress=progress)
     if args.plot:
         plot(result, args.plot)
     if args.json:

@@ -10,11 +10,21 @@ with eager PyTorch on the same fresh random inputs; with ``per_delegate`` every 
 checked on its own (:mod:`handoff.numerics`). A strategy whose runtime is absent here is reported
 with its size and coverage, "lowered, not runnable here"; one that fails to lower, with the error.
 
+With ``devices`` (``--rpc HOST:PORT --key K1,K2``) every strategy is measured on a device of
+every key instead, from the pool of a TVM RPC tracker (:mod:`handoff.remote`): a row per strategy
+and key. Programs are built here, for the ``tvm`` target of each key (``--key-target K=TARGET``,
+or what the device says it is; a strategy that tunes measures its candidates on the key's
+devices), and shipped; the device loads, runs and times them, one session per timed round, and
+the outputs come back to be compared with eager PyTorch here. A strategy using a backend the
+device cannot run is "not runnable on K", with the device's reason; a device that fails marks
+its row failed, with one line naming the key and the tracker.
+
 This module imports no torch at module level: the workers import it to run programs.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import multiprocessing
@@ -39,6 +49,19 @@ PARETO_OBJECTIVES = ("p50_ms", "program_bytes", "max_abs_error")
 OK, NOT_RUNNABLE, FAILED = "ok", "not runnable here", "failed"
 
 
+@dataclasses.dataclass(frozen=True)
+class Devices:
+    """Where ``compare --rpc`` measures: a device of each of ``keys`` from the pool of the TVM RPC
+    tracker at ``rpc``. ``key_targets``: ``K=TARGET`` items (:func:`handoff.remote.key_targets`);
+    ``wait_s``: how long to wait for a free device; ``timeout_s``: a session's limit (0: none)."""
+
+    rpc: str
+    keys: tuple[str, ...]
+    key_targets: tuple[str, ...] = ()
+    wait_s: float = 120.0
+    timeout_s: float = 0.0
+
+
 @dataclasses.dataclass
 class StrategyResult:
     """What one strategy produced and measured. Times are in milliseconds except the lowering's
@@ -48,6 +71,7 @@ class StrategyResult:
     strategy: Strategy
     status: str = OK
     reason: str = ""
+    key: str | None = None  # the device key it was measured on (compare --rpc); None: here
     chain: list[str] = dataclasses.field(default_factory=list)
     coverage: dict[str, float] = dataclasses.field(default_factory=dict)  # backend (and "aten") -> % of nodes
     delegates: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -71,6 +95,16 @@ class StrategyResult:
         return percentile(self.samples_ms, pct) if self.samples_ms else None
 
     @property
+    def label(self) -> str:
+        """The strategy's name, and the device key it ran on."""
+        return self.strategy.name + (f" on {self.key}" if self.key else "")
+
+    @property
+    def status_text(self) -> str:
+        """``status``, with "here" replaced by the device key for a remote row."""
+        return f"not runnable on {self.key}" if self.status == NOT_RUNNABLE and self.key else self.status
+
+    @property
     def p50_ms(self) -> float | None:
         return self.percentile_ms(50)
 
@@ -79,7 +113,8 @@ class StrategyResult:
         return self.percentile_ms(90)
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.strategy.to_json(), "status": self.status, "reason": self.reason, "chain": self.chain,
+        return {**self.strategy.to_json(), "key": self.key, "status": self.status_text, "reason": self.reason,
+                "chain": self.chain,
                 "coverage_percent": {b: round(c, 2) for b, c in self.coverage.items()},
                 "delegates": self.delegates, "delegate_count": sum(self.delegates.values()),
                 "crossings": self.crossings, "lower_seconds": round(self.lower_seconds, 3),
@@ -104,9 +139,13 @@ class CompareResult:
     per_delegate: bool = False
     tolerance: float = numerics.DEFAULT_TOLERANCE
     worker_groups: int = 1  # strategies were timed interleaved within each group (--max-workers)
+    rpc: str | None = None  # the tracker of the devices (compare --rpc)
+    #: key -> {"target": the tvm target built for it, and what a device of it said about itself}
+    devices: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"model": self.model, "inputs_seed": self.inputs_seed, "runs": self.runs, "rounds": self.rounds,
+        return {"model": self.model, "rpc": self.rpc, "devices": self.devices, "inputs_seed": self.inputs_seed,
+                "runs": self.runs, "rounds": self.rounds,
                 "warmup": self.warmup, "export_seconds": round(self.export_seconds, 3), "auto": self.auto,
                 "per_delegate": self.per_delegate, "tolerance": self.tolerance, "worker_groups": self.worker_groups,
                 "pareto_objectives": list(PARETO_OBJECTIVES),
@@ -118,7 +157,8 @@ def compare(model: Any, strategies: Sequence[Strategy], *, runs: int = DEFAULT_R
             tolerance: float = numerics.DEFAULT_TOLERANCE, input_shapes: Sequence[Any] = (),
             runtime_options: Mapping[str, Mapping[str, str]] | None = None, on_lower_error: str = "fallback",
             use_cache: bool = True, auto: bool = False, max_workers: int | None = None, plugins: Any = None,
-            trust_model: bool = False, progress: Callable[[str, int, int], None] | None = None) -> CompareResult:
+            trust_model: bool = False, devices: Devices | None = None,
+            progress: Callable[[str, int, int], None] | None = None) -> CompareResult:
     """Lower ``model`` with each of ``strategies`` and measure every program (see the module
     docstring). ``runs`` timed runs per strategy in ``rounds`` rounds, after ``warmup`` untimed
     ones; inputs drawn with ``seed``; ``runtime_options`` apply to every program using that
@@ -127,7 +167,8 @@ def compare(model: Any, strategies: Sequence[Strategy], *, runs: int = DEFAULT_R
     ``max_workers`` caps the worker processes alive at once (each holds its backends' runtimes, a
     few hundred MB): strategies are then measured in consecutive groups, interleaved within each
     group only. Default: all at once. ``trust_model``: read a model file that runs code when
-    loaded (a ``.pt2`` holding pickles)."""
+    loaded (a ``.pt2`` holding pickles). ``devices``: measure on remote devices, a row per
+    strategy and device key (module docstring)."""
     from .plugins import get_plugins
 
     plugins = plugins or get_plugins()
@@ -139,8 +180,14 @@ def compare(model: Any, strategies: Sequence[Strategy], *, runs: int = DEFAULT_R
         raise HandoffError("no strategies to compare; pass --strategy SPEC (e.g. xnnpack) or --strategies auto")
     for s in strategies:
         _check_strategy(s, plugins)
+    if devices is not None and per_delegate:
+        raise HandoffError("--per-delegate checks each delegate on this machine; run it without --rpc (the rows "
+                           "measured here check the same programs' delegates)")
     say = progress or (lambda message, done, total: None)
-    total = len(strategies)
+    device_info = _ask_devices(devices, say) if devices is not None else {}
+    builds = _device_builds(strategies, devices, device_info, plugins) if devices is not None else \
+        [(s, s, None) for s in strategies]
+    total = len(builds)
 
     say("exporting", 0, total)
     start = time.perf_counter()
@@ -150,10 +197,16 @@ def compare(model: Any, strategies: Sequence[Strategy], *, runs: int = DEFAULT_R
     results: list[StrategyResult] = []
     programs: dict[int, bytes] = {}
     cases: dict[int, list[numerics.DelegateCase]] = {}
-    for i, s in enumerate(strategies):
-        say(f"lowering {s.name}", i, total)
-        result, program, strategy_cases = _lower(s, resolved, inputs, per_delegate, on_lower_error, use_cache, plugins,
-                                                 lambda m, d, t, name=s.name, i=i: say(f"{name}: {m}", i, total))
+    lowered: dict[Strategy, tuple[StrategyResult, bytes | None, list[numerics.DelegateCase]]] = {}
+    for i, (s, build, key) in enumerate(builds):
+        entry = lowered.get(build) if key is not None else None  # keys with the same target share one build
+        if entry is None:
+            say(f"lowering {s.name}" + (f" for {key}" if key else ""), i, total)
+            entry = lowered[build] = _lower(build, resolved, inputs, per_delegate, on_lower_error, use_cache,
+                                            plugins, lambda m, d, t, name=s.name, i=i: say(f"{name}: {m}", i, total))
+        result, program, strategy_cases = entry
+        if key is not None:
+            result = _device_row(result, s, key, device_info[key])
         results.append(result)
         if program is not None:
             programs[i] = program
@@ -163,13 +216,63 @@ def compare(model: Any, strategies: Sequence[Strategy], *, runs: int = DEFAULT_R
     groups = [order[k:k + size] for k in range(0, len(order), size)]
     for group in groups:
         _measure(results, {i: programs[i] for i in group}, cases, inputs, eager, runs, rounds, warmup,
-                 runtime_options or {}, plugins, say)
+                 runtime_options or {}, plugins, say, devices)
     for r in results:
         r.per_delegate = numerics.mark(r.per_delegate, tolerance)
     _mark_pareto(results)
     say("done", total, total)
     return CompareResult(resolved.name, results, seed, runs, rounds, warmup, export_seconds, auto, per_delegate,
-                         tolerance, len(groups))
+                         tolerance, len(groups), devices.rpc if devices else None, device_info)
+
+
+# -- remote devices ---------------------------------------------------------------------------
+
+def _ask_devices(devices: Devices, say: Callable[[str, int, int], None]) -> dict[str, dict[str, Any]]:
+    """Each key's target and what a device of it says about itself (an unreachable tracker or an
+    unregistered key stops the run here, before anything is lowered)."""
+    from .remote import key_targets, remote_info
+
+    infos = {}
+    for n, key in enumerate(devices.keys):
+        say(f"asking a device of {key}", n, len(devices.keys))
+        infos[key] = remote_info(devices.rpc, key, devices.wait_s)
+    targets = key_targets(devices.rpc, devices.keys, devices.key_targets, infos)
+    return {key: {"target": targets[key], **{k: info.get(k) for k in ("hostname", "machine", "cpu_count", "handoff",
+                                                                       "tvm", "runnable", "backends")}}
+            for key, info in infos.items()}
+
+
+def _device_builds(strategies: Sequence[Strategy], devices: Devices, info: Mapping[str, Mapping[str, Any]],
+                   plugins: Any) -> list[tuple[Strategy, Strategy, str]]:
+    """``(strategy, what to lower, key)`` for every strategy and key: the strategy with the key's
+    ``tvm`` target when its chain has tvm (unless it sets one itself), and, when it tunes, its
+    candidates measured on the key's devices."""
+    from .pipeline import backend_chain
+
+    out = []
+    for s in strategies:
+        for key in devices.keys:
+            build = s
+            if "tvm" in backend_chain(list(s.backends), plugins, s.fallback):
+                tvm = {"target": info[key]["target"], **s.options.get("tvm", {})}
+                if int(tvm.get("tune", 0) or 0) or tvm.get("tune_budget"):
+                    tvm.setdefault("rpc", f"{devices.rpc}/{key}")
+                build = dataclasses.replace(s, options={**s.options, "tvm": tvm})
+            out.append((s, build, key))
+    return out
+
+
+def _device_row(lowered: StrategyResult, s: Strategy, key: str, info: Mapping[str, Any]) -> StrategyResult:
+    """The row of ``s`` on ``key``: the lowering's figures, runnable as the device says."""
+    row = copy.deepcopy(lowered)
+    row.strategy, row.key = s, key
+    if row.status == FAILED:
+        return row
+    backends = info.get("backends") or {}
+    absent = [(b, backends[b]["runtime_reason"] if b in backends else "not installed on the device")
+              for b in sorted(row.delegates) if not backends.get(b, {}).get("runtime")]
+    row.status, row.reason = (NOT_RUNNABLE, "; ".join(f"{b}: {why}" for b, why in absent)) if absent else (OK, "")
+    return row
 
 
 # -- export and lowering ----------------------------------------------------------------------
@@ -275,19 +378,23 @@ def _declined(report: Any, s: Strategy) -> dict[str, dict[str, Any]]:
 def _measure(results: list[StrategyResult], programs: Mapping[int, bytes],
              cases: Mapping[int, list[numerics.DelegateCase]], inputs: tuple, eager: list[Any], runs: int,
              rounds: int, warmup: int, runtime_options: Mapping[str, Mapping[str, str]], plugins: Any,
-             say: Callable[[str, int, int], None]) -> None:
+             say: Callable[[str, int, int], None], devices: Devices | None = None) -> None:
     arrays = [x.numpy() for x in inputs]
-    workers: dict[int, _Worker] = {}
+    workers: dict[int, _Worker | _RemoteWorker] = {}
     total = len(results)
     try:
         for i, program in programs.items():
             r = results[i]
             if r.status != OK and not cases.get(i):
                 continue
-            say(f"loading {r.strategy.name}", i, total)
+            say(f"loading {r.label}", i, total)
             used = set(r.delegates)
             options = {b: o for b, o in runtime_options.items() if b in used}
-            worker = _Worker(program if r.status == OK else None, options, plugins)
+            worker: _Worker | _RemoteWorker
+            if r.key is not None and devices is not None:
+                worker = _RemoteWorker(program, options, devices, r.key, arrays, warmup)
+            else:
+                worker = _Worker(program if r.status == OK else None, options, plugins)
             workers[i] = worker
             try:
                 if r.status == OK:
@@ -297,17 +404,17 @@ def _measure(results: list[StrategyResult], programs: Mapping[int, bytes],
                     figures = errors(outs, eager)
                     r.max_abs_error, r.snr_db, r.outputs = figures["max_abs_error"], figures["snr_db"], figures["outputs"]
                     if warmup:
-                        worker.call("time", warmup)
+                        worker.warm(warmup)
             except HandoffError as exc:
                 r.status, r.reason = FAILED, str(exc)
                 worker.close()
                 del workers[i]
                 if cases.get(i):  # one delegate failing to load says nothing of the others: check each alone
                     workers[i] = _Worker(None, options, plugins)
-        timed = {i: w for i, w in workers.items() if results[i].status == OK}
+        timed: dict[int, _Worker | _RemoteWorker] = {i: w for i, w in workers.items() if results[i].status == OK}
         per_round = max(1, runs // rounds)
 
-        def timer(i: int, w: _Worker) -> Callable[[int], Sequence[float]]:
+        def timer(i: int, w: _Worker | _RemoteWorker) -> Callable[[int], Sequence[float]]:
             def one_round(r: int) -> Sequence[float]:
                 say(f"timing round {r + 1}/{rounds}", r, rounds)
                 if results[i].status != OK:  # its worker died in an earlier round
@@ -337,12 +444,13 @@ def _measure(results: list[StrategyResult], programs: Mapping[int, bytes],
 
 def _mark_pareto(results: list[StrategyResult]) -> None:
     """Mark the measured strategies no other one beats on every objective (latency p50, program
-    size, max abs error) while beating it on one."""
+    size, max abs error) while beating it on one; rows measured on a device key compete with the
+    rows of the same key only."""
     points = [(r, (r.p50_ms, float(r.program_bytes), r.max_abs_error)) for r in results
               if r.status == OK and r.samples_ms and r.max_abs_error is not None]
     for r, p in points:
         r.pareto = not any(all(a <= b for a, b in zip(q, p)) and any(a < b for a, b in zip(q, p))
-                           for _, q in points)
+                           for other, q in points if other.key == r.key)
 
 
 def _r(x: float | None) -> float | None:
@@ -397,6 +505,10 @@ class _Worker:
         """Seconds the worker took to load its program (raises when loading failed)."""
         return self._answer()
 
+    def warm(self, runs: int) -> None:
+        """``runs`` untimed runs."""
+        self.call("time", runs)
+
     def call(self, *request: Any) -> Any:
         try:
             self.conn.send(request)
@@ -441,6 +553,45 @@ class _Worker:
             os.unlink(self.log)
         except OSError:
             pass
+
+
+class _RemoteWorker:
+    """:class:`_Worker`'s requests answered by a device of ``key`` (:func:`handoff.remote.run_remote`):
+    the first session loads the program (``loaded``) and runs it once on the inputs (``first``);
+    each ``time`` request is a session of its own that ships and loads the program again, runs
+    ``warmup`` untimed runs and returns the device's timings. A session's failure is a
+    :class:`HandoffError` naming the key and the tracker."""
+
+    def __init__(self, program: bytes, options: Mapping[str, Mapping[str, str]], devices: Devices, key: str,
+                 inputs: Sequence[Any], warmup: int):
+        self.program, self.options, self.devices, self.key = program, dict(options), devices, key
+        self.inputs, self.warmup = list(inputs), warmup
+        self.first: tuple[float, list[Any]] | None = None
+
+    def _run(self, bench: int) -> Any:
+        from .remote import run_remote
+
+        return run_remote(self.program, self.devices.rpc, self.key, self.inputs, bench=bench,
+                          warmup=self.warmup if bench else 0, options=self.options, wait_s=self.devices.wait_s,
+                          timeout_s=self.devices.timeout_s)
+
+    def loaded(self) -> float:
+        result = self._run(0)
+        self.first = (result.first_run_ms / 1e3, result.outputs)
+        return result.load_ms / 1e3
+
+    def call(self, kind: str, arg: Any) -> Any:
+        if kind == "first" and self.first is not None:
+            return self.first
+        if kind == "time":
+            return [t / 1e3 for t in self._run(int(arg)).times_ms]
+        raise HandoffError(f"a remote device answers no {kind!r} request here")
+
+    def warm(self, runs: int) -> None:
+        """Nothing: every timing session warms the program up on the device first."""
+
+    def close(self) -> None:
+        pass
 
 
 def _worker_main(conn: Any, program: bytes | None, options: Mapping[str, Mapping[str, str]], autoload: bool,

@@ -27,22 +27,29 @@ def render(result: CompareResult, console: Any) -> None:
     from rich.table import Table
 
     groups = f" (in {result.worker_groups} groups of workers)" if result.worker_groups > 1 else ""
-    table = Table(title=f"Compare {result.model}: {len(result.strategies)} strategies, {result.runs} runs each in "
-                        f"{result.rounds} interleaved rounds{groups}, inputs seed {result.inputs_seed}",
+    where = ""
+    if result.devices:
+        where = " on devices " + ", ".join(f"{k} ({d['target']})" for k, d in result.devices.items()) + \
+            f" via the RPC tracker {result.rpc}"
+    strategies = len(dict.fromkeys(r.strategy.name for r in result.strategies))
+    table = Table(title=f"Compare {result.model}: {strategies} strategies{where}, {result.runs} runs each "
+                        f"in {result.rounds} interleaved rounds{groups}, inputs seed {result.inputs_seed}",
                   title_justify="left")
-    columns = (("strategy", "left"), ("coverage", "left"), ("deleg.", "right"), ("cross.", "right"),
+    keyed = bool(result.devices)
+    columns = (("strategy", "left"), *((("device", "left"),) if keyed else ()), ("coverage", "left"), ("deleg.", "right"), ("cross.", "right"),
                ("lowering", "right"), ("size", "right"), ("load", "right"), ("first", "right"), ("p50", "right"),
                ("p90", "right"), ("max abs err", "right"), ("SNR dB", "right"), ("pareto", "center"))
     for col, just in columns:
         table.add_column(col, justify=just, no_wrap=col not in ("strategy", "coverage"))  # type: ignore[arg-type]
     for r in result.strategies:
+        first = (r.strategy.name, r.key or "") if keyed else (r.strategy.name,)
         if r.status == FAILED and not r.chain:
-            table.add_row(r.strategy.name, "[red]failed to lower[/]", *["-"] * (len(columns) - 2))
+            table.add_row(*first, "[red]failed to lower[/]", *["-"] * (len(columns) - len(first) - 1))
             continue
         measured = r.status == OK and r.samples_ms
         lowering = f"{r.lower_seconds:.1f}s" + (f" ({r.compile_seconds:.1f}s)" if r.cached_partitions else "")
         table.add_row(
-            r.strategy.name, _coverage_text(r), str(sum(r.delegates.values())), str(r.crossings), lowering,
+            *first, _coverage_text(r), str(sum(r.delegates.values())), str(r.crossings), lowering,
             _size(r.program_bytes),
             _ms(r.load_ms), _ms(r.first_run_ms), _ms(r.p50_ms) if measured else _status(r), _ms(r.p90_ms),
             err_text(r.max_abs_error), snr_text(r.snr_db), "★" if r.pareto else "")
@@ -51,11 +58,11 @@ def render(result: CompareResult, console: Any) -> None:
                   "supplied blobs; deleg./cross.: delegates and values crossing a step boundary per run")
     for r in result.strategies:
         if r.status == NOT_RUNNABLE:
-            console.print(f"[yellow]{r.strategy.name}[/]: lowered, not runnable here ({r.reason})")
+            console.print(f"[yellow]{r.label}[/]: lowered, {r.status_text} ({r.reason})")
         elif r.status == FAILED:
-            console.print(f"[red]{r.strategy.name}[/]: {r.reason}")
+            console.print(f"[red]{r.label}[/]: {r.reason}")
         for move in r.moves:
-            console.print(f"[yellow]{r.strategy.name}[/]: moved {len(move['nodes'])} node(s) of {move['partition']} "
+            console.print(f"[yellow]{r.label}[/]: moved {len(move['nodes'])} node(s) of {move['partition']} "
                           f"off {move['backend']}: {move['reason']}")
     if result.per_delegate:
         render_delegates([(r.strategy.name, r.per_delegate) for r in result.strategies if r.per_delegate],
@@ -118,7 +125,7 @@ def write_csv(result: CompareResult, out: Any) -> None:
     """One row per strategy to ``out`` (a text file opened with ``newline=""``); coverage and
     delegates get one column per backend."""
     backends = list(dict.fromkeys(b for r in result.strategies for b in [*r.chain, *r.coverage]))
-    fields = ["strategy", "spec", "status", "reason", *[f"coverage_{b}" for b in backends],
+    fields = ["strategy", "spec", "key", "status", "reason", *[f"coverage_{b}" for b in backends],
               *[f"delegates_{b}" for b in backends], "crossings", "lower_seconds", "compile_seconds",
               "cached_partitions", "program_bytes", "load_ms", "first_run_ms", "p50_ms", "p90_ms", "runs",
               "max_abs_error", "snr_db", "pareto", "worst_delegate", "worst_delegate_relative_error"]
@@ -128,7 +135,8 @@ def write_csv(result: CompareResult, out: Any) -> None:
         j = r.to_json()
         worst = next((d for d in r.per_delegate if d.get("worst")), None)
         writer.writerow({
-            "strategy": r.strategy.name, "spec": r.strategy.spec, "status": r.status, "reason": r.reason,
+            "strategy": r.strategy.name, "spec": r.strategy.spec, "key": r.key or "", "status": r.status_text,
+            "reason": r.reason,
             **{f"coverage_{b}": round(r.coverage.get(b, 0.0), 2) for b in backends},
             **{f"delegates_{b}": r.delegates.get(b, 0) for b in backends},
             **{k: j[k] for k in ("crossings", "lower_seconds", "compile_seconds", "cached_partitions",
@@ -148,7 +156,7 @@ def plot(result: CompareResult, path: str | Path) -> None:
         raise HandoffError("--plot needs matplotlib; install with: pip install 'handoff[bench]'") from None
 
     rs = result.strategies
-    names = [r.strategy.name for r in rs]
+    names = [r.label for r in rs]
     panels = 3 if result.auto else 2
     height = max(3.0, 0.32 * len(rs) + 1.5)
     fig = Figure(figsize=(6.0 * panels, height), layout="constrained")
@@ -163,7 +171,7 @@ def plot(result: CompareResult, path: str | Path) -> None:
             lat.barh(y, p50, color="#4C72B0" if not r.pareto else "#C44E52")
             lat.errorbar(p50, y, xerr=[[0], [p90 - p50]], fmt="none", ecolor="black", capsize=3, lw=1)
         else:
-            label = "lowered, not runnable here" if r.status == NOT_RUNNABLE else "failed"
+            label = f"lowered, {r.status_text}" if r.status == NOT_RUNNABLE else "failed"
             lat.text(0, y, " " + label, va="center", fontsize=8, color="#A05000" if r.status == NOT_RUNNABLE else "red")
     lat.set_yticks(ys, names, fontsize=8)
     lat.set_xlabel("latency, ms (bar: p50, whisker: p90)")
@@ -198,7 +206,7 @@ def _pareto_panel(ax: Any, rs: list[StrategyResult]) -> None:
         ax.scatter(r.p50_ms, err, s=30 + 300 * r.program_bytes / biggest, alpha=0.7,
                    color="#C44E52" if r.pareto else "#8C8C8C", edgecolors="black", linewidths=0.5)
         if r.pareto:
-            ax.annotate(r.strategy.name, (r.p50_ms, err), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            ax.annotate(r.label, (r.p50_ms, err), fontsize=7, xytext=(4, 4), textcoords="offset points")
     front = sorted((r for r in measured if r.pareto), key=lambda r: r.p50_ms)
     if len(front) > 1:
         ax.plot([r.p50_ms for r in front], [r.max_abs_error or floor for r in front], color="#C44E52", lw=0.8, ls="--")

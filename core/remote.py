@@ -220,11 +220,13 @@ def run_remote(program: str | os.PathLike[str] | bytes, rpc: str, key: str, inpu
                         summary.get("trust"), summary["device"])
 
 
-def key_targets(rpc: str, keys: Sequence[str], overrides: Sequence[str] = ()) -> dict[str, str]:
+def key_targets(rpc: str, keys: Sequence[str], overrides: Sequence[str] = (),
+                infos: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, str]:
     """The ``tvm`` target to build for each device key (``compare --rpc ... --key K1,K2``):
     ``--key-target K=TARGET`` items in ``overrides`` first; otherwise the device is asked
-    (:func:`remote_info`): an aarch64 device gets ``aarch64``, a device of this machine's
-    architecture ``host``; any other device needs an override."""
+    (:func:`remote_info`, unless ``infos`` holds its answer already): an aarch64 device gets
+    ``aarch64``, a device of this machine's architecture ``host``; any other device needs an
+    override."""
     import platform
 
     from .tvm.plugin import TARGETS
@@ -239,7 +241,8 @@ def key_targets(rpc: str, keys: Sequence[str], overrides: Sequence[str] = ()) ->
     for key in keys:
         if key in chosen:
             continue
-        machine = str(remote_info(rpc, key).get("machine", "")).lower()
+        info = infos[key] if infos and key in infos else remote_info(rpc, key)
+        machine = str(info.get("machine", "")).lower()
         if machine in ("aarch64", "arm64"):
             chosen[key] = "aarch64"
         elif machine == platform.machine().lower():

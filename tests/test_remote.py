@@ -2,12 +2,15 @@
 
 One tracker and three servers for the module (two under ``dev-a`` that allow tuning, one
 under ``dev-b`` that does not), each in its own process group, killed at the end. The servers
-have a home of their own: they trust the client's key only through ``--trusted-keys``.
+have a home of their own: they trust the client's key only through ``--trusted-keys``. They load
+the kitchen-sink plugin too (``$HANDOFF_PLUGINS``); on ``dev-b`` its ``sinkb`` runtime is
+switched off, so that ``compare --rpc`` meets a device lacking a backend.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import signal
@@ -63,7 +66,10 @@ class Pool:
         self.procs: list[subprocess.Popen] = []
         self.client_home = root / "client"
         self.trusted = root / "trusted"
-        self.env = {**os.environ, "HANDOFF_HOME": str(root / "server"), "HANDOFF_DISABLE_PLUGIN_AUTOLOAD": "1"}
+        plugins = str(Path(__file__).parent / "plugins")
+        self.env = {**os.environ, "HANDOFF_HOME": str(root / "server"), "HANDOFF_DISABLE_PLUGIN_AUTOLOAD": "1",
+                    "HANDOFF_PLUGINS": "kitchen_sink",
+                    "PYTHONPATH": os.pathsep.join(p for p in (plugins, os.environ.get("PYTHONPATH")) if p)}
         port = _free_port()
         self.address = f"127.0.0.1:{port}"
         self.procs.append(_spawn([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
@@ -78,12 +84,12 @@ class Pool:
         _wait_for("the tracker", up)
         self.logs: dict[str, Path] = {}
 
-    def serve(self, name: str, key: str, *extra: str) -> subprocess.Popen:
+    def serve(self, name: str, key: str, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         port = _free_port()
         self.logs[name] = self.root / f"{name}.log"
         proc = _spawn([sys.executable, "-m", "handoff.cli", "serve", "--tracker", self.address, "--key", key,
                        "--port", str(port), "--port-end", str(port + 1), "--trusted-keys", str(self.trusted), *extra],
-                      self.logs[name], self.env)
+                      self.logs[name], {**self.env, **(env or {})})
         self.procs.append(proc)
         return proc
 
@@ -113,7 +119,7 @@ def pool(tmp_path_factory):
             (p.trusted / "client.pem").write_bytes(local_key().public_pem())
         p.serve("a1", "dev-a", "--allow-tuning")
         p.serve("a2", "dev-a", "--allow-tuning")
-        p.serve("b", "dev-b")
+        p.serve("b", "dev-b", env={"HANDOFF_SINK_UNAVAILABLE": "sinkb"})
         p.wait_registered({"dev-a": 2, "dev-b": 1})
         yield p
     finally:
@@ -212,10 +218,13 @@ def test_a_session_refuses_tvms_file_and_code_functions(client):
             del session
 
 
-def test_a_device_says_what_it_can_run(client):
+def test_a_device_says_what_it_can_run(client, sink_plugins):
+    assert sorted(remote_info(client.address, "dev-a")["runnable"]) == sorted(handoff.get_plugins().runnable())
     info = remote_info(client.address, "dev-b")
-    assert info["runnable"] == handoff.get_plugins().runnable()
+    assert info["runnable"] == ["sink"]  # sinkb switched off there
     assert info["backends"]["tvm"]["runtime"] is True
+    assert info["backends"]["sinkb"] == {**info["backends"]["sinkb"], "runtime": False,
+                                         "runtime_reason": "switched off by $HANDOFF_SINK_UNAVAILABLE"}
     assert info["cpu_count"] == os.cpu_count() and info["handoff"] == handoff.__version__
 
 
@@ -233,6 +242,51 @@ def test_targets_per_key_come_from_the_device_or_key_target(client):
     assert key_targets(client.address, ["dev-a", "dev-b"], ["dev-b=aarch64"]) == {"dev-a": "host", "dev-b": "aarch64"}
     with pytest.raises(HandoffError, match=r"--key-target 'dev-c=host': expected KEY=TARGET with KEY one of dev-a"):
         key_targets(client.address, ["dev-a"], ["dev-c=host"])
+
+
+def test_compare_measures_every_strategy_on_every_key(client, sink_plugins, tmp_path, capsys):
+    """A row per strategy and key: measured on the device, outputs checked against eager here; a
+    backend the device lacks is "not runnable on K" with the device's reason; a program the
+    device cannot load (tvm built for aarch64 by --key-target, shipped to an x86 server) fails
+    its row only, with one line naming the key and the tracker."""
+    whole = "sink[ops=aten.add.Tensor,aten.mul.Tensor,aten.relu.default,aten.sin.default]"  # all on sink
+    split = "sink,sinkb[ops=aten.sin.default]"  # sin on sinkb, switched off on dev-b
+    with_tvm = "sink"  # sin left to the tvm fallback: built for each key's target
+    paths = {kind: tmp_path / f"c.{kind}" for kind in ("json", "csv", "png")}
+    code = main(["compare", "zoo:sink_net", "--strategy", whole, "--strategy", split, "--strategy", with_tvm,
+                 "--rpc", client.address, "--key", "dev-a,dev-b", "--key-target", "dev-b=aarch64", "--runs", "3",
+                 "--rounds", "1", "--warmup", "1", "--quiet", "--json", str(paths["json"]), "--csv", str(paths["csv"]),
+                 "--plot", str(paths["png"])])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"on devices dev-a (host), dev-b (aarch64) via the RPC tracker {client.address}" in out
+    result = json.loads(paths["json"].read_text())
+    assert result["rpc"] == client.address
+    assert {k: d["target"] for k, d in result["devices"].items()} == {"dev-a": "host", "dev-b": "aarch64"}
+    rows = {(r["name"], r["key"]): r for r in result["strategies"]}
+    assert list(rows) == [(s, k) for s in (whole, split, with_tvm) for k in ("dev-a", "dev-b")]
+    for cell in ((whole, "dev-a"), (whole, "dev-b"), (split, "dev-a"), (with_tvm, "dev-a")):
+        r = rows[cell]
+        assert r["status"] == "ok" and r["runs"] == 3, (cell, r["reason"])
+        assert r["load_ms"] > 0 and r["first_run_ms"] > 0 and r["p90_ms"] >= r["p50_ms"] > 0
+        assert r["max_abs_error"] <= 1e-5, cell
+    assert rows[(with_tvm, "dev-a")]["delegates"]["tvm"] == 1
+    lacking = rows[(split, "dev-b")]
+    assert lacking["status"] == "not runnable on dev-b" and lacking["runs"] == 0
+    assert lacking["reason"] == "sinkb: switched off by $HANDOFF_SINK_UNAVAILABLE" and lacking["program_bytes"] > 0
+    failed = rows[(with_tvm, "dev-b")]
+    assert failed["status"] == "failed" and failed["runs"] == 0 and "\n" not in failed["reason"]
+    assert failed["reason"].startswith(f"device 'dev-b' (via the RPC tracker {client.address}): ")
+    assert f"{with_tvm} on dev-b: device 'dev-b'" in " ".join(out.split())
+    table = list(csv.DictReader(paths["csv"].open()))
+    assert [(r["strategy"], r["key"], r["status"]) for r in table] == [(s, k, rows[(s, k)]["status"]) for s, k in rows]
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert main(["compare", "zoo:sink_net", "--strategy", whole, "--rpc", client.address]) == 1
+    assert "--rpc HOST:PORT and --key K1,K2 go together" in capsys.readouterr().err
+    assert main(["compare", "zoo:sink_net", "--strategy", whole, "--rpc", client.address, "--key", "dev-a",
+                 "--per-delegate"]) == 1
+    assert "--per-delegate checks each delegate on this machine" in capsys.readouterr().err
 
 
 def test_errors_name_the_tracker_and_the_next_step(client, program):
