@@ -1,6 +1,6 @@
 """Soak: many runs of one loaded program per zoo model and backend, watching memory and latency.
 
-    python benchmarks/soak.py [--runs 10000] [--seconds 0] [--warmup 200] [--threads 8]
+    python benchmarks/soak.py [--runs 10000] [--seconds 0] [--warmup 200] [--threads 8] [--option B.NAME=V]
                               [--models small_cnn,small_transformer,mobilenet_v2]
                               [--backends tvm,xnnpack,vulkan,qnn]
 
@@ -44,11 +44,12 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def soak(path: str, runs: int, seconds: float, warmup: int, distinct: int, threads: int, rounds: int) -> dict:
+def soak(path: str, runs: int, seconds: float, warmup: int, distinct: int, threads: int, rounds: int,
+         options: dict | None = None) -> dict:
     import handoff
 
     rng = np.random.default_rng(0)
-    with handoff.load(path) as program:
+    with handoff.load(path, options=options) as program:
         specs = program.input_specs
         inputs = [[rng.standard_normal(shape).astype(dtype) if dtype.startswith("float")
                    else rng.integers(0, 8, shape).astype(dtype) for _, shape, dtype in specs] for _ in range(distinct)]
@@ -122,6 +123,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=0,
                         help="at most this long per program's timed loop (0: no bound)")
     parser.add_argument("--threads", type=int, default=8, help="threads of the thread check (0: no check)")
+    parser.add_argument("--option", action="append", default=[], metavar="BACKEND.NAME=VALUE",
+                        help="a runtime option for handoff.load (repeatable), e.g. xnnpack.threads=1")
     parser.add_argument("--thread-rounds", type=int, default=25,
                         help="passes over the --inputs inputs the threads share")
     parser.add_argument("--warmup", type=int, default=200)
@@ -143,6 +146,11 @@ def main() -> int:
           f"{', '.join(backends)}; pid {os.getpid()}", flush=True)
     print(f"{'program':<30} {'runs':>6} {'RSS MB':>8} {'growth':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
           f"{'p99/p50':>8}  threads")
+    options: dict[str, dict[str, str]] = {}
+    for text in args.option:
+        key, _, value = text.partition("=")
+        backend, _, name = key.partition(".")
+        options.setdefault(backend, {})[name] = value
     missed = 0
     with tempfile.TemporaryDirectory(prefix="handoff-soak-") as work:
         for model in args.models.split(","):
@@ -152,7 +160,8 @@ def main() -> int:
                 try:
                     handoff.partition(f"zoo:{model}", backends=[backend]).write(path)
                     r = soak(path, args.runs, args.seconds, args.warmup, args.inputs, args.threads,
-                             args.thread_rounds if args.threads > 0 else 0)
+                             args.thread_rounds if args.threads > 0 else 0,
+                             {b: o for b, o in options.items() if b == backend})
                 except Exception as exc:  # report and go on: one backend's failure is a number too
                     print(f"{name:<30} failed: {one_line(exc)}", flush=True)
                     missed += 1
