@@ -33,7 +33,7 @@ import _harness  # noqa: E402
 
 #: Harnesses in the order they run (the cheap ones first) and their mutation counts: a few
 #: seconds of each on a 2-core machine.
-MUTATIONS = {"options": 400, "program": 400, "hostops": 200, "tvm": 150, "coreml": 120, "vulkan": 30,
+MUTATIONS = {"options": 400, "program": 400, "hostops": 200, "tvm": 150, "coreml": 120, "vulkan": 20,
              "xnnpack": 0, "qnn": 0}
 #: Harnesses that read programs: their mutations also splice in tokens of ``program.dict``.
 DICTIONARY = {"program", "hostops", "tvm"}
