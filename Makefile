@@ -53,7 +53,7 @@ bench: setup
 # one process and one worker at a time, for FUZZ_TIME seconds (tests/fuzz/campaign.py). New inputs
 # go to .fuzz/NAME/corpus, crashes to .fuzz/NAME/ (crash-*, oom-*, timeout-*), figures to
 # .fuzz/summary.json.
-FUZZ_HARNESSES ?= program hostops options tvm xnnpack vulkan qnn
+FUZZ_HARNESSES ?= program hostops options tvm xnnpack vulkan qnn coreml
 FUZZ_TIME ?= 60
 fuzz: setup
 	$(PY) tests/fuzz/campaign.py --seconds $(FUZZ_TIME) $(FUZZ_HARNESSES)

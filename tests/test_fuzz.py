@@ -1,17 +1,22 @@
-"""The fuzz harnesses' smoke pass (``tests/fuzz/``): each harness runs its real driver (atheris +
-libFuzzer) in its own process, one after another, over its checked-in seeds and the inputs of every
-fixed finding (``tests/fuzz/regressions/NAME/``), then mutates for a few seconds (not xnnpack and
-qnn, whose vendor libraries crash on some mutations in-process). All of them together take under a
-minute of fuzzing; ``make fuzz`` runs the long campaigns. Inputs on which a vendor runtime itself
-dies (``tests/fuzz/crashers/``) are checked through ``handoff.load``, which isolates them.
+"""The fuzz harnesses' smoke pass (``tests/fuzz/``).
 
-A harness fails on a crash, an abort, a hang past ``-timeout``, an allocation past
-``-rss_limit_mb``, or an exception outside its contract (``tests/fuzz/_harness.py``); the test
-then shows libFuzzer's report and the input it saved.
+Every harness runs in one child process (``tests/fuzz/smoke.py``), one after another: its setup,
+its checked-in seeds, the inputs of every fixed finding (``tests/fuzz/regressions/NAME/``) and a
+fixed number of seeded mutations through its contract (not xnnpack and qnn, whose vendor
+libraries crash on some mutations in-process: seeds and regressions only). One process, so torch
+and the vendor libraries load once; seeded, so every run checks the same inputs. The real driver
+(atheris + libFuzzer, what ``make fuzz`` runs for a time budget) runs once too, on one harness,
+for a fixed number of inputs. Inputs on which a vendor runtime itself dies
+(``tests/fuzz/crashers/``) are checked through ``handoff.load``, which isolates them.
+
+A harness fails on an exception outside its contract (``tests/fuzz/_harness.py``), a crash of
+the process, or a temporary directory left behind (coreml); the test shows what the input did,
+and the input is saved.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,38 +25,64 @@ from pathlib import Path
 import pytest
 
 FUZZ = Path(__file__).resolve().parent / "fuzz"
-#: Seconds of mutation per harness after the seeds and regressions ran (7 harnesses: 21 s).
-SECONDS = 3
-HARNESSES = ["program", "hostops", "options", "tvm", "xnnpack", "vulkan", "qnn"]
-#: Harnesses whose vendor library crashes on some mutations (the core isolates it, see
-#: tests/fuzz/campaign.py): the smoke pass runs their seeds and regressions only.
-SEEDS_ONLY = {"xnnpack", "qnn"}
+sys.path.insert(0, str(FUZZ))
+try:
+    from smoke import MUTATIONS
+finally:
+    sys.path.remove(str(FUZZ))
+HARNESSES = list(MUTATIONS)
 
 
-def fuzz(name: str, tmp_path: Path, *extra: str, seconds: int = SECONDS) -> subprocess.CompletedProcess:
-    corpora = [str(FUZZ / "corpus" / name)]
-    if (FUZZ / "regressions" / name).is_dir():
-        corpora.append(str(FUZZ / "regressions" / name))
-    work = tmp_path / "corpus"
-    work.mkdir()
-    env = {**os.environ, "HANDOFF_FUZZ_HOME": str(tmp_path / "home"), "PYTHONHASHSEED": "0"}
-    flags = ["-rss_limit_mb=2048", "-timeout=60", f"-max_total_time={seconds}", "-seed=1",
-             f"-artifact_prefix={tmp_path}/", *extra]
-    if name in ("program", "hostops", "tvm"):
-        flags.append(f"-dict={FUZZ / 'program.dict'}")
-    return subprocess.run([sys.executable, str(FUZZ / f"fuzz_{name}.py"), *flags, str(work), *corpora],
-                          env=env, capture_output=True, text=True, timeout=300)
+def _env(tmp: Path) -> dict[str, str]:
+    env = {**os.environ, "HANDOFF_FUZZ_HOME": str(tmp / "home"), "PYTHONHASHSEED": "0"}
+    env.pop("HANDOFF_DISABLE_PLUGIN_AUTOLOAD", None)  # fuzz_options parses every installed backend's options
+    return env
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, dict], str, Path]:
+    """The smoke pass's result per harness, its stderr, and where it saved findings."""
+    tmp = tmp_path_factory.mktemp("fuzz-smoke")
+    artifacts = tmp / "artifacts"
+    artifacts.mkdir()
+    proc = subprocess.run([sys.executable, str(FUZZ / "smoke.py"), "--artifacts", str(artifacts)], env=_env(tmp),
+                          capture_output=True, text=True, timeout=600)
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            result = json.loads(line)
+            results[result["name"]] = result
+    return results, proc.stderr, artifacts
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", HARNESSES)
-def test_harness_smoke(name: str, tmp_path: Path) -> None:
-    assert any((FUZZ / "corpus" / name).iterdir()), f"no seeds for fuzz_{name}: run tests/fuzz/make_seeds.py"
-    proc = fuzz(name, tmp_path, *(["-runs=0"] if name in SEEDS_ONLY else []))
+def test_harness_smoke(name: str, smoke: tuple[dict[str, dict], str, Path]) -> None:
+    results, stderr, artifacts = smoke
+    assert any((FUZZ / "corpus" / name).iterdir()), f"no seeds for fuzz_{name}: run tests/fuzz/make_seeds.py {name}"
+    assert name in results, f"the smoke pass died before or in fuzz_{name}:\n{stderr[-6000:]}"
+    result = results[name]
+    assert not result["findings"], (f"fuzz_{name} found {len(result['findings'])} input(s) that break its contract "
+                                    f"(saved in {artifacts}): {result['findings'][:3]}")
+    seeds = sum(1 for folder in ("corpus", "regressions") if (FUZZ / folder / name).is_dir()
+                for p in (FUZZ / folder / name).iterdir())
+    assert result["inputs"] == seeds + MUTATIONS[name]
+
+
+@pytest.mark.slow
+def test_real_driver_runs_a_harness(tmp_path: Path) -> None:
+    """``make fuzz``'s driver (atheris instruments handoff, libFuzzer mutates with the program
+    dictionary) on fuzz_program for a fixed number of inputs: it starts, reads the seeds, finds
+    nothing."""
+    work = tmp_path / "corpus"
+    work.mkdir()
+    flags = ["-rss_limit_mb=2048", "-timeout=60", "-runs=500", "-seed=1", f"-artifact_prefix={tmp_path}/",
+             f"-dict={FUZZ / 'program.dict'}"]
+    proc = subprocess.run([sys.executable, str(FUZZ / "fuzz_program.py"), *flags, str(work), str(FUZZ / "corpus" / "program")],
+                          env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     saved = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("crash-", "oom-", "timeout-", "leak-")))
-    assert proc.returncode == 0 and not saved, (
-        f"fuzz_{name} found something (exit {proc.returncode}, saved {saved}):\n{proc.stderr[-6000:]}")
-    assert "INITED" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 0 and not saved, f"fuzz_program found something ({saved}):\n{proc.stderr[-6000:]}"
+    assert "INITED" in proc.stderr and "Done 500 runs" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_harness_reports_a_finding(tmp_path: Path) -> None:
@@ -74,7 +105,7 @@ def test_harness_reports_a_finding(tmp_path: Path) -> None:
 
 
 def _crashers() -> list[Path]:
-    return sorted((FUZZ / "crashers").glob("*/*"))
+    return sorted((FUZZ / "crashers").glob("*/crash-*"))
 
 
 @pytest.mark.slow

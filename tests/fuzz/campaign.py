@@ -33,7 +33,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-HARNESSES = ["program", "hostops", "options", "tvm", "xnnpack", "vulkan", "qnn"]
+HARNESSES = ["program", "hostops", "options", "tvm", "xnnpack", "vulkan", "qnn", "coreml"]
 RESTARTED = {"xnnpack", "qnn"}  # vendor crashes there are isolated by the core (see the docstring)
 DICTIONARY = {"program", "hostops", "tvm"}
 _STATUS = re.compile(r"^#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+) corp: (\d+)/\S+.*?exec/s: (\d+) rss: (\d+)Mb", re.M)

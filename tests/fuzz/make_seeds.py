@@ -5,7 +5,8 @@ own ``EncoderLayer`` (dim 8, 2 heads) and a CNN with ``SmallCNN``'s layers at 4 
 (conv-bn-relu, a residual block, max pool, a strided conv, average pool, linear). Each is
 partitioned for every backend (programs, and the delegate blobs with their metadata) and with
 no backend at all (data-only programs of host ops), signed by a key of its own (``tvm`` seeds must
-not be trusted by the harness). Run: ``python tests/fuzz/make_seeds.py [BACKEND...]``.
+not be trusted by the harness). Run: ``python tests/fuzz/make_seeds.py [BACKEND...]`` (with
+backends named, only their seeds are replaced).
 """
 
 from __future__ import annotations
@@ -64,15 +65,21 @@ def main() -> int:
     import handoff
     from handoff.program import ProgramFile
 
-    backends = [b for b in sys.argv[1:]] or ["xnnpack", "qnn", "vulkan", "tvm"]
-    for harness in ("program", "hostops", "options", *backends):
+    everything = not sys.argv[1:]  # else only the named backends' seeds are replaced
+    backends = sys.argv[1:] or ["xnnpack", "qnn", "vulkan", "tvm", "coreml"]
+    for harness in (("program", "hostops", "options") if everything else ()) + tuple(backends):
         shutil.rmtree(CORPUS / harness, ignore_errors=True)
-    for name, text in OPTION_SEEDS.items():
-        _write("options", name, text.encode())
+    for backend in backends:
+        for old in CORPUS.glob(f"program/*-{backend}"):
+            old.unlink()
+    if everything:
+        for name, text in OPTION_SEEDS.items():
+            _write("options", name, text.encode())
     for name, (model, inputs) in models().items():
-        data = handoff.partition(model, inputs, backends=[], fallback=False, aten=True).to_bytes()
-        _write("program", f"{name}-host", data)
-        _write("hostops", f"{name}-host", data)
+        if everything:
+            data = handoff.partition(model, inputs, backends=[], fallback=False, aten=True).to_bytes()
+            _write("program", f"{name}-host", data)
+            _write("hostops", f"{name}-host", data)
         for backend in backends:
             result = handoff.partition(model, inputs, backends=[backend], fallback=False, aten=True,
                                        default_limits=handoff.Limits(1, None))

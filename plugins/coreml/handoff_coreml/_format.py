@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import re
 import stat
@@ -165,8 +166,8 @@ def members(archive: bytes | memoryview) -> tuple[zipfile.ZipFile, list[zipfile.
     :data:`PACKAGE` (no ``..``, no absolute path, no backslash, at most :data:`MAX_DEPTH` deep), a
     plain directory or a stored (uncompressed, so its size is what the archive holds) regular file,
     no name twice (ignoring case), at most :data:`MAX_MEMBERS` of them, file sizes adding up to no
-    more than the archive itself, and ``Manifest.json`` present. ``ValueError`` naming the first
-    problem."""
+    more than the archive itself, and ``Manifest.json`` present, naming only members of the
+    archive (:func:`_check_manifest`). ``ValueError`` naming the first problem."""
     data = memoryview(archive).cast("B")
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
@@ -200,9 +201,45 @@ def members(archive: bytes | memoryview) -> tuple[zipfile.ZipFile, list[zipfile.
         if total > len(data):
             raise ValueError(f"{_WHAT} is refused: its archive members declare {total} bytes, more than the "
                              f"{len(data)}-byte archive holds")
-    if f"{PACKAGE}/manifest.json" not in seen:
+    manifest = next((i for i in infos if i.filename.lower() == f"{PACKAGE}/manifest.json"), None)
+    if manifest is None:
         raise ValueError(f"{_WHAT} is corrupt: its archive has no {PACKAGE}/Manifest.json")
+    _check_manifest(zf, manifest, {name.lower(): info for name, info in
+                                   ((i.filename.removesuffix("/"), i) for i in infos)})
     return zf, infos
+
+
+#: Largest ``Manifest.json`` accepted (coremltools writes about 600 bytes).
+MAX_MANIFEST = 64 * 1024
+
+
+def _check_manifest(zf: zipfile.ZipFile, manifest: zipfile.ZipInfo, entries: Mapping[str, zipfile.ZipInfo]) -> None:
+    """The package manifest names the files that coremltools (``libmodelpackage``) and Core ML
+    then open, by paths relative to ``Data/``, which they follow as given: ``../../etc/passwd`` or
+    ``/dev/zero`` would be read. Each item's path must be a plain relative path to a member of
+    the archive, and the root model item a regular file."""
+    bad = f"{_WHAT} is refused: its {PACKAGE}/Manifest.json"
+    if manifest.is_dir() or manifest.file_size > MAX_MANIFEST:
+        raise ValueError(f"{bad} is not a file of at most {MAX_MANIFEST} bytes")
+    try:
+        document = json.loads(zf.read(manifest))
+    except (zipfile.BadZipFile, EOFError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{bad} is not valid JSON ({type(exc).__name__}: {exc})") from None
+    items = document.get("itemInfoEntries") if isinstance(document, dict) else None
+    if not isinstance(items, dict) or not items or len(items) > MAX_MEMBERS:
+        raise ValueError(f"{bad} has no itemInfoEntries (1 to {MAX_MEMBERS} items)")
+    root = document.get("rootModelIdentifier")
+    if not isinstance(root, str) or root not in items:
+        raise ValueError(f"{bad} has no rootModelIdentifier naming one of its items")
+    for key, item in items.items():
+        path = item.get("path") if isinstance(item, dict) else None
+        parts = path.split("/") if isinstance(path, str) else []
+        target = entries.get("/".join((PACKAGE, "Data", *parts)).lower())
+        if not parts or not all(_MEMBER.match(p) and p not in (".", "..") for p in parts) or target is None:
+            raise ValueError(f"{bad} item {str(key)[:64]!r} has path {str(path)[:200]!r}; expected a plain relative "
+                             f"path to a file or directory of the package's Data/")
+        if key == root and target.is_dir():
+            raise ValueError(f"{bad} names a directory, {str(path)[:200]!r}, as its root model")
 
 
 def extract(container: Container, dest: str) -> str:

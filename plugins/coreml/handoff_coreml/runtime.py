@@ -5,7 +5,8 @@ is false with the reason, which is the normal case on Linux: a program's Core ML
 where Core ML is.
 
 ``load`` checks the blob (:func:`handoff_coreml._format.unpack`), unpacks the package into a
-private temporary directory (``tempfile.mkdtemp``, mode 0700) after checking every archive
+private temporary directory (``handoff.temp_dir``, mode 0700; one a killed process left is removed
+by the next process that makes one) after checking every archive
 member's name, size and kind (:func:`handoff_coreml._format.extract`), checks the package is an
 ML Program with exactly the header's features and that this macOS runs its specification version,
 and loads it with ``coremltools.models.MLModel(path, compute_units=...)``, which has Core ML
@@ -18,15 +19,14 @@ version); on a Mac without torch it does not.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from typing import Any, Mapping, Sequence
 
-from handoff import Runtime, one_line
+from handoff import Runtime, one_line, temp_dir
 
 from . import INSTALL_HINT, NOT_APPLE, _format, _package
 from ._quiet import quiet
@@ -35,7 +35,7 @@ from ._quiet import quiet
 @dataclasses.dataclass
 class _Delegate:
     model: Any
-    directory: str
+    scratch: contextlib.ExitStack  # holds the package's temporary directory until release
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     compute_units: str
@@ -61,15 +61,15 @@ class CoreMLRuntime(Runtime):
         container = _format.unpack(blob)
         header = container.header
         units = options.get("compute_units") or header["compute_units"]
-        directory = tempfile.mkdtemp(prefix="handoff-coreml-")
+        scratch = contextlib.ExitStack()
         try:
-            package = _format.extract(container, directory)
+            package = _format.extract(container, str(scratch.enter_context(temp_dir("coreml"))))
             _package.check_spec(_package.read_spec(package), header)
             model = _open(package, units, header)
         except BaseException:
-            shutil.rmtree(directory, ignore_errors=True)
+            scratch.close()
             raise
-        return _Delegate(model, directory, header["inputs"], header["outputs"], units)
+        return _Delegate(model, scratch, header["inputs"], header["outputs"], units)
 
     def execute(self, handle: _Delegate, inputs: Sequence[Any]) -> list[Any]:
         feeds = _format.to_coreml(inputs, handle.inputs)
@@ -84,7 +84,7 @@ class CoreMLRuntime(Runtime):
 
     def release(self, handle: _Delegate) -> None:
         handle.model = None
-        shutil.rmtree(handle.directory, ignore_errors=True)
+        handle.scratch.close()
 
 
 def _open(package: str, units: str, header: Mapping[str, Any]) -> Any:

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import io
+import json
 import operator
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -223,7 +225,14 @@ def _zip(entries) -> bytes:
     return out.getvalue()
 
 
-MANIFEST = ("model.mlpackage/Manifest.json", b"{}", stat.S_IFREG | 0o644)
+def _manifest(path: str = "m", root: str = "A") -> tuple[str, bytes, int]:
+    items = {"A": {"author": "com.apple.CoreML", "name": "model.mlmodel", "path": path}}
+    return ("model.mlpackage/Manifest.json", json.dumps({"itemInfoEntries": items, "rootModelIdentifier": root}).encode(),
+            stat.S_IFREG | 0o644)
+
+
+MANIFEST = _manifest()
+MODEL = ("model.mlpackage/Data/m", b"", stat.S_IFREG | 0o644)  # what MANIFEST names
 
 
 def _with_archive(lowered, archive: bytes) -> bytes:
@@ -254,13 +263,32 @@ def test_hostile_archives_are_refused_before_anything_is_written(lowered, tmp_pa
     assert list(dest.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
 
 
+@pytest.mark.parametrize("manifest, message", [
+    (_manifest("../../../../../../etc/passwd"), "item 'A' has path '../../../../../../etc/passwd'; expected a plain"),
+    (_manifest("/dev/zero"), "item 'A' has path '/dev/zero'"),
+    (_manifest("com.apple.CoreML/model.mlmodel"), "has path 'com.apple.CoreML/model.mlmodel'"),  # not in the archive
+    (_manifest("d"), "names a directory, 'd', as its root model"),
+    (_manifest(root="B"), "has no rootModelIdentifier naming one of its items"),
+    (("model.mlpackage/Manifest.json", b"[1]", stat.S_IFREG), "has no itemInfoEntries"),
+    (("model.mlpackage/Manifest.json", b"{", stat.S_IFREG), "is not valid JSON"),
+    (("model.mlpackage/Manifest.json", b" " * 70000, stat.S_IFREG), "is not a file of at most 65536 bytes"),
+])
+def test_manifests_naming_files_outside_the_package_are_refused(lowered, tmp_path, manifest, message):
+    """coremltools (libmodelpackage) and Core ML open the files Manifest.json names, relative to
+    Data/, as given: ../../etc/passwd would be read, /dev/zero read until memory runs out."""
+    blob = _with_archive(lowered, _zip([manifest, MODEL, ("model.mlpackage/Data/d/", b"", stat.S_IFDIR | 0o755)]))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _format.extract(_format.unpack(blob), str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_archive_sizes_that_lie_are_refused(lowered, tmp_path):
     archive = bytearray(_zip([MANIFEST, ("model.mlpackage/w", b"12345678", stat.S_IFREG | 0o644)]))
     central = archive.rfind(b"PK\x01\x02")  # the last central-directory entry: its sizes claim 2 GB
     archive[central + 20:central + 28] = (2**31).to_bytes(4, "little") * 2
-    with pytest.raises(ValueError, match="declare 2147483650 bytes, more than the|is not a valid zip"):
+    with pytest.raises(ValueError, match=r"declare 2147483\d{3} bytes, more than the|is not a valid zip"):
         _format.extract(_format.unpack(_with_archive(lowered, bytes(archive))), str(tmp_path))
-    crc = bytearray(_zip([MANIFEST, ("model.mlpackage/w", b"12345678", stat.S_IFREG | 0o644)]))
+    crc = bytearray(_zip([MANIFEST, MODEL, ("model.mlpackage/w", b"12345678", stat.S_IFREG | 0o644)]))
     crc[crc.find(b"12345678")] ^= 1  # the data no longer matches its CRC
     with pytest.raises(ValueError, match="'model.mlpackage/w' does not read back"):
         _format.extract(_format.unpack(_with_archive(lowered, bytes(crc))), str(tmp_path / "x"))
