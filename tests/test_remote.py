@@ -294,7 +294,10 @@ def test_compare_measures_every_strategy_on_every_key(client, sink_plugins, tmp_
             assert line[f"{key}:p50_ms"] == ("" if r["p50_ms"] is None else str(r["p50_ms"]))
     header = next(i for i, line in enumerate(out.splitlines()) if "dev-a" in line and "dev-b" in line and "┃" in line)
     assert "p50 ms" in out.splitlines()[header + 1] and "max abs err" in out.splitlines()[header + 1]
-    body = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.startswith("│")]
+    lines = out.splitlines()[header:]
+    body = [[c.strip() for c in line.split("│")[1:-1]] for line in lines[:next(i for i, line in enumerate(lines)
+                                                                           if line.startswith("└"))]
+            if line.startswith("│")]
     lacking_row = next(cells for cells in body if "not runnable" in cells)
     assert len(lacking_row) == 4 + 2 * 2 and re.fullmatch(r"[0-9.]+( ★)?", lacking_row[4])  # dev-a measured
     assert lacking_row[6:] == ["not runnable", "sinkb: switched off by…"]
