@@ -168,6 +168,9 @@ def build_parser(prog: str = "handoff") -> argparse.ArgumentParser:
                    "without FILE, instead of the table)")
     c.add_argument("--csv", nargs="?", const="-", metavar="FILE", help="write one CSV row per strategy (to stdout "
                    "without FILE, instead of the table)")
+    c.add_argument("--csv-layout", choices=("wide", "long"), help="with --rpc: wide, one row per strategy with "
+                   "KEY:p50_ms, KEY:max_abs_error, KEY:status ... columns per device key (default with several "
+                   "keys); long, one row per strategy and key with a key column")
     c.add_argument("--plot", metavar="OUT.png", help="chart: latency (p50, p90), coverage by backend, and the "
                    "Pareto front for --strategies auto")
     add_rpc_arguments(c, "measure every strategy on a device of each --key from the pool of this TVM RPC tracker "
@@ -789,6 +792,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                                "tracker, and the device keys to measure on")
         devices = Devices(args.rpc, tuple(parse_keys(args.key)), tuple(args.key_target), args.rpc_wait,
                           args.rpc_timeout)
+    elif args.csv_layout == "wide":
+        raise HandoffError("--csv-layout wide needs --rpc HOST:PORT --key K1,K2 (a column group per device key); "
+                           "a local compare writes one row per strategy")
     with _progress(args.quiet) as progress:
         if args.no_fallback:
             chosen = [dataclasses.replace(s, fallback=False) for s in chosen]
@@ -808,10 +814,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             Path(args.json).write_text(text)
     if args.csv:
         if args.csv == "-":
-            write_csv(result, sys.stdout)
+            write_csv(result, sys.stdout, args.csv_layout)
         else:
             with open(args.csv, "w", newline="") as f:
-                write_csv(result, f)
+                write_csv(result, f, args.csv_layout)
     if "-" not in (args.json, args.csv):
         out = Console()
         if not out.is_terminal:

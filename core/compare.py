@@ -149,7 +149,28 @@ class CompareResult:
                 "warmup": self.warmup, "export_seconds": round(self.export_seconds, 3), "auto": self.auto,
                 "per_delegate": self.per_delegate, "tolerance": self.tolerance, "worker_groups": self.worker_groups,
                 "pareto_objectives": list(PARETO_OBJECTIVES),
-                "strategies": [s.to_json() for s in self.strategies]}
+                "strategies": [s.to_json() for s in self.strategies],
+                **({"by_key": {name: {key: _cell_json(r) for key, r in cells.items()}
+                               for name, cells in self.by_key().items()}} if self.devices else {})}
+
+    def by_key(self) -> dict[str, dict[str, StrategyResult]]:
+        """The remote rows as a matrix: strategy name -> device key -> its row, in the order
+        compared (``compare --rpc``; empty for a local compare)."""
+        matrix: dict[str, dict[str, StrategyResult]] = {}
+        for r in self.strategies:
+            if r.key is not None:
+                matrix.setdefault(r.strategy.name, {})[r.key] = r
+        return matrix
+
+
+#: What ``by_key`` in the JSON holds for each strategy and key (the row has the rest).
+CELL_FIELDS = ("status", "reason", "program_bytes", "load_ms", "first_run_ms", "p50_ms", "p90_ms", "runs",
+               "max_abs_error", "snr_db", "pareto")
+
+
+def _cell_json(r: StrategyResult) -> dict[str, Any]:
+    j = r.to_json()
+    return {k: j[k] for k in CELL_FIELDS}
 
 
 def compare(model: Any, strategies: Sequence[Strategy], *, runs: int = DEFAULT_RUNS, rounds: int = DEFAULT_ROUNDS,

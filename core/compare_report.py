@@ -2,21 +2,26 @@
 
 The JSON (:meth:`handoff.compare.CompareResult.to_json`) holds everything; the table shows one
 row per strategy, then (``--per-delegate``) one row per delegate, then the ops that kept each
-backend from taking more of the model.
+backend from taking more of the model. Measured on several device keys (``--rpc``), the table,
+the wide CSV and the chart keep one row per strategy with a column group (or a bar) per key.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
-from .compare import FAILED, NOT_RUNNABLE, OK, CompareResult, StrategyResult
+from .compare import CELL_FIELDS, FAILED, NOT_RUNNABLE, OK, CompareResult, StrategyResult
 from .errors import HandoffError
 from .report import _size
 
 OPS_SHOWN = 3
+#: A cell's failure or "not runnable" reason in the per-key table is cut to this many characters
+#: (the full line follows the table).
+REASON_SHOWN = 40
 #: One colour per backend in the chart, in first-seen order; the host's ATen ops are grey.
 _PALETTE = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974")
 _HOST_COLOUR = "#BBBBBB"
@@ -24,17 +29,40 @@ _HOST_COLOUR = "#BBBBBB"
 
 def render(result: CompareResult, console: Any) -> None:
     """Print the comparison as rich tables on ``console``."""
-    from rich.table import Table
-
     groups = f" (in {result.worker_groups} groups of workers)" if result.worker_groups > 1 else ""
     where = ""
     if result.devices:
         where = " on devices " + ", ".join(f"{k} ({d['target']})" for k, d in result.devices.items()) + \
             f" via the RPC tracker {result.rpc}"
     strategies = len(dict.fromkeys(r.strategy.name for r in result.strategies))
-    table = Table(title=f"Compare {result.model}: {strategies} strategies{where}, {result.runs} runs each "
-                        f"in {result.rounds} interleaved rounds{groups}, inputs seed {result.inputs_seed}",
-                  title_justify="left")
+    if len(result.devices) > 1:
+        table = _key_table(result)
+    else:
+        table = _row_table(result)
+    table.title = f"Compare {result.model}: {strategies} strategies{where}, {result.runs} runs each " \
+                  f"in {result.rounds} interleaved rounds{groups}, inputs seed {result.inputs_seed}"
+    console.print(table)
+    console.print("lowering: this run's time, with the compilers' original time in parentheses when the cache "
+                  "supplied blobs; deleg./cross.: delegates and values crossing a step boundary per run")
+    for r in result.strategies:
+        if r.status == NOT_RUNNABLE:
+            console.print(f"[yellow]{r.label}[/]: lowered, {r.status_text} ({r.reason})")
+        elif r.status == FAILED:
+            console.print(f"[red]{r.label}[/]: {r.reason}")
+        for move in r.moves:
+            console.print(f"[yellow]{r.label}[/]: moved {len(move['nodes'])} node(s) of {move['partition']} "
+                          f"off {move['backend']}: {move['reason']}")
+    if result.per_delegate:
+        render_delegates([(r.strategy.name, r.per_delegate) for r in result.strategies if r.per_delegate],
+                         result.tolerance, console)
+    _render_blockers(result, console)
+
+
+def _row_table(result: CompareResult) -> Any:
+    """One row per strategy (and per device key, with one key)."""
+    from rich.table import Table
+
+    table = Table(title_justify="left")
     keyed = bool(result.devices)
     columns = (("strategy", "left"), *((("device", "left"),) if keyed else ()), ("coverage", "left"), ("deleg.", "right"), ("cross.", "right"),
                ("lowering", "right"), ("size", "right"), ("load", "right"), ("first", "right"), ("p50", "right"),
@@ -53,21 +81,41 @@ def render(result: CompareResult, console: Any) -> None:
             _size(r.program_bytes),
             _ms(r.load_ms), _ms(r.first_run_ms), _ms(r.p50_ms) if measured else _status(r), _ms(r.p90_ms),
             err_text(r.max_abs_error), snr_text(r.snr_db), "★" if r.pareto else "")
-    console.print(table)
-    console.print("lowering: this run's time, with the compilers' original time in parentheses when the cache "
-                  "supplied blobs; deleg./cross.: delegates and values crossing a step boundary per run")
-    for r in result.strategies:
-        if r.status == NOT_RUNNABLE:
-            console.print(f"[yellow]{r.label}[/]: lowered, {r.status_text} ({r.reason})")
-        elif r.status == FAILED:
-            console.print(f"[red]{r.label}[/]: {r.reason}")
-        for move in r.moves:
-            console.print(f"[yellow]{r.label}[/]: moved {len(move['nodes'])} node(s) of {move['partition']} "
-                          f"off {move['backend']}: {move['reason']}")
-    if result.per_delegate:
-        render_delegates([(r.strategy.name, r.per_delegate) for r in result.strategies if r.per_delegate],
-                         result.tolerance, console)
-    _render_blockers(result, console)
+    return table
+
+
+def _key_table(result: CompareResult) -> Any:
+    """One row per strategy; the lowering figures once, then a column group per device key: p50
+    (★ on that key's Pareto front) and max abs error, or the cell's status and shortened reason."""
+    from rich.table import Table
+
+    keys = list(result.devices)
+    table = Table(title_justify="left")
+    for col, just in (("strategy", "left"), ("coverage", "left"), ("deleg.", "right"), ("lowering", "right")):
+        table.add_column(col, justify=just, no_wrap=col not in ("strategy", "coverage"))  # type: ignore[arg-type]
+    for key in keys:
+        table.add_column(f"{key}\np50 ms", justify="right", no_wrap=True)
+        table.add_column(f"{key}\nmax abs err", justify="right", no_wrap=True)
+    for name, cells in result.by_key().items():
+        first = next(iter(cells.values()))
+        if first.status == FAILED and not first.chain:
+            table.add_row(name, "[red]failed to lower[/]", "-", "-",
+                          *(t for _ in keys for t in ("-", textwrap.shorten(first.reason, REASON_SHOWN, placeholder="…"))))
+            continue
+        lowering = f"{first.lower_seconds:.1f}s" + (f" ({first.compile_seconds:.1f}s)" if first.cached_partitions else "")
+        row = [name, _coverage_text(first), str(sum(first.delegates.values())), lowering]
+        for key in keys:
+            r = cells.get(key)
+            if r is None:
+                row += ["-", "-"]
+            elif r.status == OK and r.samples_ms:
+                row += [_ms(r.p50_ms) + (" ★" if r.pareto else ""), err_text(r.max_abs_error)]
+            else:
+                colour = "yellow" if r.status == NOT_RUNNABLE else "red"
+                row += [f"[{colour}]{'not runnable' if r.status == NOT_RUNNABLE else r.status}[/]",
+                        f"[{colour}]{textwrap.shorten(r.reason, REASON_SHOWN, placeholder='…')}[/]"]
+        table.add_row(*row)
+    return table
 
 
 def render_delegates(groups: list[tuple[str, list[dict[str, Any]]]], tolerance: float, console: Any,
@@ -121,9 +169,45 @@ def _render_blockers(result: CompareResult, console: Any) -> None:
     console.print(table)
 
 
-def write_csv(result: CompareResult, out: Any) -> None:
-    """One row per strategy to ``out`` (a text file opened with ``newline=""``); coverage and
-    delegates get one column per backend."""
+def write_csv(result: CompareResult, out: Any, layout: str | None = None) -> None:
+    """The results as CSV to ``out`` (a text file opened with ``newline=""``); coverage and
+    delegates get one column per backend. ``layout``: ``long``, one row per strategy (and device
+    key, with a ``key`` column); ``wide``, one row per strategy with ``KEY:p50_ms``-style columns per
+    device key (the :data:`~handoff.compare.CELL_FIELDS`). Default: wide when measured on several
+    keys, else long."""
+    if layout is None:
+        layout = "wide" if len(result.devices) > 1 else "long"
+    if layout not in ("wide", "long"):
+        raise HandoffError(f"unknown CSV layout {layout!r}; valid: wide, long")
+    if layout == "wide":
+        if not result.devices:
+            raise HandoffError("--csv-layout wide needs --rpc HOST:PORT --key K1,K2 (a column group per device "
+                               "key); a local compare writes one row per strategy")
+        _write_wide_csv(result, out)
+    else:
+        _write_long_csv(result, out)
+
+
+def _write_wide_csv(result: CompareResult, out: Any) -> None:
+    keys = list(result.devices)
+    matrix = result.by_key()
+    cells_json = result.to_json()["by_key"]
+    backends = list(dict.fromkeys(b for r in result.strategies for b in [*r.chain, *r.coverage]))
+    fields = ["strategy", "spec", *[f"coverage_{b}" for b in backends], *[f"delegates_{b}" for b in backends],
+              "crossings", "lower_seconds", *[f"{k}:{f}" for k in keys for f in CELL_FIELDS]]
+    writer = csv.DictWriter(out, fieldnames=fields)
+    writer.writeheader()
+    for name, cells in matrix.items():
+        first = next(iter(cells.values()))
+        writer.writerow({
+            "strategy": name, "spec": first.strategy.spec,
+            **{f"coverage_{b}": round(first.coverage.get(b, 0.0), 2) for b in backends},
+            **{f"delegates_{b}": first.delegates.get(b, 0) for b in backends},
+            "crossings": first.crossings, "lower_seconds": round(first.lower_seconds, 3),
+            **{f"{k}:{f}": v for k, cell in cells_json[name].items() for f, v in cell.items()}})
+
+
+def _write_long_csv(result: CompareResult, out: Any) -> None:
     backends = list(dict.fromkeys(b for r in result.strategies for b in [*r.chain, *r.coverage]))
     fields = ["strategy", "spec", "key", "status", "reason", *[f"coverage_{b}" for b in backends],
               *[f"delegates_{b}" for b in backends], "crossings", "lower_seconds", "compile_seconds",
@@ -148,34 +232,38 @@ def write_csv(result: CompareResult, out: Any) -> None:
 
 def plot(result: CompareResult, path: str | Path) -> None:
     """Latency bars (p50, whisker to p90), coverage stacked by backend, and for ``auto`` the
-    Pareto scatter (latency against error, marker area by program size), as one PNG."""
+    Pareto scatter (latency against error, marker area by program size), as one PNG. Measured on
+    several device keys: one band per strategy with a bar per key, coloured by key (legend)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         raise HandoffError("--plot needs matplotlib; install with: pip install 'handoff[bench]'") from None
 
-    rs = result.strategies
-    names = [r.label for r in rs]
+    by_key = len(result.devices) > 1
+    # with several keys, one band per strategy: its lowering figures (coverage) from its first row
+    rs = [next(iter(cells.values())) for cells in result.by_key().values()] if by_key else result.strategies
+    names = [r.strategy.name for r in rs] if by_key else [r.label for r in rs]
     panels = 3 if result.auto else 2
-    height = max(3.0, 0.32 * len(rs) + 1.5)
+    height = max(3.0, 0.32 * len(rs) * (len(result.devices) if by_key else 1) + 1.5)
     fig = Figure(figsize=(6.0 * panels, height), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, panels, sharey=False)
     ys = list(range(len(rs)))[::-1]
 
     lat = axes[0]
-    for y, r in zip(ys, rs):
-        if r.status == OK and r.samples_ms:
-            p50, p90 = r.p50_ms, r.p90_ms
-            lat.barh(y, p50, color="#4C72B0" if not r.pareto else "#C44E52")
-            lat.errorbar(p50, y, xerr=[[0], [p90 - p50]], fmt="none", ecolor="black", capsize=3, lw=1)
-        else:
-            label = f"lowered, {r.status_text}" if r.status == NOT_RUNNABLE else "failed"
-            lat.text(0, y, " " + label, va="center", fontsize=8, color="#A05000" if r.status == NOT_RUNNABLE else "red")
+    if by_key:
+        _latency_by_key(lat, result, ys)
+    else:
+        for y, r in zip(ys, rs):
+            if r.status == OK and r.samples_ms:
+                _bar(lat, y, r, "#4C72B0" if not r.pareto else "#C44E52")
+            else:
+                _no_bar(lat, y, r)
     lat.set_yticks(ys, names, fontsize=8)
     lat.set_xlabel("latency, ms (bar: p50, whisker: p90)")
-    lat.set_title(f"{result.model}: latency" + (" (red: on the Pareto front)" if any(r.pareto for r in rs) else ""))
+    pareto = " (black edge: on the key's Pareto front)" if by_key else " (red: on the Pareto front)"
+    lat.set_title(f"{result.model}: latency" + (pareto if any(r.pareto for r in result.strategies) else ""))
     lat.grid(axis="x", alpha=0.3)
 
     cov = axes[1]
@@ -193,8 +281,38 @@ def plot(result: CompareResult, path: str | Path) -> None:
     cov.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12 * 6 / max(height, 6)), ncol=4, frameon=False)
 
     if result.auto:
-        _pareto_panel(axes[2], rs)
+        _pareto_panel(axes[2], result.strategies)
     fig.savefig(str(path), dpi=110)
+
+
+def _bar(ax: Any, y: float, r: StrategyResult, colour: str, height: float = 0.8, **kw: Any) -> None:
+    ax.barh(y, r.p50_ms, height=height, color=colour, **kw)
+    ax.errorbar(r.p50_ms, y, xerr=[[0], [r.p90_ms - r.p50_ms]], fmt="none", ecolor="black", capsize=3, lw=1)
+
+
+def _no_bar(ax: Any, y: float, r: StrategyResult, prefix: str = "") -> None:
+    label = f"lowered, {r.status_text}" if r.status == NOT_RUNNABLE else "failed"
+    ax.text(0, y, f" {prefix}{label}", va="center", fontsize=8, color="#A05000" if r.status == NOT_RUNNABLE else "red")
+
+
+def _latency_by_key(ax: Any, result: CompareResult, ys: list[int]) -> None:
+    """One bar per device key within each strategy's band, a colour per key, named in the legend."""
+    from matplotlib.patches import Patch
+
+    keys = list(result.devices)
+    band = 0.8 / len(keys)
+    colours = {k: _PALETTE[i % len(_PALETTE)] for i, k in enumerate(keys)}
+    for y, cells in zip(ys, result.by_key().values()):
+        for i, key in enumerate(keys):
+            r = cells.get(key)
+            at = y + 0.4 - band * (i + 0.5)  # the first key on top
+            if r is None:
+                continue
+            if r.status == OK and r.samples_ms:
+                _bar(ax, at, r, colours[key], band, edgecolor="black" if r.pareto else "none")
+            else:
+                _no_bar(ax, at, r, f"{key}: ")
+    ax.legend([Patch(color=c) for c in colours.values()], keys, title="device key", fontsize=8, title_fontsize=8)
 
 
 def _pareto_panel(ax: Any, rs: list[StrategyResult]) -> None:

@@ -38,6 +38,7 @@ def test_compare_two_strategies_json_csv_and_chart(sink_plugins, capsys, tmp_pat
     assert "Compare zoo:sink_net: 2 strategies" in out and "Per delegate" in out and f"wrote {png}" in out
     result = json.loads(json_path.read_text())
     assert result["model"] == "zoo:sink_net" and result["runs"] == 12 and result["rounds"] == 3
+    assert "by_key" not in result and result["devices"] == {}
     whole, split = result["strategies"]
     for s in (whole, split):
         assert s["status"] == OK and s["runs"] == 12
@@ -123,12 +124,40 @@ def test_pareto_front_over_latency_size_and_error():
     assert [r.strategy.name for r in rs if r.pareto] == ["fast", "small", "exact", "tie"]
 
 
+def test_csv_layouts_across_device_keys():
+    """Several keys: wide by default (a row per strategy, KEY:field columns); long on request
+    (a row per strategy and key). The remote test checks these on real devices."""
+    import io
+
+    from handoff.compare import FAILED, CompareResult, StrategyResult
+    from handoff.compare_report import write_csv
+
+    fast, slow = parse("sink"), parse("sinkb")
+    rows = [StrategyResult(fast, key="a", samples_ms=[1.0, 3.0], max_abs_error=0.0),
+            StrategyResult(fast, key="b", status=FAILED, reason="device 'b' died"),
+            StrategyResult(slow, key="a", status=NOT_RUNNABLE, reason="sinkb: off"),
+            StrategyResult(slow, key="b", samples_ms=[2.0], max_abs_error=1e-6)]
+    result = CompareResult("m", rows, 0, 2, 1, 0, 0.0, rpc="h:1", devices={"a": {"target": "host"}, "b": {}})
+    outs = {}
+    for layout in (None, "long"):
+        outs[layout] = io.StringIO()
+        write_csv(result, outs[layout], layout)
+    wide = list(csv.DictReader(io.StringIO(outs[None].getvalue())))
+    assert [(r["strategy"], r["a:status"], r["a:p50_ms"], r["b:status"], r["b:reason"]) for r in wide] == [
+        ("sink", "ok", "2.0", "failed", "device 'b' died"), ("sinkb", "not runnable on a", "", "ok", "")]
+    long = list(csv.DictReader(io.StringIO(outs["long"].getvalue())))
+    assert [(r["strategy"], r["key"], r["status"]) for r in long] == [
+        ("sink", "a", "ok"), ("sink", "b", "failed"), ("sinkb", "a", "not runnable on a"), ("sinkb", "b", "ok")]
+    assert result.to_json()["by_key"]["sinkb"]["b"]["max_abs_error"] == 1e-6
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--strategy", "nope"], "strategy 'nope': backend 'nope' not installed; installed: sink, sinkb, tvm"),
     (["--strategy", "sink[speed=3]"], "strategy 'sink[speed=3]': backend 'sink' has no option 'speed'"),
     ([], "no strategies; pass --strategy SPEC"),
     (["--strategy", "sink", "--runs", "0"], "--runs 0, --rounds 10, --warmup 3: need runs and rounds >= 1"),
     (["--strategy", "sink", "--max-workers", "0"], "--max-workers 0: need at least 1"),
+    (["--strategy", "sink", "--csv-layout", "wide"], "--csv-layout wide needs --rpc HOST:PORT --key K1,K2"),
 ])
 def test_compare_errors_are_one_line(sink_plugins, capsys, argv, message):
     code, out, err = _run(capsys, "compare", "zoo:sink_net", *argv)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import re
 import os
 import signal
 import socket
@@ -278,8 +279,31 @@ def test_compare_measures_every_strategy_on_every_key(client, sink_plugins, tmp_
     assert failed["status"] == "failed" and failed["runs"] == 0 and "\n" not in failed["reason"]
     assert failed["reason"].startswith(f"device 'dev-b' (via the RPC tracker {client.address}): ")
     assert f"{with_tvm} on dev-b: device 'dev-b'" in " ".join(out.split())
+    # a column (group) per key: the JSON's matrix, the wide CSV, the table
+    assert list(result["by_key"]) == [whole, split, with_tvm]
+    for (name, key), r in rows.items():
+        assert result["by_key"][name][key] == {f: r[f] for f in result["by_key"][name][key]}
+        assert {"status", "reason", "p50_ms", "max_abs_error"} <= set(result["by_key"][name][key])
     table = list(csv.DictReader(paths["csv"].open()))
-    assert [(r["strategy"], r["key"], r["status"]) for r in table] == [(s, k, rows[(s, k)]["status"]) for s, k in rows]
+    assert [r["strategy"] for r in table] == [whole, split, with_tvm]
+    assert {f"{k}:{f}" for k in ("dev-a", "dev-b") for f in ("p50_ms", "max_abs_error", "status")} <= set(table[0])
+    for line in table:
+        for key in ("dev-a", "dev-b"):
+            r = rows[(line["strategy"], key)]
+            assert line[f"{key}:status"] == r["status"] and line[f"{key}:reason"] == r["reason"]
+            assert line[f"{key}:p50_ms"] == ("" if r["p50_ms"] is None else str(r["p50_ms"]))
+    header = next(i for i, line in enumerate(out.splitlines()) if "dev-a" in line and "dev-b" in line and "┃" in line)
+    assert "p50 ms" in out.splitlines()[header + 1] and "max abs err" in out.splitlines()[header + 1]
+    lines = out.splitlines()[header:]
+    body = [[c.strip() for c in line.split("│")[1:-1]] for line in lines[:next(i for i, line in enumerate(lines)
+                                                                           if line.startswith("└"))]
+            if line.startswith("│")]
+    lacking_row = next(cells for cells in body if "not runnable" in cells)
+    assert len(lacking_row) == 4 + 2 * 2 and re.fullmatch(r"[0-9.]+( ★)?", lacking_row[4])  # dev-a measured
+    assert lacking_row[6:] == ["not runnable", "sinkb: switched off by…"]
+    failed_row = next(cells for cells in body if "failed" in cells)
+    assert failed_row[6] == "failed" and failed_row[7].startswith("device 'dev-b'") and failed_row[7].endswith("…")
+    assert len([cells for cells in body if cells[2]]) == 3  # one row per strategy (a long name wraps)
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     assert main(["compare", "zoo:sink_net", "--strategy", whole, "--rpc", client.address]) == 1
