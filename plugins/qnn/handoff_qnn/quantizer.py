@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import os
 from typing import Any, Iterator
@@ -100,15 +101,16 @@ def _sdk_left_to_caller() -> Iterator[None]:
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Drop log records below ERROR (SDK setup notes, the opinfo fallback warning, ExecuTorch's
-    deprecation notes, some on loggers with their own level) and warnings while inside; undo the
-    ``logging.basicConfig`` calls made inside (ExecuTorch-QNN imports make one)."""
+    deprecation notes, some on loggers with their own level), warnings and stdout (QnnQuantizer
+    prints a line per op it has no config for) while inside; undo the ``logging.basicConfig``
+    calls made inside (ExecuTorch-QNN imports make one)."""
     import warnings
 
     root = logging.getLogger()
     handlers, level, disabled = list(root.handlers), root.level, logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
