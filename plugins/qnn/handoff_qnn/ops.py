@@ -25,6 +25,13 @@ fp16), a decline must fail one of the two. The table is checked for both arithme
   are bounded by a dimension size. float64 has no HTP type at all.
 * Tensors of rank > 5 are refused by the QNN EP.
 
+int8 (``--quantize int8``): PT2E quantize/dequantize ops are claimed by HTP's QDQ rules
+(:func:`_qdq_reason`: per-tensor uint8/int8/uint16/int16 activations, per-channel int8 weights,
+int32 biases) and become ONNX QuantizeLinear/DequantizeLinear; an op inside a dequantize -> op ->
+quantize group (:func:`in_qdq_unit`) runs on HTP's integer kernels, so its fp32-only decline does
+not apply. These are checked through the zoo models on the emulator (``tests/test_int8.py``), not
+yet by ``tools/check_op_table.py``.
+
 Op *combinations* can still fail where each op compiles alone (fp32 MatMul fed by Div, Exp,
 Sqrt or Reciprocal); :class:`handoff_qnn.compiler.QnnCompiler` checks those in context.
 
