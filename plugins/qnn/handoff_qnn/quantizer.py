@@ -5,8 +5,7 @@ Qualcomm maintains for HTP: weights int8 symmetric per output channel for convol
 (int32 bias), activations per tensor, affine uint8 (``activation_bits=8``, HTP's 8a8w) or uint16
 (``activation_bits=16``, HTP's 16a8w: 16-bit activations with 8-bit weights, which HTP runs
 natively; annotated as ``torch.uint16`` so they export as ONNX opset-21 uint16 QDQ). The quantizer
-only annotates; no
-QNN SDK Python binding is needed, so:
+only annotates; no QNN SDK Python binding is needed (extra ``handoff-qnn[quantize]``), so:
 
 * its SDK setup is told the caller owns the SDK (``QNN_SDK_ROOT`` set empty while it is built,
   when the user has not set it): otherwise ExecuTorch downloads a QNN SDK and libc++ from the
@@ -14,7 +13,8 @@ QNN SDK Python binding is needed, so:
 * without the SDK's ``backend_opinfo`` it skips its optional per-SoC constraint check (it logs a
   warning, muted here); the HTP compile of each partition checks the result instead;
 * some ExecuTorch-QNN modules call ``logging.basicConfig(level=INFO)`` on import, which would
-  print every library's INFO log on the user's terminal: the root logger is restored after import.
+  print every library's INFO log on the user's terminal: the root logger is restored after import;
+  its warnings and per-op ``print`` lines are muted while it imports, transforms and annotates.
 """
 
 from __future__ import annotations
@@ -40,8 +40,12 @@ def htp_quantizer(target: Target, activation_bits: int = 8) -> Any:
     if activation_bits not in QUANT_DTYPES:
         raise ValueError(f"activation_bits={activation_bits}: choose 8 or 16")
     with _sdk_left_to_caller(), _quiet():
-        from executorch.backends.qualcomm.quantizer.quantizer import QnnQuantizer, QuantDtype
-        from executorch.backends.qualcomm.serialization.qc_schema import QcomChipset
+        try:
+            from executorch.backends.qualcomm.quantizer.quantizer import QnnQuantizer, QuantDtype
+            from executorch.backends.qualcomm.serialization.qc_schema import QcomChipset
+        except ImportError as exc:
+            raise ImportError(f"qnn's int8 quantizer is ExecuTorch's QnnQuantizer, which does not import here "
+                              f"({exc}): pip install 'handoff-qnn[quantize]' (executorch==1.5.1)") from exc
 
         class HtpQuantizer(QnnQuantizer):
             """QnnQuantizer whose graph passes keep quiet (a deprecation warning per prepare)."""
