@@ -392,7 +392,19 @@ def _qdq_reason(node: torch.fx.Node, weights: frozenset[str] | None) -> str | No
             return f"{name} of a non-float32 tensor is not supported on HTP"
     if _rank(source) > MAX_RANK:
         return f"rank-{_rank(source)} tensors are not supported on QNN HTP (at most {MAX_RANK} dimensions)"
+    if op.__name__.startswith("dequantize"):
+        for user in node.users:
+            floats = [a.name for a in user.all_input_nodes if a.op == "placeholder" and _val(a) is not None
+                      and _val(a).dtype == torch.float32]
+            if user.target in _WEIGHTED and floats:
+                return (f"{name} feeds {user.name} ({op_name(user.target)}), which also reads the float weight "
+                        f"{floats[0]}: HTP computes such int8/float mixes wrongly (measured: a conv with int8 "
+                        f"weights and a float bias); quantize the bias too (PT2E quantizers make it int32)")
     return None
+
+
+#: Ops with weights and a bias, where int8 and float operands must not mix on HTP.
+_WEIGHTED = frozenset({A.convolution.default, A.linear.default, A.addmm.default})
 
 
 def _is_qdq(node: Any, kind: str) -> bool:
