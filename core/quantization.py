@@ -179,7 +179,7 @@ def _compose(compilers: Mapping[str, Any], scheme: str) -> Any:
             offered.append((backend, q))
     if not offered:
         raise HandoffError(f"none of the selected backends ({', '.join(compilers)}) offers a quantizer for {scheme}; "
-                           f"select one that does (xnnpack, tvm) or quantize the model yourself with PT2E")
+                           f"select one that does (xnnpack, qnn, tvm) or quantize the model yourself with PT2E")
 
     class Attributed(ComposableQuantizer):
         """torchao's ComposableQuantizer, recording which backend's quantizer annotated which node."""

@@ -81,6 +81,10 @@ OPTIONS: dict[str, Option] = {
     "precision": Option("choice", "run float32 graphs with fp32 or fp16 arithmetic on HTP; fp16 needs a soc_model "
                                   "whose HTP is v69 or newer, and fp32 excludes soc_model (naming a SoC makes QNN "
                                   "compute in fp16)", default="fp32", choices=PRECISIONS),
+    "activation_bits": Option("choice", "activations of --quantize int8 (ExecuTorch's QnnQuantizer): 8 = HTP's 8a8w "
+                                        "(uint8 activations), 16 = HTP's 16a8w (uint16 activations, more accurate, "
+                                        "about 2x the activation memory); weights are int8 per channel either way",
+                              default="8", choices=("8", "16")),
     "verify": Option("bool", "compile each planned partition before lowering and decline the nodes QNN fails on "
                              "in context (HTP's fp32 path rejects some op combinations); off claims by the op "
                              "table alone (faster; pair with --on-lower-error fallback)", default=True),

@@ -51,7 +51,7 @@ from ._worker import worker_for
 _LOG = logging.getLogger(__name__)
 _ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
                 onnx.TensorProto.INT32: "int32", onnx.TensorProto.INT64: "int64", onnx.TensorProto.BOOL: "bool",
-                onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT16: "int16",
+                onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT16: "int16", onnx.TensorProto.UINT16: "uint16",
                 onnx.TensorProto.DOUBLE: "float64"}
 _CTX_NAME = "qnn_ctx.onnx"  # the EPContext model's file name; the EP names the binary qnn_ctx_qnn.bin
 _FX_NODE = re.compile(r"^%([A-Za-z0-9_]+) :")
@@ -62,7 +62,8 @@ class QnnCompiler(Compiler):
     """Capability and lowering for the ``qnn`` backend (see the module docstring).
 
     Options (typed, see :data:`handoff_qnn._format.OPTIONS`): ``soc_model``, ``htp_arch``,
-    ``precision``, ``verify``; ``htp_performance_mode`` is a run-time option and only checked here.
+    ``precision``, ``activation_bits`` (the quantizer's), ``verify``; ``htp_performance_mode`` is a
+    run-time option and only checked here.
     """
 
     def __init__(self, options: Mapping[str, Any]) -> None:
@@ -79,6 +80,13 @@ class QnnCompiler(Compiler):
         except RuntimeError as exc:
             return str(exc), []
         return answer.get("error"), list(answer.get("log", []))
+
+    def quantizer(self, scheme: str) -> Any:
+        """ExecuTorch's ``QnnQuantizer`` (HTP's rules; :mod:`handoff_qnn.quantizer`) with option
+        ``activation_bits`` (8: 8a8w, 16: 16a8w) and per-channel int8 weights."""
+        from .quantizer import htp_quantizer
+
+        return htp_quantizer(self.target, int(self.options.get("activation_bits") or 8))
 
     # -- capability ---------------------------------------------------------------------------
     def support(self, ep: torch.export.ExportedProgram) -> dict[str, str | None]:
@@ -230,6 +238,9 @@ class QnnCompiler(Compiler):
             "inputs": inputs,
             "outputs": outputs,
         }
+        compute = _int8_compute(ep)
+        if compute:
+            metadata["int8_compute"] = compute
         return Lowered(blob, metadata)
 
     def provider_options(self) -> dict[str, str]:
@@ -285,13 +296,27 @@ class QnnCompiler(Compiler):
 
 
 def to_onnx(ep: torch.export.ExportedProgram, name: str = "partition") -> onnx.ModelProto:
-    """The partition as an ONNX model (``torch.onnx.export(..., dynamo=True)``)."""
+    """The partition as an ONNX model (``torch.onnx.export(..., dynamo=True)``); opset 21 when it
+    holds 16-bit quantize/dequantize ops (uint16/int16 QuantizeLinear needs it), else the default."""
+    sixteen = any(ops.qdq_dtype(n) in (torch.uint16, torch.int16) for n in ep.graph.nodes
+                  if getattr(n.target, "namespace", None) == ops.QDQ_NAMESPACE)
     try:
         with _quiet_exporter():
-            program = torch.onnx.export(ep, dynamo=True, verbose=False, optimize=True)
+            program = torch.onnx.export(ep, dynamo=True, verbose=False, optimize=True,
+                                        **({"opset_version": 21} if sixteen else {}))
     except Exception as exc:
         raise LoweringError(f"torch.onnx.export failed for {name}: {one_line(exc)}") from exc
     return program.model_proto
+
+
+def _int8_compute(ep: torch.export.ExportedProgram) -> str | None:
+    """How a quantized partition computes, for the report (``None`` for a float one)."""
+    dtypes = sorted({str(ops.qdq_dtype(n)).removeprefix("torch.") for n in ep.graph.nodes
+                     if getattr(n.target, "namespace", None) == ops.QDQ_NAMESPACE and "per_tensor" in n.target.__name__} - {"int32"})  # int32: biases
+    if not dtypes:
+        return None
+    return (f"HTP integer kernels ({'/'.join(dtypes)} activations, int8 weights): the QNN EP fuses each ONNX "
+            f"DequantizeLinear -> op -> QuantizeLinear unit")
 
 
 @contextlib.contextmanager

@@ -25,6 +25,13 @@ fp16), a decline must fail one of the two. The table is checked for both arithme
   are bounded by a dimension size. float64 has no HTP type at all.
 * Tensors of rank > 5 are refused by the QNN EP.
 
+int8 (``--quantize int8``): PT2E quantize/dequantize ops are claimed by HTP's QDQ rules
+(:func:`_qdq_reason`: per-tensor uint8/int8/uint16/int16 activations, per-channel int8 weights,
+int32 biases) and become ONNX QuantizeLinear/DequantizeLinear; an op inside a dequantize -> op ->
+quantize group (:func:`in_qdq_unit`) runs on HTP's integer kernels, so its fp32-only decline does
+not apply. These are checked through the zoo models on the emulator (``tests/test_int8.py``), not
+yet by ``tools/check_op_table.py``.
+
 Op *combinations* can still fail where each op compiles alone (fp32 MatMul fed by Div, Exp,
 Sqrt or Reciprocal); :class:`handoff_qnn.compiler.QnnCompiler` checks those in context.
 
@@ -62,7 +69,8 @@ class Rule:
     :param onnx: the ONNX op(s) ``torch.onnx`` lowers it to (documentation).
     :param dtypes: dtypes allowed for every tensor the node reads or (used) outputs produce.
     :param outputs: how many of a multi-output op's results QNN can produce (the rest must be unused).
-    :param fp32: when set, the op is claimed only with fp16 arithmetic; this is the reason otherwise.
+    :param fp32: when set, the op is claimed only with fp16 arithmetic (or int8: inside a
+        dequantize -> op -> quantize group, :func:`in_qdq_unit`); this is the reason otherwise.
     :param check: further constraint, ``(node, fp16) -> reason or None``; ``fp16`` is whether the
         target computes in fp16 (``precision=fp16``).
     :param fp16_inexact: when set, declined for ``precision=fp16`` on float32 data: the op is
@@ -337,6 +345,84 @@ def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
+# -- int8: PT2E quantize/dequantize ops (QDQ in ONNX) ---------------------------------------------
+#: Integer dtypes HTP's QDQ path takes for activations: 8-bit (8a8w) and 16-bit (16a8w) ones.
+QDQ_ACTIVATION_DTYPES = (torch.uint8, torch.int8, torch.uint16, torch.int16)
+#: The quantize/dequantize ops of ``torch.ops.quantized_decomposed`` that become ONNX
+#: QuantizeLinear / DequantizeLinear (registered by torchao; matched by name, not imported here).
+QDQ_OPS = frozenset({"quantize_per_tensor.default", "quantize_per_tensor.tensor", "dequantize_per_tensor.default",
+                     "dequantize_per_tensor.tensor", "dequantize_per_channel.default"})
+QDQ_NAMESPACE = "quantized_decomposed"
+
+
+def qdq_dtype(node: torch.fx.Node) -> Any:
+    """The integer dtype of a quantize/dequantize op (its last argument)."""
+    return node.kwargs.get("dtype", node.args[-1] if node.args else None)
+
+
+def _qdq_reason(node: torch.fx.Node, weights: frozenset[str] | None) -> str | None:
+    """Why HTP's QDQ path cannot take a quantize/dequantize op, or ``None``.
+
+    An op group dequantize -> op -> quantize runs in integer arithmetic on HTP (the QNN EP fuses
+    each such ONNX node unit); the quantize/dequantize ops alone become HTP Quantize/Dequantize.
+    """
+    op = node.target
+    name = f"{QDQ_NAMESPACE}.{op.__name__}"
+    if op.__name__ not in QDQ_OPS:
+        return (f"{name} has no HTP equivalent in handoff-qnn (it takes {', '.join(sorted(QDQ_OPS))}: "
+                f"per-tensor activations, per-channel weights)")
+    dtype = qdq_dtype(node)
+    qmin, qmax = node.args[-3], node.args[-2]
+    source = node.args[0]
+    is_weight = isinstance(source, torch.fx.Node) and source.op == "placeholder" and (
+        weights is None or source.name in weights)
+    if op.__name__.startswith("dequantize_per_channel") and not is_weight:
+        return f"{name} of an activation: HTP quantizes activations per tensor (per-channel only for weights)"
+    if dtype == torch.int32 and op.__name__.startswith("dequantize") and is_weight:
+        return None  # an int32 bias, dequantized into its conv/linear's node unit
+    if dtype not in QDQ_ACTIVATION_DTYPES:
+        valid = ", ".join(str(d).removeprefix("torch.") for d in QDQ_ACTIVATION_DTYPES)
+        return f"{name} to {dtype}: HTP's QDQ path takes {valid} (and int32 biases of weights)"
+    if op.__name__.startswith("quantize"):
+        info = torch.iinfo(dtype)
+        if (qmin, qmax) != (info.min, info.max):
+            return (f"{name} clamps to [{qmin}, {qmax}], narrower than {str(dtype).removeprefix('torch.')}'s range: "
+                    f"ONNX QuantizeLinear (HTP's Quantize) saturates to the full range")
+        if not (_val(source) is not None and _val(source).dtype == torch.float32):
+            return f"{name} of a non-float32 tensor is not supported on HTP"
+    if _rank(source) > MAX_RANK:
+        return f"rank-{_rank(source)} tensors are not supported on QNN HTP (at most {MAX_RANK} dimensions)"
+    if op.__name__.startswith("dequantize"):
+        for user in node.users:
+            floats = [a.name for a in user.all_input_nodes if a.op == "placeholder" and _val(a) is not None
+                      and _val(a).dtype == torch.float32]
+            if user.target in _WEIGHTED and floats:
+                return (f"{name} feeds {user.name} ({op_name(user.target)}), which also reads the float weight "
+                        f"{floats[0]}: HTP computes such int8/float mixes wrongly (measured: a conv with int8 "
+                        f"weights and a float bias); quantize the bias too (PT2E quantizers make it int32)")
+    return None
+
+
+#: Ops with weights and a bias, where int8 and float operands must not mix on HTP.
+_WEIGHTED = frozenset({A.convolution.default, A.linear.default, A.addmm.default})
+
+
+def _is_qdq(node: Any, kind: str) -> bool:
+    return (isinstance(node, torch.fx.Node) and getattr(node.target, "namespace", None) == QDQ_NAMESPACE
+            and node.target.__name__.startswith(kind))
+
+
+def in_qdq_unit(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is the op of a dequantize -> op -> quantize group: every tensor it reads
+    comes from a dequantize op and every result it produces goes only to quantize ops. HTP runs
+    such a group with its integer kernels (the QNN EP fuses the ONNX node unit), not its fp32 ones."""
+    inputs = node.all_input_nodes
+    if not inputs or not all(_is_qdq(a, "dequantize") for a in inputs):
+        return False
+    users = [u for g in node.users for u in (g.users if g.target is operator.getitem else [g])]
+    return bool(users) and all(_is_qdq(u, "quantize") for u in users)
+
+
 def decline_reason(node: torch.fx.Node, target: Target, weights: frozenset[str] | None = None) -> str | None:
     """``None`` when QNN HTP takes ``node`` for ``target``, else why not (one line).
 
@@ -346,6 +432,8 @@ def decline_reason(node: torch.fx.Node, target: Target, weights: frozenset[str] 
     op = node.target
     if op is operator.getitem:
         return None  # kept with its producer by the core
+    if getattr(op, "namespace", None) == QDQ_NAMESPACE:
+        return _qdq_reason(node, weights)
     name = op_name(op)
     rule = TABLE.get(op)
     if rule is None:
@@ -380,7 +468,7 @@ def decline_reason(node: torch.fx.Node, target: Target, weights: frozenset[str] 
         if t.numel() == 0 and t.dim() > 0:
             return "empty tensors are not supported on QNN HTP"
     fp16 = target.precision == "fp16"
-    if rule.fp32 and not fp16 and any(t.dtype == torch.float32 for t in tensors):
+    if rule.fp32 and not fp16 and not in_qdq_unit(node) and any(t.dtype == torch.float32 for t in tensors):
         return rule.fp32.format(op=name)
     if rule.fp16_inexact and fp16 and any(t.dtype == torch.float32 for t in tensors):
         return rule.fp16_inexact.format(op=name)

@@ -21,7 +21,7 @@ def handoff_backends() -> list[BackendSpec]:
             compiler="handoff_qnn.compiler:QnnCompiler",
             runtime="handoff_qnn.runtime:QnnRuntime",
             description=f"Qualcomm QNN HTP context binaries through onnxruntime-qnn {ONNXRUNTIME_QNN_VERSION} "
-                        f"(QNN SDK 2.51; fp32, fp16)",
+                        f"(QNN SDK 2.51; fp32, fp16, int8 8a8w/16a8w)",
             options=OPTIONS,
             runtime_options=RUNTIME_OPTIONS,
             api_version=PLUGIN_API_VERSION,
