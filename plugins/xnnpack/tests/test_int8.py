@@ -26,24 +26,8 @@ import numpy as np  # noqa: E402
 import handoff  # noqa: E402
 from handoff import testing  # noqa: E402
 from handoff.zoo import random_inputs  # noqa: E402
-from handoff.plugins import Plugins, set_plugins  # noqa: E402
 
 pytestmark = pytest.mark.slow
-PLUGIN = "handoff_xnnpack.plugin"
-
-
-@pytest.fixture(scope="module")
-def plugins(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HANDOFF_HOME", str(tmp_path_factory.mktemp("handoff_home")))
-    pm = Plugins(autoload=False, extra=[PLUGIN])
-    ok, why = pm.runtime_available("xnnpack")
-    if not ok:
-        pytest.skip(why)
-    set_plugins(pm)
-    yield pm
-    set_plugins(None)
-    mp.undo()
 
 
 @pytest.mark.parametrize("name", ["small_cnn", "small_transformer"])
