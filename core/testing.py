@@ -28,6 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 import pytest
 
+from .zoo import random_inputs  # noqa: F401  (public here: the inputs of check_against_eager)
+
 #: Relative tolerance by the precision a backend computes in; for ``int8``, the largest difference
 #: from the quantized eager model in quantization steps of the output. ``qdq`` is for single
 #: quantized patterns (q/dq around a float op) against eager: two steps of a symmetric int8 scale
@@ -110,7 +112,6 @@ def check_against_eager(program: Any, model: Any, input_specs: Sequence[Any], se
     Returns the program's first output per seed."""
     import torch
 
-    from .zoo import random_inputs
     from .runtime import Program, load
 
     owned = not isinstance(program, Program)
@@ -190,7 +191,6 @@ def check_int8(program: Any, quantized: Any, float_model: Any, input_specs: Sequ
     argmax equals the float model's)."""
     import torch
 
-    from .zoo import random_inputs
     from .runtime import load
 
     reference = getattr(quantized, "reference", quantized)

@@ -426,13 +426,24 @@ def test_load_and_run_read_no_catalogue(sink_plugins, tmp_path):
 PUBLIC_MODULES = {"handoff", "handoff.blob", "handoff.conformance", "handoff.testing", "handoff.tvm"}
 
 
-@pytest.mark.parametrize("package", sorted([*ROOT.glob("plugins/*/handoff_*"), *ROOT.glob("plugins/*/tools")]),
+# Plugin test suites checked too. Not yet qnn's and coreml's: their tests still import internal
+# modules (handoff.plugins) and are being moved to handoff.testing's fixtures in other branches
+# right now; add them here once those land.
+CHECKED_TESTS = ["plugins/xnnpack/tests", "plugins/vulkan/tests"]
+#: Tests of a core feature that run it with a real plugin, not of the plugin: they use its internals.
+CORE_FEATURE_TESTS = {"plugins/xnnpack/tests/test_compare_strategies.py"}  # handoff.compare, handoff.strategies
+
+
+@pytest.mark.parametrize("package", sorted([*ROOT.glob("plugins/*/handoff_*"), *ROOT.glob("plugins/*/tools"),
+                                            *(ROOT / d for d in CHECKED_TESTS)]),
                          ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_plugins_use_only_the_public_api(package):
-    """A plugin (its package and tools) imports from handoff only what docs/plugins.md documents:
-    the public modules, and from ``handoff`` itself only what ``handoff.__all__`` lists."""
+    """A plugin (its package, tools and tests) imports from handoff only what docs/plugins.md
+    documents: the public modules, and from ``handoff`` itself only what ``handoff.__all__`` lists."""
     public = set(handoff.__all__) | {m.split(".")[1] for m in PUBLIC_MODULES if "." in m}
     for path in package.rglob("*.py"):
+        if str(path.relative_to(ROOT)) in CORE_FEATURE_TESTS:
+            continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

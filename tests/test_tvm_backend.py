@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+import handoff
 from handoff.errors import HandoffError
 from handoff.plugins import Plugins
 
@@ -24,6 +25,7 @@ from handoff.cache import handoff_home  # noqa: E402
 from handoff.tvm.compiler import TvmCompiler  # noqa: E402
 from handoff.tvm.plugin import handoff_backends  # noqa: E402
 from handoff.tvm.runtime import TvmRuntime, host_triple  # noqa: E402
+from handoff.testing import check_against_eager  # noqa: E402
 
 
 def _core_aten(model: nn.Module, *example: torch.Tensor):
@@ -168,6 +170,13 @@ def test_support_declines_dtypes_the_importer_cannot_convert():
     assert reason == "dtype complex64 not supported by the TVM 0.27 Relax importer"
 
 
+def test_support_declines_convolutions_the_importer_has_no_layout_for():
+    ep = _core_aten(nn.ConvTranspose3d(2, 2, 3), torch.randn(1, 2, 4, 4, 4))
+    (reason,) = TvmCompiler({}).support(ep).values()
+    assert reason == ("TVM 0.27: a transposed convolution of a rank-5 input; the Relax importer has 1-D and 2-D "
+                      "transposed, 1-D to 3-D other ones")
+
+
 def test_support_declines_antialiased_downsampling_the_importer_gets_wrong():
     import torch.nn.functional as F
 
@@ -224,6 +233,25 @@ def test_conv_net_matches_eager():
     assert meta["triple"] == host_triple() and meta["num_outputs"] == 1
     assert meta["outputs"] == [{"shape": [2, 10], "dtype": "float32"}]
     assert lowered.blob[:4] == b"\x7fELF"
+
+
+# TVM 0.27's importer emits every convolution with out_dtype float32 and adds the bias in the
+# input's dtype; handoff's converter accumulates half precision in float32 and returns its dtype.
+@pytest.mark.parametrize("layer, shape", [
+    (nn.Conv2d(3, 8, 3), (1, 3, 16, 16)),
+    (nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=4, bias=False), (2, 8, 9, 9)),
+    (nn.Conv1d(3, 8, 3, dilation=2), (2, 3, 20)),
+    (nn.Conv3d(3, 4, 3, padding=1), (1, 3, 5, 6, 7)),
+    (nn.ConvTranspose1d(3, 8, 3, stride=2), (2, 3, 9)),
+    (nn.ConvTranspose2d(3, 8, 3, stride=2, padding=1, output_padding=1), (1, 3, 8, 8)),
+], ids=["conv2d", "conv2d-grouped-no-bias", "conv1d", "conv3d", "conv-transpose1d", "conv-transpose2d"])
+def test_fp16_convolutions_match_eager(layer, shape):
+    torch.manual_seed(3)
+    model = nn.Sequential(layer, nn.ReLU()).half().eval()
+    result = handoff.partition(model, (torch.randn(shape, dtype=torch.float16),), backends=["tvm"])
+    assert result.report.stats["tvm"].ops["aten.convolution.default"] == 1
+    outputs = check_against_eager(result.to_bytes(), model, [(shape, "float16")], dtype="float16")
+    assert outputs[0].dtype == np.float16
 
 
 @pytest.mark.slow

@@ -69,10 +69,6 @@ def _antialiased_downsampling(node: torch.fx.Node) -> str | None:
     return None
 
 
-#: Converters that exist but give wrong results for some arguments, by converter-table key.
-_ARGUMENT_CHECKS = {"_upsample_bilinear2d_aa.default": _antialiased_downsampling}
-
-
 def failing_node(exc: BaseException) -> str | None:
     """The node the importer was converting when ``exc`` was raised: the ``node`` local of the
     outermost frame that has one (the importer's loop over the graph), if any."""
@@ -169,6 +165,56 @@ _QUANTIZE_CONVERTERS = {
 }
 
 
+# -- convolution -----------------------------------------------------------------------------------
+# TVM 0.27's converter for aten.convolution (``BaseFXGraphImporter._convolution``) emits every
+# convolution with ``out_dtype="float32"`` and then adds the bias in the input's dtype: an fp16 or
+# bf16 convolution with a bias fails to import ("R.add ... float32 vs float16"), and one without
+# returns float32 where eager returns the input's dtype. This converter accumulates half-precision
+# convolutions in float32 (as eager PyTorch does on CPU), adds the bias in float32, and rounds once
+# to the input's dtype; float32 and float64 convolutions compute in their own dtype.
+
+#: (transposed, input rank) -> (Relax op, data layout, kernel layout), as aten.convolution lays them.
+_CONVOLUTIONS = {
+    (False, 3): (relax.op.nn.conv1d, "NCW", "OIW"),
+    (False, 4): (relax.op.nn.conv2d, "NCHW", "OIHW"),
+    (False, 5): (relax.op.nn.conv3d, "NCDHW", "OIDHW"),
+    (True, 3): (relax.op.nn.conv1d_transpose, "NCW", "IOW"),
+    (True, 4): (relax.op.nn.conv2d_transpose, "NCHW", "IOHW"),
+}
+_HALF = ("float16", "bfloat16")
+
+
+def _convolution_reason(node: torch.fx.Node) -> str | None:
+    transposed, rank = node.args[6], len(node.args[0].meta["val"].shape)
+    if (transposed, rank) not in _CONVOLUTIONS:
+        kind = "transposed convolution" if transposed else "convolution"
+        return f"{TVM_NAME}: a {kind} of a rank-{rank} input; the Relax importer has 1-D and 2-D transposed, 1-D to 3-D other ones"
+    return None
+
+
+def _convolution(node: torch.fx.Node, importer: Any) -> Any:
+    x, weight, bias, stride, padding, dilation, transposed, output_padding, groups = importer.retrieve_args(node)
+    rank = len(node.args[0].meta["val"].shape)
+    op, data_layout, kernel_layout = _CONVOLUTIONS[transposed, rank]
+    dtype = str(node.args[0].meta["val"].dtype).removeprefix("torch.")
+    accumulate = "float32" if dtype in _HALF else dtype
+    extra = {"output_padding": output_padding} if transposed else {}
+    bb = importer.block_builder
+    out = bb.emit(op(x, weight, strides=stride, padding=padding, dilation=dilation, groups=groups, data_layout=data_layout,
+                     kernel_layout=kernel_layout, out_dtype=accumulate, **extra))
+    if bias is not None:
+        bias = bb.emit(relax.op.reshape(bb.emit(relax.op.astype(bias, accumulate)), [1, -1] + [1] * (rank - 2)))
+        out = bb.emit(relax.op.add(out, bias))
+    return out if accumulate == dtype else bb.emit(relax.op.astype(out, dtype))
+
+
+#: Converters handoff puts in place of (or next to) the importer's own.
+_CONVERTERS = {**_QUANTIZE_CONVERTERS, "convolution.default": _convolution}
+
+#: Converters that exist but fail or give wrong results for some arguments, by converter-table key.
+_ARGUMENT_CHECKS = {"_upsample_bilinear2d_aa.default": _antialiased_downsampling, "convolution.default": _convolution_reason}
+
+
 def import_partition(ep: Any) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
     """``(Relax module, input specs, output specs)`` of one partition's ExportedProgram.
 
@@ -177,7 +223,7 @@ def import_partition(ep: Any) -> tuple[Any, list[dict[str, Any]], list[dict[str,
     try:
         # Already core ATen: decomposing again would retrace and rename the nodes that
         # LoweringError.node refers to.
-        mod = from_exported_program(ep, run_ep_decomposition=False, custom_convert_map=dict(_QUANTIZE_CONVERTERS))
+        mod = from_exported_program(ep, run_ep_decomposition=False, custom_convert_map=dict(_CONVERTERS))
     except Exception as exc:
         node = failing_node(exc)
         where = f" at node {node}" if node else ""

@@ -26,7 +26,6 @@ np = pytest.importorskip("numpy")
 pytest.importorskip("handoff.backend")
 
 import handoff  # noqa: E402
-from handoff.plugins import Plugins, set_plugins  # noqa: E402
 from handoff.testing import assert_matches_eager, check_against_eager  # noqa: E402
 from handoff_vulkan import _format, wgsl  # noqa: E402
 from handoff_vulkan._format import OPTIONS, RUNTIME_OPTIONS  # noqa: E402
@@ -42,13 +41,10 @@ PLUGIN = "handoff_vulkan.plugin"
 
 # -- fixtures -------------------------------------------------------------------------------------
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path_factory, monkeypatch):
-    """Caches in a temp HANDOFF_HOME; a plugin manager with this plugin registered explicitly."""
-    monkeypatch.setenv("HANDOFF_HOME", str(tmp_path_factory.mktemp("handoff_home")))
-    pm = Plugins(autoload=False, extra=[PLUGIN])
-    set_plugins(pm)
-    yield pm
-    set_plugins(None)
+def _vulkan(isolated_plugins, use_plugins):
+    """Every test starts with the core's built-ins and this plugin registered (tests/conftest.py
+    isolates them from the installed plugins)."""
+    return use_plugins(PLUGIN)
 
 
 def _needs_gpu() -> None:
@@ -211,9 +207,7 @@ def test_runtime_sets_its_environment_only_when_unset(monkeypatch, tmp_path):
 def _export(model, *args):
     import torch
 
-    from handoff.export import quiet_torch
-
-    with torch.no_grad(), quiet_torch():
+    with torch.no_grad():
         return torch.export.export(model.eval(), args).run_decompositions()
 
 
@@ -305,7 +299,6 @@ def test_unit_reduction_with_an_epilogue_is_never_wrong():
 
     import handoff
 
-    set_plugins(Plugins(autoload=False, extra=[PLUGIN]))
     for features, on_vulkan in ((1, False), (2, True)):
         torch.manual_seed(0)
         model, x = torch.nn.Linear(features, 1).eval(), torch.randn(1, features)
@@ -421,18 +414,17 @@ def test_zoo_model_on_vulkan_matches_eager(name, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["small_cnn", "small_transformer"])
-def test_zoo_model_on_vulkan_and_xnnpack_matches_eager(name, tmp_path_factory, _isolated):
+def test_zoo_model_on_vulkan_and_xnnpack_matches_eager(name, tmp_path_factory, use_plugins):
     _needs_compiler()
     _needs_gpu()
     try:
         import handoff_xnnpack.plugin  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"handoff_xnnpack not importable: {exc}")
-    pm = Plugins(autoload=False, extra=[PLUGIN, "handoff_xnnpack.plugin"])
+    pm = use_plugins(PLUGIN, "handoff_xnnpack.plugin")
     ok, why = pm.runtime_available("xnnpack")
     if not ok:
         pytest.skip(why)
-    set_plugins(pm)
     program, report = _zoo_program(name, ("vulkan", "xnnpack"), tmp_path_factory.mktemp("home"))
     assert report.coverage("vulkan") + report.coverage("xnnpack") == 100.0
     _check_against_eager(program, name)
@@ -473,7 +465,7 @@ def _old_transfers(program) -> int:
 def test_transformer_on_vulkan_transfers_only_its_input_and_output_and_runs_from_8_threads(tmp_path_factory):
     _needs_compiler()
     _needs_gpu()
-    from handoff.zoo import random_inputs
+    from handoff.testing import random_inputs
 
     program_bytes, _ = _zoo_program("small_transformer", ("vulkan",), tmp_path_factory.mktemp("home"))
     zoo = handoff.get_plugins().zoo()["small_transformer"]
@@ -493,7 +485,7 @@ def test_values_stay_on_the_gpu_between_vulkan_delegates(monkeypatch, tmp_path_f
     gelu reads and returns crosses host memory."""
     _needs_compiler()
     _needs_gpu()
-    from handoff.zoo import random_inputs
+    from handoff.testing import random_inputs
     from handoff_vulkan.compiler import VulkanCompiler
 
     real = VulkanCompiler.support
@@ -521,7 +513,7 @@ def test_values_stay_on_the_gpu_between_vulkan_delegates(monkeypatch, tmp_path_f
 def test_one_submission_per_delegate_one_readback_per_run_and_no_allocation(monkeypatch, tmp_path_factory):
     _needs_compiler()
     _needs_gpu()
-    from handoff.zoo import random_inputs
+    from handoff.testing import random_inputs
 
     program_bytes, _ = _zoo_program("small_cnn", ("vulkan",), tmp_path_factory.mktemp("home"))
     zoo = handoff.get_plugins().zoo()["small_cnn"]
@@ -557,7 +549,7 @@ def test_runtime_runs_without_torch_or_tvm(tmp_path, tmp_path_factory):
     _needs_gpu()
     import torch
 
-    from handoff.zoo import random_inputs
+    from handoff.testing import random_inputs
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4)).eval()
@@ -574,8 +566,7 @@ def test_runtime_runs_without_torch_or_tvm(tmp_path, tmp_path_factory):
             sys.modules[name] = None  # any import of them fails
         import numpy as np
         import handoff
-        from handoff.plugins import Plugins
-        pm = Plugins(autoload=False, extra=["{PLUGIN}"])
+        pm = handoff.Plugins(autoload=False, extra=["{PLUGIN}"])
         with handoff.load({str(path)!r}, plugins=pm) as program:
             (got,) = program.run([np.load({str(tmp_path / 'x.npy')!r})])
         want = np.load({str(tmp_path / 'want.npy')!r})

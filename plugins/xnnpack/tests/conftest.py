@@ -1,23 +1,22 @@
-"""Shared fixture of the program-level tests: the core's built-ins plus this plugin only."""
+"""Isolation for handoff-xnnpack's tests (:mod:`handoff.testing`): only the plugins a test registers
+(never every installed one), caches in a temporary HANDOFF_HOME shared by this session (so a
+partition lowered by one test is reused by the next); and the fixture of the program-level tests."""
 
 from __future__ import annotations
 
 import pytest
 
-from handoff.plugins import Plugins, set_plugins
+from handoff.testing import handoff_home, isolated_plugins, plugin_tests, use_plugins  # noqa: F401
+
+plugin_tests(__file__)
 
 
-@pytest.fixture(scope="module")
-def plugins(tmp_path_factory):
-    """The core's built-ins plus this plugin only (no autoload), caches in a temp HANDOFF_HOME
-    shared by the module, so identical partitions are lowered once."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HANDOFF_HOME", str(tmp_path_factory.mktemp("handoff_home")))
-    pm = Plugins(autoload=False, extra=["handoff_xnnpack.plugin"])
+@pytest.fixture
+def plugins(use_plugins):
+    """The core's built-ins plus this plugin only, installed for the test; skips, with the reason,
+    where XNNPACK's runtime cannot run."""
+    pm = use_plugins("handoff_xnnpack.plugin")
     ok, why = pm.runtime_available("xnnpack")
     if not ok:
         pytest.skip(why)
-    set_plugins(pm)
-    yield pm
-    set_plugins(None)
-    mp.undo()
+    return pm

@@ -18,22 +18,15 @@ pytest.importorskip("executorch.backends.xnnpack")
 pytest.importorskip("tvm")
 
 from handoff.compare import OK, compare  # noqa: E402
-from handoff.plugins import Plugins, set_plugins  # noqa: E402
 from handoff.strategies import parse  # noqa: E402
 from handoff.testing import TOLERANCE  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
-def test_compare_xnnpack_and_tvm_on_a_zoo_model(tmp_path, monkeypatch):
-    monkeypatch.setenv("HANDOFF_HOME", str(tmp_path / "home"))
-    plugins = Plugins(autoload=False, extra=["handoff_xnnpack.plugin"])
-    set_plugins(plugins)
-    try:
-        result = compare("zoo:small_cnn", [parse("xnnpack"), parse("tvm")], runs=6, rounds=2, warmup=1,
-                         per_delegate=True, plugins=plugins)
-    finally:
-        set_plugins(None)
+def test_compare_xnnpack_and_tvm_on_a_zoo_model(plugins):
+    result = compare("zoo:small_cnn", [parse("xnnpack"), parse("tvm")], runs=6, rounds=2, warmup=1,
+                     per_delegate=True, plugins=plugins)
     xnn, tvm = result.strategies
     for s in (xnn, tvm):
         assert s.status == OK, s.reason

@@ -20,7 +20,6 @@ pytest.importorskip("executorch.backends.xnnpack")
 pytest.importorskip("tvm")
 
 import handoff  # noqa: E402
-from handoff.plugins import Plugins  # noqa: E402
 from handoff.testing import check_against_eager  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -46,7 +45,7 @@ def test_xnnpack_program_runs_its_tvm_copies_where_xnnpack_is_not_installed(plug
         check_against_eager(program, model, specs)
         assert [(d["copy"], d["runtime"]) for d in program.stats()["delegates"]] == [(None, "xnnpack")]
 
-    without = Plugins(autoload=False)  # a device without handoff-xnnpack
+    without = handoff.Plugins(autoload=False)  # a device without handoff-xnnpack
     with pytest.warns(handoff.FallbackWarning) as warned:
         program = handoff.load(path, plugins=without)
     with program:

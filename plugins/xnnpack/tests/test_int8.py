@@ -25,25 +25,8 @@ import numpy as np  # noqa: E402
 
 import handoff  # noqa: E402
 from handoff import testing  # noqa: E402
-from handoff.zoo import random_inputs  # noqa: E402
-from handoff.plugins import Plugins, set_plugins  # noqa: E402
 
 pytestmark = pytest.mark.slow
-PLUGIN = "handoff_xnnpack.plugin"
-
-
-@pytest.fixture(scope="module")
-def plugins(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HANDOFF_HOME", str(tmp_path_factory.mktemp("handoff_home")))
-    pm = Plugins(autoload=False, extra=[PLUGIN])
-    ok, why = pm.runtime_available("xnnpack")
-    if not ok:
-        pytest.skip(why)
-    set_plugins(pm)
-    yield pm
-    set_plugins(None)
-    mp.undo()
 
 
 @pytest.mark.parametrize("name", ["small_cnn", "small_transformer"])
@@ -51,7 +34,7 @@ def test_zoo_model_int8_on_xnnpack(name, plugins):
     """Every node, quantize/dequantize ops included, runs on XNNPACK in one delegate, as int8."""
     zoo = plugins.zoo()[name]
     model = zoo.build()
-    result = handoff.partition(model, random_inputs(zoo.inputs), backends=["xnnpack"], fallback=False,
+    result = handoff.partition(model, testing.random_inputs(zoo.inputs), backends=["xnnpack"], fallback=False,
                                quantize="int8", calibration=4)
     report = result.report
     assert report.coverage("xnnpack") == 100.0 and report.stats["xnnpack"].partitions == 1
@@ -73,7 +56,7 @@ def test_zoo_model_int8_on_xnnpack(name, plugins):
     (step,) = testing.output_steps(result.quantized.reference)
     with handoff.load(program) as prog:
         for seed in (31, 32):
-            x = random_inputs(zoo.inputs, seed=seed)
+            x = testing.random_inputs(zoo.inputs, seed=seed)
             ours, theirs = prog.run(x)[0], method.execute(list(x))[0].numpy()
             # one XNNPACK kernel set, one graph: at most a rounding step apart (threading may differ)
             testing.assert_matches_quantized(ours, theirs, step, steps=1)
@@ -84,7 +67,7 @@ def test_int8_model_mixed_with_tvm(plugins):
     stays whole on XNNPACK and tvm's quantizer has nothing left to annotate."""
     zoo = plugins.zoo()["small_cnn"]
     model = zoo.build()
-    result = handoff.partition(model, random_inputs(zoo.inputs), backends=["xnnpack", "tvm"], quantize="int8",
+    result = handoff.partition(model, testing.random_inputs(zoo.inputs), backends=["xnnpack", "tvm"], quantize="int8",
                                calibration=2)
     note = result.report.quantization
     assert note["annotated_by"]["tvm"] == {} and note["annotated_by"]["xnnpack"]

@@ -24,7 +24,7 @@ pytest.importorskip("executorch.backends.xnnpack")
 np = pytest.importorskip("numpy")
 from torch import nn  # noqa: E402
 
-from handoff.backend import BackendSpec, LoweringError  # noqa: E402
+from handoff import BackendSpec, LoweringError  # noqa: E402
 from handoff_xnnpack import EXECUTORCH_VERSION, _format  # noqa: E402
 from handoff_xnnpack.compiler import XnnpackCompiler, _sources  # noqa: E402
 from handoff_xnnpack.rewrites import rewrite  # noqa: E402
