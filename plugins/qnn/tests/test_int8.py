@@ -21,9 +21,6 @@ pytest.importorskip("executorch.backends.qualcomm.quantizer.quantizer")
 
 import handoff  # noqa: E402
 from handoff import testing  # noqa: E402
-from handoff.zoo import random_inputs  # noqa: E402
-
-from conftest import register  # noqa: E402
 
 
 class _Eager:
@@ -39,10 +36,10 @@ class _Eager:
 
 
 def _quantized_on_qnn(name, backends=("qnn",), **options):
-    pm = register(*[f"handoff_{b}.plugin" for b in backends])
+    pm = testing.register_plugins(*[f"handoff_{b}.plugin" for b in backends])
     zoo = pm.zoo()[name]
     model = zoo.build()
-    result = handoff.partition(model, random_inputs(zoo.inputs), backends=list(backends), fallback=False,
+    result = handoff.partition(model, testing.random_inputs(zoo.inputs), backends=list(backends), fallback=False,
                                quantize="int8", calibration=2, options={"qnn": options})
     return zoo, model, result
 
