@@ -65,31 +65,39 @@ class PartitionResult:
         start = time.perf_counter()
         size = write_program(path, self.assembled.manifest, self.assembled.segments, alignment=alignment,
                              signer=_signer(sign))
-        remember_blobs(self.assembled.manifest, self.assembled.segments)
-        _remember_verified(path)
+        keys = remember_blobs(self.assembled.manifest, self.assembled.segments)
+        _remember_verified(path, keys)
         self.report.output, self.report.program_bytes = str(path), size
         self.report.timings["write"] = time.perf_counter() - start
         return size
 
 
-def remember_blobs(manifest: Mapping[str, Any], segments: Sequence[Any]) -> None:
+def remember_blobs(manifest: Mapping[str, Any], segments: Sequence[Any]) -> dict[str, str]:
     """Blobs lowered on this machine are trusted: a runtime that checks unknown blobs in a separate
-    process (:mod:`handoff.probe`) loads these directly."""
-    from .probe import blob_key, remember
+    process (:mod:`handoff.probe`) loads these directly. Returns their keys by note name, for the
+    written file's record."""
+    from .probe import blob_key, note_name, remember
 
+    keys = {}
     for d in manifest["delegates"]:
         for e in (d, *d.get("fallbacks", ())):  # its own blob and its fallback copies (format 1.3)
-            remember(e["backend"], blob_key(e["backend"], e["backend_version"], segments[e["segment"]], e["metadata"]))
+            key = blob_key(e["backend"], e["backend_version"], segments[e["segment"]], e["metadata"])
+            remember(e["backend"], key)
+            keys[note_name(e["segment"], e["backend"], e["backend_version"])] = key
+    return keys
 
 
-def _remember_verified(path: str) -> None:
-    """Check the file just written and record it (``handoff.verified``), so its first load skips
-    the checks; waits out the racy window first (at most 50 ms on file systems with fine times)."""
+def _remember_verified(path: str, notes: Mapping[str, str]) -> None:
+    """Check the file just written and record it (``handoff.verified``) with ``notes`` (its blobs'
+    keys), so its first load skips the checks and the blob hashes; waits out the racy window first
+    (at most 50 ms on file systems with fine times)."""
     from . import verified
     from .program import ProgramFile
 
     verified.wait_until_not_racy(os.stat(path))
     with ProgramFile.open(path) as pf:
+        for name, value in notes.items():
+            pf.note(name, value)
         pf.remember_verified()
 
 
