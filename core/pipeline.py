@@ -63,21 +63,26 @@ class PartitionResult:
 
         start = time.perf_counter()
         size = write_program(path, self.assembled.manifest, self.assembled.segments, alignment=alignment,
-                             signer=_signer(sign), remember=True)  # its first load skips the checks
-        remember_blobs(self.assembled.manifest, self.assembled.segments)
+                             signer=_signer(sign), remember=True,  # its first load skips the checks
+                             notes=remember_blobs(self.assembled.manifest, self.assembled.segments))
         self.report.output, self.report.program_bytes = str(path), size
         self.report.timings["write"] = time.perf_counter() - start
         return size
 
 
-def remember_blobs(manifest: Mapping[str, Any], segments: Sequence[Any]) -> None:
+def remember_blobs(manifest: Mapping[str, Any], segments: Sequence[Any]) -> dict[str, str]:
     """Blobs lowered on this machine are trusted: a runtime that checks unknown blobs in a separate
-    process (:mod:`handoff.probe`) loads these directly."""
-    from .probe import blob_key, remember
+    process (:mod:`handoff.probe`) loads these directly. Returns their keys by note name, for the
+    written file's record."""
+    from .probe import blob_key, note_name, remember
 
+    keys = {}
     for d in manifest["delegates"]:
         for e in (d, *d.get("fallbacks", ())):  # its own blob and its fallback copies (format 1.3)
-            remember(e["backend"], blob_key(e["backend"], e["backend_version"], segments[e["segment"]], e["metadata"]))
+            key = blob_key(e["backend"], e["backend_version"], segments[e["segment"]], e["metadata"])
+            remember(e["backend"], key)
+            keys[note_name(e["segment"], e["backend"], e["backend_version"])] = key
+    return keys
 
 
 def _signer(sign: bool) -> Any:

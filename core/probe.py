@@ -12,7 +12,9 @@ remembered, so each blob is probed once per ``$HANDOFF_HOME``:
 * ``$HANDOFF_HOME/verified/<backend>/<key>`` records a blob that loaded and ran in a probe, or
   that ``partition`` produced on this machine (:func:`remember`, called when a program is
   written); the key is the SHA-256 of the backend, its version, the blob and its metadata;
-* a known blob costs one SHA-256 of its bytes at load (measured in ``docs/security.md``).
+* a known blob costs one SHA-256 of its bytes at load (measured in ``docs/security.md``), except
+  in a program file recorded as checked and unchanged (:mod:`handoff.verified`): its record keeps
+  the blob keys computed from its bytes, so later loads of the unchanged file skip the hash.
 
 The child imports only the runtime half named by the backend's spec (``module:Class``), so it
 needs no plugin discovery and no torch beyond what that runtime imports.
@@ -53,8 +55,14 @@ def blob_key(backend: str, version: str, blob: Any, metadata: Mapping[str, Any])
     return h.hexdigest()
 
 
+def note_name(segment: int, backend: str, version: str) -> str:
+    """The name under which a verified file's record keeps the key of the blob in ``segment``
+    (:meth:`handoff.program.ProgramFile.note`), for ``backend`` at ``version``."""
+    return f"probe-key {segment} {backend} {version}"
+
+
 def _record(backend: str, key: str) -> str | None:
-    """The memo file of ``key``; ``None`` when ``$HANDOFF_HOME`` cannot be used."""
+    """The memo file of ``key`` (its directory created); ``None`` when ``$HANDOFF_HOME`` cannot be used."""
     from .cache import cache_dir
 
     try:
@@ -64,8 +72,11 @@ def _record(backend: str, key: str) -> str | None:
 
 
 def is_known(backend: str, key: str) -> bool:
-    path = _record(backend, key)
-    return path is not None and os.path.isfile(path)
+    from .cache import HOME_ENV
+
+    # A lookup creates nothing (two mkdir calls per load otherwise).
+    home = os.environ.get(HOME_ENV) or os.path.join(os.path.expanduser("~"), ".handoff")
+    return os.path.isfile(os.path.join(os.path.expanduser(home), "verified", backend, key))
 
 
 def remember(backend: str, key: str) -> None:
@@ -81,18 +92,21 @@ def remember(backend: str, key: str) -> None:
 
 
 def vouch(where: str, entry: Mapping[str, Any], inputs: Sequence[tuple[Sequence[int], str]], version: str,
-          runtime_ref: str, blob: Any, options: Mapping[str, Any]) -> None:
+          runtime_ref: str, blob: Any, options: Mapping[str, Any], key: str | None = None) -> str:
     """Make sure loading ``blob`` cannot take the process down: return when it is known, else
-    probe it in a child process and remember it; raise :class:`HandoffError` otherwise.
+    probe it in a child process and remember it; raise :class:`HandoffError` otherwise. Returns
+    the blob's key.
 
     :param where: names the delegate in errors ("m.hof: delegate 0 (xnnpack_0, backend 'xnnpack')").
     :param entry: its manifest entry (a delegate, or one of its fallback copies): backend, metadata.
     :param inputs: ``(shape, dtype)`` of each input the probe runs it on (zeros).
+    :param key: the blob's key when it is known already (computed from these very bytes: a
+        verified file's record keeps it), so the blob is not hashed again.
     """
     backend = entry["backend"]
-    key = blob_key(backend, version, blob, entry["metadata"])
+    key = key or blob_key(backend, version, blob, entry["metadata"])
     if is_known(backend, key):
-        return
+        return key
     request = json.dumps({"runtime": runtime_ref, "metadata": entry["metadata"], "options": dict(options),
                           "inputs": [[list(shape), dtype] for shape, dtype in inputs],
                           "memory": MEMORY_ALLOWANCE + len(blob)}).encode()
@@ -114,7 +128,7 @@ def vouch(where: str, entry: Mapping[str, Any], inputs: Sequence[tuple[Sequence[
     code = proc.returncode
     if code == 0:
         remember(backend, key)
-        return
+        return key
     message = out.decode("utf-8", "replace").strip()
     if code == _RAISED and message:
         raise HandoffError(f"{where} failed to load: {message}")

@@ -37,7 +37,7 @@ import stat
 import struct
 import time
 import zlib
-from typing import Any, Iterator, NamedTuple, Sequence, Union
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence, Union
 
 import numpy as np
 
@@ -754,6 +754,10 @@ class ProgramFile:
         self._stat = _stat
         #: whether the file was recorded as checked and unchanged, so segments are not checked again
         self.recorded = False
+        #: notes kept with the file's record (:mod:`handoff.verified`): read from it, or added by
+        #: :meth:`note` for :meth:`remember_verified` to write
+        self.notes: dict[str, str] = {}
+        self._notes_written: dict[str, str] = {}
         try:
             header, digest = _parse_header(buffer[:HEADER_SIZE], len(buffer), name)
             self.major, self.minor, self.flags = header.major, header.minor, header.flags
@@ -764,8 +768,10 @@ class ProgramFile:
             self.manifest = _read_manifest(bytes(buffer[moff : moff + mlen]), digest, header, name)
             self._segments = [(s["offset"], s["length"], s["sha256"], s.get("crc32"), s.get("xxh3"))
                               for s in self.manifest["segments"]]
-            if _stat is not None and verified.is_recorded(_stat[0], digest):
+            notes = verified.lookup(_stat[0], digest) if _stat is not None else None
+            if notes is not None:
                 self.recorded = True
+                self.notes, self._notes_written = notes, dict(notes)
                 self._verified.update(range(len(self._segments)))
         except BaseException:
             self.close()
@@ -844,18 +850,28 @@ class ProgramFile:
         """Check the segments not checked yet, then record the file as checked
         (:mod:`handoff.verified`), so that later opens of the unchanged file skip the checks.
         Returns whether a record exists now (never for a file given as bytes, nor a racy one).
+        A recorded file's record is written again when :meth:`note` added notes to it.
 
         :raises ProgramFormatError: a segment does not match its checksum.
         """
-        if self.recorded:
+        if self.recorded and self.notes == self._notes_written:
             return True
         if self._stat is None:
             return False
         for i in range(len(self._segments)):
             if i not in self._verified:
                 self.segment(i).release()
-        self.recorded = verified.record(self._stat[0], self._manifest_sha256, self._stat[1])
+        written = verified.record(self._stat[0], self._manifest_sha256, self._stat[1], self.notes)
+        if written:
+            self._notes_written = dict(self.notes)
+        self.recorded = self.recorded or written
         return self.recorded
+
+    def note(self, name: str, value: str) -> None:
+        """Keep ``value``, computed from this file's bytes, with the file's record (written by the
+        next :meth:`remember_verified`), so a later open of the unchanged file finds it in
+        :attr:`notes` instead of computing it again (:mod:`handoff.probe`'s blob keys)."""
+        self.notes[name] = value
 
     def _segment_view(self, i: int) -> memoryview:
         if self._view is None:
@@ -1051,7 +1067,7 @@ def program_bytes(manifest: dict, segments: Sequence[Any], alignment: int = DEFA
 
 def write_program(
     path_or_file: Any, manifest: dict, segments: Sequence[Any], alignment: int = DEFAULT_ALIGNMENT,
-    signer: Any = None, remember: bool = False,
+    signer: Any = None, remember: bool = False, notes: Mapping[str, str] | None = None,
 ) -> int:
     """Write a program file and return its size in bytes.
 
@@ -1071,6 +1087,7 @@ def write_program(
     :param remember: (a path only) record the file as checked (:mod:`handoff.verified`) from the
         digests computed while writing, so its first load skips the segment checks; waits until
         the written file's times are not racy (at most 50 ms on file systems with fine times).
+    :param notes: with ``remember``, kept in the file's record (:func:`handoff.verified.record`).
     :raises ProgramFormatError: the manifest is invalid or not JSON-serialisable.
     :raises HandoffError: the path cannot be written (nothing is left behind).
     """
@@ -1117,5 +1134,5 @@ def write_program(
             raise HandoffError(f"{name}: cannot write program file: {exc.strerror or exc}") from exc
         raise
     if remember:
-        verified.record_written(name, written, hashlib.sha256(data).digest(), started)
+        verified.record_written(name, written, hashlib.sha256(data).digest(), started, notes)
     return size

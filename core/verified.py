@@ -9,10 +9,12 @@ inode, size, and modification and change times in nanoseconds. Any write to the 
 one that was checked is checked again, and damage still gives its one-line error.
 
 Records live in ``$HANDOFF_HOME/verified``, one small file per key holding the manifest's
-SHA-256 (so a record also names the content it was made for). They are written after a load has
-checked every segment (``Program``), and by ``partition`` for the file it wrote, from the digest
-computed while writing (:func:`record_written`: nothing is read back). A record that cannot be
-read or written is a miss, never an error: it only saves time.
+SHA-256 (so a record also names the content it was made for), then any notes about the file
+computed from its bytes while it was checked, one ``name value`` per line: the blob keys of
+:mod:`handoff.probe`, so that a later load of the unchanged file does not hash its blobs again.
+They are written after a load has checked every segment (``Program``), and by ``partition`` for
+the file it wrote, from the digests computed while writing (:func:`record_written`: nothing is
+read back). A record that cannot be read or written is a miss, never an error: it only saves time.
 
 *Racy files.* File times come from a clock that ticks coarsely (a few ms on Linux, 1-2 s on some
 file systems), so a file changed in the same tick in which it was checked keeps its times. As git
@@ -27,6 +29,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Mapping
 
 DIRECTORY = "verified"
 #: a file changed less than this before its check began may still change unseen
@@ -35,6 +38,8 @@ RACY_NS = 50_000_000
 RACY_COARSE_NS = 2_000_000_000
 #: at most this many records are kept; writing one more removes the oldest half
 MAX_RECORDS = 4096
+#: a record is read up to this size (a manifest digest and a few notes)
+_MAX_RECORD_BYTES = 1 << 16
 
 
 def _directory() -> Path:
@@ -50,12 +55,26 @@ def _key(st: os.stat_result) -> str:
 
 def is_recorded(st: os.stat_result, manifest_sha256: bytes) -> bool:
     """Whether a file with exactly this ``stat`` and manifest digest was checked before."""
-    directory = _directory()
+    return lookup(st, manifest_sha256) is not None
+
+
+def lookup(st: os.stat_result, manifest_sha256: bytes) -> dict[str, str] | None:
+    """The notes of the record of a file with exactly this ``stat`` and manifest digest (``{}``
+    when it has none), or ``None`` when there is no such record."""
     try:
-        with open(os.path.join(directory, _key(st)), "rb") as f:
-            return f.read(65) == manifest_sha256.hex().encode()
+        with open(os.path.join(_directory(), _key(st)), "rb") as f:
+            data = f.read(_MAX_RECORD_BYTES)
     except (OSError, ValueError):
-        return False
+        return None
+    first, _, rest = data.partition(b"\n")
+    if first != manifest_sha256.hex().encode():
+        return None
+    notes = {}
+    for line in rest.decode("ascii", "replace").splitlines():
+        name, _, value = line.rpartition(" ")
+        if name and value:
+            notes[name] = value
+    return notes
 
 
 def racy(st: os.stat_result, started_ns: int) -> bool:
@@ -66,20 +85,23 @@ def racy(st: os.stat_result, started_ns: int) -> bool:
     return newest > started_ns - (RACY_COARSE_NS if coarse else RACY_NS)
 
 
-def record(st: os.stat_result, manifest_sha256: bytes, started_ns: int) -> bool:
+def record(st: os.stat_result, manifest_sha256: bytes, started_ns: int, notes: Mapping[str, str] | None = None) -> bool:
     """Remember that the file with this ``stat`` was fully checked by a check that began at
-    ``started_ns``. Returns whether a record was written (not for a racy file, nor when
-    ``$HANDOFF_HOME`` is not writable)."""
+    ``started_ns``, with ``notes`` (name -> value, neither holding a newline; names may hold
+    spaces, values may not) computed from its bytes. Returns whether a record was written (not
+    for a racy file, nor when ``$HANDOFF_HOME`` is not writable)."""
     if racy(st, started_ns):
         return False
-    return _write_record(st, manifest_sha256)
+    return _write_record(st, manifest_sha256, notes)
 
 
-def record_written(path: str, written: os.stat_result, manifest_sha256: bytes, started_ns: int) -> bool:
+def record_written(path: str, written: os.stat_result, manifest_sha256: bytes, started_ns: int,
+                   notes: Mapping[str, str] | None = None) -> bool:
     """Remember a program file this process has just written, without reading it back.
     ``written`` is the ``fstat`` of the (private, temporary) file before it was renamed to
     ``path``, taken once its times were no longer racy at ``started_ns``
-    (:func:`wait_until_not_racy`); ``manifest_sha256`` the digest computed while writing.
+    (:func:`wait_until_not_racy`); ``manifest_sha256`` the digest computed while writing;
+    ``notes`` as for :func:`record`.
 
     The rename changes the file's ctime only. So the file now at ``path`` is the one written, with
     that content, when its device, inode, size and mtime still match ``written``: a write since
@@ -94,10 +116,10 @@ def record_written(path: str, written: os.stat_result, manifest_sha256: bytes, s
     same = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     if same != (written.st_dev, written.st_ino, written.st_size, written.st_mtime_ns):
         return False
-    return _write_record(st, manifest_sha256)
+    return _write_record(st, manifest_sha256, notes)
 
 
-def _write_record(st: os.stat_result, manifest_sha256: bytes) -> bool:
+def _write_record(st: os.stat_result, manifest_sha256: bytes, notes: Mapping[str, str] | None) -> bool:
     directory = _directory()
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -105,6 +127,8 @@ def _write_record(st: os.stat_result, manifest_sha256: bytes) -> bool:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(manifest_sha256.hex().encode())
+                for name, value in sorted((notes or {}).items()):
+                    f.write(f"\n{name} {value}".encode())
             os.replace(tmp, directory / _key(st))
         except BaseException:
             with contextlib.suppress(OSError):

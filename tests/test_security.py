@@ -270,3 +270,26 @@ def test_a_probed_blob_is_remembered_and_errors_stay_one_line(fragile_plugins, m
 
     monkeypatch.setattr(probe.subprocess, "Popen", no_second_probe)
     handoff.load(data).close()
+
+
+def test_a_recorded_file_keeps_its_blob_keys_and_a_copy_is_hashed_again(fragile_plugins, tmp_path, monkeypatch):
+    """The verified-file record keeps each probed blob's key, so loads of the unchanged file skip
+    hashing the blob; any other file (here a copy: another inode) is hashed and looked up again."""
+    from handoff import probe, verified
+
+    path = tmp_path / "p.hof"
+    path.write_bytes(fragile_program(b"good blob"))
+    verified.wait_until_not_racy(os.stat(path))
+    handoff.load(path).close()  # probes the blob, records the file with the blob's key
+    hashed = []
+    real_key = probe.blob_key
+    monkeypatch.setattr(probe, "blob_key", lambda *a: hashed.append(a) or real_key(*a))
+    monkeypatch.setattr(probe.subprocess, "Popen", lambda *a, **k: pytest.fail("a known blob was probed again"))
+    with handoff.load(path) as program:
+        assert program.file.recorded
+        assert program.run([np.ones(2, np.float32)])[0].tolist() == [1.0, 1.0]
+    assert hashed == []
+    copy = tmp_path / "copy.hof"
+    copy.write_bytes(path.read_bytes())
+    handoff.load(copy).close()
+    assert len(hashed) == 1

@@ -451,3 +451,34 @@ def test_tuning_records_are_reused_across_models_by_workload(monkeypatch):
     _lower_and_compare(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), [(4, 16)], {"tune": "4"},
                        name="other")
     assert sum(tuned) == 1, "the shared Linear(16, 32)+ReLU workload was tuned twice"
+
+
+@pytest.mark.slow
+def test_tune_budget_is_kept_inside_a_task(monkeypatch):
+    """The budget is checked before every round of every task, not only between tasks: with a
+    clock that moves a minute per reading, a 5-minute budget runs exactly two rounds (the third
+    would start past the deadline), one of each of the two tasks, so each task stops after 2 of
+    its 8 trials and at most 4 candidates reach the database; the program still matches eager."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from handoff.tvm import budget
+
+    ticks = iter(range(0, 10**6, 60))
+    monkeypatch.setattr(budget, "clock", lambda: next(ticks))
+    monkeypatch.setattr(budget, "TRIALS_PER_ROUND", 2)
+    schedulers = []
+    real = ms.tune_tasks
+
+    def capturing(**kwargs):
+        schedulers.append(kwargs["task_scheduler"])
+        return real(**kwargs)
+
+    monkeypatch.setattr(ms, "tune_tasks", capturing)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    options = {"tune": "16", "tune_budget": "5"}  # 8 trials per task
+    _lower_and_compare(model, [(4, 16)], options)
+    (scheduler,) = schedulers
+    assert (scheduler.rounds, scheduler.stopped_by_budget) == (2, True)
+    records = [line for path in TvmCompiler(options).tuning_dir.glob("*tuning_record*.json")
+               for line in path.read_text().splitlines() if line.strip()]
+    assert 0 < len(records) <= 2 * 2

@@ -11,11 +11,13 @@ claims exactly the ops the installed TVM can import.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import linecache
 import logging
 import math
 import shutil
-import time
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -53,6 +55,8 @@ class TvmCompiler(Compiler):
             raise ValueError("option rpc measures tuning candidates on remote devices: give tune=N (--tune N) or "
                              "tune_budget=MINUTES (--tune-budget) too")
         self.schedule = options.get("schedule") or "default"
+        #: what the last tuning did: tasks tuned, rounds run and whether the budget ended it
+        self.tuning: dict[str, Any] = {}
 
         if target == "host":
             self.triple, self.cc = host_triple(), None
@@ -156,6 +160,9 @@ class TvmCompiler(Compiler):
         trials; when there are more tasks than trials, the tasks left over are tuned by later runs."""
         from tvm.s_tir import meta_schedule as ms
 
+        from . import budget
+
+        _import_tensor_intrinsics()
         with self.target:
             mod = tvm.transform.Sequential([
                 relax.transform.DecomposeOpsForInference(),
@@ -191,22 +198,26 @@ class TvmCompiler(Compiler):
             # MetaSchedule's logging config cannot name (AttributeError on None): drop such handlers.
             for handler in [h for h in ms_logger.handlers if h.get_name() is None]:
                 ms_logger.removeHandler(handler)
-            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, work_dir=work_dir)
+            # A time budget: rounds of a few candidates, the largest tasks (most FLOPs, they dominate
+            # the latency) first, round-robin, until the budget is spent (checked before every round,
+            # handoff.tvm.budget); tasks left without a record keep the default schedule.
+            scheduler: Any = "gradient"
+            strategy: Any = "evolutionary"
+            per_round = min(64, per_task)
+            if self.tune_budget:
+                order = sorted(range(len(todo)), key=lambda k: -float(todo[k].weight) * _flops(todo[k]))
+                scheduler = budget.BudgetScheduler(order, budget.clock() + self.tune_budget * 60)
+                strategy, per_round = budget.search_strategy(), min(budget.TRIALS_PER_ROUND, per_task)
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, work_dir=work_dir,
+                                                                                      strategy=strategy)
             builder = ms.builder.LocalBuilder(f_build=_build_candidate,
                                               **({"f_export": _export_candidate(self.cc)} if self.rpc else {}))
             runner = {"runner": self._rpc_runner()} if self.rpc else {}
-            # A time budget: the largest tasks (most FLOPs, they dominate the latency) first, each
-            # with its share of trials, until the budget is spent; the rest keep the default schedule.
-            deadline = time.monotonic() + self.tune_budget * 60 if self.tune_budget else None
-            order = sorted(range(len(todo)), key=lambda k: -float(todo[k].weight) * _flops(todo[k]))
-            groups = [order] if deadline is None else [[k] for k in order]
-            for group in groups:
-                if deadline is not None and time.monotonic() >= deadline:
-                    break
-                ms.tune_tasks(tasks=[contexts[k] for k in group], task_weights=[weights[k] for k in group],
-                              work_dir=work_dir, database=database,
-                              max_trials_global=per_task * len(group), max_trials_per_task=per_task,
-                              num_trials_per_iter=min(64, per_task), builder=builder, **runner)
+            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, database=database,
+                          max_trials_global=per_task * len(todo), max_trials_per_task=per_task,
+                          num_trials_per_iter=per_round, builder=builder, task_scheduler=scheduler, **runner)
+            self.tuning = {"tasks": len(todo), "rounds": getattr(scheduler, "rounds", None),
+                           "stopped_by_budget": getattr(scheduler, "stopped_by_budget", False)}
         with self.target, database:
             return relax.transform.MetaScheduleApplyDatabase()(mod)
 
@@ -253,6 +264,34 @@ def _export_candidate(cc: str | None) -> Any:
 #: with ``tune_budget`` alone, trials are capped at this many per minute of budget (the budget,
 #: not the cap, normally ends tuning: 2 cores measure about 0.3 candidates a second here)
 TRIALS_PER_MINUTE_CAP = 64
+
+
+def _import_tensor_intrinsics() -> None:
+    """Import ``tvm.s_tir.tensor_intrin`` (MetaSchedule's ``TuneContext`` does, for its schedule
+    rules) with a cheap ``inspect.stack``. TVMScript's parser calls ``inspect.stack()`` for each of
+    the hundreds of intrinsics it parses, and that calls ``inspect.getmodule`` per frame, a scan of
+    ``sys.modules``: with torch imported (thousands of modules) the import took over 5 minutes on
+    2 busy cores, before the first tuning round. The parser reads a frame's locals and the line of
+    its caller's caller, which this stack gives it; it is replaced only during this import, made
+    once per process, from the thread that tunes."""
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+
+    def stack(context: int = 1) -> list[inspect.FrameInfo]:
+        frames, frame = [], sys._getframe(1)
+        while frame is not None:
+            code = frame.f_code
+            line = linecache.getline(code.co_filename, frame.f_lineno)
+            frames.append(inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name,
+                                            [line] if line else None, 0 if line else None))
+            frame = frame.f_back
+        return frames
+
+    real, inspect.stack = inspect.stack, stack  # type: ignore[assignment]
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.stack = real  # type: ignore[assignment]
 
 
 def _flops(task: Any) -> float:

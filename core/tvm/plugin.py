@@ -31,8 +31,9 @@ def handoff_backends() -> list[BackendSpec]:
                                   "$HANDOFF_HOME/tuning/tvm and reused", default=0, min=0, compare=(0, 200)),
             "rpc": Option("str", "HOST:PORT/KEY: with tune, measure candidates on the devices of KEY in this TVM RPC "
                                  "tracker's pool (handoff serve --allow-tuning there) instead of this machine"),
-            "tune_budget": Option("int", "minutes of MetaSchedule tuning per partition, largest operators first "
-                                         "(0: none); records are kept in $HANDOFF_HOME/tuning/tvm and reused by "
+            "tune_budget": Option("int", "minutes of MetaSchedule tuning per partition, largest operators first, "
+                                         "round-robin in rounds of 16 candidates, checked before every round (0: "
+                                         "none); records are kept in $HANDOFF_HOME/tuning/tvm and reused by "
                                          "every model with the same workload", default=0, min=0, max=24 * 60),
             "schedule": Option("choice", "schedules for what tuning did not cover: default = dlight's CPU rules "
                                          "and handoff's (parallel, vectorised); dlight = dlight's CPU rules only; "

@@ -97,6 +97,7 @@ class XnnpackRuntime(Runtime):
 
     def __init__(self) -> None:
         self._binding: Any = None
+        self._has_backend = False  # the binding registered XnnpackBackend (asked once: it cannot unregister)
 
     # -- availability -------------------------------------------------------------------------
     def is_available(self) -> tuple[bool, str]:
@@ -146,8 +147,10 @@ class XnnpackRuntime(Runtime):
         if threads is None and metadata.get("threads") is not None:  # the compile-time default, from the file
             threads = _format.OPTIONS["threads"].parse("threads", metadata["threads"])
         binding = self._get_binding()
-        if _BACKEND not in binding._get_registered_backend_names():
-            raise RuntimeError(f"xnnpack: ExecuTorch {version} runtime has no {_BACKEND}; {_INSTALL}")
+        if not self._has_backend:
+            if _BACKEND not in binding._get_registered_backend_names():
+                raise RuntimeError(f"xnnpack: ExecuTorch {version} runtime has no {_BACKEND}; {_INSTALL}")
+            self._has_backend = True
         data = bytes(pte)  # the binding wants bytes; the program reads them until released
         with _POOL_LOCK:
             self._set_threads(threads)
