@@ -161,6 +161,30 @@ def _dequantize(node: torch.fx.Node, importer: Any) -> Any:
     return bb.emit(relax.op.multiply(xf, scale))
 
 
+# -- converters that replace TVM's own where it computes wrongly --------------------------------
+
+def _select(node: torch.fx.Node, importer: Any) -> Any:
+    """``aten.select.int`` with its index made non-negative. TVM 0.27's converter hands the index
+    to ``relax.op.take`` as it is, in take's default ``fast`` mode, which does not wrap: ``x[:, -1]``
+    reads out of bounds (garbage such as 6e35, or a crash). The extent is static here (the importer
+    runs on static shapes); a symbolic one is indexed in ``wrap`` mode."""
+    x = importer.env[node.args[0]]
+    shape = node.args[0].meta["val"].shape
+    dim = node.args[1] % len(shape)
+    index, mode = node.args[2], "fast"
+    if index < 0:
+        extent = shape[dim]
+        if isinstance(extent, int):
+            index += extent
+        else:
+            mode = "wrap"
+    return importer.block_builder.emit(relax.op.take(x, relax.const(index, "int64"), dim, mode=mode))
+
+
+#: ATen converter-table key -> handoff's converter, used instead of TVM's (see each function).
+_FIXED_CONVERTERS = {"select.int": _select}
+
+
 _QUANTIZE_CONVERTERS = {
     "quantize_per_tensor.default": _quantize, "quantize_per_tensor.tensor": _quantize,
     "quantize_per_channel.default": _quantize,
@@ -177,7 +201,7 @@ def import_partition(ep: Any) -> tuple[Any, list[dict[str, Any]], list[dict[str,
     try:
         # Already core ATen: decomposing again would retrace and rename the nodes that
         # LoweringError.node refers to.
-        mod = from_exported_program(ep, run_ep_decomposition=False, custom_convert_map=dict(_QUANTIZE_CONVERTERS))
+        mod = from_exported_program(ep, run_ep_decomposition=False, custom_convert_map={**_FIXED_CONVERTERS, **_QUANTIZE_CONVERTERS})
     except Exception as exc:
         node = failing_node(exc)
         where = f" at node {node}" if node else ""
