@@ -96,6 +96,21 @@ def test_a_backend_that_cannot_run_here_is_lowered_not_run(sink_plugins, monkeyp
     assert (tmp_path / "c.png").stat().st_size > 0
 
 
+def test_delegates_are_still_checked_when_the_whole_program_fails_to_load(sink_plugins):
+    """One delegate that does not load (sinkb's runtime refuses it, as lavapipe refused a vulkan
+    delegate needing 36 storage buffers) fails the strategy, but --per-delegate still checks every
+    other delegate on its own, in a fresh worker, and says why the one that fails was not checked."""
+    result = compare("zoo:sink_net", [parse(SPLIT, fallback=False)], runs=2, rounds=1, warmup=0, per_delegate=True,
+                     runtime_options={"sinkb": {"fail_load": "1"}})
+    (s,) = result.strategies
+    assert s.status == "failed" and "refusing to load (fail_load=1)" in s.reason
+    assert s.p50_ms is None and s.max_abs_error is None and not s.pareto
+    rows = s.per_delegate
+    assert [(r["backend"], "skipped" in r) for r in rows] == [("sink", False), ("sinkb", True), ("sink", False)]
+    assert "refusing to load (fail_load=1)" in rows[1]["skipped"]
+    assert all(r["max_abs_error"] <= 1e-6 and not r["mismatch"] for r in (rows[0], rows[2]))
+
+
 def test_auto_with_pareto_front_and_stdout_json(sink_plugins, capsys, tmp_path, monkeypatch):
     from handoff import strategies
 
@@ -182,3 +197,4 @@ def test_numerics_need_node_names(sink_plugins):
     with ProgramFile.from_bytes(result.to_bytes()) as pf:
         with pytest.raises(handoff.HandoffError, match="re-partition it with this handoff to check delegates"):
             numerics.delegate_cases(pf, result.exported, [torch.randn(2, 8)])
+
