@@ -198,3 +198,37 @@ def test_numerics_need_node_names(sink_plugins):
         with pytest.raises(handoff.HandoffError, match="re-partition it with this handoff to check delegates"):
             numerics.delegate_cases(pf, result.exported, [torch.randn(2, 8)])
 
+
+def test_each_backend_is_asked_about_the_model_once(sink_plugins, monkeypatch):
+    """Capability (support, fused_patterns) and check_partition answers are shared by the
+    strategies of one run, and by later runs through $HANDOFF_HOME/capability; with
+    use_cache=False (--no-cache) nothing is kept on disk."""
+    import kitchen_sink
+
+    asked: list[tuple[str, ...]] = []
+    real_support, real_check = kitchen_sink.SinkCompiler.support, kitchen_sink.SinkCompiler.check_partition
+
+    def support(self, ep):
+        asked.append(("support", self.options["ops"]))
+        return real_support(self, ep)
+
+    def check_partition(self, ep, nodes):
+        asked.append(("check", self.options["ops"], *nodes))
+        return real_check(self, ep, nodes)
+
+    monkeypatch.setattr(kitchen_sink.SinkCompiler, "support", support)
+    monkeypatch.setattr(kitchen_sink.SinkCompiler, "check_partition", check_partition)
+    sinkb = "sinkb[ops=aten.sin.default,max_nodes=1]"
+    strategies = [parse(s, fallback=False) for s in (f"sink,{sinkb}", f"{sinkb},sink", "sink")]
+    first = compare("zoo:sink_net", strategies, runs=1, rounds=1, warmup=0)
+    assert [s.status for s in first.strategies] == [OK] * 3
+    assert sorted(q for q in asked if q[0] == "support") == [("support", "aten.add.Tensor,aten.mul.Tensor,"
+                                                             "aten.relu.default"), ("support", "aten.sin.default")]
+    checks = [q for q in asked if q[0] == "check"]
+    assert checks and len(set(checks)) == len(checks)  # each partition checked once, though planned 3 times
+    asked.clear()
+    again = compare("zoo:sink_net", strategies[:1], runs=1, rounds=1, warmup=0)
+    assert asked == [] and again.strategies[0].coverage == first.strategies[0].coverage
+    for _ in range(2):
+        handoff.partition("zoo:sink_net", backends=["sink"], fallback=False, use_cache=False)
+    assert [q for q in asked if q[0] == "support"] == [("support", kitchen_sink.DEFAULT_OPS)] * 2
