@@ -23,7 +23,10 @@ _HOST_COLOUR = "#BBBBBB"
 
 
 def render(result: CompareResult, console: Any) -> None:
-    """Print the comparison as rich tables on ``console``."""
+    """Print the comparison as rich tables on ``console``. Names and reasons are escaped: a
+    strategy's options are written in brackets (``coreml[precision=fp32]``), which rich would
+    take for markup and drop."""
+    from rich.markup import escape
     from rich.table import Table
 
     groups = f" (in {result.worker_groups} groups of workers)" if result.worker_groups > 1 else ""
@@ -37,12 +40,12 @@ def render(result: CompareResult, console: Any) -> None:
         table.add_column(col, justify=just, no_wrap=col not in ("strategy", "coverage"))  # type: ignore[arg-type]
     for r in result.strategies:
         if r.status == FAILED and not r.chain:
-            table.add_row(r.strategy.name, "[red]failed to lower[/]", *["-"] * (len(columns) - 2))
+            table.add_row(escape(r.strategy.name), "[red]failed to lower[/]", *["-"] * (len(columns) - 2))
             continue
         measured = r.status == OK and r.samples_ms
         lowering = f"{r.lower_seconds:.1f}s" + (f" ({r.compile_seconds:.1f}s)" if r.cached_partitions else "")
         table.add_row(
-            r.strategy.name, _coverage_text(r), str(sum(r.delegates.values())), str(r.crossings), lowering,
+            escape(r.strategy.name), _coverage_text(r), str(sum(r.delegates.values())), str(r.crossings), lowering,
             _size(r.program_bytes),
             _ms(r.load_ms), _ms(r.first_run_ms), _ms(r.p50_ms) if measured else _status(r), _ms(r.p90_ms),
             err_text(r.max_abs_error), snr_text(r.snr_db), "★" if r.pareto else "")
@@ -51,12 +54,12 @@ def render(result: CompareResult, console: Any) -> None:
                   "supplied blobs; deleg./cross.: delegates and values crossing a step boundary per run")
     for r in result.strategies:
         if r.status == NOT_RUNNABLE:
-            console.print(f"[yellow]{r.strategy.name}[/]: lowered, not runnable here ({r.reason})")
+            console.print(f"[yellow]{escape(r.strategy.name)}[/]: lowered, not runnable here ({escape(r.reason)})")
         elif r.status == FAILED:
-            console.print(f"[red]{r.strategy.name}[/]: {r.reason}")
+            console.print(f"[red]{escape(r.strategy.name)}[/]: {escape(r.reason)}")
         for move in r.moves:
-            console.print(f"[yellow]{r.strategy.name}[/]: moved {len(move['nodes'])} node(s) of {move['partition']} "
-                          f"off {move['backend']}: {move['reason']}")
+            console.print(f"[yellow]{escape(r.strategy.name)}[/]: moved {len(move['nodes'])} node(s) of "
+                          f"{move['partition']} off {move['backend']}: {escape(move['reason'])}")
     if result.per_delegate:
         render_delegates([(r.strategy.name, r.per_delegate) for r in result.strategies if r.per_delegate],
                          result.tolerance, console)
@@ -67,6 +70,7 @@ def render_delegates(groups: list[tuple[str, list[dict[str, Any]]]], tolerance: 
                      what: str = "strategy") -> None:
     """The per-delegate table: ``groups`` of (strategy or program name, rows of
     :func:`handoff.numerics.run_case`)."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"Per delegate: each delegate against eager PyTorch on the same boundary inputs "
@@ -76,13 +80,14 @@ def render_delegates(groups: list[tuple[str, list[dict[str, Any]]]], tolerance: 
                       ("SNR dB", "right"), ("", "left")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for name, rows in groups:
+        name = escape(name)
         for row in rows:
             ops = ", ".join(f"{_short_op(op)}×{n}" for op, n in list(row["ops"].items())[:OPS_SHOWN])
             if len(row["ops"]) > OPS_SHOWN:
                 ops += f", +{len(row['ops']) - OPS_SHOWN} more"
             if "skipped" in row:
                 table.add_row(name, str(row["delegate"]), row["backend"], row["partition"],
-                              str(row["nodes"]), ops, "-", "-", "-", f"[yellow]skipped: {row['skipped']}[/]")
+                              str(row["nodes"]), ops, "-", "-", "-", f"[yellow]skipped: {escape(row['skipped'])}[/]")
                 continue
             flag = "[red]MISMATCH[/]" if row.get("mismatch") else ""
             if row.get("worst") and len(rows) > 1:
@@ -94,6 +99,7 @@ def render_delegates(groups: list[tuple[str, list[dict[str, Any]]]], tolerance: 
 
 def _render_blockers(result: CompareResult, console: Any) -> None:
     """The ops each strategy's first backend declined (once per backend and op)."""
+    from rich.markup import escape
     from rich.table import Table
 
     rows: dict[tuple[str, str], dict[str, Any]] = {}
@@ -110,7 +116,7 @@ def _render_blockers(result: CompareResult, console: Any) -> None:
         table.add_column(col)
     for (backend, op), d in sorted(rows.items(), key=lambda kv: (kv[0][0], -kv[1]["count"])):
         ran_on = ", ".join(f"{b} {n}" for b, n in d["ran_on"].items())
-        table.add_row(backend, op, str(d["count"]), ran_on, d["reason"])
+        table.add_row(backend, op, str(d["count"]), ran_on, escape(d["reason"]))
     console.print(table)
 
 

@@ -36,6 +36,7 @@ def test_compare_two_strategies_json_csv_and_chart(sink_plugins, capsys, tmp_pat
                           "--json", str(json_path), "--csv", str(csv_path), "--plot", str(png))
     assert code == 0, err
     assert "Compare zoo:sink_net: 2 strategies" in out and "Per delegate" in out and f"wrote {png}" in out
+    assert "sink[ops=" in out  # the options in brackets are not taken for rich markup
     result = json.loads(json_path.read_text())
     assert result["model"] == "zoo:sink_net" and result["runs"] == 12 and result["rounds"] == 3
     whole, split = result["strategies"]
