@@ -2,7 +2,8 @@
 
 The model is exported once; each strategy is partitioned and lowered from that export (the
 lowering cache shares partitions with equal content between strategies and runs, and remembers
-what the compiler took, so a cached run still reports it). Each runnable program is then measured
+what the compiler took, so a cached run still reports it; one :class:`handoff.cache.CapabilityCache`
+asks each backend about the graph once for all strategies, and remembers it for later runs). Each runnable program is then measured
 in its own worker process (backends keep per-process state: XNNPACK's thread pool, QNN's
 precision), all workers alive at once and timed in interleaved rounds, in rotated order, so drift
 of a shared machine does not favour one (:func:`handoff.bench.interleaved`). Outputs are compared
