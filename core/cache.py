@@ -109,3 +109,48 @@ class LoweringCache:
 def _signed_part(key: str, digest: str, metadata: Any, compile_seconds: Any) -> bytes:
     """What a cache entry's signature covers: its key, its blob's digest, its metadata and time."""
     return json.dumps([key, digest, metadata, compile_seconds], sort_keys=True).encode()
+
+
+class CapabilityCache:
+    """Backends' answers about one graph, remembered: ``Compiler.support`` and ``fused_patterns``
+    per backend, and ``Compiler.check_partition`` per planned partition (QNN and Core ML compile
+    each candidate to answer it). :func:`handoff.partition` asks through one of these, so a
+    backend is asked once per graph: ``handoff compare`` shares one across its strategies, and
+    on disk (``$HANDOFF_HOME/capability``, unless ``disk=False``) later runs share the answers.
+
+    Keys (:meth:`key`) are built like the lowering cache's: the backend, its plugin's code
+    identity, the compiler's ``cache_key()``, its options and a digest of the graph's content
+    (:func:`handoff.lower.graph_digest`: nodes, their dtypes and shapes, the weights). An entry is
+    only a claim about what a backend takes: a damaged or edited one is a miss or, at worst, a
+    partition that fails to lower and moves on (``--on-lower-error fallback``), never code that
+    runs; so entries are plain JSON, not signed like lowered blobs.
+    """
+
+    def __init__(self, root: Path | None = None, disk: bool = True):
+        self.root = (root or cache_dir("capability")) if disk else None
+        self.memory: dict[str, Any] = {}
+        self.hits = 0
+        self.misses = 0
+
+    key = staticmethod(LoweringCache.key)
+
+    def get(self, key: str, compute: Any) -> Any:
+        """The answer under ``key``, else ``compute()`` (a JSON value), remembered."""
+        if key in self.memory:
+            self.hits += 1
+            return self.memory[key]
+        if self.root is not None:
+            try:
+                value = json.loads((self.root / f"{key}.json").read_text())["answer"]
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            else:
+                self.hits += 1
+                self.memory[key] = value
+                return value
+        value = compute()
+        self.misses += 1
+        self.memory[key] = value
+        if self.root is not None:
+            _atomic_write(self.root / f"{key}.json", json.dumps({"answer": value}).encode())
+        return value

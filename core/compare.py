@@ -2,7 +2,8 @@
 
 The model is exported once; each strategy is partitioned and lowered from that export (the
 lowering cache shares partitions with equal content between strategies and runs, and remembers
-what the compiler took, so a cached run still reports it). Each runnable program is then measured
+what the compiler took, so a cached run still reports it; one :class:`handoff.cache.CapabilityCache`
+asks each backend about the graph once for all strategies, and remembers it for later runs). Each runnable program is then measured
 in its own worker process (backends keep per-process state: XNNPACK's thread pool, QNN's
 precision), all workers alive at once and timed in interleaved rounds, in rotated order, so drift
 of a shared machine does not favour one (:func:`handoff.bench.interleaved`). Outputs are compared
@@ -76,6 +77,7 @@ class StrategyResult:
     coverage: dict[str, float] = dataclasses.field(default_factory=dict)  # backend (and "aten") -> % of nodes
     delegates: dict[str, int] = dataclasses.field(default_factory=dict)
     crossings: int = 0
+    capability_seconds: float = 0.0  # this run's backend capability checks (support, check_partition)
     lower_seconds: float = 0.0  # this run's
     compile_seconds: float = 0.0  # what the compilers took to make the blobs (remembered by the cache)
     cached_partitions: int = 0
@@ -117,7 +119,8 @@ class StrategyResult:
                 "chain": self.chain,
                 "coverage_percent": {b: round(c, 2) for b, c in self.coverage.items()},
                 "delegates": self.delegates, "delegate_count": sum(self.delegates.values()),
-                "crossings": self.crossings, "lower_seconds": round(self.lower_seconds, 3),
+                "crossings": self.crossings, "capability_seconds": round(self.capability_seconds, 3),
+                "lower_seconds": round(self.lower_seconds, 3),
                 "compile_seconds": round(self.compile_seconds, 3), "cached_partitions": self.cached_partitions,
                 "program_bytes": self.program_bytes, "load_ms": _r(self.load_ms), "first_run_ms": _r(self.first_run_ms),
                 "p50_ms": _r(self.p50_ms), "p90_ms": _r(self.p90_ms), "runs": len(self.samples_ms),
@@ -215,16 +218,20 @@ def compare(model: Any, strategies: Sequence[Strategy], *, runs: int = DEFAULT_R
     resolved, eager, inputs = _export_once(model, input_shapes, seed, plugins, trust_model)
     export_seconds = time.perf_counter() - start
 
+    from .cache import CapabilityCache
+
     results: list[StrategyResult] = []
     programs: dict[int, bytes] = {}
     cases: dict[int, list[numerics.DelegateCase]] = {}
     lowered: dict[Strategy, tuple[StrategyResult, bytes | None, list[numerics.DelegateCase]]] = {}
+    capability = CapabilityCache(disk=use_cache)  # each backend is asked once per graph, not per strategy
     for i, (s, build, key) in enumerate(builds):
         entry = lowered.get(build) if key is not None else None  # keys with the same target share one build
         if entry is None:
             say(f"lowering {s.name}" + (f" for {key}" if key else ""), i, total)
             entry = lowered[build] = _lower(build, resolved, inputs, per_delegate, on_lower_error, use_cache,
-                                            plugins, lambda m, d, t, name=s.name, i=i: say(f"{name}: {m}", i, total))
+                                            plugins, lambda m, d, t, name=s.name, i=i: say(f"{name}: {m}", i, total),
+                                            capability)
         result, program, strategy_cases = entry
         if key is not None:
             result = _device_row(result, s, key, device_info[key])
@@ -339,7 +346,7 @@ def _export_once(model: Any, input_shapes: Sequence[Any], seed: int, plugins: An
 
 
 def _lower(s: Strategy, resolved: Any, inputs: tuple, per_delegate: bool, on_lower_error: str, use_cache: bool,
-           plugins: Any, progress: Callable[[str, int, int], None],
+           plugins: Any, progress: Callable[[str, int, int], None], capability: Any = None,
            ) -> tuple[StrategyResult, bytes | None, list[numerics.DelegateCase]]:
     from .pipeline import partition
     from .program import ProgramFile
@@ -348,7 +355,8 @@ def _lower(s: Strategy, resolved: Any, inputs: tuple, per_delegate: bool, on_low
     result = StrategyResult(s)
     try:
         part = partition(resolved, backends=list(s.backends), options=s.options, fallback=s.fallback,
-                         on_lower_error=on_lower_error, use_cache=use_cache, plugins=plugins, progress=progress)
+                         on_lower_error=on_lower_error, use_cache=use_cache, plugins=plugins, progress=progress,
+                         capability=capability)
     except HandoffError as exc:
         result.status, result.reason = FAILED, str(exc)
         return result, None, []
@@ -358,6 +366,7 @@ def _lower(s: Strategy, resolved: Any, inputs: tuple, per_delegate: bool, on_low
     result.coverage = {b: report.coverage(b) for b, st in report.stats.items() if st.nodes}
     result.delegates = {b: st.partitions for b, st in report.stats.items() if st.partitions}
     result.crossings = report.crossings
+    result.capability_seconds = report.timings.get("capability", 0.0)
     result.lower_seconds = report.timings.get("lower", 0.0)
     result.compile_seconds = sum(st.compile_seconds for st in report.stats.values())
     result.cached_partitions = sum(st.cached_partitions for st in report.stats.values())

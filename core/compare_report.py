@@ -28,7 +28,11 @@ _HOST_COLOUR = "#BBBBBB"
 
 
 def render(result: CompareResult, console: Any) -> None:
-    """Print the comparison as rich tables on ``console``."""
+    """Print the comparison as rich tables on ``console``. Names and reasons are escaped: a
+    strategy's options are written in brackets (``coreml[precision=fp32]``), which rich would
+    take for markup and drop."""
+    from rich.markup import escape
+
     groups = f" (in {result.worker_groups} groups of workers)" if result.worker_groups > 1 else ""
     where = ""
     if result.devices:
@@ -46,12 +50,12 @@ def render(result: CompareResult, console: Any) -> None:
                   "supplied blobs; deleg./cross.: delegates and values crossing a step boundary per run")
     for r in result.strategies:
         if r.status == NOT_RUNNABLE:
-            console.print(f"[yellow]{r.label}[/]: lowered, {r.status_text} ({r.reason})")
+            console.print(f"[yellow]{escape(r.label)}[/]: lowered, {r.status_text} ({escape(r.reason)})")
         elif r.status == FAILED:
-            console.print(f"[red]{r.label}[/]: {r.reason}")
+            console.print(f"[red]{escape(r.label)}[/]: {escape(r.reason)}")
         for move in r.moves:
-            console.print(f"[yellow]{r.label}[/]: moved {len(move['nodes'])} node(s) of {move['partition']} "
-                          f"off {move['backend']}: {move['reason']}")
+            console.print(f"[yellow]{escape(r.label)}[/]: moved {len(move['nodes'])} node(s) of {move['partition']} "
+                          f"off {move['backend']}: {escape(move['reason'])}")
     if result.per_delegate:
         render_delegates([(r.strategy.name, r.per_delegate) for r in result.strategies if r.per_delegate],
                          result.tolerance, console)
@@ -60,6 +64,7 @@ def render(result: CompareResult, console: Any) -> None:
 
 def _row_table(result: CompareResult) -> Any:
     """One row per strategy (and per device key, with one key)."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title_justify="left")
@@ -70,7 +75,7 @@ def _row_table(result: CompareResult) -> Any:
     for col, just in columns:
         table.add_column(col, justify=just, no_wrap=col not in ("strategy", "coverage"))  # type: ignore[arg-type]
     for r in result.strategies:
-        first = (r.strategy.name, r.key or "") if keyed else (r.strategy.name,)
+        first = (escape(r.strategy.name), r.key or "") if keyed else (escape(r.strategy.name),)
         if r.status == FAILED and not r.chain:
             table.add_row(*first, "[red]failed to lower[/]", *["-"] * (len(columns) - len(first) - 1))
             continue
@@ -87,6 +92,7 @@ def _row_table(result: CompareResult) -> Any:
 def _key_table(result: CompareResult) -> Any:
     """One row per strategy; the lowering figures once, then a column group per device key: p50
     (★ on that key's Pareto front) and max abs error, or the cell's status and shortened reason."""
+    from rich.markup import escape
     from rich.table import Table
 
     keys = list(result.devices)
@@ -98,9 +104,10 @@ def _key_table(result: CompareResult) -> Any:
         table.add_column(f"{key}\nmax abs err", justify="right", no_wrap=True)
     for name, cells in result.by_key().items():
         first = next(iter(cells.values()))
+        name = escape(name)
         if first.status == FAILED and not first.chain:
             table.add_row(name, "[red]failed to lower[/]", "-", "-",
-                          *(t for _ in keys for t in ("-", textwrap.shorten(first.reason, REASON_SHOWN, placeholder="…"))))
+                          *(t for _ in keys for t in ("-", escape(textwrap.shorten(first.reason, REASON_SHOWN, placeholder="…")))))
             continue
         lowering = f"{first.lower_seconds:.1f}s" + (f" ({first.compile_seconds:.1f}s)" if first.cached_partitions else "")
         row = [name, _coverage_text(first), str(sum(first.delegates.values())), lowering]
@@ -113,7 +120,7 @@ def _key_table(result: CompareResult) -> Any:
             else:
                 colour = "yellow" if r.status == NOT_RUNNABLE else "red"
                 row += [f"[{colour}]{'not runnable' if r.status == NOT_RUNNABLE else r.status}[/]",
-                        f"[{colour}]{textwrap.shorten(r.reason, REASON_SHOWN, placeholder='…')}[/]"]
+                        f"[{colour}]{escape(textwrap.shorten(r.reason, REASON_SHOWN, placeholder='…'))}[/]"]
         table.add_row(*row)
     return table
 
@@ -122,6 +129,7 @@ def render_delegates(groups: list[tuple[str, list[dict[str, Any]]]], tolerance: 
                      what: str = "strategy") -> None:
     """The per-delegate table: ``groups`` of (strategy or program name, rows of
     :func:`handoff.numerics.run_case`)."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"Per delegate: each delegate against eager PyTorch on the same boundary inputs "
@@ -131,13 +139,14 @@ def render_delegates(groups: list[tuple[str, list[dict[str, Any]]]], tolerance: 
                       ("SNR dB", "right"), ("", "left")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for name, rows in groups:
+        name = escape(name)
         for row in rows:
             ops = ", ".join(f"{_short_op(op)}×{n}" for op, n in list(row["ops"].items())[:OPS_SHOWN])
             if len(row["ops"]) > OPS_SHOWN:
                 ops += f", +{len(row['ops']) - OPS_SHOWN} more"
             if "skipped" in row:
                 table.add_row(name, str(row["delegate"]), row["backend"], row["partition"],
-                              str(row["nodes"]), ops, "-", "-", "-", f"[yellow]skipped: {row['skipped']}[/]")
+                              str(row["nodes"]), ops, "-", "-", "-", f"[yellow]skipped: {escape(row['skipped'])}[/]")
                 continue
             flag = "[red]MISMATCH[/]" if row.get("mismatch") else ""
             if row.get("worst") and len(rows) > 1:
@@ -149,6 +158,7 @@ def render_delegates(groups: list[tuple[str, list[dict[str, Any]]]], tolerance: 
 
 def _render_blockers(result: CompareResult, console: Any) -> None:
     """The ops each strategy's first backend declined (once per backend and op)."""
+    from rich.markup import escape
     from rich.table import Table
 
     rows: dict[tuple[str, str], dict[str, Any]] = {}
@@ -165,7 +175,7 @@ def _render_blockers(result: CompareResult, console: Any) -> None:
         table.add_column(col)
     for (backend, op), d in sorted(rows.items(), key=lambda kv: (kv[0][0], -kv[1]["count"])):
         ran_on = ", ".join(f"{b} {n}" for b, n in d["ran_on"].items())
-        table.add_row(backend, op, str(d["count"]), ran_on, d["reason"])
+        table.add_row(backend, op, str(d["count"]), ran_on, escape(d["reason"]))
     console.print(table)
 
 

@@ -223,6 +223,19 @@ def first_failing(check: Callable[[list[str]], Any], nodes: Sequence[str]) -> It
         yield culprit, failure, hi == 1
 
 
+def graph_digest(ep: Any) -> str:
+    """A digest of ``ep``'s content: its graph (node names, ops, arguments), every node's dtypes
+    and shapes, and its weights. Backends' capability answers are cached under it
+    (:class:`handoff.cache.CapabilityCache`): they name nodes, so the names are part of it."""
+    h = hashlib.sha256(str(ep.graph).encode())
+    for n in ep.graph.nodes:
+        h.update(f"{n.name}:{_meta_text(n)}\n".encode())
+    for name, (kind, tensor) in sorted(_weights(ep).items()):
+        h.update(f"{name}:{kind}\n".encode())
+        h.update(_tensor_bytes(tensor))
+    return h.hexdigest()
+
+
 class _ContentKeys:
     """Content keys of partitions of one program, computed from the parent graph alone: each node's
     op, its arguments (other nodes by their position: inside the partition, an input, a weight),

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from . import hostops
+from .cache import CapabilityCache
 from .errors import HandoffError, one_line
 from .export import export_model, resolve_model
-from .lower import Assembled, Lowerer, LoweringFailure, Move, assemble
+from .lower import Assembled, Lowerer, LoweringFailure, Move, assemble, graph_digest
 from .partitioner import HOST, GraphView, Limits, Partition, Plan, graph_view, plan
 from .plugins import Plugins, get_plugins
 from .report import Report
@@ -113,7 +115,7 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
               on_lower_error: str = "fail", use_cache: bool = True, plugins: Plugins | None = None,
               progress: Callable[[str, int, int], None] | None = None, trust_model: bool = False,
               fallback_copies: bool = False, quantize: str | None = None, calibration: int | None = None,
-              calibration_data: Any = None) -> PartitionResult:
+              calibration_data: Any = None, capability: CapabilityCache | None = None) -> PartitionResult:
     """Partition ``model`` across ``backends`` (priority order) and lower every partition.
 
     :param model: a MODEL string (``zoo:small_cnn``, ``m.pt2``, ``file.py:Name``), an
@@ -136,6 +138,10 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
         quantizers (:mod:`handoff.quantization`), calibrated on ``calibration`` random batches or on
         ``calibration_data`` (a ``.npz`` path or a sequence of input tuples). A model that already
         holds PT2E quantize/dequantize ops is partitioned as it is, without this.
+    :param capability: where the backends' capability answers (``support``, ``fused_patterns``,
+        ``check_partition``) are remembered; pass one :class:`handoff.cache.CapabilityCache` to
+        several calls on the same model (``handoff compare`` does) to ask each backend once.
+        Default: a new one, backed by ``$HANDOFF_HOME/capability`` unless ``use_cache=False``.
     """
     clock = _Clock()
     plugins = plugins or get_plugins()
@@ -187,12 +193,16 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
         for op in keep:
             decomp_table.pop(op, None)
 
+    capability = capability if capability is not None else CapabilityCache(disk=use_cache)
     with clock("capability"):
         view = graph_view(ep)
+        digest = graph_digest(ep)
+        asked = {b: CapabilityCache.key("capability", b, identities[b], compilers[b].cache_key(),
+                                        json.dumps(dict(parsed[b]), sort_keys=True, default=str), digest)
+                 for b in compiled}
         support, patterns = {}, {}
         for b in chain:
-            support[b] = dict(_backend_call(b, "capability check", compilers[b].support, ep))
-            patterns[b] = [list(p) for p in _backend_call(b, "capability check", compilers[b].fused_patterns, ep)]
+            support[b], patterns[b] = _capability(b, compilers[b], ep, capability, asked[b])
         if int8:  # an op travels with its quantize/dequantize ops (handoff.quantization.quantized_spans)
             spans = quantized_spans(ep)
             for b in chain:
@@ -201,14 +211,13 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
     lowerer = Lowerer(ep, compilers, identities, parsed, decomp_table, use_cache=use_cache)
     excluded: dict[str, dict[str, str]] = {}
     moves: list[Move] = []
-    checked: dict[tuple[str, tuple[str, ...]], Mapping[str, str]] = {}
     no_host_reason = "--no-fallback" if not fallback else "--no-aten"
     while True:
         with clock("plan"):
             the_plan = plan(view, chain, support, patterns, limits, allow_host=aten,
                             excluded=excluded, no_host_reason=no_host_reason)
         with clock("capability"):
-            shrunk = _check_partitions(the_plan, compilers, ep, checked, excluded)
+            shrunk = _check_partitions(the_plan, compilers, ep, capability, asked, excluded)
         if shrunk:
             continue
         _refuse_host_ops(view, the_plan)
@@ -236,8 +245,11 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
     copies: dict[str, list[Any]] = {}
     copy_notes: list[dict[str, Any]] = []
     if fallback_copies:
+        with clock("capability"):
+            tvm_support = support.get(FALLBACK_BACKEND) or _capability(
+                FALLBACK_BACKEND, compilers[FALLBACK_BACKEND], ep, capability, asked[FALLBACK_BACKEND])[0]
         with clock("lower"):
-            copies, copy_notes = _fallback_copies(the_plan, lowerer, compilers[FALLBACK_BACKEND], support, ep)
+            copies, copy_notes = _fallback_copies(the_plan, lowerer, tvm_support)
     with clock("lower"):
         metadata = {"model": resolved.name, "backends": chain}
         recorded = {b: {k: str(v) for k, v in given.get(b, {}).items()} for b in compiled}
@@ -296,14 +308,23 @@ def _backend_call(backend: str, what: str, fn: Callable[..., Any], *args: Any) -
         raise HandoffError(f"backend '{backend}': {what} failed: {one_line(exc, 300)}") from exc
 
 
-def _fallback_copies(the_plan: Plan, lowerer: Lowerer, tvm: Any, support: dict[str, dict[str, Any]],
-                     ep: Any) -> tuple[dict[str, list[Any]], list[dict[str, Any]]]:
+def _capability(backend: str, compiler: Any, ep: Any, capability: CapabilityCache,
+                key: str) -> tuple[dict[str, str | None], list[list[str]]]:
+    """``(support, fused patterns)`` of ``backend`` for ``ep``, asked once per graph (``capability``)."""
+    def ask() -> dict[str, Any]:
+        return {"support": {n: (None if r is None else str(r))
+                            for n, r in dict(_backend_call(backend, "capability check", compiler.support, ep)).items()},
+                "patterns": [list(p) for p in _backend_call(backend, "capability check", compiler.fused_patterns, ep)]}
+
+    answer = capability.get(CapabilityCache.key(key, "support"), ask)
+    return dict(answer["support"]), [list(p) for p in answer["patterns"]]
+
+
+def _fallback_copies(the_plan: Plan, lowerer: Lowerer,
+                     tvm_support: Mapping[str, str | None]) -> tuple[dict[str, list[Any]], list[dict[str, Any]]]:
     """Each vendor partition lowered again by the built-in ``tvm`` backend, where it takes every
     node: ``(partition name -> [copy], report entries)``; a partition ``tvm`` cannot take whole
     gets no copy, and its entry says why."""
-    if FALLBACK_BACKEND not in support:
-        support[FALLBACK_BACKEND] = dict(_backend_call(FALLBACK_BACKEND, "capability check", tvm.support, ep))
-    tvm_support = support[FALLBACK_BACKEND]
     copies: dict[str, list[Any]] = {}
     notes = []
     for part in the_plan.partitions:
@@ -325,20 +346,21 @@ def _fallback_copies(the_plan: Plan, lowerer: Lowerer, tvm: Any, support: dict[s
     return copies, notes
 
 
-def _check_partitions(the_plan: Plan, compilers: Mapping[str, Any], ep: Any,
-                      checked: dict[tuple[str, tuple[str, ...]], Mapping[str, str]],
-                      excluded: dict[str, dict[str, str]]) -> bool:
+def _check_partitions(the_plan: Plan, compilers: Mapping[str, Any], ep: Any, capability: CapabilityCache,
+                      asked: Mapping[str, str], excluded: dict[str, dict[str, str]]) -> bool:
     """Ask each backend whether it can compile each of its planned partitions whole
     (``Compiler.check_partition``); nodes it takes out are excluded from it. Returns whether any
-    partition shrank (the caller plans again). Answers are remembered per partition content."""
+    partition shrank (the caller plans again). Answers are remembered per graph and partition
+    (``capability``)."""
     shrunk = False
     for part in the_plan.partitions:
-        key = (part.backend, tuple(part.nodes))
-        if key not in checked:
+        def ask(part: Partition = part) -> dict[str, str]:
             answer = _backend_call(part.backend, f"check_partition of {part.name}",
                                    compilers[part.backend].check_partition, ep, list(part.nodes))
-            checked[key] = {n: str(r) for n, r in dict(answer or {}).items() if n in set(part.nodes)}
-        for node, reason in checked[key].items():
+            return {n: str(r) for n, r in dict(answer or {}).items() if n in set(part.nodes)}
+
+        checked = capability.get(CapabilityCache.key(asked[part.backend], "check_partition", *part.nodes), ask)
+        for node, reason in checked.items():
             if part.backend not in excluded.get(node, {}):
                 excluded.setdefault(node, {})[part.backend] = reason
                 shrunk = True

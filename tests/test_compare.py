@@ -36,6 +36,7 @@ def test_compare_two_strategies_json_csv_and_chart(sink_plugins, capsys, tmp_pat
                           "--json", str(json_path), "--csv", str(csv_path), "--plot", str(png))
     assert code == 0, err
     assert "Compare zoo:sink_net: 2 strategies" in out and "Per delegate" in out and f"wrote {png}" in out
+    assert "sink[ops=" in out  # the options in brackets are not taken for rich markup
     result = json.loads(json_path.read_text())
     assert result["model"] == "zoo:sink_net" and result["runs"] == 12 and result["rounds"] == 3
     assert "by_key" not in result and result["devices"] == {}
@@ -95,6 +96,21 @@ def test_a_backend_that_cannot_run_here_is_lowered_not_run(sink_plugins, monkeyp
 
     plot(result, tmp_path / "c.png")  # a not-runnable strategy is labelled, not drawn
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_delegates_are_still_checked_when_the_whole_program_fails_to_load(sink_plugins):
+    """One delegate that does not load (sinkb's runtime refuses it, as lavapipe refused a vulkan
+    delegate needing 36 storage buffers) fails the strategy, but --per-delegate still checks every
+    other delegate on its own, in a fresh worker, and says why the one that fails was not checked."""
+    result = compare("zoo:sink_net", [parse(SPLIT, fallback=False)], runs=2, rounds=1, warmup=0, per_delegate=True,
+                     runtime_options={"sinkb": {"fail_load": "1"}})
+    (s,) = result.strategies
+    assert s.status == "failed" and "refusing to load (fail_load=1)" in s.reason
+    assert s.p50_ms is None and s.max_abs_error is None and not s.pareto
+    rows = s.per_delegate
+    assert [(r["backend"], "skipped" in r) for r in rows] == [("sink", False), ("sinkb", True), ("sink", False)]
+    assert "refusing to load (fail_load=1)" in rows[1]["skipped"]
+    assert all(r["max_abs_error"] <= 1e-6 and not r["mismatch"] for r in (rows[0], rows[2]))
 
 
 def test_auto_with_pareto_front_and_stdout_json(sink_plugins, capsys, tmp_path, monkeypatch):
@@ -211,3 +227,38 @@ def test_numerics_need_node_names(sink_plugins):
     with ProgramFile.from_bytes(result.to_bytes()) as pf:
         with pytest.raises(handoff.HandoffError, match="re-partition it with this handoff to check delegates"):
             numerics.delegate_cases(pf, result.exported, [torch.randn(2, 8)])
+
+
+def test_each_backend_is_asked_about_the_model_once(sink_plugins, monkeypatch):
+    """Capability (support, fused_patterns) and check_partition answers are shared by the
+    strategies of one run, and by later runs through $HANDOFF_HOME/capability; with
+    use_cache=False (--no-cache) nothing is kept on disk."""
+    import kitchen_sink
+
+    asked: list[tuple[str, ...]] = []
+    real_support, real_check = kitchen_sink.SinkCompiler.support, kitchen_sink.SinkCompiler.check_partition
+
+    def support(self, ep):
+        asked.append(("support", self.options["ops"]))
+        return real_support(self, ep)
+
+    def check_partition(self, ep, nodes):
+        asked.append(("check", self.options["ops"], *nodes))
+        return real_check(self, ep, nodes)
+
+    monkeypatch.setattr(kitchen_sink.SinkCompiler, "support", support)
+    monkeypatch.setattr(kitchen_sink.SinkCompiler, "check_partition", check_partition)
+    sinkb = "sinkb[ops=aten.sin.default,max_nodes=1]"
+    strategies = [parse(s, fallback=False) for s in (f"sink,{sinkb}", f"{sinkb},sink", "sink")]
+    first = compare("zoo:sink_net", strategies, runs=1, rounds=1, warmup=0)
+    assert [s.status for s in first.strategies] == [OK] * 3
+    assert sorted(q for q in asked if q[0] == "support") == [("support", "aten.add.Tensor,aten.mul.Tensor,"
+                                                             "aten.relu.default"), ("support", "aten.sin.default")]
+    checks = [q for q in asked if q[0] == "check"]
+    assert checks and len(set(checks)) == len(checks)  # each partition checked once, though planned 3 times
+    asked.clear()
+    again = compare("zoo:sink_net", strategies[:1], runs=1, rounds=1, warmup=0)
+    assert asked == [] and again.strategies[0].coverage == first.strategies[0].coverage
+    for _ in range(2):
+        handoff.partition("zoo:sink_net", backends=["sink"], fallback=False, use_cache=False)
+    assert [q for q in asked if q[0] == "support"] == [("support", kitchen_sink.DEFAULT_OPS)] * 2

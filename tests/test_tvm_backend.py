@@ -271,6 +271,26 @@ def test_antialiased_upsampling_matches_eager():
 
 
 @pytest.mark.slow
+def test_select_with_negative_indices_matches_eager():
+    """TVM 0.27's converter of aten.select.int takes a negative index as it is, out of bounds
+    (zoo:bandwidth_gru's ``states[:, -1]`` gave 6e35); handoff imports select with the index
+    wrapped. A GRU's last state, as the bandwidth estimator reads it, and selects on every dim."""
+    from handoff.zoo.rnn import GRU
+
+    class LastState(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru, self.head = GRU(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            states = self.gru(x)
+            return self.head(states[:, -1]), states.select(-1, -3) + states[-1, :, 0], states[:, 2]
+
+    torch.manual_seed(0)
+    _lower_and_compare(LastState().eval(), [(2, 5, 4)])
+
+
+@pytest.mark.slow
 def test_several_inputs_and_outputs_keep_their_order():
     class TwoInTwoOut(nn.Module):
         def __init__(self):

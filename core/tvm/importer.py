@@ -157,6 +157,26 @@ def _dequantize(node: torch.fx.Node, importer: Any) -> Any:
     return bb.emit(relax.op.multiply(xf, scale))
 
 
+# -- converters that replace TVM's own where it computes wrongly --------------------------------
+
+def _select(node: torch.fx.Node, importer: Any) -> Any:
+    """``aten.select.int`` with its index made non-negative. TVM 0.27's converter hands the index
+    to ``relax.op.take`` as it is, in take's default ``fast`` mode, which does not wrap: ``x[:, -1]``
+    reads out of bounds (garbage such as 6e35, or a crash). The extent is static here (the importer
+    runs on static shapes); a symbolic one is indexed in ``wrap`` mode."""
+    x = importer.env[node.args[0]]
+    shape = node.args[0].meta["val"].shape
+    dim = node.args[1] % len(shape)
+    index, mode = node.args[2], "fast"
+    if index < 0:
+        extent = shape[dim]
+        if isinstance(extent, int):
+            index += extent
+        else:
+            mode = "wrap"
+    return importer.block_builder.emit(relax.op.take(x, relax.const(index, "int64"), dim, mode=mode))
+
+
 _QUANTIZE_CONVERTERS = {
     "quantize_per_tensor.default": _quantize, "quantize_per_tensor.tensor": _quantize,
     "quantize_per_channel.default": _quantize,
@@ -208,8 +228,9 @@ def _convolution(node: torch.fx.Node, importer: Any) -> Any:
     return out if accumulate == dtype else bb.emit(relax.op.astype(out, dtype))
 
 
-#: Converters handoff puts in place of (or next to) the importer's own.
-_CONVERTERS = {**_QUANTIZE_CONVERTERS, "convolution.default": _convolution}
+#: Converters handoff puts in place of (or next to) the importer's own, by converter-table key (see
+#: each function for the importer's bug it avoids).
+_CONVERTERS = {**_QUANTIZE_CONVERTERS, "convolution.default": _convolution, "select.int": _select}
 
 #: Converters that exist but fail or give wrong results for some arguments, by converter-table key.
 _ARGUMENT_CHECKS = {"_upsample_bilinear2d_aa.default": _antialiased_downsampling, "convolution.default": _convolution_reason}
