@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import tvm
 from tvm import relax
 
-from handoff import Compiler, Lowered, LoweringError, cache_dir, is_quantized, native, temp_dir
+from handoff import Compiler, Lowered, LoweringError, cache_dir, is_quantized, native, quiet_native, temp_dir
 
 from .importer import INT8_COMPUTE, decline_reason, import_partition
 from .runtime import host_triple
@@ -120,7 +120,8 @@ class TvmCompiler(Compiler):
 
         if self.tune:
             mod = self._tune(mod)
-        executable = relax.build(mod, target=self.target, relax_pipeline=_pipeline(self.target, self.schedule))
+        with quiet_native():  # TOPI warns on every take in fast mode (embedding, select), in bounds or not
+            executable = relax.build(mod, target=self.target, relax_pipeline=_pipeline(self.target, self.schedule))
         # The linker's objects (lib0.o, devc.o) go into the same directory, not a tempdir of TVM's
         # own, so a killed partition leaves nothing that the next one does not remove.
         with temp_dir("tvm") as tmp:
