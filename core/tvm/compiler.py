@@ -312,12 +312,17 @@ def _pipeline(target: Any, schedule: str) -> Any:
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     scheduling = [] if schedule == "none" else [default_schedule(schedule)]
+    # Batch norm as the elementwise scale and shift it is at inference, its constants folded:
+    # FuseOps then fuses it into the convolution before it (one pass over the output instead of a
+    # batch-norm kernel of its own that reads and writes the whole activation again).
+    inference = [] if schedule == "none" else [relax.transform.DecomposeOpsForInference(),
+                                                relax.transform.FoldConstant()]
 
     @tvm.transform.module_pass(opt_level=0)
     def _run(mod: Any, _ctx: Any) -> Any:
         with target:
             return tvm.transform.Sequential(
-                cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + scheduling
+                cpu.library_dispatch_passes(target) + inference + cpu.legalize_passes(target) + scheduling
                 + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
 
     return _run

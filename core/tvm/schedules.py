@@ -51,11 +51,13 @@ def _static(sch: s_tir.Schedule, loop: Any) -> int | None:
 
 
 def _vector_factor(extent: int, lanes: int) -> int:
-    """The largest power of two up to ``lanes`` that divides ``extent`` (1: do not vectorise)."""
-    v = lanes
-    while v > 1 and extent % v:
-        v //= 2
-    return v
+    """The largest divisor of ``extent`` up to ``lanes`` (1: do not vectorise). Not only powers
+    of two: MobileNet's 7x7 and 14x14 maps (49, 196) take 7 and 14 lanes, which LLVM widens to
+    one register with a masked tail, instead of running scalar or at 4 lanes."""
+    for v in range(min(lanes, extent), 1, -1):
+        if extent % v == 0:
+            return v
+    return 1
 
 
 class _CPURule(dl.ScheduleRule):
@@ -92,22 +94,25 @@ class Injective(_CPURule):
 
 
 def _parallel_vector(sch: s_tir.Schedule, block: Any, lanes: int) -> None:
-    loops = sch.get_loops(block)
-    if not loops:
+    """Vectorise the innermost loops (fused until they span a register) by a divisor of their
+    extent, so that the lanes never cross a row: each vector is one contiguous load and the
+    per-channel operands (bias, scale) stay scalars; the loops outside are fused and parallel."""
+    loops = list(sch.get_loops(block))
+    if not loops or any(_static(sch, lp) is None for lp in loops):
         return
-    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    extent = _static(sch, fused)
-    if extent is None or extent < 2 * lanes:
-        if extent is not None and extent >= 2:
+    inner = loops.pop()
+    while loops and _static(sch, inner) < lanes:
+        inner = sch.fuse(loops.pop(), inner)
+    v = _vector_factor(_static(sch, inner), lanes)
+    if v < 4:
+        fused = sch.fuse(*loops, inner) if loops else inner
+        if (_static(sch, fused) or 0) >= 2:
             sch.parallel(fused)
         return
-    lanes = _vector_factor(extent, lanes)
-    if lanes < 2:
-        sch.parallel(fused)
-        return
-    outer, inner = sch.split(fused, factors=[None, lanes])
-    sch.parallel(outer)
-    sch.vectorize(inner)
+    outer, vec = sch.split(inner, factors=[None, v])
+    fused = sch.fuse(*loops, outer) if loops else outer
+    sch.parallel(fused)
+    sch.vectorize(vec)
 
 
 class Contraction(_CPURule):
@@ -207,5 +212,9 @@ def default_schedule(rules: str = "default") -> Any:
     """The module pass that schedules every PrimFunc no rule has scheduled yet (tuned ones keep
     their tuned schedule): dlight's CPU GEMV and Reduction rules, then (``rules="default"``)
     :class:`Contraction` and :class:`Injective`; ``rules="dlight"``: dlight's only."""
-    extra = [Contraction(), Injective()] if rules == "default" else []
-    return dl.ApplyDefaultSchedule(*dlight_rules(), *extra)
+    if rules != "default":
+        return dl.ApplyDefaultSchedule(*dlight_rules())
+    # Contraction first: dlight's Reduction also claims a convolution with a fused epilogue (batch
+    # norm folded into it) and schedules it as a row reduction, scalar and 10x slower; Contraction
+    # declines what has more than one reduction (softmax, norms), which Reduction then gets.
+    return dl.ApplyDefaultSchedule(Contraction(), *dlight_rules(), Injective())
