@@ -4,9 +4,11 @@ TVM 0.27's Relax pipeline for LLVM targets (``relax.get_default_pipeline``: lega
 lower) schedules nothing: every operator becomes the naive loop nest its TOPI compute describes,
 one thread, no vector instructions (MobileNetV2: 8.7x eager torch on this host). TVM 0.27 has no
 TOPI schedules for x86 or Arm any more (``tvm.topi`` keeps computes only); its CPU schedules are
-the dlight rules ``tvm.s_tir.dlight.cpu.GEMV`` and ``Reduction`` (softmax, norms), which
-:func:`default_schedule` applies first. What they do not claim, convolutions, matmuls, pooling
-and elementwise work, gets the two rules here, written with the same dlight machinery:
+the dlight rules ``tvm.s_tir.dlight.cpu.GEMV`` and ``Reduction`` (softmax, norms). The two rules
+here, written with the same dlight machinery, take convolutions, matmuls, pooling and elementwise
+work; :func:`default_schedule` tries :class:`Contraction` before dlight's rules (whose Reduction
+would take a convolution with a fused epilogue as a scalar row reduction) and :class:`Injective`
+after them:
 
 * :class:`Contraction`, one reduction block (conv2d, matmul, pooling), with fused injective
   blocks around it: the innermost output loops are fused until they span a vector register and
