@@ -413,21 +413,23 @@ def test_tuning_stays_correct_and_reuses_its_database():
 
 # -- default schedules (no tuning) ----------------------------------------------------------------
 
-def _unscheduled(model: nn.Module, shape) -> list[str]:
-    """The PrimFuncs of ``model``'s fused Relax module that no default schedule rule claims."""
+def _scheduled(model: nn.Module, shape) -> dict:
+    """``model``'s PrimFuncs as the untuned pipeline leaves them after scheduling, by name."""
     import tvm
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    from handoff.tvm.compiler import _scheduling_passes
     from handoff.tvm.importer import import_partition
-    from handoff.tvm.schedules import default_schedule
 
     mod, _, _ = import_partition(_core_aten(model, torch.randn(shape)))
     compiler = TvmCompiler({})
     with compiler.target:
-        mod = tvm.transform.Sequential(cpu.library_dispatch_passes(compiler.target) + cpu.legalize_passes(compiler.target)
-                                       + [default_schedule()])(mod)
-    return [gv.name_hint for gv, f in mod.functions_items()
-            if isinstance(f, tvm.tirx.PrimFunc) and not f.attrs.get("tirx.is_scheduled", False)]
+        mod = tvm.transform.Sequential(_scheduling_passes(compiler.target, "default"))(mod)
+    return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def _unscheduled(model: nn.Module, shape) -> list[str]:
+    """The PrimFuncs of ``model``'s fused Relax module that no default schedule rule claims."""
+    return [name for name, f in _scheduled(model, shape).items() if not f.attrs.get("tirx.is_scheduled", False)]
 
 
 @pytest.mark.slow
@@ -435,6 +437,17 @@ def _unscheduled(model: nn.Module, shape) -> list[str]:
 def test_default_schedules_claim_convolutions_matmuls_and_elementwise_ops(model, shape):
     """Untuned builds are scheduled (parallel, vectorised), not TVM's naive loop nests."""
     assert _unscheduled(_randomize_norms(model()), shape) == []
+
+
+def test_batch_norm_is_folded_into_the_convolution_and_vectorised():
+    """Batch norm becomes the epilogue of the convolution before it (no kernel of its own that
+    reads and writes the activation again), and that conv + scale/shift + activation function is
+    scheduled by Contraction (vectorised), not as a scalar row reduction by dlight's Reduction."""
+    funcs = _scheduled(_randomize_norms(ConvNet()), (2, 3, 32, 32))
+    assert not [name for name in funcs if "batch_norm" in name]
+    convs = {name: f for name, f in funcs.items() if "conv2d" in name}
+    assert len(convs) == 3 and all("add" in name or "multiply" in name for name in convs)
+    assert all("T.vectorized" in f.script() for f in convs.values())
 
 
 @pytest.mark.slow

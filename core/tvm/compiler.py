@@ -305,21 +305,34 @@ def _flops(task: Any) -> float:
         return 0.0
 
 
+def _scheduling_passes(target: Any, schedule: str) -> list[Any]:
+    """The front of :func:`_pipeline`: library dispatch, legalisation and fusion, then the default
+    schedules (none for ``schedule="none"``)."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    if schedule == "none":
+        return cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+    # Batch norm as the elementwise scale and shift it is at inference, its constants folded:
+    # FuseOps then fuses it into the convolution before it (one pass over the output instead of a
+    # batch-norm kernel of its own that reads and writes the whole activation again).
+    inference = [relax.transform.DecomposeOpsForInference(), relax.transform.FoldConstant()]
+    return (cpu.library_dispatch_passes(target) + inference + cpu.legalize_passes(target)
+            + [default_schedule(schedule)])
+
+
 def _pipeline(target: Any, schedule: str) -> Any:
     """TVM's Relax pipeline for CPU targets (``relax.backend.cpu_generic``) with the default
     schedules (:mod:`handoff.tvm.schedules`) between fusion and lowering. ``schedule``:
-    ``default`` (dlight's CPU rules, then handoff's), ``dlight`` (dlight's CPU rules only),
+    ``default`` (handoff's rules and dlight's CPU rules), ``dlight`` (dlight's CPU rules only),
     ``none`` (TVM's pipeline as it is: naive loop nests)."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
-
-    scheduling = [] if schedule == "none" else [default_schedule(schedule)]
 
     @tvm.transform.module_pass(opt_level=0)
     def _run(mod: Any, _ctx: Any) -> Any:
         with target:
             return tvm.transform.Sequential(
-                cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + scheduling
-                + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
+                _scheduling_passes(target, schedule) + cpu.dataflow_lower_passes(target)
+                + cpu.finalize_passes(target))(mod)
 
     return _run
 

@@ -4,9 +4,11 @@ TVM 0.27's Relax pipeline for LLVM targets (``relax.get_default_pipeline``: lega
 lower) schedules nothing: every operator becomes the naive loop nest its TOPI compute describes,
 one thread, no vector instructions (MobileNetV2: 8.7x eager torch on this host). TVM 0.27 has no
 TOPI schedules for x86 or Arm any more (``tvm.topi`` keeps computes only); its CPU schedules are
-the dlight rules ``tvm.s_tir.dlight.cpu.GEMV`` and ``Reduction`` (softmax, norms), which
-:func:`default_schedule` applies first. What they do not claim, convolutions, matmuls, pooling
-and elementwise work, gets the two rules here, written with the same dlight machinery:
+the dlight rules ``tvm.s_tir.dlight.cpu.GEMV`` and ``Reduction`` (softmax, norms). The two rules
+here, written with the same dlight machinery, take convolutions, matmuls, pooling and elementwise
+work; :func:`default_schedule` tries :class:`Contraction` before dlight's rules (whose Reduction
+would take a convolution with a fused epilogue as a scalar row reduction) and :class:`Injective`
+after them:
 
 * :class:`Contraction`, one reduction block (conv2d, matmul, pooling), with fused injective
   blocks around it: the innermost output loops are fused until they span a vector register and
@@ -51,11 +53,13 @@ def _static(sch: s_tir.Schedule, loop: Any) -> int | None:
 
 
 def _vector_factor(extent: int, lanes: int) -> int:
-    """The largest power of two up to ``lanes`` that divides ``extent`` (1: do not vectorise)."""
-    v = lanes
-    while v > 1 and extent % v:
-        v //= 2
-    return v
+    """The largest divisor of ``extent`` up to ``lanes`` (1: do not vectorise). Not only powers
+    of two: MobileNet's 7x7 and 14x14 maps (49, 196) take 7 and 14 lanes, which LLVM widens to
+    one register with a masked tail, instead of running scalar or at 4 lanes."""
+    for v in range(min(lanes, extent), 1, -1):
+        if extent % v == 0:
+            return v
+    return 1
 
 
 class _CPURule(dl.ScheduleRule):
@@ -92,22 +96,25 @@ class Injective(_CPURule):
 
 
 def _parallel_vector(sch: s_tir.Schedule, block: Any, lanes: int) -> None:
-    loops = sch.get_loops(block)
-    if not loops:
+    """Vectorise the innermost loops (fused until they span a register) by a divisor of their
+    extent, so that the lanes never cross a row: each vector is one contiguous load and the
+    per-channel operands (bias, scale) stay scalars; the loops outside are fused and parallel."""
+    loops = list(sch.get_loops(block))
+    if not loops or any(_static(sch, lp) is None for lp in loops):
         return
-    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    extent = _static(sch, fused)
-    if extent is None or extent < 2 * lanes:
-        if extent is not None and extent >= 2:
+    inner = loops.pop()
+    while loops and _static(sch, inner) < lanes:
+        inner = sch.fuse(loops.pop(), inner)
+    v = _vector_factor(_static(sch, inner), lanes)
+    if v < 4:
+        fused = sch.fuse(*loops, inner) if loops else inner
+        if (_static(sch, fused) or 0) >= 2:
             sch.parallel(fused)
         return
-    lanes = _vector_factor(extent, lanes)
-    if lanes < 2:
-        sch.parallel(fused)
-        return
-    outer, inner = sch.split(fused, factors=[None, lanes])
-    sch.parallel(outer)
-    sch.vectorize(inner)
+    outer, vec = sch.split(inner, factors=[None, v])
+    fused = sch.fuse(*loops, outer) if loops else outer
+    sch.parallel(fused)
+    sch.vectorize(vec)
 
 
 class Contraction(_CPURule):
@@ -207,5 +214,9 @@ def default_schedule(rules: str = "default") -> Any:
     """The module pass that schedules every PrimFunc no rule has scheduled yet (tuned ones keep
     their tuned schedule): dlight's CPU GEMV and Reduction rules, then (``rules="default"``)
     :class:`Contraction` and :class:`Injective`; ``rules="dlight"``: dlight's only."""
-    extra = [Contraction(), Injective()] if rules == "default" else []
-    return dl.ApplyDefaultSchedule(*dlight_rules(), *extra)
+    if rules != "default":
+        return dl.ApplyDefaultSchedule(*dlight_rules())
+    # Contraction first: dlight's Reduction also claims a convolution with a fused epilogue (batch
+    # norm folded into it) and schedules it as a row reduction, scalar and 10x slower; Contraction
+    # declines what has more than one reduction (softmax, norms), which Reduction then gets.
+    return dl.ApplyDefaultSchedule(Contraction(), *dlight_rules(), Injective())
