@@ -125,8 +125,8 @@ def test_mobilenet_block_int8_matches_executorch(plugins):
     conv, ReLU6 and residual add pattern lowers whole to XNNPACK, and handoff's program gives
     ExecuTorch's own int8 program's numbers (MobileNetV2: bit-identical) and is as close to fp32 as
     the quantized eager model. Steps from the quantized eager model are not bounded: XNNPACK's
-    in-kernel rounding (ExecuTorch's program too) is 7 steps from it on two such blocks with
-    calibrated norms, 22-32 on MobileNetV2's 17."""
+    in-kernel rounding (ExecuTorch's program, within a step of handoff's) is 7 steps from it on two
+    such blocks with calibrated norms, 22-32 on MobileNetV2's 17."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
     from executorch.runtime import Runtime
