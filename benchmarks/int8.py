@@ -9,8 +9,16 @@ same quantizer, same calibration, same quantization parameters) with its own
 ``to_edge_transform_and_lower(XnnpackPartitioner)``. Printed for each: median latency (timed in
 interleaved rounds, see ``_timing``), load + first inference (median of fresh loads), program
 size, each as a ratio to ExecuTorch's int8 program; the int8 sizes against the fp32 program
-(ExecuTorch's fp32 XNNPACK program of the float model); accuracy against the quantized eager
-model (in quantization steps of the output) and against fp32 eager (SNR, top-1 agreement) on fresh inputs.
+(ExecuTorch's fp32 XNNPACK program of the float model); accuracy on fresh inputs against
+ExecuTorch's int8 program (in quantization steps of the output: the correctness check, at most
+1 step, else the script fails), against the quantized eager model (steps, measured, not bounded)
+and against fp32 eager (SNR, top-1 agreement; the quantized eager model's own SNR printed too).
+
+Why steps against the quantized eager model are only measured here: it computes each op in float
+and rounds once, XNNPACK's int8 kernels round inside (requantization, fused clamps, pooling); a
+one-step difference early in a deep network grows layer by layer. On the zoo's MobileNetV2 (its
+batch norms calibrated, so activations keep unit scale through all 17 blocks) ExecuTorch's own
+program is 22-27 steps from it (output std ~38 steps), handoff's bit-identical to ExecuTorch's.
 Targets (issue 14): 100% delegated to xnnpack as int8, latency <= 1.05x, size <= 1.05x ExecuTorch
 and <= 0.3x fp32. Not a test; numbers only.
 """
@@ -97,21 +105,46 @@ def main() -> None:
         def run(self, xs: Any) -> Any:
             return [o.numpy() for o in module.forward([torch.from_numpy(np.asarray(x)) for x in xs])]
 
-    acc_hof = testing.check_int8(program, result.quantized, model, zoo.inputs)
+    # correctness: one graph, one kernel set, so handoff's program is ExecuTorch's to a rounding step
+    # (threading may differ); the seeds are check_int8's
+    (step,) = testing.output_steps(result.quantized.reference)
+    vs_et = 0.0
+    for seed in range(21, 29):
+        x = testing.random_inputs(zoo.inputs, seed=seed)
+        vs_et = max(vs_et, testing.assert_matches_quantized(program.run(x)[0], _EtProgram().run(x)[0], step, steps=1))
+    unbounded = float("inf")  # measured against the quantized eager model, not bounded: see the docstring
+    acc_hof = testing.check_int8(program, result.quantized, model, zoo.inputs, steps=unbounded)
     program.close()
-    acc_et = testing.check_int8(_EtProgram(), result.quantized, model, zoo.inputs)
+    acc_et = testing.check_int8(_EtProgram(), result.quantized, model, zoo.inputs, steps=unbounded)
+    q_snr = _reference_snr(result.quantized, model, zoo.inputs, testing)
 
     print(f"\n{args.model} int8 ({result.quantized.calibration}); torch threads {torch.get_num_threads()}, "
           f"{os.cpu_count()} CPUs; ratios are to ExecuTorch's int8 XNNPACK program")
     print(f"{'':26} {'median ms':>10} {'ratio':>6} {'load+1st ms':>12} {'ratio':>6} {'size KB':>9} {'ratio':>6} "
-          f"{'vs fp32':>8} {'steps':>6} {'SNR dB':>7} {'top-1':>6}")
-    rows = [("executorch int8 xnnpack", latency["et"], load["et"], len(pte), acc_et),
-            ("handoff int8 xnnpack", latency["hof"], load["hof"], size, acc_hof)]
-    for label, med, ld, sz, acc in rows:
+          f"{'vs fp32':>8} {'vs ET':>6} {'steps':>6} {'SNR dB':>7} {'top-1':>6}")
+    rows = [("executorch int8 xnnpack", latency["et"], load["et"], len(pte), 0.0, acc_et),
+            ("handoff int8 xnnpack", latency["hof"], load["hof"], size, vs_et, acc_hof)]
+    for label, med, ld, sz, et_steps, acc in rows:
         print(f"{label:26} {med:10.3f} {med / latency['et']:6.2f} {ld:12.2f} {ld / load['et']:6.2f} {sz / 1024:9.1f} "
-              f"{sz / len(pte):6.2f} {sz / fp32_pte:8.3f} {acc['max_steps']:6.2f} {acc['snr_db']:7.1f} "
+              f"{sz / len(pte):6.2f} {sz / fp32_pte:8.3f} {et_steps:6.2f} {acc['max_steps']:6.2f} {acc['snr_db']:7.1f} "
               f"{acc['top1_agreement']:6.2f}")
-    print(f"'vs fp32': size / ExecuTorch's fp32 XNNPACK program of the float model ({fp32_pte / 1024:.1f} KB)")
+    print(f"'vs fp32': size / ExecuTorch's fp32 XNNPACK program of the float model ({fp32_pte / 1024:.1f} KB); "
+          f"'vs ET': largest difference from ExecuTorch's int8 program and 'steps' from the quantized eager model, "
+          f"in output quantization steps ({step:.3g}); the quantized eager model's own SNR vs fp32: {q_snr:.1f} dB")
+
+
+def _reference_snr(quantized: Any, model: Any, input_specs: Any, testing: Any) -> float:
+    """SNR of the quantized eager model against fp32 eager on check_int8's inputs."""
+    import torch
+
+    reference = getattr(quantized, "reference", quantized)
+    got, want = [], []
+    with torch.no_grad():
+        for seed in range(21, 29):
+            x = testing.random_inputs(input_specs, seed=seed)
+            got.append(np.ravel(reference(*x).numpy()))
+            want.append(np.ravel(model(*x).numpy()))
+    return testing.snr_db(np.concatenate(got), np.concatenate(want))
 
 
 if __name__ == "__main__":
