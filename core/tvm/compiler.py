@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import tvm
 from tvm import relax
 
@@ -118,10 +119,9 @@ class TvmCompiler(Compiler):
                 raise LoweringError(f"{node_name}: {reason}", node=node_name)
         mod, inputs, outputs = import_partition(ep)
 
+        executable = relax.build(mod, target=self.target, relax_pipeline=_pipeline(self.target, self.schedule))
         if self.tune:
-            mod = self._tune(mod)
-        executable = relax.build(mod, target=self.target,
-                                 relax_pipeline=_pipeline(self.target, self.schedule, legalized=bool(self.tune)))
+            executable = self._keep_faster(executable, self._tune(mod), inputs)
         # The linker's objects (lib0.o, devc.o) go into the same directory, not a tempdir of TVM's
         # own, so a killed partition leaves nothing that the next one does not remove.
         with temp_dir("tvm") as tmp:
@@ -137,6 +137,7 @@ class TvmCompiler(Compiler):
             "mcpu": self.mcpu,
             "tune_trials": self.tune,
             "tune_budget_minutes": self.tune_budget,
+            **({"tuning": self.tuning} if self.tune else {}),
             "schedule": self.schedule,
             "entry": "main",
             "num_inputs": len(inputs),
@@ -172,6 +173,7 @@ class TvmCompiler(Compiler):
         from . import budget
 
         _import_tensor_intrinsics()
+        self.tuning = {"tasks": 0}
         mod = _legalize(self.target)(mod)
         database = ms.database.JSONDatabase(work_dir=str(self.tuning_dir))
         tasks = [t for t in ms.relax_integration.extract_tasks(mod, self.target)
@@ -224,6 +226,24 @@ class TvmCompiler(Compiler):
                            "stopped_by_budget": getattr(scheduler, "stopped_by_budget", False)}
         with self.target, database:
             return relax.transform.MetaScheduleApplyDatabase()(mod)
+
+    def _keep_faster(self, untuned: Any, tuned_mod: Any, inputs: list[dict[str, Any]]) -> Any:
+        """The tuned build when it runs faster than ``untuned`` (the default schedules) on this
+        machine, else ``untuned``: a few rounds of tuning can pick records whose whole-model time is
+        worse than the default schedule's, and a tuned program must never be the slower one. Both
+        are timed here, interleaved, on random inputs; the decision and both medians go to
+        ``self.tuning`` (and the delegate's metadata, ``handoff inspect``). With a remote target
+        (``rpc``) or symbolic input shapes this machine cannot time them: the tuned build is kept."""
+        tuned = relax.build(tuned_mod, target=self.target,
+                            relax_pipeline=_pipeline(self.target, self.schedule, legalized=True))
+        if self.rpc or self.cc or any(not all(isinstance(d, int) for d in (i["shape"] or ["?"])) for i in inputs):
+            self.tuning["kept"] = "tuned (not timed on this machine)"
+            return tuned
+        untuned_ms, tuned_ms = _median_ms([untuned, tuned], inputs)
+        faster = tuned_ms < untuned_ms
+        self.tuning.update({"kept": "tuned" if faster else "untuned (default schedules were faster)",
+                            "tuned_ms": round(tuned_ms, 3), "untuned_ms": round(untuned_ms, 3)})
+        return tuned if faster else untuned
 
     def _rpc_runner(self) -> Any:
         """MetaSchedule's RPC runner on the pool of ``self.rpc``: one worker per device of the key,
@@ -296,6 +316,24 @@ def _import_tensor_intrinsics() -> None:
         import tvm.s_tir.tensor_intrin  # noqa: F401
     finally:
         inspect.stack = real  # type: ignore[assignment]
+
+
+def _median_ms(executables: list[Any], inputs: list[dict[str, Any]], rounds: int = 5) -> list[float]:
+    """Median milliseconds per call of each executable's ``main`` on one set of random inputs,
+    the executables timed in turn, round after round (a busy machine slows them alike)."""
+    rng = np.random.default_rng(0)
+    args = [tvm.runtime.tensor(rng.standard_normal(i["shape"]).astype(i["dtype"]) if "float" in i["dtype"]
+                               else np.zeros(i["shape"], i["dtype"])) for i in inputs]
+    timers = []
+    for executable in executables:
+        vm = relax.VirtualMachine(executable, tvm.cpu())
+        vm["main"](*args)  # warm-up: first-touch of the constants and workspaces
+        timers.append(vm.time_evaluator("main", tvm.cpu(), number=1, repeat=1))
+    times: list[list[float]] = [[] for _ in executables]
+    for _ in range(rounds):
+        for timer, seen in zip(timers, times):
+            seen.append(timer(*args).median * 1e3)
+    return [float(np.median(seen)) for seen in times]
 
 
 def _flops(task: Any) -> float:
