@@ -3,7 +3,7 @@
     python benchmarks/tvm_kernels.py [--model zoo:mobilenet_v2] [--schedule default] [--threads 1]
 
 TVM 0.27's Relax VM has no profiler, so each PrimFunc the untuned pipeline schedules (handoff's
-``_scheduling_passes``: the same passes as a ``tvm`` partition) is built alone and timed with TVM's
+``_legalize`` and ``default_schedule``: the same passes as a ``tvm`` partition) is built alone and timed with TVM's
 ``time_evaluator`` (median of 5 repeats) on random buffers of the shapes ``main`` calls it with;
 the table is sorted by time x calls. Kernel times only: no VM dispatch, no memory planning, so the
 total is below the program's latency. Numbers only, not a test.
@@ -30,8 +30,9 @@ def main() -> None:
     from tvm import relax, tirx
 
     import handoff
-    from handoff.tvm.compiler import TvmCompiler, _scheduling_passes
+    from handoff.tvm.compiler import TvmCompiler, _legalize
     from handoff.tvm.importer import import_partition
+    from handoff.tvm.schedules import default_schedule
     from handoff.zoo import random_inputs
 
     zoo = handoff.get_plugins().zoo()[args.model.removeprefix("zoo:")]
@@ -39,7 +40,9 @@ def main() -> None:
     mod, _, _ = import_partition(ep)
     target = TvmCompiler({}).target
     with target:
-        mod = tvm.transform.Sequential(_scheduling_passes(target, args.schedule))(mod)
+        mod = _legalize(target, args.schedule)(mod)
+        if args.schedule != "none":
+            mod = default_schedule(args.schedule)(mod)
 
     calls: collections.Counter = collections.Counter()
     types = {}
