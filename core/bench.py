@@ -14,7 +14,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["percentile", "percentiles", "time_calls", "median_ms", "interleaved", "interleaved_median_ms",
+__all__ = ["percentile", "percentiles", "time_calls", "time_calls_cpu", "median_ms", "interleaved",
+           "interleaved_median_ms", "interleaved_medians_ms",
            "max_abs_error", "snr_db", "errors"]
 
 
@@ -43,6 +44,25 @@ def time_calls(fn: Callable[[], Any], runs: int, warmup: int = 0) -> list[float]
         fn()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def time_calls_cpu(fn: Callable[[], Any], runs: int, warmup: int = 0) -> tuple[list[float], list[float]]:
+    """Wall seconds and CPU seconds of each of ``runs`` calls of ``fn``, after ``warmup`` untimed
+    calls. CPU time is the whole process's (``time.process_time``: user + system time of every
+    thread, a vendor runtime's thread pool included, spinning too), so time the scheduler gave
+    another process, which a shared machine adds to the wall clock, does not count; the process's
+    other threads' work during the call does."""
+    for _ in range(warmup):
+        fn()
+    wall, cpu = [], []
+    for _ in range(runs):
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        cpu.append(time.process_time() - c0)
+        wall.append(t1 - t0)
+    return wall, cpu
 
 
 def median_ms(fn: Callable[[], Any], runs: int, warmup: int = 0) -> float:
@@ -79,6 +99,29 @@ def interleaved_median_ms(fns: Mapping[str, Callable[[], Any]], runs: int, round
     per_round = max(1, runs // rounds)
     samples = interleaved({name: (lambda r, fn=fn: time_calls(fn, per_round)) for name, fn in fns.items()}, rounds)
     return {name: statistics.median(t) * 1e3 for name, t in samples.items()}
+
+
+def interleaved_medians_ms(fns: Mapping[str, Callable[[], Any]], runs: int, rounds: int = 10,
+                           warmup: int = 0) -> dict[str, tuple[float, float]]:
+    """Like :func:`interleaved_median_ms`, with CPU time: ``name -> (median wall ms, median CPU
+    ms)`` per call (:func:`time_calls_cpu`). On a shared machine the CPU time is the steadier
+    figure: a call that waited for a time slice shows it in wall time only."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    per_round = max(1, runs // rounds)
+    pairs: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
+
+    def timer(name: str, fn: Callable[[], Any]) -> Callable[[int], list[float]]:
+        def one_round(r: int) -> list[float]:
+            wall, cpu = time_calls_cpu(fn, per_round)
+            pairs[name].extend(zip(wall, cpu))
+            return wall
+        return one_round
+
+    interleaved({name: timer(name, fn) for name, fn in fns.items()}, rounds)
+    return {name: (statistics.median(w for w, _ in p) * 1e3, statistics.median(c for _, c in p) * 1e3)
+            for name, p in pairs.items()}
 
 
 def max_abs_error(got: Any, want: Any) -> float:

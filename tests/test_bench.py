@@ -30,6 +30,40 @@ def test_time_calls_runs_warmup_untimed():
     assert bench.median_ms(lambda: None, runs=3) >= 0
 
 
+def _burn_in_another_thread(seconds: float) -> None:
+    """Spin in a second thread until the process has used ``seconds`` more CPU time, then join."""
+    import threading
+    import time
+
+    def spin():
+        end = time.process_time() + seconds
+        while time.process_time() < end:
+            pass
+
+    worker = threading.Thread(target=spin)
+    worker.start()
+    worker.join()
+
+
+def test_time_calls_cpu_counts_every_thread_and_not_sleep():
+    import time
+
+    calls = []
+    wall, cpu = bench.time_calls_cpu(lambda: (calls.append(1), _burn_in_another_thread(0.005)), runs=3, warmup=1)
+    assert len(calls) == 4 and len(wall) == len(cpu) == 3
+    assert all(c >= 0.005 for c in cpu)  # the other thread's CPU time is the process's
+    wall, cpu = bench.time_calls_cpu(lambda: time.sleep(0.02), runs=2)
+    assert all(w >= 0.02 for w in wall) and all(c < w for w, c in zip(wall, cpu))  # waiting is not CPU time
+
+
+def test_interleaved_medians_pairs_wall_and_cpu():
+    medians = bench.interleaved_medians_ms({"burn": lambda: _burn_in_another_thread(0.002), "idle": lambda: None},
+                                           runs=4, rounds=2, warmup=1)
+    assert set(medians) == {"burn", "idle"}
+    wall, cpu = medians["burn"]
+    assert cpu >= 2.0 and wall > 0 and medians["idle"][1] < cpu
+
+
 def test_interleaved_rotates_the_order_each_round():
     order: list[str] = []
 
