@@ -26,6 +26,7 @@ segment's SHA-256.
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -710,9 +711,21 @@ def _find_read(ins: dict, v: int) -> str | None:
     return found
 
 
-def _read_manifest(data: bytes, digest: bytes, header: _Header, name: str) -> dict:
-    if hashlib.sha256(data).digest() != digest:
-        raise _fail_header(name, "manifest_sha256", "does not match the manifest bytes (file corrupted)")
+#: The record of a verified file (:mod:`handoff.verified`) notes which reader checked its manifest
+#: under this name; a later open of the unchanged file by the same reader decodes the manifest
+#: without checking it again. A new release may check more, so the note names the release.
+VALIDATED_NOTE = "manifest-validated-by"
+
+
+@functools.cache
+def _validated_by() -> str:
+    from . import __version__
+
+    return f"handoff-{__version__}-format-{FORMAT_MAJOR}.{FORMAT_MINOR}"  # a note value holds no space
+
+
+def _read_manifest(data: bytes, header: _Header, name: str) -> dict:
+    """Decode and validate the manifest (whose bytes match the header's digest)."""
     manifest = _decode_manifest(data, name, header.manifest_offset)
     try:
         _Validator(name, header).run(manifest)
@@ -765,14 +778,27 @@ class ProgramFile:
             self.manifest_offset, self.manifest_length = header.manifest_offset, header.manifest_length
             moff, mlen = header.manifest_offset, header.manifest_length
             self._manifest_sha256 = digest
-            self.manifest = _read_manifest(bytes(buffer[moff : moff + mlen]), digest, header, name)
+            data = bytes(buffer[moff : moff + mlen])
+            if hashlib.sha256(data).digest() != digest:
+                raise _fail_header(name, "manifest_sha256", "does not match the manifest bytes (file corrupted)")
+            notes = verified.lookup(_stat[0], digest) if _stat is not None else None
+            validated_by = _validated_by()
+            if notes is not None and notes.get(VALIDATED_NOTE) == validated_by:
+                # The unchanged file whose manifest, these very bytes, this reader checked when it
+                # was recorded: strict decoding gives the same dict as plain decoding of text it
+                # accepted (no duplicate keys, no special or overflowing numbers), and the checks
+                # would pass again.
+                self.manifest = json.loads(data)
+            else:
+                self.manifest = _read_manifest(data, header, name)
             self._segments = [(s["offset"], s["length"], s["sha256"], s.get("crc32"), s.get("xxh3"))
                               for s in self.manifest["segments"]]
-            notes = verified.lookup(_stat[0], digest) if _stat is not None else None
             if notes is not None:
                 self.recorded = True
                 self.notes, self._notes_written = notes, dict(notes)
                 self._verified.update(range(len(self._segments)))
+            if _stat is not None:  # kept with the record remember_verified writes
+                self.notes[VALIDATED_NOTE] = validated_by
         except BaseException:
             self.close()
             raise
@@ -1039,7 +1065,7 @@ def _layout(
     )
     # The same checks a reader makes, so a writer bug cannot produce an unreadable file.
     hdr, _ = _parse_header(header, size, name)
-    _read_manifest(data, digest, hdr, name)
+    _read_manifest(data, hdr, name)
     return header, data, views, size
 
 
@@ -1133,6 +1159,7 @@ def write_program(
         if isinstance(exc, OSError):
             raise HandoffError(f"{name}: cannot write program file: {exc.strerror or exc}") from exc
         raise
-    if remember:
-        verified.record_written(name, written, hashlib.sha256(data).digest(), started, notes)
+    if remember:  # its manifest passed the reader's checks in _layout
+        verified.record_written(name, written, hashlib.sha256(data).digest(), started,
+                                {**(notes or {}), VALIDATED_NOTE: _validated_by()})
     return size

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Mapping
 
+from .cache import HOME_ENV
+
 DIRECTORY = "verified"
 #: a file changed less than this before its check began may still change unseen
 RACY_NS = 50_000_000
@@ -43,10 +45,12 @@ _MAX_RECORD_BYTES = 1 << 16
 
 
 def _directory() -> Path:
-    from .cache import HOME_ENV
+    return Path(_directory_name())
 
+
+def _directory_name() -> str:
     home = os.environ.get(HOME_ENV) or os.path.join(os.path.expanduser("~"), ".handoff")
-    return Path(home, DIRECTORY)
+    return os.path.join(home, DIRECTORY)
 
 
 def _key(st: os.stat_result) -> str:
@@ -61,8 +65,8 @@ def is_recorded(st: os.stat_result, manifest_sha256: bytes) -> bool:
 def lookup(st: os.stat_result, manifest_sha256: bytes) -> dict[str, str] | None:
     """The notes of the record of a file with exactly this ``stat`` and manifest digest (``{}``
     when it has none), or ``None`` when there is no such record."""
-    try:
-        with open(os.path.join(_directory(), _key(st)), "rb") as f:
+    try:  # on every load of a recorded file: a plain path and one read, nothing more
+        with open(os.path.join(_directory_name(), _key(st)), "rb", buffering=0) as f:
             data = f.read(_MAX_RECORD_BYTES)
     except (OSError, ValueError):
         return None

@@ -12,7 +12,7 @@ import torch
 import handoff
 from handoff import verified
 from handoff.errors import ProgramFormatError
-from handoff.program import ProgramFile, program_bytes, write_program
+from handoff.program import VALIDATED_NOTE, ProgramFile, _validated_by, program_bytes, write_program
 
 W = np.arange(6, dtype="<f4").reshape(2, 3)
 BLOB = b"delegate-blob\x00\xff" * 64
@@ -136,8 +136,11 @@ def test_partition_and_load_record_the_file(sink_plugins, tmp_path, monkeypatch)
         assert program.file.recorded
         # with the keys of its blobs (handoff.probe), so a runtime that isolates unknown blobs
         # does not hash them on the first load either
-        assert [n.split()[:2] for n in program.file.notes] == [["probe-key", str(d["segment"])]
-                                                               for d in program.manifest["delegates"]]
+        notes = {n: v for n, v in program.file.notes.items() if n != VALIDATED_NOTE}
+        assert [n.split()[:2] for n in notes] == [["probe-key", str(d["segment"])]
+                                                  for d in program.manifest["delegates"]]
+        # and that this reader checked its manifest while writing it
+        assert program.file.notes[VALIDATED_NOTE] == _validated_by()
         np.testing.assert_allclose(program.run([x.numpy()])[0], model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
 
 
@@ -200,3 +203,58 @@ def test_the_first_load_records_the_file(sink_plugins, tmp_path, monkeypatch):
     _no_checks(monkeypatch)
     with handoff.load(path) as program:
         assert program.file.recorded
+
+
+def _no_validation(monkeypatch):
+    from handoff import program
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the manifest of a recorded, unchanged file was validated again")
+
+    monkeypatch.setattr(program, "_read_manifest", refuse)
+
+
+def test_a_recorded_file_manifest_is_not_validated_again(tmp_path, monkeypatch):
+    path = _settled(tmp_path)
+    with ProgramFile.open(path) as pf:
+        strict = pf.manifest
+        assert pf.remember_verified()
+    _no_validation(monkeypatch)
+    with ProgramFile.open(path) as pf:
+        assert pf.recorded and pf.manifest == strict
+        assert pf.notes[VALIDATED_NOTE] == _validated_by()
+
+
+@pytest.mark.parametrize("note", [None, "handoff-0.0.1-format-1.4"])
+def test_a_record_from_another_reader_validates_again_and_is_rewritten(tmp_path, monkeypatch, note):
+    """A record written before the note existed, or by another release (which may check less):
+    the manifest is validated, and the record is rewritten with this reader's note."""
+    path = _settled(tmp_path)
+    with ProgramFile.open(path) as pf:
+        digest = pf._manifest_sha256
+    st = os.stat(path)
+    assert verified.record(st, digest, verified.wait_until_not_racy(st), None if note is None else {VALIDATED_NOTE: note})
+    from handoff import program
+
+    calls = []
+    real = program._read_manifest
+    monkeypatch.setattr(program, "_read_manifest", lambda *a: calls.append(1) or real(*a))
+    with ProgramFile.open(path) as pf:
+        assert pf.recorded and calls == [1]
+        assert pf.remember_verified()
+    assert verified.lookup(st, digest)[VALIDATED_NOTE] == _validated_by()
+    with ProgramFile.open(path) as pf:
+        assert calls == [1]
+
+
+def test_a_manifest_damaged_after_its_record_is_refused(tmp_path):
+    """The record never stands in for the manifest's digest: damage there is the usual error."""
+    path = _settled(tmp_path)
+    with ProgramFile.open(path) as pf:
+        assert pf.remember_verified()
+        moff = pf.manifest_offset
+    data = bytearray(path.read_bytes())
+    data[moff + 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ProgramFormatError, match="manifest_sha256"):
+        ProgramFile.open(path)
