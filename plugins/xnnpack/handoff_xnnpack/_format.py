@@ -14,6 +14,7 @@ the XNNPACK delegate's header magic and flatbuffer schema identifier (``xnnpack_
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Mapping
 
@@ -55,6 +56,7 @@ def unpack(data: bytes | bytearray | memoryview) -> tuple[dict[str, Any], memory
     return header, pte
 
 
+@functools.cache  # every load compares the same two versions
 def _release(version: str) -> tuple[int, ...]:
     """``"1.5.1+cpu"`` -> ``(1, 5, 1)``; ``()`` when it does not start with a number."""
     match = re.match(r"\d+(\.\d+)*", version.strip())

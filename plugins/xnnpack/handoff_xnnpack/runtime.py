@@ -101,6 +101,8 @@ class XnnpackRuntime(Runtime):
 
     # -- availability -------------------------------------------------------------------------
     def is_available(self) -> tuple[bool, str]:
+        if self._has_backend:  # asked on every load; a registered backend stays registered
+            return True, ""
         version = _executorch_version()
         if version is None:
             return False, f"executorch not installed: {_INSTALL}"
@@ -111,6 +113,7 @@ class XnnpackRuntime(Runtime):
         if _BACKEND not in names:
             return False, (f"ExecuTorch {version} runtime has no {_BACKEND} (registered: "
                            f"{', '.join(names) or 'none'}); {_INSTALL}")
+        self._has_backend = True
         return True, ""
 
     def _get_binding(self) -> Any:

@@ -428,7 +428,11 @@ def cnn_lowered(compiler):
     return model, compiler.preprocess(export(compiler, model, torch.randn(1, 3, 16, 16)), "p0")
 
 
-def test_runtime_is_available(runtime):
+def test_runtime_is_available(runtime, monkeypatch):
+    assert runtime.is_available() == (True, "")
+    # asked on every load: once ExecuTorch registered XnnpackBackend (it cannot unregister), the
+    # binding is not asked again
+    monkeypatch.setattr(runtime, "_binding", object())
     assert runtime.is_available() == (True, "")
 
 
