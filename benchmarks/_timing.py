@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from handoff.bench import interleaved_median_ms, median_ms
+from handoff.bench import interleaved_median_ms, interleaved_medians_ms, median_ms
 
-__all__ = ["interleaved_median_ms", "median_ms"]
+__all__ = ["interleaved_median_ms", "interleaved_medians_ms", "median_ms"]
