@@ -124,13 +124,14 @@ class Program:
             if backend not in used:
                 raise HandoffError(f"{self.file.name}: options given for backend '{backend}', which this program does "
                                    f"not use; it uses: {', '.join(used) or 'none'}")
-        parsed = {b: plugins.parse_options(b, options.get(b, {}), runtime=True) for b in used if b in plugins.backends}
-        self._installed = set(plugins.backends)
+        installed = plugins.backends  # a new dict on every access
+        parsed = {b: plugins.parse_options(b, options.get(b, {}), runtime=True) for b in used if b in installed}
+        self._installed = set(installed)
         why_not: dict[str, str | None] = {}  # backend -> why its runtime cannot be used here, or None
 
         def unusable(backend: str) -> str | None:
             if backend not in why_not:
-                if backend not in plugins.backends:
+                if backend not in installed:
                     why_not[backend] = plugins.not_installed_message(backend)
                 else:
                     ok, reason = plugins.runtime_available(backend)
