@@ -11,7 +11,9 @@ one that was checked is checked again, and damage still gives its one-line error
 Records live in ``$HANDOFF_HOME/verified``, one small file per key holding the manifest's
 SHA-256 (so a record also names the content it was made for), then any notes about the file
 computed from its bytes while it was checked, one ``name value`` per line: the blob keys of
-:mod:`handoff.probe`, so that a later load of the unchanged file does not hash its blobs again.
+:mod:`handoff.probe`, so that a later load of the unchanged file does not hash its blobs again, and
+the release that validated its manifest (:data:`handoff.program.VALIDATED_NOTE`), so that the same
+release decodes it without validating it again.
 They are written after a load has checked every segment (``Program``), and by ``partition`` for
 the file it wrote, from the digests computed while writing (:func:`record_written`: nothing is
 read back). A record that cannot be read or written is a miss, never an error: it only saves time.
