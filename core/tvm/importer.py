@@ -289,6 +289,15 @@ _CONVERTERS = {**_QUANTIZE_CONVERTERS, **_ACCUMULATING_CONVERTERS, "select.int":
 _ARGUMENT_CHECKS = {"_upsample_bilinear2d_aa.default": _antialiased_downsampling, "convolution.default": _convolution_reason}
 
 
+def converters() -> dict[str, Any]:
+    """handoff's converters, by converter-table key ("addmm.default"), in the form TVM's importer
+    takes as ``custom_convert_map`` (``fn(node, importer) -> relax.Var``): what
+    :func:`import_partition` passes to ``from_exported_program``. A backend that drives TVM's
+    ``ExportedProgramImporter`` itself installs these over the importer's own table (each bound to
+    that importer), so that it imports exactly as the ``tvm`` backend does."""
+    return dict(_CONVERTERS)
+
+
 def import_partition(ep: Any) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
     """``(Relax module, input specs, output specs)`` of one partition's ExportedProgram.
 
@@ -297,7 +306,7 @@ def import_partition(ep: Any) -> tuple[Any, list[dict[str, Any]], list[dict[str,
     try:
         # Already core ATen: decomposing again would retrace and rename the nodes that
         # LoweringError.node refers to.
-        mod = from_exported_program(ep, run_ep_decomposition=False, custom_convert_map=dict(_CONVERTERS))
+        mod = from_exported_program(ep, run_ep_decomposition=False, custom_convert_map=converters())
     except Exception as exc:
         node = failing_node(exc)
         where = f" at node {node}" if node else ""

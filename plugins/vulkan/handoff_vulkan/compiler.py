@@ -32,7 +32,7 @@ from tvm.relax.frontend.torch.exported_program_translator import ExportedProgram
 
 # The built-in TVM backend's importer checks: this backend imports with the same Relax importer,
 # so what it can import is exactly what that backend claims (not duplicated here).
-from handoff.tvm import TVM_NAME, import_partition, tvm_message
+from handoff.tvm import TVM_NAME, converters, import_partition, tvm_message
 from handoff.tvm import decline_reason as _importer_decline_reason
 
 from handoff import Compiler, Lowered, LoweringError
@@ -247,10 +247,13 @@ def _used_outputs(node: Any) -> Any:
 def _tagged_import(ep: Any, candidates: set[str], failures: dict[str, str]) -> tuple[Any, dict[int, str]]:
     """Import the whole graph with TVM's importer, converting only ``candidates``: every other node
     (and any candidate whose converter raises, recorded in ``failures``) becomes a placeholder
-    tensor of its shape. Returns the import and, for each Relax var a node's conversion returned,
-    that node's name."""
+    tensor of its shape. The converters are the importer's own with handoff's over them
+    (:func:`handoff.tvm.converters`, bound to this importer), as :func:`handoff.tvm.import_partition`
+    imports for :meth:`VulkanCompiler.preprocess`. Returns the import and, for each Relax var a
+    node's conversion returned, that node's name."""
     importer = ExportedProgramImporter()
-    converters = dict(importer.convert_map)
+    table = {**importer.convert_map,
+             **{key: _bound(fix, importer) for key, fix in converters().items()}}
 
     def placeholder(node: Any) -> Any:
         def zeros(val: Any) -> Any:
@@ -277,11 +280,11 @@ def _tagged_import(ep: Any, candidates: set[str], failures: dict[str, str]) -> t
 
         return convert
 
-    table = {name: wrap(fn) for name, fn in converters.items() if isinstance(name, str)}
+    wrapped = {name: wrap(fn) for name, fn in table.items() if isinstance(name, str)}
     for node in ep.graph.nodes:
         if node.op == "call_function":
-            table.setdefault(node.target.__name__, wrap(None))
-    importer.convert_map = {**converters, **table}
+            wrapped.setdefault(node.target.__name__, wrap(None))
+    importer.convert_map = {**table, **wrapped}
     module = importer.from_exported_program(ep, False, False, False, None)
     owners: dict[int, str] = {}
     for node in ep.graph.nodes:
@@ -289,6 +292,12 @@ def _tagged_import(ep: Any, candidates: set[str], failures: dict[str, str]) -> t
             for var in _vars(importer.env[node]):
                 owners.setdefault(_tvm._key(var), node.name)
     return module, owners
+
+
+def _bound(fix: Any, importer: Any) -> Any:
+    """A ``custom_convert_map`` converter (``fix(node, importer)``) as an importer's own table
+    holds one (``convert(node)``)."""
+    return lambda node: fix(node, importer)
 
 
 def _vars(value: Any) -> list[Any]:
