@@ -4,8 +4,9 @@ Capability (:meth:`VulkanCompiler.support`) is checked in two steps, both per no
 
 1. static: the node must be something TVM's Relax importer converts (the built-in ``tvm``
    backend's own check, :func:`handoff.tvm.importer.decline_reason`), and every tensor it reads or
-   writes must be float32 or int32 and non-empty, since a WGSL storage buffer holds nothing else
-   (no 64-bit or 8/16-bit types, no bool; f16 needs an optional feature);
+   writes must be float32, float16 or int32 and non-empty, since a WGSL storage buffer holds
+   nothing else (no 64-bit or 8/16-bit integers, no bool; f16 needs the adapter's shader-f16
+   feature, which the runtime checks when it loads the delegate);
 2. kernels: the nodes that pass are imported into Relax together, in one pass that remembers
    which Relax bindings each node produced; each op is legalized to TIR without fusion, scheduled
    with the dlight GPU rules (a schedule leaving a block unbound to GPU threads counts as none),
@@ -42,12 +43,11 @@ from ._format import FORMAT_VERSION, pack
 
 _log = logging.getLogger(__name__)
 #: Tensor dtypes a node may read or write (the torch side of _format.DTYPES; torch has no full uint32).
-_TORCH_DTYPES = {torch.float32, torch.int32}
+_TORCH_DTYPES = {torch.float32, torch.int32, torch.float16}
 _DTYPE_REASONS = {
     torch.int64: "int64 tensor: WGSL has no 64-bit integers",
     torch.uint64: "uint64 tensor: WGSL has no 64-bit integers",
     torch.float64: "float64 tensor: WGSL has no 64-bit floats",
-    torch.float16: "float16 tensor: WGSL f16 needs the optional shader-f16 feature, which this backend does not use",
     torch.bfloat16: "bfloat16 tensor: WGSL has no bfloat16",
     torch.bool: "bool tensor: a WGSL storage buffer cannot hold bool",
     torch.int8: "int8 tensor: WGSL has no 8-bit integers",
@@ -227,7 +227,7 @@ def _static_reason(node: Any) -> str | None:
             if isinstance(leaf, torch.Tensor):
                 if leaf.dtype not in _TORCH_DTYPES:
                     dtype = str(leaf.dtype).removeprefix("torch.")
-                    return _DTYPE_REASONS.get(leaf.dtype, f"{dtype} tensor: only float32 and int32 tensors are supported")
+                    return _DTYPE_REASONS.get(leaf.dtype, f"{dtype} tensor: only float32, float16 and int32 tensors are supported")
                 if leaf.numel() == 0:
                     return "zero-element tensor: a GPU buffer cannot be empty"
     return None

@@ -326,6 +326,38 @@ def test_unit_reductions_run_on_vulkan_and_match_eager(monkeypatch):
 
 
 @pytest.mark.slow
+def test_fp16_convolution_and_linear_run_on_vulkan_and_match_eager(monkeypatch):
+    """float16 on vulkan (WGSL f16, the shader-f16 feature; lavapipe has it): handoff's importer
+    converters (handoff.tvm.converters) accumulate the convolution and the addmm in float32 and
+    round once. With TVM's own converters an fp16 convolution with a bias failed to import and was
+    declined. Odd element counts (75 inputs, 5 outputs) check the 4-byte padding of f16 writes.
+    An adapter without shader-f16 refuses the delegate, naming the fix."""
+    _needs_compiler()
+    _needs_gpu()
+    import torch
+
+    from handoff_vulkan import runtime
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3),
+                                torch.nn.Flatten(), torch.nn.Linear(36, 5)).half().eval()
+    shape = (1, 3, 5, 5)
+    result = handoff.partition(model, (torch.randn(shape, dtype=torch.float16),), backends=["vulkan"],
+                               fallback=False, use_cache=False)
+    report = result.report.to_json()
+    assert report["declined"] == [], report["declined"]
+    ops = result.report.stats["vulkan"].ops
+    assert ops["aten.convolution.default"] == 2 and ops["aten.addmm.default"] == 1, ops
+    outputs = check_against_eager(result.to_bytes(), model, [(shape, "float16")], dtype="float16")
+    assert outputs[0].dtype == np.float16
+
+    monkeypatch.setattr(runtime, "_F16", "shader-f16 (absent here)")  # as on an adapter without it
+    with pytest.raises(handoff.HandoffError, match=r"computes in float16 .* has no shader-f16 \(absent here\) "
+                                                    r"feature; choose another adapter"):
+        handoff.load(result.to_bytes())
+
+
+@pytest.mark.slow
 def test_ops_without_a_gpu_schedule_are_declined_and_fall_back(monkeypatch):
     """Only Matmul can schedule here: support() must decline every other op, naming the reason,
     and the partition must put them on tvm."""
