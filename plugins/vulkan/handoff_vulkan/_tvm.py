@@ -6,8 +6,8 @@ what wgpu turns into SPIR-V for Vulkan):
 1. Relax: ``DecomposeOpsForInference``, ``LegalizeOps`` (every op becomes a TIR PrimFunc),
    ``AnnotateTIROpPattern``, then ``FuseOps`` + ``FuseTIR`` (unless fusion is off).
 2. dlight GPU rules (Matmul, GEMV, Reduction, GeneralReduction, Transpose, Fallback), tried in
-   order per PrimFunc, after handoff's :class:`_UnitReduction` for functions that reduce over
-   extent-1 iterators only (``Linear(1, N)``: K = 1), which dlight schedules wrongly; a rule whose
+   order per PrimFunc, then handoff's :class:`_UnitReduction` for functions that reduce over
+   extent-1 iterators only (``Linear(1, N)``: K = 1), where dlight's schedules are wrong; a rule whose
    schedule leaves any store outside a thread-bound loop (dlight's Transpose can), or that inlines
    an epilogue into a unit reduction's init (:func:`broken_reductions`), counts as not applicable,
    and the next rule is tried.
@@ -75,8 +75,9 @@ SMALL_REDUCTION = 64
 
 
 def _rules() -> list[Any]:
-    return [_UnitReduction(), dl.gpu.Matmul(), _SmallReduction(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-            dl.gpu.Transpose(), dl.gpu.Fallback()]
+    # _UnitReduction last: only for what dlight schedules wrongly (broken_reductions refuses it).
+    return [dl.gpu.Matmul(), _SmallReduction(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+            dl.gpu.Transpose(), dl.gpu.Fallback(), _UnitReduction()]
 
 
 def reduction_extent(func: Any) -> int:
@@ -127,10 +128,18 @@ class _UnitReduction(GPUScheduleRule):
     (of extent 1) serial inside the thread, and its init. dlight's rules normalize such a function
     first, which drops the unit reduction iterator, and then inline the epilogue (a bias add) into
     both the init and the update: the bias added twice (:func:`broken_reductions`). Nothing is
-    inlined here: a fused epilogue is a kernel of its own."""
+    inlined here: a fused epilogue is a kernel of its own. Functions with more than one
+    intermediate buffer are left alone (see :meth:`apply`): K = 1 matmuls and convolutions, with
+    or without a fused epilogue, have one."""
 
     def apply(self, func: Any, target: Any, tunable: bool) -> Any:
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target) or not unit_reductions(func):
+            return None
+        root = func.body.block if isinstance(func.body, s_tir.SBlockRealize) else None
+        if root is None or len(root.alloc_buffers) > 1:
+            # With two intermediates or more, TVM's storage planner may reuse one in place for the
+            # next (softmax or layer norm over a unit axis), which WebGPU cannot bind (read and
+            # written in one dispatch): left to the other rules (such ops are then declined).
             return None
         threads = dl.base.max_threads_per_block(target)
         sch = s_tir.Schedule(func)
@@ -157,9 +166,9 @@ def broken_reductions(func: Any) -> list[str]:
     update as ``C = C op e``. A reduction whose every iterator has extent 1 (``Linear(1, 1)``'s
     matmul, K = 1) loses its reduction iterator when dlight normalizes the function; dlight then
     treats the block as spatial and inlines an epilogue (the bias add) into both its init and its
-    update, so the epilogue is applied twice. :class:`_UnitReduction` schedules such functions
-    first; should it not apply, a schedule like that is refused: the next rule is tried, and where
-    none is left the op is declined with the reason (it runs elsewhere, correctly)."""
+    update, so the epilogue is applied twice. A schedule like that is refused: the next rule is
+    tried (:class:`_UnitReduction`, last, schedules such functions correctly), and where none is
+    left the op is declined with the reason (it runs elsewhere, correctly)."""
     bad: list[str] = []
     ops = (tirx.expr.Add, tirx.expr.Mul, tirx.expr.Max, tirx.expr.Min)
 
