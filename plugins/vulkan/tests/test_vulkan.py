@@ -305,6 +305,7 @@ def test_unit_reductions_run_on_vulkan_and_match_eager(monkeypatch):
             return x.sum(dim=1) * 2.0 + 1.0
 
     cases = [(torch.nn.Linear(1, 1), (1, 1)), (torch.nn.Linear(1, 8), (4, 1)),
+             (torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.ReLU()), (4, 1)),  # two intermediates fused
              (torch.nn.Conv2d(1, 4, 1), (2, 1, 5, 5)), (UnitSum(), (3, 1, 6))]
     for model, shape in cases:
         torch.manual_seed(0)
