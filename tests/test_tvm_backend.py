@@ -25,7 +25,7 @@ from handoff.cache import handoff_home  # noqa: E402
 from handoff.tvm.compiler import TvmCompiler  # noqa: E402
 from handoff.tvm.plugin import handoff_backends  # noqa: E402
 from handoff.tvm.runtime import TvmRuntime, host_triple  # noqa: E402
-from handoff.testing import check_against_eager  # noqa: E402
+from handoff.testing import assert_matches_eager, check_against_eager  # noqa: E402
 
 
 def _core_aten(model: nn.Module, *example: torch.Tensor):
@@ -78,11 +78,17 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-def _lower_and_compare(model: nn.Module, shapes, options=None, name="p0"):
+def _lower_and_compare(model: nn.Module, shapes, options=None, name="p0", dtype="float32"):
     """Lower ``model`` whole, run it through the runtime on two fresh random inputs each, and
-    compare with eager torch; returns the Lowered for further checks."""
+    compare with eager torch within ``handoff.testing``'s tolerance for ``dtype`` (bfloat16 models
+    take and return float32: numpy has no bfloat16); returns the Lowered for further checks."""
     torch.manual_seed(1)
-    ep = _core_aten(model, *(torch.randn(s) for s in shapes))
+    io = torch.float16 if dtype == "float16" else torch.float32
+
+    def inputs():
+        return [torch.randn(s).to(io) for s in shapes]
+
+    ep = _core_aten(model, *inputs())
     compiler = TvmCompiler(options or {})
     support = compiler.support(ep)
     assert support and all(reason is None for reason in support.values()), support
@@ -95,15 +101,15 @@ def _lower_and_compare(model: nn.Module, shapes, options=None, name="p0"):
     try:
         results = []
         for _ in range(2):
-            inputs = [torch.randn(s) for s in shapes]
-            got = runtime.to_host(runtime.execute(handle, [i.numpy() for i in inputs]))  # TVM tensors -> numpy
+            x = inputs()
+            got = runtime.to_host(runtime.execute(handle, [i.numpy() for i in x]))  # TVM tensors -> numpy
             with torch.no_grad():
-                want = model(*inputs)
+                want = model(*x)
             want = [want] if isinstance(want, torch.Tensor) else list(want)
             assert len(got) == len(want)
             for g, w in zip(got, want):
-                assert isinstance(g, np.ndarray) and g.shape == tuple(w.shape)
-                np.testing.assert_allclose(g, w.numpy(), rtol=1e-4, atol=1e-5)
+                assert isinstance(g, np.ndarray) and g.shape == tuple(w.shape) and g.dtype == w.numpy().dtype
+                assert_matches_eager(g, w, dtype)
             results.append(got[0])
         assert not np.allclose(results[0], results[1]), "output does not depend on the input: degenerate model"
     finally:
@@ -251,6 +257,65 @@ def test_fp16_convolutions_match_eager(layer, shape):
     result = handoff.partition(model, (torch.randn(shape, dtype=torch.float16),), backends=["tvm"])
     assert result.report.stats["tvm"].ops["aten.convolution.default"] == 1
     outputs = check_against_eager(result.to_bytes(), model, [(shape, "float16")], dtype="float16")
+    assert outputs[0].dtype == np.float16
+
+
+class _Product(nn.Module):
+    """One matmul-like op on its inputs, in ``dtype`` (bfloat16: cast in and out, numpy has none)."""
+
+    def __init__(self, op, dtype):
+        super().__init__()
+        self.op, self.dtype = op, dtype
+
+    def forward(self, *xs):
+        if self.dtype == torch.bfloat16:
+            return self.op(*(x.bfloat16() for x in xs)).float()
+        return self.op(*xs)
+
+
+_PRODUCTS = {  # op -> (function, input shapes)
+    "mm": (torch.mm, [(5, 7), (7, 6)]),
+    "bmm": (torch.bmm, [(2, 5, 7), (2, 7, 6)]),
+    "matmul-broadcast": (torch.matmul, [(2, 3, 5, 7), (3, 7, 6)]),
+    "addmm": (lambda b, x, w: torch.addmm(b, x, w), [(6,), (5, 7), (7, 6)]),
+    "addmm-alpha-beta": (lambda b, x, w: torch.addmm(b, x, w, beta=0.5, alpha=-2.0), [(5, 6), (5, 7), (7, 6)]),
+    "baddbmm": (lambda b, x, w: torch.baddbmm(b, x, w, alpha=0.5), [(2, 5, 6), (2, 5, 7), (2, 7, 6)]),
+    "linear": (torch.nn.functional.linear, [(2, 3, 7), (6, 7), (6,)]),
+    "linear-no-bias": (torch.nn.functional.linear, [(5, 7), (6, 7)]),
+}
+
+
+# TVM 0.27's importer emits addmm/mm/bmm/matmul/linear with out_dtype float32 (and adds addmm's bias
+# in the input's dtype), baddbmm in the input's dtype; handoff's converters accumulate half
+# precision in float32, add the bias there and round once, as eager does.
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("op", list(_PRODUCTS))
+def test_half_precision_matmuls_match_eager(op, dtype):
+    fn, shapes = _PRODUCTS[op]
+    lowered = _lower_and_compare(_Product(fn, getattr(torch, dtype)), shapes, dtype=dtype)
+    assert lowered.metadata["outputs"][0]["dtype"] == ("float16" if dtype == "float16" else "float32")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "int32"])
+def test_other_dtypes_multiply_in_their_own(dtype):
+    # TVM's importer returned float32 for these (its out_dtype is float32 whatever the inputs).
+    from handoff.tvm.importer import import_partition
+
+    t = getattr(torch, dtype)
+    ep = _core_aten(_Product(torch.addmm, t), torch.ones(6, dtype=t), torch.ones(5, 7, dtype=t), torch.ones(7, 6, dtype=t))
+    _, _, outputs = import_partition(ep)
+    assert outputs == [{"shape": [5, 6], "dtype": dtype}]
+
+
+@pytest.mark.slow
+def test_fp16_transformer_block_matches_eager():
+    block = _randomize_norms(Block()).half().eval()
+    shape = (2, 8, 32)
+    result = handoff.partition(block, (torch.randn(shape, dtype=torch.float16),), backends=["tvm"])
+    stats = result.report.stats["tvm"]
+    assert stats.ops["aten.addmm.default"] + stats.ops["aten.bmm.default"] >= 6, stats.ops
+    assert result.report.coverage("tvm") == 100.0
+    outputs = check_against_eager(result.to_bytes(), block, [(shape, "float16")], dtype="float16")
     assert outputs[0].dtype == np.float16
 
 

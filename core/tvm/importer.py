@@ -185,13 +185,44 @@ _QUANTIZE_CONVERTERS = {
 }
 
 
-# -- convolution -----------------------------------------------------------------------------------
-# TVM 0.27's converter for aten.convolution (``BaseFXGraphImporter._convolution``) emits every
-# convolution with ``out_dtype="float32"`` and then adds the bias in the input's dtype: an fp16 or
-# bf16 convolution with a bias fails to import ("R.add ... float32 vs float16"), and one without
-# returns float32 where eager returns the input's dtype. This converter accumulates half-precision
-# convolutions in float32 (as eager PyTorch does on CPU), adds the bias in float32, and rounds once
-# to the input's dtype; float32 and float64 convolutions compute in their own dtype.
+# -- half-precision accumulation ------------------------------------------------------------------
+# TVM 0.27's converters for aten.convolution (``BaseFXGraphImporter._convolution``), addmm, mm,
+# bmm, matmul and linear emit the product with ``out_dtype="float32"`` whatever the inputs' dtype,
+# and addmm/convolution then add the bias in the input's dtype: an fp16 or bf16 op with a bias fails
+# to import ("R.add ... float32 vs float16"), one without returns float32 where eager returns the
+# input's dtype, and a float64 or int32 product comes back float32. baddbmm's converter, the other
+# way round, accumulates half precision in half precision. handoff's converters share one rule,
+# :func:`_accumulated`: half precision accumulates in float32 (as eager PyTorch does on CPU), the
+# bias is scaled and added there, and the result is rounded once to the node's dtype; every other
+# dtype computes in its own.
+
+_HALF = ("float16", "bfloat16")
+
+
+def _node_dtype(node: torch.fx.Node) -> str:
+    return str(node.meta["val"].dtype).removeprefix("torch.")
+
+
+def _accumulated(node: torch.fx.Node, importer: Any, product: Any, bias: Any = None, alpha: float = 1,
+                 beta: float = 1) -> Any:
+    """``alpha * product(out_dtype) + beta * bias`` as ``node`` computes it: ``product`` emits the
+    op with the accumulation dtype as its ``out_dtype``; ``bias`` (a Relax expression broadcasting
+    to the product, or ``None``) is added in that dtype; the sum is rounded once to the node's dtype.
+    A ``beta`` of 0 ignores the bias (NaN and infinity in it too), as torch does."""
+    dtype = _node_dtype(node)
+    accumulate = "float32" if dtype in _HALF else dtype
+    bb = importer.block_builder
+    out = bb.emit(product(accumulate))
+    if alpha != 1:
+        out = bb.emit(relax.op.multiply(out, relax.const(alpha, accumulate)))
+    if bias is not None and beta != 0:
+        if bias.ty.dtype != accumulate:
+            bias = bb.emit(relax.op.astype(bias, accumulate))
+        if beta != 1:
+            bias = bb.emit(relax.op.multiply(bias, relax.const(beta, accumulate)))
+        out = bb.emit(relax.op.add(out, bias))
+    return out if accumulate == dtype else bb.emit(relax.op.astype(out, dtype))
+
 
 #: (transposed, input rank) -> (Relax op, data layout, kernel layout), as aten.convolution lays them.
 _CONVOLUTIONS = {
@@ -201,7 +232,6 @@ _CONVOLUTIONS = {
     (True, 3): (relax.op.nn.conv1d_transpose, "NCW", "IOW"),
     (True, 4): (relax.op.nn.conv2d_transpose, "NCHW", "IOHW"),
 }
-_HALF = ("float16", "bfloat16")
 
 
 def _convolution_reason(node: torch.fx.Node) -> str | None:
@@ -216,24 +246,56 @@ def _convolution(node: torch.fx.Node, importer: Any) -> Any:
     x, weight, bias, stride, padding, dilation, transposed, output_padding, groups = importer.retrieve_args(node)
     rank = len(node.args[0].meta["val"].shape)
     op, data_layout, kernel_layout = _CONVOLUTIONS[transposed, rank]
-    dtype = str(node.args[0].meta["val"].dtype).removeprefix("torch.")
-    accumulate = "float32" if dtype in _HALF else dtype
     extra = {"output_padding": output_padding} if transposed else {}
-    bb = importer.block_builder
-    out = bb.emit(op(x, weight, strides=stride, padding=padding, dilation=dilation, groups=groups, data_layout=data_layout,
-                     kernel_layout=kernel_layout, out_dtype=accumulate, **extra))
     if bias is not None:
-        bias = bb.emit(relax.op.reshape(bb.emit(relax.op.astype(bias, accumulate)), [1, -1] + [1] * (rank - 2)))
-        out = bb.emit(relax.op.add(out, bias))
-    return out if accumulate == dtype else bb.emit(relax.op.astype(out, dtype))
+        bias = importer.block_builder.emit(relax.op.reshape(bias, [1, -1] + [1] * (rank - 2)))
+    return _accumulated(node, importer, lambda out_dtype: op(
+        x, weight, strides=stride, padding=padding, dilation=dilation, groups=groups, data_layout=data_layout,
+        kernel_layout=kernel_layout, out_dtype=out_dtype, **extra), bias)
+
+
+def _matmul(node: torch.fx.Node, importer: Any) -> Any:
+    """``aten.mm``, ``bmm`` and ``matmul``."""
+    a, b = importer.retrieve_args(node)[:2]
+    return _accumulated(node, importer, lambda out_dtype: relax.op.matmul(a, b, out_dtype=out_dtype))
+
+
+def _addmm(node: torch.fx.Node, importer: Any) -> Any:
+    """``aten.addmm`` and ``baddbmm``: ``beta * input + alpha * (a @ b)``."""
+    bias, a, b = importer.retrieve_args(node)[:3]
+    alpha, beta = node.kwargs.get("alpha", 1), node.kwargs.get("beta", 1)
+    return _accumulated(node, importer, lambda out_dtype: relax.op.matmul(a, b, out_dtype=out_dtype), bias,
+                        alpha=alpha, beta=beta)
+
+
+def _linear(node: torch.fx.Node, importer: Any) -> Any:
+    """``aten.linear``: ``x @ weight.T + bias``."""
+    args = importer.retrieve_args(node)
+    x, weight, bias = args[0], args[1], args[2] if len(args) > 2 else None
+    return _accumulated(node, importer, lambda out_dtype: relax.op.linear(x, weight, None, out_dtype), bias)
+
+
+_ACCUMULATING_CONVERTERS = {
+    "convolution.default": _convolution, "mm.default": _matmul, "bmm.default": _matmul, "matmul.default": _matmul,
+    "addmm.default": _addmm, "baddbmm.default": _addmm, "linear.default": _linear,
+}
 
 
 #: Converters handoff puts in place of (or next to) the importer's own, by converter-table key (see
 #: each function for the importer's bug it avoids).
-_CONVERTERS = {**_QUANTIZE_CONVERTERS, "convolution.default": _convolution, "select.int": _select}
+_CONVERTERS = {**_QUANTIZE_CONVERTERS, **_ACCUMULATING_CONVERTERS, "select.int": _select}
 
 #: Converters that exist but fail or give wrong results for some arguments, by converter-table key.
 _ARGUMENT_CHECKS = {"_upsample_bilinear2d_aa.default": _antialiased_downsampling, "convolution.default": _convolution_reason}
+
+
+def converters() -> dict[str, Any]:
+    """handoff's converters, by converter-table key ("addmm.default"), in the form TVM's importer
+    takes as ``custom_convert_map`` (``fn(node, importer) -> relax.Var``): what
+    :func:`import_partition` passes to ``from_exported_program``. A backend that drives TVM's
+    ``ExportedProgramImporter`` itself installs these over the importer's own table (each bound to
+    that importer), so that it imports exactly as the ``tvm`` backend does."""
+    return dict(_CONVERTERS)
 
 
 def import_partition(ep: Any) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
@@ -244,7 +306,7 @@ def import_partition(ep: Any) -> tuple[Any, list[dict[str, Any]], list[dict[str,
     try:
         # Already core ATen: decomposing again would retrace and rename the nodes that
         # LoweringError.node refers to.
-        mod = from_exported_program(ep, run_ep_decomposition=False, custom_convert_map=dict(_CONVERTERS))
+        mod = from_exported_program(ep, run_ep_decomposition=False, custom_convert_map=converters())
     except Exception as exc:
         node = failing_node(exc)
         where = f" at node {node}" if node else ""

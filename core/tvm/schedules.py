@@ -52,12 +52,16 @@ def _static(sch: s_tir.Schedule, loop: Any) -> int | None:
     return extent if isinstance(extent, int) else None
 
 
-def _vector_factor(extent: int, lanes: int) -> int:
+def _vector_factor(extent: int, lanes: int, row: int | None = None) -> int:
     """The largest divisor of ``extent`` up to ``lanes`` (1: do not vectorise). Not only powers
     of two: MobileNet's 7x7 and 14x14 maps (49, 196) take 7 and 14 lanes, which LLVM widens to
-    one register with a masked tail, instead of running scalar or at 4 lanes."""
+    one register with a masked tail, instead of running scalar or at 4 lanes. With ``row`` (the
+    extent of the innermost loop fused into ``extent``), only factors that tile whole rows or
+    divide a row: a tile ending mid-row makes ``reverse_compute_at`` cover the whole last row in
+    two parallel tiles, each reading the other's unfinished sums (a 5x6 matmul with a cast
+    epilogue at 15 lanes came back with a wrong row)."""
     for v in range(min(lanes, extent), 1, -1):
-        if extent % v == 0:
+        if extent % v == 0 and (row is None or v % row == 0 or row % v == 0):
             return v
     return 1
 
@@ -158,10 +162,11 @@ class Contraction(_CPURule):
         lanes = _lanes(target, _dtype_bits(sch, block))
         # Fuse inner output loops until they span at least a vector register.
         inner = spatial.pop()
+        row = _static(sch, inner)
         while spatial and _static(sch, inner) < lanes:
             inner = sch.fuse(spatial.pop(), inner)
         tail = []
-        lanes = _vector_factor(_static(sch, inner), lanes)
+        lanes = _vector_factor(_static(sch, inner), lanes, row if epilogue else None)
         if lanes >= 4:
             inner, inner_i = sch.split(inner, factors=[None, lanes])
             tail = [inner_i]

@@ -27,8 +27,11 @@ UNIFORM_SLOT = 256
 #: WebGPU's guaranteed maxComputeWorkgroupsPerDimension; TVM folds wider x grids into z.
 MAX_GRID_DIM = 65535
 
-#: Tensor dtypes a delegate can take, hold and return -> (WGSL scalar type, bytes).
-DTYPES: dict[str, tuple[str, int]] = {"float32": ("f32", 4), "int32": ("i32", 4), "uint32": ("u32", 4)}
+#: Tensor dtypes a delegate can take, hold and return -> (WGSL scalar type, bytes). ``f16`` needs
+#: the adapter's ``shader-f16`` feature (the runtime asks for it, and refuses a delegate that uses
+#: f16 on an adapter without it).
+DTYPES: dict[str, tuple[str, int]] = {"float32": ("f32", 4), "int32": ("i32", 4), "uint32": ("u32", 4),
+                                      "float16": ("f16", 2)}
 #: WGSL scalar types allowed as scalar (uniform) kernel arguments -> struct format character.
 POD_TYPES = {"i32": "i", "u32": "I", "f32": "f"}
 

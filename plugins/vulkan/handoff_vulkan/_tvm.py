@@ -6,10 +6,11 @@ what wgpu turns into SPIR-V for Vulkan):
 1. Relax: ``DecomposeOpsForInference``, ``LegalizeOps`` (every op becomes a TIR PrimFunc),
    ``AnnotateTIROpPattern``, then ``FuseOps`` + ``FuseTIR`` (unless fusion is off).
 2. dlight GPU rules (Matmul, GEMV, Reduction, GeneralReduction, Transpose, Fallback), tried in
-   order per PrimFunc; a rule whose schedule leaves any store outside a thread-bound loop (dlight's
-   Transpose can), or that inlines an epilogue into a unit reduction's init (dlight's Fallback does
-   for ``Linear(1, 1)``: :func:`broken_reductions`), counts as not applicable, and the next rule is
-   tried.
+   order per PrimFunc, then handoff's :class:`_UnitReduction` for functions that reduce over
+   extent-1 iterators only (``Linear(1, N)``: K = 1), where dlight's schedules are wrong; a rule whose
+   schedule leaves any store outside a thread-bound loop (dlight's Transpose can), or that inlines
+   an epilogue into a unit reduction's init (:func:`broken_reductions`), counts as not applicable,
+   and the next rule is tried.
 3. Relax again: ``CallTIRRewrite`` (destination-passing calls) and ``StaticPlanBlockMemory``,
    whose storage tokens become the delegate's intermediate buffers, reused across tensors whose
    lifetimes do not overlap.
@@ -34,6 +35,7 @@ import tvm
 import tvm_ffi
 from tvm import relax, s_tir, sym, tirx
 from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.tirx.build import split_host_device_mods
 
 from handoff.tvm import TVM_NAME, tvm_message
@@ -73,8 +75,9 @@ SMALL_REDUCTION = 64
 
 
 def _rules() -> list[Any]:
+    # _UnitReduction last: only for what dlight schedules wrongly (broken_reductions refuses it).
     return [dl.gpu.Matmul(), _SmallReduction(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-            dl.gpu.Transpose(), dl.gpu.Fallback()]
+            dl.gpu.Transpose(), dl.gpu.Fallback(), _UnitReduction()]
 
 
 def reduction_extent(func: Any) -> int:
@@ -105,13 +108,67 @@ class _SmallReduction(dl.gpu.Fallback):
         return super().apply(func, target, tunable)
 
 
+def unit_reductions(func: Any) -> list[str]:
+    """Names of the blocks of ``func`` that reduce over iterators of extent 1 only (``Linear(1, N)``'s
+    matmul: K = 1)."""
+    found: list[str] = []
+
+    def visit(block: Any) -> None:
+        extents = [iv.dom.extent for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
+        if extents and all(isinstance(e, tirx.IntImm) and int(e.value) == 1 for e in extents):
+            found.append(block.name_hint)
+
+    tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, visit)], order="post")
+    return found
+
+
+class _UnitReduction(GPUScheduleRule):
+    """For functions with a unit reduction (:func:`unit_reductions`): every block keeps its own
+    loop nest, its spatial loops fused and spread over workgroups of threads, its reduction loops
+    (of extent 1) serial inside the thread, and its init. dlight's rules normalize such a function
+    first, which drops the unit reduction iterator, and then inline the epilogue (a bias add) into
+    both the init and the update: the bias added twice (:func:`broken_reductions`). Nothing is
+    inlined here: a fused epilogue is a kernel of its own. Functions with more than one
+    intermediate buffer are left alone (see :meth:`apply`): K = 1 matmuls and convolutions, with
+    or without a fused epilogue, have one."""
+
+    def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target) or not unit_reductions(func):
+            return None
+        root = func.body.block if isinstance(func.body, s_tir.SBlockRealize) else None
+        if root is None or len(root.alloc_buffers) > 1:
+            # With two intermediates or more, TVM's storage planner may reuse one in place for the
+            # next (softmax or layer norm over a unit axis), which WebGPU cannot bind (read and
+            # written in one dispatch): left to the other rules (such ops are then declined).
+            return None
+        threads = dl.base.max_threads_per_block(target)
+        sch = s_tir.Schedule(func)
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            loops = sch.get_loops(block)
+            kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
+            if len(loops) != len(kinds):
+                return None  # loops and iterators do not pair up as TE's computes lay them out
+            spatial = [lp for lp, kind in zip(loops, kinds) if kind == tirx.IterVar.DataPar]
+            reduce = [lp for lp, kind in zip(loops, kinds) if kind == tirx.IterVar.CommReduce]
+            if len(spatial) + len(reduce) != len(loops):
+                return None
+            if not spatial:
+                spatial = [sch.add_unit_loop(block)]
+            sch.reorder(*spatial, *reduce)
+            bx, tx = sch.split(sch.fuse(*spatial), factors=[None, threads])
+            sch.bind(bx, "blockIdx.x")
+            sch.bind(tx, "threadIdx.x")
+        return sch
+
+
 def broken_reductions(func: Any) -> list[str]:
     """Names of the blocks of a scheduled PrimFunc that keep a reduction's init but no longer
     update as ``C = C op e``. A reduction whose every iterator has extent 1 (``Linear(1, 1)``'s
     matmul, K = 1) loses its reduction iterator when dlight normalizes the function; dlight then
     treats the block as spatial and inlines an epilogue (the bias add) into both its init and its
-    update, so the epilogue is applied twice. Such a schedule is refused: the next rule is tried,
-    and where none is left the op is declined with the reason (it runs elsewhere, correctly)."""
+    update, so the epilogue is applied twice. A schedule like that is refused: the next rule is
+    tried (:class:`_UnitReduction`, last, schedules such functions correctly), and where none is
+    left the op is declined with the reason (it runs elsewhere, correctly)."""
     bad: list[str] = []
     ops = (tirx.expr.Add, tirx.expr.Mul, tirx.expr.Max, tirx.expr.Min)
 

@@ -4,8 +4,9 @@ Capability (:meth:`VulkanCompiler.support`) is checked in two steps, both per no
 
 1. static: the node must be something TVM's Relax importer converts (the built-in ``tvm``
    backend's own check, :func:`handoff.tvm.importer.decline_reason`), and every tensor it reads or
-   writes must be float32 or int32 and non-empty, since a WGSL storage buffer holds nothing else
-   (no 64-bit or 8/16-bit types, no bool; f16 needs an optional feature);
+   writes must be float32, float16 or int32 and non-empty, since a WGSL storage buffer holds
+   nothing else (no 64-bit or 8/16-bit integers, no bool; f16 needs the adapter's shader-f16
+   feature, which the runtime checks when it loads the delegate);
 2. kernels: the nodes that pass are imported into Relax together, in one pass that remembers
    which Relax bindings each node produced; each op is legalized to TIR without fusion, scheduled
    with the dlight GPU rules (a schedule leaving a block unbound to GPU threads counts as none),
@@ -32,7 +33,7 @@ from tvm.relax.frontend.torch.exported_program_translator import ExportedProgram
 
 # The built-in TVM backend's importer checks: this backend imports with the same Relax importer,
 # so what it can import is exactly what that backend claims (not duplicated here).
-from handoff.tvm import TVM_NAME, import_partition, tvm_message
+from handoff.tvm import TVM_NAME, converters, import_partition, tvm_message
 from handoff.tvm import decline_reason as _importer_decline_reason
 
 from handoff import Compiler, Lowered, LoweringError
@@ -42,12 +43,11 @@ from ._format import FORMAT_VERSION, pack
 
 _log = logging.getLogger(__name__)
 #: Tensor dtypes a node may read or write (the torch side of _format.DTYPES; torch has no full uint32).
-_TORCH_DTYPES = {torch.float32, torch.int32}
+_TORCH_DTYPES = {torch.float32, torch.int32, torch.float16}
 _DTYPE_REASONS = {
     torch.int64: "int64 tensor: WGSL has no 64-bit integers",
     torch.uint64: "uint64 tensor: WGSL has no 64-bit integers",
     torch.float64: "float64 tensor: WGSL has no 64-bit floats",
-    torch.float16: "float16 tensor: WGSL f16 needs the optional shader-f16 feature, which this backend does not use",
     torch.bfloat16: "bfloat16 tensor: WGSL has no bfloat16",
     torch.bool: "bool tensor: a WGSL storage buffer cannot hold bool",
     torch.int8: "int8 tensor: WGSL has no 8-bit integers",
@@ -227,7 +227,7 @@ def _static_reason(node: Any) -> str | None:
             if isinstance(leaf, torch.Tensor):
                 if leaf.dtype not in _TORCH_DTYPES:
                     dtype = str(leaf.dtype).removeprefix("torch.")
-                    return _DTYPE_REASONS.get(leaf.dtype, f"{dtype} tensor: only float32 and int32 tensors are supported")
+                    return _DTYPE_REASONS.get(leaf.dtype, f"{dtype} tensor: only float32, float16 and int32 tensors are supported")
                 if leaf.numel() == 0:
                     return "zero-element tensor: a GPU buffer cannot be empty"
     return None
@@ -247,10 +247,13 @@ def _used_outputs(node: Any) -> Any:
 def _tagged_import(ep: Any, candidates: set[str], failures: dict[str, str]) -> tuple[Any, dict[int, str]]:
     """Import the whole graph with TVM's importer, converting only ``candidates``: every other node
     (and any candidate whose converter raises, recorded in ``failures``) becomes a placeholder
-    tensor of its shape. Returns the import and, for each Relax var a node's conversion returned,
-    that node's name."""
+    tensor of its shape. The converters are the importer's own with handoff's over them
+    (:func:`handoff.tvm.converters`, bound to this importer), as :func:`handoff.tvm.import_partition`
+    imports for :meth:`VulkanCompiler.preprocess`. Returns the import and, for each Relax var a
+    node's conversion returned, that node's name."""
     importer = ExportedProgramImporter()
-    converters = dict(importer.convert_map)
+    table = {**importer.convert_map,
+             **{key: _bound(fix, importer) for key, fix in converters().items()}}
 
     def placeholder(node: Any) -> Any:
         def zeros(val: Any) -> Any:
@@ -277,11 +280,11 @@ def _tagged_import(ep: Any, candidates: set[str], failures: dict[str, str]) -> t
 
         return convert
 
-    table = {name: wrap(fn) for name, fn in converters.items() if isinstance(name, str)}
+    wrapped = {name: wrap(fn) for name, fn in table.items() if isinstance(name, str)}
     for node in ep.graph.nodes:
         if node.op == "call_function":
-            table.setdefault(node.target.__name__, wrap(None))
-    importer.convert_map = {**converters, **table}
+            wrapped.setdefault(node.target.__name__, wrap(None))
+    importer.convert_map = {**table, **wrapped}
     module = importer.from_exported_program(ep, False, False, False, None)
     owners: dict[int, str] = {}
     for node in ep.graph.nodes:
@@ -289,6 +292,12 @@ def _tagged_import(ep: Any, candidates: set[str], failures: dict[str, str]) -> t
             for var in _vars(importer.env[node]):
                 owners.setdefault(_tvm._key(var), node.name)
     return module, owners
+
+
+def _bound(fix: Any, importer: Any) -> Any:
+    """A ``custom_convert_map`` converter (``fix(node, importer)``) as an importer's own table
+    holds one (``convert(node)``)."""
+    return lambda node: fix(node, importer)
 
 
 def _vars(value: Any) -> list[Any]:

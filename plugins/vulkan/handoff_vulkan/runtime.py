@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import threading
 import time
 from typing import Any, Mapping, Sequence
@@ -114,6 +115,7 @@ class _Device:
     name: str
     limits: dict[str, int]
     timestamps: bool
+    features: frozenset[str]  # the device's WebGPU features (shader-f16 where the adapter has it)
     memory: str  # the memory domain of its delegates' outputs
     readback_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # guards what follows
     staging: Any = None  # the MAP_READ buffer every readback goes through, grown on demand
@@ -200,10 +202,12 @@ class VulkanRuntime(Runtime):
                 if "timestamp-query" not in adapter.features:
                     raise ValueError(f"option timestamps=1: adapter {_adapter_name(adapter)} has no timestamp-query feature")
                 features.append("timestamp-query")
+            if _F16 in adapter.features:  # float16 kernels need it; asked for whenever the adapter has it
+                features.append(_F16)
             # wgpu-py requests the adapter's own limits when none are given: the most it allows.
             device = adapter.request_device_sync(required_features=features, label="handoff-vulkan")
             name = _adapter_name(adapter)
-            dev = _Device(wgpu, adapter, device, device.queue, name, dict(device.limits), timestamps,
+            dev = _Device(wgpu, adapter, device, device.queue, name, dict(device.limits), timestamps, frozenset(features),
                           f"wgpu:{name}" + (" +timestamps" if timestamps else ""))
             self._devices[key] = dev
             return dev
@@ -227,6 +231,10 @@ class VulkanRuntime(Runtime):
     def _build(self, header: Mapping[str, Any], data: memoryview, dev: _Device) -> _Delegate:
         """The delegate's buffers, pipelines and dispatches on ``dev``, from a blob's header."""
         _check_limits(header["limits"], dev)
+        if _F16 not in dev.features and any(_ENABLES_F16.search(k["wgsl"]) for k in header["kernels"]):
+            raise ValueError(f"the delegate computes in float16 (WGSL 'enable f16'), and adapter {dev.name} has no "
+                             f"{_F16} feature; choose another adapter (option vulkan.adapter) or partition the model "
+                             f"in float32")
         wgpu, device = dev.wgpu, dev.device
         usage = wgpu.BufferUsage
         storage_usage = usage.STORAGE | usage.COPY_SRC | usage.COPY_DST
@@ -237,7 +245,7 @@ class VulkanRuntime(Runtime):
             buf = device.create_buffer(size=size, usage=storage_usage, label=f"handoff-{spec['kind']}-{i}")
             if spec["kind"] == "weight":
                 start, nbytes = spec["data"]
-                dev.queue.write_buffer(buf, 0, data[start:start + nbytes])
+                dev.queue.write_buffer(buf, 0, _padded_bytes(data[start:start + nbytes]))
             buffers.append(buf)
 
         inputs = [(int(s["buffer"]), tuple(s["shape"]), np.dtype(s["dtype"])) for s in header["inputs"]]
@@ -316,7 +324,7 @@ class VulkanRuntime(Runtime):
             if arr.dtype != dtype or arr.shape != shape:
                 raise ValueError(f"vulkan delegate input {i} expects {dtype}{list(shape)}, got {arr.dtype}{list(arr.shape)}")
             # Queue writes happen before the commands submitted after them, so before this run's copies.
-            dev.queue.write_buffer(handle.buffers[buf], 0, np.ascontiguousarray(arr))
+            dev.queue.write_buffer(handle.buffers[buf], 0, _padded_bytes(np.ascontiguousarray(arr)))
         timestamp_writes = None
         if profile:
             timestamp_writes = {"query_set": handle.query_set, "beginning_of_pass_write_index": 0,
@@ -375,6 +383,13 @@ class VulkanRuntime(Runtime):
             except Exception:
                 pass
         handle.buffers, handle.outputs, handle.passes, handle.raw, handle.keep = [], [], [], None, []
+
+
+def _padded_bytes(data: Any) -> Any:
+    """``data`` (bytes-like) zero-padded to a multiple of 4 bytes, as queue writes must be (an odd
+    number of float16 values is not)."""
+    view = memoryview(data).cast("B")
+    return view if not view.nbytes % 4 else bytes(view) + b"\0" * (-view.nbytes % 4)
 
 
 def _padded(nbytes: int) -> int:
@@ -494,6 +509,11 @@ _LIMITS = {
     "max_compute_workgroup_size_y": "max-compute-workgroup-size-y",
     "max_compute_workgroup_size_z": "max-compute-workgroup-size-z",
 }
+
+
+_F16 = "shader-f16"
+#: A WGSL module that uses f16 anywhere must say so first.
+_ENABLES_F16 = re.compile(r"^\s*enable\s+f16\s*;", re.M)
 
 
 def _check_limits(needed: Mapping[str, int], dev: _Device) -> None:

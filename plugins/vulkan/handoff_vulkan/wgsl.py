@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import re
 
-#: Storage-buffer element types a kernel may use (4-byte scalars; WGSL has no 8/16/64-bit integers
-#: in core, and bool cannot live in a storage buffer).
-STORAGE_TYPES = ("f32", "i32", "u32")
+#: Storage-buffer element types a kernel may use (f16 with the shader-f16 feature; WGSL has no
+#: 8/16/64-bit integers in core, and bool cannot live in a storage buffer).
+STORAGE_TYPES = ("f32", "i32", "u32", "f16")
 
 _BINDING = re.compile(r"@group\(0\)\s*@binding\((\d+)\)\s*var<(storage|uniform)(?:,\s*(read|read_write))?>\s*"
                       r"(\w+)\s*:\s*([^;]+);")

@@ -287,32 +287,75 @@ def test_schedule_leaving_blocks_unbound_is_rejected(monkeypatch):
     assert scheduled is None and "_LeavesItUnbound left block(s) b unbound to GPU threads" in why
 
 
-def test_unit_reduction_with_an_epilogue_is_never_wrong():
-    """Linear(1, 1) on a [1, 1] input (every extent 1; found by the conformance suite's drawn
-    shapes): dlight drops the unit reduction iterator and inlines the bias add into the init too,
-    adding the bias twice. That schedule is refused (broken_reductions), so the addmm is declined
-    with the reason and the program matches eager; K = 2 still runs on vulkan."""
+@pytest.mark.slow
+def test_unit_reductions_run_on_vulkan_and_match_eager(monkeypatch):
+    """K = 1 reductions (found by the conformance suite's drawn shapes: Linear(1, 1) on [1, 1]):
+    dlight drops the unit reduction iterator and inlines the bias add into the init too, adding
+    the bias twice. Such functions get _UnitReduction's schedule (init kept, epilogue its own
+    kernel) and run on vulkan, matching eager; without that rule dlight's schedule is refused
+    (broken_reductions) and the addmm declined with the reason."""
     _needs_compiler()
     _needs_gpu()
-    import numpy as np
     import torch
 
-    import handoff
+    from handoff_vulkan import _tvm
 
-    for features, on_vulkan in ((1, False), (2, True)):
+    class UnitSum(torch.nn.Module):
+        def forward(self, x):
+            return x.sum(dim=1) * 2.0 + 1.0
+
+    cases = [(torch.nn.Linear(1, 1), (1, 1)), (torch.nn.Linear(1, 8), (4, 1)),
+             (torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.ReLU()), (4, 1)),  # two intermediates fused
+             (torch.nn.Conv2d(1, 4, 1), (2, 1, 5, 5)), (UnitSum(), (3, 1, 6))]
+    for model, shape in cases:
         torch.manual_seed(0)
-        model, x = torch.nn.Linear(features, 1).eval(), torch.randn(1, features)
-        result = handoff.partition(model, (x,), backends=["vulkan"], fallback=False, use_cache=False)
-        declined = {d["op"]: d["reasons"]["vulkan"] for d in result.report.to_json()["declined"]}
-        if on_vulkan:
-            assert "aten.addmm.default" not in declined
-        else:
-            assert "inlined an epilogue into the init of unit reduction(s) matmul" in declined["aten.addmm.default"]
-        with handoff.load(result.to_bytes()) as program:
-            for seed in (11, 12):
-                x = torch.randn(1, features, generator=torch.Generator().manual_seed(seed))
-                np.testing.assert_allclose(program.run([x.numpy()])[0], model(x).detach().numpy(),
-                                           rtol=1e-5, atol=1e-6)
+        model = model.eval()
+        result = handoff.partition(model, (torch.randn(shape),), backends=["vulkan"], fallback=False, use_cache=False)
+        report = result.report.to_json()
+        assert report["declined"] == [], (model, report["declined"])
+        check_against_eager(result.to_bytes(), model, [(shape, "float32")])
+
+    from handoff_vulkan.compiler import VulkanCompiler
+
+    rules = _tvm._rules
+    monkeypatch.setattr(VulkanCompiler, "_kernel_cache", {})  # kernels checked above under all rules
+    monkeypatch.setattr(_tvm, "_rules", lambda: [r for r in rules() if not isinstance(r, _tvm._UnitReduction)])
+    model = torch.nn.Linear(1, 1).eval()
+    result = handoff.partition(model, (torch.randn(1, 1),), backends=["vulkan"], fallback=False, use_cache=False)
+    declined = {d["op"]: d["reasons"]["vulkan"] for d in result.report.to_json()["declined"]}
+    assert "inlined an epilogue into the init of unit reduction(s) matmul" in declined["aten.addmm.default"]
+
+
+@pytest.mark.slow
+def test_fp16_convolution_and_linear_run_on_vulkan_and_match_eager(monkeypatch):
+    """float16 on vulkan (WGSL f16, the shader-f16 feature; lavapipe has it): handoff's importer
+    converters (handoff.tvm.converters) accumulate the convolution and the addmm in float32 and
+    round once. With TVM's own converters an fp16 convolution with a bias failed to import and was
+    declined. Odd element counts (75 inputs, 5 outputs) check the 4-byte padding of f16 writes.
+    An adapter without shader-f16 refuses the delegate, naming the fix."""
+    _needs_compiler()
+    _needs_gpu()
+    import torch
+
+    from handoff_vulkan import runtime
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3),
+                                torch.nn.Flatten(), torch.nn.Linear(36, 5)).half().eval()
+    shape = (1, 3, 5, 5)
+    result = handoff.partition(model, (torch.randn(shape, dtype=torch.float16),), backends=["vulkan"],
+                               fallback=False, use_cache=False)
+    report = result.report.to_json()
+    assert report["declined"] == [], report["declined"]
+    ops = result.report.stats["vulkan"].ops
+    assert ops["aten.convolution.default"] == 2 and ops["aten.addmm.default"] == 1, ops
+    outputs = check_against_eager(result.to_bytes(), model, [(shape, "float16")], dtype="float16")
+    assert outputs[0].dtype == np.float16
+
+    monkeypatch.setattr(runtime, "_F16", "shader-f16 (absent here)")  # as on an adapter without it
+    with pytest.raises(handoff.HandoffError, match=r"computes in float16 .* has no shader-f16 \(absent here\) "
+                                                    r"feature; choose another adapter"):
+        handoff.load(result.to_bytes())
 
 
 @pytest.mark.slow
