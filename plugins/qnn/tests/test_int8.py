@@ -120,4 +120,8 @@ def test_quantize_ops_claimed_or_declined_with_reason(qmin, qmax, dtype, reason)
     got = ops.support(ep, compile_target({}))
     why = got["quantize_per_tensor"]
     assert (why is None) if reason is None else (reason in why), why
+    # its dequantize follows it: alone, an 8/16-bit DequantizeLinear would fall to the CPU EP
+    # (its own reason, or the quantize's: "reads quantize_per_tensor, which QNN HTP does not take (...)")
+    after = got["dequantize_per_tensor"]
+    assert (after is None) if reason is None else (reason in after), after
     assert got["relu"] is None
