@@ -7,7 +7,8 @@ the output, and against fp32 eager (SNR, top-1 agreement): the program must be a
 as the quantized eager model is (HTP's integer softmax, layer norm and GELU round differently
 from float compute + quantize, so a transformer's output moves by a few steps either way).
 
-MobileNetV2 int8 is not tested here (see the notes of issue 14: its partition takes minutes).
+MobileNetV2 int8 on qnn is tested by tests/test_int8_mobilenet.py (marker ``bench``, ``make bench``:
+its partition takes minutes).
 """
 
 from __future__ import annotations
