@@ -47,6 +47,7 @@ wheels: setup
 	@ls dist
 
 bench: setup
+	$(PY) -m pytest -q -m bench --durations=0
 	$(PY) benchmarks/tvm_tuning.py
 
 # Coverage-guided fuzzing (atheris + libFuzzer; docs/security.md, "Fuzzing"): each harness in turn,

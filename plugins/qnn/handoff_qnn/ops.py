@@ -407,7 +407,8 @@ def _qdq_reason(node: torch.fx.Node, weights: frozenset[str] | None) -> str | No
 _WEIGHTED = frozenset({A.convolution.default, A.linear.default, A.addmm.default})
 
 
-def _is_qdq(node: Any, kind: str) -> bool:
+def is_qdq(node: Any, kind: str) -> bool:
+    """Whether ``node`` is a ``quantized_decomposed`` op whose name starts with ``kind``."""
     return (isinstance(node, torch.fx.Node) and getattr(node.target, "namespace", None) == QDQ_NAMESPACE
             and node.target.__name__.startswith(kind))
 
@@ -417,10 +418,10 @@ def in_qdq_unit(node: torch.fx.Node) -> bool:
     comes from a dequantize op and every result it produces goes only to quantize ops. HTP runs
     such a group with its integer kernels (the QNN EP fuses the ONNX node unit), not its fp32 ones."""
     inputs = node.all_input_nodes
-    if not inputs or not all(_is_qdq(a, "dequantize") for a in inputs):
+    if not inputs or not all(is_qdq(a, "dequantize") for a in inputs):
         return False
     users = [u for g in node.users for u in (g.users if g.target is operator.getitem else [g])]
-    return bool(users) and all(_is_qdq(u, "quantize") for u in users)
+    return bool(users) and all(is_qdq(u, "quantize") for u in users)
 
 
 def decline_reason(node: torch.fx.Node, target: Target, weights: frozenset[str] | None = None) -> str | None:
@@ -488,8 +489,18 @@ def weight_names(ep: Any) -> frozenset[str]:
 
 
 def support(ep: Any, target: Target) -> dict[str, str | None]:
+    """:func:`decline_reason` per node, and a dequantize whose quantize HTP declines is declined
+    too: alone in a QNN graph, a DequantizeLinear of an 8/16-bit graph input falls to ONNX
+    Runtime's CPU EP, so the partition holding it would fail its in-context compile and be
+    bisected node by node (minutes for a transformer with 16-bit activations)."""
     weights = weight_names(ep)
-    return {n.name: decline_reason(n, target, weights) for n in ep.graph.nodes if n.op == "call_function"}
+    verdict = {n.name: decline_reason(n, target, weights) for n in ep.graph.nodes if n.op == "call_function"}
+    for node in ep.graph.nodes:
+        if verdict.get(node.name) is None and is_qdq(node, "dequantize") and is_qdq(node.args[0], "quantize") \
+                and (why := verdict.get(node.args[0].name)):
+            verdict[node.name] = (f"{op_name(node.target)} reads {node.args[0].name}, which QNN HTP does not take "
+                                  f"({why}); a dequantize without its quantize would fall to ONNX Runtime's CPU EP")
+    return verdict
 
 
 def table_rows() -> list[tuple[str, str]]:

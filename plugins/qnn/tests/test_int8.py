@@ -7,7 +7,8 @@ the output, and against fp32 eager (SNR, top-1 agreement): the program must be a
 as the quantized eager model is (HTP's integer softmax, layer norm and GELU round differently
 from float compute + quantize, so a transformer's output moves by a few steps either way).
 
-MobileNetV2 int8 is not tested here (see the notes of issue 14: its partition takes minutes).
+MobileNetV2 int8 on qnn is tested by tests/test_int8_mobilenet.py (marker ``bench``, ``make bench``:
+its partition takes minutes).
 """
 
 from __future__ import annotations
@@ -120,4 +121,8 @@ def test_quantize_ops_claimed_or_declined_with_reason(qmin, qmax, dtype, reason)
     got = ops.support(ep, compile_target({}))
     why = got["quantize_per_tensor"]
     assert (why is None) if reason is None else (reason in why), why
+    # its dequantize follows it: alone, an 8/16-bit DequantizeLinear would fall to the CPU EP
+    # (its own reason, or the quantize's: "reads quantize_per_tensor, which QNN HTP does not take (...)")
+    after = got["dequantize_per_tensor"]
+    assert (after is None) if reason is None else (reason in after), after
     assert got["relu"] is None

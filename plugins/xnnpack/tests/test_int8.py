@@ -3,7 +3,8 @@ lowered through ExecuTorch's quantized XNNPACK path, checked against the quantiz
 (in quantization steps of the output, handoff.testing.TOLERANCE["int8"]), against fp32 eager
 (SNR, top-1 agreement) and against ExecuTorch's own int8 XNNPACK program of the same graph.
 
-MobileNetV2 int8 is measured by ``benchmarks/int8.py`` (its lowering takes minutes on 2 cores).
+MobileNetV2 int8 is measured by ``benchmarks/int8.py`` and tested by tests/test_int8_mobilenet.py (marker
+``bench``, ``make bench``; its lowering takes minutes on 2 cores).
 """
 
 from __future__ import annotations
