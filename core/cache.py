@@ -60,7 +60,8 @@ class LoweringCache:
     """Blobs by content key under ``$HANDOFF_HOME/lowered``: ``KEY.blob`` and ``KEY.json`` (the
     blob's sha256, its metadata, the original compile time, so a cached run still reports it, and
     the local key's signature over all of these: a replaced blob and digest is a miss, not a blob
-    a later ``partition`` embeds).
+    a later ``partition`` embeds). Failures are kept beside them (``KEY.failed.json``,
+    :meth:`failure`).
 
     The key (:meth:`key`) covers the backend, its plugin's code identity (distribution version and
     a digest of its files), the compiler's own ``cache_key()``, the options and the partition's
@@ -104,6 +105,26 @@ class LoweringCache:
                 "signature": sign_entry(_signed_part(key, digest, lowered.metadata, compile_seconds))}
         _atomic_write(self.root / f"{key}.blob", lowered.blob)
         _atomic_write(self.root / f"{key}.json", json.dumps(meta).encode())
+
+
+    def failure(self, key: str) -> dict[str, str] | None:
+        """The failure remembered under ``key`` (``first_op`` and ``message``), else ``None``."""
+        try:
+            entry = json.loads((self.root / f"{key}.failed.json").read_text())
+            return {"first_op": str(entry["first_op"]), "message": str(entry["message"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def put_failure(self, key: str, first_op: str, message: str, seconds: float) -> None:
+        """Remember that the partition under ``key`` failed to lower: where (the first failing op,
+        found by probing: a lowering per node) and the compiler's words, so a strategy or run that
+        plans the same partition gets the same failure without compiling or probing again.
+
+        Plain JSON, not signed: an entry only moves a partition to the next backend (or stops the
+        run with its message), it never supplies code. A failure that may not recur (the machine
+        ran out of memory) is retried with ``--no-cache`` (``use_cache=False``)."""
+        entry = {"first_op": first_op, "message": message, "seconds": seconds}
+        _atomic_write(self.root / f"{key}.failed.json", json.dumps(entry).encode())
 
 
 def _signed_part(key: str, digest: str, metadata: Any, compile_seconds: Any) -> bytes:

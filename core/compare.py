@@ -78,6 +78,7 @@ class StrategyResult:
     delegates: dict[str, int] = dataclasses.field(default_factory=dict)
     crossings: int = 0
     capability_seconds: float = 0.0  # this run's backend capability checks (support, check_partition)
+    decompose_seconds: float = 0.0  # this run's decomposition to core ATen (0 when shared with an earlier strategy)
     lower_seconds: float = 0.0  # this run's
     compile_seconds: float = 0.0  # what the compilers took to make the blobs (remembered by the cache)
     cached_partitions: int = 0
@@ -120,7 +121,7 @@ class StrategyResult:
                 "coverage_percent": {b: round(c, 2) for b, c in self.coverage.items()},
                 "delegates": self.delegates, "delegate_count": sum(self.delegates.values()),
                 "crossings": self.crossings, "capability_seconds": round(self.capability_seconds, 3),
-                "lower_seconds": round(self.lower_seconds, 3),
+                "decompose_seconds": round(self.decompose_seconds, 3), "lower_seconds": round(self.lower_seconds, 3),
                 "compile_seconds": round(self.compile_seconds, 3), "cached_partitions": self.cached_partitions,
                 "program_bytes": self.program_bytes, "load_ms": _r(self.load_ms), "first_run_ms": _r(self.first_run_ms),
                 "p50_ms": _r(self.p50_ms), "p90_ms": _r(self.p90_ms), "runs": len(self.samples_ms),
@@ -219,19 +220,21 @@ def compare(model: Any, strategies: Sequence[Strategy], *, runs: int = DEFAULT_R
     export_seconds = time.perf_counter() - start
 
     from .cache import CapabilityCache
+    from .export import Decompositions
 
     results: list[StrategyResult] = []
     programs: dict[int, bytes] = {}
     cases: dict[int, list[numerics.DelegateCase]] = {}
     lowered: dict[Strategy, tuple[StrategyResult, bytes | None, list[numerics.DelegateCase]]] = {}
     capability = CapabilityCache(disk=use_cache)  # each backend is asked once per graph, not per strategy
+    decompositions = Decompositions()  # the export decomposed once per set of ops the chain keeps whole
     for i, (s, build, key) in enumerate(builds):
         entry = lowered.get(build) if key is not None else None  # keys with the same target share one build
         if entry is None:
             say(f"lowering {s.name}" + (f" for {key}" if key else ""), i, total)
             entry = lowered[build] = _lower(build, resolved, inputs, per_delegate, on_lower_error, use_cache,
                                             plugins, lambda m, d, t, name=s.name, i=i: say(f"{name}: {m}", i, total),
-                                            capability)
+                                            capability, decompositions)
         result, program, strategy_cases = entry
         if key is not None:
             result = _device_row(result, s, key, device_info[key])
@@ -347,7 +350,7 @@ def _export_once(model: Any, input_shapes: Sequence[Any], seed: int, plugins: An
 
 def _lower(s: Strategy, resolved: Any, inputs: tuple, per_delegate: bool, on_lower_error: str, use_cache: bool,
            plugins: Any, progress: Callable[[str, int, int], None], capability: Any = None,
-           ) -> tuple[StrategyResult, bytes | None, list[numerics.DelegateCase]]:
+           decompositions: Any = None) -> tuple[StrategyResult, bytes | None, list[numerics.DelegateCase]]:
     from .pipeline import partition
     from .program import ProgramFile
     from .signing import local_key
@@ -356,7 +359,7 @@ def _lower(s: Strategy, resolved: Any, inputs: tuple, per_delegate: bool, on_low
     try:
         part = partition(resolved, backends=list(s.backends), options=s.options, fallback=s.fallback,
                          on_lower_error=on_lower_error, use_cache=use_cache, plugins=plugins, progress=progress,
-                         capability=capability)
+                         capability=capability, decompositions=decompositions)
     except HandoffError as exc:
         result.status, result.reason = FAILED, str(exc)
         return result, None, []
@@ -367,6 +370,7 @@ def _lower(s: Strategy, resolved: Any, inputs: tuple, per_delegate: bool, on_low
     result.delegates = {b: st.partitions for b, st in report.stats.items() if st.partitions}
     result.crossings = report.crossings
     result.capability_seconds = report.timings.get("capability", 0.0)
+    result.decompose_seconds = report.timings.get("export", 0.0)
     result.lower_seconds = report.timings.get("lower", 0.0)
     result.compile_seconds = sum(st.compile_seconds for st in report.stats.values())
     result.cached_partitions = sum(st.cached_partitions for st in report.stats.values())

@@ -54,12 +54,51 @@ def torch_export(resolved: ResolvedModel) -> Any:
                            f"(see torch.export docs on torch.cond), and its inputs must match --input-shape") from exc
 
 
-def export_model(resolved: ResolvedModel, keep_ops: Iterable[Any] = ()) -> Any:
+class Decompositions:
+    """Decomposed programs remembered for one process, by the program decomposed and the ops kept
+    whole: :func:`handoff.partition` calls on the same export whose backends keep the same ops
+    (``handoff compare``'s strategies: ``xnnpack`` and ``xnnpack,vulkan``; ``tvm`` and ``vulkan``)
+    decompose it once. A quantized model is another program, so it gets its own entry.
+
+    Held in memory only: an ``ExportedProgram`` on disk is read back with pickle
+    (``torch.export.load``), which a cache must not do. Callers must not change a program they
+    get from here (the pipeline only reads it; :func:`handoff.quantization.duplicate_dequantize`,
+    which edits it in place, is idempotent).
+    """
+
+    def __init__(self) -> None:
+        # id(exported) -> (exported, {kept ops -> decomposed}); holding ``exported`` keeps its id unique.
+        self._programs: dict[int, tuple[Any, dict[frozenset[str], Any]]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, exported: Any, keep_ops: Iterable[Any], decompose: Any) -> Any:
+        """The decomposition of ``exported`` keeping ``keep_ops``, else ``decompose()``, remembered."""
+        _, by_keep = self._programs.setdefault(id(exported), (exported, {}))
+        key = frozenset(str(op) for op in keep_ops)
+        if key in by_keep:
+            self.hits += 1
+        else:
+            self.misses += 1
+            by_keep[key] = decompose()
+        return by_keep[key]
+
+
+def export_model(resolved: ResolvedModel, keep_ops: Iterable[Any] = (),
+                 shared: Decompositions | None = None) -> Any:
     """``torch.export`` the model (unless it already is exported) and decompose it to core ATen,
-    keeping ``keep_ops`` whole. Returns the decomposed ``ExportedProgram``."""
+    keeping ``keep_ops`` whole. Returns the decomposed ``ExportedProgram``; with ``shared``, one
+    remembered there when the same export was decomposed keeping the same ops."""
+    ep = torch_export(resolved)
+    keep_ops = list(keep_ops)
+    if shared is not None:
+        return shared.get(ep, keep_ops, lambda: _decompose(ep, keep_ops, resolved.name))
+    return _decompose(ep, keep_ops, resolved.name)
+
+
+def _decompose(ep: Any, keep_ops: Sequence[Any], name: str) -> Any:
     import torch
 
-    ep = torch_export(resolved)
     table = torch.export.default_decompositions()
     for op in keep_ops:
         table.pop(op, None)
@@ -67,9 +106,9 @@ def export_model(resolved: ResolvedModel, keep_ops: Iterable[Any] = ()) -> Any:
         with quiet_torch():
             ep = ep.run_decompositions(table)
     except Exception as exc:
-        raise HandoffError(f"decomposing {resolved.name} to core ATen failed: {type(exc).__name__}: "
+        raise HandoffError(f"decomposing {name} to core ATen failed: {type(exc).__name__}: "
                            f"{' '.join(str(exc).split())[:400]}") from exc
-    _check_supported_program(ep, resolved.name)
+    _check_supported_program(ep, name)
     return ep
 
 

@@ -315,7 +315,9 @@ class Lowerer:
         """Lower one partition; raises :class:`LoweringFailure` with the first failing op.
 
         The cache is looked up by the partition's content key before anything is exported, so a
-        fully cached re-partition exports nothing but the model."""
+        fully cached re-partition exports nothing but the model. Failures are cached under the
+        same key, with their first failing op (whose search lowers the nodes one by one) and
+        message, so a later strategy or run planning the same partition fails at once."""
         key = (part.backend, tuple(part.nodes))
         if key in self.memo:
             return self.memo[key]
@@ -332,6 +334,9 @@ class Lowerer:
                 result = LoweredPartition(part, hit.lowered, 0.0, True, inputs, outputs, hit.compile_seconds)
                 self.memo[key] = result
                 return result
+            failed = self.cache.failure(cache_key)
+            if failed is not None:
+                raise LoweringFailure(part, failed["message"], failed["first_op"], cached=True)
         sub, _, _ = extract_partition(self.ep, part.nodes, self.decomp_table)
         start = time.perf_counter()
         try:
@@ -340,7 +345,10 @@ class Lowerer:
                 raise TypeError(f"preprocess returned {type(lowered).__name__}, expected handoff.Lowered with bytes")
             json.dumps(lowered.metadata)
         except Exception as exc:
-            raise LoweringFailure(part, exc, self._first_failing_op(part, exc, sub)) from exc
+            failure = LoweringFailure(part, exc, self._first_failing_op(part, exc, sub))
+            if self.cache is not None and cache_key is not None:
+                self.cache.put_failure(cache_key, failure.first_op, failure.message, time.perf_counter() - start)
+            raise failure from exc
         seconds = time.perf_counter() - start
         result = LoweredPartition(part, Lowered(bytes(lowered.blob), dict(lowered.metadata)),
                                   seconds, False, inputs, outputs, seconds)
@@ -374,8 +382,11 @@ class Lowerer:
 
 
 class LoweringFailure(Exception):
-    def __init__(self, part: Partition, exc: Exception, first_op: str):
-        self.part, self.first_op = part, first_op
+    """A partition that failed to lower: where (``first_op``) and the compiler's words. ``cached``:
+    remembered from an earlier lowering of the same partition content (the lowering cache)."""
+
+    def __init__(self, part: Partition, exc: Exception | str, first_op: str, cached: bool = False):
+        self.part, self.first_op, self.cached = part, first_op, cached
         self.message = " ".join(str(exc).split())[:500] or type(exc).__name__  # the compiler's words
         super().__init__(self.message)
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from . import hostops
 from .cache import CapabilityCache
 from .errors import HandoffError, one_line
-from .export import export_model, resolve_model
+from .export import Decompositions, export_model, resolve_model
 from .lower import Assembled, Lowerer, LoweringFailure, Move, assemble, graph_digest
 from .partitioner import HOST, GraphView, Limits, Partition, Plan, graph_view, plan
 from .plugins import Plugins, get_plugins
@@ -115,7 +115,8 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
               on_lower_error: str = "fail", use_cache: bool = True, plugins: Plugins | None = None,
               progress: Callable[[str, int, int], None] | None = None, trust_model: bool = False,
               fallback_copies: bool = False, quantize: str | None = None, calibration: int | None = None,
-              calibration_data: Any = None, capability: CapabilityCache | None = None) -> PartitionResult:
+              calibration_data: Any = None, capability: CapabilityCache | None = None,
+              decompositions: Decompositions | None = None) -> PartitionResult:
     """Partition ``model`` across ``backends`` (priority order) and lower every partition.
 
     :param model: a MODEL string (``zoo:small_cnn``, ``m.pt2``, ``file.py:Name``), an
@@ -142,6 +143,10 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
         ``check_partition``) are remembered; pass one :class:`handoff.cache.CapabilityCache` to
         several calls on the same model (``handoff compare`` does) to ask each backend once.
         Default: a new one, backed by ``$HANDOFF_HOME/capability`` unless ``use_cache=False``.
+    :param decompositions: where the model's decompositions to core ATen are remembered; pass one
+        :class:`handoff.export.Decompositions` to several calls on the same ``ExportedProgram`` (or
+        ``ResolvedModel`` holding one; ``handoff compare`` does) to decompose it once per set of
+        ops the backends keep whole. Default: decompose in this call.
     """
     clock = _Clock()
     plugins = plugins or get_plugins()
@@ -181,7 +186,7 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
         raise HandoffError("--calibration and --calibration-data calibrate --quantize; add --quantize int8")
     with clock("export"):
         keep = [op for b in chain for op in compilers[b].ops_to_not_decompose()]
-        ep = export_model(resolved, keep)
+        ep = export_model(resolved, keep, decompositions)
         from .quantization import duplicate_dequantize, is_quantized, quantized_spans
 
         int8 = is_quantized(ep)
@@ -233,11 +238,13 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
             break
         except LoweringFailure as fail:
             part = fail.part
+            remembered = " (a cached failure of this partition; --no-cache compiles it again)" if fail.cached else ""
             if on_lower_error != "fallback":
                 raise HandoffError(f"backend '{part.backend}' failed to lower partition {part.name} "
-                                   f"({len(part.nodes)} nodes); first failing op: {fail.first_op}: {fail.message}; "
-                                   f"retry with --on-lower-error=fallback or drop '{part.backend}' from --backends") from fail
-            reason = f"lowering of {part.name} failed at {fail.first_op}: {fail.message}"
+                                   f"({len(part.nodes)} nodes); first failing op: {fail.first_op}: {fail.message}"
+                                   f"{remembered}; retry with --on-lower-error=fallback or drop '{part.backend}' "
+                                   f"from --backends") from fail
+            reason = f"lowering of {part.name} failed at {fail.first_op}: {fail.message}{remembered}"
             moves.append(Move(part.backend, part.name, list(part.nodes), reason))
             for n in part.nodes:
                 excluded.setdefault(n, {})[part.backend] = reason

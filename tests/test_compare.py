@@ -230,8 +230,8 @@ def test_numerics_need_node_names(sink_plugins):
 
 
 def test_each_backend_is_asked_about_the_model_once(sink_plugins, monkeypatch):
-    """Capability (support, fused_patterns) and check_partition answers are shared by the
-    strategies of one run, and by later runs through $HANDOFF_HOME/capability; with
+    """The decomposition of the export, capability (support, fused_patterns) and check_partition
+    answers are shared by the strategies of one run, and by later runs through $HANDOFF_HOME/capability; with
     use_cache=False (--no-cache) nothing is kept on disk."""
     import kitchen_sink
 
@@ -248,10 +248,16 @@ def test_each_backend_is_asked_about_the_model_once(sink_plugins, monkeypatch):
 
     monkeypatch.setattr(kitchen_sink.SinkCompiler, "support", support)
     monkeypatch.setattr(kitchen_sink.SinkCompiler, "check_partition", check_partition)
+    from handoff import export
+
+    decomposed: list[str] = []
+    real_decompose = export._decompose
+    monkeypatch.setattr(export, "_decompose", lambda ep, keep, name: decomposed.append(name) or real_decompose(ep, keep, name))
     sinkb = "sinkb[ops=aten.sin.default,max_nodes=1]"
     strategies = [parse(s, fallback=False) for s in (f"sink,{sinkb}", f"{sinkb},sink", "sink")]
     first = compare("zoo:sink_net", strategies, runs=1, rounds=1, warmup=0)
     assert [s.status for s in first.strategies] == [OK] * 3
+    assert decomposed == ["zoo:sink_net"]  # the three keep the same ops whole: one decomposition
     assert sorted(q for q in asked if q[0] == "support") == [("support", "aten.add.Tensor,aten.mul.Tensor,"
                                                              "aten.relu.default"), ("support", "aten.sin.default")]
     checks = [q for q in asked if q[0] == "check"]

@@ -76,6 +76,82 @@ def test_lowering_failure_falls_back_to_next_backend(sink_plugins):
         np.testing.assert_allclose(program.run([x])[0], model(x).detach().numpy(), rtol=1e-6, atol=1e-6)
 
 
+def test_a_lowering_failure_is_cached_with_its_first_failing_op(sink_plugins, monkeypatch):
+    """A partition that failed to lower is cached like a blob (backend, code, options, content):
+    planning it again neither compiles it nor probes its nodes one by one for the first failing
+    op, and the report still gives the op and the compiler's words; use_cache=False retries."""
+    import kitchen_sink
+
+    compiled: list[str] = []
+    real = kitchen_sink.SinkCompiler.preprocess
+
+    def preprocess(self, ep, name):
+        compiled.append(name)
+        return real(self, ep, name)
+
+    monkeypatch.setattr(kitchen_sink.SinkCompiler, "preprocess", preprocess)
+    model, inputs = _net_inputs()
+    crash = {"sink": {"crash_on": "aten.add.Tensor"}}
+
+    def run(**kwargs):
+        compiled.clear()
+        result = handoff.partition(model, inputs, backends=["sink", "sinkb"], fallback=False,
+                                   on_lower_error="fallback", options=crash, **kwargs)
+        return result.report.to_json()["moves"], [n for n in compiled if n.startswith("sink_")]
+
+    moves, sink_compiles = run()
+    assert len(sink_compiles) > 1  # the partition, then its nodes one by one up to the culprit
+    assert moves[0]["backend"] == "sink"
+    assert "failed at add (aten.add.Tensor): internal compiler error 0x2a" in moves[0]["reason"]
+    again, sink_compiles = run()
+    assert sink_compiles == []
+    assert again[0]["nodes"] == moves[0]["nodes"]
+    assert again[0]["reason"] == moves[0]["reason"] + " (a cached failure of this partition; --no-cache compiles it again)"
+    _, sink_compiles = run(use_cache=False)
+    assert len(sink_compiles) > 1
+    compiled.clear()
+    with pytest.raises(HandoffError, match=r"first failing op: add \(aten\.add\.Tensor\): internal compiler error 0x2a "
+                                           r"\(a cached failure of this partition; --no-cache compiles it again\); retry"):
+        handoff.partition(model, inputs, backends=["sink"], fallback=False, options=crash)
+    assert compiled == []
+    compiled.clear()
+    other = handoff.partition(model, inputs, backends=["sink", "sinkb"], fallback=False, on_lower_error="fallback",
+                              options={"sink": {"crash_on": "aten.mul.Tensor"}})  # other options: another key
+    assert "failed at" in other.report.to_json()["moves"][0]["reason"] and len(compiled) > 1
+
+
+def test_partitions_of_one_export_share_its_decomposition(sink_plugins, monkeypatch):
+    """With one handoff.export.Decompositions, partition() calls on the same ExportedProgram whose
+    backends keep the same ops whole decompose it once; other kept ops or another export, again."""
+    import kitchen_sink
+    from handoff import export
+
+    made: list[list[str]] = []
+    real = export._decompose
+
+    def decompose(ep, keep_ops, name):
+        made.append(sorted(map(str, keep_ops)))
+        return real(ep, keep_ops, name)
+
+    monkeypatch.setattr(export, "_decompose", decompose)
+    model, inputs = _net_inputs()
+    exported = torch.export.export(model, inputs)
+    shared = export.Decompositions()
+    first = handoff.partition(exported, backends=["sink"], fallback=False, decompositions=shared)
+    second = handoff.partition(exported, backends=["sinkb", "sink"], fallback=False, decompositions=shared)
+    assert made == [[]] and second.exported is first.exported and (shared.misses, shared.hits) == (1, 1)
+    x = torch.randn(2, 8)
+    with handoff.load(second.to_bytes()) as program:
+        np.testing.assert_allclose(program.run([x])[0], model(x).detach().numpy(), rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(kitchen_sink.SinkCompiler, "ops_to_not_decompose", lambda self: [torch.ops.aten.relu.default])
+    kept = handoff.partition(exported, backends=["sink"], fallback=False, decompositions=shared)
+    assert made == [[], ["aten.relu.default"]] and kept.exported is not first.exported
+    handoff.partition(torch.export.export(model, inputs), backends=["sink"], fallback=False, decompositions=shared)
+    assert len(made) == 3
+    handoff.partition(exported, backends=["sink"], fallback=False)  # without one: decomposed in the call
+    assert len(made) == 4
+
+
 def test_fused_patterns_stay_together(sink_plugins):
     model, inputs = _net_inputs()
     result = handoff.partition(model, inputs, backends=["sink"], fallback=False,

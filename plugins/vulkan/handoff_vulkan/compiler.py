@@ -33,7 +33,7 @@ from tvm.relax.frontend.torch.exported_program_translator import ExportedProgram
 
 # The built-in TVM backend's importer checks: this backend imports with the same Relax importer,
 # so what it can import is exactly what that backend claims (not duplicated here).
-from handoff.tvm import TVM_NAME, converters, import_partition, tvm_message
+from handoff.tvm import TVM_NAME, converters, import_partition, importer_digest, tvm_message
 from handoff.tvm import decline_reason as _importer_decline_reason
 
 from handoff import Compiler, Lowered, LoweringError
@@ -70,9 +70,10 @@ class VulkanCompiler(Compiler):
         self.target = _tvm.target()
 
     def cache_key(self) -> str:
-        # The TVM build decides the blob too (the core adds this plugin's code and version).
-        return json.dumps({"tvm": tvm.__version__, "target": _tvm.TARGET_CONFIG, "blob_format": FORMAT_VERSION},
-                          sort_keys=True)
+        # The TVM build and handoff's TVM importer (its own converters, e.g. select.int) decide the
+        # blob too; the core adds this plugin's code and version, not the importer's.
+        return json.dumps({"tvm": tvm.__version__, "target": _tvm.TARGET_CONFIG, "blob_format": FORMAT_VERSION,
+                           "importer": importer_digest()}, sort_keys=True)
 
     # -- capability ------------------------------------------------------------------------------
     def support(self, ep: Any) -> Mapping[str, str | None]:

@@ -211,6 +211,29 @@ def _export(model, *args):
         return torch.export.export(model.eval(), args).run_decompositions()
 
 
+def test_cache_key_covers_handoffs_tvm_importer(monkeypatch, tmp_path):
+    """vulkan imports partitions with handoff.tvm's importer (handoff's own converters, such as
+    select.int with a negative index): a change there changes vulkan's cache key, so neither the
+    lowering cache nor the capability cache answers with what the old importer made (the core
+    keys a backend by its own plugin's code only)."""
+    _needs_compiler()
+    import handoff.tvm
+    from handoff_vulkan.compiler import VulkanCompiler
+
+    before = VulkanCompiler({}).cache_key()
+    assert json.loads(before)["importer"] == handoff.tvm.importer_digest()
+    edited = Path(handoff.tvm.__file__).with_name("importer.py").read_bytes() + b"\n# a converter fixed\n"
+    (tmp_path / "importer.py").write_bytes(edited)
+    monkeypatch.setattr(handoff.tvm, "__file__", str(tmp_path / "__init__.py"))
+    handoff.tvm.importer_digest.cache_clear()
+    try:
+        assert VulkanCompiler({}).cache_key() != before
+    finally:
+        monkeypatch.undo()
+        handoff.tvm.importer_digest.cache_clear()
+    assert VulkanCompiler({}).cache_key() == before
+
+
 @pytest.mark.slow
 def test_capability_reasons_per_node():
     _needs_compiler()
