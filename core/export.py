@@ -108,8 +108,26 @@ def _decompose(ep: Any, keep_ops: Sequence[Any], name: str) -> Any:
     except Exception as exc:
         raise HandoffError(f"decomposing {name} to core ATen failed: {type(exc).__name__}: "
                            f"{' '.join(str(exc).split())[:400]}") from exc
+    _drop_metadata_asserts(ep)
     _check_supported_program(ep, name)
     return ep
+
+
+def _drop_metadata_asserts(ep: Any) -> None:
+    """Remove ``aten._assert_tensor_metadata`` nodes (``x.to(dtype)`` on an input exports one).
+
+    They compute nothing and have no users, so the planner would give each a partition of its own
+    that no backend can build (TVM: "produced no Relax outputs"); the runtime checks every input's
+    dtype and shape against the manifest instead. ExecuTorch's ``to_edge`` drops them likewise."""
+    import torch
+
+    graph = ep.graph_module.graph
+    asserts = [n for n in graph.nodes
+               if n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default]
+    for node in asserts:
+        graph.erase_node(node)
+    if asserts:
+        ep.graph_module.recompile()
 
 
 def _check_supported_program(ep: Any, name: str) -> None:

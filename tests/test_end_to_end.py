@@ -55,6 +55,28 @@ def test_op_tvm_cannot_import_runs_as_host_aten(tmp_path):
         handoff.partition(model, (torch.randn(4, 8),), backends=[], aten=False)
 
 
+def test_an_input_cast_lowers_and_runs(tmp_path):
+    """``x.to(dtype)`` on an input exports an ``_assert_tensor_metadata`` node with no users; it is
+    dropped, not planned as a partition of its own that no backend can build."""
+    class CastsItsInput(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(x.to(torch.float32))
+
+    torch.manual_seed(0)
+    model = CastsItsInput().eval()
+    exported = torch.export.export(model, (torch.randn(2, 8),))
+    assert any("_assert_tensor_metadata" in str(n.target) for n in exported.graph.nodes)
+    result = handoff.partition(exported, backends=["tvm"], fallback=False)
+    assert result.report.coverage("tvm") == 100.0
+    path = tmp_path / "cast.hof"
+    result.write(str(path))
+    check_against_eager(path, model, [((2, 8), "float32")])
+
+
 def test_aarch64_program_is_built_and_refused_here(tmp_path):
     import shutil
 
