@@ -8,7 +8,9 @@ Partitions the model onto tvm untuned with each ``schedule`` option (``none``: T
 as it is; ``dlight``: dlight's CPU rules; ``default``: those and handoff's rules), then, when
 ``--budget`` or ``--trials`` is given, tuned (into a fresh ``$HANDOFF_HOME`` unless one is set),
 then tuned a second time to show the database is reused, and prints median latencies (after
-warm-up) as ratios to eager torch. Not a test: numbers only.
+warm-up) as ratios to eager torch. A tuned row also shows the tuning guard's decision from the
+delegate's metadata (``tuning``): which build the partition kept and the two medians the guard
+measured while partitioning (``tuned_ms``, ``untuned_ms``). Not a test: numbers only.
 
 With ``--rpc``: a tuning farm. For each key in turn, the same ``--trials N`` into a fresh tuning
 database, candidates measured on the devices registered under that key (``handoff serve
@@ -91,23 +93,40 @@ def main() -> None:
         program = handoff.load(result.to_bytes())
         (got,) = program.run(x)
         err = float(np.abs(got - want).max() / (np.abs(want).max() or 1))
-        built.append((label, program, compile_s, err))
+        built.append((label, program, compile_s, err, _guard(result.assembled.manifest)))
 
     # Everyone timed in interleaved rounds (a shared machine's drift hits all alike).
     fns = {"eager torch": lambda: model(*x)}
-    fns.update({label: (lambda p=program: p.run(x)) for label, program, _, _ in built})
+    fns.update({label: (lambda p=program: p.run(x)) for label, program, *_ in built})
     with torch.no_grad():
         times = interleaved_median_ms(fns, args.runs, warmup=3)
     eager = times["eager torch"]
-    rows = [("eager torch", eager, None, None)] + [(label, times[label], c, e) for label, _, c, e in built]
+    rows = [("eager torch", eager, None, None, "")] + [(label, times[label], c, e, g) for label, _, c, e, g in built]
 
     print(f"{args.model}, {args.runs} runs after warm-up, torch threads {torch.get_num_threads()}, "
           f"TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'default')}, HANDOFF_HOME={os.environ['HANDOFF_HOME']}")
-    print(f"{'':36} {'median ms':>10} {'x eager':>8} {'compile s':>10} {'max rel err':>12}")
-    for label, ms, compile_s, err in rows:
+    print(f"{'':36} {'median ms':>10} {'x eager':>8} {'compile s':>10} {'max rel err':>12}  "
+          f"tuning guard: kept (its tuned_ms / untuned_ms)")
+    for label, ms, compile_s, err, guard in rows:
         c = f"{compile_s:10.1f}" if compile_s is not None else f"{'-':>10}"
         e = f"{err:12.1e}" if err is not None else f"{'-':>12}"
-        print(f"{label:36} {ms:10.2f} {ms / eager:8.2f} {c} {e}")
+        print(f"{label:36} {ms:10.2f} {ms / eager:8.2f} {c} {e}  {guard or '-'}")
+
+
+def _guard(manifest: dict) -> str:
+    """The tuning guard's decision for each tvm delegate of a program (its metadata's ``tuning``:
+    the build kept and the medians the guard measured), ``; ``-joined; empty when nothing was tuned."""
+    out = []
+    for d in manifest["delegates"]:
+        tuning = d["metadata"].get("tuning") if d["backend"] == "tvm" else None
+        if not tuning:
+            continue
+        kept = tuning.get("kept", "?")
+        if "tuned_ms" in tuning:
+            kept += f" ({tuning['tuned_ms']:.2f} / {tuning['untuned_ms']:.2f} ms)"
+        out.append(f"{kept}; {tuning.get('tasks', 0)} tasks, {tuning.get('rounds')} rounds"
+                   + (", budget spent" if tuning.get("stopped_by_budget") else ""))
+    return "; ".join(out)
 
 
 def farm(args: argparse.Namespace) -> None:

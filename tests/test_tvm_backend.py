@@ -516,6 +516,49 @@ def test_batch_norm_is_folded_into_the_convolution_and_vectorised():
     assert all("T.vectorized" in f.script() for f in convs.values())
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand + BN + ReLU6, depthwise 3x3 + BN + ReLU6 (``stride``),
+    1x1 project + BN, residual add when the shape allows; bias-free convs, as in the zoo model."""
+
+    def __init__(self, cin: int = 8, expand: int = 6, stride: int = 1):
+        super().__init__()
+        hidden = cin * expand
+        self.residual = stride == 1
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, cin, 1, bias=False), nn.BatchNorm2d(cin))
+
+    def forward(self, x):
+        y = self.body(x)
+        return x + y if self.residual else y
+
+
+def test_relu6_and_batch_norm_fuse_into_register_tiled_convolutions():
+    """In MobileNetV2's block every batch norm folds into its conv's weights and every ReLU6 runs
+    in the conv's epilogue (no clip kernel of its own: one pass over the activation fewer), and
+    each conv accumulates its output tile in a local (register) buffer, unrolled and vectorised,
+    written back once through the epilogue; the depthwise conv copies its padded input per tile
+    instead of testing bounds in the vector loop."""
+    funcs = _scheduled(_randomize_norms(InvertedResidual()), (1, 8, 28, 28))
+    assert not [name for name in funcs if "clip" in name and "conv2d" not in name], sorted(funcs)
+    assert not [name for name in funcs if any(op in name for op in ("batch_norm", "divide", "subtract"))], sorted(funcs)
+    convs = {name: f.script() for name, f in funcs.items() if "conv2d" in name}
+    assert len(convs) == 3 and sum("clip" in name for name in convs) == 2, sorted(convs)
+    for name, text in convs.items():
+        assert 'scope="local"' in text and "T.unroll" in text and "T.vectorized" in text, name
+    (depthwise,) = [text for text in convs.values() if "group_conv2d" in text]
+    assert "T.if_then_else" not in depthwise.split('T.sblock("group_conv2d_nchw_update")')[1].split("T.sblock")[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stride, size", [(1, 28), (2, 14), (1, 7)], ids=["s1-28", "s2-14", "s1-7"])
+def test_inverted_residual_blocks_match_eager(stride, size):
+    """The fused, register-tiled convolutions compute what eager torch does (stride 2, and a 7x7
+    map whose vector loop spans rows)."""
+    _lower_and_compare(_randomize_norms(InvertedResidual(stride=stride)), [(1, 8, size, size)])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["none", "dlight"])
 def test_other_schedule_choices_match_eager(schedule):

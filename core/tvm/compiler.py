@@ -351,14 +351,21 @@ def _flops(task: Any) -> float:
 def _legalize(target: Any, schedule: str = "default") -> Any:
     """The first half of TVM's Relax pipeline for CPU targets (``relax.backend.cpu_generic``):
     library dispatch, legalisation to PrimFuncs and fusion; for scheduled builds (``schedule`` not
-    ``none``) batch norm is first decomposed into the scale and shift it is at inference and its
-    constants folded, so FuseOps fuses it into the convolution before it (one pass over the output
-    instead of a batch-norm kernel of its own that reads and writes the whole activation again).
+    ``none``) batch norm is folded into the weights of a bias-free convolution before it, or else
+    decomposed into the scale and shift it is at inference, and its constants folded, so FuseOps
+    fuses it, and the activation after it (ReLU6), into the convolution (one pass over the output
+    instead of kernels of their own that read and write the whole activation again).
     Tuning runs it before extracting its tasks, so tuned and untuned builds are made of the same
     functions."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    inference = [] if schedule == "none" else [relax.transform.DecomposeOpsForInference(),
+    # FoldBatchnormToConv2D scales the conv's weights (bias-free conv + batch norm: MobileNet) so
+    # that only a bias add is left; CanonicalizeBindings drops the (output, mean, var) tuple that
+    # decomposition leaves, which otherwise stops FuseOps before the activation (ReLU6 ran as a
+    # kernel of its own, one more pass over the activation).
+    inference = [] if schedule == "none" else [relax.transform.FoldBatchnormToConv2D(),
+                                               relax.transform.DecomposeOpsForInference(),
+                                               relax.transform.CanonicalizeBindings(),
                                                relax.transform.FoldConstant()]
 
     @tvm.transform.module_pass(opt_level=0)

@@ -10,11 +10,17 @@ work; :func:`default_schedule` tries :class:`Contraction` before dlight's rules 
 would take a convolution with a fused epilogue as a scalar row reduction) and :class:`Injective`
 after them:
 
-* :class:`Contraction`, one reduction block (conv2d, matmul, pooling), with fused injective
-  blocks around it: the innermost output loops are fused until they span a vector register and
-  split into (outer, vector lanes), the next output loop is register-blocked by 4, the reduction
-  loops go between, the outer output loops are fused and parallel, the init is split off the
-  reduction, and the epilogue (bias, ReLU, clip) is computed in the same parallel loop.
+* :class:`Contraction`, one reduction block (conv2d, depthwise conv, matmul, pooling), with fused
+  injective blocks around it, scheduled the way TOPI's old x86 conv schedules and dlight's rules
+  do it: the innermost output loops are fused until they span a vector register and split into
+  (outer, vector lanes); the output loops along which an operand is reused (rows reuse the
+  weights, output channels the input; a depthwise conv's channels reuse nothing) are
+  register-blocked, up to half the vector registers; the reduction loops go outside that tile
+  (a 3x3 window unrolled), the outer output loops are fused and parallel. The tile accumulates in
+  a local buffer (``cache_write``: registers once unrolled) and is written back once through the
+  epilogue (bias, batch norm, ReLU/ReLU6), vectorised. Padding is inlined, except where each
+  parallel tile reads its own part of the input (depthwise conv, pooling): there the padded part
+  is copied per tile and the vector loop reads it without bounds tests.
 * :class:`Injective`, loop nests with no reduction: fused, parallel over the outer part,
   vectorised over the inner part.
 
@@ -33,7 +39,7 @@ from tvm.s_tir.dlight.base import get_extent
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 
-#: rows of the output tile kept in registers by :class:`Contraction`
+#: the most a register-blocked output loop of :class:`Contraction` is unrolled by
 REGISTER_ROWS = 4
 
 
@@ -137,64 +143,137 @@ class Contraction(_CPURule):
         nspatial = len(kinds) - len(kinds.lstrip("S"))
         if not nspatial or kinds[nspatial:].strip("R") or nspatial == len(kinds):
             return None  # not S...SR...R
-        # Producers (padding) inlined into the reduction; consumers (epilogue) after it.
         index = blocks.index(main)
-        for b in blocks[:index]:
+        producers, epilogue = blocks[:index], blocks[index + 1:]
+        block = main.block_rv
+        extents = [_static(sch, lp) for lp in sch.get_loops(block)]
+        if any(e is None for e in extents):
+            return None
+        lanes = _lanes(target, _dtype_bits(sch, block))
+        deps = _dependencies(sch, block, nspatial)
+        reuse = [any(k not in d for _, d in deps) for k in range(nspatial)]
+        # The output loops fused into the vector loop (innermost, until they span a register) and
+        # those fused into the parallel loop (the rest).
+        ninner, span = 1, extents[nspatial - 1]
+        while ninner < nspatial and span < lanes:
+            ninner, span = ninner + 1, span * extents[nspatial - ninner - 1]
+        tiled = {k for k in range(nspatial - ninner) if extents[k] > 1}
+        # Padding: inlined into the reduction (a bounds test per reduction step), unless each
+        # parallel tile reads its own part of the padded input (depthwise conv, pooling): then that
+        # part is copied per tile, next to its use, and the vector loop reads it without tests.
+        staged = []
+        for b in producers:
+            written = sch.get(b.block_rv).writes
+            if len(producers) == 1 and written and any(buf.same_as(written[0].source) and tiled <= d
+                                                       for buf, d in deps):
+                staged.append(b.block_rv)
+                continue
             try:
                 sch.compute_inline(b.block_rv)
             except Exception:
                 return None
-        # The epilogue chain is inlined into its last block, which is computed per parallel tile
-        # (it cannot go into the reduction block: that would apply it to partial sums).
-        epilogue = blocks[index + 1:]
+        # The epilogue chain is inlined into its last block (it cannot go into the reduction
+        # block: that would apply it to partial sums).
         for b in epilogue[:-1]:
             try:
                 sch.compute_inline(b.block_rv)
             except Exception:
                 return None
-        epilogue = epilogue[-1:]
-        block = main.block_rv
+        # The output tile is accumulated in a local buffer (registers, once unrolled and
+        # vectorised) and written back once, through the epilogue (bias, batch norm, ReLU6): the
+        # partial sums never go to memory, and the activation costs no pass of its own.
+        writeback = sch.cache_write(block, 0, "local")
+        apart = []  # an epilogue that reads the output elsewhere than it writes (transpose): per tile
+        if epilogue:
+            try:
+                sch.reverse_compute_inline(epilogue[-1].block_rv)
+            except Exception:
+                apart = [epilogue[-1].block_rv]
         loops = sch.get_loops(block)
         spatial, reduce = list(loops[:nspatial]), list(loops[nspatial:])
-        extents = [_static(sch, lp) for lp in loops]
-        if any(e is None for e in extents):
-            return None
-        lanes = _lanes(target, _dtype_bits(sch, block))
-        # Fuse inner output loops until they span at least a vector register.
         inner = spatial.pop()
-        row = _static(sch, inner)
-        while spatial and _static(sch, inner) < lanes:
+        for _ in range(ninner - 1):
             inner = sch.fuse(spatial.pop(), inner)
         tail = []
-        lanes = _vector_factor(_static(sch, inner), lanes, row if epilogue else None)
+        lanes = _vector_factor(span, lanes, extents[nspatial - 1] if epilogue else None)
         if lanes >= 4:
             inner, inner_i = sch.split(inner, factors=[None, lanes])
             tail = [inner_i]
+        # Register blocking: output loops along which an operand is reused (the weights across
+        # rows, the input across output channels; a depthwise conv's channel loop reuses
+        # nothing) are split, innermost first, until the tile fills half the vector registers.
         rows = []
-        if spatial and _static(sch, spatial[-1]) % REGISTER_ROWS == 0 and _static(sch, spatial[-1]) > REGISTER_ROWS:
-            row_o, row_i = sch.split(spatial.pop(), factors=[None, REGISTER_ROWS])
-            spatial.append(row_o)
-            rows = [row_i]
+        room = _registers(target) // 2
+        for k in reversed(range(len(spatial))):
+            factor = _vector_factor(extents[k], min(REGISTER_ROWS, room))
+            if not reuse[k] or factor < 2 or extents[k] == factor:
+                continue
+            spatial[k], row = sch.split(spatial[k], factors=[None, factor])
+            rows.insert(0, row)
+            room //= factor
+            if room < 2:
+                break
         sch.reorder(*spatial, inner, *reduce, *rows, *tail)
-        outer = sch.fuse(*spatial) if len(spatial) > 1 else (spatial[0] if spatial else None)
-        parallel = outer if outer is not None else inner
-        sch.parallel(parallel)
+        outer = sch.fuse(*spatial) if len(spatial) > 1 else (spatial[0] if spatial else inner)
+        sch.parallel(outer)
         for loop in rows:
             sch.unroll(loop)
+        for loop, extent in zip(reduce[1:], extents[nspatial + 1:]):
+            if extent <= 3:  # a 3x3 window: constant offsets
+                sch.unroll(loop)
         if tail:
             sch.vectorize(tail[0])  # before the init is split off: vectorize wants a whole reduction block
         if reduce:
             sch.decompose_reduction(block, reduce[0])
-        for b in epilogue:
-            sch.reverse_compute_at(b.block_rv, parallel)
-            loops = sch.get_loops(b.block_rv)[1:]
-            if loops:
-                fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-                v = _vector_factor(_static(sch, fused) or 1, lanes)
-                if v >= 4:
-                    _, vec = sch.split(fused, factors=[None, v])
-                    sch.vectorize(vec)
+        # The tile's write-back (with the epilogue) right after its reduction, vectorised alike.
+        sch.reverse_compute_at(writeback, inner)
+        _vectorise_innermost(sch, writeback, _depth(sch, block, inner), lanes)
+        for consumer in apart:
+            sch.reverse_compute_at(consumer, outer)
+            _vectorise_innermost(sch, consumer, _depth(sch, block, outer), lanes)
+        for producer in staged:
+            sch.compute_at(producer, outer)
+            _vectorise_innermost(sch, producer, _depth(sch, block, outer), lanes)
         return sch
+
+
+def _dependencies(sch: s_tir.Schedule, block: Any, nspatial: int) -> list[tuple[Any, set[int]]]:
+    """Each buffer the block reads, with the indices of the output iterators (the first
+    ``nspatial``) its region depends on. An iterator that some operand does not depend on reuses
+    that operand: a register tile along it loads the operand once for the whole tile."""
+    stmt = sch.get(block)
+    iters = [iv.var for iv in stmt.iter_vars[:nspatial]]
+    out = []
+    for region in stmt.reads:
+        used = [v for r in region.region for v in tirx.analysis.undefined_vars(r.min, [])]
+        out.append((region.source, {k for k, iv in enumerate(iters) if any(v.same_as(iv) for v in used)}))
+    return out
+
+
+def _depth(sch: s_tir.Schedule, block: Any, loop: Any) -> int:
+    """How many of ``block``'s loops enclose it down to ``loop`` (included)."""
+    return [sch.get(lp).same_as(sch.get(loop)) for lp in sch.get_loops(block)].index(True) + 1
+
+
+def _registers(target: Target) -> int:
+    """Vector registers of the target: 32 with AVX-512 or on AArch64, else 16."""
+    width = llvm_get_vector_width(target)
+    return 32 if width >= 512 or "aarch64" in str(target.attrs.get("mtriple", "")) else 16
+
+
+def _vectorise_innermost(sch: s_tir.Schedule, block: Any, depth: int, lanes: int) -> None:
+    """Vectorise ``block``'s innermost loop, if it is below the first ``depth`` loops, by a divisor
+    of its extent up to ``lanes``."""
+    loops = sch.get_loops(block)[depth:]
+    if not loops or lanes < 4:
+        return
+    extent = _static(sch, loops[-1]) or 1
+    v = _vector_factor(extent, lanes)
+    if v >= 4:
+        last = loops[-1]
+        if v != extent:
+            _, last = sch.split(last, factors=[None, v])
+        sch.vectorize(last)
 
 
 class _Guarded(dl.ScheduleRule):
