@@ -257,7 +257,9 @@ class Compiler:
         partition, each with a one-line reason ("QNN HTP fails to compile aten.mm in this graph:
         ..."); the core plans again without them (they go to the next backend) and asks again.
         Cut a candidate group out with :func:`handoff.extract_partition` to test-compile it.
-        Default: ``{}`` (every partition of supported nodes compiles)."""
+        The core caches the answer (:class:`handoff.cache.CapabilityCache`: per program,
+        partition, options, plugin code and :meth:`cache_key`); a backend keeps no cache of its
+        own. Default: ``{}`` (every partition of supported nodes compiles)."""
         return {}
 
     def quantizer(self, scheme: str) -> Any | None:
@@ -270,10 +272,12 @@ class Compiler:
         return None
 
     def cache_key(self) -> str:
-        """Whatever else decides the blob besides the partition, the options, the backend version
-        and the plugin's code (which the core adds itself: its distribution version and a digest of
-        its installed files), e.g. the vendor compiler's version or a detected CPU, so the lowering
-        cache in ``$HANDOFF_HOME`` never returns a blob built under other conditions. Default: ``""``."""
+        """Whatever else decides the blob, and the answers of :meth:`support`,
+        :meth:`fused_patterns` and :meth:`check_partition`, besides the partition, the options, the
+        backend version and the plugin's code (which the core adds itself: its distribution version
+        and a digest of its installed files), e.g. the vendor compiler's version or a detected CPU,
+        so the lowering and capability caches in ``$HANDOFF_HOME`` never return a blob or an answer
+        made under other conditions. Default: ``""``."""
         return ""
 
 

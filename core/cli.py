@@ -158,7 +158,7 @@ def build_parser(prog: str = "handoff") -> argparse.ArgumentParser:
     c.add_argument("--on-lower-error", choices=("fail", "fallback"), default="fallback",
                    help="fail: a partition that fails to lower fails its strategy; fallback (default): it moves to "
                         "the next backend")
-    c.add_argument("--no-cache", action="store_true", help="do not reuse lowered partitions from $HANDOFF_HOME")
+    c.add_argument("--no-cache", action="store_true", help="do not reuse lowered partitions or capability answers from $HANDOFF_HOME")
     c.add_argument("--trust-model", action="store_true", help="read a model file that runs code when loaded (a .pt2 "
                    "holding pickles): only for files whose author you trust")
     c.add_argument("--max-workers", type=int, metavar="N", help="at most N measuring processes at once (each holds "
@@ -215,7 +215,7 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-lower-error", choices=("fail", "fallback"), default="fail",
                    help="fallback: move a partition that fails to lower to the next backend")
     p.add_argument("--report", metavar="FILE.json", help="write the delegation report as JSON")
-    p.add_argument("--no-cache", action="store_true", help="do not reuse lowered partitions from $HANDOFF_HOME")
+    p.add_argument("--no-cache", action="store_true", help="do not reuse lowered partitions or capability answers from $HANDOFF_HOME")
     p.add_argument("--trust-model", action="store_true", help="read a model file that runs code when loaded (a .pt2 "
                    "holding pickles): only for files whose author you trust")
     p.add_argument("--no-sign", action="store_true", help="do not sign the program with the local key")

@@ -426,10 +426,8 @@ def test_load_and_run_read_no_catalogue(sink_plugins, tmp_path):
 PUBLIC_MODULES = {"handoff", "handoff.blob", "handoff.conformance", "handoff.testing", "handoff.tvm"}
 
 
-# Plugin test suites checked too. Not yet qnn's and coreml's: their tests still import internal
-# modules (handoff.plugins) and are being moved to handoff.testing's fixtures in other branches
-# right now; add them here once those land.
-CHECKED_TESTS = ["plugins/xnnpack/tests", "plugins/vulkan/tests"]
+#: Plugin test suites checked too (they use handoff.testing's fixtures, not handoff.plugins).
+CHECKED_TESTS = ["plugins/xnnpack/tests", "plugins/vulkan/tests", "plugins/coreml/tests", "plugins/qnn/tests"]
 #: Tests of a core feature that run it with a real plugin, not of the plugin: they use its internals.
 CORE_FEATURE_TESTS = {"plugins/xnnpack/tests/test_compare_strategies.py"}  # handoff.compare, handoff.strategies
 
@@ -439,7 +437,8 @@ CORE_FEATURE_TESTS = {"plugins/xnnpack/tests/test_compare_strategies.py"}  # han
                          ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_plugins_use_only_the_public_api(package):
     """A plugin (its package, tools and tests) imports from handoff only what docs/plugins.md
-    documents: the public modules, and from ``handoff`` itself only what ``handoff.__all__`` lists."""
+    documents: the public modules, and from ``handoff`` itself only what ``handoff.__all__`` lists;
+    nor does it reach past them as ``handoff.NAME`` (``handoff.plugins.set_plugins``)."""
     public = set(handoff.__all__) | {m.split(".")[1] for m in PUBLIC_MODULES if "." in m}
     for path in package.rglob("*.py"):
         if str(path.relative_to(ROOT)) in CORE_FEATURE_TESTS:
@@ -453,6 +452,8 @@ def test_plugins_use_only_the_public_api(package):
                         assert alias.name in public, f"{path.relative_to(ROOT)}:{node.lineno} imports handoff.{alias.name}"
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "handoff":
+                assert node.attr in public, f"{path.relative_to(ROOT)}:{node.lineno} uses handoff.{node.attr}"
             for name in names:
                 if name == "handoff" or name.startswith("handoff."):
                     assert name in PUBLIC_MODULES, f"{path.relative_to(ROOT)}:{node.lineno} imports {name}"

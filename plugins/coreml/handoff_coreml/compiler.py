@@ -21,15 +21,14 @@ Capability (:meth:`CoreMLCompiler.support`) is coremltools' own frontend, asked 
 (:mod:`handoff_coreml.capability`); after planning, :meth:`CoreMLCompiler.check_partition`
 converts every planned partition for real (option ``verify``, on by default) and declines, by
 bisection, the nodes coremltools fails on in context. That conversion is kept, so ``preprocess``
-of the same partition does not convert it again; outcomes are cached under
-``$HANDOFF_HOME/coreml/verified``.
+of the same partition does not convert it again. The core remembers the answers
+(``$HANDOFF_HOME/capability``, :class:`handoff.cache.CapabilityCache`): a later run of the same
+model and options converts nothing to check.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import operator
 import os
 import tempfile
@@ -39,7 +38,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from handoff import Compiler, Lowered, LoweringError, cache_dir, extract_partition, first_failing, one_line
+from handoff import Compiler, Lowered, LoweringError, extract_partition, first_failing, one_line
 
 from . import __version__, _format, _package, capability
 from ._quiet import quiet
@@ -72,7 +71,6 @@ class CoreMLCompiler(Compiler):
         self.compute_units = self.options.get("compute_units") or "all"
         self.verify = bool(self.options.get("verify", True))
         self._converted: dict[str, Lowered] = {}  # partition content -> what check_partition converted
-        self._key_of: tuple[Any, str] = (None, "")
 
     def cache_key(self) -> str:
         """What decides a blob besides the options and the plugin's code: the converter, and torch
@@ -90,24 +88,12 @@ class CoreMLCompiler(Compiler):
 
     def check_partition(self, ep: Any, nodes: Sequence[str]) -> dict[str, str]:
         """Convert the planned partition ``nodes`` for real (when ``verify`` is on); decline the
-        nodes that make it fail (:meth:`_find_refused`). The outcome is cached per program,
-        partition, options and coremltools version."""
+        nodes that make it fail (:meth:`_find_refused`). The core remembers the answer per program,
+        partition, options, this plugin's code and :meth:`cache_key` (no cache of its own here)."""
         if not self.verify:
             return {}
         by_name = {n.name: n for n in ep.graph.nodes}
-        group = [n for n in nodes if by_name[n].target is not operator.getitem]
-        key = hashlib.sha256("\0".join([self._program_key(ep), *group, json.dumps(self.options, sort_keys=True),
-                                        self.cache_key(), __version__]).encode()).hexdigest()
-        path = cache_dir("coreml/verified") / f"{key}.json"
-        try:
-            return dict(json.loads(path.read_text())["declined"])
-        except Exception:
-            declined = self._find_refused(ep, group)
-            with contextlib.suppress(OSError):
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps({"declined": declined}))
-                os.replace(tmp, path)
-            return declined
+        return self._find_refused(ep, [n for n in nodes if by_name[n].target is not operator.getitem])
 
     def _find_refused(self, ep: Any, group: list[str]) -> dict[str, str]:
         """Decline, one at a time, the last node of the smallest failing prefix (topological
@@ -155,17 +141,6 @@ class CoreMLCompiler(Compiler):
             return " ".join(str(exc).split()), key, None
         except Exception as exc:
             return one_line(exc), key, None
-
-    def _program_key(self, ep: Any) -> str:
-        """A content hash of ``ep`` (graph and weights), computed once per program."""
-        if self._key_of[0] is not ep:
-            h = hashlib.sha256(str(ep.graph).encode())
-            for name, t in sorted([*ep.state_dict.items(), *ep.constants.items()], key=lambda kv: kv[0]):
-                if isinstance(t, torch.Tensor):
-                    h.update(name.encode())
-                    h.update(_tensor_bytes(t))
-            self._key_of = (ep, h.hexdigest())
-        return self._key_of[1]
 
     # -- lowering -----------------------------------------------------------------------------
     def preprocess(self, ep: torch.export.ExportedProgram, name: str) -> Lowered:

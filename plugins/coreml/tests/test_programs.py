@@ -71,11 +71,8 @@ def _run_with_reference(use_plugins, result, model, specs, dtype) -> None:
     import coreml_reference_plugin
 
     before = coreml_reference_plugin.ReferenceRuntime.evaluated
-    pm = use_plugins("coreml_reference_plugin", "handoff_xnnpack.plugin")
-    try:
-        check_against_eager(result.to_bytes(), model, specs, dtype=dtype)
-    finally:
-        handoff.plugins.set_plugins(None)
+    pm = use_plugins("coreml_reference_plugin", "handoff_xnnpack.plugin")  # until the next use_plugins
+    check_against_eager(result.to_bytes(), model, specs, dtype=dtype)
     assert coreml_reference_plugin.ReferenceRuntime.evaluated > before, pm
 
 

@@ -23,14 +23,14 @@ Capability (:meth:`QnnCompiler.support`) has two layers:
   MatMul fed by Div, Exp, Sqrt or Reciprocal; Softmax of a scaled input feeding a MatMul). So every
   partition the core plans is compiled as it stands; when it fails, the smallest failing prefix
   (in topological order) is found by bisection and its last node declined with QNN's message,
-  until the rest compiles; the core plans again without the declined nodes. Results are cached
-  under ``$HANDOFF_HOME/qnn/verified`` by the program's hash, partition, target and QNN version.
+  until the rest compiles; the core plans again without the declined nodes, and remembers the
+  answers (``$HANDOFF_HOME/capability``, :class:`handoff.cache.CapabilityCache`, keyed by the
+  program, partition, options, plugin code and :meth:`QnnCompiler.cache_key`: the QNN SDK).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import operator
@@ -42,7 +42,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import onnx
 import torch
 
-from handoff import (Compiler, Lowered, LoweringError, cache_dir, extract_partition, first_failing, one_line,
+from handoff import (Compiler, Lowered, LoweringError, extract_partition, first_failing, one_line,
                      quiet_loggers, temp_dir)
 
 from . import __version__, _format, _ort, ops
@@ -100,25 +100,12 @@ class QnnCompiler(Compiler):
     # -- in-context check ---------------------------------------------------------------------
     def check_partition(self, ep: torch.export.ExportedProgram, nodes: Sequence[str]) -> dict[str, str]:
         """Compile the planned partition as it stands (option ``verify``); decline the nodes that
-        make it fail (:meth:`_find_refused`). The outcome is cached per program, partition,
-        target and QNN version."""
+        make it fail (:meth:`_find_refused`). The core remembers the answer per program,
+        partition, options, this plugin's code and :meth:`cache_key` (no cache of its own here)."""
         if not self.verify:
             return {}
         by_name = {n.name: n for n in ep.graph.nodes}
-        group = [n for n in nodes if by_name[n].target is not operator.getitem]
-        key = hashlib.sha256("\0".join([self._program_key(ep), *group,
-                                         json.dumps(self.provider_options(), sort_keys=True),
-                                         json.dumps(_ort.versions(), sort_keys=True), __version__]).encode()).hexdigest()
-        path = cache_dir("qnn/verified") / f"{key}.json"
-        try:
-            return dict(json.loads(path.read_text())["declined"])
-        except Exception:
-            declined = self._find_refused(ep, group, by_name)
-            with contextlib.suppress(OSError):
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps({"declined": declined}))
-                os.replace(tmp, path)
-            return declined
+        return self._find_refused(ep, [n for n in nodes if by_name[n].target is not operator.getitem], by_name)
 
     def _find_refused(self, ep: Any, group: list[str], by_name: Mapping[str, Any]) -> dict[str, str]:
         """Decline, one at a time, the last node of the smallest failing prefix (topological
@@ -164,17 +151,6 @@ class QnnCompiler(Compiler):
             return _EMPTY
         error, _ = self._session(model.SerializeToString(), {})
         return None if error is None else one_line(error)
-
-    def _program_key(self, ep: Any) -> str:
-        """A content hash of ``ep`` (graph and weights), computed once per program."""
-        if getattr(self, "_key_of", (None, None))[0] is not ep:
-            h = hashlib.sha256(str(ep.graph).encode())
-            for name, t in sorted([*ep.state_dict.items(), *ep.constants.items()], key=lambda kv: kv[0]):
-                if isinstance(t, torch.Tensor):
-                    h.update(name.encode())
-                    h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-            self._key_of = (ep, h.hexdigest())
-        return self._key_of[1]
 
     # -- lowering -----------------------------------------------------------------------------
     def preprocess(self, ep: torch.export.ExportedProgram, name: str) -> Lowered:
