@@ -35,7 +35,7 @@ from handoff.bench import interleaved
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ("cold", "warm", "no-cache")
-PHASES = ("total", "capability", "lower")
+PHASES = ("total", "export", "capability", "plan", "lower")
 
 _CHILD = """
 import json, statistics, sys, time, handoff
