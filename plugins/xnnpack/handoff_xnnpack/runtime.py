@@ -157,10 +157,15 @@ class XnnpackRuntime(Runtime):
         data = bytes(pte)  # the binding wants bytes; the program reads them until released
         with _POOL_LOCK:
             self._set_threads(threads)
-            program = binding._load_program_from_buffer(
-                data, enable_etdump=False, debug_buffer_size=0,
-                program_verification=binding.Verification.InternalConsistency, data_path=None)
-            method = program.load_method("forward")
+            try:
+                program = binding._load_program_from_buffer(
+                    data, enable_etdump=False, debug_buffer_size=0,
+                    program_verification=binding.Verification.InternalConsistency, data_path=None)
+                method = program.load_method("forward")
+            except MemoryError as exc:  # a size field read from the blob (found by fuzzing)
+                raise ValueError(f"xnnpack: ExecuTorch could not allocate what this program asks for "
+                                 f"({one_line(exc)}): the blob is damaged or not an xnnpack program of this "
+                                 f"release; partition the model again") from exc
             _LIVE[0] += 1
         return _Delegate(data, program, method)
 
