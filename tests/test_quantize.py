@@ -220,7 +220,8 @@ def test_cli_quantize_prints_who_annotated_what(sink_plugins, tmp_path, capsys):
 
 
 def test_quantized_spans_reach_through_a_view_and_leave_float_heads_free():
-    """dq -> reshape -> linear -> q is one unit (no quantize between the reshape and the linear);
+    """dq -> reshape -> linear -> relu -> q is one unit (no quantize between the reshape, the linear
+    and its fused activation);
     the int8-input dequantize of an op whose result stays float (the last linear, then softmax) is
     in no unit, while that op's weight dequantize travels with it."""
     from handoff.quantization import quantized_spans
@@ -237,7 +238,7 @@ def test_quantized_spans_reach_through_a_view_and_leave_float_heads_free():
             d = qd.dequantize_per_tensor(qd.quantize_per_tensor(x, 0.1, 0, -128, 127, torch.int8),
                                          0.1, 0, -128, 127, torch.int8)
             w = qd.dequantize_per_tensor(self.w, 0.01, 0, -127, 127, torch.int8)
-            y = torch.nn.functional.linear(d.reshape(1, 8), w)
+            y = torch.relu(torch.nn.functional.linear(d.reshape(1, 8), w))
             h = qd.dequantize_per_tensor(qd.quantize_per_tensor(y, 0.2, 0, -128, 127, torch.int8),
                                          0.2, 0, -128, 127, torch.int8)
             w2 = qd.dequantize_per_tensor(self.w2, 0.01, 0, -127, 127, torch.int8)
@@ -246,5 +247,5 @@ def test_quantized_spans_reach_through_a_view_and_leave_float_heads_free():
     ep = torch.export.export(M(), (torch.randn(2, 4),))
     ops = {n.name: n.target.__name__.split(".")[0] for n in ep.graph.nodes if n.op == "call_function"}
     spans = sorted(sorted(ops[n] for n in s) for s in quantized_spans(ep))
-    assert spans == [sorted(["dequantize_per_tensor"] * 2 + ["reshape", "linear", "quantize_per_tensor"]),
+    assert spans == [sorted(["dequantize_per_tensor"] * 2 + ["reshape", "linear", "relu", "quantize_per_tensor"]),
                      ["dequantize_per_tensor", "linear"]], spans
