@@ -98,15 +98,17 @@ class Samples(list):
         self.append(Sample(op, label, fn, inputs, module, (*QDQ_OPS, *allow), module.step))
 
 
-def int8_samples(seed: int = 0) -> Samples:
+def int8_samples(seed: int = 0, keep: Iterable[Any] = ()) -> Samples:
     """The common int8 ops as one-op quantized samples (:meth:`Samples.add_quantized`): conv2d,
     linear, add, relu. A plugin's tool adds them to its own samples so its int8 claims are checked
-    op by op, like its float ones."""
+    op by op, like its float ones. ``keep``: the ops its check keeps whole (``aten.linear``: the
+    linear sample is that op, else the ``aten.mm`` it decomposes to)."""
     samples = Samples(seed)
+    linear = A.linear.default if A.linear.default in set(keep) else A.mm.default
     samples.add_quantized(A.convolution.default, "int8 conv2d 3x3",
                           lambda x, w: torch.nn.functional.conv2d(x, w, padding=1), samples.r(1, 4, 8, 8),
                           weight=(6, 4, 3, 3))
-    samples.add_quantized(A.mm.default, "int8 linear", torch.nn.functional.linear, samples.r(2, 16),
+    samples.add_quantized(linear, "int8 linear", torch.nn.functional.linear, samples.r(2, 16),
                           weight=(8, 16), allow=(A.permute.default,))
     samples.add_quantized(A.add.Tensor, "int8 add", torch.add, samples.r(2, 8), samples.r(2, 8))
     samples.add_quantized(A.relu.default, "int8 relu", torch.relu, samples.r(2, 8))
