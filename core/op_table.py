@@ -9,7 +9,8 @@ the ops the backend keeps whole, and ``keep``), the compiler's ``support`` is as
 claims the op's node, and the node is lowered for real and, where the evaluator can, run and
 compared with eager torch (1e-12 relative for float64, 1e-2 where the backend or an input computes
 in float16, else 1e-4; exact for integers and bools; a float16 result may instead match eager
-torch run in float16). A claim must lower (and match, where evaluable); a decline must fail one
+torch run in float16; a quantized sample, :meth:`Samples.add_quantized`, within one quantization
+step of its output). A claim must lower (and match, where evaluable); a decline must fail one
 of the two; a decline the plugin documents as a device-only bug (``documented``) counts neither
 way. Anything else is a mismatch: exit status 1.
 """
@@ -30,12 +31,16 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the quantized_decomposed ops)
 
 from .partitioner import op_name
 
 A = torch.ops.aten
 #: Nodes a one-op sample may hold besides its op.
 AUX = frozenset({operator.getitem, A._assert_tensor_metadata.default})
+_QD = torch.ops.quantized_decomposed
+#: The quantize/dequantize ops of a quantized sample (:meth:`Samples.add_quantized`).
+QDQ_OPS = (_QD.quantize_per_tensor.default, _QD.dequantize_per_tensor.default, _QD.dequantize_per_channel.default)
 
 
 @dataclasses.dataclass
@@ -46,6 +51,7 @@ class Sample:
     inputs: tuple[Any, ...]
     module: torch.nn.Module | None = None
     allow: tuple[Any, ...] = ()  # other ops the sample needs (a neighbour for an op that is a no-op alone)
+    step: float | None = None  # a quantized sample: its output's quantization step, the tolerance
 
     def eager(self) -> torch.nn.Module:
         return self.module if self.module is not None else _Fn(self.fn)
@@ -80,6 +86,34 @@ class Samples(list):
             allow: tuple[Any, ...] = ()) -> None:
         self.append(Sample(op, label, fn, inputs, module, allow))
 
+    def add_quantized(self, op: Any, label: str, fn: Callable[..., Any], *inputs: torch.Tensor,
+                      weight: tuple[int, ...] | None = None, allow: tuple[Any, ...] = ()) -> None:
+        """A one-op int8 sample as PT2E leaves one: each float input quantized and dequantized
+        (int8, per tensor, affine over its range), ``fn``, its result quantized and dequantized
+        (``dq -> op -> q``). ``weight``: the shape of an int8 weight, dequantized per output
+        channel (symmetric, [-127, 127]) and passed to ``fn`` after the inputs. Checked within one
+        quantization step of the output; ``allow`` as for :meth:`add`."""
+        w = None if weight is None else torch.randint(-127, 128, weight, generator=self.gen, dtype=torch.int8)
+        module = _Quantized(fn, inputs, w, self.r(weight[0], lo=0.002) * 0.01 if weight else None)
+        self.append(Sample(op, label, fn, inputs, module, (*QDQ_OPS, *allow), module.step))
+
+
+def int8_samples(seed: int = 0, keep: Iterable[Any] = ()) -> Samples:
+    """The common int8 ops as one-op quantized samples (:meth:`Samples.add_quantized`): conv2d,
+    linear, add, relu. A plugin's tool adds them to its own samples so its int8 claims are checked
+    op by op, like its float ones. ``keep``: the ops its check keeps whole (``aten.linear``: the
+    linear sample is that op, else the ``aten.mm`` it decomposes to)."""
+    samples = Samples(seed)
+    linear = A.linear.default if A.linear.default in set(keep) else A.mm.default
+    samples.add_quantized(A.convolution.default, "int8 conv2d 3x3",
+                          lambda x, w: torch.nn.functional.conv2d(x, w, padding=1), samples.r(1, 4, 8, 8),
+                          weight=(6, 4, 3, 3))
+    samples.add_quantized(linear, "int8 linear", torch.nn.functional.linear, samples.r(2, 16),
+                          weight=(8, 16), allow=(A.permute.default,))
+    samples.add_quantized(A.add.Tensor, "int8 add", torch.add, samples.r(2, 8), samples.r(2, 8))
+    samples.add_quantized(A.relu.default, "int8 relu", torch.relu, samples.r(2, 8))
+    return samples
+
 
 class _Fn(torch.nn.Module):
     def __init__(self, fn: Callable[..., Any]) -> None:
@@ -88,6 +122,44 @@ class _Fn(torch.nn.Module):
 
     def forward(self, *args: Any) -> Any:
         return self.fn(*args)
+
+
+def _affine(t: torch.Tensor) -> tuple[float, int]:
+    """int8 affine scale and zero point covering ``t``'s range (and 0), as a min-max observer."""
+    lo, hi = min(float(t.min()), 0.0), max(float(t.max()), 0.0)
+    scale = max((hi - lo) / 255.0, 1e-6)
+    return scale, int(max(-128, min(127, round(-128 - lo / scale))))
+
+
+class _Quantized(torch.nn.Module):
+    """``fn`` between dequantize and quantize ops (see :meth:`Samples.add_quantized`); the scales
+    come from the sample inputs and the float result, as calibration on them would set them."""
+
+    def __init__(self, fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], weight: torch.Tensor | None,
+                 scales: torch.Tensor | None) -> None:
+        super().__init__()
+        self.fn, self.qin = fn, [_affine(x) for x in inputs]
+        if weight is not None:
+            self.register_buffer("weight", weight)
+            self.register_buffer("scales", scales)
+            self.register_buffer("zeros", torch.zeros(weight.shape[0], dtype=torch.int64))
+        self.qout = (1.0, 0)
+        with torch.no_grad():
+            self.qout = _affine(self._compute(*inputs))
+        self.step = self.qout[0]
+
+    def _compute(self, *xs: torch.Tensor) -> torch.Tensor:
+        qd = torch.ops.quantized_decomposed
+        args = [qd.dequantize_per_tensor(qd.quantize_per_tensor(x, s, z, -128, 127, torch.int8), s, z, -128, 127,
+                                         torch.int8) for x, (s, z) in zip(xs, self.qin)]
+        if hasattr(self, "weight"):
+            args.append(qd.dequantize_per_channel(self.weight, self.scales, self.zeros, 0, -127, 127, torch.int8))
+        return self.fn(*args)
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        qd, (s, z) = torch.ops.quantized_decomposed, self.qout
+        return qd.dequantize_per_tensor(qd.quantize_per_tensor(self._compute(*xs), s, z, -128, 127, torch.int8),
+                                        s, z, -128, 127, torch.int8)
 
 
 def _exported(sample: Sample, keep: Iterable[Any]) -> torch.export.ExportedProgram:
@@ -103,10 +175,11 @@ def _tensors(values: Any) -> list[torch.Tensor]:
     return [v for v in torch.utils._pytree.tree_leaves(values) if isinstance(v, torch.Tensor)]
 
 
-def mismatch(got: Sequence[np.ndarray], want: Any, tol: float) -> str | None:
+def mismatch(got: Sequence[np.ndarray], want: Any, tol: float, step: float | None = None) -> str | None:
     """Why the outputs ``got`` differ from eager ``want`` (tensors), or ``None``: same count, dtypes
     and shapes; integers and bools exact; floats within ``tol`` relative (plus ``tol`` of the
-    largest finite magnitude), NaN where eager has NaN."""
+    largest finite magnitude), NaN where eager has NaN; or, with ``step`` (a quantized output),
+    within one quantization step."""
     want = _tensors(want)
     if len(got) != len(want):
         return f"{len(got)} outputs, eager has {len(want)}"
@@ -118,8 +191,13 @@ def mismatch(got: Sequence[np.ndarray], want: Any, tol: float) -> str | None:
             if not np.array_equal(g, w):
                 return f"{int((g != w).sum())} of {w.size} values differ"
             continue
-        scale = float(np.abs(w[np.isfinite(w)]).max(initial=0.0)) or 1.0
         gg, ww = g.astype(np.float64), w.astype(np.float64)
+        if step is not None:
+            steps = float(np.abs(gg - ww).max(initial=0.0)) / step
+            if not steps <= 1.001:  # NaN fails too
+                return f"{steps:.2f} quantization steps from eager (tolerance 1)"
+            continue
+        scale = float(np.abs(w[np.isfinite(w)]).max(initial=0.0)) or 1.0
         if not np.allclose(gg, ww, rtol=tol, atol=tol * scale, equal_nan=True):
             err = float(np.nanmax(np.abs(gg - ww))) / scale
             return f"max error {err:.1e} of the largest magnitude (tolerance {tol:g})"
@@ -187,7 +265,7 @@ def check_sample(sample: Sample, compiler: Any, lower: Callable[[Any, str], Any]
             module = sample.eager()
             with torch.no_grad():
                 want = module(*sample.inputs)
-            wrong = mismatch(got, want, tol)
+            wrong = mismatch(got, want, tol, sample.step)
             if wrong and fp16:  # rounding ops (floor, trunc) and steep ones (tan) amplify float16 rounding
                 half = _eager_in_float16(module, sample.inputs, want)
                 if half is not None and mismatch(got, half, tol) is None:
@@ -240,7 +318,10 @@ def check_op_table(backend: str, samples: Sequence[Sample], argv: Sequence[str] 
         def run(lowered: Any, inputs: list[np.ndarray]) -> list[np.ndarray]:
             handle = runtime.load(memoryview(lowered.blob), lowered.metadata, runtime_options)
             try:
-                return [np.asarray(o) for o in runtime.execute(handle, inputs)]
+                outs = list(runtime.execute(handle, inputs))
+                if not all(isinstance(o, np.ndarray) for o in outs):  # device values (tvm's tensors)
+                    outs = runtime.to_host(outs)
+                return [np.array(o) for o in outs]
             finally:
                 runtime.release(handle)
     else:

@@ -40,6 +40,9 @@ DEFAULT_CALIBRATION = 8
 MAX_CALIBRATION = 10_000
 #: The namespace of PT2E's quantize/dequantize ops.
 QDQ_NAMESPACE = "quantized_decomposed"
+#: The most float ops between a quantized op and the quantize of its result that still form one
+#: unit with it (conv -> batch norm -> relu -> q).
+_MAX_FLOAT_CHAIN = 3
 
 
 @dataclasses.dataclass
@@ -306,17 +309,63 @@ def _is_qdq(node: Any, kind: str) -> bool:
 
 
 def quantized_spans(ep: Any) -> list[list[str]]:
-    """Each quantized op with the dequantize ops feeding it and the quantize ops it feeds, as node
-    name groups: the core adds them to every backend's fused patterns, so an op travels with its
-    quantize/dequantize ops (a backend takes the whole span as int8, or none of it, with a reason)
-    and no quantize/dequantize op is stranded between two delegates. Call after
-    :func:`duplicate_dequantize`, so spans are disjoint (each dequantize has one consumer)."""
+    """The quantized units of an int8 graph, as node name groups: the core adds them to every
+    backend's fused patterns, so an op travels with its quantize/dequantize ops (a backend takes
+    the whole unit as int8, or none of it, with a reason). Call after :func:`duplicate_dequantize`,
+    so units are disjoint (each dequantize has one consumer).
+
+    A unit is an op with the quantize ops after it and the dequantize ops before it, extended
+    along a chain of single-user float ops to the op whose result is quantized: PT2E leaves
+    ``dq -> conv -> relu -> q`` (a fused activation) and ``dq -> view -> linear -> q`` with no
+    quantize between the ops. A unit whose result stays float (no quantize after it, e.g. an op
+    no quantizer annotated) keeps its weight dequantize ops but not those of int8 activations:
+    such a dequantize may stay with the producer's delegate, which then hands over float, so a
+    backend that declines the float op strands no dequantize on the host."""
+    parent: dict[Any, Any] = {}
+
+    def find(n: Any) -> Any:
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    def computes(n: Any) -> bool:
+        return n.op == "call_function" and getattr(n.target, "namespace", None) != QDQ_NAMESPACE
+
+    def quantized_out(n: Any) -> bool:
+        return any(_is_qdq(u, "quantize") for u in n.users)
+
+    ops = [n for n in ep.graph.nodes if computes(n) and (quantized_out(n) or any(
+        _is_qdq(a, "dequantize") for a in n.all_input_nodes))]
+    for n in ops:
+        parent.setdefault(n, n)
+    for n in ops:  # extend to the op whose result is quantized (a short single-user float chain)
+        chain, cur = [n], n
+        while not quantized_out(cur) and len(chain) <= _MAX_FLOAT_CHAIN and len(cur.users) == 1:
+            cur = next(iter(cur.users))
+            if not computes(cur):
+                break
+            chain.append(cur)
+        if quantized_out(cur) and len(chain) > 1:
+            for m in chain:
+                parent.setdefault(m, m)
+                parent[find(m)] = find(n)
+    units: dict[Any, list[Any]] = {}
+    for n in parent:
+        units.setdefault(find(n), []).append(n)
     spans = []
-    for node in ep.graph.nodes:
-        if node.op != "call_function" or getattr(node.target, "namespace", None) == QDQ_NAMESPACE:
-            continue
-        before = [a.name for a in node.all_input_nodes if a.op == "call_function" and _is_qdq(a, "dequantize")]
-        after = [u.name for u in node.users if _is_qdq(u, "quantize")]
-        if before or after:
-            spans.append([*before, node.name, *after])
+    for members in units.values():
+        quantized = any(quantized_out(m) for m in members)
+        before = [a for m in members for a in m.all_input_nodes if _is_qdq(a, "dequantize")
+                  and (quantized or not _is_activation(a))]
+        after = [u for m in members for u in m.users if _is_qdq(u, "quantize")]
+        names = [n.name for n in (*before, *members, *after)]
+        if len(names) > 1:
+            spans.append(list(dict.fromkeys(names)))
     return spans
+
+
+def _is_activation(dequantize: Any) -> bool:
+    """Whether a dequantize op reads an int8 activation (a quantize op's result), not a weight."""
+    source = dequantize.args[0] if dequantize.args else None
+    return getattr(source, "op", None) == "call_function" and _is_qdq(source, "quantize")

@@ -227,7 +227,7 @@ def check_int8(program: Any, quantized: Any, float_model: Any, input_specs: Sequ
 
 
 #: The op-table check of a plugin's ``tools/check_op_table.py`` (:mod:`handoff.op_table`), loaded on use.
-_OP_TABLE = ("NotEvaluable", "Sample", "Samples", "check_op_table", "check_sample", "mismatch")
+_OP_TABLE = ("NotEvaluable", "Sample", "Samples", "check_op_table", "check_sample", "int8_samples", "mismatch")
 
 
 def __getattr__(name: str) -> Any:

@@ -69,3 +69,26 @@ def test_table_entries_without_a_sample_fail_the_run(tmp_path, capsys):
     status, _, out = _run(tmp_path, capsys, "--option", "ops=aten.add.Tensor,aten.mul.Tensor,aten.sin.default",
                           samples=_samples()[:3], table=[A.add.Tensor, A.neg.default])
     assert status == 1 and "table entries without a sample: aten.neg.default" in out
+
+
+@pytest.mark.slow
+def test_int8_claims_are_checked_op_by_op_on_tvm(tmp_path, capsys):
+    """tvm claims the dq -> op -> q samples of conv2d, linear, add and relu, lowers them and
+    matches eager torch within one quantization step."""
+    from handoff.testing import int8_samples
+
+    out = tmp_path / "rows.json"
+    status = check_op_table("tvm", int8_samples(), ["--json", str(out)], plugin="handoff.tvm.plugin")
+    rows = json.loads(out.read_text())["rows"]
+    assert status == 0, capsys.readouterr().out
+    assert [r["sample"] for r in rows] == ["int8 conv2d 3x3", "int8 linear", "int8 add", "int8 relu"]
+    assert all(r["claimed"] and r["evaluated"] and r["verdict"] == "agree" for r in rows), rows
+
+
+def test_a_quantized_output_is_checked_in_quantization_steps():
+    from handoff.testing import mismatch
+
+    want = torch.tensor([0.0, 0.5, 1.0])
+    assert mismatch([(want + 0.1).numpy()], want, 1e-4, step=0.1) is None
+    assert mismatch([(want + 0.25).numpy()], want, 1e-4, step=0.1) == \
+        "2.50 quantization steps from eager (tolerance 1)"

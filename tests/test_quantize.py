@@ -217,3 +217,35 @@ def test_cli_quantize_prints_who_annotated_what(sink_plugins, tmp_path, capsys):
     assert q["annotated_by"]["sink"] == {"aten.mul.Tensor": 2} and q["batches"] == 2
     with handoff.load(out) as program:
         assert np.isfinite(program.run([np.ones((2, 8), np.float32)])[0]).all()
+
+
+def test_quantized_spans_reach_through_a_view_and_leave_float_heads_free():
+    """dq -> reshape -> linear -> relu -> q is one unit (no quantize between the reshape, the linear
+    and its fused activation);
+    the int8-input dequantize of an op whose result stays float (the last linear, then softmax) is
+    in no unit, while that op's weight dequantize travels with it."""
+    from handoff.quantization import quantized_spans
+
+    qd = torch.ops.quantized_decomposed
+
+    class M(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("w", torch.randint(-127, 127, (4, 8), dtype=torch.int8))
+            self.register_buffer("w2", torch.randint(-127, 127, (3, 4), dtype=torch.int8))
+
+        def forward(self, x):
+            d = qd.dequantize_per_tensor(qd.quantize_per_tensor(x, 0.1, 0, -128, 127, torch.int8),
+                                         0.1, 0, -128, 127, torch.int8)
+            w = qd.dequantize_per_tensor(self.w, 0.01, 0, -127, 127, torch.int8)
+            y = torch.relu(torch.nn.functional.linear(d.reshape(1, 8), w))
+            h = qd.dequantize_per_tensor(qd.quantize_per_tensor(y, 0.2, 0, -128, 127, torch.int8),
+                                         0.2, 0, -128, 127, torch.int8)
+            w2 = qd.dequantize_per_tensor(self.w2, 0.01, 0, -127, 127, torch.int8)
+            return torch.softmax(torch.nn.functional.linear(h, w2), -1)
+
+    ep = torch.export.export(M(), (torch.randn(2, 4),))
+    ops = {n.name: n.target.__name__.split(".")[0] for n in ep.graph.nodes if n.op == "call_function"}
+    spans = sorted(sorted(ops[n] for n in s) for s in quantized_spans(ep))
+    assert spans == [sorted(["dequantize_per_tensor"] * 2 + ["reshape", "linear", "relu", "quantize_per_tensor"]),
+                     ["dequantize_per_tensor", "linear"]], spans

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the plugin's sou
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from handoff.testing import Samples, check_op_table  # noqa: E402
+from handoff.testing import Samples, check_op_table, int8_samples  # noqa: E402
 from handoff_qnn import ops  # noqa: E402
 
 A = torch.ops.aten
@@ -228,6 +228,9 @@ S(A.index.Tensor, "index dim 0", lambda a, i: a[i], r(5, 3), torch.tensor([0, 4,
 S(A.index.Tensor, "index dim 1", lambda a, i: a[:, i], r(3, 5), torch.tensor([0, 4, 2]))
 S(A.index.Tensor, "index 2 tensors", lambda a, i, j: a[i, j], r(5, 3), torch.tensor([0, 4, 2]), torch.tensor([0, 1, 2]))
 S(A.argmax.default, "argmax float16", lambda a: a.argmax(-1), r(4, 16, dtype=torch.float16))
+
+# int8 (dq -> op -> q, as PT2E leaves each op): HTP's integer kernels, within one quantization step
+SAMPLES.extend(int8_samples(keep=ops.KEPT_ELSEWHERE))
 
 
 # -- the check (handoff.testing.check_op_table: the runtime half runs the blob on the HTP emulator) --

@@ -281,6 +281,20 @@ def test_int8_is_declined_with_a_reason():
     assert by_op["relu"] is None
 
 
+
+def test_int8_op_table_rows_carry_the_decline_reason(tmp_path, monkeypatch):
+    """handoff.testing's int8 one-op samples (dq -> conv/linear/add/relu -> q): vulkan declines each
+    with its reason, which reaches the check's rows, and each decline agrees (the blob does not build)."""
+    _needs_compiler()
+    from handoff.testing import check_op_table, int8_samples
+
+    monkeypatch.setenv("HANDOFF_HOME", str(tmp_path / "home"))
+    out = tmp_path / "rows.json"
+    assert check_op_table("vulkan", int8_samples(), ["--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 and all(r["verdict"] == "agree" and not r["claimed"] for r in rows), rows
+    assert {r["reason"] for r in rows} == {"int8 tensor: WGSL has no 8-bit integers"}
+
 class _LeavesItUnbound:
     """A schedule rule that 'applies' but binds nothing, as dlight's Transpose sometimes does."""
 

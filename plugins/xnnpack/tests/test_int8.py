@@ -151,3 +151,61 @@ def test_mobilenet_block_int8_matches_executorch(plugins):
     acc = testing.check_int8(program, result.quantized, model, specs, seeds=(23, 24), steps=float("inf"))
     ref = testing.check_int8(_Eager(result.quantized.reference), result.quantized, model, specs, seeds=(23, 24))
     assert acc["snr_db"] >= ref["snr_db"] - 0.5, (acc, ref)
+
+
+class _FusedHead(torch.nn.Module):
+    """conv -> relu (PT2E: dq -> conv -> relu -> q, no quantize between them), permute and reshape
+    (shape ops), linear, and a softmax head no quantizer annotates (its output stays float)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x)).permute(0, 1, 3, 2).reshape(1, -1)
+        return torch.softmax(self.fc(y), -1)
+
+
+class _SharedQuantize(torch.nn.Module):
+    """One quantize op (the conv's result) read by three dequantize ops: relu, cumsum (XNNPACK has
+    no kernel for it: float, on tvm or the host) and sigmoid * x."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.relu(y), torch.cumsum(y, 1), y * y.sigmoid()
+
+
+_GROUP_SPECS = [((1, 3, 8, 8), "float32")]
+
+
+def _quantized(model):
+    return handoff.quantize(model, testing.random_inputs(_GROUP_SPECS), backends=["xnnpack"], calibration=2)
+
+
+@pytest.mark.parametrize("model,backends", [(_FusedHead, ["xnnpack"]), (_FusedHead, ["tvm"]),
+                                            (_SharedQuantize, ["xnnpack"]), (_SharedQuantize, ["xnnpack", "tvm"])],
+                         ids=["fused-head-xnnpack", "fused-head-tvm", "shared-q-xnnpack", "shared-q-xnnpack,tvm"])
+def test_no_quantize_op_is_stranded_on_the_host(model, backends, plugins):
+    """Non-direct PT2E shapes (fused activation, shape ops, float head, a quantize read by consumers
+    on different backends): no quantize/dequantize op runs on the host, and the program is within
+    TOLERANCE["int8"] steps of the quantized eager model."""
+    model = model().eval()
+    q = _quantized(model)
+    result = handoff.partition(q.exported, backends=backends, fallback=False)
+    report = result.report
+    on_host = [d for d in report.declined if d["ran_on"] == "aten"]
+    assert not [d for d in on_host if d["op"].startswith("quantized_decomposed")], on_host
+    if model.__class__ is _SharedQuantize:  # only the float cumsum may leave XNNPACK
+        assert [d["op"] for d in report.declined] == ["aten.cumsum.default"]
+        assert report.declined[0]["ran_on"] == ("tvm" if "tvm" in backends else "aten")
+    else:
+        assert report.coverage(backends[0]) == 100.0 and report.stats[backends[0]].partitions == 1
+    acc = testing.check_int8(result.to_bytes(), q, model, _GROUP_SPECS)
+    assert acc["max_steps"] <= testing.TOLERANCE["int8"]
