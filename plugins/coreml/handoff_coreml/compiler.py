@@ -221,18 +221,33 @@ def _feature(name: str, node: torch.fx.Node) -> dict[str, Any]:
 
 def _unaccounted(ep: Any, calls: list[torch.fx.Node], program: Any) -> list[str]:
     """Partition nodes no MIL operation of ``program`` carries the debug handle of, except
-    ``getitem`` nodes, nodes computed from weights alone (folded into constants) and data movement
-    MIL may remove: ``["name (op)", ...]``."""
+    ``getitem`` nodes, nodes computed from weights alone (folded into constants), data movement
+    MIL may remove, and nodes computing exactly what an accounted earlier node computes (merged by
+    MIL's common-subexpression elimination): ``["name (op)", ...]``."""
     seen: set[int] = set()
     for op in program.functions["main"].operations:
         seen.update(h for h in op.scopes.get(ScopeSource.EXIR_DEBUG_HANDLE, []) if isinstance(h, int))
     sig = ep.graph_signature
     constant = set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers) | set(sig.inputs_to_lifted_tensor_constants)
     missing = []
+    first: dict[tuple[Any, str, str], torch.fx.Node] = {}  # the first node of each computation
+    same: dict[torch.fx.Node, torch.fx.Node] = {}  # node -> the first node computing the same
+    accounted: set[torch.fx.Node] = set()
     for i, node in enumerate(calls):
         if all(a.name in constant for a in node.all_input_nodes):
             constant.add(node.name)
-        if i in seen or node.target is operator.getitem or node.name in constant or node.target in _MOVEMENT:
+        # MIL's common-subexpression elimination keeps one of identical ops, with one handle: a
+        # node computing exactly what an earlier one computes is accounted for by it (the GRU's
+        # ``gi[:, t, :H]``, ``gi[:, t, H:2H]``, ... are one ``select`` each in torch, one in MIL).
+        args = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: same.get(n, n))
+        key = (node.target, repr(args[0]), repr(args[1]))
+        if key in first and torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ()):
+            same[node] = first[key]
+        else:
+            first[key] = node
+        if (i in seen or node.target is operator.getitem or node.name in constant or node.target in _MOVEMENT
+                or (node in same and same[node] in accounted)):
+            accounted.add(node)
             continue
         missing.append(f"{node.name} ({capability.op_name(node.target)})")
     return missing
