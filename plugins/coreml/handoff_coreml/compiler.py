@@ -19,8 +19,8 @@ Lowering one partition (:meth:`CoreMLCompiler.preprocess`):
 
 Capability (:meth:`CoreMLCompiler.support`) is coremltools' own frontend, asked about every node
 (:mod:`handoff_coreml.capability`); after planning, :meth:`CoreMLCompiler.check_partition`
-converts every planned partition for real (option ``verify``, on by default) and declines, by
-bisection, the nodes coremltools fails on in context. That conversion is kept, so ``preprocess``
+converts every planned partition for real (option ``verify``, on by default) and declines the
+nodes coremltools fails on in context: the node its error names, else one found by bisection. That conversion is kept, so ``preprocess``
 of the same partition does not convert it again. The core remembers the answers
 (``$HANDOFF_HOME/capability``, :class:`handoff.cache.CapabilityCache`): a later run of the same
 model and options converts nothing to check.
