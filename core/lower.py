@@ -197,21 +197,26 @@ def first_failing(check: Callable[[list[str]], Any], nodes: Sequence[str]) -> It
     A group with nothing to compile (only weights, no outputs) should pass: such a prefix is no
     node's fault.
 
-    Each round checks the nodes left; when they fail, bisection finds the smallest failing prefix
-    (topological order: what precedes the culprit compiles without it) in about log2(n) checks,
-    and yields ``(node, failure, alone)``: its last node, ``check``'s answer for that prefix, and
-    whether that prefix is the node alone (when not, what precedes it passes without it). The node is taken out and the next round starts, until the
-    rest compiles (then the last call of ``check`` was on exactly the nodes left, so a compiler
-    may keep that result for ``preprocess``) or nothing is left. ``check`` is assumed monotone
-    (a failing prefix keeps failing when nodes are added after it); where it is not, the node
-    found still fails with what precedes it.
+    The first round checks the whole group; when it fails, bisection finds the smallest failing
+    prefix (topological order: what precedes the culprit compiles without it) in about log2(n)
+    checks, and yields ``(node, failure, alone)``: its last node, ``check``'s answer for that
+    prefix, and whether that prefix is the node alone (when not, what precedes it passes without
+    it). The node is taken out and the next round checks the rest; when it fails again, the search
+    starts where the last one stopped: the prefix before the culprit is known to pass, so longer
+    prefixes are tried at growing distances from it (1, 2, 4, ... nodes more) and bisection
+    narrows the gap. A group with many culprits close together costs about 1 + 2*log2(gap) checks
+    each instead of 1 + log2(n) (683 nodes with a culprit every 7: 593 checks instead of 1019).
+    Rounds go on until the rest compiles (then the last call of ``check`` was on exactly the nodes
+    left, so a compiler may keep that result for ``preprocess``) or nothing is left. ``check`` is
+    assumed monotone (a failing prefix keeps failing when nodes are added after it); where it is
+    not, the node found still fails with what precedes it, which passed without it.
     """
     remaining = list(nodes)
-    while remaining:
-        failure = check(remaining)
-        if failure is None:
-            return
-        lo, hi = 1, len(remaining)  # the smallest k with remaining[:k] failing lies in [lo, hi]
+    failure = check(remaining)
+    if failure is None:
+        return
+    lo, hi = 1, len(remaining)  # the smallest k with remaining[:k] failing lies in [lo, hi]
+    while True:
         while lo < hi:
             mid = (lo + hi) // 2
             result = check(remaining[:mid])
@@ -221,6 +226,23 @@ def first_failing(check: Callable[[list[str]], Any], nodes: Sequence[str]) -> It
                 hi, failure = mid, result
         culprit = remaining.pop(hi - 1)
         yield culprit, failure, hi == 1
+        if not remaining:
+            return
+        failure = check(remaining)
+        if failure is None:
+            return
+        passed, step = hi - 1, 1  # remaining[:passed] passed (checked, or empty)
+        while True:  # gallop: the first failing prefix beyond the one that passed
+            k = passed + step
+            if k >= len(remaining):
+                lo, hi = passed + 1, len(remaining)
+                break
+            result = check(remaining[:k])
+            if result is not None:
+                failure = result
+                lo, hi = passed + 1, k
+                break
+            passed, step = k, step * 2
 
 
 def graph_digest(ep: Any) -> str:

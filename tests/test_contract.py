@@ -304,6 +304,17 @@ def test_first_failing_finds_the_node_that_breaks_a_group():
     assert all(calls)  # never asked about an empty group
 
 
+def test_first_failing_resumes_where_the_last_culprit_was_found():
+    """Many culprits close together (a select every 7 nodes of a GRU): each round searches past
+    the prefix that already passed instead of bisecting the whole rest again."""
+    nodes = [f"n{i}" for i in range(683)]
+    calls: list[list[str]] = []
+    bad = {frozenset({f"n{i}"}) for i in range(3, 683, 7)}
+    found = list(handoff.first_failing(_combination_check(bad, calls), nodes))
+    assert [n for n, _, _ in found] == [f"n{i}" for i in range(3, 683, 7)]
+    assert len(calls) < 7 * len(found)  # bisecting the whole rest every round: over 10 a culprit
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 24).flatmap(lambda n: st.tuples(
     st.just(n), st.sets(st.frozensets(st.integers(0, n - 1), min_size=1, max_size=3), max_size=4))))

@@ -19,8 +19,8 @@ Lowering one partition (:meth:`CoreMLCompiler.preprocess`):
 
 Capability (:meth:`CoreMLCompiler.support`) is coremltools' own frontend, asked about every node
 (:mod:`handoff_coreml.capability`); after planning, :meth:`CoreMLCompiler.check_partition`
-converts every planned partition for real (option ``verify``, on by default) and declines, by
-bisection, the nodes coremltools fails on in context. That conversion is kept, so ``preprocess``
+converts every planned partition for real (option ``verify``, on by default) and declines the
+nodes coremltools fails on in context: the node its error names, else one found by bisection. That conversion is kept, so ``preprocess``
 of the same partition does not convert it again. The core remembers the answers
 (``$HANDOFF_HOME/capability``, :class:`handoff.cache.CapabilityCache`): a later run of the same
 model and options converts nothing to check.
@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import operator
 import os
+import re
 import tempfile
 import time
 from typing import Any, Mapping, Sequence
@@ -54,6 +55,7 @@ CT = capability.CT
 _MOVEMENT = frozenset({A.view.default, A._unsafe_view.default, A.clone.default, A.alias.default, A.expand.default,
                        A.permute.default, A.squeeze.dims, A.squeeze.dim, A.unsqueeze.default, A.slice.Tensor,
                        A._to_copy.default, A._assert_tensor_metadata.default})
+_QUOTED = re.compile(r"[\"']([A-Za-z_][\w.]*)[\"']")  # a quoted name in coremltools' errors
 _CONSTANT, _EMPTY = object(), object()  # verification outcomes of groups with nothing to convert
 
 
@@ -96,51 +98,62 @@ class CoreMLCompiler(Compiler):
         return self._find_refused(ep, [n for n in nodes if by_name[n].target is not operator.getitem])
 
     def _find_refused(self, ep: Any, group: list[str]) -> dict[str, str]:
-        """Decline, one at a time, the last node of the smallest failing prefix (topological
-        order) of ``group``, until the rest converts (:func:`handoff.first_failing`); a rest with
-        nothing to convert is declined whole. The rest's conversion is kept for :meth:`preprocess`."""
+        """Convert ``group``; while it fails, decline the node the failure names (coremltools
+        names MIL ops after the torch nodes, and the checks here name the node they refuse)
+        directly, or, when it names no node of the group, the last node of the smallest failing
+        prefix (topological order, :func:`handoff.first_failing`: about log2(n) conversions), then
+        convert the rest again. A rest with nothing to convert is declined whole. The rest's
+        conversion is kept for :meth:`preprocess`."""
         by_name = {n.name: n for n in ep.graph.nodes}
-        last: list[Any] = []  # the outcome and conversion of the latest check: the rest's, at the end
+        last: list[Any] = [None]  # names, outcome, content key, conversion, named node of the latest check
 
         def check(names: list[str]) -> str | None:
-            last[:] = self._check(ep, names)
-            return None if last[0] is _CONSTANT or last[0] is _EMPTY else last[0]
+            if last[0] != names:  # bisection starts by checking the group just checked
+                last[:] = [list(names), *self._check(ep, names)]
+            return None if last[1] is _CONSTANT or last[1] is _EMPTY else last[1]
 
-        declined = {}
-        for culprit, error, alone in first_failing(check, group):
+        declined, rest = {}, list(group)
+        while rest and check(rest) is not None:
+            named = last[4]
+            if named in rest:
+                declined[named] = f"{CT} fails to convert {capability.op_name(by_name[named].target)} in this graph: {last[1]}"
+                rest.remove(named)
+                continue
+            culprit, error, alone = next(first_failing(check, rest))
             context = "even alone" if alone else "in this graph (what precedes it converts without it)"
             declined[culprit] = f"{CT} fails to convert {capability.op_name(by_name[culprit].target)} {context}: {error}"
-        rest = [n for n in group if n not in declined]
-        if rest and (last[0] is _CONSTANT or last[0] is _EMPTY):
-            why = "computes only from weights (a constant)" if last[0] is _CONSTANT else "has no outputs"
+            rest.remove(culprit)
+        if rest and (last[1] is _CONSTANT or last[1] is _EMPTY):
+            why = "computes only from weights (a constant)" if last[1] is _CONSTANT else "has no outputs"
             declined.update({n: f"this group of {len(rest)} node(s) {why}: nothing for Core ML to run"
                              for n in rest})
         elif rest:
-            self._converted[last[1]] = last[2]
+            self._converted[last[2]] = last[3]
         return declined
 
-    def _check(self, ep: Any, names: list[str]) -> tuple[Any, str, Lowered | None]:
-        """``(outcome, content key, conversion)`` of converting ``names`` (with their getitems) as
-        one partition: outcome ``None`` when it converts, the failure otherwise, or
-        :data:`_CONSTANT` / :data:`_EMPTY` for groups with nothing to run."""
+    def _check(self, ep: Any, names: list[str]) -> tuple[Any, str, Lowered | None, str | None]:
+        """``(outcome, content key, conversion, node)`` of converting ``names`` (with their
+        getitems) as one partition: outcome ``None`` when it converts, the failure otherwise, or
+        :data:`_CONSTANT` / :data:`_EMPTY` for groups with nothing to run; ``node``: the node the
+        failure names, if any."""
         wanted = set(names)
         ordered = [n.name for n in ep.graph.nodes if n.op == "call_function" and (
             n.name in wanted or (n.target is operator.getitem and n.args[0].name in wanted))]
         try:
             sub, inputs, outputs = extract_partition(ep, ordered, {})
         except Exception as exc:
-            return f"cannot cut the group out of the program: {one_line(exc)}", "", None
+            return f"cannot cut the group out of the program: {one_line(exc)}", "", None, None
         if not inputs:
-            return _CONSTANT, "", None
+            return _CONSTANT, "", None, None
         if not outputs:
-            return _EMPTY, "", None
+            return _EMPTY, "", None, None
         key = _content_key(sub)
         try:
-            return None, key, self._lower(sub, "group")
+            return None, key, self._lower(sub, "group"), None
         except LoweringError as exc:  # the converter's words, without the class name
-            return " ".join(str(exc).split()), key, None
+            return " ".join(str(exc).split()), key, None, exc.node
         except Exception as exc:
-            return one_line(exc), key, None
+            return one_line(exc), key, None, None
 
     # -- lowering -----------------------------------------------------------------------------
     def preprocess(self, ep: torch.export.ExportedProgram, name: str) -> Lowered:
@@ -174,8 +187,10 @@ class CoreMLCompiler(Compiler):
                         inputs=[ct.TensorType(name=f["name"], dtype=np.dtype(f["coreml_dtype"])) for f in inputs],
                         outputs=[ct.TensorType(name=f["name"], dtype=np.dtype(f["coreml_dtype"])) for f in outputs],
                         package_dir=os.path.join(tmp, _format.PACKAGE))
-            except Exception as exc:
-                raise LoweringError(f"{CT} failed to convert {name}: {one_line(exc)}") from exc
+            except Exception as exc:  # coremltools names a MIL op after the torch node it converts
+                named = [m for m in _QUOTED.findall(str(exc)) if m in {n.name for n in calls}]
+                raise LoweringError(f"{CT} failed to convert {name}: {one_line(exc)}",
+                                    node=named[0] if named else None) from exc
             seconds = time.perf_counter() - start
             missing = _unaccounted(ep, calls, model._mil_program)
             if missing:
@@ -221,18 +236,33 @@ def _feature(name: str, node: torch.fx.Node) -> dict[str, Any]:
 
 def _unaccounted(ep: Any, calls: list[torch.fx.Node], program: Any) -> list[str]:
     """Partition nodes no MIL operation of ``program`` carries the debug handle of, except
-    ``getitem`` nodes, nodes computed from weights alone (folded into constants) and data movement
-    MIL may remove: ``["name (op)", ...]``."""
+    ``getitem`` nodes, nodes computed from weights alone (folded into constants), data movement
+    MIL may remove, and nodes computing exactly what an accounted earlier node computes (merged by
+    MIL's common-subexpression elimination): ``["name (op)", ...]``."""
     seen: set[int] = set()
     for op in program.functions["main"].operations:
         seen.update(h for h in op.scopes.get(ScopeSource.EXIR_DEBUG_HANDLE, []) if isinstance(h, int))
     sig = ep.graph_signature
     constant = set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers) | set(sig.inputs_to_lifted_tensor_constants)
     missing = []
+    first: dict[tuple[Any, str, str], torch.fx.Node] = {}  # the first node of each computation
+    same: dict[torch.fx.Node, torch.fx.Node] = {}  # node -> the first node computing the same
+    accounted: set[torch.fx.Node] = set()
     for i, node in enumerate(calls):
         if all(a.name in constant for a in node.all_input_nodes):
             constant.add(node.name)
-        if i in seen or node.target is operator.getitem or node.name in constant or node.target in _MOVEMENT:
+        # MIL's common-subexpression elimination keeps one of identical ops, with one handle: a
+        # node computing exactly what an earlier one computes is accounted for by it (the GRU's
+        # ``gi[:, t, :H]``, ``gi[:, t, H:2H]``, ... are one ``select`` each in torch, one in MIL).
+        args = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: same.get(n, n))
+        key = (node.target, repr(args[0]), repr(args[1]))
+        if key in first and torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ()):
+            same[node] = first[key]
+        else:
+            first[key] = node
+        if (i in seen or node.target is operator.getitem or node.name in constant or node.target in _MOVEMENT
+                or (node in same and same[node] in accounted)):
+            accounted.add(node)
             continue
         missing.append(f"{node.name} ({capability.op_name(node.target)})")
     return missing

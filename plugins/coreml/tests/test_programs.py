@@ -239,6 +239,79 @@ def test_check_partition_declines_what_fails_in_context(monkeypatch, use_plugins
     assert again.report.declined == result.report.declined and calls == []
 
 
+def test_check_partition_declines_the_node_coremltools_names(monkeypatch, use_plugins):
+    """When coremltools' error names a node of the partition (its MIL ops carry the torch node
+    names; injected: ``Op "gelu" ...`` for any graph holding a GELU after a layer norm), that node
+    is declined with the error, without bisection: one failing conversion, then the rest converts."""
+    import coremltools as ct
+
+    real, calls = ct.convert, []
+
+    def convert(ep, *args, **kwargs):
+        names = {str(n.target): n.name for n in ep.graph.nodes if n.op == "call_function"}
+        calls.append([str(n.target) for n in ep.graph.nodes if n.op == "call_function"])
+        if "aten.gelu.default" in names and "aten.native_layer_norm.default" in names:
+            raise ValueError(f'Op "{names["aten.gelu.default"]}" (op_type: gelu): injected')
+        return real(ep, *args, **kwargs)
+
+    monkeypatch.setattr(ct, "convert", convert)
+    use_plugins("handoff_coreml.plugin", "handoff_xnnpack.plugin")
+    model = Block().eval()
+    result = handoff.partition(model, (torch.randn(2, 16),), backends=["coreml", "xnnpack"], use_cache=False,
+                               options={"coreml": {"precision": "fp32"}}, default_limits=handoff.Limits(1))
+    (declined,) = result.report.declined
+    assert declined["op"] == "aten.gelu.default" and declined["ran_on"] == "xnnpack"
+    assert declined["reasons"]["coreml"] == (
+        f"coremltools 9.0 fails to convert aten.gelu.default in this graph: coremltools 9.0 failed to convert group: "
+        f"ValueError: Op \"{declined['node']}\" (op_type: gelu): injected")
+    # the whole group (fails), the group without the GELU (converts), then the two partitions the
+    # plan makes of it; bisection would have converted prefixes holding the GELU again
+    assert [sum(t == "aten.gelu.default" for t in c) for c in calls] == [1, 0, 0, 0]
+    _run_with_reference(use_plugins, result, model, [((2, 16), "float32")], "float32")
+
+
+class GatedSteps(nn.Module):
+    """Two GRU-like steps reading slices of one input projection: ``gi[:, t, :4]`` and
+    ``gi[:, t, 4:]`` are each a ``select`` of the same step in torch, which MIL's common-
+    subexpression elimination merges into one op carrying one of their debug handles."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        gi = self.proj(x)
+        h = torch.tanh(gi[:, 0, :4])
+        for t in range(2):
+            h = torch.sigmoid(gi[:, t, :4] + h) * torch.tanh(gi[:, t, 4:])
+        return h
+
+
+def test_ops_merged_by_common_subexpression_elimination_are_accounted_for(use_plugins):
+    """A ``select`` identical to an earlier one is computed by the op MIL kept: the whole graph
+    converts as one partition in one conversion (it used to be declined select by select, by
+    bisection: hours on zoo:bandwidth_gru), and computes what eager computes."""
+    from handoff_coreml.compiler import CoreMLCompiler
+
+    real, calls = CoreMLCompiler.lower_unchecked, []
+
+    def lower(self, ep, name):
+        calls.append(name)
+        return real(self, ep, name)
+
+    use_plugins("handoff_coreml.plugin", "handoff_xnnpack.plugin")
+    model = GatedSteps().eval()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CoreMLCompiler, "lower_unchecked", lower)
+        result = handoff.partition(model, (torch.randn(1, 2, 8),), backends=["coreml"], use_cache=False,
+                                   options={"coreml": {"precision": "fp32"}})
+    assert result.report.declined == [] and result.report.coverage("coreml") == 100.0
+    assert result.report.stats["coreml"].partitions == 1 and len(calls) == 1
+    assert result.report.stats["coreml"].ops["aten.select.int"] == 5
+    _run_with_reference(use_plugins, result, model, [((1, 2, 8), "float32")], "float32")
+
+
 def test_partition_cli_is_quiet(tmp_path, handoff_home):
     """No coremltools log lines, warnings or progress bars on the terminal."""
     env = {**os.environ, "HANDOFF_PLUGINS": "handoff_coreml.plugin", "HANDOFF_DISABLE_PLUGIN_AUTOLOAD": "1",
