@@ -60,24 +60,44 @@ def _nbytes(shape: Any, itemsize: int) -> int:
     return math.prod(shape) * itemsize
 
 
-def check_run_bytes(manifest: Mapping[str, Any], name: str) -> None:
-    """Refuse a program whose run would hold more than :data:`MAX_RUN_BYTES` outside its delegates
-    (see there). ``manifest`` is a validated manifest."""
-    from .program import value_nbytes
+#: the note (:mod:`handoff.verified`) holding a recorded file's :func:`run_bytes`
+RUN_BYTES_NOTE = "run-bytes"
 
+
+def run_bytes(manifest: Mapping[str, Any]) -> int:
+    """Bytes a run holds outside its delegates: inputs, outputs and values between delegates and
+    host ops (constants live in the file). ``manifest`` is a validated manifest."""
+    from .program import value_nbytes  # program imports this module
+
+    return sum(value_nbytes(manifest["values"][v]) for v in _run_values(manifest))
+
+
+def _run_values(manifest: Mapping[str, Any]) -> set[int]:
     constants = {c["value"] for c in manifest["constants"]}
     used = {i["value"] for i in manifest["inputs"]} | {o["value"] for o in manifest["outputs"]}
     for ins in manifest["instructions"]:
         used.update(v for v in ins["outputs"] if v is not None)
-    values = manifest["values"]
-    total = sum(value_nbytes(values[v]) for v in used - constants)
+    return used - constants
+
+
+def check_run_bytes(manifest: Mapping[str, Any], name: str, total: int | None = None) -> int:
+    """Refuse a program whose run would hold more than :data:`MAX_RUN_BYTES` outside its delegates
+    (see there). ``manifest`` is a validated manifest; ``total``, when given, is its
+    :func:`run_bytes` as noted in the record of the unchanged file (:mod:`handoff.verified`), so
+    the check is one compare. Returns the total."""
+    if total is None:
+        total = run_bytes(manifest)
     limit = cap(MAX_RUN_BYTES)
     if total > limit:
-        biggest = max(used - constants, key=lambda v: value_nbytes(values[v]))
+        from .program import value_nbytes
+
+        values = manifest["values"]
+        biggest = max(_run_values(manifest), key=lambda v: value_nbytes(values[v]))
         raise HandoffError(f"{name}: a run would hold {human(total)} of inputs, outputs and values between "
                            f"delegates (the largest, value {biggest}, is {values[biggest]['dtype']}"
                            f"{values[biggest]['shape']}), more than the {human(limit)} cap; if the program is "
                            f"meant to be this large, raise {MAX_RUN_BYTES}")
+    return total
 
 
 def check_example_input(text: str, shape: tuple[int, ...], itemsize: int) -> None:

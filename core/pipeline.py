@@ -61,12 +61,15 @@ class PartitionResult:
 
     def write(self, path: str, alignment: int = 64, sign: bool = True) -> int:
         """Write the ``.hof`` file; returns its size in bytes."""
+        from .limits import RUN_BYTES_NOTE, run_bytes
         from .program import write_program
 
         start = time.perf_counter()
+        notes = remember_blobs(self.assembled.manifest, self.assembled.segments)
+        notes[RUN_BYTES_NOTE] = str(run_bytes(self.assembled.manifest))  # its first load's limit check compares
         size = write_program(path, self.assembled.manifest, self.assembled.segments, alignment=alignment,
                              signer=_signer(sign), remember=True,  # its first load skips the checks
-                             notes=remember_blobs(self.assembled.manifest, self.assembled.segments))
+                             notes=notes)
         self.report.output, self.report.program_bytes = str(path), size
         self.report.timings["write"] = time.perf_counter() - start
         return size

@@ -36,14 +36,14 @@ import os
 import threading
 import time
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 from . import hostops, probe
 from .backend import HOST_MEMORY
 from .errors import FallbackWarning, HandoffError, one_line
-from .limits import check_run_bytes
+from .limits import RUN_BYTES_NOTE, check_run_bytes
 from .native import admit
 from .plugins import Plugins, get_plugins
 from .program import ProgramFile, constant_array, io_specs, value_nbytes
@@ -64,6 +64,25 @@ _LOADED: set[type] = set()
 
 # Kinds of planned operations (the first field of each tuple in ``Program._ops``).
 _DELEGATE, _TO_HOST, _ATEN = 0, 1, 2
+
+
+class _Plan(NamedTuple):
+    """What :meth:`Program._make_plan` decides for one manifest (see there), delegates by index."""
+
+    ops: tuple[tuple[Any, ...], ...]
+    held_before: tuple[tuple[int, ...], ...]  # per op: the delegates whose locks are held before it
+    slots: int
+    domain: dict[int, str]
+    host_slot: dict[int, int]
+    input_plan: tuple[tuple[Any, ...], ...]
+    output_plan: tuple[tuple[int, bool], ...]
+    peak_bytes: int
+    host_transfers: int
+
+
+#: plans made in this process (:meth:`Program._plan`), by manifest digest and runtime answers
+_PLANS: dict[tuple[Any, ...], _Plan] = {}
+_MAX_PLANS = 64
 
 
 class _RunError(HandoffError):
@@ -100,7 +119,12 @@ class Program:
         self._runs_lock = threading.Lock()
         start = time.perf_counter()
         try:
-            check_run_bytes(self.manifest, file.name)  # a file must not size the host's allocations at will
+            # A file must not size the host's allocations at will; the unchanged file's record
+            # keeps the total (computed from the manifest its digest names), so this is a compare.
+            noted = file.notes.get(RUN_BYTES_NOTE) if file.recorded else None
+            total = check_run_bytes(self.manifest, file.name, int(noted) if noted and noted.isdigit() else None)
+            if noted is None:
+                file.note(RUN_BYTES_NOTE, str(total))
             self._constants = {c["value"]: constant_array(file, i) for i, c in enumerate(self.manifest["constants"])}
             self._aten_ops = self._resolve_aten_ops()
             self._load_delegates(plugins, options, trusted_keys, allow_unsigned, strict)
@@ -311,6 +335,23 @@ class Program:
         """Decide, once, everything :meth:`run` does (module docstring): ``self._ops``, a list of
         tuples :meth:`run` executes in order, and the figures :meth:`stats` reports.
 
+        The decisions depend only on the manifest (named by its SHA-256, which the file's header
+        holds and opening checks against its bytes) and on what the chosen runtimes say about
+        their handles, so they are made once per process for each such key (:data:`_PLANS`) and
+        bound here to this load's runtimes, handles, locks and constants."""
+        reentrant = tuple(bool(getattr(rt, "reentrant", False)) for rt, _ in self._handles)
+        key = (self.file._manifest_sha256, tuple(self.choices), tuple(self._memory), reentrant)
+        plan = _PLANS.get(key)
+        if plan is None:
+            plan = self._make_plan(list(reentrant))
+            if len(_PLANS) >= _MAX_PLANS:
+                del _PLANS[next(iter(_PLANS))]  # the oldest
+            _PLANS[key] = plan
+        self._bind(plan)
+
+    def _make_plan(self, reentrant: list[bool]) -> _Plan:
+        """The decisions of :meth:`_plan`, naming delegates by index (bound by :meth:`_bind`).
+
         Slots: value ``v`` lives in ``env[v]`` in its producer's domain; a device value that must
         also exist in host memory gets a second slot, ``env[n + k]``, for its host copy."""
         m = self.manifest
@@ -320,7 +361,6 @@ class Program:
         domain: dict[int, str] = {i["value"]: HOST_MEMORY for i in m["inputs"]}
         domain.update((vid, HOST_MEMORY) for vid in self._constants)
         producer: dict[int, int] = {}  # device value -> delegate index
-        reentrant = [bool(getattr(rt, "reentrant", False)) for rt, _ in self._handles]
         calls = [0] * len(self._handles)
         for ins in instructions:
             if ins["op"] == "delegate":
@@ -383,12 +423,11 @@ class Program:
         ops: list[list[Any]] = []
         op_reads: list[tuple[int, ...]] = []
         op_writes: list[tuple[int, ...]] = []
-        op_lock: list[Any] = []
-        locks = [None if reentrant[d] else threading.Lock() for d in range(len(self._handles))]
+        op_lock: list[int | None] = []  # the delegate whose lock an op takes
+        locks = [None if reentrant[d] else d for d in range(len(self._handles))]
 
         def add_conversions(at: int) -> None:
             for group in batches.get(at, {}).values():
-                runtime = self._handles[producer[group[0]]][0]
                 src = tuple(group)
                 dst = tuple(host_slot[v] for v in group)
                 names = sorted({producer[v] for v in group})
@@ -397,7 +436,7 @@ class Program:
                 where = (f"delegate{'s' if len(names) > 1 else ''} {listed} (backend '{self.choices[names[0]][1]}'): "
                          f"reading {'their' if len(names) > 1 else 'its'} outputs into host memory")
                 checks = tuple((expect[v][0], expect[v][1], v, producer[v]) for v in group)
-                ops.append([_TO_HOST, runtime.to_host, src, dst, checks, where])
+                ops.append([_TO_HOST, producer[group[0]], src, dst, checks, where])
                 op_reads.append(src)
                 op_writes.append(dst)
                 op_lock.append(None)
@@ -407,16 +446,14 @@ class Program:
             writes = tuple(ins["outputs"])
             if ins["op"] == "delegate":
                 d = ins["delegate"]
-                runtime, handle = self._handles[d]
                 # Numpy outputs are checked as they arrive; device values' shapes too where they
                 # have one (a tuple compare), their dtypes when they are brought to the host.
                 checks = tuple((expect[v][0], expect[v][1], v) for v in writes)
                 host_out = domain[writes[0]] == HOST_MEMORY if writes else True
-                ops.append([_DELEGATE, runtime.execute, handle, locks[d], reads[k], writes, host_out, checks,
-                            runtime.to_host if eager[d] else None, self._delegate_name(d)])
+                ops.append([_DELEGATE, d, locks[d], reads[k], writes, host_out, checks, eager[d], self._delegate_name(d)])
                 op_lock.append(locks[d])
             else:
-                ops.append([_ATEN, self._aten_ops[k], *self._aten_arguments(ins, domain, host_slot), writes,
+                ops.append([_ATEN, k, writes,
                             tuple(None if v is None else (expect[v][0], expect[v][1], v) for v in writes),
                             f"instruction {k} ({ins['target']})"])
                 op_lock.append(None)
@@ -442,16 +479,16 @@ class Program:
                 drops[when].append(s)
 
         # Locks: held from the delegate's call until the last read of the device values it made.
-        releases: list[list[Any]] = [[] for _ in ops]
+        releases: list[list[int]] = [[] for _ in ops]
         for j, lock in enumerate(op_lock):
             if lock is None:
                 continue
             mine = [last_read.get(s, j) for s in op_writes[j] if s < n and domain[s] != HOST_MEMORY]
             releases[min(max([j, *mine]), len(ops) - 1)].append(lock)
-        held: list[Any] = []
-        self._held_before: list[tuple[Any, ...]] = []
+        held: list[int] = []
+        held_before: list[tuple[int, ...]] = []
         for j in range(len(ops)):
-            self._held_before.append(tuple(held))
+            held_before.append(tuple(held))
             if op_lock[j] is not None:
                 held.append(op_lock[j])
             for lock in releases[j]:
@@ -470,20 +507,48 @@ class Program:
         for j, op in enumerate(ops):
             op.insert(-1, tuple(drops[j]))
             op.insert(-1, tuple(releases[j]))
-        self._ops = [tuple(op) for op in ops]
-        self._env0: list[Any] = [None] * (n + len(host_slot))
-        for vid, arr in self._constants.items():
-            self._env0[vid] = arr
-        self._input_plan = [(i["name"], i["value"], *expect[i["value"]]) for i in m["inputs"]]
+        input_plan = [(i["name"], i["value"], *expect[i["value"]]) for i in m["inputs"]]
         constant_or_input = set(self._constants) | {i["value"] for i in m["inputs"]}
         seen: set[int] = set()
-        self._output_plan = []
+        output_plan = []
         for vid, slot in zip(outputs, out_slots):
-            self._output_plan.append((slot, vid in constant_or_input or slot in seen))
+            output_plan.append((slot, vid in constant_or_input or slot in seen))
             seen.add(slot)
+        return _Plan(tuple(tuple(op) for op in ops), tuple(held_before), n + len(host_slot), domain, host_slot,
+                     tuple(input_plan), tuple(output_plan), peak, transfers)
+
+    def _bind(self, plan: _Plan) -> None:
+        """Make :meth:`run`'s operations from ``plan`` with this load's runtimes, handles, locks
+        (new ones: a lock guards one handle) and constants."""
+        handles = self._handles
+        locks = [threading.Lock() for _ in handles]
+        instructions = self.manifest["instructions"]
+        ops = []
+        for op in plan.ops:
+            kind, *rest = op
+            releases = tuple(locks[d] for d in op[-2])
+            if kind == _DELEGATE:
+                d, locked, reads, writes, host_out, checks, eager, drops, _, where = rest
+                runtime, handle = handles[d]
+                lock = None if locked is None else locks[d]
+                ops.append((_DELEGATE, runtime.execute, handle, lock, reads, writes, host_out, checks,
+                            runtime.to_host if eager else None, drops, releases, where))
+            elif kind == _TO_HOST:
+                d, src, dst, checks, drops, _, where = rest
+                ops.append((_TO_HOST, handles[d][0].to_host, src, dst, checks, drops, releases, where))
+            else:
+                k, writes, checks, drops, _, where = rest
+                args, kwargs = self._aten_arguments(instructions[k], plan.domain, plan.host_slot)
+                ops.append((_ATEN, self._aten_ops[k], args, kwargs, writes, checks, drops, releases, where))
+        self._ops = ops
+        self._held_before = [tuple(locks[d] for d in held) for held in plan.held_before]
+        self._env0: list[Any] = [None] * plan.slots
+        for vid, arr in self._constants.items():
+            self._env0[vid] = arr
+        self._input_plan, self._output_plan = plan.input_plan, plan.output_plan
         # The whole file as one array: an output sharing memory with it views a constant.
         self._file_span = np.frombuffer(self.file._view, np.uint8) if self.file._view is not None else None
-        self._peak_bytes, self._host_transfers = peak, transfers
+        self._peak_bytes, self._host_transfers = plan.peak_bytes, plan.host_transfers
 
     def _aten_arguments(self, ins: Mapping[str, Any], domain: Mapping[int, str],
                         host_slot: Mapping[int, int]) -> tuple[Any, Any]:

@@ -11,7 +11,8 @@ import torch
 
 import handoff
 from handoff import verified
-from handoff.errors import ProgramFormatError
+from handoff.errors import HandoffError, ProgramFormatError
+from handoff.limits import MAX_RUN_BYTES, RUN_BYTES_NOTE, run_bytes
 from handoff.program import VALIDATED_NOTE, ProgramFile, _validated_by, program_bytes, write_program
 
 W = np.arange(6, dtype="<f4").reshape(2, 3)
@@ -136,9 +137,11 @@ def test_partition_and_load_record_the_file(sink_plugins, tmp_path, monkeypatch)
         assert program.file.recorded
         # with the keys of its blobs (handoff.probe), so a runtime that isolates unknown blobs
         # does not hash them on the first load either
-        notes = {n: v for n, v in program.file.notes.items() if n != VALIDATED_NOTE}
+        notes = {n: v for n, v in program.file.notes.items() if n not in (VALIDATED_NOTE, RUN_BYTES_NOTE)}
         assert [n.split()[:2] for n in notes] == [["probe-key", str(d["segment"])]
                                                   for d in program.manifest["delegates"]]
+        # and the bytes a run holds, for the limit check (handoff.limits.run_bytes)
+        assert program.file.notes[RUN_BYTES_NOTE] == str(run_bytes(program.manifest))
         # and that this reader checked its manifest while writing it
         assert program.file.notes[VALIDATED_NOTE] == _validated_by()
         np.testing.assert_allclose(program.run([x.numpy()])[0], model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
@@ -258,3 +261,80 @@ def test_a_manifest_damaged_after_its_record_is_refused(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ProgramFormatError, match="manifest_sha256"):
         ProgramFile.open(path)
+
+
+def _sink_file(tmp_path, backend="sink", name="sink.hof"):
+    import kitchen_sink
+
+    model = kitchen_sink.sink_net()
+    path = tmp_path / name
+    handoff.partition(model, (torch.randn(2, 8),), backends=[backend], fallback=False).write(str(path))
+    return model, path
+
+
+def test_a_recorded_file_run_bytes_are_a_lookup_and_still_limited(sink_plugins, tmp_path, monkeypatch):
+    """The record keeps the run's byte total: a load of the unchanged file compares it with the
+    cap without summing the manifest's values, and a cap below it still refuses the file."""
+    from handoff import limits
+
+    model, path = _sink_file(tmp_path)
+    x = torch.randn(2, 8)
+    with handoff.load(path) as program:
+        total = run_bytes(program.manifest)
+    monkeypatch.setattr(limits, "run_bytes", lambda *a: pytest.fail("run_bytes computed for a recorded file"))
+    with handoff.load(path) as program:
+        assert program.file.recorded and program.file.notes[RUN_BYTES_NOTE] == str(total)
+        np.testing.assert_allclose(program.run([x.numpy()])[0], model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv(MAX_RUN_BYTES, str(total - 1))
+    with pytest.raises(HandoffError, match=f"more than the .* cap; .* raise {MAX_RUN_BYTES}"):
+        handoff.load(path)
+
+
+def test_a_changed_file_run_bytes_are_computed_again(sink_plugins, tmp_path, monkeypatch):
+    """A file changed since its record (here only touched) is a miss: its total is computed from
+    the manifest again, whatever any record said, and the new record keeps it."""
+    from handoff import limits
+
+    _, path = _sink_file(tmp_path)
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1_000_000_000))
+    verified.wait_until_not_racy(os.stat(path))
+    with ProgramFile.open(path) as pf:
+        assert not pf.recorded
+        digest = pf._manifest_sha256
+    calls = []
+    real = limits.run_bytes
+    monkeypatch.setattr(limits, "run_bytes", lambda m: calls.append(1) or real(m))
+    with handoff.load(path) as program:
+        assert calls == [1]
+    assert verified.lookup(os.stat(path), digest)[RUN_BYTES_NOTE] == str(real(program.manifest))
+    with handoff.load(path) as program:
+        assert program.file.recorded and calls == [1]
+
+
+@pytest.mark.parametrize("backend", ["sink", "sinkb"])  # sinkb is not reentrant: each load has its own locks
+def test_a_manifest_is_planned_once_per_process(sink_plugins, tmp_path, monkeypatch, backend):
+    """The execution plan is made once per manifest digest and bound to each load's own runtimes,
+    handles and locks; another manifest (another model, or a changed file) is planned afresh."""
+    from handoff import runtime
+
+    model, path = _sink_file(tmp_path, backend)
+    runtime._PLANS.clear()
+    x = torch.randn(2, 8)
+    first = handoff.load(path)
+    assert len(runtime._PLANS) == 1
+    monkeypatch.setattr(runtime.Program, "_make_plan", lambda *a: pytest.fail("planned again"))
+    with handoff.load(path) as second, first:
+        for program in (first, second):
+            np.testing.assert_allclose(program.run([x.numpy()])[0], model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+        ops = [op for op in second._ops if op[0] == runtime._DELEGATE]
+        assert ops and all(a[2] is not b[2] for a, b in zip(first._ops, ops))  # each its own handle
+        if backend == "sinkb":
+            assert all(a[3] is not None and a[3] is not b[3] for a, b in zip(first._ops, ops))
+    monkeypatch.undo()
+    import kitchen_sink
+
+    other = tmp_path / "other.hof"
+    handoff.partition(kitchen_sink.sink_net(), (torch.randn(3, 8),), backends=[backend], fallback=False).write(str(other))
+    with handoff.load(other) as program:
+        assert len(runtime._PLANS) == 2
+        assert program.run([np.ones((3, 8), np.float32)])[0].shape[0] == 3

@@ -42,7 +42,7 @@ with quiet_loggers("torchao", "torch.utils._pytree"):
         get_xnnpack_edge_compile_config,
         get_xnnpack_executorch_backend_config,
     )
-    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir import schema as pte_schema, to_edge_transform_and_lower
     from executorch.exir.backend.canonical_partitioners.config_partitioner import format_target_name
     from executorch.exir.backend.utils import WhyNoPartition
     from executorch.exir.pass_base import ExportedProgramPassBase, ExportedProgramPassResult
@@ -239,6 +239,11 @@ class XnnpackCompiler(Compiler):
             "num_outputs": len(plans[0].outputs),
             "pte_bytes": len(pte),
         }
+        values = [plans[0].values[i].val for i in plans[0].inputs]
+        if all(isinstance(v, pte_schema.Tensor) for v in values):
+            # the method's inputs as ExecuTorch's method metadata gives them (ScalarType code, sizes),
+            # so loading the delegate does not ask the method for them (runtime._input_specs)
+            meta["input_specs"] = [[int(v.scalar_type), list(v.sizes)] for v in values]
         if is_quantized(ep):
             # ExecuTorch's XNNPACK passes fuse each dequantize -> op -> quantize into one QS8 operator
             meta["int8_compute"] = "XNNPACK int8 (QS8) kernels, dequantize-op-quantize fused by ExecuTorch"

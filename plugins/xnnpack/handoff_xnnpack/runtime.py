@@ -52,16 +52,42 @@ class _Delegate:
 
     __slots__ = ("data", "inputs", "method", "num_outputs", "program")
 
-    def __init__(self, data: bytes, program: Any, method: Any) -> None:
+    def __init__(self, data: bytes, program: Any, method: Any, metadata: Mapping[str, Any]) -> None:
         self.data, self.program, self.method = data, program, method
-        meta = method.method_meta()
         #: (numpy dtype, or the ScalarType's name when numpy has none; shape) of each input
         self.inputs: list[tuple[Any, tuple[int, ...]]] = []
-        for i in range(meta.num_inputs()):
-            info = meta.input_tensor_meta(i)
-            name = _SCALAR_TYPES.get(info.dtype(), f"ScalarType {info.dtype()}")
-            self.inputs.append((np.dtype(name) if name in _NUMPY_TYPES else name, tuple(info.sizes())))
-        self.num_outputs = meta.num_outputs()
+        specs, num_outputs = _input_specs(metadata), metadata.get("num_outputs")
+        if specs is None or type(num_outputs) is not int:  # a blob from before the compiler recorded them
+            meta = method.method_meta()
+            specs = [(meta.input_tensor_meta(i).dtype(), meta.input_tensor_meta(i).sizes())
+                     for i in range(meta.num_inputs())]
+            num_outputs = meta.num_outputs()
+        for code, sizes in specs:
+            name = _SCALAR_TYPES.get(code, f"ScalarType {code}")
+            self.inputs.append((np.dtype(name) if name in _NUMPY_TYPES else name, tuple(sizes)))
+        self.num_outputs = num_outputs
+
+
+def _input_specs(metadata: Mapping[str, Any]) -> list[tuple[int, list[int]]] | None:
+    """The method's inputs as the compiler recorded them in the delegate's metadata (``input_specs``:
+    ``[ScalarType code, sizes]`` each, read from the emitted program), or ``None`` when absent or
+    malformed (then the method is asked). Metadata is untrusted like the blob: should it disagree
+    with the program, ExecuTorch refuses the inputs when the delegate runs (``Method::set_input``
+    checks count, dtype and sizes), and the probe of an unknown blob runs it with the program's
+    call inputs first."""
+    specs = metadata.get("input_specs")
+    if type(specs) is not list or len(specs) > _MAX_INPUTS:
+        return None
+    out = []
+    for spec in specs:
+        if (type(spec) is not list or len(spec) != 2 or type(spec[0]) is not int or type(spec[1]) is not list
+                or len(spec[1]) > _MAX_RANK or not all(type(d) is int and d >= 0 for d in spec[1])):
+            return None
+        out.append((spec[0], spec[1]))
+    return out
+
+
+_MAX_INPUTS, _MAX_RANK = 1 << 16, 64
 
 
 _NEEDED = ("_load_program_from_buffer", "_get_registered_backend_names", "_unsafe_reset_threadpool",
@@ -167,7 +193,7 @@ class XnnpackRuntime(Runtime):
                                  f"({one_line(exc)}): the blob is damaged or not an xnnpack program of this "
                                  f"release; partition the model again") from exc
             _LIVE[0] += 1
-        return _Delegate(data, program, method)
+        return _Delegate(data, program, method, metadata)
 
     def execute(self, handle: _Delegate, inputs: Sequence[Any]) -> list[Any]:
         if len(inputs) != len(handle.inputs):

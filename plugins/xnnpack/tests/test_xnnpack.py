@@ -180,6 +180,25 @@ def check_against_eager(compiler, runtime, model, shape, dtype, tol):
 
     handle = runtime.load(memoryview(lowered.blob).toreadonly(), lowered.metadata, parsed())
     try:
+        # the inputs recorded at partition time, which load uses, are what ExecuTorch's method says
+        meta = handle.method.method_meta()
+        assert lowered.metadata["input_specs"] == [[meta.input_tensor_meta(i).dtype(), list(meta.input_tensor_meta(i).sizes())]
+                                                   for i in range(meta.num_inputs())]
+        assert meta.num_outputs() == handle.num_outputs
+        asked = runtime.load(memoryview(lowered.blob).toreadonly(),
+                             {k: v for k, v in lowered.metadata.items() if k != "input_specs"}, parsed())
+        assert asked.inputs == handle.inputs  # a blob from before input_specs: the method is asked
+        runtime.release(asked)
+        # metadata that lies about the sizes (untrusted, like the blob): ExecuTorch refuses the input
+        (code, sizes), = lowered.metadata["input_specs"]
+        lying = runtime.load(memoryview(lowered.blob).toreadonly(),
+                             {**lowered.metadata, "input_specs": [[code, [d + 1 for d in sizes]]]}, parsed())
+        try:
+            big = np.zeros([d + 1 for d in sizes], dtype=handle.inputs[0][0])
+            with pytest.raises(RuntimeError, match="xnnpack: ExecuTorch failed to run the delegate"):
+                runtime.execute(lying, [big])
+        finally:
+            runtime.release(lying)
         outs = []
         for seed in (1, 2):  # fresh inputs, not the export example
             x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).to(dtype)
