@@ -6,7 +6,9 @@ Capability (:meth:`VulkanCompiler.support`) is checked in two steps, both per no
    backend's own check, :func:`handoff.tvm.importer.decline_reason`), and every tensor it reads or
    writes must be float32, float16 or int32 and non-empty, since a WGSL storage buffer holds
    nothing else (no 64-bit or 8/16-bit integers, no bool; f16 needs the adapter's shader-f16
-   feature, which the runtime checks when it loads the delegate);
+   feature, which the runtime checks when it loads the delegate), and its own kernel must bind at
+   most ``max_storage_buffers`` storage buffers (tensor inputs + outputs; default WebGPU's
+   guaranteed 8 per shader stage, so the blob loads on any adapter);
 2. kernels: the nodes that pass are imported into Relax together, in one pass that remembers
    which Relax bindings each node produced; each op is legalized to TIR without fusion, scheduled
    with the dlight GPU rules (a schedule leaving a block unbound to GPU threads counts as none),
@@ -15,7 +17,8 @@ Capability (:meth:`VulkanCompiler.support`) is checked in two steps, both per no
 
 :meth:`VulkanCompiler.preprocess` then lowers a partition with fusion on (see
 :mod:`handoff_vulkan._tvm`); should a fused kernel find no schedule, the partition is lowered
-again without fusion, which step 2 has checked op by op.
+again without fusion, which step 2 has checked op by op; so is a partition whose fused kernel binds
+more storage buffers than the budget (a kernel over it even unfused is a :class:`LoweringError`).
 """
 
 from __future__ import annotations
