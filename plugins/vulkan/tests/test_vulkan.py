@@ -94,7 +94,8 @@ def test_plugin_declares_the_backend():
     assert (spec.id, spec.device) == ("vulkan", "gpu"), spec
     assert spec.compiler == "handoff_vulkan.compiler:VulkanCompiler"
     assert spec.runtime == "handoff_vulkan.runtime:VulkanRuntime"
-    assert set(spec.options) == {"fuse"} and set(spec.runtime_options) == {"adapter", "timestamps"}
+    assert set(spec.options) == {"fuse", "max_storage_buffers"} and set(spec.runtime_options) == {"adapter", "timestamps"}
+    assert spec.options["max_storage_buffers"].default == 8
 
 
 def test_blob_round_trip_and_refusals():
