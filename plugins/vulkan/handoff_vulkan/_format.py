@@ -44,7 +44,7 @@ OPTIONS: dict[str, Option] = {
                    default=True, compare=(True, False)),
     "max_storage_buffers": Option(
         "int", "most storage buffers one kernel may bind (tensor inputs + outputs); a node needing more is declined, "
-               "a fused kernel over it is lowered unfused. Default 8: WebGPU's guaranteed "
+               "a fused group over it is split into its ops. Default 8: WebGPU's guaranteed "
                "maxStorageBuffersPerShaderStage (wgpu's default limits), so the program loads on every WebGPU "
                "adapter; raise it only for the adapter you ship to (lavapipe allows 32)",
         default=MAX_STORAGE_BUFFERS, min=1),

@@ -16,9 +16,10 @@ Capability (:meth:`VulkanCompiler.support`) is checked in two steps, both per no
    reason. Results are cached per kernel (structural hash) for the life of the process.
 
 :meth:`VulkanCompiler.preprocess` then lowers a partition with fusion on (see
-:mod:`handoff_vulkan._tvm`); should a fused kernel find no schedule, the partition is lowered
-again without fusion, which step 2 has checked op by op; so is a partition whose fused kernel binds
-more storage buffers than the budget (a kernel over it even unfused is a :class:`LoweringError`).
+:mod:`handoff_vulkan._tvm`), leaving unfused every fused group whose tensor parameters + outputs
+exceed the storage-buffer budget; should a fused kernel find no schedule, or still bind more
+buffers than the budget once lowered, the partition is lowered again without fusion, which step 2
+has checked op by op (a kernel over the budget even unfused is a :class:`LoweringError`).
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ class VulkanCompiler(Compiler):
             except _tvm.LowerError as exc2:
                 raise LoweringError(f"{name}: {exc2}") from exc2
         if fused and self._over_budget(plan):
-            # a fused kernel gathers its group's operands: each op alone was within the budget (support())
+            # the groups over budget were split before FuseTIR (_tvm._unfuse_over); lowering may still bind more
             _log.info("vulkan: %s: a fused kernel binds more than %d storage buffers; lowering unfused", name,
                       self.max_buffers)
             fused = False
@@ -222,7 +223,7 @@ class VulkanCompiler(Compiler):
     def _lower(self, mod: Any, fuse: bool) -> tuple[dict[str, Any], bytearray]:
         tgt = self.target
         with tgt:
-            mod = tvm.transform.Sequential(_tvm.relax_passes(fuse))(mod)
+            mod = tvm.transform.Sequential(_tvm.relax_passes(fuse, self.max_buffers))(mod)
         mod, failed = _tvm.schedule_module(mod, tgt)
         if failed:
             shown = "; ".join(f"{k}: {v}" for k, v in list(failed.items())[:3])
