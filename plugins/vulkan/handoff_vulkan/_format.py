@@ -35,10 +35,19 @@ DTYPES: dict[str, tuple[str, int]] = {"float32": ("f32", 4), "int32": ("i32", 4)
 #: WGSL scalar types allowed as scalar (uniform) kernel arguments -> struct format character.
 POD_TYPES = {"i32": "i", "u32": "I", "f32": "f"}
 
+#: WebGPU's guaranteed ``maxStorageBuffersPerShaderStage`` (the spec's default limit, wgpu's
+#: ``Limits::default()``): a blob within it loads on any conformant adapter.
+MAX_STORAGE_BUFFERS = 8
 #: Compile options (``handoff partition --option vulkan.NAME=VALUE``).
 OPTIONS: dict[str, Option] = {
     "fuse": Option("bool", "fuse neighbouring ops into one kernel with TVM's FuseOps (0 gives every op its own kernel)",
                    default=True, compare=(True, False)),
+    "max_storage_buffers": Option(
+        "int", "most storage buffers one kernel may bind (tensor inputs + outputs); a node needing more is declined, "
+               "a fused group over it is split into its ops. Default 8: WebGPU's guaranteed "
+               "maxStorageBuffersPerShaderStage (wgpu's default limits), so the program loads on every WebGPU "
+               "adapter; raise it only for the adapter you ship to (lavapipe allows 32)",
+        default=MAX_STORAGE_BUFFERS, min=1),
 }
 #: Runtime options (``handoff run --option vulkan.NAME=VALUE``, ``handoff.load(..., options=)``).
 RUNTIME_OPTIONS: dict[str, Option] = {

@@ -263,12 +263,40 @@ def schedule_module(mod: Any, tgt: Any) -> tuple[Any, dict[str, str]]:
     return mod, failed
 
 
-def relax_passes(fuse: bool) -> list[Any]:
+def relax_passes(fuse: bool, max_buffers: int | None = None) -> list[Any]:
+    """Legalize to TIR calls; with ``fuse``, TVM's FuseOps/FuseTIR, where a fused group binding more
+    than ``max_buffers`` storage buffers is left unfused (:func:`_unfuse_over`)."""
     passes = [relax.transform.DecomposeOpsForInference(), relax.transform.LegalizeOps(),
               relax.transform.AnnotateTIROpPattern()]
     if fuse:
-        passes += [relax.transform.FuseOps(), relax.transform.FuseTIR()]
+        passes.append(relax.transform.FuseOps())
+        if max_buffers is not None:
+            passes.append(tvm.transform.module_pass(lambda mod, _: _unfuse_over(mod, max_buffers), opt_level=0,
+                                                    name="handoff.vulkan.UnfuseOverBudget"))
+        passes.append(relax.transform.FuseTIR())
     return passes
+
+
+def _unfuse_over(mod: Any, max_buffers: int) -> Any:
+    """Inline back into their callers the fused groups (FuseOps' ``Primitive`` functions) whose
+    tensor parameters + outputs exceed ``max_buffers``, so FuseTIR leaves their ops as kernels of
+    their own; the other groups stay fused. (TVM's FuseOps takes a ``max_function_args`` only
+    from Metal/OpenCL targets, not webgpu.)"""
+    def tensors(ty: Any) -> int:
+        if isinstance(ty, relax.TensorType):
+            return 1
+        return sum(tensors(f) for f in getattr(ty, "fields", ()))
+
+    kept = []
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function) and func.attrs and "Primitive" in func.attrs:
+            if sum(tensors(p.ty) for p in func.params) + tensors(func.ret_ty) <= max_buffers:
+                mod[gv] = func.with_attr("global_symbol", gv.name_hint)  # public: not inlined below
+                kept.append(gv)
+    mod = relax.transform.InlinePrivateFunctions()(mod)
+    for gv in kept:
+        mod[gv] = mod[gv].without_attr("global_symbol")
+    return mod
 
 
 # -- TIR lowering and code generation -------------------------------------------------------------

@@ -6,7 +6,9 @@ Capability (:meth:`VulkanCompiler.support`) is checked in two steps, both per no
    backend's own check, :func:`handoff.tvm.importer.decline_reason`), and every tensor it reads or
    writes must be float32, float16 or int32 and non-empty, since a WGSL storage buffer holds
    nothing else (no 64-bit or 8/16-bit integers, no bool; f16 needs the adapter's shader-f16
-   feature, which the runtime checks when it loads the delegate);
+   feature, which the runtime checks when it loads the delegate), and its own kernel must bind at
+   most ``max_storage_buffers`` storage buffers (tensor inputs + outputs; default WebGPU's
+   guaranteed 8 per shader stage, so the blob loads on any adapter);
 2. kernels: the nodes that pass are imported into Relax together, in one pass that remembers
    which Relax bindings each node produced; each op is legalized to TIR without fusion, scheduled
    with the dlight GPU rules (a schedule leaving a block unbound to GPU threads counts as none),
@@ -14,8 +16,10 @@ Capability (:meth:`VulkanCompiler.support`) is checked in two steps, both per no
    reason. Results are cached per kernel (structural hash) for the life of the process.
 
 :meth:`VulkanCompiler.preprocess` then lowers a partition with fusion on (see
-:mod:`handoff_vulkan._tvm`); should a fused kernel find no schedule, the partition is lowered
-again without fusion, which step 2 has checked op by op.
+:mod:`handoff_vulkan._tvm`), leaving unfused every fused group whose tensor parameters + outputs
+exceed the storage-buffer budget; should a fused kernel find no schedule, or still bind more
+buffers than the budget once lowered, the partition is lowered again without fusion, which step 2
+has checked op by op (a kernel over the budget even unfused is a :class:`LoweringError`).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from handoff.tvm import decline_reason as _importer_decline_reason
 from handoff import Compiler, Lowered, LoweringError
 
 from . import WGPU_VERSION, __version__, _tvm
-from ._format import FORMAT_VERSION, pack
+from ._format import FORMAT_VERSION, MAX_STORAGE_BUFFERS, pack
 
 _log = logging.getLogger(__name__)
 #: Tensor dtypes a node may read or write (the torch side of _format.DTYPES; torch has no full uint32).
@@ -67,6 +71,7 @@ class VulkanCompiler(Compiler):
     def __init__(self, options: Mapping[str, Any]) -> None:
         super().__init__(options)
         self.fuse = bool(options.get("fuse", True))
+        self.max_buffers = int(options.get("max_storage_buffers", MAX_STORAGE_BUFFERS))
         self.target = _tvm.target()
 
     def cache_key(self) -> str:
@@ -77,7 +82,8 @@ class VulkanCompiler(Compiler):
 
     # -- capability ------------------------------------------------------------------------------
     def support(self, ep: Any) -> Mapping[str, str | None]:
-        reasons = {n.name: _static_reason(n) for n in ep.graph.nodes if n.op == "call_function"}
+        reasons = {n.name: _static_reason(n) or self._budget_reason(n)
+                   for n in ep.graph.nodes if n.op == "call_function"}
         candidates = {name for name, reason in reasons.items() if reason is None}
         if candidates:
             try:
@@ -87,6 +93,15 @@ class VulkanCompiler(Compiler):
                              "only, lowering may then fail (--on-lower-error fallback moves such partitions)",
                              tvm_message(exc))
         return reasons
+
+    def _budget_reason(self, node: Any) -> str | None:
+        """Why the node's own kernel would bind more storage buffers than ``max_storage_buffers``."""
+        count = _buffer_count(node)
+        if count <= self.max_buffers:
+            return None
+        return (f"its kernel would bind {count} storage buffers (tensor inputs + outputs), over the budget of "
+                f"{self.max_buffers} (option vulkan.max_storage_buffers; raise it only if the target adapter allows "
+                f"that many per shader stage)")
 
     def _kernel_reasons(self, ep: Any, candidates: set[str]) -> dict[str, str]:
         """Step 2 of the module docstring: ``{node: reason}`` for candidates whose kernel fails."""
@@ -153,7 +168,7 @@ class VulkanCompiler(Compiler):
     def preprocess(self, ep: Any, name: str) -> Lowered:
         for node in ep.graph.nodes:
             if node.op == "call_function":
-                reason = _static_reason(node)
+                reason = _static_reason(node) or self._budget_reason(node)
                 if reason:
                     raise LoweringError(f"{node.name}: {reason}", node=node.name)
         mod, inputs, outputs = import_partition(ep)
@@ -169,6 +184,20 @@ class VulkanCompiler(Compiler):
                 plan, weights = self._lower(mod, fused)
             except _tvm.LowerError as exc2:
                 raise LoweringError(f"{name}: {exc2}") from exc2
+        if fused and self._over_budget(plan):
+            # the groups over budget were split before FuseTIR (_tvm._unfuse_over); lowering may still bind more
+            _log.info("vulkan: %s: a fused kernel binds more than %d storage buffers; lowering unfused", name,
+                      self.max_buffers)
+            fused = False
+            try:
+                plan, weights = self._lower(mod, fused)
+            except _tvm.LowerError as exc:
+                raise LoweringError(f"{name}: {exc}") from exc
+        over = self._over_budget(plan)
+        if over:
+            raise LoweringError(f"{name}: kernel {over['name']} binds {len(over['bindings'])} storage buffers, over the "
+                                f"budget of {self.max_buffers} (option vulkan.max_storage_buffers); raise the option "
+                                f"if the target adapter allows that many, or partition these nodes to another backend")
         blob = pack(plan, bytes(weights))
         return Lowered(blob, {
             "compiler": "apache-tvm",
@@ -187,10 +216,14 @@ class VulkanCompiler(Compiler):
             "outputs": outputs,
         })
 
+    def _over_budget(self, plan: dict[str, Any]) -> dict[str, Any] | None:
+        """The first kernel of the plan binding more storage buffers than the budget, if any."""
+        return next((k for k in plan["kernels"] if len(k["bindings"]) > self.max_buffers), None)
+
     def _lower(self, mod: Any, fuse: bool) -> tuple[dict[str, Any], bytearray]:
         tgt = self.target
         with tgt:
-            mod = tvm.transform.Sequential(_tvm.relax_passes(fuse))(mod)
+            mod = tvm.transform.Sequential(_tvm.relax_passes(fuse, self.max_buffers))(mod)
         mod, failed = _tvm.schedule_module(mod, tgt)
         if failed:
             shown = "; ".join(f"{k}: {v}" for k, v in list(failed.items())[:3])
@@ -232,6 +265,16 @@ def _static_reason(node: Any) -> str | None:
                 if leaf.numel() == 0:
                     return "zero-element tensor: a GPU buffer cannot be empty"
     return None
+
+
+def _buffer_count(node: Any) -> int:
+    """Storage buffers the node's own kernel binds: a tensor read (each argument, a repeated one
+    too, as TVM passes it) or written."""
+    inputs: list[Any] = []
+    torch.fx.node.map_arg((node.args, node.kwargs), inputs.append)
+    inputs = [a for a in inputs if isinstance(a.meta.get("val"), torch.Tensor)]
+    outputs = [v for v in torch.utils._pytree.tree_leaves(_used_outputs(node)) if isinstance(v, torch.Tensor)]
+    return len(inputs) + len(outputs)
 
 
 def _used_outputs(node: Any) -> Any:

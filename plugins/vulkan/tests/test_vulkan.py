@@ -94,7 +94,8 @@ def test_plugin_declares_the_backend():
     assert (spec.id, spec.device) == ("vulkan", "gpu"), spec
     assert spec.compiler == "handoff_vulkan.compiler:VulkanCompiler"
     assert spec.runtime == "handoff_vulkan.runtime:VulkanRuntime"
-    assert set(spec.options) == {"fuse"} and set(spec.runtime_options) == {"adapter", "timestamps"}
+    assert set(spec.options) == {"fuse", "max_storage_buffers"} and set(spec.runtime_options) == {"adapter", "timestamps"}
+    assert spec.options["max_storage_buffers"].default == 8
 
 
 def test_blob_round_trip_and_refusals():
@@ -459,6 +460,84 @@ def test_unschedulable_fused_kernel_is_lowered_unfused(monkeypatch):
         rt.release(handle)
     with torch.no_grad():
         assert_matches_eager(got, model(x))
+
+
+@pytest.mark.slow
+def test_concatenation_over_the_buffer_budget_is_declined_and_runs_elsewhere():
+    """A cat of 12 tensors binds 13 storage buffers: over the default budget of 8 (WebGPU's
+    guaranteed per-stage limit) it is declined with the count and the option, runs on tvm, and the
+    program loads and matches eager; with the budget raised vulkan claims it."""
+    _needs_compiler()
+    _needs_gpu()
+    import torch
+
+    class Gather(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([torch.tanh(x * (i + 1)) for i in range(12)], dim=1)
+
+    model = Gather()
+    x = torch.randn(4, 8)
+    # min size 1: the vulkan partition before the cat would otherwise join tvm's as an island
+    result = handoff.partition(model, (x,), backends=["vulkan"], default_limits=handoff.Limits(1))
+    declined = {d["op"]: d["reasons"]["vulkan"] for d in result.report.declined}
+    reason = declined["aten.cat.default"]
+    assert "13 storage buffers" in reason and "budget of 8" in reason and "vulkan.max_storage_buffers" in reason
+    assert result.report.stats["tvm"].ops == {"aten.cat.default": 1}
+    assert result.report.stats["vulkan"].ops["aten.tanh.default"] == 12
+    with handoff.load(result.to_bytes()) as program:
+        (got,) = program.run([x.numpy()])
+    assert_matches_eager(got, model(x))
+    fresh = torch.randn(4, 8)
+    with handoff.load(result.to_bytes()) as program:
+        (again,) = program.run([fresh.numpy()])
+    assert_matches_eager(again, model(fresh))
+    assert not np.allclose(got, again)
+
+    wide = handoff.partition(model, (x,), backends=["vulkan"], options={"vulkan": {"max_storage_buffers": "16"}})
+    assert not wide.report.declined
+    assert wide.report.stats["vulkan"].ops["aten.cat.default"] == 1
+    with handoff.load(wide.to_bytes()) as program:
+        (got,) = program.run([x.numpy()])
+    assert_matches_eager(got, model(x))
+
+
+@pytest.mark.slow
+def test_fused_group_over_the_buffer_budget_is_split():
+    """Each add/mul binds 3 buffers, but FuseOps makes one kernel of the elementwise group reading 8
+    inputs (9 buffers): over a budget of 8 that group is split into its ops while the matmul-tanh-add
+    group (4 buffers) stays fused; within 16 both stay whole. Under a budget no single op fits,
+    preprocess names the node."""
+    _needs_compiler()
+    _needs_gpu()
+    import torch
+
+    from handoff_vulkan.compiler import VulkanCompiler
+    from handoff_vulkan.runtime import VulkanRuntime
+
+    class Mix(torch.nn.Module):
+        def forward(self, a, b, c, d, e, f, g, h):
+            y = (((a + b) * (c + d) + (e - f)) * (g + h)).reshape(8, 8)
+            return torch.tanh(y @ y) + a.reshape(8, 8)
+
+    model = Mix()
+    args = [torch.randn(64) for _ in range(8)]
+    ep = _export(model, *args)
+    rt = VulkanRuntime()
+    for budget in (8, 16):
+        lowered = VulkanCompiler({"max_storage_buffers": budget}).preprocess(ep, "p0")
+        plan, _ = _format.unpack(memoryview(lowered.blob))
+        names = {k["name"]: len(k["bindings"]) for k in plan["kernels"]}
+        assert max(names.values()) <= budget and plan["limits"]["max_storage_buffers_per_shader_stage"] <= budget
+        assert any(n.startswith("fused_matmul") for n in names), names  # the small group stays fused
+        assert any(n.startswith("fused_add_add_multiply") for n in names) is (budget == 16), names
+        handle = rt.load(memoryview(lowered.blob), lowered.metadata, runtime_options())
+        try:
+            (got,) = rt.to_host(rt.execute(handle, [a.numpy() for a in args]))
+        finally:
+            rt.release(handle)
+        assert_matches_eager(got, model(*args))
+    with pytest.raises(handoff.LoweringError, match=r"3 storage buffers.*budget of 2.*vulkan.max_storage_buffers"):
+        VulkanCompiler({"max_storage_buffers": 2}).preprocess(ep, "p0")
 
 
 @pytest.mark.slow
