@@ -198,7 +198,25 @@ def unpack(blob: bytes | memoryview) -> Container:
             raise ValueError(f"{_WHAT} is corrupt: section {name!r} is missing or not a plain file name")
     if not binaries:
         raise ValueError(f"{_WHAT} holds no QNN context binary")
+    for key in ("inputs", "outputs"):
+        _check_tensors(header.get(key, []), key)
     return Container(header, (ctx, sections[ctx]), [(n, sections[n]) for n in binaries])
+
+
+#: What a header's tensor may be: the dtypes the compiler writes, a static shape of bounded rank.
+_TENSOR_DTYPES = frozenset({"float32", "float16", "float64", "int64", "int32", "int16", "uint16", "int8", "uint8", "bool"})
+_MAX_TENSORS, _MAX_RANK = 4096, 32
+
+
+def _check_tensors(specs: Any, key: str) -> None:
+    if type(specs) is not list or len(specs) > _MAX_TENSORS:
+        raise ValueError(f"{_WHAT} header is corrupt: {key} is not a list of at most {_MAX_TENSORS} tensors")
+    for i, spec in enumerate(specs):
+        shape = spec.get("shape") if type(spec) is dict else None
+        if not (type(spec) is dict and spec.get("dtype") in _TENSOR_DTYPES and type(shape) is list
+                and len(shape) <= _MAX_RANK and all(type(d) is int and 0 <= d < 2**31 for d in shape)):
+            raise ValueError(f"{_WHAT} header is corrupt: {key}[{i}] is not a tensor's dtype and static shape: "
+                             f"{str(spec)[:80]}")
 
 
 def major_minor(version: str) -> tuple[str, ...]:
