@@ -40,7 +40,7 @@ from tvm.relax.frontend.torch.exported_program_translator import ExportedProgram
 from handoff.tvm import TVM_NAME, converters, import_partition, importer_digest, tvm_message
 from handoff.tvm import decline_reason as _importer_decline_reason
 
-from handoff import Compiler, Lowered, LoweringError
+from handoff import Compiler, Lowered, LoweringError, quiet_native
 
 from . import WGPU_VERSION, __version__, _tvm
 from ._format import FORMAT_VERSION, MAX_STORAGE_BUFFERS, pack
@@ -108,7 +108,7 @@ class VulkanCompiler(Compiler):
         failures: dict[str, str] = {}
         mod, owners = _tagged_import(ep, candidates, failures)
         node_of = _attribute(_bindings(mod["main"]), owners)
-        with self.target:
+        with self.target, quiet_native():  # TOPI warns on every take it legalizes (select, embedding)
             mod = tvm.transform.Sequential(_tvm.relax_passes(fuse=False))(mod)
         func_nodes: dict[str, set[str]] = {}
         pending: list[Any] = []
@@ -222,7 +222,7 @@ class VulkanCompiler(Compiler):
 
     def _lower(self, mod: Any, fuse: bool) -> tuple[dict[str, Any], bytearray]:
         tgt = self.target
-        with tgt:
+        with tgt, quiet_native():  # as in _kernel_reasons
             mod = tvm.transform.Sequential(_tvm.relax_passes(fuse, self.max_buffers))(mod)
         mod, failed = _tvm.schedule_module(mod, tgt)
         if failed:

@@ -326,6 +326,23 @@ def test_schedule_leaving_blocks_unbound_is_rejected(monkeypatch):
 
 
 @pytest.mark.slow
+def test_partitioning_keeps_tvms_native_warnings_off_the_terminal(capfd, handoff_home):
+    """TOPI prints a warning on fd 2 for every take it legalizes (``x[:, -1]`` imports as one);
+    the support check and lowering legalize under ``handoff.quiet_native``."""
+    _needs_compiler()
+    import torch
+
+    class Ends(torch.nn.Module):
+        def forward(self, x):
+            return torch.tanh(x[:, -1]) + x[:, 0] * 2
+
+    capfd.readouterr()
+    handoff.partition(Ends(), (torch.randn(2, 5, 3),), backends=["vulkan"], use_cache=False)
+    err = capfd.readouterr().err
+    assert "Fast mode" not in err and "transform.h" not in err, err[-500:]
+
+
+@pytest.mark.slow
 def test_unit_reductions_run_on_vulkan_and_match_eager(monkeypatch):
     """K = 1 reductions (found by the conformance suite's drawn shapes: Linear(1, 1) on [1, 1]):
     dlight drops the unit reduction iterator and inlines the bias add into the init too, adding
