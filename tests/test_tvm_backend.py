@@ -356,6 +356,20 @@ def test_select_with_negative_indices_matches_eager():
 
 
 @pytest.mark.slow
+def test_pooling_whose_rows_do_not_fill_a_vector_matches_eager():
+    """A 2x2 max pool to a 4x3 map: vectorising the fused (channel, row, column) loop by 16 lanes
+    ended tiles mid-row, and the register tile's write-back then covered a row from two parallel
+    tiles (24 of 96 values wrong; the conformance kit's max_pool2d[float32-fixed])."""
+    import torch.nn.functional as F
+
+    class Pool(nn.Module):
+        def forward(self, x):
+            return F.max_pool2d(x, 2)
+
+    _lower_and_compare(Pool(), [(2, 4, 8, 7)])
+
+
+@pytest.mark.slow
 def test_several_inputs_and_outputs_keep_their_order():
     class TwoInTwoOut(nn.Module):
         def __init__(self):

@@ -195,7 +195,8 @@ class Contraction(_CPURule):
         for _ in range(ninner - 1):
             inner = sch.fuse(spatial.pop(), inner)
         tail = []
-        lanes = _vector_factor(span, lanes, extents[nspatial - 1] if epilogue else None)
+        # Whole rows only: the write-back below goes to each tile's rows (see _vector_factor).
+        lanes = _vector_factor(span, lanes, extents[nspatial - 1])
         if lanes >= 4:
             inner, inner_i = sch.split(inner, factors=[None, lanes])
             tail = [inner_i]
