@@ -121,7 +121,12 @@ def check_against_eager(program: Any, model: Any, input_specs: Sequence[Any], se
     try:
         for seed in seeds:
             x = random_inputs(input_specs, seed=seed)
-            got = prog.run(x)
+            if isinstance(prog, torch.nn.Module):
+                with torch.no_grad():
+                    got = prog(*x)
+                got = [_numpy(t) for t in (got if isinstance(got, (tuple, list)) else [got])]
+            else:
+                got = prog.run(x)
             with torch.no_grad():
                 want = model(*x)
             for g, w in zip(got, want if isinstance(want, (tuple, list)) else [want]):
@@ -182,8 +187,9 @@ def snr_db(got: Any, want: Any) -> float:
 
 def check_int8(program: Any, quantized: Any, float_model: Any, input_specs: Sequence[Any],
                seeds: Sequence[int] = tuple(range(21, 29)), steps: float = TOLERANCE["int8"]) -> dict[str, float]:
-    """Run an int8 ``program`` (a path, the bytes of one, or anything with ``run(inputs)``, such
-    as a loaded :class:`handoff.Program`) on fresh random inputs (one set per seed) against both references:
+    """Run an int8 ``program`` (a path, the bytes of one, anything with ``run(inputs)``, such
+    as a loaded :class:`handoff.Program`, or a torch module run eagerly: the quantized eager model
+    itself, to measure its own SNR and top-1 against fp32) on fresh random inputs (one set per seed) against both references:
     the quantized eager model (``quantized.reference`` of :func:`handoff.quantize`, or the converted
     module itself), within ``steps`` quantization steps of each output; and the float model,
     measured. Also checks that outputs change with the input. Returns ``max_steps`` (largest
@@ -203,7 +209,12 @@ def check_int8(program: Any, quantized: Any, float_model: Any, input_specs: Sequ
     try:
         for seed in seeds:
             x = random_inputs(input_specs, seed=seed)
-            got = prog.run(x)
+            if isinstance(prog, torch.nn.Module):
+                with torch.no_grad():
+                    got = prog(*x)
+                got = [_numpy(t) for t in (got if isinstance(got, (tuple, list)) else [got])]
+            else:
+                got = prog.run(x)
             with torch.no_grad():
                 want = reference(*x)
                 fp = float_model(*x)

@@ -33,17 +33,6 @@ SEEDS = (21, 22, 23)
 CALIBRATION = 2
 
 
-class _Eager:
-    """The quantized eager model as a "program" (``run``), to measure its own SNR against fp32."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def run(self, inputs):
-        with torch.no_grad():
-            out = self.module(*inputs)
-        return [t.numpy() for t in (out if isinstance(out, (tuple, list)) else [out])]
-
 
 def _plugins(*backends):
     return testing.register_plugins(*[f"handoff_{b}.plugin" for b in backends])
@@ -69,7 +58,7 @@ def _check(program, quantized, mobilenet, steps):
     """Both references; the program must be as close to fp32 as the quantized eager model."""
     zoo, model = mobilenet
     acc = testing.check_int8(program, quantized, model, zoo.inputs, seeds=SEEDS, steps=steps)
-    ref = testing.check_int8(_Eager(quantized.reference), quantized, model, zoo.inputs, seeds=SEEDS)
+    ref = testing.check_int8(quantized.reference, quantized, model, zoo.inputs, seeds=SEEDS)
     assert acc["snr_db"] >= ref["snr_db"] - 0.5, (acc, ref)
     assert acc["top1_agreement"] >= ref["top1_agreement"] - 0.34, (acc, ref)
     return acc, ref

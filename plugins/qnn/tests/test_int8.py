@@ -24,17 +24,6 @@ import handoff  # noqa: E402
 from handoff import testing  # noqa: E402
 
 
-class _Eager:
-    """The quantized eager model as a "program" (``run``), to measure its own SNR against fp32."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def run(self, inputs):
-        with torch.no_grad():
-            out = self.module(*inputs)
-        return [t.numpy() for t in (out if isinstance(out, (tuple, list)) else [out])]
-
 
 def _quantized_on_qnn(name, backends=("qnn",), **options):
     pm = testing.register_plugins(*[f"handoff_{b}.plugin" for b in backends])
@@ -48,7 +37,7 @@ def _quantized_on_qnn(name, backends=("qnn",), **options):
 def _check(zoo, model, result, steps):
     """Both references; returns the program's and the quantized eager model's numbers."""
     acc = testing.check_int8(result.to_bytes(), result.quantized, model, zoo.inputs, seeds=(21, 22, 23), steps=steps)
-    ref = testing.check_int8(_Eager(result.quantized.reference), result.quantized, model, zoo.inputs,
+    ref = testing.check_int8(result.quantized.reference, result.quantized, model, zoo.inputs,
                              seeds=(21, 22, 23))
     assert acc["snr_db"] >= ref["snr_db"] - 0.5, (acc, ref)  # as close to fp32 as the quantized eager model
     assert acc["top1_agreement"] >= ref["top1_agreement"] - 0.34, (acc, ref)
