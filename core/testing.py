@@ -96,6 +96,17 @@ def _numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
+def _outputs(program: Any, inputs: Sequence[Any]) -> list[np.ndarray]:
+    """``program``'s outputs on ``inputs``: ``program.run``, or a torch module run eagerly."""
+    import torch
+
+    if isinstance(program, torch.nn.Module):
+        with torch.no_grad():
+            out = program(*inputs)
+        return [_numpy(t) for t in (out if isinstance(out, (tuple, list)) else [out])]
+    return program.run(inputs)
+
+
 def assert_matches_eager(got: np.ndarray, want: Any, dtype: str = "float32") -> None:
     """``got`` (numpy) within ``TOLERANCE[dtype]`` relative of ``want`` (a tensor or array)."""
     if dtype == "int8":
@@ -121,12 +132,7 @@ def check_against_eager(program: Any, model: Any, input_specs: Sequence[Any], se
     try:
         for seed in seeds:
             x = random_inputs(input_specs, seed=seed)
-            if isinstance(prog, torch.nn.Module):
-                with torch.no_grad():
-                    got = prog(*x)
-                got = [_numpy(t) for t in (got if isinstance(got, (tuple, list)) else [got])]
-            else:
-                got = prog.run(x)
+            got = _outputs(prog, x)
             with torch.no_grad():
                 want = model(*x)
             for g, w in zip(got, want if isinstance(want, (tuple, list)) else [want]):
@@ -209,12 +215,7 @@ def check_int8(program: Any, quantized: Any, float_model: Any, input_specs: Sequ
     try:
         for seed in seeds:
             x = random_inputs(input_specs, seed=seed)
-            if isinstance(prog, torch.nn.Module):
-                with torch.no_grad():
-                    got = prog(*x)
-                got = [_numpy(t) for t in (got if isinstance(got, (tuple, list)) else [got])]
-            else:
-                got = prog.run(x)
+            got = _outputs(prog, x)
             with torch.no_grad():
                 want = reference(*x)
                 fp = float_model(*x)
