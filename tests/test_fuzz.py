@@ -108,14 +108,11 @@ def _crashers() -> list[Path]:
     return sorted((FUZZ / "crashers").glob("*/crash-*"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("blob", _crashers(), ids=lambda p: f"{p.parent.name}/{p.name[:14]}")
-def test_vendor_crashes_found_by_fuzzing_are_one_line_errors(blob: Path, tmp_path: Path) -> None:
-    """Blobs on which the vendor runtime itself dies (ExecuTorch aborts, the QNN HTP backend
-    segfaults): in-process they kill the harness; through ``handoff.load`` the core loads them in
-    a probe process first (``Runtime.isolate_untrusted``) and raises one line instead."""
+def _load_as_delegate(blob: Path) -> None:
+    """``handoff.load`` on a program whose one delegate is ``blob``, for the backend named by its
+    folder (``crashers/xnnpack/...``)."""
     import handoff
-    from handoff import HandoffError, plugins
+    from handoff import plugins
     from handoff.program import program_bytes
 
     backend = blob.parent.name
@@ -129,7 +126,57 @@ def test_vendor_crashes_found_by_fuzzing_are_one_line_errors(blob: Path, tmp_pat
                        "partition": f"{backend}_0", "metadata": {}, "options": {}}],
         "instructions": [{"op": "delegate", "delegate": 0, "inputs": [0], "outputs": [1]}],
     }
+    handoff.load(program_bytes(manifest, [blob.read_bytes()]), plugins=pm)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("blob", _crashers(), ids=lambda p: f"{p.parent.name}/{p.name[:14]}")
+def test_vendor_crashes_found_by_fuzzing_are_one_line_errors(blob: Path, tmp_path: Path) -> None:
+    """Blobs on which the vendor runtime itself dies (ExecuTorch aborts, the QNN HTP backend
+    segfaults): in-process they kill the harness; through ``handoff.load`` the core loads them in
+    a probe process first (``Runtime.isolate_untrusted``) and raises one line instead."""
+    from handoff import HandoffError
+
+    backend = blob.parent.name
     with pytest.raises(HandoffError, match=rf"delegate 0 \({backend}_0, backend '{backend}'\): the vendor runtime "
                                            rf"crashed on this blob \(SIG") as caught:
-        handoff.load(program_bytes(manifest, [blob.read_bytes()]), plugins=pm)
+        _load_as_delegate(blob)
     assert "runpy" not in str(caught.value) and "\n" not in str(caught.value)  # the crash's words, one line
+
+
+#: The one-line error each fixed finding's input gets from ``handoff.load`` (what, where, next step).
+REGRESSION_ERRORS = {
+    # ExecuTorch 1.5.1 threw std::bad_alloc (pybind11: MemoryError) on a size field of the blob.
+    "xnnpack/bad-alloc-302d43ef":
+        "<bytes>: delegate 0 (xnnpack_0, backend 'xnnpack') failed to load: ValueError: xnnpack: ExecuTorch "
+        "could not allocate what this program asks for (MemoryError: std::bad_alloc): the blob is damaged or "
+        "not an xnnpack program of this release; partition the model again",
+    # The container header's tensors were read with header[...]: a KeyError nobody could act on.
+    "qnn/header-input-no-dtype":
+        "<bytes>: delegate 0 (qnn_0, backend 'qnn') failed to load: ValueError: qnn delegate blob header (JSON at "
+        "byte 16) is corrupt: inputs[1] is not a tensor's dtype and static shape ({'dsype': 'float32', 'name': "
+        "'input_1', 'shape': [1, 4, 8]}); the blob is damaged or was not written by handoff-qnn; partition the "
+        "model again",
+    "qnn/header-input-no-shape":
+        "<bytes>: delegate 0 (qnn_0, backend 'qnn') failed to load: ValueError: qnn delegate blob header (JSON at "
+        "byte 16) is corrupt: inputs[1] is not a tensor's dtype and static shape ({'dtype': 'float32', 'name': "
+        "'input_1', 'uhape': [1, 4, 8]}); the blob is damaged or was not written by handoff-qnn; partition the "
+        "model again",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(REGRESSION_ERRORS))
+def test_vendor_blob_findings_are_the_expected_one_line_errors(name: str) -> None:
+    """The inputs of fixed blob-loader findings (``regressions/{xnnpack,qnn}/``) through
+    ``handoff.load``: not merely no crash, but this exact line."""
+    from handoff import HandoffError
+
+    with pytest.raises(HandoffError) as caught:
+        _load_as_delegate(FUZZ / "regressions" / name)
+    assert str(caught.value) == REGRESSION_ERRORS[name]
+
+
+def test_every_blob_regression_has_its_expected_error() -> None:
+    assert sorted(REGRESSION_ERRORS) == sorted(f"{p.parent.name}/{p.name}" for backend in ("xnnpack", "qnn")
+                                               for p in (FUZZ / "regressions" / backend).iterdir())
