@@ -180,3 +180,43 @@ def test_vendor_blob_findings_are_the_expected_one_line_errors(name: str) -> Non
 def test_every_blob_regression_has_its_expected_error() -> None:
     assert sorted(REGRESSION_ERRORS) == sorted(f"{p.parent.name}/{p.name}" for backend in ("xnnpack", "qnn")
                                                for p in (FUZZ / "regressions" / backend).iterdir())
+
+
+#: ``corpus/options/vulkan-buffers-*``: what ``vulkan.max_storage_buffers`` parses to as a compile
+#: option, or the one-line error (valid values named).
+BUFFER_SEEDS = {
+    "vulkan-buffers-8": 8, "vulkan-buffers-32": 32, "vulkan-buffers-max": 2**32 - 1,
+    **{f"vulkan-buffers-{name}": repr(text) for name, text in (
+        ("0", "0"), ("negative", "-1"), ("2e32", "4294967296"), ("float", "8.5"), ("word", "eight"), ("empty", ""))},
+}
+
+
+@pytest.mark.parametrize("seed", sorted(BUFFER_SEEDS))
+def test_options_harness_on_the_storage_buffer_seeds(seed: str) -> None:
+    """fuzz_options on the seeds of vulkan's ``max_storage_buffers``: a valid value parses to its
+    integer (and is refused as a runtime option, naming it a compile option); a bad one is a
+    one-line error naming the valid range. Either way within the harness's contract."""
+    from handoff import HandoffError, plugins
+    from handoff.cli import _options
+
+    sys.path.insert(0, str(FUZZ))
+    try:
+        import _harness
+        import fuzz_options
+    finally:
+        sys.path.remove(str(FUZZ))
+    data = (FUZZ / "corpus" / "options" / seed).read_bytes()
+    pm = plugins.Plugins(autoload=False, extra=["handoff_vulkan.plugin"])
+    fuzz_options._plugins = pm
+    _harness.check(fuzz_options.one_input, (HandoffError,), data)  # a Finding if outside the contract
+    values = _options(data.decode().splitlines())["vulkan"]
+    expected = BUFFER_SEEDS[seed]
+    if isinstance(expected, int):
+        assert pm.parse_options("vulkan", values, runtime=False)["max_storage_buffers"] == expected
+        with pytest.raises(HandoffError, match=r"is a compile option\); valid runtime options: adapter, timestamps"):
+            pm.parse_options("vulkan", values, runtime=True)
+    else:
+        with pytest.raises(HandoffError) as caught:
+            pm.parse_options("vulkan", values, runtime=False)
+        assert str(caught.value) == (f"backend 'vulkan': option max_storage_buffers={expected} is not valid; "
+                                     f"valid values: an integer >= 1 and <= 4294967295")

@@ -46,8 +46,9 @@ OPTIONS: dict[str, Option] = {
         "int", "most storage buffers one kernel may bind (tensor inputs + outputs); a node needing more is declined, "
                "a fused group over it is split into its ops. Default 8: WebGPU's guaranteed "
                "maxStorageBuffersPerShaderStage (wgpu's default limits), so the program loads on every WebGPU "
-               "adapter; raise it only for the adapter you ship to (lavapipe allows 32)",
-        default=MAX_STORAGE_BUFFERS, min=1),
+               "adapter; raise it only for the adapter you ship to (lavapipe allows 32). At most 2**32-1, "
+               "since WebGPU limits are 32-bit",
+        default=MAX_STORAGE_BUFFERS, min=1, max=2**32 - 1),
 }
 #: Runtime options (``handoff run --option vulkan.NAME=VALUE``, ``handoff.load(..., options=)``).
 RUNTIME_OPTIONS: dict[str, Option] = {
