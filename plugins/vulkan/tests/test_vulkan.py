@@ -94,7 +94,7 @@ def test_plugin_declares_the_backend():
     assert (spec.id, spec.device) == ("vulkan", "gpu"), spec
     assert spec.compiler == "handoff_vulkan.compiler:VulkanCompiler"
     assert spec.runtime == "handoff_vulkan.runtime:VulkanRuntime"
-    assert set(spec.options) == {"fuse", "max_storage_buffers"} and set(spec.runtime_options) == {"adapter", "timestamps"}
+    assert set(spec.options) == {"fuse", "max_storage_buffers"} and set(spec.runtime_options) == {"adapter", "timestamps", "load_threads"}
     assert spec.options["max_storage_buffers"].default == 8
 
 
@@ -799,6 +799,43 @@ def test_runtime_options_and_input_checks(mlp_lowered):
         rt.load(memoryview(lowered.blob), lowered.metadata, runtime_options(adapter="no-such-gpu"))
     with pytest.raises(ValueError, match="timestamps='maybe' is not valid"):
         runtime_options(timestamps="maybe")
+
+
+@pytest.mark.slow
+def test_load_is_timed_in_phases_shares_the_device_and_builds_pipelines_on_threads(mlp_lowered):
+    """Every load says where its time went; a second runtime (another plugin manager) in the
+    process gets the same wgpu device; pipelines built by 1 or 4 threads run the same, and WGSL
+    that wgpu refuses on a worker thread is still one line."""
+    _needs_gpu()
+    import torch
+
+    from handoff_vulkan.runtime import LOAD_PHASES, VulkanRuntime
+
+    model, x, lowered = mlp_lowered
+    with torch.no_grad():
+        want = model(x)
+    first, second = VulkanRuntime(), VulkanRuntime()
+    handles = []
+    try:
+        for rt, threads in ((first, "1"), (second, "4"), (second, "auto")):
+            handle = rt.load(memoryview(lowered.blob), lowered.metadata, runtime_options(load_threads=threads))
+            handles.append((rt, handle))
+            load = rt.stats(handle)["load_seconds"]
+            assert list(load) == list(LOAD_PHASES) and all(v >= 0 for v in load.values())
+            (got,) = rt.to_host(rt.execute(handle, [x.numpy()]))
+            assert_matches_eager(got, want)
+        assert handles[0][1].dev is handles[1][1].dev is handles[2][1].dev  # one device per process
+    finally:
+        for rt, handle in handles:
+            rt.release(handle)
+
+    header, data = _format.unpack(lowered.blob)
+    header["kernels"][-1]["wgsl"] = header["kernels"][-1]["wgsl"].replace("fn ", "fn fn ", 1)
+    with pytest.raises(ValueError, match="vulkan delegate blob is corrupt: wgpu refused it on .*; re-partition"):
+        second.load(memoryview(_format.pack(header, bytes(data))), lowered.metadata, runtime_options(load_threads="4"))
+    for bad in ("0", "65", "many"):
+        with pytest.raises(ValueError, match="load_threads"):
+            runtime_options(load_threads=bad)
 
 
 @pytest.mark.slow
