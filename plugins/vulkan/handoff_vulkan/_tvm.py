@@ -263,11 +263,16 @@ def schedule_module(mod: Any, tgt: Any) -> tuple[Any, dict[str, str]]:
     return mod, failed
 
 
-def relax_passes(fuse: bool, max_buffers: int | None = None) -> list[Any]:
+def relax_passes(fuse: bool, max_buffers: int | None = None, fold: bool = False) -> list[Any]:
     """Legalize to TIR calls; with ``fuse``, TVM's FuseOps/FuseTIR, where a fused group binding more
-    than ``max_buffers`` storage buffers is left unfused (:func:`_unfuse_over`)."""
+    than ``max_buffers`` storage buffers is left unfused (:func:`_unfuse_over`). With ``fold``, the
+    weights' transposes are computed when lowering (:func:`_transposed_weights`); the per-node
+    checks leave them, so each node keeps its kernel."""
     passes = [relax.transform.DecomposeOpsForInference(), relax.transform.LegalizeOps(),
               relax.transform.AnnotateTIROpPattern()]
+    if fold:
+        passes.insert(1, tvm.transform.module_pass(lambda mod, _: _transposed_weights(mod), opt_level=0,
+                                                   name="handoff.vulkan.TransposedWeights"))
     if fuse:
         passes.append(relax.transform.FuseOps())
         if max_buffers is not None:
@@ -275,6 +280,35 @@ def relax_passes(fuse: bool, max_buffers: int | None = None) -> list[Any]:
                                                     name="handoff.vulkan.UnfuseOverBudget"))
         passes.append(relax.transform.FuseTIR())
     return passes
+
+
+@relax.expr_functor.mutator
+class _Transposer(relax.PyExprMutator):
+    def visit_call_(self, call: Any) -> Any:
+        call = super().visit_call_(call)
+        weight = call.args[0] if call.op.same_as(_PERMUTE_DIMS) else None
+        if isinstance(weight, tvm.ir.GenericConst) and hasattr(weight.value, "numpy"):
+            try:
+                data = weight.value.numpy()
+            except Exception:  # a dtype numpy lacks (bfloat16): left to run as a kernel
+                return call
+            axes = None if call.attrs.axes is None else [int(a) for a in call.attrs.axes]
+            return relax.const(np.ascontiguousarray(data.transpose(axes)), str(data.dtype))
+        return call
+
+
+_PERMUTE_DIMS = tvm.ir.Op.get("relax.permute_dims")
+
+
+def _transposed_weights(mod: Any) -> Any:
+    """Every ``permute_dims`` of a constant (the importer's transposed weight of each ``linear``)
+    replaced by the transposed constant, so no kernel transposes a weight on every run (9 of the
+    zoo transformer's 65 dispatches did). TVM's FoldConstant would too, but it compiles and runs
+    every constant expression with LLVM: 64 s more to lower MobileNetV2 on the 2-core machine."""
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = _Transposer().visit_expr(func)
+    return mod
 
 
 def _unfuse_over(mod: Any, max_buffers: int) -> Any:
