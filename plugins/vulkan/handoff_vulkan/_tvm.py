@@ -80,30 +80,41 @@ def _rules() -> list[Any]:
             dl.gpu.Transpose(), dl.gpu.Fallback(), _UnitReduction()]
 
 
-def reduction_extent(func: Any) -> int:
-    """The longest reduction (product of a block's reduction iterator extents) in ``func``; 0 if none."""
-    longest = 0
+def reduction_extents(func: Any) -> list[int]:
+    """Per reduction block of ``func``, its length (product of its reduction iterator extents;
+    1 << 30 when not static)."""
+    found: list[int] = []
 
     def visit(stmt: Any) -> None:
-        nonlocal longest
         if isinstance(stmt, s_tir.SBlock):
             extents = [iv.dom.extent for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
             if extents:
                 if not all(isinstance(e, tirx.IntImm) for e in extents):
-                    longest = max(longest, 1 << 30)
+                    found.append(1 << 30)
                 else:
-                    longest = max(longest, math.prod(int(e.value) for e in extents))
+                    found.append(math.prod(int(e.value) for e in extents))
 
     tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, visit)], order="post")
-    return longest
+    return found
+
+
+def reduction_extent(func: Any) -> int:
+    """The longest reduction (product of a block's reduction iterator extents) in ``func``; 0 if none."""
+    return max(reduction_extents(func), default=0)
 
 
 class _SmallReduction(dl.gpu.Fallback):
     """dlight's Fallback (outputs over threads, each reduction serial in its thread), for functions
-    whose every reduction is at most :data:`SMALL_REDUCTION` long."""
+    with one reduction, at most :data:`SMALL_REDUCTION` long. Not for chains of reductions
+    (layer norm, softmax): Fallback gives each block a kernel of its own (3 dispatches per layer
+    norm, each reduction in a single workgroup), where dlight's GeneralReduction makes one kernel
+    with a workgroup per row."""
 
     def apply(self, func: Any, target: Any, tunable: bool) -> Any:
-        if not isinstance(func, tirx.PrimFunc) or not 0 < reduction_extent(func) <= SMALL_REDUCTION:
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        extents = reduction_extents(func)
+        if len(extents) != 1 or not 0 < extents[0] <= SMALL_REDUCTION:
             return None
         return super().apply(func, target, tunable)
 

@@ -854,6 +854,32 @@ def test_load_is_timed_in_phases_shares_the_device_and_builds_pipelines_on_threa
 
 
 @pytest.mark.slow
+def test_layer_norm_and_softmax_are_one_dispatch_each():
+    """Chains of short reductions (layer norm's mean and variance, softmax's max and sum over 64)
+    get dlight's GeneralReduction, one kernel with a workgroup per row; the serial schedule for
+    short reductions gave each block its own single-workgroup kernel (3 dispatches each)."""
+    _needs_compiler()
+    _needs_gpu()
+    import torch
+
+    torch.manual_seed(3)
+    norm = torch.nn.LayerNorm(64)
+    with torch.no_grad():  # random affine parameters, so a wrong scale or shift shows
+        norm.weight.normal_()
+        norm.bias.normal_()
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), norm, torch.nn.Softmax(dim=-1)).eval()
+    x = torch.randn(8, 32)
+    result = handoff.partition(model, (x,), backends=["vulkan"], fallback=False, aten=False)
+    meta = result.assembled.manifest["delegates"][0]["metadata"]
+    assert (meta["kernels"], meta["dispatches"]) == (3, 3)  # linear, layer norm, softmax (7 dispatches before)
+    with handoff.load(result.to_bytes()) as program:
+        for seed in (1, 2):
+            xs = torch.randn(8, 32, generator=torch.Generator().manual_seed(seed))
+            (got,) = program.run([xs.numpy()])
+            assert_matches_eager(got, model(xs))
+
+
+@pytest.mark.slow
 def test_grid_wider_than_a_dispatch_dimension():
     """70001 rows, one workgroup each: the runtime folds the grid into z (35001 x 1 x 2)."""
     _needs_compiler()
