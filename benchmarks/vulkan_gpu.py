@@ -210,6 +210,8 @@ def run(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
         entry: dict[str, Any] = {}
         for path in sorted(directory.glob(f"{name}*.hof")):
             variant = path.name[len(name):-len(".hof")].lstrip(".") or "default"
+            if args.variants and variant not in args.variants.split(","):
+                continue
             entry[f"handoff_vulkan[{variant}]"] = ours = run_handoff(path, x, want, args)
             _print_ours(name, variant, ours)
         if not args.load_only:
@@ -272,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-only", action="store_true",
                         help="--run: only load each program and run it once, printing the load's phases (no peers); "
                              "run it again in a new process to see what the driver's shader cache saves")
+    parser.add_argument("--variants", default="",
+                        help="--run: only these variants (comma-separated; 'default' is NAME.hof), e.g. for --load-only")
     parser.add_argument("--load-threads", default="", help="--run: the vulkan.load_threads option (default auto)")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                         help="--lower: a vulkan compile option (repeatable); the files are then NAME.TAG.hof")
