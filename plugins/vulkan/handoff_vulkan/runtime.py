@@ -22,8 +22,8 @@ the same ``timestamps`` setting, which needs a device feature), whichever :class
 (plugin manager) loads it: only the first load pays for creating the device.
 
 Every load is timed in phases (:data:`LOAD_PHASES`, ``stats()["load_seconds"]``), so a slow load
-says where it went: on a GPU, the driver compiling the pipelines (it keeps its own on-disk cache,
-under ``XDG_CACHE_HOME`` for Mesa and NVIDIA, so a later process compiles less).
+says where it went: on a GPU, the driver compiling the pipelines (drivers keep their own on-disk
+cache, Mesa's under ``XDG_CACHE_HOME``, so a later process compiles less).
 
 Environment: ``WGPU_BACKEND_TYPE`` defaults to ``Vulkan``; ``XDG_RUNTIME_DIR`` to
 ``$HANDOFF_HOME/xdg-runtime`` (mode 0700) and ``XDG_CACHE_HOME`` to ``$HANDOFF_HOME/cache`` (Mesa's
