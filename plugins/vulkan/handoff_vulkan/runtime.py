@@ -272,7 +272,7 @@ class VulkanRuntime(Runtime):
         # Kernels: one shader module and pipeline each; one bind group layout (and pipeline
         # layout) per distinct list of bindings, shared by the kernels that have it. wgpu's
         # device is thread-safe and its calls release the GIL, so with several threads the
-        # driver compiles pipelines in parallel (what a load on a GPU mostly waits for).
+        # driver can compile pipelines in parallel (what a load on a GPU mostly waits for).
         kernels = header["kernels"]
         shared: dict[tuple[str, ...], tuple[Any, Any]] = {}
         for k in kernels:
