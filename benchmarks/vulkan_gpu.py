@@ -18,7 +18,11 @@ Two modes, because the GPU machine has no TVM (and need not have handoff install
     it); end to end is ``model(x.cuda()).cpu()`` (upload, run, read back); device time is CUDA
     events around ``model(x_gpu)``; first run is the compilation for ``torch.compile``;
   medians over ``--iters`` runs after ``--warmup``, the ratios handoff/peer, and each output's
-  largest error relative to the reference. Without CUDA (e.g. lavapipe in CI) only handoff runs:
+  largest error relative to the reference. For handoff also the load's phases (device, shader
+  modules, pipelines, buffers, bind groups) and the first run's host phases and GPU time.
+* ``--run DIR --load-only``: only handoff's load and first run of each program, with their
+  phases; run it twice, in two processes, to see what the driver's on-disk shader cache saves
+  (``--load-threads N`` sets the ``vulkan.load_threads`` option). Without CUDA (e.g. lavapipe in CI) only handoff runs:
   its numbers are then a correctness run, not a measurement of anything.
 
 On a GPU machine with Python 3.12, torch (CUDA) and numpy but no package index: put in ``.whl``
@@ -101,6 +105,8 @@ def run_handoff(path: Path, x: np.ndarray, want: np.ndarray, args: argparse.Name
     options: dict[str, str] = {"timestamps": "1"}
     if args.adapter:
         options["adapter"] = args.adapter
+    if args.load_threads:
+        options["load_threads"] = args.load_threads
     start = time.perf_counter()
     program = handoff.load(path, options={"vulkan": options}, plugins=plugins)
     load_s = time.perf_counter() - start
@@ -108,6 +114,15 @@ def run_handoff(path: Path, x: np.ndarray, want: np.ndarray, args: argparse.Name
         first = time.perf_counter()
         (got,) = program.run([x])
         first_s = time.perf_counter() - first
+        (stats,) = [d["stats"] for d in program.stats()["delegates"]]
+        loaded = {"adapter": stats["adapter"], "load_ms": load_s * 1e3,
+                  "load_phases_ms": {k: v * 1e3 for k, v in stats["load_seconds"].items()},
+                  "first_run_ms": first_s * 1e3,
+                  "first_run_phases_ms": {k: v * 1e3 for k, v in (stats["host_seconds"] or {}).items()},
+                  "first_run_gpu_ms": (stats["gpu_seconds"] or 0.0) * 1e3,
+                  "max_rel_err": _rel_err(got, want)}
+        if args.load_only:
+            return loaded
         for _ in range(args.warmup):
             program.run([x])
         wall, gpu, phases = [], [], []
@@ -120,9 +135,9 @@ def run_handoff(path: Path, x: np.ndarray, want: np.ndarray, args: argparse.Name
             phases.append(delegates[0]["host_seconds"] or {})
         adapter = delegates[0]["adapter"]
         meta = program.manifest["delegates"][0]["metadata"]
-    return {"adapter": adapter, "load_ms": load_s * 1e3, "first_run_ms": first_s * 1e3,
+    return {**loaded, "adapter": adapter,
             "e2e_ms": _median_ms(wall), "e2e_p90_ms": float(np.percentile(wall, 90)) * 1e3,
-            "gpu_ms": _median_ms(gpu), "max_rel_err": _rel_err(got, want),
+            "gpu_ms": _median_ms(gpu),
             "host_phases_ms": {k: _median_ms([p[k] for p in phases if k in p]) for k in (phases[0] if phases else {})},
             "kernels": meta.get("kernels"), "dispatches": meta.get("dispatches")}
 
@@ -195,11 +210,14 @@ def run(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
         entry: dict[str, Any] = {}
         for path in sorted(directory.glob(f"{name}*.hof")):
             variant = path.name[len(name):-len(".hof")].lstrip(".") or "default"
+            if args.variants and variant not in args.variants.split(","):
+                continue
             entry[f"handoff_vulkan[{variant}]"] = ours = run_handoff(path, x, want, args)
             _print_ours(name, variant, ours)
-        if not args.no_torch:
-            entry.update(run_torch(name, directory / f"{name}.pt", x, want, args))
-        _print_peers(name, entry)
+        if not args.load_only:
+            if not args.no_torch:
+                entry.update(run_torch(name, directory / f"{name}.pt", x, want, args))
+            _print_peers(name, entry)
         results["models"][name] = entry
         if args.json:  # after each model: a later one that fails or runs out of time keeps these
             args.json.write_text(json.dumps(results, indent=2))
@@ -207,6 +225,13 @@ def run(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_ours(name: str, variant: str, ours: dict[str, Any]) -> None:
+    print(f"{name} [{variant}]: load {ours['load_ms']:.0f} ms on {ours['adapter']} (" +
+          ", ".join(f"{k} {v:.0f}" for k, v in ours["load_phases_ms"].items()) +
+          f"), first run {ours['first_run_ms']:.1f} ms (" +
+          ", ".join(f"{k} {v:.1f}" for k, v in ours["first_run_phases_ms"].items()) +
+          f"; GPU {ours['first_run_gpu_ms']:.1f}), max rel err {ours['max_rel_err']:.1e}")
+    if "e2e_ms" not in ours:  # --load-only
+        return
     print(f"{name} [{variant}]: handoff vulkan on {ours['adapter']}: load {ours['load_ms']:.0f} ms, first run "
           f"{ours['first_run_ms']:.1f} ms, end to end median {ours['e2e_ms']:.3f} ms (p90 {ours['e2e_p90_ms']:.3f}), "
           f"GPU {ours['gpu_ms']:.3f} ms, max rel err {ours['max_rel_err']:.1e}")
@@ -246,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="vulkan.adapter option: substring of the adapter to use")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch CUDA peers")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (compiles for minutes)")
+    parser.add_argument("--load-only", action="store_true",
+                        help="--run: only load each program and run it once, printing the load's phases (no peers); "
+                             "run it again in a new process to see what the driver's shader cache saves")
+    parser.add_argument("--variants", default="",
+                        help="--run: only these variants (comma-separated; 'default' is NAME.hof), e.g. for --load-only")
+    parser.add_argument("--load-threads", default="", help="--run: the vulkan.load_threads option (default auto)")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                         help="--lower: a vulkan compile option (repeatable); the files are then NAME.TAG.hof")
     parser.add_argument("--tag", default="", help="--lower: the variant's name in the file names (with --option)")

@@ -38,6 +38,8 @@ POD_TYPES = {"i32": "i", "u32": "I", "f32": "f"}
 #: WebGPU's guaranteed ``maxStorageBuffersPerShaderStage`` (the spec's default limit, wgpu's
 #: ``Limits::default()``): a blob within it loads on any conformant adapter.
 MAX_STORAGE_BUFFERS = 8
+#: The most threads ``load_threads=auto`` creates pipelines with.
+MAX_LOAD_THREADS = 8
 #: Compile options (``handoff partition --option vulkan.NAME=VALUE``).
 OPTIONS: dict[str, Option] = {
     "fuse": Option("bool", "fuse neighbouring ops into one kernel with TVM's FuseOps (0 gives every op its own kernel)",
@@ -57,6 +59,10 @@ RUNTIME_OPTIONS: dict[str, Option] = {
                              "then virtual, then CPU adapter"),
     "timestamps": Option("bool", "time every run on the GPU with timestamp queries (needs the adapter's "
                                  "timestamp-query feature)", default=False),
+    "load_threads": Option("int", "threads that create the kernels' shader modules and pipelines at load (the "
+                                  "driver compiling pipelines is most of a load on a GPU); default 'auto': one per "
+                                  f"CPU core, at most {MAX_LOAD_THREADS}",
+                           min=1, max=64, aliases=("auto",)),
 }
 
 
