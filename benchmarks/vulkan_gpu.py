@@ -22,7 +22,8 @@ Two modes, because the GPU machine has no TVM (and need not have handoff install
   modules, pipelines, buffers, bind groups) and the first run's host phases and GPU time.
 * ``--run DIR --load-only``: only handoff's load and first run of each program, with their
   phases; run it twice, in two processes, to see what the driver's on-disk shader cache saves
-  (``--load-threads N`` sets the ``vulkan.load_threads`` option). Without CUDA (e.g. lavapipe in CI) only handoff runs:
+  (``--load-threads N`` sets the ``vulkan.load_threads`` option, ``--first-submit 0,8`` runs each
+  program with each ``vulkan.first_submit``). Without CUDA (e.g. lavapipe in CI) only handoff runs:
   its numbers are then a correctness run, not a measurement of anything.
 
 On a GPU machine with Python 3.12, torch (CUDA) and numpy but no package index: put in ``.whl``
@@ -98,7 +99,8 @@ def _median_ms(values: list[float]) -> float:
     return statistics.median(values) * 1e3
 
 
-def run_handoff(path: Path, x: np.ndarray, want: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+def run_handoff(path: Path, x: np.ndarray, want: np.ndarray, args: argparse.Namespace,
+                first_submit: str = "") -> dict[str, Any]:
     import handoff
 
     plugins = handoff.plugins.Plugins(autoload=False, extra=["handoff_vulkan.plugin"])
@@ -107,6 +109,8 @@ def run_handoff(path: Path, x: np.ndarray, want: np.ndarray, args: argparse.Name
         options["adapter"] = args.adapter
     if args.load_threads:
         options["load_threads"] = args.load_threads
+    if first_submit:
+        options["first_submit"] = first_submit
     start = time.perf_counter()
     program = handoff.load(path, options={"vulkan": options}, plugins=plugins)
     load_s = time.perf_counter() - start
@@ -212,8 +216,10 @@ def run(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
             variant = path.name[len(name):-len(".hof")].lstrip(".") or "default"
             if args.variants and variant not in args.variants.split(","):
                 continue
-            entry[f"handoff_vulkan[{variant}]"] = ours = run_handoff(path, x, want, args)
-            _print_ours(name, variant, ours)
+            for first_submit in args.first_submit.split(",") if args.first_submit else [""]:
+                label = f"{variant} first_submit={first_submit}" if first_submit else variant
+                entry[f"handoff_vulkan[{label}]"] = ours = run_handoff(path, x, want, args, first_submit)
+                _print_ours(name, label, ours)
         if not args.load_only:
             if not args.no_torch:
                 entry.update(run_torch(name, directory / f"{name}.pt", x, want, args))
@@ -276,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                              "run it again in a new process to see what the driver's shader cache saves")
     parser.add_argument("--variants", default="",
                         help="--run: only these variants (comma-separated; 'default' is NAME.hof), e.g. for --load-only")
+    parser.add_argument("--first-submit", default="", metavar="N[,N...]",
+                        help="--run: the vulkan.first_submit option; several values run each program once per value")
     parser.add_argument("--load-threads", default="", help="--run: the vulkan.load_threads option (default auto)")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                         help="--lower: a vulkan compile option (repeatable); the files are then NAME.TAG.hof")

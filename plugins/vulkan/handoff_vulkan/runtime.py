@@ -7,8 +7,10 @@ per dispatch (scalar arguments live in one uniform buffer written at load: shape
 
 Outputs stay on the GPU. :meth:`execute` writes numpy inputs with ``queue.write_buffer``, copies
 inputs that another delegate on the same device left on the GPU (:class:`GpuValue`) with
-``copy_buffer_to_buffer``, records every dispatch into one compute pass, submits, and returns
-without waiting: its outputs are :class:`GpuValue` ranges of its own buffers, which the next
+``copy_buffer_to_buffer``, records the dispatches and submits them in growing parts (runtime
+option ``first_submit``: 8, then 16, 32, ... dispatches, each part one compute pass and one
+submission, so the GPU runs one part while the host records the next), and returns without
+waiting: its outputs are :class:`GpuValue` ranges of its own buffers, which the next
 vulkan delegate reads on the GPU (the queue orders the work, so consecutive delegates never wait
 for each other). :meth:`to_host` reads any number of values back at once: one staging copy each
 into the device's readback buffer, one submit, one map. The memory domain
@@ -45,7 +47,7 @@ import numpy as np
 from handoff import Runtime
 
 from . import WGPU_VERSION
-from ._format import MAX_LOAD_THREADS, UNIFORM_SLOT, fold_grid, uniform_bytes, unpack
+from ._format import FIRST_SUBMIT, MAX_LOAD_THREADS, UNIFORM_SLOT, fold_grid, uniform_bytes, unpack
 
 INSTALL_HINT = f"pip install wgpu=={WGPU_VERSION}"
 DRIVER_HINT = ("install a Vulkan driver and loader (Debian/Ubuntu: apt-get install mesa-vulkan-drivers libvulkan1 "
@@ -165,6 +167,8 @@ class _Delegate:
     passes: list[tuple[Any, Any, tuple[int, int, int]]]  # (pipeline, bind group, workgroups) per dispatch
     uniform: Any
     raw: list[tuple[Any, ...]] | None = None  # native handles of ``passes`` (see _record)
+    #: ``(passes, raw)`` slices, one per queue submission of a run (see :func:`_submissions`)
+    chunks: list[tuple[list[Any], list[Any] | None]] = dataclasses.field(default_factory=list)
     query_set: Any = None
     query_buffer: Any = None
     submits: int = 0
@@ -235,6 +239,7 @@ class VulkanRuntime(Runtime):
         # as wgpu's own GPUValidationError), is a corrupt blob, said in one line.
         try:
             delegate = self._build(header, data, dev, _load_threads(options))
+            delegate.chunks = _submissions(delegate.passes, delegate.raw, _first_submit(options))
         except dev.wgpu.GPUError as exc:
             raise ValueError(f"vulkan delegate blob is corrupt: wgpu refused it on {dev.name}: "
                              f"{' '.join(str(exc).split())[:300]}; re-partition the model") from None
@@ -360,20 +365,31 @@ class VulkanRuntime(Runtime):
                 raise ValueError(f"vulkan delegate input {i} expects {dtype}{list(shape)}, got {arr.dtype}{list(arr.shape)}")
             # Queue writes happen before the commands submitted after them, so before this run's copies.
             dev.queue.write_buffer(handle.buffers[buf], 0, _padded_bytes(np.ascontiguousarray(arr)))
-        timestamp_writes = None
-        if profile:
-            timestamp_writes = {"query_set": handle.query_set, "beginning_of_pass_write_index": 0,
-                                "end_of_pass_write_index": 1}
-        compute = encoder.begin_compute_pass(timestamp_writes=timestamp_writes)
-        _record(compute, handle.passes, handle.raw)
-        compute.end()
+        # One compute pass per submission (the first also carries the input copies); the queue
+        # runs them in order, so later dispatches still see what earlier ones wrote.
+        last = len(handle.chunks) - 1
+        for c, (passes, raw) in enumerate(handle.chunks):
+            if c:
+                encoder = dev.device.create_command_encoder()
+            timestamp_writes = None
+            if profile and c in (0, last):  # the span from the first pass's start to the last pass's end
+                timestamp_writes = {"query_set": handle.query_set}
+                if c == 0:
+                    timestamp_writes["beginning_of_pass_write_index"] = 0
+                if c == last:
+                    timestamp_writes["end_of_pass_write_index"] = 1
+            compute = encoder.begin_compute_pass(timestamp_writes=timestamp_writes)
+            _record(compute, passes, raw)
+            compute.end()
+            if c < last:
+                dev.queue.submit([encoder.finish()])
         if profile:
             encoder.resolve_query_set(handle.query_set, 0, 2, handle.query_buffer, 0)
         commands = encoder.finish()
         if profile:
             clock.append(time.perf_counter())
         dev.queue.submit([commands])
-        handle.submits += 1
+        handle.submits += len(handle.chunks)
         if profile:
             clock.append(time.perf_counter())
             handle.last_host_seconds = dict(zip(_PHASES, np.diff(clock).tolist()))
@@ -418,6 +434,26 @@ class VulkanRuntime(Runtime):
             except Exception:
                 pass
         handle.buffers, handle.outputs, handle.passes, handle.raw, handle.keep = [], [], [], None, []
+
+
+def _first_submit(options: Mapping[str, Any]) -> int:
+    """The ``first_submit`` option (0: one submission per run)."""
+    wanted = options.get("first_submit")
+    return FIRST_SUBMIT if wanted is None else int(wanted)
+
+
+def _submissions(passes: list[Any], raw: list[Any] | None, first: int) -> list[tuple[list[Any], list[Any] | None]]:
+    """``passes`` (and their native handles) cut into a run's submissions: ``first`` dispatches,
+    then twice as many each time, so the GPU runs one part while the host records the next; one
+    submission when ``first`` is 0 or covers them all (always at least one, for the input copies)."""
+    if not first or first >= len(passes):
+        return [(passes, raw)]
+    chunks, start, size = [], 0, first
+    while start < len(passes):
+        end = start + size
+        chunks.append((passes[start:end], raw[start:end] if raw is not None else None))
+        start, size = end, 2 * size
+    return chunks
 
 
 def _load_threads(options: Mapping[str, Any]) -> int:

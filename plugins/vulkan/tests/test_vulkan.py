@@ -107,7 +107,7 @@ def test_plugin_declares_the_backend():
     assert (spec.id, spec.device) == ("vulkan", "gpu"), spec
     assert spec.compiler == "handoff_vulkan.compiler:VulkanCompiler"
     assert spec.runtime == "handoff_vulkan.runtime:VulkanRuntime"
-    assert set(spec.options) == {"fuse", "max_storage_buffers"} and set(spec.runtime_options) == {"adapter", "timestamps", "load_threads"}
+    assert set(spec.options) == {"fuse", "max_storage_buffers"} and set(spec.runtime_options) == {"adapter", "timestamps", "first_submit", "load_threads"}
     assert spec.options["max_storage_buffers"].default == 8
 
 
@@ -851,6 +851,55 @@ def test_load_is_timed_in_phases_shares_the_device_and_builds_pipelines_on_threa
     for bad in ("0", "65", "many"):
         with pytest.raises(ValueError, match="load_threads"):
             runtime_options(load_threads=bad)
+
+
+def test_a_run_is_submitted_in_growing_parts():
+    """first_submit=N: N dispatches, then twice as many each time; the last part takes the rest."""
+    from handoff_vulkan.runtime import _submissions
+
+    passes, raw = list(range(117)), [f"r{i}" for i in range(117)]
+    parts = _submissions(passes, raw, 8)
+    assert [len(p) for p, _ in parts] == [8, 16, 32, 61]
+    assert [x for p, _ in parts for x in p] == passes and [x for _, r in parts for x in r] == raw
+    assert [len(p) for p, _ in _submissions(passes[:42], None, 8)] == [8, 16, 18]
+    assert _submissions(passes, raw, 0) == [(passes, raw)] == _submissions(passes, raw, 117)
+    assert _submissions([], None, 8) == [([], None)]  # still one submission, for the input copies
+
+
+@pytest.mark.slow
+def test_parts_submitted_separately_give_the_same_outputs_and_one_gpu_span():
+    """A run cut into several submissions (first_submit=1: parts of 1, 2, 4, ... dispatches)
+    computes exactly what one submission does, counts its submissions, and its timestamps span the
+    first part's start to the last's end (a middle part has no timestamp writes)."""
+    _needs_compiler()
+    _needs_gpu()
+    import torch
+
+    from handoff_vulkan.compiler import VulkanCompiler
+    from handoff_vulkan.runtime import VulkanRuntime
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
+                                torch.nn.Tanh(), torch.nn.Softmax(dim=-1)).eval()
+    x = torch.randn(4, 8)
+    lowered = VulkanCompiler({"fuse": False}).preprocess(_export(model, x), "p0")
+    with torch.no_grad():
+        want = model(x)
+    rt, outputs = VulkanRuntime(), {}
+    for first in ("0", "1"):
+        handle = rt.load(memoryview(lowered.blob), lowered.metadata, runtime_options(first_submit=first, timestamps="1"))
+        try:
+            assert len(handle.passes) >= 4 and (len(handle.chunks) == 1 if first == "0" else len(handle.chunks) >= 3)
+            (outputs[first],) = rt.to_host(rt.execute(handle, [x.numpy()]))
+            assert rt.stats(handle)["submits"] == len(handle.chunks)
+            assert handle.last_gpu_seconds is not None and handle.last_gpu_seconds > 0
+        finally:
+            rt.release(handle)
+    assert_matches_eager(outputs["1"], want)
+    np.testing.assert_array_equal(outputs["1"], outputs["0"])
+    for bad in ("-1", "some"):
+        with pytest.raises(ValueError, match="first_submit"):
+            runtime_options(first_submit=bad)
 
 
 @pytest.mark.slow
