@@ -15,7 +15,12 @@ aarch64 beside them) on a machine with no Arm CPU.
   comes with ``--no-deps`` and its pure-Python dependencies are listed here).
 
 ``python(root, argv, env)`` runs the aarch64 interpreter under ``qemu-aarch64`` with handoff (this
-worktree's ``core/``, through a ``handoff`` link in ``root``) and the wheels on its path.
+worktree's ``core/``, through a ``handoff`` link in ``root``) and the wheels on its path, emulating
+:data:`CPU` unless ``$QEMU_CPU`` names another. Not qemu's default, ``max``: under it the small
+transformer ran 5x (eager) and 19x (TVM) slower than under ``neoverse-n1`` and its tvm/eager ratio
+went from 0.31 to 1.21 (likely causes, not verified: ``max`` has pointer authentication, which
+code built with ``-mbranch-protection`` runs on every call and qemu computes in software, and SVE,
+for which torch picks other kernels). A real core of the kind emulated is what settles the ratio.
 
 Emulated times are indicative only: qemu translates each Arm instruction into host code, so a
 ratio between two programs measured this way says which one executes fewer (and cheaper to
@@ -31,6 +36,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+#: The Arm core emulated: a Neoverse N1 (AWS Graviton2, Ampere Altra): ARMv8.2 with NEON, no SVE.
+CPU = "neoverse-n1"
 #: CPython of the Debian release the host runs (bookworm: 3.11, the version of the host's venv).
 PY = "3.11"
 #: The newest torch with a CPU-only manylinux aarch64 wheel on PyPI (2.11 and later need CUDA wheels).
@@ -79,7 +86,7 @@ def prepare(root: Path) -> None:
 def python(root: Path, argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     """Run ``python3.11 argv`` for aarch64 under qemu-aarch64; output goes to this process's."""
     sysroot = root / "sysroot"
-    env = {**env, "PYTHONPATH": os.pathsep.join([str(root), str(root / "site")]),
+    env = {"QEMU_CPU": CPU, **env, "PYTHONPATH": os.pathsep.join([str(root), str(root / "site")]),
            "HANDOFF_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     return subprocess.run(["qemu-aarch64", "-L", str(sysroot), str(sysroot / "usr/bin" / f"python{PY}")] + argv,
                           env=env, check=True)

@@ -161,6 +161,7 @@ def aarch64(args: argparse.Namespace, specs, model, x, want: np.ndarray) -> None
     import torch
 
     import handoff
+    import _qemu_aarch64
     from _qemu_aarch64 import prepare, python
 
     prepare(args.qemu)
@@ -181,7 +182,8 @@ def aarch64(args: argparse.Namespace, specs, model, x, want: np.ndarray) -> None
     wall = time.perf_counter() - t0
     res = json.loads((work / "results.json").read_text())
     eager = res["eager torch"]["ms"]
-    print(f"{args.model} for aarch64 under qemu-aarch64 (emulated: ratios indicative only), {args.runs} runs after "
+    print(f"{args.model} for aarch64 under qemu-aarch64 -cpu {os.environ.get('QEMU_CPU', _qemu_aarch64.CPU)} "
+          f"(emulated: ratios indicative only), {args.runs} runs after "
           f"warm-up, torch {res['torch']} threads {res['torch_threads']}, TVM_NUM_THREADS="
           f"{os.environ.get('TVM_NUM_THREADS', 'default')}, qemu run {wall:.0f} s, programs in {work}")
     print(f"{'':42} {'median ms':>10} {'x eager':>8} {'compile s':>10} {'rel err':>9} {'vs host':>9}")
