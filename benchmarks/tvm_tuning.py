@@ -3,6 +3,7 @@ torch in the same run.
 
     python benchmarks/tvm_tuning.py [--model zoo:mobilenet_v2] [--budget MINUTES | --trials N] [--runs 30]
     python benchmarks/tvm_tuning.py --rpc HOST:PORT --key K1,K2 [--model ...] [--trials N]
+    python benchmarks/tvm_tuning.py --target aarch64 --qemu DIR [--model ...] [--schedules default] [--runs 10]
 
 Partitions the model onto tvm untuned with each ``schedule`` option (``none``: TVM's CPU pipeline
 as it is; ``dlight``: dlight's CPU rules; ``default``: those and handoff's rules), then, when
@@ -11,6 +12,13 @@ then tuned a second time to show the database is reused, and prints median laten
 warm-up) as ratios to eager torch. A tuned row also shows the tuning guard's decision from the
 delegate's metadata (``tuning``): which build the partition kept and the two medians the guard
 measured while partitioning (``tuned_ms``, ``untuned_ms``). Not a test: numbers only.
+
+With ``--target aarch64 --qemu DIR``: the untuned rows are cross-compiled for aarch64
+(``--option tvm.target=aarch64``) and run, with eager torch for aarch64 as the peer in the same
+run, by an aarch64 Python under qemu-user (``_qemu_aarch64.py``: prepared into DIR on first use,
+about 1.3 GB; needs ``apt-get install qemu-user gcc-aarch64-linux-gnu``). Errors are against that
+eager torch and against eager torch on the host. Emulated times are indicative only (see
+``_qemu_aarch64.py``); the aarch64 torch is 2.10.0, the newest CPU-only aarch64 wheel on PyPI.
 
 With ``--rpc``: a tuning farm. For each key in turn, the same ``--trials N`` into a fresh tuning
 database, candidates measured on the devices registered under that key (``handoff serve
@@ -56,10 +64,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="threads for torch and TVM alike (default: each its own default, one per core); 1 "
                          "compares kernels without thread-pool effects, e.g. on a shared machine")
+    ap.add_argument("--target", choices=("host", "aarch64"), default="host",
+                    help="tvm.target of the untuned rows; aarch64 needs --qemu")
+    ap.add_argument("--qemu", metavar="DIR", type=Path,
+                    help="with --target aarch64: the aarch64 Python to run under qemu-aarch64 (made on first use)")
+    ap.add_argument("--aarch64-child", metavar="WORKDIR", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.aarch64_child:
+        _aarch64_child(args.aarch64_child)
+        return
     if args.rpc:
         farm(args)
         return
+    if args.target == "aarch64":
+        if not args.qemu:
+            ap.error("--target aarch64 needs --qemu DIR: there is no aarch64 CPU here to time on")
+        if args.trials or args.budget:
+            ap.error("--target aarch64 times untuned builds only: tuning for aarch64 needs aarch64 devices (--rpc)")
     if args.threads:
         os.environ["TVM_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("HANDOFF_HOME", tempfile.mkdtemp(prefix="handoff-bench-"))
@@ -77,6 +98,9 @@ def main() -> None:
     with torch.no_grad():
         want = model(*x).numpy()
 
+    if args.target == "aarch64":
+        aarch64(args, zoo.inputs, model, x, want)
+        return
     built = []
     configs = [(f"tvm untuned, schedule={name}", {"schedule": name}) for name in args.schedules.split(",") if name]
     tuning = {**({"tune": str(args.trials)} if args.trials else {}),
@@ -127,6 +151,87 @@ def _guard(manifest: dict) -> str:
         out.append(f"{kept}; {tuning.get('tasks', 0)} tasks, {tuning.get('rounds')} rounds"
                    + (", budget spent" if tuning.get("stopped_by_budget") else ""))
     return "; ".join(out)
+
+
+def aarch64(args: argparse.Namespace, specs, model, x, want: np.ndarray) -> None:
+    """Cross-compile each ``--schedules`` row for aarch64 here, then time the programs and eager torch
+    for aarch64 interleaved in one aarch64 Python under qemu (:func:`_aarch64_child`)."""
+    import json
+
+    import torch
+
+    import handoff
+    import _qemu_aarch64
+    from _qemu_aarch64 import prepare, python
+
+    prepare(args.qemu)
+    work = Path(tempfile.mkdtemp(prefix="handoff-bench-aarch64-"))
+    rows = []
+    for i, name in enumerate(n for n in args.schedules.split(",") if n):
+        t0 = time.perf_counter()
+        result = handoff.partition(args.model, backends=[], use_cache=False,
+                                   options={"tvm": {"schedule": name, "target": "aarch64"}})
+        compile_s = time.perf_counter() - t0
+        result.write(work / f"p{i}.hof")
+        rows.append({"label": f"tvm untuned aarch64, schedule={name}", "file": f"p{i}.hof", "compile_s": compile_s})
+    torch.save(model, work / "model.pt")
+    np.savez(work / "inputs.npz", want=want, **{f"x{i}": t.numpy() for i, t in enumerate(x)})
+    (work / "config.json").write_text(json.dumps({"rows": rows, "runs": args.runs, "threads": args.threads}))
+    t0 = time.perf_counter()
+    python(args.qemu, [str(Path(__file__).resolve()), "--aarch64-child", str(work)], dict(os.environ))
+    wall = time.perf_counter() - t0
+    res = json.loads((work / "results.json").read_text())
+    eager = res["eager torch"]["ms"]
+    print(f"{args.model} for aarch64 under qemu-aarch64 -cpu {os.environ.get('QEMU_CPU', _qemu_aarch64.CPU)} "
+          f"(emulated: ratios indicative only), {args.runs} runs after "
+          f"warm-up, torch {res['torch']} threads {res['torch_threads']}, TVM_NUM_THREADS="
+          f"{os.environ.get('TVM_NUM_THREADS', 'default')}, qemu run {wall:.0f} s, programs in {work}")
+    print(f"{'':42} {'median ms':>10} {'x eager':>8} {'compile s':>10} {'rel err':>9} {'vs host':>9}")
+    print(f"{'eager torch (aarch64, qemu)':42} {eager:10.2f} {1:8.2f} {'-':>10} {'-':>9} "
+          f"{res['eager torch']['err_host']:9.1e}")
+    for row in rows:
+        r = res[row["label"]]
+        print(f"{row['label']:42} {r['ms']:10.2f} {r['ms'] / eager:8.2f} {row['compile_s']:10.1f} {r['err']:9.1e} "
+              f"{r['err_host']:9.1e}")
+
+
+def _aarch64_child(work: Path) -> None:
+    """Under qemu, in the aarch64 Python: load each program and the eager model, check the programs
+    against eager torch on this (emulated) machine, and time them all interleaved. Writes
+    ``results.json``: per row the median ms, the max error relative to this eager torch's output
+    (``err``) and to the host's (``err_host``)."""
+    import json
+    import platform
+
+    import torch
+
+    import handoff
+
+    assert platform.machine() == "aarch64", platform.machine()
+    cfg = json.loads((work / "config.json").read_text())
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    model = torch.load(work / "model.pt", weights_only=False).eval()
+    data = np.load(work / "inputs.npz")
+    x = tuple(torch.from_numpy(data[f"x{i}"]) for i in range(len(data.files) - 1))
+    host = data["want"]
+
+    def err(got, ref) -> float:
+        return float(np.abs(got - ref).max() / (np.abs(ref).max() or 1))
+
+    with torch.no_grad():
+        mine = model(*x).numpy()
+        res = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+               "eager torch": {"err_host": err(mine, host)}}
+        fns = {"eager torch": lambda: model(*x)}
+        for row in cfg["rows"]:
+            program = handoff.load(work / row["file"])
+            (got,) = program.run(x)
+            res[row["label"]] = {"err": err(got, mine), "err_host": err(got, host)}
+            fns[row["label"]] = lambda p=program: p.run(x)
+        for label, ms in interleaved_median_ms(fns, cfg["runs"], rounds=min(10, cfg["runs"]), warmup=1).items():
+            res[label]["ms"] = ms
+    (work / "results.json").write_text(json.dumps(res))
 
 
 def farm(args: argparse.Namespace) -> None:
