@@ -109,7 +109,8 @@ class QnnCompiler(Compiler):
 
     def _find_refused(self, ep: Any, group: list[str], by_name: Mapping[str, Any]) -> dict[str, str]:
         """Decline, one at a time, the last node of the smallest failing prefix (topological
-        order) of ``group``, until the rest compiles (:func:`handoff.first_failing`); a rest with
+        order) of ``group``, with the dequantize users of a quantize so declined, until the rest
+        compiles (:func:`handoff.first_failing`); a rest with
         nothing to compile is declined whole. Each check cuts the nodes out exactly as the core
         will (:func:`handoff.extract_partition`) and exports them the same way."""
         last: list[Any] = [None]  # the outcome of the latest check: the rest's, at the end
@@ -118,11 +119,21 @@ class QnnCompiler(Compiler):
             last[0] = self._check(ep, names)
             return None if last[0] is _CONSTANT or last[0] is _EMPTY else last[0]
 
-        declined = {}
-        for culprit, error, alone in first_failing(check, group):
+        # A quantize and its dequantize users are never cut apart (an integer tensor crossing the
+        # cut makes the QNN EP refuse the QuantizeLinear / DequantizeLinear alone), so a failing
+        # quantized unit is found and declined as a unit.
+        members = set(group)
+        together = {n: [u.name for u in by_name[n].users if u.name in members and ops.is_qdq(u, "dequantize")]
+                    for n in group if ops.is_qdq(by_name[n], "quantize")}
+        declined: dict[str, str] = {}
+        for culprit, error, alone in first_failing(check, group, together):
             op = ops.op_name(by_name[culprit].target)
-            context = "even alone" if alone else "in this graph (what precedes it compiles without it)"
-            declined[culprit] = f"QNN HTP fails to compile {op} {context}: {error}"
+            source = by_name[culprit].args[0]
+            if ops.is_qdq(by_name[culprit], "dequantize") and getattr(source, "name", None) in declined:
+                declined[culprit] = f"{op} reads {source.name}, declined with it: {declined[source.name]}"
+            else:
+                context = "even alone" if alone else "in this graph (what precedes it compiles without it)"
+                declined[culprit] = f"QNN HTP fails to compile {op} {context}: {error}"
             _LOG.info("qnn: declined %s (%s) after an in-context compile failed", culprit, op)
         rest = [n for n in group if n not in declined]
         if rest and (last[0] is _CONSTANT or last[0] is _EMPTY):
@@ -287,8 +298,10 @@ def to_onnx(ep: torch.export.ExportedProgram, name: str = "partition") -> onnx.M
 
 def _int8_compute(ep: torch.export.ExportedProgram) -> str | None:
     """How a quantized partition computes, for the report (``None`` for a float one)."""
+    weights = ops.weight_names(ep)  # dequantized weights (int32 biases, a LayerNorm's uint8 scale) are not activations
     dtypes = sorted({str(ops.qdq_dtype(n)).removeprefix("torch.") for n in ep.graph.nodes
-                     if getattr(n.target, "namespace", None) == ops.QDQ_NAMESPACE and "per_tensor" in n.target.__name__} - {"int32"})  # int32: biases
+                     if getattr(n.target, "namespace", None) == ops.QDQ_NAMESPACE and "per_tensor" in n.target.__name__
+                     and not (n.args and getattr(n.args[0], "name", None) in weights)} - {"int32"})
     if not dtypes:
         return None
     return (f"HTP integer kernels ({'/'.join(dtypes)} activations, int8 weights): the QNN EP fuses each ONNX "
