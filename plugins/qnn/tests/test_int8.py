@@ -159,3 +159,26 @@ def test_16bit_encodings_htp_refuses_are_declined_with_reason():
     norm = next(k for k in got if k.startswith("native_layer_norm"))
     assert "takes only a uint8 scale" in got[norm], got
     assert "MatMul of uint16 by int16" in got["bmm"], got
+
+
+def test_bisection_keeps_each_quantized_unit_whole():
+    """check_partition's bisection (first_failing's ``together``) ties each op to what it reads
+    from weights, its result's quantize and that quantize's dequantize users; an input's quantize
+    to its dequantize: every cut falls after a dequantize, where float crosses."""
+    import torchao.quantization.pt2e  # noqa: F401  (registers quantized_decomposed)
+
+    from handoff_qnn.compiler import _qdq_units
+
+    ep = torch.export.export(_SixteenBit(), (torch.randn(4, 8), torch.randn(1, 8, 4))).run_decompositions()
+    by_name = {n.name: n for n in ep.graph.nodes}
+    group = [n.name for n in ep.graph.nodes if n.op == "call_function"]
+    order, units = _qdq_units(ep, group, by_name)
+    assert sorted(order) == sorted(group)
+    norm = next(n for n in group if n.startswith("native_layer_norm"))
+    q_out = next(u for g in by_name[norm].users for u in g.users if "quantize" in u.name)  # through getitem
+    scale_dq = by_name[norm].args[2].name  # dequantize of the quantized buffer: weights alone
+    assert {norm, q_out.name, *(d.name for d in q_out.users), scale_dq} <= set(units[norm])
+    assert units[q_out.name] is units[norm]
+    first = order[0]  # the quantize of input x (before the scale's weight path), with its dequantize
+    assert units[first] == [first, *(u.name for u in by_name[first].users)]
+    assert by_name[norm].args[0].name not in units[norm]  # x's dequantize: the cut after it is clean
