@@ -14,7 +14,8 @@ remembered, so each blob is probed once per ``$HANDOFF_HOME``:
   written); the key is the SHA-256 of the backend, its version, the blob and its metadata;
 * a known blob costs one SHA-256 of its bytes at load (measured in ``docs/security.md``), except
   in a program file recorded as checked and unchanged (:mod:`handoff.verified`): its record keeps
-  the blob keys computed from its bytes, so later loads of the unchanged file skip the hash.
+  the blob keys computed from its bytes, so later loads of the unchanged file skip the hash; and
+  a key this process found known (or probed) is not looked up on disk again (:data:`_KNOWN`).
 
 The child imports only the runtime half named by the backend's spec (``module:Class``), so it
 needs no plugin discovery and no torch beyond what that runtime imports.
@@ -71,12 +72,33 @@ def _record(backend: str, key: str) -> str | None:
         return None
 
 
-def is_known(backend: str, key: str) -> bool:
+#: blobs this process found or made known, as (``$HANDOFF_HOME``, backend, key): asked again, no
+#: file system lookup (a blob known once stays known, like its memo file)
+_KNOWN: set[tuple[str, str, str]] = set()
+_MAX_KNOWN = 4096
+
+
+def _home() -> str:
     from .cache import HOME_ENV
 
+    return os.environ.get(HOME_ENV) or os.path.join(os.path.expanduser("~"), ".handoff")
+
+
+def is_known(backend: str, key: str) -> bool:
+    home = _home()
+    if (home, backend, key) in _KNOWN:
+        return True
     # A lookup creates nothing (two mkdir calls per load otherwise).
-    home = os.environ.get(HOME_ENV) or os.path.join(os.path.expanduser("~"), ".handoff")
-    return os.path.isfile(os.path.join(os.path.expanduser(home), "verified", backend, key))
+    if not os.path.isfile(os.path.join(os.path.expanduser(home), "verified", backend, key)):
+        return False
+    _know(home, backend, key)
+    return True
+
+
+def _know(home: str, backend: str, key: str) -> None:
+    if len(_KNOWN) >= _MAX_KNOWN:
+        _KNOWN.clear()
+    _KNOWN.add((home, backend, key))
 
 
 def remember(backend: str, key: str) -> None:
@@ -88,7 +110,8 @@ def remember(backend: str, key: str) -> None:
         with open(path, "wb"):
             pass
     except OSError:
-        pass
+        return
+    _know(_home(), backend, key)
 
 
 def vouch(where: str, entry: Mapping[str, Any], inputs: Sequence[tuple[Sequence[int], str]], version: str,

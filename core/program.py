@@ -738,13 +738,33 @@ def _read_manifest(data: bytes, header: _Header, name: str) -> dict:
 # Reading
 
 
+class _Opened(NamedTuple):
+    """What opening a recorded file derived from its bytes, kept for its next open in this process."""
+
+    head: bytes  # the header's bytes
+    header: _Header
+    digest: bytes  # the manifest's SHA-256 (as in the header and the record)
+    manifest: str  # the manifest's text, whose bytes matched the digest and passed this reader's checks
+    segments: tuple[tuple[Any, ...], ...]
+    notes: dict[str, str]  # the file's notes ...
+    written: dict[str, str]  # ... and those its record holds
+
+
+#: Recorded files opened in this process, by (record directory, record key): a later open of the
+#: unchanged file (same ``stat``, same header) neither hashes nor reads anything but the header.
+_OPENED: dict[tuple[str, str], _Opened] = {}
+_MAX_OPENED = 64
+
+
 class ProgramFile:
     """A validated program file, mapped read-only.
 
     Use :meth:`open` or :meth:`from_bytes`. The header and manifest are fully checked on open;
     each segment is checked (XXH3-64; CRC-32 or SHA-256 in older files) the first time
     :meth:`segment` returns it, unless the file is recorded as checked and unchanged
-    (:mod:`handoff.verified`; :meth:`remember_verified` writes the record).
+    (:mod:`handoff.verified`; :meth:`remember_verified` writes the record). A recorded file that
+    this process opened before and that has not changed since (the same ``stat`` and header) is
+    not hashed or validated again: its manifest's bytes are kept from that open (:data:`_OPENED`).
 
     :ivar name: the path (or a name given to :meth:`from_bytes`), used in error messages.
     :ivar major, minor: the format version in the file (major is always 1 here; minor may be
@@ -765,6 +785,7 @@ class ProgramFile:
         self._view: memoryview | None = buffer
         self._verified: set[int] = set()
         self._stat = _stat
+        self._opened: tuple[tuple[str, str], _Opened] | None = None
         #: whether the file was recorded as checked and unchanged, so segments are not checked again
         self.recorded = False
         #: notes kept with the file's record (:mod:`handoff.verified`): read from it, or added by
@@ -772,33 +793,50 @@ class ProgramFile:
         self.notes: dict[str, str] = {}
         self._notes_written: dict[str, str] = {}
         try:
-            header, digest = _parse_header(buffer[:HEADER_SIZE], len(buffer), name)
+            head = bytes(buffer[:HEADER_SIZE])
+            key = (verified.directory_name(), verified.record_key(_stat[0])) if _stat is not None else None
+            known = _OPENED.get(key) if key is not None else None
+            if known is not None and known.head == head:
+                # This process opened this very file (same stat, same header) and found or wrote its
+                # record: its manifest bytes matched the digest and passed this reader's checks then.
+                header, digest, data = known.header, known.digest, known.manifest
+                self.manifest = json.loads(data)  # plain decoding of accepted text; a dict of its own
+                self._segments = known.segments
+                self.recorded = True
+                self.notes, self._notes_written = dict(known.notes), dict(known.written)
+                self._opened = (key, known)
+            else:
+                header, digest = _parse_header(head, len(buffer), name)
+                moff, mlen = header.manifest_offset, header.manifest_length
+                data = bytes(buffer[moff : moff + mlen])
+                if hashlib.sha256(data).digest() != digest:
+                    raise _fail_header(name, "manifest_sha256", "does not match the manifest bytes (file corrupted)")
+                notes = verified.lookup(_stat[0], digest) if _stat is not None else None
+                validated_by = _validated_by()
+                if notes is not None and notes.get(VALIDATED_NOTE) == validated_by:
+                    # The unchanged file whose manifest, these very bytes, this reader checked when it
+                    # was recorded: strict decoding gives the same dict as plain decoding of text it
+                    # accepted (no duplicate keys, no special or overflowing numbers), and the checks
+                    # would pass again.
+                    self.manifest = json.loads(data)
+                else:
+                    self.manifest = _read_manifest(data, header, name)
+                self._segments = tuple((s["offset"], s["length"], s["sha256"], s.get("crc32"), s.get("xxh3"))
+                                       for s in self.manifest["segments"])
+                if notes is not None:
+                    self.recorded = True
+                    self.notes, self._notes_written = notes, dict(notes)
+                if key is not None:  # kept with the record remember_verified writes, and for the next open
+                    self.notes[VALIDATED_NOTE] = validated_by
+                    self._opened = (key, _Opened(head, header, digest, data.decode("utf-8"), self._segments, {}, {}))
+                    if self.recorded:
+                        self._remember_opened()
             self.major, self.minor, self.flags = header.major, header.minor, header.flags
             self.file_size, self.alignment = header.file_size, header.alignment
             self.manifest_offset, self.manifest_length = header.manifest_offset, header.manifest_length
-            moff, mlen = header.manifest_offset, header.manifest_length
             self._manifest_sha256 = digest
-            data = bytes(buffer[moff : moff + mlen])
-            if hashlib.sha256(data).digest() != digest:
-                raise _fail_header(name, "manifest_sha256", "does not match the manifest bytes (file corrupted)")
-            notes = verified.lookup(_stat[0], digest) if _stat is not None else None
-            validated_by = _validated_by()
-            if notes is not None and notes.get(VALIDATED_NOTE) == validated_by:
-                # The unchanged file whose manifest, these very bytes, this reader checked when it
-                # was recorded: strict decoding gives the same dict as plain decoding of text it
-                # accepted (no duplicate keys, no special or overflowing numbers), and the checks
-                # would pass again.
-                self.manifest = json.loads(data)
-            else:
-                self.manifest = _read_manifest(data, header, name)
-            self._segments = [(s["offset"], s["length"], s["sha256"], s.get("crc32"), s.get("xxh3"))
-                              for s in self.manifest["segments"]]
-            if notes is not None:
-                self.recorded = True
-                self.notes, self._notes_written = notes, dict(notes)
+            if self.recorded:
                 self._verified.update(range(len(self._segments)))
-            if _stat is not None:  # kept with the record remember_verified writes
-                self.notes[VALIDATED_NOTE] = validated_by
         except BaseException:
             self.close()
             raise
@@ -891,7 +929,21 @@ class ProgramFile:
         if written:
             self._notes_written = dict(self.notes)
         self.recorded = self.recorded or written
+        if self.recorded:
+            self._remember_opened()
         return self.recorded
+
+    def _remember_opened(self) -> None:
+        """Keep what this open of a recorded file derived, with its notes now, for the next (:data:`_OPENED`)."""
+        if self._opened is None:
+            return
+        key, opened = self._opened
+        if opened.notes == self.notes and opened.written == self._notes_written and _OPENED.get(key) is opened:
+            return
+        if len(_OPENED) >= _MAX_OPENED and key not in _OPENED:
+            del _OPENED[next(iter(_OPENED))]  # the oldest
+        opened = _OPENED[key] = opened._replace(notes=dict(self.notes), written=dict(self._notes_written))
+        self._opened = (key, opened)
 
     def note(self, name: str, value: str) -> None:
         """Keep ``value``, computed from this file's bytes, with the file's record (written by the

@@ -14,6 +14,8 @@ computed from its bytes while it was checked, one ``name value`` per line: the b
 :mod:`handoff.probe`, so that a later load of the unchanged file does not hash its blobs again, and
 the release that validated its manifest (:data:`handoff.program.VALIDATED_NOTE`), so that the same
 release decodes it without validating it again.
+A process also remembers the recorded files it opened (:data:`handoff.program._OPENED`, under
+this directory and key): its next open of the unchanged file reads only the header.
 They are written after a load has checked every segment (``Program``), and by ``partition`` for
 the file it wrote, from the digests computed while writing (:func:`record_written`: nothing is
 read back). A record that cannot be read or written is a miss, never an error: it only saves time.
@@ -47,15 +49,17 @@ _MAX_RECORD_BYTES = 1 << 16
 
 
 def _directory() -> Path:
-    return Path(_directory_name())
+    return Path(directory_name())
 
 
-def _directory_name() -> str:
+def directory_name() -> str:
+    """Where records are kept now (``$HANDOFF_HOME/verified``)."""
     home = os.environ.get(HOME_ENV) or os.path.join(os.path.expanduser("~"), ".handoff")
     return os.path.join(home, DIRECTORY)
 
 
-def _key(st: os.stat_result) -> str:
+def record_key(st: os.stat_result) -> str:
+    """The name of the record of a file with this ``stat``: what identifies the file and its version."""
     return f"{st.st_dev:x}-{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ctime_ns:x}"
 
 
@@ -67,11 +71,16 @@ def is_recorded(st: os.stat_result, manifest_sha256: bytes) -> bool:
 def lookup(st: os.stat_result, manifest_sha256: bytes) -> dict[str, str] | None:
     """The notes of the record of a file with exactly this ``stat`` and manifest digest (``{}``
     when it has none), or ``None`` when there is no such record."""
-    try:  # on every load of a recorded file: a plain path and one read, nothing more
-        with open(os.path.join(_directory_name(), _key(st)), "rb", buffering=0) as f:
-            data = f.read(_MAX_RECORD_BYTES)
+    try:  # on the first load of a recorded file in a process: one open, one read, one close
+        fd = os.open(os.path.join(directory_name(), record_key(st)), os.O_RDONLY)
     except (OSError, ValueError):
         return None
+    try:
+        data = os.read(fd, _MAX_RECORD_BYTES)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     first, _, rest = data.partition(b"\n")
     if first != manifest_sha256.hex().encode():
         return None
@@ -135,7 +144,7 @@ def _write_record(st: os.stat_result, manifest_sha256: bytes, notes: Mapping[str
                 f.write(manifest_sha256.hex().encode())
                 for name, value in sorted((notes or {}).items()):
                     f.write(f"\n{name} {value}".encode())
-            os.replace(tmp, directory / _key(st))
+            os.replace(tmp, directory / record_key(st))
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

@@ -108,14 +108,11 @@ def _crashers() -> list[Path]:
     return sorted((FUZZ / "crashers").glob("*/crash-*"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("blob", _crashers(), ids=lambda p: f"{p.parent.name}/{p.name[:14]}")
-def test_vendor_crashes_found_by_fuzzing_are_one_line_errors(blob: Path, tmp_path: Path) -> None:
-    """Blobs on which the vendor runtime itself dies (ExecuTorch aborts, the QNN HTP backend
-    segfaults): in-process they kill the harness; through ``handoff.load`` the core loads them in
-    a probe process first (``Runtime.isolate_untrusted``) and raises one line instead."""
+def _load_as_delegate(blob: Path) -> None:
+    """``handoff.load`` on a program whose one delegate is ``blob``, for the backend named by its
+    folder (``crashers/xnnpack/...``)."""
     import handoff
-    from handoff import HandoffError, plugins
+    from handoff import plugins
     from handoff.program import program_bytes
 
     backend = blob.parent.name
@@ -129,7 +126,97 @@ def test_vendor_crashes_found_by_fuzzing_are_one_line_errors(blob: Path, tmp_pat
                        "partition": f"{backend}_0", "metadata": {}, "options": {}}],
         "instructions": [{"op": "delegate", "delegate": 0, "inputs": [0], "outputs": [1]}],
     }
+    handoff.load(program_bytes(manifest, [blob.read_bytes()]), plugins=pm)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("blob", _crashers(), ids=lambda p: f"{p.parent.name}/{p.name[:14]}")
+def test_vendor_crashes_found_by_fuzzing_are_one_line_errors(blob: Path, tmp_path: Path) -> None:
+    """Blobs on which the vendor runtime itself dies (ExecuTorch aborts, the QNN HTP backend
+    segfaults): in-process they kill the harness; through ``handoff.load`` the core loads them in
+    a probe process first (``Runtime.isolate_untrusted``) and raises one line instead."""
+    from handoff import HandoffError
+
+    backend = blob.parent.name
     with pytest.raises(HandoffError, match=rf"delegate 0 \({backend}_0, backend '{backend}'\): the vendor runtime "
                                            rf"crashed on this blob \(SIG") as caught:
-        handoff.load(program_bytes(manifest, [blob.read_bytes()]), plugins=pm)
+        _load_as_delegate(blob)
     assert "runpy" not in str(caught.value) and "\n" not in str(caught.value)  # the crash's words, one line
+
+
+#: The one-line error each fixed finding's input gets from ``handoff.load`` (what, where, next step).
+REGRESSION_ERRORS = {
+    # ExecuTorch 1.5.1 threw std::bad_alloc (pybind11: MemoryError) on a size field of the blob.
+    "xnnpack/bad-alloc-302d43ef":
+        "<bytes>: delegate 0 (xnnpack_0, backend 'xnnpack') failed to load: ValueError: xnnpack: ExecuTorch "
+        "could not allocate what this program asks for (MemoryError: std::bad_alloc): the blob is damaged or "
+        "not an xnnpack program of this release; partition the model again",
+    # The container header's tensors were read with header[...]: a KeyError nobody could act on.
+    "qnn/header-input-no-dtype":
+        "<bytes>: delegate 0 (qnn_0, backend 'qnn') failed to load: ValueError: qnn delegate blob header (JSON at "
+        "byte 16) is corrupt: inputs[1] is not a tensor's dtype and static shape ({'dsype': 'float32', 'name': "
+        "'input_1', 'shape': [1, 4, 8]}); the blob is damaged or was not written by handoff-qnn; partition the "
+        "model again",
+    "qnn/header-input-no-shape":
+        "<bytes>: delegate 0 (qnn_0, backend 'qnn') failed to load: ValueError: qnn delegate blob header (JSON at "
+        "byte 16) is corrupt: inputs[1] is not a tensor's dtype and static shape ({'dtype': 'float32', 'name': "
+        "'input_1', 'uhape': [1, 4, 8]}); the blob is damaged or was not written by handoff-qnn; partition the "
+        "model again",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(REGRESSION_ERRORS))
+def test_vendor_blob_findings_are_the_expected_one_line_errors(name: str) -> None:
+    """The inputs of fixed blob-loader findings (``regressions/{xnnpack,qnn}/``) through
+    ``handoff.load``: not merely no crash, but this exact line."""
+    from handoff import HandoffError
+
+    with pytest.raises(HandoffError) as caught:
+        _load_as_delegate(FUZZ / "regressions" / name)
+    assert str(caught.value) == REGRESSION_ERRORS[name]
+
+
+def test_every_blob_regression_has_its_expected_error() -> None:
+    assert sorted(REGRESSION_ERRORS) == sorted(f"{p.parent.name}/{p.name}" for backend in ("xnnpack", "qnn")
+                                               for p in (FUZZ / "regressions" / backend).iterdir())
+
+
+#: ``corpus/options/vulkan-buffers-*``: what ``vulkan.max_storage_buffers`` parses to as a compile
+#: option, or the one-line error (valid values named).
+BUFFER_SEEDS = {
+    "vulkan-buffers-8": 8, "vulkan-buffers-32": 32, "vulkan-buffers-max": 2**32 - 1,
+    **{f"vulkan-buffers-{name}": repr(text) for name, text in (
+        ("0", "0"), ("negative", "-1"), ("2e32", "4294967296"), ("float", "8.5"), ("word", "eight"), ("empty", ""))},
+}
+
+
+@pytest.mark.parametrize("seed", sorted(BUFFER_SEEDS))
+def test_options_harness_on_the_storage_buffer_seeds(seed: str) -> None:
+    """fuzz_options on the seeds of vulkan's ``max_storage_buffers``: a valid value parses to its
+    integer (and is refused as a runtime option, naming it a compile option); a bad one is a
+    one-line error naming the valid range. Either way within the harness's contract."""
+    from handoff import HandoffError, plugins
+    from handoff.cli import _options
+
+    sys.path.insert(0, str(FUZZ))
+    try:
+        import _harness
+        import fuzz_options
+    finally:
+        sys.path.remove(str(FUZZ))
+    data = (FUZZ / "corpus" / "options" / seed).read_bytes()
+    pm = plugins.Plugins(autoload=False, extra=["handoff_vulkan.plugin"])
+    fuzz_options._plugins = pm
+    _harness.check(fuzz_options.one_input, (HandoffError,), data)  # a Finding if outside the contract
+    values = _options(data.decode().splitlines())["vulkan"]
+    expected = BUFFER_SEEDS[seed]
+    if isinstance(expected, int):
+        assert pm.parse_options("vulkan", values, runtime=False)["max_storage_buffers"] == expected
+        with pytest.raises(HandoffError, match=r"is a compile option\); valid runtime options: adapter, timestamps"):
+            pm.parse_options("vulkan", values, runtime=True)
+    else:
+        with pytest.raises(HandoffError) as caught:
+            pm.parse_options("vulkan", values, runtime=False)
+        assert str(caught.value) == (f"backend 'vulkan': option max_storage_buffers={expected} is not valid; "
+                                     f"valid values: an integer >= 1 and <= 4294967295")

@@ -293,3 +293,23 @@ def test_a_recorded_file_keeps_its_blob_keys_and_a_copy_is_hashed_again(fragile_
     copy.write_bytes(path.read_bytes())
     handoff.load(copy).close()
     assert len(hashed) == 1
+
+
+def test_a_known_blob_is_looked_up_once_per_process_and_home(fragile_plugins, tmp_path, monkeypatch):
+    """A blob key this process probed (or found known) is not looked up on disk again; under
+    another ``$HANDOFF_HOME`` (other memos) it is looked up, and probed when unknown there."""
+    from handoff import probe
+
+    data = fragile_program(b"known once")
+    handoff.load(data).close()  # probed and remembered
+    monkeypatch.setattr(probe.os.path, "isfile", lambda p: pytest.fail(f"a known blob was looked up again: {p}"))
+    monkeypatch.setattr(probe.subprocess, "Popen", lambda *a, **k: pytest.fail("a known blob was probed again"))
+    with handoff.load(data) as program:
+        assert program.run([np.ones(2, np.float32)])[0].tolist() == [1.0, 1.0]
+    monkeypatch.undo()
+    monkeypatch.setenv("HANDOFF_HOME", str(tmp_path / "other-home"))
+    probed = []
+    real_popen = probe.subprocess.Popen
+    monkeypatch.setattr(probe.subprocess, "Popen", lambda *a, **k: probed.append(1) or real_popen(*a, **k))
+    handoff.load(data).close()
+    assert probed == [1]

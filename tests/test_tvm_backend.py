@@ -7,6 +7,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,6 +216,52 @@ def test_importer_failure_names_the_node():
     with pytest.raises(LoweringError, match=failed) as err:
         TvmCompiler({}).preprocess(ep, "p0")
     assert err.value.node == "max_pool2d_with_indices"
+
+
+@pytest.mark.slow
+def test_importer_failure_leaves_only_handoffs_line_on_stderr(tmp_path):
+    """After the importer fails, TVM's BlockBuilder holds open blocks, and its C++ destructor wrote
+    "BlockBuilder destroyed with remaining blocks!" to the terminal whenever the garbage collector
+    freed it (here: at exit, after handoff's one line). The import now ends them."""
+    import torch.nn.functional as F
+
+    class Pool(nn.Module):
+        def forward(self, x):
+            return F.max_pool2d(torch.relu(x), 2, dilation=2, ceil_mode=True)  # see the test above
+
+    torch.export.save(torch.export.export(Pool(), (torch.randn(1, 2, 8, 8),)), tmp_path / "pool.pt2")
+    proc = subprocess.run([str(Path(sys.executable).parent / "handoff"), "partition", "--backends", "tvm",
+                           "--on-lower-error", "fail", str(tmp_path / "pool.pt2"), "-o", str(tmp_path / "pool.hof")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("handoff: error: backend 'tvm' failed to lower partition tvm_0 (3 nodes); first "
+                                  "failing op: max_pool2d_with_indices (aten.max_pool2d_with_indices.default): TVM "
+                                  "0.27 Relax importer failed at node max_pool2d_with_indices: Check failed: ")
+    assert proc.stderr.endswith("; retry with --on-lower-error=fallback or drop 'tvm' from --backends\n")
+    assert proc.stderr.count("\n") == 1, proc.stderr  # no "BlockBuilder destroyed with remaining blocks!"
+
+
+def test_importer_failure_closes_the_builders_blocks(capfd):
+    """The same, in this process: the failed import's builder is freed by the next collection
+    without a word on stderr (fd 2), and the error still names the node."""
+    import gc
+
+    import torch.nn.functional as F
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    class Pool(nn.Module):
+        def forward(self, x):
+            return F.max_pool2d(x, 2, dilation=2, ceil_mode=True)
+
+    ep = _core_aten(Pool(), torch.randn(1, 2, 8, 8))
+    capfd.readouterr()
+    with pytest.raises(LoweringError, match="at node max_pool2d_with_indices") as err:
+        TvmCompiler({}).preprocess(ep, "p0")
+    assert isinstance(err.value.__cause__, Exception)  # TVM's error stays chained for --debug
+    del err
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, ExportedProgramImporter)]
+    assert capfd.readouterr().err == ""
 
 
 def test_getitem_is_reported_supported():

@@ -338,3 +338,122 @@ def test_a_manifest_is_planned_once_per_process(sink_plugins, tmp_path, monkeypa
     with handoff.load(other) as program:
         assert len(runtime._PLANS) == 2
         assert program.run([np.ones((3, 8), np.float32)])[0].shape[0] == 3
+
+
+def _no_reading(monkeypatch):
+    """Fail when an open goes past the header: parses it, hashes or validates the manifest, or
+    looks up the file's record."""
+    from handoff import program
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an unchanged file this process opened before was read past its header again")
+
+    for module, name in ((verified, "lookup"), (program, "_parse_header"), (program, "_read_manifest"),
+                         (program.hashlib, "sha256")):
+        monkeypatch.setattr(module, name, refuse)
+
+
+def test_a_file_opened_before_in_this_process_is_read_only_to_its_header(tmp_path, monkeypatch):
+    """The second open of an unchanged, recorded file in a process: no record lookup, no hash, no
+    validation; the same manifest (a dict of its own per open), notes and unchecked segments."""
+    path = _settled(tmp_path)
+    with ProgramFile.open(path) as pf:
+        strict, digest = pf.manifest, pf._manifest_sha256
+        assert pf.remember_verified()
+    _no_reading(monkeypatch)
+    _no_checks(monkeypatch)
+    with ProgramFile.open(path) as pf, ProgramFile.open(path) as again:
+        assert pf.recorded and pf.manifest == strict and bytes(pf.segment(1)) == BLOB
+        assert (pf._manifest_sha256, pf.notes[VALIDATED_NOTE]) == (digest, _validated_by())
+        assert pf.manifest_offset == again.manifest_offset and pf.file_size == os.path.getsize(path)
+        pf.manifest["values"].clear()
+        assert again.manifest == strict
+
+
+@pytest.mark.parametrize("change", ["touched", "segment damaged", "manifest damaged"])
+def test_a_file_changed_after_this_process_opened_it_is_checked_again(tmp_path, monkeypatch, change):
+    """Opened (and recorded) twice in this process, then changed in place with its modification
+    time put back (the change time still moves): the next open reads, hashes and validates it
+    again, and damage is the usual one-line error."""
+    from handoff import program
+
+    path = _settled(tmp_path)
+    for _ in range(2):
+        with ProgramFile.open(path) as pf:
+            assert pf.remember_verified()
+            offset = {"segment damaged": pf.manifest["segments"][1]["offset"] + 3,
+                      "manifest damaged": pf.manifest_offset + 2}.get(change)
+    before = os.stat(path)
+    if offset is None:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+        verified.wait_until_not_racy(os.stat(path))
+    else:
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ 0x01]))
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    calls = []
+    for module, name in ((verified, "lookup"), (program, "_read_manifest"), (ProgramFile, "_verify")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    if change == "manifest damaged":
+        with pytest.raises(ProgramFormatError, match=r"header\.manifest_sha256 at offset 48: does not match .*corrupted"):
+            ProgramFile.open(path)
+        return
+    with ProgramFile.open(path) as pf:
+        assert not pf.recorded and calls == ["lookup", "_read_manifest"]
+        if change == "segment damaged":
+            with pytest.raises(ProgramFormatError, match=r"segments\[1\]\.xxh3 at offset \d+: does not match .*corrupted"):
+                pf.segment(1)
+            return
+        assert pf.remember_verified() and calls == ["lookup", "_read_manifest", "_verify", "_verify"]
+    with ProgramFile.open(path) as pf:  # the touched file, checked and recorded again: known again
+        assert pf.recorded and len(calls) == 4
+
+
+def test_a_changed_program_loaded_before_gets_the_clear_error(sink_plugins, tmp_path):
+    """End to end: a program loaded twice in this process, its delegate blob then damaged in place
+    (modification time put back): the next load refuses it with the one-line error."""
+    model, path = _sink_file(tmp_path)
+    verified.wait_until_not_racy(os.stat(path))
+    x = torch.randn(2, 8)
+    for _ in range(2):
+        with handoff.load(path) as program:
+            np.testing.assert_allclose(program.run([x.numpy()])[0], model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+            entry = program.manifest["segments"][program.manifest["delegates"][0]["segment"]]
+    assert program.file.recorded
+    before = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(entry["offset"] + entry["length"] // 2)
+        f.write(b"\xa5")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(ProgramFormatError) as info:
+        handoff.load(path)
+    assert "\n" not in str(info.value)
+    assert f"segments[{program.manifest['delegates'][0]['segment']}].xxh3 at offset {entry['offset']}: does not match " \
+           "the segment's bytes (file corrupted)" in str(info.value)
+
+
+def test_what_this_process_opened_is_kept_per_handoff_home(tmp_path, monkeypatch):
+    """Another ``$HANDOFF_HOME`` has other records: a file recorded under one is checked under another."""
+    path = _settled(tmp_path)
+    with ProgramFile.open(path) as pf:
+        assert pf.remember_verified()
+    monkeypatch.setenv("HANDOFF_HOME", str(tmp_path / "other-home"))
+    with ProgramFile.open(path) as pf:
+        assert not pf.recorded
+
+
+def test_what_this_process_opened_never_stands_in_for_another_header(tmp_path, monkeypatch):
+    """Should two files ever share a record key (they cannot: the key names the inode and times),
+    the header is still compared: the second file is read and validated as itself."""
+    monkeypatch.setattr(verified, "record_key", lambda st: "one-key-for-all")
+    first = _settled(tmp_path, "first.hof")
+    with ProgramFile.open(first) as pf:
+        assert pf.remember_verified()
+    other = tmp_path / "other.hof"
+    write_program(str(other), {**MANIFEST, "metadata": {"model": "other"}}, [W.tobytes(), BLOB])
+    with ProgramFile.open(other) as pf:
+        assert pf.manifest["metadata"] == {"model": "other"}

@@ -58,6 +58,16 @@ OPTION_SEEDS = {
     "vulkan": "vulkan.adapter=llvmpipe\nvulkan.timestamps=1\nvulkan.fuse=false\n",
     "qnn": "qnn.htp_performance_mode=burst\nqnn.precision=fp16\n",
     "shapes": "1x3x224x224\n2x8:int64\n",
+    # vulkan.max_storage_buffers (compile option, integer 1..2**32-1): valid, then one bad value each
+    "vulkan-buffers-8": "vulkan.max_storage_buffers=8\n",
+    "vulkan-buffers-32": "vulkan.fuse=false\nvulkan.max_storage_buffers= 32\n",
+    "vulkan-buffers-max": "vulkan.max_storage_buffers=4294967295\n",
+    "vulkan-buffers-0": "vulkan.max_storage_buffers=0\n",
+    "vulkan-buffers-negative": "vulkan.max_storage_buffers=-1\n",
+    "vulkan-buffers-2e32": "vulkan.max_storage_buffers=4294967296\n",
+    "vulkan-buffers-float": "vulkan.max_storage_buffers=8.5\n",
+    "vulkan-buffers-word": "vulkan.max_storage_buffers=eight\n",
+    "vulkan-buffers-empty": "vulkan.max_storage_buffers=\n",
 }
 
 

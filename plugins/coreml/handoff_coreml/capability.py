@@ -185,8 +185,8 @@ def rule_reason(node: torch.fx.Node, target: str) -> str | None:
             return (f"dtype {str(t.dtype).removeprefix('torch.')} is not supported by {CT}'s torch frontend "
                     f"(Core ML tensors: float32, float16, int32, bool)")
         if t.dtype == torch.float16 and TARGETS[target] < AvailableTarget.iOS16:
-            return (f"float16 tensors need deployment target iOS16/macOS13 or newer (Core ML has float16 inputs and "
-                    f"outputs from there): --option coreml.deployment_target=iOS16")
+            return ("float16 tensors need deployment target iOS16/macOS13 or newer (Core ML has float16 inputs and "
+                    "outputs from there): --option coreml.deployment_target=iOS16")
         if t.dim() > MAX_RANK:
             return f"rank-{t.dim()} tensors are not supported by Core ML (at most {MAX_RANK} dimensions)"
         if any(not isinstance(d, int) for d in t.shape):

@@ -39,6 +39,8 @@ MAGIC = b"HOFQNNCX"
 FORMAT_VERSION = 1
 _ALIGN = 64
 _WHAT = "qnn delegate blob"
+#: The next step after a corrupt blob.
+_REMAKE = "the blob is damaged or was not written by handoff-qnn; partition the model again"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 
 # -- targets -------------------------------------------------------------------------------------
@@ -192,7 +194,7 @@ def unpack(blob: bytes | memoryview) -> Container:
         ctx = str(header["epcontext_model"])
         binaries = [str(n) for n in header["context_binaries"]]
     except (KeyError, TypeError) as exc:
-        raise ValueError(f"{_WHAT} header is corrupt: no {exc}") from None
+        raise ValueError(f"{_WHAT} header (JSON at byte 16) is corrupt: no {exc}; {_REMAKE}") from None
     for name in [ctx, *binaries]:
         if not _SAFE_NAME.match(name) or name not in sections:
             raise ValueError(f"{_WHAT} is corrupt: section {name!r} is missing or not a plain file name")
@@ -209,14 +211,14 @@ _MAX_TENSORS, _MAX_RANK = 4096, 32
 
 
 def _check_tensors(specs: Any, key: str) -> None:
+    where = f"{_WHAT} header (JSON at byte 16) is corrupt: {key}"
     if type(specs) is not list or len(specs) > _MAX_TENSORS:
-        raise ValueError(f"{_WHAT} header is corrupt: {key} is not a list of at most {_MAX_TENSORS} tensors")
+        raise ValueError(f"{where} is not a list of at most {_MAX_TENSORS} tensors; {_REMAKE}")
     for i, spec in enumerate(specs):
         shape = spec.get("shape") if type(spec) is dict else None
         if not (type(spec) is dict and spec.get("dtype") in _TENSOR_DTYPES and type(shape) is list
                 and len(shape) <= _MAX_RANK and all(type(d) is int and 0 <= d < 2**31 for d in shape)):
-            raise ValueError(f"{_WHAT} header is corrupt: {key}[{i}] is not a tensor's dtype and static shape: "
-                             f"{str(spec)[:80]}")
+            raise ValueError(f"{where}[{i}] is not a tensor's dtype and static shape ({str(spec)[:80]}); {_REMAKE}")
 
 
 def major_minor(version: str) -> tuple[str, ...]:

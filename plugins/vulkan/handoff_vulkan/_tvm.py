@@ -80,30 +80,41 @@ def _rules() -> list[Any]:
             dl.gpu.Transpose(), dl.gpu.Fallback(), _UnitReduction()]
 
 
-def reduction_extent(func: Any) -> int:
-    """The longest reduction (product of a block's reduction iterator extents) in ``func``; 0 if none."""
-    longest = 0
+def reduction_extents(func: Any) -> list[int]:
+    """Per reduction block of ``func``, its length (product of its reduction iterator extents;
+    1 << 30 when not static)."""
+    found: list[int] = []
 
     def visit(stmt: Any) -> None:
-        nonlocal longest
         if isinstance(stmt, s_tir.SBlock):
             extents = [iv.dom.extent for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
             if extents:
                 if not all(isinstance(e, tirx.IntImm) for e in extents):
-                    longest = max(longest, 1 << 30)
+                    found.append(1 << 30)
                 else:
-                    longest = max(longest, math.prod(int(e.value) for e in extents))
+                    found.append(math.prod(int(e.value) for e in extents))
 
     tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, visit)], order="post")
-    return longest
+    return found
+
+
+def reduction_extent(func: Any) -> int:
+    """The longest reduction (product of a block's reduction iterator extents) in ``func``; 0 if none."""
+    return max(reduction_extents(func), default=0)
 
 
 class _SmallReduction(dl.gpu.Fallback):
     """dlight's Fallback (outputs over threads, each reduction serial in its thread), for functions
-    whose every reduction is at most :data:`SMALL_REDUCTION` long."""
+    with one reduction, at most :data:`SMALL_REDUCTION` long. Not for chains of reductions
+    (layer norm, softmax): Fallback gives each block a kernel of its own (3 dispatches per layer
+    norm, each reduction in a single workgroup), where dlight's GeneralReduction makes one kernel
+    with a workgroup per row."""
 
     def apply(self, func: Any, target: Any, tunable: bool) -> Any:
-        if not isinstance(func, tirx.PrimFunc) or not 0 < reduction_extent(func) <= SMALL_REDUCTION:
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        extents = reduction_extents(func)
+        if len(extents) != 1 or not 0 < extents[0] <= SMALL_REDUCTION:
             return None
         return super().apply(func, target, tunable)
 
@@ -263,11 +274,16 @@ def schedule_module(mod: Any, tgt: Any) -> tuple[Any, dict[str, str]]:
     return mod, failed
 
 
-def relax_passes(fuse: bool, max_buffers: int | None = None) -> list[Any]:
+def relax_passes(fuse: bool, max_buffers: int | None = None, fold: bool = False) -> list[Any]:
     """Legalize to TIR calls; with ``fuse``, TVM's FuseOps/FuseTIR, where a fused group binding more
-    than ``max_buffers`` storage buffers is left unfused (:func:`_unfuse_over`)."""
+    than ``max_buffers`` storage buffers is left unfused (:func:`_unfuse_over`). With ``fold``, the
+    weights' transposes are computed when lowering (:func:`_transposed_weights`); the per-node
+    checks leave them, so each node keeps its kernel."""
     passes = [relax.transform.DecomposeOpsForInference(), relax.transform.LegalizeOps(),
               relax.transform.AnnotateTIROpPattern()]
+    if fold:
+        passes.insert(1, tvm.transform.module_pass(lambda mod, _: _transposed_weights(mod), opt_level=0,
+                                                   name="handoff.vulkan.TransposedWeights"))
     if fuse:
         passes.append(relax.transform.FuseOps())
         if max_buffers is not None:
@@ -275,6 +291,32 @@ def relax_passes(fuse: bool, max_buffers: int | None = None) -> list[Any]:
                                                     name="handoff.vulkan.UnfuseOverBudget"))
         passes.append(relax.transform.FuseTIR())
     return passes
+
+
+@relax.expr_functor.mutator
+class _Transposer(relax.PyExprMutator):
+    def visit_call_(self, call: Any) -> Any:
+        call = super().visit_call_(call)
+        weight = call.args[0] if call.op.same_as(_PERMUTE_DIMS) else None
+        if isinstance(weight, tvm.ir.GenericConst) and hasattr(weight.value, "numpy"):
+            data = weight.value.numpy()  # float32, float16 or int32: what vulkan claims
+            axes = None if call.attrs.axes is None else [int(a) for a in call.attrs.axes]
+            return relax.const(np.ascontiguousarray(data.transpose(axes)), str(data.dtype))
+        return call
+
+
+_PERMUTE_DIMS = tvm.ir.Op.get("relax.permute_dims")
+
+
+def _transposed_weights(mod: Any) -> Any:
+    """Every ``permute_dims`` of a constant (the importer's transposed weight of each ``linear``)
+    replaced by the transposed constant, so no kernel transposes a weight on every run (9 of the
+    zoo transformer's 65 dispatches did). TVM's FoldConstant would too, but it compiles and runs
+    every constant expression with LLVM: 64 s more to lower MobileNetV2 on the 2-core machine."""
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = _Transposer().visit_expr(func)
+    return mod
 
 
 def _unfuse_over(mod: Any, max_buffers: int) -> Any:

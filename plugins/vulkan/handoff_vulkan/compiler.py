@@ -223,7 +223,7 @@ class VulkanCompiler(Compiler):
     def _lower(self, mod: Any, fuse: bool) -> tuple[dict[str, Any], bytearray]:
         tgt = self.target
         with tgt, quiet_native():  # as in _kernel_reasons
-            mod = tvm.transform.Sequential(_tvm.relax_passes(fuse, self.max_buffers))(mod)
+            mod = tvm.transform.Sequential(_tvm.relax_passes(fuse, self.max_buffers, fold=True))(mod)
         mod, failed = _tvm.schedule_module(mod, tgt)
         if failed:
             shown = "; ".join(f"{k}: {v}" for k, v in list(failed.items())[:3])

@@ -7,8 +7,10 @@ per dispatch (scalar arguments live in one uniform buffer written at load: shape
 
 Outputs stay on the GPU. :meth:`execute` writes numpy inputs with ``queue.write_buffer``, copies
 inputs that another delegate on the same device left on the GPU (:class:`GpuValue`) with
-``copy_buffer_to_buffer``, records every dispatch into one compute pass, submits, and returns
-without waiting: its outputs are :class:`GpuValue` ranges of its own buffers, which the next
+``copy_buffer_to_buffer``, records the dispatches and submits them in growing parts (runtime
+option ``first_submit``: 8, then 16, 32, ... dispatches, each part one compute pass and one
+submission, so the GPU runs one part while the host records the next), and returns without
+waiting: its outputs are :class:`GpuValue` ranges of its own buffers, which the next
 vulkan delegate reads on the GPU (the queue orders the work, so consecutive delegates never wait
 for each other). :meth:`to_host` reads any number of values back at once: one staging copy each
 into the device's readback buffer, one submit, one map. The memory domain
@@ -18,7 +20,12 @@ Not reentrant: a delegate's outputs live in its buffers, which its next call ove
 core runs one call per delegate at a time and keeps its lock until those outputs are consumed.
 
 One wgpu device is shared by every delegate of the process that asks for the same adapter (and
-the same ``timestamps`` setting, which needs a device feature).
+the same ``timestamps`` setting, which needs a device feature), whichever :class:`VulkanRuntime`
+(plugin manager) loads it: only the first load pays for creating the device.
+
+Every load is timed in phases (:data:`LOAD_PHASES`, ``stats()["load_seconds"]``), so a slow load
+says where it went: on a GPU, the driver compiling the pipelines (drivers keep their own on-disk
+cache, Mesa's under ``XDG_CACHE_HOME``, so a later process compiles less).
 
 Environment: ``WGPU_BACKEND_TYPE`` defaults to ``Vulkan``; ``XDG_RUNTIME_DIR`` to
 ``$HANDOFF_HOME/xdg-runtime`` (mode 0700) and ``XDG_CACHE_HOME`` to ``$HANDOFF_HOME/cache`` (Mesa's
@@ -27,6 +34,7 @@ drivers write their shader cache there) when unset.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import re
@@ -39,7 +47,7 @@ import numpy as np
 from handoff import Runtime
 
 from . import WGPU_VERSION
-from ._format import UNIFORM_SLOT, fold_grid, uniform_bytes, unpack
+from ._format import FIRST_SUBMIT, MAX_LOAD_THREADS, UNIFORM_SLOT, fold_grid, uniform_bytes, unpack
 
 INSTALL_HINT = f"pip install wgpu=={WGPU_VERSION}"
 DRIVER_HINT = ("install a Vulkan driver and loader (Debian/Ubuntu: apt-get install mesa-vulkan-drivers libvulkan1 "
@@ -48,10 +56,20 @@ DRIVER_HINT = ("install a Vulkan driver and loader (Debian/Ubuntu: apt-get insta
 #: commands, and submit (in ``execute``); wait for the GPU and map the readback buffer, and copy
 #: the outputs out (in the ``to_host`` that read this delegate's outputs).
 _PHASES = ("write_and_encode", "submit", "wait_and_map", "read")
+#: Phases of a load, always timed: getting the wgpu device (0 when an earlier load in this process
+#: created it), the kernels' shader modules (wgpu parses and validates the WGSL), their compute
+#: pipelines (translated to SPIR-V and compiled by the driver), the buffers with the weights
+#: queued for upload (they reach the GPU with the first submission), and the bind groups with
+#: the dispatches' uniforms.
+LOAD_PHASES = ("device", "shader_modules", "pipelines", "buffers", "bind_groups")
 #: Adapter types in the order ``adapter`` (unset) prefers them.
 _PREFERENCE = ("DiscreteGPU", "IntegratedGPU", "VirtualGPU", "CPU", "Unknown")
 
 _env_lock = threading.Lock()
+#: The process's wgpu devices, shared by every VulkanRuntime: (adapter name, timestamps) -> device.
+_devices: dict[tuple[str, bool], "_Device"] = {}
+_chosen: dict[str, Any] = {}  # the adapter option, lowercased -> adapter
+_devices_lock = threading.Lock()
 
 
 def prepare_environment() -> None:
@@ -149,11 +167,14 @@ class _Delegate:
     passes: list[tuple[Any, Any, tuple[int, int, int]]]  # (pipeline, bind group, workgroups) per dispatch
     uniform: Any
     raw: list[tuple[Any, ...]] | None = None  # native handles of ``passes`` (see _record)
+    #: ``(passes, raw)`` slices, one per queue submission of a run (see :func:`_submissions`)
+    chunks: list[tuple[list[Any], list[Any] | None]] = dataclasses.field(default_factory=list)
     query_set: Any = None
     query_buffer: Any = None
     submits: int = 0
     last_gpu_seconds: float | None = None  # with timestamps=1: the last run's compute pass on the GPU
     last_host_seconds: dict[str, float] | None = None  # with timestamps=1: the last run's phases (_PHASES)
+    load_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # LOAD_PHASES
     keep: list[Any] = dataclasses.field(default_factory=list)
 
 
@@ -161,11 +182,6 @@ class VulkanRuntime(Runtime):
     """Runs vulkan delegates through wgpu (see :class:`handoff.Runtime`)."""
 
     reentrant = False
-
-    def __init__(self) -> None:
-        self._devices: dict[tuple[str, bool], _Device] = {}  # (adapter name, timestamps) -> device
-        self._chosen: dict[str, Any] = {}  # the adapter option, lowercased -> adapter
-        self._lock = threading.Lock()
 
     # -- availability ----------------------------------------------------------------------------
     def is_available(self) -> tuple[bool, str]:
@@ -187,16 +203,16 @@ class VulkanRuntime(Runtime):
     def _device(self, options: Mapping[str, str]) -> _Device:
         wanted = (options.get("adapter") or "").strip()
         timestamps = bool(options.get("timestamps"))
-        with self._lock:
+        with _devices_lock:
             wgpu = import_wgpu()
             # Keyed by the adapter, not the option's spelling: delegates on one adapter share a
             # device, so their values can pass between them on the GPU.
-            if wanted.lower() not in self._chosen:
-                self._chosen[wanted.lower()] = choose_adapter(vulkan_adapters(wgpu), wanted or None)
-            adapter = self._chosen[wanted.lower()]
+            if wanted.lower() not in _chosen:
+                _chosen[wanted.lower()] = choose_adapter(vulkan_adapters(wgpu), wanted or None)
+            adapter = _chosen[wanted.lower()]
             key = (_adapter_name(adapter), timestamps)
-            if key in self._devices:
-                return self._devices[key]
+            if key in _devices:
+                return _devices[key]
             features = []
             if timestamps:
                 if "timestamp-query" not in adapter.features:
@@ -209,27 +225,33 @@ class VulkanRuntime(Runtime):
             name = _adapter_name(adapter)
             dev = _Device(wgpu, adapter, device, device.queue, name, dict(device.limits), timestamps, frozenset(features),
                           f"wgpu:{name}" + (" +timestamps" if timestamps else ""))
-            self._devices[key] = dev
+            _devices[key] = dev
             return dev
 
     # -- load ------------------------------------------------------------------------------------
     def load(self, blob: memoryview, metadata: Mapping[str, Any], options: Mapping[str, Any]) -> _Delegate:
         header, data = unpack(blob)
+        start = time.perf_counter()
         dev = self._device(options)
+        device_seconds = time.perf_counter() - start
         # The blob comes from a program file: a header field that is missing or of the wrong type,
         # or WGSL that wgpu refuses (found by tests/fuzz/fuzz_vulkan.py: a mutated kernel escaped
         # as wgpu's own GPUValidationError), is a corrupt blob, said in one line.
         try:
-            return self._build(header, data, dev)
+            delegate = self._build(header, data, dev, _load_threads(options))
+            delegate.chunks = _submissions(delegate.passes, delegate.raw, _first_submit(options))
         except dev.wgpu.GPUError as exc:
             raise ValueError(f"vulkan delegate blob is corrupt: wgpu refused it on {dev.name}: "
                              f"{' '.join(str(exc).split())[:300]}; re-partition the model") from None
         except (KeyError, TypeError, IndexError) as exc:
             raise ValueError(f"vulkan delegate blob header is corrupt: {type(exc).__name__}: {exc}; "
                              f"re-partition the model") from None
+        delegate.load_seconds = {"device": device_seconds, **delegate.load_seconds}
+        return delegate
 
-    def _build(self, header: Mapping[str, Any], data: memoryview, dev: _Device) -> _Delegate:
-        """The delegate's buffers, pipelines and dispatches on ``dev``, from a blob's header."""
+    def _build(self, header: Mapping[str, Any], data: memoryview, dev: _Device, threads: int) -> _Delegate:
+        """The delegate's buffers, pipelines and dispatches on ``dev``, from a blob's header; the
+        shader modules and pipelines are created by up to ``threads`` threads at once."""
         _check_limits(header["limits"], dev)
         if _F16 not in dev.features and any(_ENABLES_F16.search(k["wgsl"]) for k in header["kernels"]):
             raise ValueError(f"the delegate computes in float16 (WGSL 'enable f16'), and adapter {dev.name} has no "
@@ -239,6 +261,7 @@ class VulkanRuntime(Runtime):
         usage = wgpu.BufferUsage
         storage_usage = usage.STORAGE | usage.COPY_SRC | usage.COPY_DST
 
+        clock = [time.perf_counter()]
         buffers = []
         for i, spec in enumerate(header["buffers"]):
             size = -(-int(spec["nbytes"]) // 4) * 4
@@ -249,23 +272,36 @@ class VulkanRuntime(Runtime):
             buffers.append(buf)
 
         inputs = [(int(s["buffer"]), tuple(s["shape"]), np.dtype(s["dtype"])) for s in header["inputs"]]
+        clock.append(time.perf_counter())
 
-        # Kernels: one shader module, bind group layout and pipeline each.
-        pipelines, layouts = [], []
-        for k in header["kernels"]:
-            entries = [{"binding": i, "visibility": wgpu.ShaderStage.COMPUTE,
-                        "buffer": {"type": wgpu.BufferBindingType.storage if access == "read_write"
-                                   else wgpu.BufferBindingType.read_only_storage}}
-                       for i, access in enumerate(k["bindings"])]
-            entries.append({"binding": len(k["bindings"]), "visibility": wgpu.ShaderStage.COMPUTE,
-                            "buffer": {"type": wgpu.BufferBindingType.uniform}})
-            layout = device.create_bind_group_layout(entries=entries)
-            module = device.create_shader_module(code=k["wgsl"], label=k["name"])
-            pipeline = device.create_compute_pipeline(
-                layout=device.create_pipeline_layout(bind_group_layouts=[layout]),
-                compute={"module": module, "entry_point": k["name"]}, label=k["name"])
-            pipelines.append(pipeline)
-            layouts.append(layout)
+        # Kernels: one shader module and pipeline each; one bind group layout (and pipeline
+        # layout) per distinct list of bindings, shared by the kernels that have it. wgpu's
+        # device is thread-safe and its calls release the GIL, so with several threads the
+        # driver can compile pipelines in parallel (what a load on a GPU mostly waits for).
+        kernels = header["kernels"]
+        shared: dict[tuple[str, ...], tuple[Any, Any]] = {}
+        for k in kernels:
+            bindings = tuple(k["bindings"])
+            if bindings not in shared:
+                entries = [{"binding": i, "visibility": wgpu.ShaderStage.COMPUTE,
+                            "buffer": {"type": wgpu.BufferBindingType.storage if access == "read_write"
+                                       else wgpu.BufferBindingType.read_only_storage}}
+                           for i, access in enumerate(bindings)]
+                entries.append({"binding": len(bindings), "visibility": wgpu.ShaderStage.COMPUTE,
+                                "buffer": {"type": wgpu.BufferBindingType.uniform}})
+                layout = device.create_bind_group_layout(entries=entries)
+                shared[bindings] = layout, device.create_pipeline_layout(bind_group_layouts=[layout])
+        layouts = [shared[tuple(k["bindings"])][0] for k in kernels]
+
+        def pipeline(k: Mapping[str, Any], module: Any) -> Any:
+            return device.create_compute_pipeline(layout=shared[tuple(k["bindings"])][1],
+                                                  compute={"module": module, "entry_point": k["name"]}, label=k["name"])
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(kernels))), "handoff-vulkan-load") as pool:
+            modules = list(pool.map(lambda k: device.create_shader_module(code=k["wgsl"], label=k["name"]), kernels))
+            clock.append(time.perf_counter())
+            pipelines = list(pool.map(pipeline, kernels, modules))
+        clock.append(time.perf_counter())
 
         # Dispatches: scalar arguments in one uniform buffer, one bind group each.
         dispatches = header["dispatches"]
@@ -286,9 +322,13 @@ class VulkanRuntime(Runtime):
             passes.append((pipelines[k], group, fold_grid(int(d["grid"][0]), int(d["grid"][1]), max_dim)))
         if dispatches:
             dev.queue.write_buffer(uniform, 0, uniform_data)
+        clock.append(time.perf_counter())
 
+        buffers_s, modules_s, pipelines_s, groups_s = np.diff(clock).tolist()
         delegate = _Delegate(dev, buffers, inputs, [], passes, uniform, raw=_native_passes(passes),
-                             keep=[pipelines, layouts])
+                             keep=[pipelines, layouts],
+                             load_seconds={"shader_modules": modules_s, "pipelines": pipelines_s,
+                                           "buffers": buffers_s, "bind_groups": groups_s})
         delegate.outputs = [GpuValue(delegate, buffers[int(s["buffer"])], int(s["offset"]), int(s["nbytes"]),
                                      tuple(s["shape"]), np.dtype(s["dtype"])) for s in header["outputs"]]
         if dev.timestamps:
@@ -325,20 +365,31 @@ class VulkanRuntime(Runtime):
                 raise ValueError(f"vulkan delegate input {i} expects {dtype}{list(shape)}, got {arr.dtype}{list(arr.shape)}")
             # Queue writes happen before the commands submitted after them, so before this run's copies.
             dev.queue.write_buffer(handle.buffers[buf], 0, _padded_bytes(np.ascontiguousarray(arr)))
-        timestamp_writes = None
-        if profile:
-            timestamp_writes = {"query_set": handle.query_set, "beginning_of_pass_write_index": 0,
-                                "end_of_pass_write_index": 1}
-        compute = encoder.begin_compute_pass(timestamp_writes=timestamp_writes)
-        _record(compute, handle.passes, handle.raw)
-        compute.end()
+        # One compute pass per submission (the first also carries the input copies); the queue
+        # runs them in order, so later dispatches still see what earlier ones wrote.
+        last = len(handle.chunks) - 1
+        for c, (passes, raw) in enumerate(handle.chunks):
+            if c:
+                encoder = dev.device.create_command_encoder()
+            timestamp_writes = None
+            if profile and c in (0, last):  # the span from the first pass's start to the last pass's end
+                timestamp_writes = {"query_set": handle.query_set}
+                if c == 0:
+                    timestamp_writes["beginning_of_pass_write_index"] = 0
+                if c == last:
+                    timestamp_writes["end_of_pass_write_index"] = 1
+            compute = encoder.begin_compute_pass(timestamp_writes=timestamp_writes)
+            _record(compute, passes, raw)
+            compute.end()
+            if c < last:
+                dev.queue.submit([encoder.finish()])
         if profile:
             encoder.resolve_query_set(handle.query_set, 0, 2, handle.query_buffer, 0)
         commands = encoder.finish()
         if profile:
             clock.append(time.perf_counter())
         dev.queue.submit([commands])
-        handle.submits += 1
+        handle.submits += len(handle.chunks)
         if profile:
             clock.append(time.perf_counter())
             handle.last_host_seconds = dict(zip(_PHASES, np.diff(clock).tolist()))
@@ -362,11 +413,11 @@ class VulkanRuntime(Runtime):
         return out
 
     def stats(self, handle: _Delegate) -> dict[str, Any]:
-        """The adapter, submissions so far, and with the ``timestamps=1`` runtime option the last
-        run's GPU time and host phases (known once its outputs, or a later delegate's on the
-        same device, were read back)."""
-        return {"adapter": handle.dev.name, "submits": handle.submits, "gpu_seconds": handle.last_gpu_seconds,
-                "host_seconds": handle.last_host_seconds}
+        """The adapter, the load's phases (:data:`LOAD_PHASES`, seconds), submissions so far,
+        and with the ``timestamps=1`` runtime option the last run's GPU time and host phases
+        (known once its outputs, or a later delegate's on the same device, were read back)."""
+        return {"adapter": handle.dev.name, "load_seconds": dict(handle.load_seconds), "submits": handle.submits,
+                "gpu_seconds": handle.last_gpu_seconds, "host_seconds": handle.last_host_seconds}
 
     def release(self, handle: _Delegate) -> None:
         with handle.dev.readback_lock:
@@ -383,6 +434,32 @@ class VulkanRuntime(Runtime):
             except Exception:
                 pass
         handle.buffers, handle.outputs, handle.passes, handle.raw, handle.keep = [], [], [], None, []
+
+
+def _first_submit(options: Mapping[str, Any]) -> int:
+    """The ``first_submit`` option (0: one submission per run)."""
+    wanted = options.get("first_submit")
+    return FIRST_SUBMIT if wanted is None else int(wanted)
+
+
+def _submissions(passes: list[Any], raw: list[Any] | None, first: int) -> list[tuple[list[Any], list[Any] | None]]:
+    """``passes`` (and their native handles) cut into a run's submissions: ``first`` dispatches,
+    then twice as many each time, so the GPU runs one part while the host records the next; one
+    submission when ``first`` is 0 or covers them all (always at least one, for the input copies)."""
+    if not first or first >= len(passes):
+        return [(passes, raw)]
+    chunks, start, size = [], 0, first
+    while start < len(passes):
+        end = start + size
+        chunks.append((passes[start:end], raw[start:end] if raw is not None else None))
+        start, size = end, 2 * size
+    return chunks
+
+
+def _load_threads(options: Mapping[str, Any]) -> int:
+    """The ``load_threads`` option; unset (``auto``): one per CPU core, at most MAX_LOAD_THREADS."""
+    wanted = options.get("load_threads")
+    return int(wanted) if wanted else min(os.cpu_count() or 1, MAX_LOAD_THREADS)
 
 
 def _padded_bytes(data: Any) -> Any:
@@ -523,4 +600,4 @@ def _check_limits(needed: Mapping[str, int], dev: _Device) -> None:
             raise ValueError(f"the delegate needs {wgpu_name} >= {needed[name]}, adapter {dev.name} allows {have}")
 
 
-__all__ = ["GpuValue", "VulkanRuntime", "choose_adapter", "prepare_environment", "vulkan_adapters"]
+__all__ = ["LOAD_PHASES", "GpuValue", "VulkanRuntime", "choose_adapter", "prepare_environment", "vulkan_adapters"]

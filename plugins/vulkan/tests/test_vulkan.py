@@ -80,6 +80,19 @@ def _zoo_program(name: str, backends: tuple[str, ...], home: Path) -> tuple[byte
     return _PARTITIONED[key]
 
 
+def _weights_only_dispatches(header: dict) -> list[str]:
+    """Kernels of the launch plan dispatched on weights alone: they would compute the same
+    values every run (TVM's FoldConstant computes them when lowering)."""
+    kinds = [b["kind"] for b in header["buffers"]]
+    found = []
+    for d in header["dispatches"]:
+        kernel = header["kernels"][int(d["kernel"])]
+        read = [kinds[b] for (b, _, _), access in zip(d["buffers"], kernel["bindings"]) if access != "read_write"]
+        if read and all(kind == "weight" for kind in read):
+            found.append(kernel["name"])
+    return found
+
+
 def _check_against_eager(program_bytes: bytes, name: str, seeds=(11, 12)) -> None:
     zoo = handoff.get_plugins().zoo()[name]
     check_against_eager(program_bytes, zoo.build(), zoo.inputs, seeds)
@@ -94,7 +107,7 @@ def test_plugin_declares_the_backend():
     assert (spec.id, spec.device) == ("vulkan", "gpu"), spec
     assert spec.compiler == "handoff_vulkan.compiler:VulkanCompiler"
     assert spec.runtime == "handoff_vulkan.runtime:VulkanRuntime"
-    assert set(spec.options) == {"fuse", "max_storage_buffers"} and set(spec.runtime_options) == {"adapter", "timestamps"}
+    assert set(spec.options) == {"fuse", "max_storage_buffers"} and set(spec.runtime_options) == {"adapter", "timestamps", "first_submit", "load_threads"}
     assert spec.options["max_storage_buffers"].default == 8
 
 
@@ -646,6 +659,8 @@ def test_transformer_on_vulkan_transfers_only_its_input_and_output_and_runs_from
     program_bytes, _ = _zoo_program("small_transformer", ("vulkan",), tmp_path_factory.mktemp("home"))
     zoo = handoff.get_plugins().zoo()["small_transformer"]
     with handoff.load(program_bytes) as program:
+        header, _ = _format.unpack(program.file.segment(program.manifest["delegates"][0]["segment"]))
+        assert _weights_only_dispatches(header) == []  # folded at compile time (9 transposes of 65 dispatches before)
         check_against_eager(program, zoo.build(), zoo.inputs)
         stats = program.stats()
         assert [d["backend"] for d in stats["delegates"]] == ["vulkan"]  # nothing left for other steps
@@ -799,6 +814,118 @@ def test_runtime_options_and_input_checks(mlp_lowered):
         rt.load(memoryview(lowered.blob), lowered.metadata, runtime_options(adapter="no-such-gpu"))
     with pytest.raises(ValueError, match="timestamps='maybe' is not valid"):
         runtime_options(timestamps="maybe")
+
+
+@pytest.mark.slow
+def test_load_is_timed_in_phases_shares_the_device_and_builds_pipelines_on_threads(mlp_lowered):
+    """Every load says where its time went; a second runtime (another plugin manager) in the
+    process gets the same wgpu device; pipelines built by 1 or 4 threads run the same, and WGSL
+    that wgpu refuses on a worker thread is still one line."""
+    _needs_gpu()
+    import torch
+
+    from handoff_vulkan.runtime import LOAD_PHASES, VulkanRuntime
+
+    model, x, lowered = mlp_lowered
+    with torch.no_grad():
+        want = model(x)
+    first, second = VulkanRuntime(), VulkanRuntime()
+    handles = []
+    try:
+        for rt, threads in ((first, "1"), (second, "4"), (second, "auto")):
+            handle = rt.load(memoryview(lowered.blob), lowered.metadata, runtime_options(load_threads=threads))
+            handles.append((rt, handle))
+            load = rt.stats(handle)["load_seconds"]
+            assert list(load) == list(LOAD_PHASES) and all(v >= 0 for v in load.values())
+            (got,) = rt.to_host(rt.execute(handle, [x.numpy()]))
+            assert_matches_eager(got, want)
+        assert handles[0][1].dev is handles[1][1].dev is handles[2][1].dev  # one device per process
+    finally:
+        for rt, handle in handles:
+            rt.release(handle)
+
+    header, data = _format.unpack(lowered.blob)
+    header["kernels"][-1]["wgsl"] = header["kernels"][-1]["wgsl"].replace("fn ", "fn fn ", 1)
+    with pytest.raises(ValueError, match="vulkan delegate blob is corrupt: wgpu refused it on .*; re-partition"):
+        second.load(memoryview(_format.pack(header, bytes(data))), lowered.metadata, runtime_options(load_threads="4"))
+    for bad in ("0", "65", "many"):
+        with pytest.raises(ValueError, match="load_threads"):
+            runtime_options(load_threads=bad)
+
+
+def test_a_run_is_submitted_in_growing_parts():
+    """first_submit=N: N dispatches, then twice as many each time; the last part takes the rest."""
+    from handoff_vulkan.runtime import _submissions
+
+    passes, raw = list(range(117)), [f"r{i}" for i in range(117)]
+    parts = _submissions(passes, raw, 8)
+    assert [len(p) for p, _ in parts] == [8, 16, 32, 61]
+    assert [x for p, _ in parts for x in p] == passes and [x for _, r in parts for x in r] == raw
+    assert [len(p) for p, _ in _submissions(passes[:42], None, 8)] == [8, 16, 18]
+    assert _submissions(passes, raw, 0) == [(passes, raw)] == _submissions(passes, raw, 117)
+    assert _submissions([], None, 8) == [([], None)]  # still one submission, for the input copies
+
+
+@pytest.mark.slow
+def test_parts_submitted_separately_give_the_same_outputs_and_one_gpu_span():
+    """A run cut into several submissions (first_submit=1: parts of 1, 2, 4, ... dispatches)
+    computes exactly what one submission does, counts its submissions, and its timestamps span the
+    first part's start to the last's end (a middle part has no timestamp writes)."""
+    _needs_compiler()
+    _needs_gpu()
+    import torch
+
+    from handoff_vulkan.compiler import VulkanCompiler
+    from handoff_vulkan.runtime import VulkanRuntime
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
+                                torch.nn.Tanh(), torch.nn.Softmax(dim=-1)).eval()
+    x = torch.randn(4, 8)
+    lowered = VulkanCompiler({"fuse": False}).preprocess(_export(model, x), "p0")
+    with torch.no_grad():
+        want = model(x)
+    rt, outputs = VulkanRuntime(), {}
+    for first in ("0", "1"):
+        handle = rt.load(memoryview(lowered.blob), lowered.metadata, runtime_options(first_submit=first, timestamps="1"))
+        try:
+            assert len(handle.passes) >= 4 and (len(handle.chunks) == 1 if first == "0" else len(handle.chunks) >= 3)
+            (outputs[first],) = rt.to_host(rt.execute(handle, [x.numpy()]))
+            assert rt.stats(handle)["submits"] == len(handle.chunks)
+            assert handle.last_gpu_seconds is not None and handle.last_gpu_seconds > 0
+        finally:
+            rt.release(handle)
+    assert_matches_eager(outputs["1"], want)
+    np.testing.assert_array_equal(outputs["1"], outputs["0"])
+    for bad in ("-1", "some"):
+        with pytest.raises(ValueError, match="first_submit"):
+            runtime_options(first_submit=bad)
+
+
+@pytest.mark.slow
+def test_layer_norm_and_softmax_are_one_dispatch_each():
+    """Chains of short reductions (layer norm's mean and variance, softmax's max and sum over 64)
+    get dlight's GeneralReduction, one kernel with a workgroup per row; the serial schedule for
+    short reductions gave each block its own single-workgroup kernel (3 dispatches each)."""
+    _needs_compiler()
+    _needs_gpu()
+    import torch
+
+    torch.manual_seed(3)
+    norm = torch.nn.LayerNorm(64)
+    with torch.no_grad():  # random affine parameters, so a wrong scale or shift shows
+        norm.weight.normal_()
+        norm.bias.normal_()
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), norm, torch.nn.Softmax(dim=-1)).eval()
+    x = torch.randn(8, 32)
+    result = handoff.partition(model, (x,), backends=["vulkan"], fallback=False, aten=False)
+    meta = result.assembled.manifest["delegates"][0]["metadata"]
+    assert (meta["kernels"], meta["dispatches"]) == (3, 3)  # linear, layer norm, softmax (7 dispatches before)
+    with handoff.load(result.to_bytes()) as program:
+        for seed in (1, 2):
+            xs = torch.randn(8, 32, generator=torch.Generator().manual_seed(seed))
+            (got,) = program.run([xs.numpy()])
+            assert_matches_eager(got, model(xs))
 
 
 @pytest.mark.slow
