@@ -189,7 +189,8 @@ def _propagate_contiguous(graph: Any, placeholders: Sequence[tuple[Any, Any]]) -
         FakeTensorProp(torch.fx.GraphModule(torch.nn.Module(), graph), mode).propagate_dont_convert_inputs(*fakes)
 
 
-def first_failing(check: Callable[[list[str]], Any], nodes: Sequence[str]) -> Iterator[tuple[str, Any, bool]]:
+def first_failing(check: Callable[[list[str]], Any], nodes: Sequence[str],
+                  together: Mapping[str, Sequence[str]] | None = None) -> Iterator[tuple[str, Any, bool]]:
     """The nodes that break a group, for :meth:`handoff.Compiler.check_partition`. Public API.
 
     ``check(names)`` test-compiles ``names`` (a sub-list of ``nodes``, in their order) as one
@@ -210,39 +211,68 @@ def first_failing(check: Callable[[list[str]], Any], nodes: Sequence[str]) -> It
     left, so a compiler may keep that result for ``preprocess``) or nothing is left. ``check`` is
     assumed monotone (a failing prefix keeps failing when nodes are added after it); where it is
     not, the node found still fails with what precedes it, which passed without it.
+
+    ``together`` maps a node to the nodes that must never be cut from it: every checked prefix
+    holding the node holds them too (in their place in ``nodes``), and when the node is the
+    culprit they are yielded after it with the same failure. A quantized graph needs this: a
+    prefix that ends between a quantize and its dequantize hands an integer tensor across the
+    cut, which a compiler may refuse on its own (the QNN EP does), so an unconstrained bisection
+    would blame every quantize it cuts through instead of the op at fault: map each quantize to
+    its dequantize users (the ``qnn`` plugin's check does).
     """
+    together = together or {}
     remaining = list(nodes)
+
+    def prefix(k: int) -> list[str]:
+        held = {m for n in remaining[:k] for m in _closure(together, n)}
+        return [n for n in remaining if n in held]
+
     failure = check(remaining)
     if failure is None:
         return
-    lo, hi = 1, len(remaining)  # the smallest k with remaining[:k] failing lies in [lo, hi]
+    lo, hi = 1, len(remaining)  # the smallest k with prefix(k) failing lies in [lo, hi]
     while True:
         while lo < hi:
             mid = (lo + hi) // 2
-            result = check(remaining[:mid])
+            result = check(prefix(mid))
             if result is None:
                 lo = mid + 1
             else:
                 hi, failure = mid, result
         culprit = remaining.pop(hi - 1)
         yield culprit, failure, hi == 1
+        tied = set(_closure(together, culprit))
+        for other in [n for n in remaining if n in tied]:
+            remaining.remove(other)
+            yield other, failure, False
         if not remaining:
             return
         failure = check(remaining)
         if failure is None:
             return
-        passed, step = hi - 1, 1  # remaining[:passed] passed (checked, or empty)
+        passed, step = hi - 1, 1  # prefix(passed) passed (checked, or empty)
         while True:  # gallop: the first failing prefix beyond the one that passed
             k = passed + step
             if k >= len(remaining):
                 lo, hi = passed + 1, len(remaining)
                 break
-            result = check(remaining[:k])
+            result = check(prefix(k))
             if result is not None:
                 failure = result
                 lo, hi = passed + 1, k
                 break
             passed, step = k, step * 2
+
+
+def _closure(together: Mapping[str, Sequence[str]], node: str) -> list[str]:
+    """``node`` and every node ``together`` ties to it, transitively."""
+    seen, todo = [node], [node]
+    while todo:
+        for other in together.get(todo.pop(), ()):
+            if other not in seen:
+                seen.append(other)
+                todo.append(other)
+    return seen
 
 
 def graph_digest(ep: Any) -> str:

@@ -315,6 +315,35 @@ def test_first_failing_resumes_where_the_last_culprit_was_found():
     assert len(calls) < 7 * len(found)  # bisecting the whole rest every round: over 10 a culprit
 
 
+def test_first_failing_never_cuts_a_quantize_from_its_dequantize():
+    """A QDQ chain where the compiler refuses a cut between a quantize and its dequantize (an
+    integer tensor crossing it, as the QNN EP does) and fails on op3. Unconstrained, bisection
+    blames the first quantize it cuts through; with ``together`` it finds op3, and a quantize
+    found at fault takes its dequantize users with it."""
+    nodes = [n for i in range(6) for n in (f"q{i}", f"dq{i}", f"op{i + 1}")]
+    users = {f"q{i}": [f"dq{i}"] for i in range(6)}
+
+    def check(bad):
+        def run(names):
+            calls.append(list(names))
+            cut = [q for q, dqs in users.items() if q in names and not set(dqs) <= set(names)]
+            if cut:
+                return f"{cut[0]} hands an integer tensor across the cut"
+            return f"{bad} fails" if bad in names else None
+        return run
+
+    calls: list[list[str]] = []
+    wrong = next(handoff.first_failing(check("op3"), nodes))
+    assert wrong[0].startswith("q") and "across the cut" in wrong[1]  # the pathology: a quantize blamed
+    calls.clear()
+    found = list(handoff.first_failing(check("op3"), nodes, users))
+    assert found == [("op3", "op3 fails", False)]
+    assert all(set(users[q]) <= set(c) for c in calls for q in c if q in users)  # never cut
+    assert len(calls) <= 1 + 5 + 1
+    found = list(handoff.first_failing(check("q2"), nodes, users))
+    assert found == [("q2", "q2 fails", False), ("dq2", "q2 fails", False)]
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 24).flatmap(lambda n: st.tuples(
     st.just(n), st.sets(st.frozensets(st.integers(0, n - 1), min_size=1, max_size=3), max_size=4))))

@@ -368,3 +368,22 @@ def test_runtime_converts_values_at_the_boundary():
     assert out[0].dtype == np.int64 and out[0].shape == (3,) and out[1].tolist() == [False, True]
     with pytest.raises(ValueError, match=r"Core ML returned 2 values for output 0 \(i\), which has shape \[3\]"):
         _format.from_coreml([np.zeros(2, np.int32), np.zeros(2)], features)
+
+
+def test_int8_op_table_rows_are_declined_with_the_reason_and_the_declines_agree(tmp_path, monkeypatch):
+    """tools/check_op_table.py's int8 samples (handoff.testing.int8_samples: dq -> conv/linear/
+    add/relu -> q, as PT2E leaves each op): coreml declines each with its reason, and each decline
+    agrees (the conversion of the quantized one-op graph fails or does not match)."""
+    import importlib.util
+
+    pytest.importorskip("torchao")
+    path = Path(__file__).resolve().parents[1] / "tools" / "check_op_table.py"
+    spec = importlib.util.spec_from_file_location("coreml_check_op_table", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.setenv("HANDOFF_HOME", str(tmp_path / "home"))
+    out = tmp_path / "rows.json"
+    assert tool.main(["-k", "int8 ", "--json", str(out)]) == 0
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["sample"].startswith("int8 ")]
+    assert len(rows) == 4 and all(r["verdict"] == "agree" and not r["claimed"] for r in rows), rows
+    assert all("int8 is not supported by coremltools" in r["reason"] for r in rows), rows

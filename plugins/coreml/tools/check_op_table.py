@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from handoff.testing import NotEvaluable, Samples, check_op_table  # noqa: E402
+from handoff.testing import NotEvaluable, Samples, check_op_table, int8_samples  # noqa: E402
 from handoff_coreml import capability, reference  # noqa: E402
 
 A = torch.ops.aten
@@ -249,6 +249,9 @@ S(A.full.default, "full", lambda a: a + torch.full((2, 6), 3.0), r(2, 6), allow=
 S(A.scaled_dot_product_attention.default, "scaled_dot_product_attention (kept whole)",
   lambda q, k, v: A.scaled_dot_product_attention.default(q, k, v), r(1, 2, 5, 8), r(1, 2, 5, 8), r(1, 2, 5, 8))
 
+
+# int8 (dq -> op -> q, as PT2E leaves each op): declined, with the reason (see capability.py)
+SAMPLES.extend(int8_samples(keep=KEPT_ELSEWHERE))
 
 # -- the check (handoff.testing.check_op_table) ------------------------------------------------------
 def _evaluate(lowered: Any, inputs: list[np.ndarray]) -> list[np.ndarray]:

@@ -55,7 +55,9 @@ _ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "fl
                 onnx.TensorProto.DOUBLE: "float64"}
 _CTX_NAME = "qnn_ctx.onnx"  # the EPContext model's file name; the EP names the binary qnn_ctx_qnn.bin
 _FX_NODE = re.compile(r"^%([A-Za-z0-9_]+) :")
-_CONSTANT, _EMPTY = object(), object()  # verification outcomes of groups with nothing to compile
+_CONSTANT, _EMPTY, _QDQ_ONLY = object(), object(), object()  # outcomes of groups with nothing to compile
+_NOTHING = {_CONSTANT: "computes only from weights (a constant)", _EMPTY: "is a no-op on its own (only copies)",
+            _QDQ_ONLY: "holds only quantize/dequantize ops, which the QNN EP leaves to the CPU at a graph's edge"}
 
 
 class QnnCompiler(Compiler):
@@ -109,34 +111,44 @@ class QnnCompiler(Compiler):
 
     def _find_refused(self, ep: Any, group: list[str], by_name: Mapping[str, Any]) -> dict[str, str]:
         """Decline, one at a time, the last node of the smallest failing prefix (topological
-        order) of ``group``, until the rest compiles (:func:`handoff.first_failing`); a rest with
+        order) of ``group``, with the dequantize users of a quantize so declined, until the rest
+        compiles (:func:`handoff.first_failing`); a rest with
         nothing to compile is declined whole. Each check cuts the nodes out exactly as the core
         will (:func:`handoff.extract_partition`) and exports them the same way."""
         last: list[Any] = [None]  # the outcome of the latest check: the rest's, at the end
 
         def check(names: list[str]) -> str | None:
             last[0] = self._check(ep, names)
-            return None if last[0] is _CONSTANT or last[0] is _EMPTY else last[0]
+            return None if last[0] in _NOTHING else last[0]
 
-        declined = {}
-        for culprit, error, alone in first_failing(check, group):
+        declined: dict[str, str] = {}
+        order, together = _qdq_units(ep, group, by_name)
+        for culprit, error, alone in first_failing(check, order, together):
             op = ops.op_name(by_name[culprit].target)
-            context = "even alone" if alone else "in this graph (what precedes it compiles without it)"
-            declined[culprit] = f"QNN HTP fails to compile {op} {context}: {error}"
+            source = by_name[culprit].args[0]
+            if ops.is_qdq(by_name[culprit], "dequantize") and getattr(source, "name", None) in declined:
+                declined[culprit] = f"{op} reads {source.name}, declined with it: {declined[source.name]}"
+            else:
+                context = "even alone" if alone else "in this graph (what precedes it compiles without it)"
+                declined[culprit] = f"QNN HTP fails to compile {op} {context}: {error}"
             _LOG.info("qnn: declined %s (%s) after an in-context compile failed", culprit, op)
-        rest = [n for n in group if n not in declined]
-        if rest and (last[0] is _CONSTANT or last[0] is _EMPTY):
-            why = ("computes only from weights (a constant)" if last[0] is _CONSTANT
-                   else "is a no-op on its own (only copies)")
+        rest = [n for n in order if n not in declined]
+        if rest and last[0] in _NOTHING:
+            why = _NOTHING[last[0]]
             declined.update({n: f"this group of {len(rest)} node(s) {why}: nothing for HTP to run" for n in rest})
         return declined
 
     def _check(self, ep: Any, names: list[str]) -> Any:
         """``None`` when ``names`` (with their getitems) compile on QNN as one graph, the failure
-        message otherwise, or :data:`_CONSTANT` / :data:`_EMPTY` for groups with nothing to run."""
+        message otherwise, or :data:`_CONSTANT` / :data:`_EMPTY` / :data:`_QDQ_ONLY` for groups with
+        nothing to run. A group of quantize/dequantize ops alone is one: the QNN EP hands a graph's
+        input quantize and output dequantize to the CPU, so such a prefix of a quantized partition
+        would fail on its own and be blamed for what follows it."""
         wanted = set(names)
         ordered = [n.name for n in ep.graph.nodes if n.op == "call_function" and (
             n.name in wanted or (n.target is operator.getitem and n.args[0].name in wanted))]
+        if all(ops.is_qdq(n, "") for n in ep.graph.nodes if n.name in wanted):
+            return _QDQ_ONLY
         try:
             sub, inputs, _ = extract_partition(ep, ordered, {})
         except Exception as exc:
@@ -271,6 +283,68 @@ class QnnCompiler(Compiler):
         return list(refused.values())
 
 
+def _qdq_units(ep: Any, group: list[str], by_name: Mapping[str, Any]) -> tuple[list[str], dict[str, list[str]]]:
+    """``group`` in the order bisection cuts it, and the nodes it must keep together
+    (``first_failing``'s ``together``):
+    an op with the quantize ops of its results, their dequantize users, and what it reads from
+    weights alone (dequantized weights and their transposes); a quantize of an input with its
+    dequantize users. Cuts then fall only after a dequantize, where float crosses: a cut between
+    a quantize and its dequantize hands an integer tensor across, which the QNN EP refuses on its
+    own, and a prefix ending among an op's weight inputs has nothing to run; either would be
+    blamed instead of the unit at fault, which is declined whole. The order is topological with
+    what a node reads from weights alone moved right before it (graph order puts weights first),
+    so a unit never precedes the unit that quantizes its input."""
+    members, weights = set(group), ops.weight_names(ep)
+    from_weights: dict[Any, bool] = {}
+
+    def weight_only(node: Any) -> bool:
+        if node not in from_weights:
+            from_weights[node] = node.op == "placeholder" and node.name in weights or (
+                node.op == "call_function" and bool(node.all_input_nodes)
+                and all(weight_only(a) for a in node.all_input_nodes))
+        return from_weights[node]
+
+    def weight_path(node: Any) -> list[str]:
+        return [n for a in node.all_input_nodes if a.op == "call_function" and weight_only(a)
+                for n in (*weight_path(a), a.name)]
+
+    together: dict[str, list[str]] = {}
+    for name in group:
+        node = by_name[name]
+        if ops.is_qdq(node, "dequantize") or weight_only(node) or node.target is operator.getitem:
+            continue  # getitems follow their producer
+        if ops.is_qdq(node, "quantize"):
+            source = node.args[0] if node.args else None
+            if ops.is_qdq(source, "") or getattr(source, "op", None) == "call_function":
+                continue  # an op's result: tied to that op
+            quantizes = [node]
+            unit = [name]
+        else:
+            users = [u for g in node.users for u in (g.users if g.target is operator.getitem else [g])]
+            quantizes = [u for u in users if ops.is_qdq(u, "quantize")]
+            if not quantizes:
+                continue
+            unit = [*weight_path(node), name]
+        unit += [q.name for q in quantizes if q is not node] + [d.name for q in quantizes for d in q.users
+                                                                 if ops.is_qdq(d, "dequantize")]
+        unit = [n for n in dict.fromkeys(unit) if n in members]
+        for n in unit:
+            together[n] = unit
+    order: list[str] = []
+
+    def emit(name: str) -> None:
+        for a in by_name[name].all_input_nodes:
+            if a.name in members and a.name not in order and weight_only(a):
+                emit(a.name)
+        if name not in order:
+            order.append(name)
+
+    for name in group:
+        if not weight_only(by_name[name]):
+            emit(name)
+    return order + [n for n in group if n not in order], together
+
+
 def to_onnx(ep: torch.export.ExportedProgram, name: str = "partition") -> onnx.ModelProto:
     """The partition as an ONNX model (``torch.onnx.export(..., dynamo=True)``); opset 21 when it
     holds 16-bit quantize/dequantize ops (uint16/int16 QuantizeLinear needs it), else the default."""
@@ -287,8 +361,10 @@ def to_onnx(ep: torch.export.ExportedProgram, name: str = "partition") -> onnx.M
 
 def _int8_compute(ep: torch.export.ExportedProgram) -> str | None:
     """How a quantized partition computes, for the report (``None`` for a float one)."""
+    weights = ops.weight_names(ep)  # dequantized weights (int32 biases, a LayerNorm's uint8 scale) are not activations
     dtypes = sorted({str(ops.qdq_dtype(n)).removeprefix("torch.") for n in ep.graph.nodes
-                     if getattr(n.target, "namespace", None) == ops.QDQ_NAMESPACE and "per_tensor" in n.target.__name__} - {"int32"})  # int32: biases
+                     if getattr(n.target, "namespace", None) == ops.QDQ_NAMESPACE and "per_tensor" in n.target.__name__
+                     and not (n.args and getattr(n.args[0], "name", None) in weights)} - {"int32"})
     if not dtypes:
         return None
     return (f"HTP integer kernels ({'/'.join(dtypes)} activations, int8 weights): the QNN EP fuses each ONNX "

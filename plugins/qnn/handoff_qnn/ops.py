@@ -29,7 +29,10 @@ int8 (``--quantize int8``): PT2E quantize/dequantize ops are claimed by HTP's QD
 (:func:`_qdq_reason`: per-tensor uint8/int8/uint16/int16 activations, per-channel int8 weights,
 int32 biases) and become ONNX QuantizeLinear/DequantizeLinear; an op inside a dequantize -> op ->
 quantize group (:func:`in_qdq_unit`) runs on HTP's integer kernels, so its fp32-only decline does
-not apply. These are checked through the zoo models on the emulator (``tests/test_int8.py``), not
+not apply. With 16-bit activations HTP is pickier about the other operands' encodings (measured on
+the emulator): MatMul refuses uint16 by int16, LayerNorm refuses any scale but uint8; both are
+declined here with the reason (:func:`_matmul`, :func:`_layer_norm`), and handoff's quantizer
+(:mod:`handoff_qnn.quantizer`) annotates them in encodings HTP takes. These are checked through the zoo models on the emulator (``tests/test_int8.py``), not
 yet by ``tools/check_op_table.py``.
 
 Op *combinations* can still fail where each op compiles alone (fp32 MatMul fed by Div, Exp,
@@ -167,7 +170,35 @@ def _slice(node: torch.fx.Node, fp16: bool) -> str | None:
 def _layer_norm(node: torch.fx.Node, fp16: bool) -> str | None:
     if len(node.args[1]) != 1:
         return "layer_norm over more than the last dimension is not supported by the QNN EP"
+    scale = _quantized_as(node.args[2]) if len(node.args) > 2 else None
+    if _quantized_as(node.args[0]) in _SIXTEEN and scale not in (None, torch.uint8):
+        return (f"layer_norm with 16-bit activations and a {str(scale).removeprefix('torch.')} scale (weight): HTP's "
+                f"LayerNorm takes only a uint8 scale with 16-bit activations (QNN error 3110 otherwise); "
+                f"quantize with handoff's qnn quantizer (--option qnn.activation_bits=16 annotates it uint8)")
     return None
+
+
+def _matmul(node: torch.fx.Node, fp16: bool) -> str | None:
+    dtypes = [_quantized_as(a) for a in node.args[:2]]
+    if torch.uint16 in dtypes and torch.int16 in dtypes:
+        return ("MatMul of uint16 by int16: HTP refuses the mix (QNN error 3110; uint16 by uint16, uint8 or int8 "
+                "compile); quantize with handoff's qnn quantizer (--option qnn.activation_bits=16 makes both uint16)")
+    return None
+
+
+_SIXTEEN = (torch.uint16, torch.int16)
+#: Ops that only move values: a dequantize before them still decides the encoding HTP sees.
+_MOVES = frozenset({torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten.permute.default,
+                    torch.ops.aten.transpose.int, torch.ops.aten.expand.default, torch.ops.aten.clone.default,
+                    torch.ops.aten._unsafe_view.default, torch.ops.aten.unsqueeze.default, torch.ops.aten.squeeze.dim})
+
+
+def _quantized_as(arg: Any) -> Any:
+    """The integer dtype ``arg`` was dequantized from (through ops that only move values), or
+    ``None`` for a float tensor."""
+    while isinstance(arg, torch.fx.Node) and arg.target in _MOVES:
+        arg = arg.args[0]
+    return qdq_dtype(arg) if is_qdq(arg, "dequantize") else None
 
 
 def _batch_norm_params(node: torch.fx.Node, params: frozenset[str] | None) -> str | None:
@@ -287,8 +318,8 @@ TABLE: dict[Any, Rule | str] = {
              "with --option qnn.precision=fp16 only"),
     A.native_group_norm.default: Rule("InstanceNormalization", outputs=1, fp32=_FP32_MISSING),
     # linear algebra and convolution
-    A.mm.default: Rule("MatMul"),
-    A.bmm.default: Rule("MatMul"),
+    A.mm.default: Rule("MatMul", check=_matmul),
+    A.bmm.default: Rule("MatMul", check=_matmul),
     A.addmm.default: Rule("Gemm", check=_addmm),
     A.linear.default: Rule("Gemm / MatMul, Add"),
     A.convolution.default: Rule("Conv / ConvTranspose", check=_conv),

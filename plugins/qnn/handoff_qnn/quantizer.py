@@ -58,7 +58,7 @@ def htp_quantizer(target: Target, activation_bits: int = 8) -> Any:
                 with _quiet():
                     model = super().annotate(model)
                 if activation_bits == 16:
-                    _uint16_activations(model)
+                    _legalize_16a8w(model)
                 return model
 
         soc = target.soc_name if target.soc_name in QcomChipset.__members__ else DEFAULT_SOC
@@ -68,24 +68,41 @@ def htp_quantizer(target: Target, activation_bits: int = 8) -> Any:
     return quantizer
 
 
-def _uint16_activations(model: Any) -> None:
-    """Annotate 16-bit activations as ``torch.uint16`` where QnnQuantizer writes ``torch.int32``
-    with the range [0, 65535] (same values): converted, they become uint16 QuantizeLinear /
-    DequantizeLinear in ONNX (opset 21), which HTP runs as 16-bit; int32 ones would not export."""
+def _legalize_16a8w(model: Any) -> None:
+    """Legalize QnnQuantizer's 16a8w annotations for ONNX QDQ and the HTP of onnxruntime-qnn:
+
+    * 16-bit activations: QnnQuantizer writes ``torch.int32`` with the range [0, 65535]; annotated
+      as ``torch.uint16`` (same values) they become uint16 QuantizeLinear / DequantizeLinear in ONNX
+      (opset 21), which HTP runs as 16-bit; int32 ones would not export.
+    * Its 16a16w "weight" spec (int16 symmetric, [-32767, 32767]), used for the second input of a
+      MatMul and for a LayerNorm's scale, is refused by HTP there (measured on the QNN 2.51 HTP
+      emulator, "backendValidateOpConfig failed, error 3110"): MatMul takes uint16 x uint16 but not
+      uint16 x int16, and LayerNorm with 16-bit activations takes only a uint8 scale (int16, uint16
+      and int8 refused). So an activation stays symmetric as uint16 (zero point 32768; ONNX
+      QuantizeLinear could not express the [-32767, 32767] clamp anyway), and a weight (a
+      parameter: LayerNorm's gamma) gets uint8 affine per tensor."""
     import torch
+    from torchao.quantization.pt2e import MinMaxObserver
     from torchao.quantization.pt2e.quantizer import QuantizationSpec
     from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
-    def narrowed(spec: Any) -> Any:
-        if isinstance(spec, QuantizationSpec) and spec.dtype == torch.int32 and (spec.quant_min, spec.quant_max) == (0, 65535):
+    def legal(spec: Any, source: Any = None) -> Any:
+        if not isinstance(spec, QuantizationSpec):
+            return spec
+        if spec.dtype == torch.int32 and (spec.quant_min, spec.quant_max) == (0, 65535):
             return dataclasses.replace(spec, dtype=torch.uint16)
+        if spec.dtype == torch.int16 and (spec.quant_min, spec.quant_max) == (-32767, 32767):
+            if getattr(source, "op", None) == "get_attr":
+                return QuantizationSpec(dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=torch.per_tensor_affine,
+                                        observer_or_fake_quant_ctr=MinMaxObserver)
+            return dataclasses.replace(spec, dtype=torch.uint16, quant_min=0, quant_max=65535)
         return spec
 
     for node in model.graph.nodes:
         note = node.meta.get(Q_ANNOTATION_KEY)
         if note is not None:
-            note.input_qspec_map = {k: narrowed(v) for k, v in note.input_qspec_map.items()}
-            note.output_qspec = narrowed(note.output_qspec)
+            note.input_qspec_map = {k: legal(v, k) for k, v in note.input_qspec_map.items()}
+            note.output_qspec = legal(note.output_qspec)
 
 
 @contextlib.contextmanager

@@ -209,3 +209,21 @@ def test_no_quantize_op_is_stranded_on_the_host(model, backends, plugins):
         assert report.coverage(backends[0]) == 100.0 and report.stats[backends[0]].partitions == 1
     acc = testing.check_int8(result.to_bytes(), q, model, _GROUP_SPECS)
     assert acc["max_steps"] <= testing.TOLERANCE["int8"]
+
+
+def test_int8_op_table_rows_are_claimed_and_match(tmp_path, monkeypatch):
+    """handoff.testing's int8 one-op samples (dq -> conv/linear/add/relu -> q), each exported as
+    ``handoff partition`` does, judged by XNNPACK's capability, lowered through ExecuTorch's
+    quantized XNNPACK path and run by its runtime: every one claimed and within one output
+    quantization step of eager torch (XNNPACK has no tools/check_op_table.py; its float ops are
+    covered by the conformance suite)."""
+    import json
+
+    from handoff.testing import check_op_table, int8_samples
+
+    keep = testing.register_plugins("handoff_xnnpack.plugin").compiler("xnnpack", {}).ops_to_not_decompose()
+    monkeypatch.setenv("HANDOFF_HOME", str(tmp_path / "home"))
+    out = tmp_path / "rows.json"
+    assert check_op_table("xnnpack", int8_samples(keep=keep), ["--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 and all(r["verdict"] == "agree" and r["claimed"] for r in rows), rows
