@@ -70,6 +70,16 @@ _env_lock = threading.Lock()
 _devices: dict[tuple[str, bool], "_Device"] = {}
 _chosen: dict[str, Any] = {}  # the adapter option, lowercased -> adapter
 _devices_lock = threading.Lock()
+#: The C types wgpu-py 0.32 first asks cffi for during a run (encoder, compute pass, command
+#: buffer, submit, map callback), and with ``timestamps=1``. cffi parses each new type string once
+#: per process with pycparser, re-reading every typedef of wgpu's header: about 100 ms for these on
+#: an H200 machine's host, which made a process's first run 1.3 ms -> 168 ms. :func:`_warm_run_types`
+#: parses them on a thread while the first load compiles its pipelines.
+_RUN_CTYPES = ("WGPUCommandEncoderDescriptor *", "WGPUComputePassDescriptor *", "WGPUCommandBufferDescriptor *",
+               "WGPUCommandBuffer[]", "void(WGPUMapAsyncStatus, WGPUStringView, void *, void *)",
+               "WGPUBufferMapCallbackInfo *", "intptr_t")
+_TIMESTAMP_CTYPES = ("WGPUPassTimestampWrites *",)
+_warmups: dict[bool, threading.Thread] = {}  # timestamps -> the thread that parsed the run's C types
 
 
 def prepare_environment() -> None:
@@ -226,6 +236,7 @@ class VulkanRuntime(Runtime):
             dev = _Device(wgpu, adapter, device, device.queue, name, dict(device.limits), timestamps, frozenset(features),
                           f"wgpu:{name}" + (" +timestamps" if timestamps else ""))
             _devices[key] = dev
+            _warm_run_types(timestamps)
             return dev
 
     # -- load ------------------------------------------------------------------------------------
@@ -550,6 +561,29 @@ def _record(compute: Any, passes: list[tuple[Any, Any, tuple[int, int, int]]], r
             last = pipeline
         compute.set_bind_group(0, group)
         compute.dispatch_workgroups(x, y, z)
+
+
+def _warm_run_types(timestamps: bool) -> None:
+    """Have cffi parse the C types of a run (:data:`_RUN_CTYPES`) on a daemon thread, once per
+    process: pycparser holds the GIL, but the load's pipeline compilation (native) does not, so the
+    two overlap instead of the parsing landing on the first run."""
+    if timestamps in _warmups:
+        return
+    names = _RUN_CTYPES + (_TIMESTAMP_CTYPES if timestamps else ())
+
+    def parse() -> None:
+        try:
+            from wgpu.backends.wgpu_native._ffi import ffi
+        except Exception:  # not wgpu-native: nothing to warm
+            return
+        for name in names:
+            try:
+                ffi.typeof(name)
+            except Exception:  # another wgpu release names it differently: parsed when used instead
+                pass
+
+    thread = _warmups[timestamps] = threading.Thread(target=parse, name="handoff-vulkan-ctypes", daemon=True)
+    thread.start()
 
 
 def _native_passes(passes: list[tuple[Any, Any, tuple[int, int, int]]]) -> list[tuple[Any, ...]] | None:
