@@ -120,7 +120,7 @@ class QnnCompiler(Compiler):
         (:func:`handoff.extract_partition`); should that one fail where its cut passed, the
         search goes on over the rest with an export per check."""
         whole = self._export(ep, group)
-        cut = _OnnxCut(whole) if isinstance(whole, onnx.ModelProto) else None
+        cut = _OnnxCut(whole, ep, group) if isinstance(whole, onnx.ModelProto) else None
         declined, last = self._search(ep, group, by_name, whole, cut)
         rest = [n for n in group if n not in declined]
         if rest and cut is not None and rest != group:
@@ -145,8 +145,8 @@ class QnnCompiler(Compiler):
         def check(names: list[str]) -> str | None:
             if whole is not None and len(names) == len(group):
                 last[0] = self._compile_check(whole)
-            elif cut is not None:
-                last[0] = self._compile_check(cut.model(names))
+            elif cut is not None and (model := cut.model(names)) is not None:
+                last[0] = self._compile_check(model)
             else:
                 last[0] = self._check(ep, names)
             return None if last[0] is _CONSTANT or last[0] is _EMPTY else last[0]
@@ -319,11 +319,16 @@ class _OnnxCut:
     reader); a node reading only weights and constants belongs to none and is kept wherever it
     is read. A cut keeps the ONNX nodes of the FX nodes named: its inputs are the values they
     read from other nodes or the graph's inputs, its outputs the values read outside it or the
-    graph's outputs, as :func:`handoff.extract_partition` cuts the FX graph. The export's
-    optimizer may have fused ops across a cut's border; the rest the search settles on is
-    therefore checked once more on its own export."""
+    graph's outputs, as :func:`handoff.extract_partition` cuts the FX graph.
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    The exporter's optimizer fuses chains (``view -> bmm -> view`` becomes one MatMul recorded
+    as the last view): an FX node of the group with no ONNX node of its own was absorbed by the
+    ONNX nodes it feeds. A cut that keeps some but not all FX nodes of such a fused node cannot
+    be made faithfully (:meth:`model` returns ``None``: export that candidate on its own), so
+    the search blames the node the per-candidate export would (the bmm, not the view). The
+    rest the search settles on is checked once more on its own export."""
+
+    def __init__(self, model: onnx.ModelProto, ep: Any, group: Sequence[str]) -> None:
         graph = model.graph
         self._nodes = list(graph.node)
         constant = {t.name for t in graph.initializer}
@@ -350,12 +355,31 @@ class _OnnxCut:
             self._owner[i] = next((o for o in readers if o is not None), None)
         self._constant = constant
         self._graph_outputs = {o.name for o in graph.output}
+        by_name = {n.name: n for n in ep.graph.nodes}
+        inside, live = set(group), set(ep.graph_signature.user_inputs)  # live: computed from the inputs
+        for n in ep.graph.nodes:
+            if n.op == "call_function" and (n.name not in inside or any(i.name in live for i in n.all_input_nodes)):
+                live.add(n.name)
+        absorbed = (inside & live) - set(self._owner)  # weights-only nodes were folded, not fused
+        self._fused: list[set[str]] = []  # per ONNX node: the FX nodes it computes besides its owner
+        for owner in self._owner:
+            fused, stack = set(), [owner] if owner in by_name else []
+            while stack:
+                for inp in by_name[stack.pop()].all_input_nodes:
+                    if inp.name in absorbed and inp.name not in fused:
+                        fused.add(inp.name)
+                        stack.append(inp.name)
+            self._fused.append(fused)
         self._extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model))
 
     def model(self, names: Sequence[str]) -> Any:
-        """The ONNX model of ``names``, or :data:`_EMPTY` / :data:`_CONSTANT` (nothing to compile)."""
+        """The ONNX model of ``names``, :data:`_EMPTY` / :data:`_CONSTANT` (nothing to compile), or
+        ``None`` when ``names`` splits a fused ONNX node."""
         keep = set(names)
         inside = [i for i, owner in enumerate(self._owner) if owner in keep]
+        if any(not self._fused[i] <= keep for i in inside) or any(
+                self._fused[i] & keep for i, owner in enumerate(self._owner) if owner is not None and owner not in keep):
+            return None
         made = {v for i in inside for v in self._nodes[i].output if v}
         inputs = list(dict.fromkeys(v for i in inside for v in self._nodes[i].input
                                     if v and v not in made and v not in self._constant))

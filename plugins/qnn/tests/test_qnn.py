@@ -245,7 +245,7 @@ def test_onnx_cut_computes_what_the_fx_cut_computes():
     with torch.no_grad():
         Keep(ep.module()).run(x)
     values[whole.graph.input[0].name] = x  # the group's one graph input is the model's input
-    cut = _OnnxCut(whole)
+    cut = _OnnxCut(whole, ep, group)
     hole = [n for n in group if n != "addmm_1"]
     for names in (group[:3], group[2:6], hole):
         model = cut.model(names)
@@ -265,7 +265,10 @@ def test_onnx_cut_computes_what_the_fx_cut_computes():
 def test_in_context_search_exports_the_group_once(qnn_plugins, monkeypatch):
     """The in-context search on small_transformer (bmm fails to finalize after softmax) declines
     the same nodes whether each candidate is cut out of the group's one export or exported on
-    its own, with 2 exports (the group, then the rest it settles on) instead of one per check."""
+    its own (bmm_1 has no ONNX node of its own: its view -> bmm -> view chain is one MatMul recorded
+    as view_8, and a cut splitting it is exported instead; cutting it blamed view_8). Exports: the
+    group, the rest, and only candidates that split a fused node; never more than one per check
+    (this search is short: 7 either way; the bandwidth GRU's 683-node group is where it pays)."""
     from handoff.cache import CapabilityCache
 
     from handoff_qnn import compiler as qc
@@ -286,10 +289,10 @@ def test_in_context_search_exports_the_group_once(qnn_plugins, monkeypatch):
     cut = real_check(compiler, ep, nodes)
     cut_exports = len(exports)
     exports.clear()
-    monkeypatch.setattr(qc, "_OnnxCut", lambda model: None)
+    monkeypatch.setattr(qc, "_OnnxCut", lambda *a: None)
     one_by_one = real_check(compiler, ep, nodes)
     assert cut == one_by_one and any("aten.bmm.default in this graph" in r for r in cut.values())
-    assert cut_exports == 2 < len(exports)
+    assert cut_exports <= len(exports)
 
 
 def test_claimed_partition_that_fails_falls_back(qnn_plugins):
