@@ -40,6 +40,7 @@ import time
 from typing import Any, Iterator, Mapping, Sequence
 
 import onnx
+import onnx.utils
 import torch
 
 from handoff import (Compiler, Lowered, LoweringError, extract_partition, first_failing, one_line,
@@ -112,13 +113,46 @@ class QnnCompiler(Compiler):
     def _find_refused(self, ep: Any, group: list[str], by_name: Mapping[str, Any]) -> dict[str, str]:
         """Decline, one at a time, the last node of the smallest failing prefix (topological
         order) of ``group``, with the dequantize users of a quantize so declined, until the rest
-        compiles (:func:`handoff.first_failing`); a rest with
-        nothing to compile is declined whole. Each check cuts the nodes out exactly as the core
-        will (:func:`handoff.extract_partition`) and exports them the same way."""
-        last: list[Any] = [None]  # the outcome of the latest check: the rest's, at the end
+        compiles (:func:`handoff.first_failing`, over whole quantize/dequantize units:
+        :func:`_qdq_units`); a rest with nothing to compile is declined whole.
+
+        The group is exported to ONNX once; each sub-list the search tries is cut out of that
+        export (:class:`_OnnxCut`) instead of being exported again (the export, not QNN's compile,
+        was most of the time: ~7 checks per declined node on the bandwidth GRU). The rest that
+        passes is then cut out of the program and exported exactly as the core will lower it
+        (:func:`handoff.extract_partition`); should that one fail where its cut passed, the
+        search goes on over the rest with an export per check."""
+        whole = self._export(ep, group)
+        cut = _OnnxCut(whole, ep, group) if isinstance(whole, onnx.ModelProto) else None
+        declined, last = self._search(ep, group, by_name, whole, cut)
+        rest = [n for n in group if n not in declined]
+        if rest and cut is not None and rest != group:
+            last = self._check(ep, rest)
+            if isinstance(last, str):
+                more, last = self._search(ep, rest, by_name, None, None)
+                declined.update(more)
+                rest = [n for n in rest if n not in more]
+        if rest and last in _NOTHING:
+            declined.update({n: f"this group of {len(rest)} node(s) {_NOTHING[last]}: nothing for HTP to run"
+                             for n in rest})
+        return declined
+
+    def _search(self, ep: Any, group: list[str], by_name: Mapping[str, Any], whole: Any,
+                cut: _OnnxCut | None) -> tuple[dict[str, str], Any]:
+        """:func:`handoff.first_failing` over ``group``'s quantize/dequantize units (``whole``: its
+        export or outcome, when at hand; ``cut``: sub-lists cut out of it, else exported one by
+        one): the declined nodes and the outcome of the last check (the rest's)."""
+        last: list[Any] = [None]
 
         def check(names: list[str]) -> str | None:
-            last[0] = self._check(ep, names)
+            if whole is not None and len(names) == len(group):
+                last[0] = self._compile_check(whole)
+            elif _only_qdq(by_name[n] for n in names):
+                last[0] = _QDQ_ONLY  # as _export says; a cut would be compiled and blamed
+            elif cut is not None and (model := cut.model(names)) is not None:
+                last[0] = self._compile_check(model)
+            else:
+                last[0] = self._check(ep, names)
             return None if last[0] in _NOTHING else last[0]
 
         declined: dict[str, str] = {}
@@ -132,22 +166,24 @@ class QnnCompiler(Compiler):
                 context = "even alone" if alone else "in this graph (what precedes it compiles without it)"
                 declined[culprit] = f"QNN HTP fails to compile {op} {context}: {error}"
             _LOG.info("qnn: declined %s (%s) after an in-context compile failed", culprit, op)
-        rest = [n for n in order if n not in declined]
-        if rest and last[0] in _NOTHING:
-            why = _NOTHING[last[0]]
-            declined.update({n: f"this group of {len(rest)} node(s) {why}: nothing for HTP to run" for n in rest})
-        return declined
+        return declined, last[0]
 
     def _check(self, ep: Any, names: list[str]) -> Any:
         """``None`` when ``names`` (with their getitems) compile on QNN as one graph, the failure
         message otherwise, or :data:`_CONSTANT` / :data:`_EMPTY` / :data:`_QDQ_ONLY` for groups with
-        nothing to run. A group of quantize/dequantize ops alone is one: the QNN EP hands a graph's
-        input quantize and output dequantize to the CPU, so such a prefix of a quantized partition
-        would fail on its own and be blamed for what follows it."""
+        nothing to run."""
+        return self._compile_check(self._export(ep, names))
+
+    def _export(self, ep: Any, names: list[str]) -> Any:
+        """``names`` (with their getitems) cut out of ``ep`` and exported to ONNX as the core will
+        lower them, or the outcome that makes a compile moot (an error, :data:`_CONSTANT`,
+        :data:`_EMPTY`, :data:`_QDQ_ONLY`). A group of quantize/dequantize ops alone is one: the
+        QNN EP hands a graph's input quantize and output dequantize to the CPU, so such a prefix
+        of a quantized partition would fail on its own and be blamed for what follows it."""
         wanted = set(names)
         ordered = [n.name for n in ep.graph.nodes if n.op == "call_function" and (
             n.name in wanted or (n.target is operator.getitem and n.args[0].name in wanted))]
-        if all(ops.is_qdq(n, "") for n in ep.graph.nodes if n.name in wanted):
+        if _only_qdq(n for n in ep.graph.nodes if n.name in wanted):
             return _QDQ_ONLY
         try:
             sub, inputs, _ = extract_partition(ep, ordered, {})
@@ -159,8 +195,12 @@ class QnnCompiler(Compiler):
             model = to_onnx(sub, "group")
         except LoweringError as exc:
             return str(exc)
-        if not model.graph.node:
-            return _EMPTY
+        return model if model.graph.node else _EMPTY
+
+    def _compile_check(self, model: Any) -> Any:
+        """Compile ``model`` (an ONNX model) on QNN: ``None`` or the failure; other outcomes pass through."""
+        if not isinstance(model, onnx.ModelProto):
+            return model
         error, _ = self._session(model.SerializeToString(), {})
         return None if error is None else one_line(error)
 
@@ -283,6 +323,11 @@ class QnnCompiler(Compiler):
         return list(refused.values())
 
 
+def _only_qdq(nodes: Any) -> bool:
+    """Whether ``nodes`` (FX nodes) are all quantize/dequantize ops."""
+    return all(ops.is_qdq(n, "") for n in nodes)
+
+
 def _qdq_units(ep: Any, group: list[str], by_name: Mapping[str, Any]) -> tuple[list[str], dict[str, list[str]]]:
     """``group`` in the order bisection cuts it, and the nodes it must keep together
     (``first_failing``'s ``together``):
@@ -343,6 +388,98 @@ def _qdq_units(ep: Any, group: list[str], by_name: Mapping[str, Any]) -> tuple[l
         if not weight_only(by_name[name]):
             emit(name)
     return order + [n for n in group if n not in order], together
+
+
+class _OnnxCut:
+    """Sub-lists of a group's FX nodes cut out of the group's one ONNX export with
+    ``onnx.utils.Extractor``, for :meth:`QnnCompiler._find_refused`.
+
+    Each ONNX node belongs to the FX node ``torch.onnx`` recorded in its metadata
+    (``pkg.torch.onnx.fx_node``); a node the exporter's optimizer made without that record
+    belongs to the FX node of the value it reads (or, reading only graph inputs, of its first
+    reader); a node reading only weights and constants belongs to none and is kept wherever it
+    is read. A cut keeps the ONNX nodes of the FX nodes named: its inputs are the values they
+    read from other nodes or the graph's inputs, its outputs the values read outside it or the
+    graph's outputs, as :func:`handoff.extract_partition` cuts the FX graph.
+
+    The exporter's optimizer fuses chains (``view -> bmm -> view`` becomes one MatMul recorded
+    as the last view): an FX node of the group with no ONNX node of its own was absorbed by the
+    ONNX nodes it feeds. A cut that keeps some but not all FX nodes of such a fused node cannot
+    be made faithfully (:meth:`model` returns ``None``: export that candidate on its own), so
+    the search blames the node the per-candidate export would (the bmm, not the view). The
+    rest the search settles on is checked once more on its own export."""
+
+    def __init__(self, model: onnx.ModelProto, ep: Any, group: Sequence[str]) -> None:
+        graph = model.graph
+        self._nodes = list(graph.node)
+        constant = {t.name for t in graph.initializer}
+        producer: dict[str, int] = {}
+        self._owner: list[str | None] = []
+        unowned = []
+        for i, node in enumerate(self._nodes):
+            live = [v for v in node.input if v and v not in constant]
+            owner = _fx_name(node)
+            if owner is None and live:
+                owner = next((self._owner[producer[v]] for v in live if v in producer), None)
+                if owner is None:
+                    unowned.append(i)
+            if owner is None and not live:
+                constant.update(v for v in node.output if v)
+            self._owner.append(owner)
+            producer.update((v, i) for v in node.output if v)
+        self._readers: dict[str, list[int]] = {}
+        for i, node in enumerate(self._nodes):
+            for v in node.input:
+                self._readers.setdefault(v, []).append(i)
+        for i in reversed(unowned):  # reads only graph inputs: it goes with its first reader
+            readers = [self._owner[r] for v in self._nodes[i].output for r in self._readers.get(v, ())]
+            self._owner[i] = next((o for o in readers if o is not None), None)
+        self._constant = constant
+        self._graph_outputs = {o.name for o in graph.output}
+        by_name = {n.name: n for n in ep.graph.nodes}
+        inside, live = set(group), set(ep.graph_signature.user_inputs)  # live: computed from the inputs
+        for n in ep.graph.nodes:
+            if n.op == "call_function" and (n.name not in inside or any(i.name in live for i in n.all_input_nodes)):
+                live.add(n.name)
+        absorbed = (inside & live) - set(self._owner)  # weights-only nodes were folded, not fused
+        self._fused: list[set[str]] = []  # per ONNX node: the FX nodes it computes besides its owner
+        for owner in self._owner:
+            fused, stack = set(), [owner] if owner in by_name else []
+            while stack:
+                for inp in by_name[stack.pop()].all_input_nodes:
+                    if inp.name in absorbed and inp.name not in fused:
+                        fused.add(inp.name)
+                        stack.append(inp.name)
+            self._fused.append(fused)
+        self._extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model))
+
+    def model(self, names: Sequence[str]) -> Any:
+        """The ONNX model of ``names``, :data:`_EMPTY` / :data:`_CONSTANT` (nothing to compile), or
+        ``None`` when ``names`` splits a fused ONNX node."""
+        keep = set(names)
+        inside = [i for i, owner in enumerate(self._owner) if owner in keep]
+        if any(not self._fused[i] <= keep for i in inside) or any(
+                self._fused[i] & keep for i, owner in enumerate(self._owner) if owner is not None and owner not in keep):
+            return None
+        made = {v for i in inside for v in self._nodes[i].output if v}
+        inputs = list(dict.fromkeys(v for i in inside for v in self._nodes[i].input
+                                    if v and v not in made and v not in self._constant))
+        outputs = [v for i in inside for v in self._nodes[i].output if v and (
+            v in self._graph_outputs or any(self._owner[r] not in keep for r in self._readers.get(v, ())))]
+        if not outputs:
+            return _EMPTY
+        if not inputs:
+            return _CONSTANT
+        return self._extractor.extract_model(inputs, outputs)
+
+
+def _fx_name(node: onnx.NodeProto) -> str | None:
+    """The FX node ``torch.onnx`` exported ``node`` from (its ``pkg.torch.onnx.fx_node`` record)."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.fx_node":
+            m = _FX_NODE.match(prop.value)
+            return m.group(1) if m else None
+    return None
 
 
 def to_onnx(ep: torch.export.ExportedProgram, name: str = "partition") -> onnx.ModelProto:
@@ -426,14 +563,9 @@ def _io(value: onnx.ValueInfoProto) -> dict[str, Any]:
 def _fx_node(model: onnx.ModelProto, onnx_name: str, ep: Any) -> str | None:
     """The FX node of ``ep`` that ``torch.onnx`` lowered to ONNX node ``onnx_name``."""
     names = {n.name for n in ep.graph.nodes if n.op == "call_function"}
-    for node in model.graph.node:
-        if node.name != onnx_name:
-            continue
-        for prop in node.metadata_props:
-            if prop.key == "pkg.torch.onnx.fx_node":
-                m = _FX_NODE.match(prop.value)
-                if m and m.group(1) in names:
-                    return m.group(1)
+    fx = next((_fx_name(node) for node in model.graph.node if node.name == onnx_name), None)
+    if fx in names:
+        return fx
     guess = onnx_name.removeprefix("node_")
     return guess if guess in names else None
 

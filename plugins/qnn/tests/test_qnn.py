@@ -212,6 +212,89 @@ def test_lowering_error_names_the_refused_node():
     assert info.value.node == "erf"
 
 
+def test_onnx_cut_computes_what_the_fx_cut_computes():
+    """check_partition's search cuts sub-lists out of the group's one ONNX export (_OnnxCut)
+    instead of exporting each: a prefix, a middle run and a group with a hole give ONNX models
+    whose inputs and outputs are the FX cut's (weight-only values folded away) and whose outputs,
+    run by ONNX Runtime's CPU EP on the eager values flowing in, are the eager values."""
+    import onnxruntime
+
+    from handoff_qnn.compiler import _CONSTANT, _EMPTY, _OnnxCut, to_onnx
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return torch.tanh(torch.sigmoid(self.b(h)) * h + x) - h
+
+    torch.manual_seed(0)
+    ep = torch.export.export(Net().eval(), (torch.randn(2, 8),)).run_decompositions()
+    group = [n.name for n in ep.graph.nodes if n.op == "call_function"]
+    whole = to_onnx(handoff.extract_partition(ep, group)[0])
+    values = {}  # every FX value of the program on a fresh input, by node name
+
+    class Keep(torch.fx.Interpreter):
+        def run_node(self, n):
+            values[n.name] = super().run_node(n)
+            return values[n.name]
+
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        Keep(ep.module()).run(x)
+    values[whole.graph.input[0].name] = x  # the group's one graph input is the model's input
+    cut = _OnnxCut(whole, ep, group)
+    hole = [n for n in group if n != "addmm_1"]
+    for names in (group[:3], group[2:6], hole):
+        model = cut.model(names)
+        _, fx_inputs, fx_outputs = handoff.extract_partition(ep, names)
+        assert {i.name for i in model.graph.input} - {"x", whole.graph.input[0].name} == \
+            {n.name for n in fx_inputs} - {"x"}
+        weights_only = {"permute", "permute_1"}  # folded into initializers by the exporter
+        assert {o.name for o in model.graph.output} == {n.name for n in fx_outputs} - weights_only
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        feeds = {i.name: values[i.name].numpy() for i in model.graph.input}
+        for out, got in zip(model.graph.output, session.run(None, feeds)):
+            assert_matches_eager(got, values[out.name])
+    assert cut.model(["permute"]) is _EMPTY  # a weight transpose: folded, nothing left to compile
+    assert cut.model([]) is _EMPTY and _CONSTANT is not _EMPTY
+
+
+def test_in_context_search_exports_the_group_once(qnn_plugins, monkeypatch):
+    """The in-context search on small_transformer (bmm fails to finalize after softmax) declines
+    the same nodes whether each candidate is cut out of the group's one export or exported on
+    its own (bmm_1 has no ONNX node of its own: its view -> bmm -> view chain is one MatMul recorded
+    as view_8, and a cut splitting it is exported instead; cutting it blamed view_8). Exports: the
+    group, the rest, and only candidates that split a fused node; never more than one per check
+    (this search is short: 7 either way; the bandwidth GRU's 683-node group is where it pays)."""
+    from handoff.cache import CapabilityCache
+
+    from handoff_qnn import compiler as qc
+
+    calls = []
+    real_check = QnnCompiler.check_partition
+
+    def record(self, ep, nodes):
+        calls.append((self, ep, list(nodes)))
+        return real_check(self, ep, nodes)
+
+    monkeypatch.setattr(QnnCompiler, "check_partition", record)
+    handoff.partition("zoo:small_transformer", backends=["qnn"], capability=CapabilityCache(disk=False))
+    compiler, ep, nodes = calls[0]
+    exports = []
+    real_to_onnx = qc.to_onnx
+    monkeypatch.setattr(qc, "to_onnx", lambda *a, **k: exports.append(1) or real_to_onnx(*a, **k))
+    cut = real_check(compiler, ep, nodes)
+    cut_exports = len(exports)
+    exports.clear()
+    monkeypatch.setattr(qc, "_OnnxCut", lambda *a: None)
+    one_by_one = real_check(compiler, ep, nodes)
+    assert cut == one_by_one and any("aten.bmm.default in this graph" in r for r in cut.values())
+    assert cut_exports <= len(exports)
+
+
 def test_claimed_partition_that_fails_falls_back(qnn_plugins):
     """With the in-context check off, the table alone claims bmm(x / 8, v), which QNN's fp32 path
     fails to finalize; --on-lower-error fallback moves it to TVM with QNN's message."""
