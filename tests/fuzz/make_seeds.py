@@ -68,6 +68,11 @@ OPTION_SEEDS = {
     "vulkan-buffers-float": "vulkan.max_storage_buffers=8.5\n",
     "vulkan-buffers-word": "vulkan.max_storage_buffers=eight\n",
     "vulkan-buffers-empty": "vulkan.max_storage_buffers=\n",
+    # vulkan's runtime options load_threads (1..64 or auto) and first_submit (0..2**31-1)
+    "vulkan-load": "vulkan.load_threads=4\nvulkan.first_submit=16\n",
+    "vulkan-load-auto": "vulkan.load_threads=auto\nvulkan.first_submit=0\n",
+    "vulkan-load-threads-0": "vulkan.load_threads=0\n",
+    "vulkan-first-submit-negative": "vulkan.first_submit=-1\n",
 }
 
 
