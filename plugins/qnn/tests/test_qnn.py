@@ -269,8 +269,6 @@ def test_in_context_search_exports_the_group_once(qnn_plugins, monkeypatch):
     as view_8, and a cut splitting it is exported instead; cutting it blamed view_8). Exports: the
     group, the rest, and only candidates that split a fused node; never more than one per check
     (this search is short: 7 either way; the bandwidth GRU's 683-node group is where it pays)."""
-    from handoff.cache import CapabilityCache
-
     from handoff_qnn import compiler as qc
 
     calls = []
@@ -281,7 +279,7 @@ def test_in_context_search_exports_the_group_once(qnn_plugins, monkeypatch):
         return real_check(self, ep, nodes)
 
     monkeypatch.setattr(QnnCompiler, "check_partition", record)
-    handoff.partition("zoo:small_transformer", backends=["qnn"], capability=CapabilityCache(disk=False))
+    handoff.partition("zoo:small_transformer", backends=["qnn"], use_cache=False)  # so check_partition is asked
     compiler, ep, nodes = calls[0]
     exports = []
     real_to_onnx = qc.to_onnx
