@@ -23,7 +23,8 @@ Two modes, because the GPU machine has no TVM (and need not have handoff install
 * ``--run DIR --load-only``: only handoff's load and first run of each program, with their
   phases; run it twice, in two processes, to see what the driver's on-disk shader cache saves
   (``--load-threads N`` sets the ``vulkan.load_threads`` option, ``--first-submit 0,8`` runs each
-  program with each ``vulkan.first_submit``). Without CUDA (e.g. lavapipe in CI) only handoff runs:
+  program with each ``vulkan.first_submit``; ``--profile-first-run N`` lists the N functions where
+  each program's first run spent most, from cProfile). Without CUDA (e.g. lavapipe in CI) only handoff runs:
   its numbers are then a correctness run, not a measurement of anything.
 
 On a GPU machine with Python 3.12, torch (CUDA) and numpy but no package index: put in ``.whl``
@@ -50,9 +51,11 @@ waits for the CPU to launch kernels; handoff's is the span of its one compute pa
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
 import platform
+import pstats
 import statistics
 import sys
 import time
@@ -115,8 +118,13 @@ def run_handoff(path: Path, x: np.ndarray, want: np.ndarray, args: argparse.Name
     program = handoff.load(path, options={"vulkan": options}, plugins=plugins)
     load_s = time.perf_counter() - start
     with program:
+        profile = cProfile.Profile() if args.profile_first_run else None
         first = time.perf_counter()
+        if profile:
+            profile.enable()
         (got,) = program.run([x])
+        if profile:
+            profile.disable()
         first_s = time.perf_counter() - first
         (stats,) = [d["stats"] for d in program.stats()["delegates"]]
         loaded = {"adapter": stats["adapter"], "load_ms": load_s * 1e3,
@@ -125,6 +133,8 @@ def run_handoff(path: Path, x: np.ndarray, want: np.ndarray, args: argparse.Name
                   "first_run_phases_ms": {k: v * 1e3 for k, v in (stats["host_seconds"] or {}).items()},
                   "first_run_gpu_ms": (stats["gpu_seconds"] or 0.0) * 1e3,
                   "max_rel_err": _rel_err(got, want)}
+        if profile:
+            loaded["first_run_profile"] = _top_functions(profile, args.profile_first_run)
         if args.load_only:
             return loaded
         for _ in range(args.warmup):
@@ -144,6 +154,16 @@ def run_handoff(path: Path, x: np.ndarray, want: np.ndarray, args: argparse.Name
             "gpu_ms": _median_ms(gpu),
             "host_phases_ms": {k: _median_ms([p[k] for p in phases if k in p]) for k in (phases[0] if phases else {})},
             "kernels": meta.get("kernels"), "dispatches": meta.get("dispatches")}
+
+
+def _top_functions(profile: cProfile.Profile, count: int) -> list[dict[str, Any]]:
+    """The ``count`` functions of a profiled run with the most cumulative time (where a fresh
+    process's first run goes: cffi type parsing, buffer creation, pipeline waits)."""
+    stats = pstats.Stats(profile).stats  # (file, line, name) -> (calls, primitive, tottime, cumtime, callers)
+    rows = sorted(stats.items(), key=lambda item: item[1][3], reverse=True)[:count]
+    return [{"function": f"{Path(file).name}:{line}({name})", "calls": calls,
+             "own_ms": own * 1e3, "cumulative_ms": cum * 1e3}
+            for (file, line, name), (calls, _, own, cum, _) in rows]
 
 
 def run_torch(name: str, state: Path, x: np.ndarray, want: np.ndarray,
@@ -220,6 +240,9 @@ def run(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
                 label = f"{variant} first_submit={first_submit}" if first_submit else variant
                 entry[f"handoff_vulkan[{label}]"] = ours = run_handoff(path, x, want, args, first_submit)
                 _print_ours(name, label, ours)
+                for row in ours.get("first_run_profile", []):
+                    print(f"    {row['cumulative_ms']:8.2f} ms cumulative {row['own_ms']:8.2f} ms own "
+                          f"{row['calls']:6d} calls  {row['function']}")
         if not args.load_only:
             if not args.no_torch:
                 entry.update(run_torch(name, directory / f"{name}.pt", x, want, args))
@@ -287,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-threads", default="", help="--run: the vulkan.load_threads option (default auto)")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                         help="--lower: a vulkan compile option (repeatable); the files are then NAME.TAG.hof")
+    parser.add_argument("--profile-first-run", type=int, default=0, metavar="N",
+                        help="--run: profile each program's first run (cProfile) and list its N costliest functions")
     parser.add_argument("--tag", default="", help="--lower: the variant's name in the file names (with --option)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
