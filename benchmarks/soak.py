@@ -153,14 +153,14 @@ def _reference_work(program, inputs: list):
 
     def median_cpu(call, times: int) -> float:
         spent = []
-        for _ in range(times):
+        for i in range(times):
             c0 = time.process_time()
-            call()
+            call(i)
             spent.append(time.process_time() - c0)
         return statistics.median(spent)
 
-    per_run = median_cpu(lambda: program.run(inputs[0]), 15)
-    per_unit = median_cpu(lambda: [unit() for _ in range(64)], 15) / 64
+    per_run = median_cpu(lambda i: program.run(inputs[i % len(inputs)]), max(15, len(inputs)))
+    per_unit = median_cpu(lambda i: [unit() for _ in range(64)], 15) / 64
     repeats = range(max(1, round(per_run / per_unit)) if per_unit else 1)
 
     def work() -> None:
