@@ -226,8 +226,6 @@ def test_16bit_cut_where_qnn_declines_a_unit_is_written_and_runs(monkeypatch, ba
     the LayerNorm unit runs on the host's quantize/dequantize ops or on tvm (uint16 in and out),
     qnn's second delegate starts with its dequantize. Loaded, run, and compared with the quantized
     eager model in 16-bit steps (measured 24, i.e. 0.09 of an 8-bit step; HTP's integer Linear)."""
-    from handoff.program import ProgramFile
-
     from handoff_qnn import quantizer
 
     monkeypatch.setattr(quantizer, "_legalize_16a8w", _uint16_activations_only)
@@ -246,9 +244,9 @@ def test_16bit_cut_where_qnn_declines_a_unit_is_written_and_runs(monkeypatch, ba
     assert sum("quantize_per_tensor" in n for n in declined) == 4  # its unit: 3 dequantize ops, 1 quantize
 
     data = result.to_bytes()
-    with ProgramFile.from_bytes(data) as pf:
-        m = pf.manifest
-    assert pf.minor >= 5
+    with handoff.load(data) as program:
+        m = program.manifest
+        assert program.file.minor >= 5
     calls = [i for i in m["instructions"] if i["op"] == "delegate"]
     qnn = [c for c in calls if m["delegates"][c["delegate"]]["backend"] == "qnn"]
     assert [m["values"][v]["dtype"] for v in qnn[0]["outputs"]] == ["uint16"]  # the integer tensor crosses
