@@ -128,7 +128,7 @@ def io_spec(ty: Any) -> dict[str, Any]:
 # importer targets, so the ops between run in fp32 (a backend says so with :data:`INT8_COMPUTE`).
 
 #: How a partition holding quantize/dequantize ops computes on TVM (for delegate metadata).
-INT8_COMPUTE = "dequantize-compute-quantize: int8 tensors between ops, fp32 kernels (Relax has no integer kernels)"
+INT8_COMPUTE = "dequantize-compute-quantize: integer (int8, uint8, 16-bit) tensors between ops, fp32 kernels (Relax has no integer kernels)"
 _INT_DTYPES = {torch.int8: "int8", torch.uint8: "uint8", torch.int16: "int16", torch.uint16: "uint16",
                torch.int32: "int32"}
 
