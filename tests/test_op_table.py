@@ -73,15 +73,17 @@ def test_table_entries_without_a_sample_fail_the_run(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_int8_claims_are_checked_op_by_op_on_tvm(tmp_path, capsys):
-    """tvm claims the dq -> op -> q samples of conv2d, linear, add and relu, lowers them and
-    matches eager torch within one quantization step."""
+    """tvm claims the dq -> op -> q samples of conv2d, linear, add and relu, the 16-bit ones (uint16
+    activations) and the per-channel-activation one, lowers them and matches eager torch within
+    one quantization step."""
     from handoff.testing import int8_samples
 
     out = tmp_path / "rows.json"
     status = check_op_table("tvm", int8_samples(), ["--json", str(out)], plugin="handoff.tvm.plugin")
     rows = json.loads(out.read_text())["rows"]
     assert status == 0, capsys.readouterr().out
-    assert [r["sample"] for r in rows] == ["int8 conv2d 3x3", "int8 linear", "int8 add", "int8 relu"]
+    assert [r["sample"] for r in rows] == ["int8 conv2d 3x3", "int8 linear", "int8 add", "int8 relu", "16a8w linear",
+                                           "16-bit add", "int8 add, per-channel activations"]
     assert all(r["claimed"] and r["evaluated"] and r["verdict"] == "agree" for r in rows), rows
 
 
