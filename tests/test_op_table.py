@@ -94,3 +94,20 @@ def test_a_quantized_output_is_checked_in_quantization_steps():
     assert mismatch([(want + 0.1).numpy()], want, 1e-4, step=0.1) is None
     assert mismatch([(want + 0.25).numpy()], want, 1e-4, step=0.1) == \
         "2.50 quantization steps from eager (tolerance 1)"
+    assert mismatch([(want + 6.4).numpy()], want, 1e-4, step=0.1, steps=64) is None  # a 16-bit sample's
+    assert mismatch([(want + 7.0).numpy()], want, 1e-4, step=0.1, steps=64) == \
+        "70.00 quantization steps from eager (tolerance 64)"
+
+
+def test_a_quantized_sample_is_declined_with_its_quantize_ops(tmp_path, capsys):
+    """Without ``neighbours``, a decline of a quantized sample's quantize/dequantize ops still
+    declines the sample (they travel with its op in a partition); here the per-channel-activation
+    sample on a backend that claims the add but not quantize_per_channel."""
+    from handoff.testing import int8_samples
+
+    samples = [s for s in int8_samples() if s.label == "int8 add, per-channel activations"]
+    _, rows, _ = _run(tmp_path, capsys, "--option", "ops=aten.add.Tensor", samples=samples, neighbours=False)
+    row = rows["int8 add, per-channel activations"]
+    assert not row["claimed"], row
+    assert row["reason"] == "sink has no kernel for quantized_decomposed.quantize_per_channel.default", row
+    assert row["verdict"] == "agree", row  # the sink cannot lower the quantize ops either
