@@ -439,7 +439,8 @@ def _quantized_dtype_reason(node: torch.fx.Node) -> str | None:
     target = node.target
     if getattr(target, "namespace", None) != "quantized_decomposed" or "quantize" not in target.__name__:
         return None
-    index = 6 if "per_channel" in target.__name__ else 5  # (input, scale(s), zero point(s), [axis,] min, max, dtype)
+    names = [a.name for a in target._schema.arguments]
+    index = names.index("dtype") if "dtype" in names else len(node.args)  # per_channel has an axis before it
     dtype = node.kwargs.get("dtype", node.args[index] if len(node.args) > index else None)
     if dtype is None or dtype in _QUANTIZED_DTYPES:
         return None
