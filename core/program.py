@@ -1,4 +1,4 @@
-"""The ``.hof`` program file, format version 1.4: reader, writer and validation.
+"""The ``.hof`` program file, format version 1.5: reader, writer and validation.
 
 A program file is one header, the segments (delegate blobs and constant tensors, each aligned),
 and a JSON manifest that says what the segments are and how to run them::
@@ -18,7 +18,8 @@ exception type, and nothing is allocated from a size the file claims before that
 checked against the file. Segments are handed out as read-only, zero-copy memoryviews into a
 read-only memory map, checked on first access against their XXH3-64 (format 1.4, from the
 maintained ``xxhash`` library: 4x faster than CRC-32 here, and what catches a damaged file), or in
-older files their CRC-32 (1.1) or SHA-256 (1.0). A file opened by path whose segments were all
+older files their CRC-32 (1.1) or SHA-256 (1.0). Format 1.5 added the unsigned ``uint16``,
+``uint32`` and ``uint64`` dtypes (16-bit quantized activations cross partitions as ``uint16``). A file opened by path whose segments were all
 checked before and that has not changed since (:mod:`handoff.verified`, keyed like git's index by
 device, inode, size and times) is not checked again. :meth:`ProgramFile.verify_all` checks every
 segment's SHA-256.
@@ -63,7 +64,7 @@ __all__ = [
 #: First 8 bytes of every program (PNG-style: non-ASCII byte, name, CR LF, ^Z, LF).
 MAGIC = b"\x89HOF\r\n\x1a\n"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 4
+FORMAT_MINOR = 5
 HEADER_SIZE = 96
 
 #: Header flag bits understood by this reader (none are defined in 1.0).
@@ -96,6 +97,10 @@ DTYPES: dict[str, str] = {
     "int64": "<i8",
     "uint8": "u1",
     "bool": "?",
+    # format 1.5
+    "uint16": "<u2",
+    "uint32": "<u4",
+    "uint64": "<u8",
 }
 _ITEMSIZE = {name: np.dtype(code).itemsize for name, code in DTYPES.items()}
 
@@ -351,6 +356,14 @@ class _Validator:
     def fail(self, field: str, problem: str, offset: int | None = None) -> ProgramFormatError:
         return ProgramFormatError(self.name, field, self.moff if offset is None else offset, problem)
 
+    def newer(self) -> str:
+        """For an unknown enumeration value (op, dtype): the upgrade hint where the file's minor
+        version is newer than this reader's (a later minor may add values, docs/format.md §6)."""
+        if self.h.minor <= FORMAT_MINOR:
+            return ""
+        return (f"; the file is format {self.h.major}.{self.h.minor}, newer than this reader's "
+                f"{FORMAT_MAJOR}.{FORMAT_MINOR}: upgrade handoff")
+
     # -- typed accessors
     def key(self, obj: dict, key: str, path: str) -> Any:
         if key not in obj:
@@ -506,7 +519,8 @@ class _Validator:
                 path = f"manifest.instructions[{i}]"
                 op = self.key(ins, "op", path)
                 if isinstance(op, str):
-                    raise self.fail(f"{path}.op", f"unknown op {_short(op)} (this reader knows 'delegate' and 'aten')")
+                    raise self.fail(f"{path}.op", f"unknown op {_short(op)} (this reader knows 'delegate' and 'aten')"
+                                    + self.newer())
                 raise self.fail(f"{path}.op", f"expected a string, got {_tname(op)}")
             for v in reads:
                 if definer[v] is None:
@@ -563,7 +577,7 @@ class _Validator:
         self.dict_(v, path)
         dtype = self.key(v, "dtype", path)
         if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise self.fail(f"{path}.dtype", f"{_short(dtype)} is not one of {', '.join(DTYPES)}")
+            raise self.fail(f"{path}.dtype", f"{_short(dtype)} is not one of {', '.join(DTYPES)}{self.newer()}")
         shape = self.list_(self.key(v, "shape", path), f"{path}.shape")
         if len(shape) > MAX_RANK:
             raise self.fail(f"{path}.shape", f"has {len(shape)} dimensions, more than {MAX_RANK}")
@@ -664,7 +678,7 @@ class _Validator:
                     raise _ArgError(f"{_short(x)} is not one of {', '.join(_SPECIAL_FLOATS)}", ".float")
             elif tag == "dtype":
                 if not isinstance(x, str) or x not in DTYPES:
-                    raise _ArgError(f"{_short(x)} is not one of {', '.join(DTYPES)}", ".dtype")
+                    raise _ArgError(f"{_short(x)} is not one of {', '.join(DTYPES)}{self.newer()}", ".dtype")
             elif tag in ("device", "layout", "memory_format"):
                 if not isinstance(x, str):
                     raise _ArgError(f"expected a string, got {_tname(x)}", f".{tag}")
@@ -672,7 +686,7 @@ class _Validator:
                     raise _ArgError("must not be empty", f".{tag}")
                 _check_utf8(x, f".{tag}")
             else:
-                raise _ArgError(f"unknown argument encoding {_short(tag)} (known: {', '.join(_ARG_TAGS)})")
+                raise _ArgError(f"unknown argument encoding {_short(tag)} (known: {', '.join(_ARG_TAGS)}){self.newer()}")
         else:  # not produced by json.loads; only reachable from a hand-built manifest
             raise _ArgError(f"{_tname(a)} is not a JSON value")
 
