@@ -207,15 +207,16 @@ class Program:
                         spec = plugins.spec(entry["backend"])
                         note = probe.note_name(entry["segment"], entry["backend"], spec.version)
                         self.file.note(note, probe.vouch(
-                            f"{self.file.name}: {self._entry_name(i, k)}", entry, self._call_inputs(i), spec.version,
-                            spec.runtime, blob, parsed[entry["backend"]], key=self.file.notes.get(note)))
+                            f"{self.file.name}: {self._entry_name(i, k, at=True)}", entry, self._call_inputs(i),
+                            spec.version, spec.runtime, blob, parsed[entry["backend"]], key=self.file.notes.get(note)))
                     # Vendor runtimes print when they initialise, i.e. on their first load in a process;
                     # only that one is redirected (ExecuTorch 1.5.1 loaded ~6 ms slower with fd 2 redirected).
                     with quiet_native() if type(runtime) not in _LOADED else contextlib.nullcontext():
                         handle = runtime.load(blob, entry["metadata"], parsed[entry["backend"]])
                     _LOADED.add(type(runtime))
                 except Exception as exc:
-                    failed = (k, f"backend '{entry['backend']}' failed to load its blob: {one_line(exc)}")
+                    failed = (k, f"backend '{entry['backend']}' failed to load its blob ({self._blob_at(entry)}): "
+                                 f"{one_line(exc)}")
                     if n + 1 < len(tries[i]):
                         why.append(failed)
                         continue
@@ -225,7 +226,7 @@ class Program:
                     if isinstance(exc, HandoffError) and not hint:
                         raise
                     text = str(exc) if isinstance(exc, HandoffError) else \
-                        f"{self.file.name}: {self._entry_name(i, k)} failed to load: {one_line(exc)}"
+                        f"{self.file.name}: {self._entry_name(i, k, at=True)} failed to load: {one_line(exc)}"
                     raise HandoffError(text + hint) from exc
                 break
             self._handles.append((runtime, handle))
@@ -286,12 +287,21 @@ class Program:
         calls = [ins for ins in self.manifest["instructions"] if ins["op"] == "delegate" and ins["delegate"] == i]
         return [(values[v]["shape"], values[v]["dtype"]) for v in (calls[0]["inputs"] if calls else [])]
 
-    def _entry_name(self, i: int, k: int) -> str:
-        """Delegate ``i``'s entry ``k`` (0: its own blob, k: its fallback copy k - 1) in messages."""
+    def _entry_name(self, i: int, k: int, at: bool = False) -> str:
+        """Delegate ``i``'s entry ``k`` (0: its own blob, k: its fallback copy k - 1) in messages;
+        ``at``: with where its blob lies in the file (:meth:`_blob_at`), for load errors."""
         d = self.manifest["delegates"][i]
+        where = f", {self._blob_at(_candidates(d)[k])}" if at else ""
         if k == 0:
-            return f"delegate {i} ({d['partition']}, backend '{d['backend']}')"
-        return f"delegate {i} ({d['partition']}, fallback copy {k - 1}, backend '{d['fallbacks'][k - 1]['backend']}')"
+            return f"delegate {i} ({d['partition']}, backend '{d['backend']}'{where})"
+        return (f"delegate {i} ({d['partition']}, fallback copy {k - 1}, backend "
+                f"'{d['fallbacks'][k - 1]['backend']}'{where})")
+
+    def _blob_at(self, entry: Mapping[str, Any]) -> str:
+        """Where ``entry``'s blob lies in the program file: "segment S at offset N" (the reader has
+        checked that the segment exists)."""
+        segment = entry["segment"]
+        return f"segment {segment} at offset {self.file.manifest['segments'][segment]['offset']}"
 
     def _delegate_name(self, i: int) -> str:
         copy = self.choices[i][0] if i < len(self.choices) else None

@@ -102,11 +102,15 @@ def test_missing_backend_runs_the_first_usable_copy(sink_program, model, monkeyp
 
 def test_blob_that_fails_to_load_runs_its_copy(sink_program, model):
     program, warned = _load_warned(_with_copies(sink_program, ["sinkb"]), options={"sink": {"fail_load": "1"}})
-    reason = "backend 'sink' failed to load its blob: RuntimeError: sink: refusing to load (fail_load=1)"
+    reasons = [f"backend 'sink' failed to load its blob (segment {i} at offset {offset}): RuntimeError: sink: "
+               f"refusing to load (fail_load=1)" for i, offset in ((0, 128), (1, 576))]  # where in the file
     with program:
         check_against_eager(program, model, SPECS)
-        assert [d["fallback_reason"] for d in program.stats()["delegates"]] == [reason] * 2
-    assert f"because {reason};" in str(warned[0].message)
+        assert [d["fallback_reason"] for d in program.stats()["delegates"]] == reasons
+    assert str(warned[0].message) == (
+        f"<bytes>: delegate 0 (sink_0, backend 'sink') runs its fallback copy 0 (backend 'sinkb') because "
+        f"{reasons[0]}; delegate 1 (sink_1, backend 'sink') runs its fallback copy 0 (backend 'sinkb') because "
+        f"{reasons[1]}; load with strict=True (handoff run --strict) to refuse instead")
 
 
 def test_strict_refuses_with_the_reason_and_the_way_out(sink_program, monkeypatch):
@@ -115,8 +119,8 @@ def test_strict_refuses_with_the_reason_and_the_way_out(sink_program, monkeypatc
               "without --strict) to run it")
     with pytest.raises(HandoffError) as err:
         handoff.load(data, options={"sink": {"fail_load": "1"}}, strict=True)
-    assert str(err.value) == ("<bytes>: delegate 0 (sink_0, backend 'sink') failed to load: RuntimeError: sink: "
-                              "refusing to load (fail_load=1)" + unused)
+    assert str(err.value) == ("<bytes>: delegate 0 (sink_0, backend 'sink', segment 0 at offset 128) failed to load: "
+                              "RuntimeError: sink: refusing to load (fail_load=1)" + unused)
     monkeypatch.setenv(OFF, "sink")
     with pytest.raises(HandoffError) as err:
         handoff.load(data, strict=True)
@@ -139,7 +143,8 @@ def test_no_usable_entry_lists_every_reason(sink_program, monkeypatch):
         handoff.load(_with_copies(sink_program, ["sinkb"]), options={"sinkb": {"fail_load": "1"}})
     assert str(err.value) == (
         f"<bytes>: delegate 0 (sink_0) cannot run here: its own blob: {SWITCHED_OFF}; fallback copy 0: backend "
-        f"'sinkb' failed to load its blob: RuntimeError: sinkb: refusing to load (fail_load=1)")
+        f"'sinkb' failed to load its blob (segment 0 at offset 128): RuntimeError: sinkb: refusing to load "
+        f"(fail_load=1)")
 
 
 def test_options_for_a_copys_backend_are_accepted_and_checked(sink_program):

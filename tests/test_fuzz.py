@@ -138,8 +138,8 @@ def test_vendor_crashes_found_by_fuzzing_are_one_line_errors(blob: Path, tmp_pat
     from handoff import HandoffError
 
     backend = blob.parent.name
-    with pytest.raises(HandoffError, match=rf"delegate 0 \({backend}_0, backend '{backend}'\): the vendor runtime "
-                                           rf"crashed on this blob \(SIG") as caught:
+    with pytest.raises(HandoffError, match=rf"delegate 0 \({backend}_0, backend '{backend}', segment 0 at offset "
+                                           rf"128\): the vendor runtime crashed on this blob \(SIG") as caught:
         _load_as_delegate(blob)
     assert "runpy" not in str(caught.value) and "\n" not in str(caught.value)  # the crash's words, one line
 
@@ -148,20 +148,20 @@ def test_vendor_crashes_found_by_fuzzing_are_one_line_errors(blob: Path, tmp_pat
 REGRESSION_ERRORS = {
     # ExecuTorch 1.5.1 threw std::bad_alloc (pybind11: MemoryError) on a size field of the blob.
     "xnnpack/bad-alloc-302d43ef":
-        "<bytes>: delegate 0 (xnnpack_0, backend 'xnnpack') failed to load: ValueError: xnnpack: ExecuTorch "
-        "could not allocate what this program asks for (MemoryError: std::bad_alloc): the blob is damaged or "
-        "not an xnnpack program of this release; partition the model again",
+        "<bytes>: delegate 0 (xnnpack_0, backend 'xnnpack', segment 0 at offset 128) failed to load: ValueError: "
+        "xnnpack: ExecuTorch could not allocate what this program asks for (MemoryError: std::bad_alloc): the "
+        "blob is damaged or not an xnnpack program of this release; partition the model again",
     # The container header's tensors were read with header[...]: a KeyError nobody could act on.
     "qnn/header-input-no-dtype":
-        "<bytes>: delegate 0 (qnn_0, backend 'qnn') failed to load: ValueError: qnn delegate blob header (JSON at "
-        "byte 16) is corrupt: inputs[1] is not a tensor's dtype and static shape ({'dsype': 'float32', 'name': "
-        "'input_1', 'shape': [1, 4, 8]}); the blob is damaged or was not written by handoff-qnn; partition the "
-        "model again",
+        "<bytes>: delegate 0 (qnn_0, backend 'qnn', segment 0 at offset 128) failed to load: ValueError: qnn "
+        "delegate blob header (JSON at byte 16) is corrupt: inputs[1] is not a tensor's dtype and static shape "
+        "({'dsype': 'float32', 'name': 'input_1', 'shape': [1, 4, 8]}); the blob is damaged or was not written by "
+        "handoff-qnn; partition the model again",
     "qnn/header-input-no-shape":
-        "<bytes>: delegate 0 (qnn_0, backend 'qnn') failed to load: ValueError: qnn delegate blob header (JSON at "
-        "byte 16) is corrupt: inputs[1] is not a tensor's dtype and static shape ({'dtype': 'float32', 'name': "
-        "'input_1', 'uhape': [1, 4, 8]}); the blob is damaged or was not written by handoff-qnn; partition the "
-        "model again",
+        "<bytes>: delegate 0 (qnn_0, backend 'qnn', segment 0 at offset 128) failed to load: ValueError: qnn "
+        "delegate blob header (JSON at byte 16) is corrupt: inputs[1] is not a tensor's dtype and static shape "
+        "({'dtype': 'float32', 'name': 'input_1', 'uhape': [1, 4, 8]}); the blob is damaged or was not written by "
+        "handoff-qnn; partition the model again",
 }
 
 

@@ -243,8 +243,8 @@ def fragile_program(blob: bytes) -> bytes:
 def test_a_runtime_that_crashes_on_a_blob_raises_instead(fragile_plugins, blob, how):
     """Mutated xnnpack blobs aborted the process (2 of 80); blobs not made here are now loaded
     in a separate process first."""
-    with pytest.raises(HandoffError, match=rf"delegate 0 \(fragile_0, backend 'fragile'\): the vendor runtime "
-                                           rf"crashed on this blob \({how}.*re-partition the model"):
+    with pytest.raises(HandoffError, match=rf"delegate 0 \(fragile_0, backend 'fragile', segment 0 at offset 128\): "
+                                           rf"the vendor runtime crashed on this blob \({how}.*re-partition the model"):
         handoff.load(fragile_program(blob))
 
 
@@ -252,7 +252,8 @@ def test_a_runtime_that_hangs_on_a_blob_raises_instead(fragile_plugins, monkeypa
     from handoff import probe
 
     monkeypatch.setattr(probe, "TIMEOUT_SECONDS", 3)
-    with pytest.raises(HandoffError, match=r"delegate 0 \(fragile_0, backend 'fragile'\) hung: .*over 3 s"):
+    with pytest.raises(HandoffError, match=r"delegate 0 \(fragile_0, backend 'fragile', segment 0 at offset 128\) "
+                                           r"hung: .*over 3 s"):
         handoff.load(fragile_program(b"HANG"))
 
 

@@ -1,8 +1,11 @@
 """benchmarks/soak.py's measurements (not its numbers): per-run CPU time and context switches
-beside the wall clock, so its table says whether a latency tail is the runtime or the scheduler."""
+beside the wall clock, so its table says whether a latency tail is the runtime or the scheduler;
+what the slow runs had (a collection, page faults, a switch) and a fixed-work reference timed
+beside them, so it says whether a CPU-time tail is the process's or the machine's."""
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import math
 from pathlib import Path
@@ -36,3 +39,22 @@ def test_soak_reports_cpu_time_and_switches_beside_wall_time(sink_plugins, tmp_p
         assert r["p99_not_switched"] <= r["max"]
     else:
         assert math.isnan(r["p99_not_switched"])
+    assert r["ref_p50"] > 0 and r["ref_ratio"] == r["ref_p99"] / r["ref_p50"]
+    assert 0 <= r["slow_with_ref"] <= r["slow"] < r["runs"] / 2  # slow: over twice the median
+    assert max(r["slow_collected"], r["slow_faulted"], r["slow_switched"]) <= r["slow"]
+
+
+def test_soak_counts_collections_and_can_skip_the_reference(sink_plugins, tmp_path):
+    import kitchen_sink
+
+    path = tmp_path / "sink.hof"
+    handoff.partition(kitchen_sink.sink_net(), (torch.randn(2, 8),), backends=["sink"], fallback=False).write(str(path))
+    threshold = gc.get_threshold()
+    gc.set_threshold(1)  # a young collection at nearly every allocation: each run sees some
+    try:
+        r = _soak_module().soak(str(path), runs=50, seconds=0, warmup=2, distinct=2, threads=0, rounds=0,
+                                reference=False)
+    finally:
+        gc.set_threshold(*threshold)
+    assert r["runs"] == 50 and r["collections"] >= 50
+    assert "ref_p50" not in r and "slow_with_ref" not in r

@@ -12,6 +12,7 @@ the kernels need.
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Any, Mapping
 
@@ -69,7 +70,7 @@ RUNTIME_OPTIONS: dict[str, Option] = {
     "load_threads": Option("int", "threads that create the kernels' shader modules and pipelines at load (the "
                                   "driver compiling pipelines is most of a load on a GPU); default 'auto': one per "
                                   f"CPU core, at most {MAX_LOAD_THREADS}",
-                           min=1, max=64, aliases=("auto",)),
+                           default=min(os.cpu_count() or 1, MAX_LOAD_THREADS), min=1, max=64, aliases=("auto",)),
 }
 
 

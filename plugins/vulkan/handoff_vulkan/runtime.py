@@ -47,7 +47,7 @@ import numpy as np
 from handoff import Runtime
 
 from . import WGPU_VERSION
-from ._format import FIRST_SUBMIT, MAX_LOAD_THREADS, UNIFORM_SLOT, fold_grid, uniform_bytes, unpack
+from ._format import UNIFORM_SLOT, fold_grid, uniform_bytes, unpack
 
 INSTALL_HINT = f"pip install wgpu=={WGPU_VERSION}"
 DRIVER_HINT = ("install a Vulkan driver and loader (Debian/Ubuntu: apt-get install mesa-vulkan-drivers libvulkan1 "
@@ -249,8 +249,9 @@ class VulkanRuntime(Runtime):
         # or WGSL that wgpu refuses (found by tests/fuzz/fuzz_vulkan.py: a mutated kernel escaped
         # as wgpu's own GPUValidationError), is a corrupt blob, said in one line.
         try:
-            delegate = self._build(header, data, dev, _load_threads(options))
-            delegate.chunks = _submissions(delegate.passes, delegate.raw, _first_submit(options))
+            # Both options arrive parsed with their Option's default filled in (the one place it is set).
+            delegate = self._build(header, data, dev, options["load_threads"])
+            delegate.chunks = _submissions(delegate.passes, delegate.raw, options["first_submit"])
         except dev.wgpu.GPUError as exc:
             raise ValueError(f"vulkan delegate blob is corrupt: wgpu refused it on {dev.name}: "
                              f"{' '.join(str(exc).split())[:300]}; re-partition the model") from None
@@ -447,12 +448,6 @@ class VulkanRuntime(Runtime):
         handle.buffers, handle.outputs, handle.passes, handle.raw, handle.keep = [], [], [], None, []
 
 
-def _first_submit(options: Mapping[str, Any]) -> int:
-    """The ``first_submit`` option (0: one submission per run)."""
-    wanted = options.get("first_submit")
-    return FIRST_SUBMIT if wanted is None else int(wanted)
-
-
 def _submissions(passes: list[Any], raw: list[Any] | None, first: int) -> list[tuple[list[Any], list[Any] | None]]:
     """``passes`` (and their native handles) cut into a run's submissions: ``first`` dispatches,
     then twice as many each time, so the GPU runs one part while the host records the next; one
@@ -465,12 +460,6 @@ def _submissions(passes: list[Any], raw: list[Any] | None, first: int) -> list[t
         chunks.append((passes[start:end], raw[start:end] if raw is not None else None))
         start, size = end, 2 * size
     return chunks
-
-
-def _load_threads(options: Mapping[str, Any]) -> int:
-    """The ``load_threads`` option; unset (``auto``): one per CPU core, at most MAX_LOAD_THREADS."""
-    wanted = options.get("load_threads")
-    return int(wanted) if wanted else min(os.cpu_count() or 1, MAX_LOAD_THREADS)
 
 
 def _padded_bytes(data: Any) -> Any:

@@ -859,9 +859,24 @@ def test_load_is_timed_in_phases_shares_the_device_and_builds_pipelines_on_threa
     header["kernels"][-1]["wgsl"] = header["kernels"][-1]["wgsl"].replace("fn ", "fn fn ", 1)
     with pytest.raises(ValueError, match="vulkan delegate blob is corrupt: wgpu refused it on .*; re-partition"):
         second.load(memoryview(_format.pack(header, bytes(data))), lowered.metadata, runtime_options(load_threads="4"))
-    for bad in ("0", "65", "many"):
-        with pytest.raises(ValueError, match="load_threads"):
-            runtime_options(load_threads=bad)
+
+
+def test_load_options_default_from_their_option_and_refuse_bad_values_in_one_line():
+    """``first_submit`` and ``load_threads`` get their defaults from their ``Option`` alone (the
+    runtime reads the parsed value); a bad value is the one-line error naming the valid values."""
+    auto = min(os.cpu_count() or 1, _format.MAX_LOAD_THREADS)
+    assert runtime_options()["first_submit"] == _format.FIRST_SUBMIT == 8
+    assert runtime_options()["load_threads"] == runtime_options(load_threads="auto")["load_threads"] == auto
+    assert runtime_options(first_submit="0", load_threads="3") | {"adapter": None} == \
+        {"adapter": None, "timestamps": False, "first_submit": 0, "load_threads": 3}
+    threads = "an integer >= 1 and <= 64, or 'auto'"
+    submit = "an integer >= 0 and <= 2147483647"
+    for name, bad, valid in (("load_threads", "0", threads), ("load_threads", "65", threads),
+                             ("load_threads", "many", threads), ("first_submit", "-1", submit),
+                             ("first_submit", "some", submit), ("first_submit", "2147483648", submit)):
+        with pytest.raises(ValueError) as caught:
+            runtime_options(**{name: bad})
+        assert str(caught.value) == f"option {name}={bad!r} is not valid; valid values: {valid}"
 
 
 def test_a_run_is_submitted_in_growing_parts():
@@ -908,9 +923,6 @@ def test_parts_submitted_separately_give_the_same_outputs_and_one_gpu_span():
             rt.release(handle)
     assert_matches_eager(outputs["1"], want)
     np.testing.assert_array_equal(outputs["1"], outputs["0"])
-    for bad in ("-1", "some"):
-        with pytest.raises(ValueError, match="first_submit"):
-            runtime_options(first_submit=bad)
 
 
 @pytest.mark.slow
