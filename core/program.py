@@ -757,9 +757,29 @@ class _Opened(NamedTuple):
 _OPENED: dict[tuple[str, str], _Opened] = {}
 _MAX_OPENED = 64
 
+#: Files up to this size are read into memory instead of mapped: a delegate runtime that copies
+#: its blob (ExecuTorch takes ``bytes``) then copies from memory that is already there, and
+#: closing frees memory instead of unmapping (page faults on the mapping, and an unmap that must
+#: reach every thread of the process, cost more than reading a small file whole).
+READ_BELOW_BYTES = 1 << 20
+
+
+def _read_all(fd: int, size: int, name: str) -> bytes:
+    """The file's first ``size`` bytes, or fewer if it shrank (then rejected as truncated)."""
+    try:
+        data = os.read(fd, size)
+        if len(data) < size:
+            parts = [data]
+            while size - len(data) > 0 and (more := os.read(fd, size - len(data))):
+                parts.append(more)
+                data = b"".join(parts)
+        return data
+    except OSError as e:
+        raise HandoffError(f"{name}: cannot read program file: {e.strerror or e}") from e
+
 
 class ProgramFile:
-    """A validated program file, mapped read-only.
+    """A validated program file, mapped read-only (or read, when small: :data:`READ_BELOW_BYTES`).
 
     Use :meth:`open` or :meth:`from_bytes`. The header and manifest are fully checked on open;
     each segment is checked (XXH3-64; CRC-32 or SHA-256 in older files) the first time
@@ -846,7 +866,7 @@ class ProgramFile:
 
     @classmethod
     def open(cls, path: Union[str, os.PathLike]) -> "ProgramFile":
-        """Map ``path`` read-only and validate it.
+        """Map ``path`` read-only (read it whole, up to :data:`READ_BELOW_BYTES`) and validate it.
 
         :raises ProgramFormatError: the file is not a valid program.
         :raises HandoffError: the file cannot be opened or read.
@@ -867,6 +887,9 @@ class ProgramFile:
                                    f"file; give the path of a .hof file (copy a stream to a file first)")
             if st.st_size == 0:
                 return cls(memoryview(b""), name)  # an empty file cannot be mapped; rejected as truncated
+            if st.st_size <= READ_BELOW_BYTES:
+                data = _read_all(fd, st.st_size, name)
+                return cls(memoryview(data), name, None, (st, started))
             try:
                 mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
             except OSError as e:
