@@ -25,6 +25,7 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from handoff import program
 from handoff.errors import HandoffError, ProgramFormatError
 from handoff.program import (
     DTYPES,
@@ -456,13 +457,27 @@ def test_close_with_live_views(tmp_path):
     del seg, arr
 
 
-def test_close_without_views_unmaps(tmp_path):
+def test_close_without_views_unmaps(tmp_path, monkeypatch):
+    monkeypatch.setattr(program, "READ_BELOW_BYTES", 0)  # every file mapped
     path = tmp_path / "m.hof"
     write_program(path, small_manifest(), small_segments())
     with ProgramFile.open(path) as pf:
         mm = pf._mmap
         pf.segment(0).release()
     assert mm.closed
+
+
+def test_a_small_file_is_read_and_a_large_one_mapped(tmp_path, monkeypatch):
+    path = tmp_path / "m.hof"
+    write_program(path, small_manifest(), small_segments())
+    with ProgramFile.open(path) as small:
+        assert small._mmap is None and bytes(small.segment(1)) == BLOB
+        seg = small.segment(1)
+    assert bytes(seg) == BLOB  # a view outlives close, as with a mapping
+    monkeypatch.setattr(program, "READ_BELOW_BYTES", path.stat().st_size - 1)
+    with ProgramFile.open(path) as large:
+        assert large._mmap is not None and bytes(large.segment(1)) == BLOB
+        assert large.manifest == small.manifest
 
 
 def test_segment_index_errors():
