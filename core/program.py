@@ -780,16 +780,14 @@ READ_BELOW_BYTES = 1 << 20
 
 def _read_all(fd: int, size: int, name: str) -> bytes:
     """The file's first ``size`` bytes, or fewer if it shrank (then rejected as truncated)."""
+    parts, got = [], 0
     try:
-        data = os.read(fd, size)
-        if len(data) < size:
-            parts = [data]
-            while size - len(data) > 0 and (more := os.read(fd, size - len(data))):
-                parts.append(more)
-                data = b"".join(parts)
-        return data
+        while got < size and (part := os.read(fd, size - got)):
+            parts.append(part)
+            got += len(part)
     except OSError as e:
         raise HandoffError(f"{name}: cannot read program file: {e.strerror or e}") from e
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class ProgramFile:

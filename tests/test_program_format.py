@@ -1240,3 +1240,25 @@ def test_golden_1_3_file_loads_and_runs_its_fallback_copies(sink_plugins, monkey
     with pytest.raises(HandoffError, match=r"golden_v1_3.hof: delegate 0 needs backend 'golden_npu' not installed;.*"
                                            r"strict: its fallback copies \(backend 'golden_dsp', 'sink'\) not used"):
         handoff.load(GOLDEN_1_3, strict=True)
+
+
+def test_a_small_file_read_in_pieces_or_shrinking_while_read(tmp_path, monkeypatch):
+    """Short reads are continued; a file that shrinks between fstat and read is refused as
+    truncated (one line), never read past."""
+    path = tmp_path / "m.hof"
+    write_program(path, small_manifest(), small_segments())
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: real_read(fd, min(n, 7)))
+    with ProgramFile.open(path) as pf:
+        assert bytes(pf.segment(1)) == BLOB
+    size = path.stat().st_size
+    served = [0]
+
+    def shrinking(fd: int, n: int) -> bytes:  # the file loses its last 10 bytes after fstat
+        part = real_read(fd, min(n, size - 10 - served[0]))
+        served[0] += len(part)
+        return part
+
+    monkeypatch.setattr(os, "read", shrinking)
+    with pytest.raises(ProgramFormatError, match="truncated|file_size"):
+        ProgramFile.open(path)
