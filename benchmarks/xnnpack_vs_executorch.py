@@ -1,6 +1,7 @@
 """handoff --backends xnnpack vs ExecuTorch's own XNNPACK program, eager torch and ONNX Runtime CPU.
 
     python benchmarks/xnnpack_vs_executorch.py [--runs 50] [--models zoo:mobilenet_v2,zoo:small_transformer]
+                                               [--loads 10] [--phases N]
 
 One process, one run, same inputs for everyone. For each model it prints the median latency
 (after warm-up), load + first inference (median of fresh loads from the file) in wall time and in
@@ -14,14 +15,23 @@ handoff's row is handoff's own work on top of. Contenders are timed in interleav
 ``_timing.interleaved_median_ms``, ``interleaved_medians_ms`` for the loads), so drift of a shared
 machine does not favour one of them. Targets: median <= 1.05x, size <= 1.10x (issue 3), load+first
 <= 1.10x (issue 15).
+
+``--phases N`` adds, per model, where handoff's load + first inference + close goes: N more loads
+with each phase wrapped (``_Phases``), the median main-thread CPU time of each, exclusive of the
+phases inside it (so ExecuTorch's own calls are apart from handoff's Python around them), and the
+wall time from ExecuTorch's ``load_method`` returning to the first ``forward`` starting: past a few
+hundred microseconds the thread pool's worker has gone to sleep and the first forward waits for it.
 Not a test; numbers only.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
+import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +39,133 @@ import numpy as np
 from _timing import interleaved_median_ms, interleaved_medians_ms  # benchmarks/, next to this script
 
 
-def bench_model(spec: str, runs: int, loads: int, work: Path) -> list[tuple[str, float, float, float, int, float]]:
+class _Phases:
+    """Main-thread CPU time of named phases (functions wrapped in place), each exclusive of the
+    phases that run inside it, summed per load."""
+
+    def __init__(self) -> None:
+        self.stack: list[list[Any]] = []  # [name, thread CPU ns at entry, ns spent in inner phases]
+        self.load: dict[str, int] = {}
+        self.marks: dict[str, int] = {}  # perf_counter_ns of events this load
+        self._undo: list[tuple[Any, str, Any]] = []
+
+    def call(self, name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        frame = [name, time.thread_time_ns(), 0]
+        self.stack.append(frame)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.stack.pop()
+            spent = time.thread_time_ns() - frame[1]
+            self.load[name] = self.load.get(name, 0) + spent - frame[2]
+            if self.stack:
+                self.stack[-1][2] += spent
+
+    def wrap(self, owner: Any, attr: str, name: str) -> None:
+        raw = inspect.getattr_static(owner, attr)
+        fn = getattr(owner, attr)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            return self.call(name, fn, *args, **kwargs)
+
+        setattr(owner, attr, staticmethod(timed) if isinstance(raw, (classmethod, staticmethod)) else timed)
+        self._undo.append((owner, attr, raw))
+
+    def unwrap(self) -> None:
+        while self._undo:
+            owner, attr, raw = self._undo.pop()
+            setattr(owner, attr, raw)
+
+
+class _ETBinding:
+    """ExecuTorch's binding with ``load_program``, ``load_method`` and ``forward`` timed as phases."""
+
+    def __init__(self, real: Any, phases: _Phases) -> None:
+        self._real, self._phases = real, phases
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def _load_program_from_buffer(self, *args: Any, **kwargs: Any) -> Any:
+        return _ETProgram(self._phases.call("ExecuTorch load_program", self._real._load_program_from_buffer,
+                                            *args, **kwargs), self._phases)
+
+
+class _ETProgram:
+    def __init__(self, real: Any, phases: _Phases) -> None:
+        self._real, self._phases = real, phases
+
+    def load_method(self, name: str) -> Any:
+        method = self._phases.call("ExecuTorch load_method", self._real.load_method, name)
+        self._phases.marks["loaded"] = time.perf_counter_ns()
+        return _ETMethod(method, self._phases)
+
+
+class _ETMethod:
+    def __init__(self, real: Any, phases: _Phases) -> None:
+        self._real, self._phases = real, phases
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def __call__(self, *args: Any) -> Any:
+        self._phases.marks.setdefault("forward", time.perf_counter_ns())
+        return self._phases.call("ExecuTorch forward", self._real, *args)
+
+
+def phase_table(hof: Path, np_inputs: list[np.ndarray], loads: int) -> list[tuple[str, float]]:
+    """Median main-thread CPU microseconds per phase of ``loads`` loads + first run + close of
+    ``hof`` (exclusive of inner phases; "rest" is what no phase covers), then the median wall
+    microseconds from ExecuTorch's load_method to the first forward."""
+    import handoff
+    import handoff.runtime as hr
+    from handoff.program import ProgramFile
+    from handoff_xnnpack.runtime import XnnpackRuntime
+
+    def once() -> None:
+        program = handoff.load(hof)
+        program.run(np_inputs)
+        program.close()
+
+    once()  # the file recorded, the plan made, the runtime started
+    runtime = handoff.get_plugins().runtime("xnnpack")
+    real = runtime._get_binding()
+    ph = _Phases()
+    for owner, attr, name in [
+        (ProgramFile, "open", "ProgramFile.open"),
+        (hr.Program, "__init__", "Program.__init__ (rest)"),
+        (hr.Program, "_load_delegates", "Program._load_delegates (rest)"),
+        (hr.probe, "vouch", "probe.vouch"),
+        (XnnpackRuntime, "load", "XnnpackRuntime.load (rest)"),
+        (hr.Program, "_plan", "Program._plan"),
+        (ProgramFile, "remember_verified", "ProgramFile.remember_verified"),
+        (hr.Program, "run", "Program.run (rest)"),
+        (XnnpackRuntime, "execute", "XnnpackRuntime.execute (rest)"),
+        (hr.Program, "close", "Program.close (rest)"),
+        (XnnpackRuntime, "release", "XnnpackRuntime.release (ExecuTorch's free included)"),
+        (ProgramFile, "close", "ProgramFile.close"),
+    ]:
+        ph.wrap(owner, attr, name)
+    runtime._binding = _ETBinding(real, ph)
+    samples: dict[str, list[int]] = {}
+    gaps = []
+    try:
+        for _ in range(loads):
+            ph.load, ph.marks = {}, {}
+            ph.call("total: load + first run + close (rest)", once)
+            total = sum(ph.load.values())
+            for name, ns in [*ph.load.items(), ("= total", total)]:
+                samples.setdefault(name, []).append(ns)
+            gaps.append(ph.marks["forward"] - ph.marks["loaded"])
+    finally:
+        runtime._binding = real
+        ph.unwrap()
+    rows = [(name, statistics.median(ns) / 1e3) for name, ns in samples.items()]
+    return [*rows, ("wall from load_method's return to the first forward", statistics.median(gaps) / 1e3)]
+
+
+def bench_model(spec: str, runs: int, loads: int, work: Path,
+                phases: int = 0) -> list[tuple[str, float, float, float, int, float]]:
     import onnxruntime as ort
     import torch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -110,6 +246,11 @@ def bench_model(spec: str, runs: int, loads: int, work: Path) -> list[tuple[str,
     }, loads, rounds=min(loads, 10))
     floor = [(" its blob's .pte, ExecuTorch alone", float("nan"), *load["inner"], inner.stat().st_size,
               err(et_load_first(inner)[1][0].numpy()))] if inner is not None else []
+    if phases:
+        print(f"\n{spec}: handoff's load + first run + close by phase, median main-thread CPU us of {phases} loads "
+              f"(load average {os.getloadavg()[0]:.2f})")
+        for name, us in phase_table(hof, np_inputs, phases):
+            print(f"  {name:60} {us:9.1f}")
     nan = float("nan")
     return [
         ("executorch+xnnpack", latency["et"], *load["et"], len(pte), err(et_first[0].numpy())),
@@ -125,6 +266,8 @@ def main() -> None:
     ap.add_argument("--models", default="zoo:mobilenet_v2,zoo:small_transformer")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--loads", type=int, default=10, help="fresh loads timed for load + first inference")
+    ap.add_argument("--phases", type=int, default=0, metavar="N",
+                    help="also time N loads of handoff's program phase by phase (module docstring)")
     args = ap.parse_args()
     os.environ.setdefault("HANDOFF_HOME", tempfile.mkdtemp(prefix="handoff-bench-"))
     work = Path(tempfile.mkdtemp(prefix="handoff-xnn-"))
@@ -137,7 +280,7 @@ def main() -> None:
         return f"{x:{width}.{digits}f} {x / ref:6.2f}" if x == x else f"{'-':>{width}} {'-':>6}"
 
     for spec in args.models.split(","):
-        rows = bench_model(spec, args.runs, args.loads, work)
+        rows = bench_model(spec, args.runs, args.loads, work, args.phases)
         ref = rows[0]
         print(f"\n{spec}")
         print(f"{'':34} {'median ms':>10} {'ratio':>6} {'load+1st ms':>12} {'ratio':>6} {'cpu ms':>8} {'ratio':>6} "

@@ -22,9 +22,15 @@ from .tempfiles import create_file
 HOME_ENV = "HANDOFF_HOME"
 
 
+def home_name() -> str:
+    """``$HANDOFF_HOME`` (default ``~/.handoff``), ``~`` expanded; nothing is created (lookups
+    that find nothing must not make directories)."""
+    return os.path.expanduser(os.environ.get(HOME_ENV) or "~/.handoff")
+
+
 def handoff_home() -> Path:
     """The root of every cache handoff keeps; created on demand."""
-    home = Path(os.environ.get(HOME_ENV) or Path.home() / ".handoff").expanduser()
+    home = Path(home_name())
     home.mkdir(parents=True, exist_ok=True)
     return home
 

@@ -23,10 +23,8 @@ from .cache import LoweringCache
 from .errors import HandoffError
 from .export import quiet_torch
 from .partitioner import HOST, Partition, Plan, op_name
+from .program import DTYPES, FORMAT_MAJOR, FORMAT_MINOR
 
-#: torch dtype name -> program dtype name (format 1 supports exactly these).
-DTYPES = {"float32": "float32", "float16": "float16", "float64": "float64", "int8": "int8", "int16": "int16",
-          "int32": "int32", "int64": "int64", "uint8": "uint8", "bool": "bool"}
 PROBE_LIMIT = 64  # nodes tried one by one to find the first failing op of a failed partition
 
 
@@ -52,11 +50,12 @@ class Move:
 
 
 def dtype_name(dtype: Any, where: str) -> str:
+    """The program dtype of a torch dtype: the same name (``torch.uint16`` -> ``uint16``)."""
     name = str(dtype).removeprefix("torch.")
     if name not in DTYPES:
-        raise HandoffError(f"{where}: dtype {name} is not supported by program format 1 "
-                           f"(supported: {', '.join(DTYPES)}); cast it in the model")
-    return DTYPES[name]
+        raise HandoffError(f"{where}: dtype {name} is not supported by program format "
+                           f"{FORMAT_MAJOR}.{FORMAT_MINOR} (supported: {', '.join(DTYPES)}); cast it in the model")
+    return name
 
 
 def _tensor_bytes(t: Any) -> bytes:
@@ -466,7 +465,7 @@ def _encode_arg(arg: Any, value_of: Callable[[Any], int], where: str) -> Any:
     if isinstance(arg, (list, tuple)):
         return [_encode_arg(a, value_of, where) for a in arg]
     if isinstance(arg, torch.dtype):
-        return {"dtype": str(arg).removeprefix("torch.")}
+        return {"dtype": dtype_name(arg, where)}
     if isinstance(arg, torch.device):
         return {"device": "cpu"}
     if isinstance(arg, torch.layout):

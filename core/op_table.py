@@ -10,7 +10,7 @@ claims the op's node, and the node is lowered for real and, where the evaluator 
 compared with eager torch (1e-12 relative for float64, 1e-2 where the backend or an input computes
 in float16, else 1e-4; exact for integers and bools; a float16 result may instead match eager
 torch run in float16; a quantized sample, :meth:`Samples.add_quantized`, within one quantization
-step of its output). A claim must lower (and match, where evaluable); a decline must fail one
+step of its output, 64 for a 16-bit output). A claim must lower (and match, where evaluable); a decline must fail one
 of the two; a decline the plugin documents as a device-only bug (``documented``) counts neither
 way. Anything else is a mismatch: exit status 1.
 """
@@ -40,7 +40,15 @@ A = torch.ops.aten
 AUX = frozenset({operator.getitem, A._assert_tensor_metadata.default})
 _QD = torch.ops.quantized_decomposed
 #: The quantize/dequantize ops of a quantized sample (:meth:`Samples.add_quantized`).
-QDQ_OPS = (_QD.quantize_per_tensor.default, _QD.dequantize_per_tensor.default, _QD.dequantize_per_channel.default)
+QDQ_OPS = (_QD.quantize_per_tensor.default, _QD.dequantize_per_tensor.default, _QD.quantize_per_channel.default,
+           _QD.dequantize_per_channel.default)
+#: Activation encodings of a quantized sample: torch dtype, quant_min, quant_max.
+#: A 16-bit sample's tolerance in its own steps: a quarter of an 8-bit step over the same range.
+#: Integer 16-bit kernels requantize with less internal precision than float compute (QNN HTP,
+#: measured: linear 24 steps, add 1), while a wrong encoding (zero point, scale, an 8-bit
+#: requantization: up to 128) is off by more.
+SIXTEEN_BIT_STEPS = 64.0
+ACTIVATIONS = {"int8": (torch.int8, -128, 127), "uint16": (torch.uint16, 0, 65535)}
 
 
 @dataclasses.dataclass
@@ -51,7 +59,8 @@ class Sample:
     inputs: tuple[Any, ...]
     module: torch.nn.Module | None = None
     allow: tuple[Any, ...] = ()  # other ops the sample needs (a neighbour for an op that is a no-op alone)
-    step: float | None = None  # a quantized sample: its output's quantization step, the tolerance
+    step: float | None = None  # a quantized sample: its output's quantization step, the tolerance's unit
+    steps: float = 1.0  # the tolerance in those steps
 
     def eager(self) -> torch.nn.Module:
         return self.module if self.module is not None else _Fn(self.fn)
@@ -87,20 +96,27 @@ class Samples(list):
         self.append(Sample(op, label, fn, inputs, module, allow))
 
     def add_quantized(self, op: Any, label: str, fn: Callable[..., Any], *inputs: torch.Tensor,
-                      weight: tuple[int, ...] | None = None, allow: tuple[Any, ...] = ()) -> None:
-        """A one-op int8 sample as PT2E leaves one: each float input quantized and dequantized
-        (int8, per tensor, affine over its range), ``fn``, its result quantized and dequantized
-        (``dq -> op -> q``). ``weight``: the shape of an int8 weight, dequantized per output
-        channel (symmetric, [-127, 127]) and passed to ``fn`` after the inputs. Checked within one
-        quantization step of the output; ``allow`` as for :meth:`add`."""
+                      weight: tuple[int, ...] | None = None, allow: tuple[Any, ...] = (), activations: str = "int8",
+                      per_channel: int | None = None) -> None:
+        """A one-op quantized sample as PT2E leaves one: each float input quantized and dequantized
+        (affine over its range), ``fn``, its result quantized and dequantized (``dq -> op -> q``).
+        ``activations``: their encoding, ``"int8"`` or ``"uint16"`` (16-bit activations, e.g.
+        HTP's 16a8w). ``per_channel``: an axis along which the inputs are quantized per channel
+        (per-channel activations; the result stays per tensor). ``weight``: the shape of an int8
+        weight, dequantized per output channel (symmetric, [-127, 127]) and passed to ``fn`` after
+        the inputs. Checked within one quantization step of the output (8-bit), or
+        :data:`SIXTEEN_BIT_STEPS` (16-bit); ``allow`` as for :meth:`add`."""
         w = None if weight is None else torch.randint(-127, 128, weight, generator=self.gen, dtype=torch.int8)
-        module = _Quantized(fn, inputs, w, self.r(weight[0], lo=0.002) * 0.01 if weight else None)
-        self.append(Sample(op, label, fn, inputs, module, (*QDQ_OPS, *allow), module.step))
+        module = _Quantized(fn, inputs, w, self.r(weight[0], lo=0.002) * 0.01 if weight else None,
+                            ACTIVATIONS[activations], per_channel)
+        self.append(Sample(op, label, fn, inputs, module, (*QDQ_OPS, *allow), module.step,
+                           SIXTEEN_BIT_STEPS if activations == "uint16" else 1.0))
 
 
 def int8_samples(seed: int = 0, keep: Iterable[Any] = ()) -> Samples:
     """The common int8 ops as one-op quantized samples (:meth:`Samples.add_quantized`): conv2d,
-    linear, add, relu. A plugin's tool adds them to its own samples so its int8 claims are checked
+    linear, add, relu; linear (int8 weights) and add with 16-bit (uint16) activations; add with
+    activations quantized per channel. A plugin's tool adds them to its own samples so its int8 claims are checked
     op by op, like its float ones. ``keep``: the ops its check keeps whole (``aten.linear``: the
     linear sample is that op, else the ``aten.mm`` it decomposes to)."""
     samples = Samples(seed)
@@ -112,6 +128,12 @@ def int8_samples(seed: int = 0, keep: Iterable[Any] = ()) -> Samples:
                           weight=(8, 16), allow=(A.permute.default,))
     samples.add_quantized(A.add.Tensor, "int8 add", torch.add, samples.r(2, 8), samples.r(2, 8))
     samples.add_quantized(A.relu.default, "int8 relu", torch.relu, samples.r(2, 8))
+    samples.add_quantized(linear, "16a8w linear", torch.nn.functional.linear, samples.r(2, 16),
+                          weight=(8, 16), allow=(A.permute.default,), activations="uint16")
+    samples.add_quantized(A.add.Tensor, "16-bit add", torch.add, samples.r(2, 8), samples.r(2, 8),
+                          activations="uint16")
+    samples.add_quantized(A.add.Tensor, "int8 add, per-channel activations", torch.add, samples.r(2, 8, 4),
+                          samples.r(2, 8, 4), per_channel=1)
     return samples
 
 
@@ -124,11 +146,17 @@ class _Fn(torch.nn.Module):
         return self.fn(*args)
 
 
-def _affine(t: torch.Tensor) -> tuple[float, int]:
-    """int8 affine scale and zero point covering ``t``'s range (and 0), as a min-max observer."""
-    lo, hi = min(float(t.min()), 0.0), max(float(t.max()), 0.0)
-    scale = max((hi - lo) / 255.0, 1e-6)
-    return scale, int(max(-128, min(127, round(-128 - lo / scale))))
+def _affine(t: torch.Tensor, qmin: int, qmax: int, axis: int | None = None) -> tuple[Any, Any]:
+    """Affine scale and zero point onto ``[qmin, qmax]`` covering ``t``'s range (and 0), as a
+    min-max observer: floats, or along ``axis`` float32 / int64 tensors (one per channel)."""
+    if axis is None:
+        lo, hi = min(float(t.min()), 0.0), max(float(t.max()), 0.0)
+        scale = max((hi - lo) / (qmax - qmin), 1e-6)
+        return scale, int(max(qmin, min(qmax, round(qmin - lo / scale))))
+    rest = [d for d in range(t.dim()) if d != axis % t.dim()]
+    lo, hi = t.amin(dim=rest).clamp(max=0.0), t.amax(dim=rest).clamp(min=0.0)
+    scale = ((hi - lo) / (qmax - qmin)).clamp(min=1e-6)
+    return scale.float(), (qmin - lo / scale).round().clamp(qmin, qmax).to(torch.int64)
 
 
 class _Quantized(torch.nn.Module):
@@ -136,30 +164,41 @@ class _Quantized(torch.nn.Module):
     come from the sample inputs and the float result, as calibration on them would set them."""
 
     def __init__(self, fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], weight: torch.Tensor | None,
-                 scales: torch.Tensor | None) -> None:
+                 scales: torch.Tensor | None, encoding: tuple[torch.dtype, int, int], axis: int | None) -> None:
         super().__init__()
-        self.fn, self.qin = fn, [_affine(x) for x in inputs]
+        self.fn, self.encoding, self.axis = fn, encoding, axis
+        self.qin = [_affine(x, *encoding[1:], axis) for x in inputs]
+        for i, (s, z) in enumerate(self.qin if axis is not None else ()):  # per channel: buffers, not constants
+            self.register_buffer(f"in{i}_scales", s)
+            self.register_buffer(f"in{i}_zeros", z)
         if weight is not None:
             self.register_buffer("weight", weight)
             self.register_buffer("scales", scales)
             self.register_buffer("zeros", torch.zeros(weight.shape[0], dtype=torch.int64))
         self.qout = (1.0, 0)
         with torch.no_grad():
-            self.qout = _affine(self._compute(*inputs))
+            self.qout = _affine(self._compute(*inputs), *encoding[1:])
         self.step = self.qout[0]
 
     def _compute(self, *xs: torch.Tensor) -> torch.Tensor:
-        qd = torch.ops.quantized_decomposed
-        args = [qd.dequantize_per_tensor(qd.quantize_per_tensor(x, s, z, -128, 127, torch.int8), s, z, -128, 127,
-                                         torch.int8) for x, (s, z) in zip(xs, self.qin)]
+        qd, (dtype, qmin, qmax) = torch.ops.quantized_decomposed, self.encoding
+        if self.axis is None:
+            args = [qd.dequantize_per_tensor(qd.quantize_per_tensor(x, s, z, qmin, qmax, dtype), s, z, qmin, qmax, dtype)
+                    for x, (s, z) in zip(xs, self.qin)]
+        else:
+            args = []
+            for i, x in enumerate(xs):
+                s, z = getattr(self, f"in{i}_scales"), getattr(self, f"in{i}_zeros")
+                q = qd.quantize_per_channel(x, s, z, self.axis, qmin, qmax, dtype)
+                args.append(qd.dequantize_per_channel(q, s, z, self.axis, qmin, qmax, dtype))
         if hasattr(self, "weight"):
             args.append(qd.dequantize_per_channel(self.weight, self.scales, self.zeros, 0, -127, 127, torch.int8))
         return self.fn(*args)
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        qd, (s, z) = torch.ops.quantized_decomposed, self.qout
-        return qd.dequantize_per_tensor(qd.quantize_per_tensor(self._compute(*xs), s, z, -128, 127, torch.int8),
-                                        s, z, -128, 127, torch.int8)
+        qd, (s, z), (dtype, qmin, qmax) = torch.ops.quantized_decomposed, self.qout, self.encoding
+        return qd.dequantize_per_tensor(qd.quantize_per_tensor(self._compute(*xs), s, z, qmin, qmax, dtype),
+                                        s, z, qmin, qmax, dtype)
 
 
 def _exported(sample: Sample, keep: Iterable[Any]) -> torch.export.ExportedProgram:
@@ -175,11 +214,12 @@ def _tensors(values: Any) -> list[torch.Tensor]:
     return [v for v in torch.utils._pytree.tree_leaves(values) if isinstance(v, torch.Tensor)]
 
 
-def mismatch(got: Sequence[np.ndarray], want: Any, tol: float, step: float | None = None) -> str | None:
+def mismatch(got: Sequence[np.ndarray], want: Any, tol: float, step: float | None = None,
+             steps: float = 1.0) -> str | None:
     """Why the outputs ``got`` differ from eager ``want`` (tensors), or ``None``: same count, dtypes
     and shapes; integers and bools exact; floats within ``tol`` relative (plus ``tol`` of the
     largest finite magnitude), NaN where eager has NaN; or, with ``step`` (a quantized output),
-    within one quantization step."""
+    within ``steps`` quantization steps."""
     want = _tensors(want)
     if len(got) != len(want):
         return f"{len(got)} outputs, eager has {len(want)}"
@@ -193,9 +233,9 @@ def mismatch(got: Sequence[np.ndarray], want: Any, tol: float, step: float | Non
             continue
         gg, ww = g.astype(np.float64), w.astype(np.float64)
         if step is not None:
-            steps = float(np.abs(gg - ww).max(initial=0.0)) / step
-            if not steps <= 1.001:  # NaN fails too
-                return f"{steps:.2f} quantization steps from eager (tolerance 1)"
+            off = float(np.abs(gg - ww).max(initial=0.0)) / step
+            if not off <= steps * 1.001:  # NaN fails too
+                return f"{off:.2f} quantization steps from eager (tolerance {steps:g})"
             continue
         scale = float(np.abs(w[np.isfinite(w)]).max(initial=0.0)) or 1.0
         if not np.allclose(gg, ww, rtol=tol, atol=tol * scale, equal_nan=True):
@@ -232,7 +272,8 @@ def check_sample(sample: Sample, compiler: Any, lower: Callable[[Any, str], Any]
     ``detail`` and the ``verdict`` (``agree``, ``agree (lowering only)``, ``documented ...``,
     ``MISMATCH: ...`` or ``bad sample``). ``documented(node, reason)`` marks declines of
     device-only bugs that no lowering shows. With ``neighbours``, a decline of any other node of
-    the sample (an ``allow`` op) counts as declining the sample too."""
+    the sample (an ``allow`` op) counts as declining the sample too; a quantized sample's
+    quantize/dequantize ops count always."""
     ep = _exported(sample, (*compiler.ops_to_not_decompose(), *keep))
     nodes = [n for n in ep.graph.nodes if n.op == "call_function"]
     mine = [n for n in nodes if n.target == sample.op]
@@ -244,8 +285,10 @@ def check_sample(sample: Sample, compiler: Any, lower: Callable[[Any, str], Any]
         return row
     reasons = compiler.support(ep)
     declined = [reasons.get(n.name) for n in mine if reasons.get(n.name)]
-    if neighbours:
-        declined += [r for n, r in reasons.items() if r and n not in {m.name for m in mine}]
+    # a quantized sample's quantize/dequantize ops travel with its op (the core's fused spans), so
+    # their declines count even without ``neighbours``
+    declined += [reasons[n.name] for n in nodes if reasons.get(n.name) and n not in mine
+                 and (neighbours or (sample.step is not None and n.target in QDQ_OPS))]
     row.update(claimed=not declined, reason=declined[0] if declined else None)
     fp16 = fp16 or any(isinstance(v, torch.Tensor) and v.dtype == torch.float16 for v in sample.inputs)
     tol = 1e-12 if any(isinstance(v, torch.Tensor) and v.dtype == torch.float64 for v in sample.inputs) else (
@@ -265,7 +308,7 @@ def check_sample(sample: Sample, compiler: Any, lower: Callable[[Any, str], Any]
             module = sample.eager()
             with torch.no_grad():
                 want = module(*sample.inputs)
-            wrong = mismatch(got, want, tol, sample.step)
+            wrong = mismatch(got, want, tol, sample.step, sample.steps)
             if wrong and fp16:  # rounding ops (floor, trunc) and steep ones (tan) amplify float16 rounding
                 half = _eager_in_float16(module, sample.inputs, want)
                 if half is not None and mismatch(got, half, tol) is None:

@@ -30,8 +30,9 @@ import signal
 import struct
 import subprocess
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+from .cache import cache_dir, home_name
 from .errors import HandoffError, one_line
 
 #: Seconds a probe may take (loading a big model on a busy machine takes a few seconds).
@@ -64,8 +65,6 @@ def note_name(segment: int, backend: str, version: str) -> str:
 
 def _record(backend: str, key: str) -> str | None:
     """The memo file of ``key`` (its directory created); ``None`` when ``$HANDOFF_HOME`` cannot be used."""
-    from .cache import cache_dir
-
     try:
         return os.path.join(cache_dir(f"verified/{backend}"), key)
     except OSError:
@@ -78,18 +77,12 @@ _KNOWN: set[tuple[str, str, str]] = set()
 _MAX_KNOWN = 4096
 
 
-def _home() -> str:
-    from .cache import HOME_ENV
-
-    return os.environ.get(HOME_ENV) or os.path.join(os.path.expanduser("~"), ".handoff")
-
-
 def is_known(backend: str, key: str) -> bool:
-    home = _home()
+    home = home_name()
     if (home, backend, key) in _KNOWN:
         return True
     # A lookup creates nothing (two mkdir calls per load otherwise).
-    if not os.path.isfile(os.path.join(os.path.expanduser(home), "verified", backend, key)):
+    if not os.path.isfile(os.path.join(home, "verified", backend, key)):
         return False
     _know(home, backend, key)
     return True
@@ -111,10 +104,10 @@ def remember(backend: str, key: str) -> None:
             pass
     except OSError:
         return
-    _know(_home(), backend, key)
+    _know(home_name(), backend, key)
 
 
-def vouch(where: str, entry: Mapping[str, Any], inputs: Sequence[tuple[Sequence[int], str]], version: str,
+def vouch(where: str, entry: Mapping[str, Any], inputs: Callable[[], Sequence[tuple[Sequence[int], str]]], version: str,
           runtime_ref: str, blob: Any, options: Mapping[str, Any], key: str | None = None) -> str:
     """Make sure loading ``blob`` cannot take the process down: return when it is known, else
     probe it in a child process and remember it; raise :class:`HandoffError` otherwise. Returns
@@ -122,7 +115,8 @@ def vouch(where: str, entry: Mapping[str, Any], inputs: Sequence[tuple[Sequence[
 
     :param where: names the delegate in errors ("m.hof: delegate 0 (xnnpack_0, backend 'xnnpack')").
     :param entry: its manifest entry (a delegate, or one of its fallback copies): backend, metadata.
-    :param inputs: ``(shape, dtype)`` of each input the probe runs it on (zeros).
+    :param inputs: returns ``(shape, dtype)`` of each input the probe runs it on (zeros); called
+        only when the blob is probed.
     :param key: the blob's key when it is known already (computed from these very bytes: a
         verified file's record keeps it), so the blob is not hashed again.
     """
@@ -131,7 +125,7 @@ def vouch(where: str, entry: Mapping[str, Any], inputs: Sequence[tuple[Sequence[
     if is_known(backend, key):
         return key
     request = json.dumps({"runtime": runtime_ref, "metadata": entry["metadata"], "options": dict(options),
-                          "inputs": [[list(shape), dtype] for shape, dtype in inputs],
+                          "inputs": [[list(shape), dtype] for shape, dtype in inputs()],
                           "memory": MEMORY_ALLOWANCE + len(blob)}).encode()
     try:
         proc = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE,

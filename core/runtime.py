@@ -32,6 +32,7 @@ runtimes so chosen.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -207,8 +208,9 @@ class Program:
                         spec = plugins.spec(entry["backend"])
                         note = probe.note_name(entry["segment"], entry["backend"], spec.version)
                         self.file.note(note, probe.vouch(
-                            f"{self.file.name}: {self._entry_name(i, k, at=True)}", entry, self._call_inputs(i),
-                            spec.version, spec.runtime, blob, parsed[entry["backend"]], key=self.file.notes.get(note)))
+                            f"{self.file.name}: {self._entry_name(i, k, at=True)}", entry,
+                            functools.partial(self._call_inputs, i), spec.version,
+                            spec.runtime, blob, parsed[entry["backend"]], key=self.file.notes.get(note)))
                     # Vendor runtimes print when they initialise, i.e. on their first load in a process;
                     # only that one is redirected (ExecuTorch 1.5.1 loaded ~6 ms slower with fd 2 redirected).
                     with quiet_native() if type(runtime) not in _LOADED else contextlib.nullcontext():

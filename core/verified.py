@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-from .cache import HOME_ENV
+from .cache import home_name
 
 DIRECTORY = "verified"
 #: a file changed less than this before its check began may still change unseen
@@ -54,8 +54,7 @@ def _directory() -> Path:
 
 def directory_name() -> str:
     """Where records are kept now (``$HANDOFF_HOME/verified``)."""
-    home = os.environ.get(HOME_ENV) or os.path.join(os.path.expanduser("~"), ".handoff")
-    return os.path.join(home, DIRECTORY)
+    return os.path.join(home_name(), DIRECTORY)
 
 
 def record_key(st: os.stat_result) -> str:

@@ -42,7 +42,7 @@ def test_partition_run_inspect_roundtrip(sink_plugins, capsys, tmp_path):
     assert summary["inputs"] == "random (seed 0)" and summary["outputs"][0]["shape"] == [2, 8]
 
     code, out, err = _run(capsys, "inspect", str(out_path))
-    assert code == 0 and "handoff program format 1.4" in out and "delegate[sink 9.9] sink_0" in out
+    assert code == 0 and "handoff program format 1.5" in out and "delegate[sink 9.9] sink_0" in out
     assert "segments (" in out
 
 

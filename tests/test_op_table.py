@@ -73,15 +73,17 @@ def test_table_entries_without_a_sample_fail_the_run(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_int8_claims_are_checked_op_by_op_on_tvm(tmp_path, capsys):
-    """tvm claims the dq -> op -> q samples of conv2d, linear, add and relu, lowers them and
-    matches eager torch within one quantization step."""
+    """tvm claims the dq -> op -> q samples of conv2d, linear, add and relu, the 16-bit ones (uint16
+    activations) and the per-channel-activation one, lowers them and matches eager torch within
+    one quantization step."""
     from handoff.testing import int8_samples
 
     out = tmp_path / "rows.json"
     status = check_op_table("tvm", int8_samples(), ["--json", str(out)], plugin="handoff.tvm.plugin")
     rows = json.loads(out.read_text())["rows"]
     assert status == 0, capsys.readouterr().out
-    assert [r["sample"] for r in rows] == ["int8 conv2d 3x3", "int8 linear", "int8 add", "int8 relu"]
+    assert [r["sample"] for r in rows] == ["int8 conv2d 3x3", "int8 linear", "int8 add", "int8 relu", "16a8w linear",
+                                           "16-bit add", "int8 add, per-channel activations"]
     assert all(r["claimed"] and r["evaluated"] and r["verdict"] == "agree" for r in rows), rows
 
 
@@ -92,3 +94,20 @@ def test_a_quantized_output_is_checked_in_quantization_steps():
     assert mismatch([(want + 0.1).numpy()], want, 1e-4, step=0.1) is None
     assert mismatch([(want + 0.25).numpy()], want, 1e-4, step=0.1) == \
         "2.50 quantization steps from eager (tolerance 1)"
+    assert mismatch([(want + 6.4).numpy()], want, 1e-4, step=0.1, steps=64) is None  # a 16-bit sample's
+    assert mismatch([(want + 7.0).numpy()], want, 1e-4, step=0.1, steps=64) == \
+        "70.00 quantization steps from eager (tolerance 64)"
+
+
+def test_a_quantized_sample_is_declined_with_its_quantize_ops(tmp_path, capsys):
+    """Without ``neighbours``, a decline of a quantized sample's quantize/dequantize ops still
+    declines the sample (they travel with its op in a partition); here the per-channel-activation
+    sample on a backend that claims the add but not quantize_per_channel."""
+    from handoff.testing import int8_samples
+
+    samples = [s for s in int8_samples() if s.label == "int8 add, per-channel activations"]
+    _, rows, _ = _run(tmp_path, capsys, "--option", "ops=aten.add.Tensor", samples=samples, neighbours=False)
+    row = rows["int8 add, per-channel activations"]
+    assert not row["claimed"], row
+    assert row["reason"] == "sink has no kernel for quantized_decomposed.quantize_per_channel.default", row
+    assert row["verdict"] == "agree", row  # the sink cannot lower the quantize ops either

@@ -249,3 +249,40 @@ def test_quantized_spans_reach_through_a_view_and_leave_float_heads_free():
     spans = sorted(sorted(ops[n] for n in s) for s in quantized_spans(ep))
     assert spans == [sorted(["dequantize_per_tensor"] * 2 + ["reshape", "linear", "relu", "quantize_per_tensor"]),
                      ["dequantize_per_tensor", "linear"]], spans
+
+
+class _Uint16InOut(torch.nn.Module):
+    """A graph quantized elsewhere with 16-bit activations: uint16 in, dequantize -> linear -> relu
+    -> quantize, uint16 out (program format 1.5)."""
+
+    Q = (2e-3, 32768, 0, 65535, torch.uint16)
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.linear = torch.nn.Linear(16, 8)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        ops = torch.ops.quantized_decomposed
+        x = ops.dequantize_per_tensor(q, *self.Q)
+        return ops.quantize_per_tensor(torch.relu(self.linear(x)), *self.Q)
+
+
+@pytest.mark.slow
+def test_tvm_takes_uint16_in_and_out():
+    """tvm imports uint16 quantize/dequantize: a delegate with uint16 inputs and outputs, written as
+    format 1.5, loaded and run, equal to the eager graph within one 16-bit step."""
+    model = _Uint16InOut().eval()
+    example = torch.randint(0, 65536, (4, 16), dtype=torch.int32).to(torch.uint16)
+    result = handoff.partition(model, (example,), backends=["tvm"], fallback=False, aten=False)
+    assert result.report.coverage("tvm") == 100.0
+    with handoff.load(result.to_bytes()) as program:
+        m = program.manifest
+        assert [m["values"][io[0]["value"]]["dtype"] for io in (m["inputs"], m["outputs"])] == ["uint16", "uint16"]
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            q = rng.integers(0, 65536, (4, 16), dtype=np.uint16)
+            (got,) = program.run([q])
+            want = model(torch.from_numpy(q)).numpy()
+            assert got.dtype == np.uint16 and len(np.unique(got)) > 4  # not degenerate
+            assert np.abs(got.astype(np.int64) - want.astype(np.int64)).max() <= 1

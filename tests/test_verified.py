@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import handoff
-from handoff import verified
+from handoff import probe, verified
 from handoff.errors import HandoffError, ProgramFormatError
 from handoff.limits import MAX_RUN_BYTES, RUN_BYTES_NOTE, run_bytes
 from handoff.program import VALIDATED_NOTE, ProgramFile, _validated_by, program_bytes, write_program
@@ -457,3 +457,22 @@ def test_what_this_process_opened_never_stands_in_for_another_header(tmp_path, m
     write_program(str(other), {**MANIFEST, "metadata": {"model": "other"}}, [W.tobytes(), BLOB])
     with ProgramFile.open(other) as pf:
         assert pf.manifest["metadata"] == {"model": "other"}
+
+
+def test_a_handoff_home_with_a_tilde_is_one_place_for_records_and_blob_memos(tmp_path, monkeypatch):
+    """``$HANDOFF_HOME`` is resolved in one place (``cache.home_name``): records, blob memos and
+    caches all land under the expanded path (records once went to a literal ``~`` directory)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("HANDOFF_HOME", "~/hh")
+    monkeypatch.setattr(probe, "_KNOWN", set())
+    assert verified.directory_name() == str(tmp_path / "hh" / "verified")
+    key = "ab" * 32
+    probe.remember("sink", key)
+    assert (tmp_path / "hh" / "verified" / "sink" / key).is_file()
+    probe._KNOWN.clear()
+    assert probe.is_known("sink", key)
+    path = _settled(tmp_path)
+    with ProgramFile.open(path) as pf:
+        assert pf.remember_verified()
+    assert any(p.name != "sink" for p in (tmp_path / "hh" / "verified").iterdir())
+    assert not (tmp_path / "~").exists()

@@ -128,8 +128,9 @@ def io_spec(ty: Any) -> dict[str, Any]:
 # importer targets, so the ops between run in fp32 (a backend says so with :data:`INT8_COMPUTE`).
 
 #: How a partition holding quantize/dequantize ops computes on TVM (for delegate metadata).
-INT8_COMPUTE = "dequantize-compute-quantize: int8 tensors between ops, fp32 kernels (Relax has no integer kernels)"
-_INT_DTYPES = {torch.int8: "int8", torch.uint8: "uint8", torch.int16: "int16", torch.int32: "int32"}
+INT8_COMPUTE = "dequantize-compute-quantize: integer (int8, uint8, 16-bit) tensors between ops, fp32 kernels (Relax has no integer kernels)"
+_INT_DTYPES = {torch.int8: "int8", torch.uint8: "uint8", torch.int16: "int16", torch.uint16: "uint16",
+               torch.int32: "int32"}
 
 
 def _quantize_reason(node: torch.fx.Node, shown: str) -> str | None:
@@ -137,7 +138,7 @@ def _quantize_reason(node: torch.fx.Node, shown: str) -> str | None:
         return f"{TVM_NAME}: handoff imports quantize/dequantize ops but not {shown}"
     dtype = node.args[5 if "per_tensor" in node.target.__name__ else 6]
     if dtype not in _INT_DTYPES:
-        return f"{shown} with dtype {dtype}: handoff imports int8/uint8/int16/int32 quantization only"
+        return f"{shown} with dtype {dtype}: handoff imports {'/'.join(_INT_DTYPES.values())} quantization only"
     if node.kwargs.get("out_dtype") not in (None, torch.float32):
         return f"{shown} with out_dtype {node.kwargs['out_dtype']}: only float32 is imported"
     return None

@@ -27,7 +27,8 @@ from typing import Any, Callable, Sequence
 #: ``((1, 3, 224, 224), "float32")``: one example input's shape and dtype.
 InputSpec = tuple[tuple[int, ...], str]
 
-INPUT_DTYPES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+INPUT_DTYPES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool", "uint16", "uint32",
+                "uint64")
 #: Integer example inputs are drawn from ``[0, DEFAULT_INT_HIGH)`` unless a model says otherwise.
 DEFAULT_INT_HIGH = 8
 

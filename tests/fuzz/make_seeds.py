@@ -4,7 +4,8 @@ The seeds are the zoo's two architectures at tiny widths, so that each seed is a
 own ``EncoderLayer`` (dim 8, 2 heads) and a CNN with ``SmallCNN``'s layers at 4 channels
 (conv-bn-relu, a residual block, max pool, a strided conv, average pool, linear). Each is
 partitioned for every backend (programs, and the delegate blobs with their metadata) and with
-no backend at all (data-only programs of host ops), signed by a key of its own (``tvm`` seeds must
+no backend at all (data-only programs of host ops; also a 16-bit quantized ``Sixteen``, whose
+uint16 values need format 1.5), signed by a key of its own (``tvm`` seeds must
 not be trusted by the harness). Run: ``python tests/fuzz/make_seeds.py [BACKEND...]`` (with
 backends named, only their seeds are replaced).
 """
@@ -42,6 +43,37 @@ def models() -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...]]]:
     torch.manual_seed(0)
     return {"cnn": (calibrated(TinyCNN(), [((1, 3, 8, 8), "float32")], seed=1), (torch.randn(1, 3, 8, 8),)),
             "attn": (calibrated(EncoderLayer(8, 2, 16), [((1, 4, 8), "float32")], seed=2), (torch.randn(1, 4, 8),))}
+
+
+class Sixteen(nn.Module):
+    """Linear -> ReLU between uint16 quantize/dequantize pairs (16-bit activations, format 1.5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = torch.ops.quantized_decomposed
+        q = (1e-3, 32768, 0, 65535, torch.uint16)
+        y = ops.dequantize_per_tensor(ops.quantize_per_tensor(self.linear(x), *q), *q)
+        return ops.dequantize_per_tensor(ops.quantize_per_tensor(torch.relu(y), *q), *q)
+
+
+def host_models() -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...]]]:
+    """Models seeded only as data-only programs (host ops; the backends take no uint16)."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed)
+
+    torch.manual_seed(0)
+    return {"q16": (Sixteen().eval(), (torch.randn(2, 8),))}
+
+
+def host_seeds(name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """``program/NAME-host`` and ``hostops/NAME-host``: ``model`` as a program of host ops."""
+    import handoff
+
+    data = handoff.partition(model, inputs, backends=[], fallback=False, aten=True).to_bytes()
+    _write("program", f"{name}-host", data)
+    _write("hostops", f"{name}-host", data)
 
 
 def _write(harness: str, name: str, data: bytes) -> None:
@@ -90,11 +122,12 @@ def main() -> int:
     if everything:
         for name, text in OPTION_SEEDS.items():
             _write("options", name, text.encode())
+    if everything:
+        for name, (model, inputs) in host_models().items():
+            host_seeds(name, model, inputs)
     for name, (model, inputs) in models().items():
         if everything:
-            data = handoff.partition(model, inputs, backends=[], fallback=False, aten=True).to_bytes()
-            _write("program", f"{name}-host", data)
-            _write("hostops", f"{name}-host", data)
+            host_seeds(name, model, inputs)
         for backend in backends:
             result = handoff.partition(model, inputs, backends=[backend], fallback=False, aten=True,
                                        default_limits=handoff.Limits(1, None))

@@ -172,7 +172,7 @@ def _layer_norm(node: torch.fx.Node, fp16: bool) -> str | None:
         return "layer_norm over more than the last dimension is not supported by the QNN EP"
     scale = _quantized_as(node.args[2]) if len(node.args) > 2 else None
     if _quantized_as(node.args[0]) in _SIXTEEN and scale not in (None, torch.uint8):
-        return (f"layer_norm with 16-bit activations and a {str(scale).removeprefix('torch.')} scale (weight): HTP's "
+        return (f"layer_norm with 16-bit activations and its scale (weight) quantized as {str(scale).removeprefix('torch.')}: HTP's "
                 f"LayerNorm takes only a uint8 scale with 16-bit activations (QNN error 3110 otherwise); "
                 f"quantize with handoff's qnn quantizer (--option qnn.activation_bits=16 annotates it uint8)")
     return None

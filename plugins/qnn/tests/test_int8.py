@@ -182,3 +182,82 @@ def test_bisection_keeps_each_quantized_unit_whole():
     first = order[0]  # the quantize of input x (before the scale's weight path), with its dequantize
     assert units[first] == [first, *(u.name for u in by_name[first].users)]
     assert by_name[norm].args[0].name not in units[norm]  # x's dequantize: the cut after it is clean
+
+
+# -- a 16-bit graph cut where qnn declines a unit ----------------------------------------------------
+class _LinearNormLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm, self.b = torch.nn.Linear(16, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 8)
+        with torch.no_grad():  # random statistics: a norm that is not the identity
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.normal_()
+
+    def forward(self, x):
+        return self.b(torch.relu(self.norm(self.a(x))))
+
+
+def _uint16_activations_only(model):
+    """QnnQuantizer's 16a8w annotations with only its int32-carried activations made uint16: its
+    own int16 LayerNorm scale stays, as in a graph quantized elsewhere, and HTP refuses it there."""
+    import dataclasses
+
+    from torchao.quantization.pt2e.quantizer import QuantizationSpec
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    def legal(spec):
+        if isinstance(spec, QuantizationSpec) and spec.dtype == torch.int32 and (spec.quant_min, spec.quant_max) == (0, 65535):
+            return dataclasses.replace(spec, dtype=torch.uint16)
+        return spec
+
+    for node in model.graph.nodes:
+        note = node.meta.get(Q_ANNOTATION_KEY)
+        if note is not None:
+            note.input_qspec_map = {k: legal(v) for k, v in note.input_qspec_map.items()}
+            note.output_qspec = legal(note.output_qspec)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backends, norm_on", [(("qnn",), "aten"), (("qnn", "tvm"), "tvm")])
+def test_16bit_cut_where_qnn_declines_a_unit_is_written_and_runs(monkeypatch, backends, norm_on):
+    """16a8w Linear -> LayerNorm -> Linear with an int16 LayerNorm scale: qnn declines the
+    LayerNorm's unit (dequantize -> layer_norm -> quantize), runs both Linear units, and the cut
+    between them carries uint16 (program format 1.5): qnn's first delegate ends with its quantize,
+    the LayerNorm unit runs on the host's quantize/dequantize ops or on tvm (uint16 in and out),
+    qnn's second delegate starts with its dequantize. Loaded, run, and compared with the quantized
+    eager model in 16-bit steps (measured 24, i.e. 0.09 of an 8-bit step; HTP's integer Linear)."""
+    from handoff_qnn import quantizer
+
+    monkeypatch.setattr(quantizer, "_legalize_16a8w", _uint16_activations_only)
+    testing.register_plugins("handoff_qnn.plugin")
+    torch.manual_seed(0)
+    model = _LinearNormLinear().eval()
+    specs = [((4, 16), "float32")]
+    result = handoff.partition(model, testing.random_inputs(specs), backends=list(backends), fallback=False,
+                               quantize="int8", calibration=2, options={"qnn": {"activation_bits": "16"}})
+    report = result.report
+    assert report.stats["qnn"].partitions == 2
+    norm = next(d for d in report.declined if d["node"].startswith("native_layer_norm"))
+    assert "takes only a uint8 scale" in norm["reasons"]["qnn"] and norm["ran_on"] == norm_on, norm
+    declined = {d["node"] for d in report.declined}
+    assert all(d["ran_on"] == norm_on for d in report.declined)
+    assert sum("quantize_per_tensor" in n for n in declined) == 4  # its unit: 3 dequantize ops, 1 quantize
+
+    data = result.to_bytes()
+    with handoff.load(data) as program:
+        m = program.manifest
+        assert program.file.minor >= 5
+    calls = [i for i in m["instructions"] if i["op"] == "delegate"]
+    qnn = [c for c in calls if m["delegates"][c["delegate"]]["backend"] == "qnn"]
+    assert [m["values"][v]["dtype"] for v in qnn[0]["outputs"]] == ["uint16"]  # the integer tensor crosses
+    assert "uint16" in [m["values"][v]["dtype"] for v in qnn[1]["inputs"]]
+    if norm_on == "aten":
+        assert {i["target"] for i in m["instructions"] if i["op"] == "aten"} == {
+            "quantized_decomposed.dequantize_per_tensor.default", "aten.native_layer_norm.default",
+            "quantized_decomposed.quantize_per_tensor.default"}
+
+    steps = testing.output_steps(result.quantized.reference)
+    assert steps[0] < 1e-3  # a 16-bit step
+    acc = testing.check_int8(data, result.quantized, model, specs, seeds=(21, 22, 23), steps=testing.TOLERANCE["int8"] * 256)
+    ref = testing.check_int8(result.quantized.reference, result.quantized, model, specs, seeds=(21, 22, 23))
+    assert acc["snr_db"] >= ref["snr_db"] - 0.5, (acc, ref)

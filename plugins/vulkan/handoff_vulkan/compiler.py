@@ -57,6 +57,7 @@ _DTYPE_REASONS = {
     torch.int8: "int8 tensor: WGSL has no 8-bit integers",
     torch.uint8: "uint8 tensor: WGSL has no 8-bit integers",
     torch.int16: "int16 tensor: WGSL has no 16-bit integers",
+    torch.uint16: "uint16 tensor: WGSL has no 16-bit integers",
 }
 # Relax ops allowed between kernels after legalization (everything else must become a call_tir).
 _GLUE_OPS = {"relax.call_tir", "relax.reshape"}

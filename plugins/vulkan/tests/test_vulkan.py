@@ -297,7 +297,8 @@ def test_int8_is_declined_with_a_reason():
 
 
 def test_int8_op_table_rows_carry_the_decline_reason(tmp_path, monkeypatch):
-    """handoff.testing's int8 one-op samples (dq -> conv/linear/add/relu -> q): vulkan declines each
+    """handoff.testing's int8 one-op samples (dq -> conv/linear/add/relu -> q, 16-bit, per-channel
+    activations): vulkan declines each
     with its reason, which reaches the check's rows, and each decline agrees (the blob does not build)."""
     _needs_compiler()
     from handoff.testing import check_op_table, int8_samples
@@ -306,8 +307,10 @@ def test_int8_op_table_rows_carry_the_decline_reason(tmp_path, monkeypatch):
     out = tmp_path / "rows.json"
     assert check_op_table("vulkan", int8_samples(), ["--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 4 and all(r["verdict"] == "agree" and not r["claimed"] for r in rows), rows
-    assert {r["reason"] for r in rows} == {"int8 tensor: WGSL has no 8-bit integers"}
+    assert len(rows) == 7 and all(r["verdict"] == "agree" and not r["claimed"] for r in rows), rows
+    for r in rows:  # 16-bit activations: "uint16 tensor: WGSL has no 16-bit integers" (or its int8 weight's)
+        assert r["reason"] in ("int8 tensor: WGSL has no 8-bit integers", "uint16 tensor: WGSL has no 16-bit integers")
+    assert {r["reason"] for r in rows if r["sample"] == "16-bit add"} == {"uint16 tensor: WGSL has no 16-bit integers"}
 
 class _LeavesItUnbound:
     """A schedule rule that 'applies' but binds nothing, as dlight's Transpose sometimes does."""

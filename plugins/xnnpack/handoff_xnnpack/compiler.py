@@ -136,6 +136,9 @@ class XnnpackCompiler(Compiler):
         for name in names:
             enodes = by_aten.get(name, [])
             anode = aten_nodes[name]
+            if why := _quantized_dtype_reason(anode):  # XNNPACK's partitioner would tag it, lowering fail
+                verdict[name] = why
+                continue
             if not enodes:
                 if anode.target is operator.getitem and isinstance(anode.args[0], torch.fx.Node):
                     # follows its producer (multi-output ops are judged as a whole)
@@ -423,6 +426,27 @@ def _dtypes(node: torch.fx.Node) -> set[torch.dtype]:
             if isinstance(v, torch.Tensor):
                 out.add(v.dtype)
     return out
+
+
+#: What XNNPACK's quantized operators take (ExecuTorch's ``validate_quant_zeropoints``: int8,
+#: uint8, int32 for biases); its partitioner tags quantize/dequantize ops of other dtypes anyway.
+_QUANTIZED_DTYPES = (torch.int8, torch.uint8, torch.int32)
+
+
+def _quantized_dtype_reason(node: torch.fx.Node) -> str | None:
+    """Why XNNPACK cannot take a quantize/dequantize op of ``node``'s dtype (uint16: 16-bit
+    activations), or None (not such an op, or a dtype it takes)."""
+    target = node.target
+    if getattr(target, "namespace", None) != "quantized_decomposed" or "quantize" not in target.__name__:
+        return None
+    names = [a.name for a in target._schema.arguments]
+    index = names.index("dtype") if "dtype" in names else len(node.args)  # per_channel has an axis before it
+    dtype = node.kwargs.get("dtype", node.args[index] if len(node.args) > index else None)
+    if dtype is None or dtype in _QUANTIZED_DTYPES:
+        return None
+    return (f"{_op_name(node)} with dtype {str(dtype).removeprefix('torch.')}: XNNPACK's quantized operators take "
+            f"int8 and uint8 tensors (int32 biases), its lowering refuses others ('Unsupported dtype for "
+            f"quantization'); quantize for xnnpack with its own quantizer (8-bit)")
 
 
 def _op_name(node: torch.fx.Node) -> str:

@@ -48,24 +48,37 @@ _LIVE = [0]
 
 
 class _Delegate:
-    """One loaded delegate: the program, the .pte bytes it reads from, and its ``forward``."""
+    """One loaded delegate: the program, the .pte bytes it reads from, its ``forward``, and what
+    :meth:`XnnpackRuntime.execute` checks and converts each input with, decided at load."""
 
-    __slots__ = ("data", "inputs", "method", "num_outputs", "program")
+    __slots__ = ("data", "from_numpy", "inputs", "method", "num_outputs", "program")
 
-    def __init__(self, data: bytes, program: Any, method: Any, metadata: Mapping[str, Any]) -> None:
-        self.data, self.program, self.method = data, program, method
-        #: (numpy dtype, or the ScalarType's name when numpy has none; shape) of each input
+    def __init__(self, data: bytes, specs: list[tuple[int, Sequence[int]]] | None, num_outputs: Any) -> None:
+        self.data, self.program, self.method = data, None, None
+        #: (numpy dtype, or the ScalarType's name when numpy has none; shape) of each input, when known
+        #: before the method is loaded (from the metadata); else :meth:`take_method` asks the method
         self.inputs: list[tuple[Any, tuple[int, ...]]] = []
-        specs, num_outputs = _input_specs(metadata), metadata.get("num_outputs")
-        if specs is None or type(num_outputs) is not int:  # a blob from before the compiler recorded them
-            meta = method.method_meta()
-            specs = [(meta.input_tensor_meta(i).dtype(), meta.input_tensor_meta(i).sizes())
-                     for i in range(meta.num_inputs())]
-            num_outputs = meta.num_outputs()
+        self.num_outputs = num_outputs
+        self.from_numpy = _torch().from_numpy
+        if specs is not None and type(num_outputs) is int:
+            self._set_inputs(specs)
+        else:
+            self.num_outputs = None
+
+    def _set_inputs(self, specs: Sequence[tuple[int, Sequence[int]]]) -> None:
         for code, sizes in specs:
             name = _SCALAR_TYPES.get(code, f"ScalarType {code}")
             self.inputs.append((np.dtype(name) if name in _NUMPY_TYPES else name, tuple(sizes)))
-        self.num_outputs = num_outputs
+
+    def take_method(self, program: Any, method: Any) -> None:
+        """Keep the loaded program and method; ask the method for its inputs when the metadata did
+        not say (a blob from before the compiler recorded them)."""
+        self.program, self.method = program, method
+        if self.num_outputs is None:
+            meta = method.method_meta()
+            self._set_inputs([(meta.input_tensor_meta(i).dtype(), meta.input_tensor_meta(i).sizes())
+                              for i in range(meta.num_inputs())])
+            self.num_outputs = meta.num_outputs()
 
 
 def _input_specs(metadata: Mapping[str, Any]) -> list[tuple[int, list[int]]] | None:
@@ -180,45 +193,50 @@ class XnnpackRuntime(Runtime):
             if _BACKEND not in binding._get_registered_backend_names():
                 raise RuntimeError(f"xnnpack: ExecuTorch {version} runtime has no {_BACKEND}; {_INSTALL}")
             self._has_backend = True
-        data = bytes(pte)  # the binding wants bytes; the program reads them until released
+        # Everything that does not need the loaded method is done before ExecuTorch loads it, so
+        # that a first run follows load_method closely (the pool's workers still awake).
+        handle = _Delegate(bytes(pte), _input_specs(metadata), metadata.get("num_outputs"))  # the binding wants bytes
         with _POOL_LOCK:
             self._set_threads(threads)
             try:
                 program = binding._load_program_from_buffer(
-                    data, enable_etdump=False, debug_buffer_size=0,
+                    handle.data, enable_etdump=False, debug_buffer_size=0,
                     program_verification=binding.Verification.InternalConsistency, data_path=None)
-                method = program.load_method("forward")
+                handle.take_method(program, program.load_method("forward"))
             except MemoryError as exc:  # a size field read from the blob (found by fuzzing)
                 raise ValueError(f"xnnpack: ExecuTorch could not allocate what this program asks for "
                                  f"({one_line(exc)}): the blob is damaged or not an xnnpack program of this "
                                  f"release; partition the model again") from exc
             _LIVE[0] += 1
-        return _Delegate(data, program, method, metadata)
+        return handle
 
     def execute(self, handle: _Delegate, inputs: Sequence[Any]) -> list[Any]:
-        if len(inputs) != len(handle.inputs):
-            raise ValueError(f"xnnpack: delegate takes {len(handle.inputs)} inputs, got {len(inputs)}")
-        torch = _torch()  # the binding takes and returns torch.Tensor only
+        expected = handle.inputs
+        if len(inputs) != len(expected):
+            raise ValueError(f"xnnpack: delegate takes {len(expected)} inputs, got {len(inputs)}")
+        from_numpy = handle.from_numpy  # the binding takes and returns torch.Tensor only
         tensors = []
-        for i, (array, (dtype, shape)) in enumerate(zip(inputs, handle.inputs)):
-            array = np.asarray(array)
-            if array.dtype != dtype or array.ndim != len(shape):
+        for i, (array, (dtype, shape)) in enumerate(zip(inputs, expected)):
+            if type(array) is not np.ndarray:
+                array = np.asarray(array)
+            if (array.dtype is not dtype and array.dtype != dtype) or array.ndim != len(shape):
                 raise ValueError(f"xnnpack: input {i} is {array.dtype}{list(array.shape)}, the delegate expects "
                                  f"{dtype}{list(shape)}")
             flags = array.flags
             if not (flags.c_contiguous and flags.writeable):
                 array = np.array(array, order="C")  # torch.from_numpy wants a writable, dense array
-            tensors.append(torch.from_numpy(array))
+            tensors.append(from_numpy(array))
         with _POOL_LOCK:
             try:
                 outputs = handle.method(tensors)
             except RuntimeError as exc:
                 raise RuntimeError(f"xnnpack: ExecuTorch failed to run the delegate: {one_line(exc)} "
                                    f"(inputs {[list(t.shape) for t in tensors]}, expected "
-                                   f"{[list(s) for _, s in handle.inputs]})") from exc
+                                   f"{[list(s) for _, s in expected]})") from exc
         # Tensor.numpy() shares the tensor's memory: the binding has copied it out of the program's
         # planned memory already, so nothing else writes to it.
-        return [out.numpy() if isinstance(out, torch.Tensor) else np.asarray(out) for out in outputs]
+        tensor = _torch().Tensor
+        return [out.numpy() if isinstance(out, tensor) else np.asarray(out) for out in outputs]
 
     def release(self, handle: _Delegate) -> None:
         with _POOL_LOCK:

@@ -393,6 +393,37 @@ def test_fp16_gelu_declined(compiler):
     assert {n for n, why in verdict.items() if why is not None} == {gelu}
 
 
+class _QdqRelu(nn.Module):
+    """quantize -> dequantize -> relu -> quantize -> dequantize, all of one dtype."""
+
+    def __init__(self, dtype, qmin, qmax, zero):
+        super().__init__()
+        self.q = (1e-2, zero, qmin, qmax, dtype)
+
+    def forward(self, x):
+        ops = torch.ops.quantized_decomposed
+        x = ops.dequantize_per_tensor(ops.quantize_per_tensor(x, *self.q), *self.q)
+        return ops.dequantize_per_tensor(ops.quantize_per_tensor(torch.relu(x), *self.q), *self.q)
+
+
+@pytest.mark.parametrize("dtype, qmin, qmax, zero", [(torch.int8, -128, 127, 0), (torch.uint16, 0, 65535, 32768)])
+def test_quantize_ops_of_a_dtype_xnnpack_lacks_are_declined(compiler, dtype, qmin, qmax, zero):
+    """XNNPACK's partitioner tags uint16 (16-bit activations) quantize/dequantize ops that its
+    lowering then refuses ("Unsupported dtype for quantization"): support() declines them with
+    the reason; int8 ones are taken."""
+    import torchao.quantization.pt2e  # noqa: F401  (registers quantized_decomposed)
+
+    ep = export(compiler, _QdqRelu(dtype, qmin, qmax, zero), torch.randn(2, 8))
+    verdict = compiler.support(ep)
+    qdq = [n for n, node in call_nodes(ep).items() if "quantize" in n]
+    assert len(qdq) == 4
+    for name in qdq:
+        if dtype == torch.int8:
+            assert verdict[name] is None, verdict
+        else:
+            assert "with dtype uint16: XNNPACK's quantized operators take int8 and uint8 tensors" in verdict[name]
+
+
 def test_support_matches_what_executorch_leaves_outside(compiler):
     """What support() declines is exactly what ExecuTorch's own XNNPACK lowering of the whole
     program leaves outside its delegates."""
