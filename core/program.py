@@ -19,10 +19,11 @@ checked against the file. Segments are handed out as read-only, zero-copy memory
 read-only memory map, checked on first access against their XXH3-64 (format 1.4, from the
 maintained ``xxhash`` library: 4x faster than CRC-32 here, and what catches a damaged file), or in
 older files their CRC-32 (1.1) or SHA-256 (1.0). Format 1.5 added the unsigned ``uint16``,
-``uint32`` and ``uint64`` dtypes (16-bit quantized activations cross partitions as ``uint16``). A file opened by path whose segments were all
-checked before and that has not changed since (:mod:`handoff.verified`, keyed like git's index by
-device, inode, size and times) is not checked again. :meth:`ProgramFile.verify_all` checks every
-segment's SHA-256.
+``uint32`` and ``uint64`` dtypes (16-bit quantized activations cross partitions as ``uint16``).
+A file opened by path whose segments were all checked before and that has not changed since
+(:mod:`handoff.verified`, keyed like git's index by device, inode, size and times) is not checked
+again. :meth:`ProgramFile.verify_all` checks every segment's SHA-256. Segments are zero-copy views
+into the memory map, or into the file read whole when it is small (:data:`READ_BELOW_BYTES`).
 """
 
 from __future__ import annotations
