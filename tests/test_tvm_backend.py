@@ -725,11 +725,12 @@ def test_functions_without_a_record_keep_the_default_schedule_of_the_untuned_bui
 
 @pytest.mark.slow
 @pytest.mark.parametrize("times, kept", [((2.0, 1.0), "tuned"), ((1.0, 2.0), "untuned")])
-def test_a_tuned_build_is_kept_only_when_it_beats_the_untuned_one(monkeypatch, times, kept):
+def test_a_tuned_build_is_kept_only_when_it_beats_the_untuned_one(monkeypatch, capfd, times, kept):
     """Both builds are timed on this machine and the faster one becomes the delegate; the
     decision and both medians are in the delegate's metadata. The timing is replaced here by
     fixed numbers (no timed assertion); the test checks that the decision follows them and that
-    either build matches eager."""
+    either build matches eager, and that exporting a build a VM has run prints nothing (TVM's
+    runtime logged "Scope Saving:" per constant: 106 lines in a tuned MobileNetV2 compare)."""
     from tvm.s_tir import meta_schedule as ms
 
     from handoff.tvm import compiler as tvm_compiler
@@ -748,3 +749,5 @@ def test_a_tuned_build_is_kept_only_when_it_beats_the_untuned_one(monkeypatch, t
     assert tuning["kept"].split()[0] == kept
     assert (tuning["untuned_ms"], tuning["tuned_ms"]) == times
     assert len(timed) == 1 and all(ms_ > 0 for ms_ in timed[0])
+    printed = capfd.readouterr()
+    assert "Scope Saving" not in printed.out + printed.err, printed
