@@ -177,10 +177,11 @@ class TvmCompiler(Compiler):
 
         _import_tensor_intrinsics()
         self.tuning = {"tasks": 0}
-        mod = _legalize(self.target, self.schedule)(mod)
         database = ms.database.JSONDatabase(work_dir=str(self.tuning_dir))
-        tasks = [t for t in ms.relax_integration.extract_tasks(mod, self.target)
-                 if not t.mod.attrs.get("tirx.is_scheduled", False)]
+        with quiet_native():  # TOPI's fast-mode take warning again, as in the untuned build
+            mod = _legalize(self.target, self.schedule)(mod)
+            tasks = [t for t in ms.relax_integration.extract_tasks(mod, self.target)
+                     if not t.mod.attrs.get("tirx.is_scheduled", False)]
         todo = [t for t in tasks if database.query_tuning_record(t.dispatched[0], self.target, "main") is None]
         if todo:
 
@@ -227,7 +228,7 @@ class TvmCompiler(Compiler):
                           num_trials_per_iter=per_round, builder=builder, task_scheduler=scheduler, **runner)
             self.tuning = {"tasks": len(todo), "rounds": getattr(scheduler, "rounds", None),
                            "stopped_by_budget": getattr(scheduler, "stopped_by_budget", False)}
-        with self.target, database:
+        with self.target, database, quiet_native():
             return relax.transform.MetaScheduleApplyDatabase()(mod)
 
     def _keep_faster(self, untuned: Any, tuned_mod: Any, inputs: list[dict[str, Any]]) -> Any:
