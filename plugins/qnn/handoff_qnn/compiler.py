@@ -121,15 +121,16 @@ class QnnCompiler(Compiler):
         was most of the time: ~7 checks per declined node on the bandwidth GRU). The rest that
         passes is then cut out of the program and exported exactly as the core will lower it
         (:func:`handoff.extract_partition`); should that one fail where its cut passed, the
-        search goes on over the rest with an export per check."""
+        search goes on over the rest with an export per check. Each node the search declines is
+        confirmed the same way first (:meth:`_search`: up to two exports per declined node)."""
         whole = self._export(ep, group)
         cut = _OnnxCut(whole, ep, group) if isinstance(whole, onnx.ModelProto) else None
-        declined, last = self._search(ep, group, by_name, whole, cut)
+        declined, last, by_cut = self._search(ep, group, by_name, whole, cut)
         rest = [n for n in group if n not in declined]
-        if rest and cut is not None and rest != group:
+        if rest and by_cut:
             last = self._check(ep, rest)
             if isinstance(last, str):
-                more, last = self._search(ep, rest, by_name, None, None)
+                more, last, _ = self._search(ep, rest, by_name, None, None)
                 declined.update(more)
                 rest = [n for n in rest if n not in more]
         if rest and last in _NOTHING:
@@ -138,26 +139,57 @@ class QnnCompiler(Compiler):
         return declined
 
     def _search(self, ep: Any, group: list[str], by_name: Mapping[str, Any], whole: Any,
-                cut: _OnnxCut | None) -> tuple[dict[str, str], Any]:
+                cut: _OnnxCut | None) -> tuple[dict[str, str], Any, bool]:
         """:func:`handoff.first_failing` over ``group``'s quantize/dequantize units (``whole``: its
         export or outcome, when at hand; ``cut``: sub-lists cut out of it, else exported one by
-        one): the declined nodes and the outcome of the last check (the rest's)."""
+        one): the declined nodes, the outcome of the last check (the rest's) and whether that
+        outcome came from a cut (then the rest is still to be checked on its own export).
+
+        No node is declined on a cut's word: a cut can pass where the export of the same nodes
+        fails to finalize (zoo:langid: the prefix holding bmm_3 passed as a cut, so add_3 after it
+        was blamed) or the other way round. Before a node is declined, the two prefixes that blame
+        it (the one holding it fails, the one before it passes), where a cut answered, are
+        exported and compiled on their own; should either answer differently, the search goes on
+        over the nodes not yet declined with an export per check."""
         last: list[Any] = [None]
+        last_by_cut, checks = [False], [0]
+        answered: dict[bool, tuple[list[str], bool]] = {}  # passed? -> the latest such check: names, by a cut
 
         def check(names: list[str]) -> str | None:
+            by_cut = False
             if whole is not None and len(names) == len(group):
                 last[0] = self._compile_check(whole)
             elif _only_qdq(by_name[n] for n in names):
                 last[0] = _QDQ_ONLY  # as _export says; a cut would be compiled and blamed
             elif cut is not None and (model := cut.model(names)) is not None:
-                last[0] = self._compile_check(model)
+                last[0], by_cut = self._compile_check(model), True
             else:
                 last[0] = self._check(ep, names)
+            checks[0] += 1
+            last_by_cut[0] = by_cut
+            answered[not isinstance(last[0], str)] = (names, by_cut)
             return None if last[0] in _NOTHING else last[0]
+
+        def cut_was_wrong(alone: bool) -> bool:
+            """Whether the export of a prefix that blames the culprit answers unlike its cut
+            (``alone``: nothing precedes it, no passing prefix to confirm)."""
+            for passed, (names, by_cut) in list(answered.items()):
+                if by_cut and not (passed and alone):
+                    if isinstance(self._check(ep, names), str) == passed:
+                        return True
+                    answered[passed] = (names, False)  # confirmed: not exported again next round
+            return False
 
         declined: dict[str, str] = {}
         order, together = _qdq_units(ep, group, by_name)
+        confirmed_at = -1
         for culprit, error, alone in first_failing(check, order, together):
+            if checks[0] != confirmed_at:  # not a node tied to the one just declined
+                confirmed_at = checks[0]
+                if cut_was_wrong(alone):
+                    _LOG.info("qnn: a cut and its export disagree before %s; searching on with exports", culprit)
+                    more, outcome, _ = self._search(ep, [n for n in group if n not in declined], by_name, None, None)
+                    return {**declined, **more}, outcome, False
             op = ops.op_name(by_name[culprit].target)
             source = by_name[culprit].args[0]
             if ops.is_qdq(by_name[culprit], "dequantize") and getattr(source, "name", None) in declined:
@@ -166,7 +198,7 @@ class QnnCompiler(Compiler):
                 context = "even alone" if alone else "in this graph (what precedes it compiles without it)"
                 declined[culprit] = f"QNN HTP fails to compile {op} {context}: {error}"
             _LOG.info("qnn: declined %s (%s) after an in-context compile failed", culprit, op)
-        return declined, last[0]
+        return declined, last[0], last_by_cut[0]
 
     def _check(self, ep: Any, names: list[str]) -> Any:
         """``None`` when ``names`` (with their getitems) compile on QNN as one graph, the failure

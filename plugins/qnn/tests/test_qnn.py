@@ -404,3 +404,22 @@ def test_qnn_and_a_cffi_user_share_a_process(qnn_plugins, tmp_path):
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PLUGIN_DIR), os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+
+
+def test_in_context_search_declines_no_node_on_a_cut_failure_alone(qnn_plugins, monkeypatch):
+    """zoo:langid's second attention group (35 nodes): the prefix ending at add_3, cut out of the
+    group's one export, fails to finalize on the HTP emulator while the same nodes exported on
+    their own compile. One export per candidate declines only bmm_3; so must the cut search
+    (it confirms each failing prefix it blames on that prefix's own export)."""
+    results = []
+    real_check = QnnCompiler.check_partition
+
+    def record(self, ep, nodes):
+        results.append((list(nodes), real_check(self, ep, nodes)))
+        return results[-1][1]
+
+    monkeypatch.setattr(QnnCompiler, "check_partition", record)
+    handoff.partition("zoo:langid", backends=["qnn"], use_cache=False)
+    group = [declined for nodes, declined in results if "bmm_3" in nodes and "add_3" in nodes]
+    assert len(group) == 1 and sorted(group[0]) == ["bmm_3"], group
+    assert "aten.bmm.default in this graph" in group[0]["bmm_3"]
