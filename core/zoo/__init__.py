@@ -24,11 +24,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
+from ..program import DTYPES
+
 #: ``((1, 3, 224, 224), "float32")``: one example input's shape and dtype.
 InputSpec = tuple[tuple[int, ...], str]
 
-INPUT_DTYPES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool", "uint16", "uint32",
-                "uint64")
+#: What ``--input-shape NxM:DTYPE`` takes: every dtype a program file can hold.
+INPUT_DTYPES = tuple(DTYPES)
 #: Integer example inputs are drawn from ``[0, DEFAULT_INT_HIGH)`` unless a model says otherwise.
 DEFAULT_INT_HIGH = 8
 
