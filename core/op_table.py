@@ -10,9 +10,9 @@ claims the op's node, and the node is lowered for real and, where the evaluator 
 compared with eager torch (1e-12 relative for float64, 1e-2 where the backend or an input computes
 in float16, else 1e-4; exact for integers and bools; a float16 result may instead match eager
 torch run in float16; a quantized sample, :meth:`Samples.add_quantized`, within one quantization
-step of its output, 64 for a 16-bit output). A claim must lower (and match, where evaluable); a decline must fail one
-of the two; a decline the plugin documents as a device-only bug (``documented``) counts neither
-way. Anything else is a mismatch: exit status 1.
+step of its output, 64 for a 16-bit output). A claim must lower (and match, where evaluable); a
+decline must fail one of the two; a decline the plugin documents as a device-only bug
+(``documented``) counts neither way. Anything else is a mismatch: exit status 1.
 """
 
 from __future__ import annotations
@@ -42,12 +42,12 @@ _QD = torch.ops.quantized_decomposed
 #: The quantize/dequantize ops of a quantized sample (:meth:`Samples.add_quantized`).
 QDQ_OPS = (_QD.quantize_per_tensor.default, _QD.dequantize_per_tensor.default, _QD.quantize_per_channel.default,
            _QD.dequantize_per_channel.default)
-#: Activation encodings of a quantized sample: torch dtype, quant_min, quant_max.
 #: A 16-bit sample's tolerance in its own steps: a quarter of an 8-bit step over the same range.
 #: Integer 16-bit kernels requantize with less internal precision than float compute (QNN HTP,
 #: measured: linear 24 steps, add 1), while a wrong encoding (zero point, scale, an 8-bit
 #: requantization: up to 128) is off by more.
 SIXTEEN_BIT_STEPS = 64.0
+#: Activation encodings of a quantized sample: torch dtype, quant_min, quant_max.
 ACTIVATIONS = {"int8": (torch.int8, -128, 127), "uint16": (torch.uint16, 0, 65535)}
 
 
