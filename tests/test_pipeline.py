@@ -221,3 +221,17 @@ def test_mutating_model_is_refused(sink_plugins):
 
     with pytest.raises(HandoffError, match=r"mutates state \(n\)"):
         handoff.partition(Counter(), (torch.randn(3),), backends=["sink"], fallback=False)
+
+
+def test_a_dtype_the_format_cannot_hold_is_one_line_naming_the_node_and_the_choices():
+    """A tensor of a dtype the program format has no code for (complex64) is refused where it is
+    written, naming the node, the format version, every supported dtype and the fix; a dtype
+    argument goes through the same check (``uint16`` since format 1.5)."""
+    from handoff.lower import dtype_name
+    from handoff.program import DTYPES, FORMAT_MAJOR, FORMAT_MINOR
+
+    with pytest.raises(HandoffError) as info:
+        dtype_name(torch.complex64, "node mul_1")
+    assert str(info.value) == (f"node mul_1: dtype complex64 is not supported by program format "
+                               f"{FORMAT_MAJOR}.{FORMAT_MINOR} (supported: {', '.join(DTYPES)}); cast it in the model")
+    assert dtype_name(torch.uint16, "node q") == "uint16"
