@@ -347,8 +347,11 @@ def test_runs_leave_nothing_for_the_garbage_collector(chain_program):
     inputs = [rng.standard_normal((2, 8), dtype=np.float32) for _ in range(8)]
     for memory in ("host", "device"):  # both paths: host copies, and values kept by the delegates
         with handoff.load(chain_program, options=_device(memory)) as program:
-            cycles, left, per_run = _collector_work(program, inputs)
-        assert (cycles, left) == (0, 0)
+            cycles, left, per_run = _collector_work(program, inputs, runs=300)
+        assert cycles == 0
+        # A run that kept one object would leave 300; the few a whole-suite process leaves are
+        # other threads' work in the same window (the CI run once saw 1), not the runs'.
+        assert left < 10
         assert per_run < 1  # measured 0.08: a young collection (of ~700 objects) every ~9,000 runs
 
 
