@@ -765,18 +765,28 @@ class _Opened(NamedTuple):
     segments: tuple[tuple[Any, ...], ...]
     notes: dict[str, str]  # the file's notes ...
     written: dict[str, str]  # ... and those its record holds
+    data: bytes | None  # the whole file, when it was read (not mapped) and is among those kept (_KEEP_BYTES)
 
 
 #: Recorded files opened in this process, by (record directory, record key): a later open of the
 #: unchanged file (same ``stat``, same header) neither hashes nor reads anything but the header.
 _OPENED: dict[tuple[str, str], _Opened] = {}
 _MAX_OPENED = 64
+#: The most bytes of read files :data:`_OPENED` keeps (the newest first): a later open of such an
+#: unchanged file reads its header only and hands out the same immutable ``bytes`` again (no read,
+#: no allocation; a runtime may keep what it derived from them, docs/plugins.md).
+_KEEP_BYTES = 16 << 20
 
 #: Files up to this size are read into memory instead of mapped: a delegate runtime that copies
 #: its blob (ExecuTorch takes ``bytes``) then copies from memory that is already there, and
 #: closing frees memory instead of unmapping (page faults on the mapping, and an unmap that must
 #: reach every thread of the process, cost more than reading a small file whole).
 READ_BELOW_BYTES = 1 << 20
+
+
+def _opened_key(st: os.stat_result) -> tuple[str, str]:
+    """A file's key in :data:`_OPENED`: the record directory and the file's record key."""
+    return verified.directory_name(), verified.record_key(st)
 
 
 def _read_all(fd: int, size: int, name: str) -> bytes:
@@ -799,7 +809,8 @@ class ProgramFile:
     :meth:`segment` returns it, unless the file is recorded as checked and unchanged
     (:mod:`handoff.verified`; :meth:`remember_verified` writes the record). A recorded file that
     this process opened before and that has not changed since (the same ``stat`` and header) is
-    not hashed or validated again: its manifest's bytes are kept from that open (:data:`_OPENED`).
+    not hashed or validated again: its manifest's bytes are kept from that open (:data:`_OPENED`),
+    and a small file's whole bytes (:data:`_KEEP_BYTES`): then only its header is read again.
 
     :ivar name: the path (or a name given to :meth:`from_bytes`), used in error messages.
     :ivar major, minor: the format version in the file (major is always 1 here; minor may be
@@ -812,9 +823,10 @@ class ProgramFile:
     manifest: dict
 
     def __init__(self, buffer: Any, name: str, _mmap: mmap.mmap | None = None,
-                 _stat: tuple[os.stat_result, int] | None = None):
+                 _stat: tuple[os.stat_result, int] | None = None, _key: tuple[str, str] | None = None):
         """Internal; use :meth:`open` or :meth:`from_bytes`. ``buffer`` is a read-only memoryview;
-        ``_stat`` the file's ``fstat`` and the ``time.time_ns()`` before it was opened."""
+        ``_stat`` the file's ``fstat`` and the ``time.time_ns()`` before it was opened, ``_key``
+        its key in :data:`_OPENED` (:func:`_opened_key`)."""
         self.name = name
         self._mmap = _mmap
         self._view: memoryview | None = buffer
@@ -829,7 +841,7 @@ class ProgramFile:
         self._notes_written: dict[str, str] = {}
         try:
             head = bytes(buffer[:HEADER_SIZE])
-            key = (verified.directory_name(), verified.record_key(_stat[0])) if _stat is not None else None
+            key = _key if _key is not None or _stat is None else _opened_key(_stat[0])
             known = _OPENED.get(key) if key is not None else None
             if known is not None and known.head == head:
                 # This process opened this very file (same stat, same header) and found or wrote its
@@ -863,8 +875,9 @@ class ProgramFile:
                     self.notes, self._notes_written = notes, dict(notes)
                 if key is not None:  # kept with the record remember_verified writes, and for the next open
                     self.notes[VALIDATED_NOTE] = validated_by
+                    whole = buffer.obj if _mmap is None and type(buffer.obj) is bytes else None
                     self._opened = (key, _Opened(head, header, digest, marshal.dumps(self.manifest), self._segments,
-                                                 {}, {}))
+                                                 {}, {}, whole))
                     if self.recorded:
                         self._remember_opened()
             self.major, self.minor, self.flags = header.major, header.minor, header.flags
@@ -901,8 +914,15 @@ class ProgramFile:
             if st.st_size == 0:
                 return cls(memoryview(b""), name)  # an empty file cannot be mapped; rejected as truncated
             if st.st_size <= READ_BELOW_BYTES:
-                data = _read_all(fd, st.st_size, name)
-                return cls(memoryview(data), name, None, (st, started))
+                key = _opened_key(st)
+                kept = _OPENED.get(key)
+                if kept is not None and kept.data is not None and _read_all(fd, HEADER_SIZE, name) == kept.head:
+                    data = kept.data  # this unchanged file's bytes, as an earlier open read them
+                else:
+                    if kept is not None and kept.data is not None:
+                        os.lseek(fd, 0, os.SEEK_SET)
+                    data = _read_all(fd, st.st_size, name)
+                return cls(memoryview(data), name, None, (st, started), key)
             try:
                 mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
             except OSError as e:
@@ -983,6 +1003,12 @@ class ProgramFile:
             del _OPENED[next(iter(_OPENED))]  # the oldest
         opened = _OPENED[key] = opened._replace(notes=dict(self.notes), written=dict(self._notes_written))
         self._opened = (key, opened)
+        kept = 0
+        for k, entry in list(reversed(_OPENED.items())):  # beyond _KEEP_BYTES, the oldest files' bytes go
+            if entry.data is not None:
+                kept += len(entry.data)
+                if kept > _KEEP_BYTES:
+                    _OPENED[k] = entry._replace(data=None)
 
     def note(self, name: str, value: str) -> None:
         """Keep ``value``, computed from this file's bytes, with the file's record (written by the

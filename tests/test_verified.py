@@ -370,6 +370,31 @@ def test_a_file_opened_before_in_this_process_is_read_only_to_its_header(tmp_pat
         assert again.manifest == strict
 
 
+def test_a_small_file_opened_before_is_read_only_to_its_header(tmp_path, monkeypatch):
+    """A small (read, not mapped) recorded file opened again unchanged: only its header is read
+    from disk, compared with the kept one, and the bytes the first open read are handed out again
+    (the same immutable object); past the kept-bytes budget the oldest file is read whole again."""
+    from handoff import program
+
+    path, other = _settled(tmp_path), _settled(tmp_path, "other.hof")
+    with ProgramFile.open(path) as pf:
+        assert pf.remember_verified()
+        first = pf._view.obj
+    reads = []
+    real = program._read_all
+    monkeypatch.setattr(program, "_read_all", lambda fd, size, name: reads.append(size) or real(fd, size, name))
+    with ProgramFile.open(path) as pf:
+        assert pf.recorded and pf._view.obj is first and bytes(pf.segment(1)) == BLOB
+    assert reads == [program.HEADER_SIZE]
+    monkeypatch.setattr(program, "_KEEP_BYTES", os.path.getsize(path))  # room for one file's bytes
+    with ProgramFile.open(other) as pf:
+        assert pf.remember_verified()  # the newest: kept; the first file's bytes are dropped
+    reads.clear()
+    with ProgramFile.open(path) as pf, ProgramFile.open(other) as again:
+        assert pf.recorded and again.recorded and bytes(pf.segment(1)) == bytes(again.segment(1)) == BLOB
+    assert reads == [os.path.getsize(path), program.HEADER_SIZE]
+
+
 @pytest.mark.parametrize("change", ["touched", "segment damaged", "manifest damaged"])
 def test_a_file_changed_after_this_process_opened_it_is_checked_again(tmp_path, monkeypatch, change):
     """Opened (and recorded) twice in this process, then changed in place with its modification
