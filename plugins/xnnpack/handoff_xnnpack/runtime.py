@@ -180,11 +180,21 @@ class XnnpackRuntime(Runtime):
 
     # -- delegates ------------------------------------------------------------------------------
     def load(self, blob: memoryview, metadata: Mapping[str, Any], options: Mapping[str, Any]) -> _Delegate:
-        header, pte = _format.unpack(blob)
         version = _executorch_version()
         if version is None:
             raise ValueError(f"xnnpack: executorch not installed: {_INSTALL}")
-        _format.check_compatible(header, version)
+        place = _place(blob)
+        kept = _PTES.get(place) if place is not None else None
+        if kept is not None:
+            pte = kept[1]
+        else:
+            header, view = _format.unpack(blob)
+            _format.check_compatible(header, version)
+            pte = bytes(view)  # the binding wants bytes
+            if place is not None:
+                if len(_PTES) >= _MAX_PTES:
+                    del _PTES[next(iter(_PTES))]  # the oldest
+                _PTES[place] = (blob.obj, pte)
         threads = options.get("threads")
         if threads is None and metadata.get("threads") is not None:  # the compile-time default, from the file
             threads = _format.OPTIONS["threads"].parse("threads", metadata["threads"])
@@ -195,7 +205,7 @@ class XnnpackRuntime(Runtime):
             self._has_backend = True
         # Everything that does not need the loaded method is done before ExecuTorch loads it, so
         # that a first run follows load_method closely (the pool's workers still awake).
-        handle = _Delegate(bytes(pte), _input_specs(metadata), metadata.get("num_outputs"))  # the binding wants bytes
+        handle = _Delegate(pte, _input_specs(metadata), metadata.get("num_outputs"))
         with _POOL_LOCK:
             self._set_threads(threads)
             try:
@@ -243,6 +253,24 @@ class XnnpackRuntime(Runtime):
             if handle.method is not None:
                 handle.method = handle.program = handle.data = None
                 _LIVE[0] -= 1
+
+
+#: The .pte bytes of blobs that were views of immutable ``bytes`` (the core hands out the same
+#: ``bytes`` again for a recorded file opened unchanged: docs/plugins.md), by where the blob lies
+#: (:func:`_place`), with those bytes, which are kept alive here so that their id names no other
+#: object: a later load of the same blob neither unpacks, checks nor copies it again.
+_PTES: dict[tuple[int, int, int], tuple[bytes, bytes]] = {}
+_MAX_PTES = 16
+
+
+def _place(blob: memoryview) -> tuple[int, int, int] | None:
+    """``(id, offset, length)`` of ``blob`` in the immutable ``bytes`` it views; None for any other
+    buffer (a mapping, a bytearray: their contents may change under the same address)."""
+    source = blob.obj
+    if type(source) is not bytes or not blob.nbytes:
+        return None
+    start = np.frombuffer(blob, np.uint8).__array_interface__["data"][0]
+    return id(source), start - np.frombuffer(source, np.uint8).__array_interface__["data"][0], blob.nbytes
 
 
 @functools.cache

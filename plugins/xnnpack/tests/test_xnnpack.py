@@ -510,6 +510,38 @@ def test_foreign_or_damaged_blob_refused(runtime, cnn_lowered):
         runtime.load(memoryview(lowered.blob[:-10]), lowered.metadata, parsed())
 
 
+def test_a_blob_in_the_same_bytes_is_unpacked_and_copied_once(runtime, cnn_lowered):
+    """The core hands out the same immutable bytes again for a recorded file opened unchanged: a
+    later load of a blob at the same place in them reuses the .pte copy (delegates loaded from it
+    at once all run right); a blob in other bytes (a changed file) or in a buffer that can change
+    is unpacked and checked as itself."""
+    model, lowered = cnn_lowered
+    source = bytes(16) + lowered.blob
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(x).numpy()
+    first = runtime.load(memoryview(source)[16:], lowered.metadata, parsed())
+    try:
+        second = runtime.load(memoryview(source)[16:], lowered.metadata, parsed())
+        try:
+            assert second.data is first.data
+            for handle in (first, second):
+                np.testing.assert_allclose(runtime.execute(handle, [x.numpy()])[0], want, **FP32)
+        finally:
+            runtime.release(second)
+    finally:
+        runtime.release(first)
+    damaged = bytearray(source)
+    damaged[16:20] = b"PK\x03\x04"
+    with pytest.raises(ValueError, match=r"^not a xnnpack delegate blob \(magic "):
+        runtime.load(memoryview(bytes(damaged))[16:], lowered.metadata, parsed())
+    mutable = bytearray(source)
+    runtime.release(runtime.load(memoryview(mutable)[16:], lowered.metadata, parsed()))
+    mutable[16:20] = b"PK\x03\x04"
+    with pytest.raises(ValueError, match=r"^not a xnnpack delegate blob \(magic "):
+        runtime.load(memoryview(mutable)[16:], lowered.metadata, parsed())
+
+
 def test_inputs_checked(runtime, cnn_lowered):
     _, lowered = cnn_lowered
     handle = runtime.load(memoryview(lowered.blob), lowered.metadata, parsed())
