@@ -107,13 +107,14 @@ def remember(backend: str, key: str) -> None:
     _know(home_name(), backend, key)
 
 
-def vouch(where: str, entry: Mapping[str, Any], inputs: Callable[[], Sequence[tuple[Sequence[int], str]]], version: str,
-          runtime_ref: str, blob: Any, options: Mapping[str, Any], key: str | None = None) -> str:
+def vouch(where: Callable[[], str], entry: Mapping[str, Any], inputs: Callable[[], Sequence[tuple[Sequence[int], str]]],
+          version: str, runtime_ref: str, blob: Any, options: Mapping[str, Any], key: str | None = None) -> str:
     """Make sure loading ``blob`` cannot take the process down: return when it is known, else
     probe it in a child process and remember it; raise :class:`HandoffError` otherwise. Returns
     the blob's key.
 
-    :param where: names the delegate in errors ("m.hof: delegate 0 (xnnpack_0, backend 'xnnpack')").
+    :param where: returns how errors name the delegate ("m.hof: delegate 0 (xnnpack_0, backend
+        'xnnpack', segment 1 at offset 4096)"); called, like ``inputs``, only when the blob is probed.
     :param entry: its manifest entry (a delegate, or one of its fallback copies): backend, metadata.
     :param inputs: returns ``(shape, dtype)`` of each input the probe runs it on (zeros); called
         only when the blob is probed.
@@ -124,6 +125,7 @@ def vouch(where: str, entry: Mapping[str, Any], inputs: Callable[[], Sequence[tu
     key = key or blob_key(backend, version, blob, entry["metadata"])
     if is_known(backend, key):
         return key
+    where = where()
     request = json.dumps({"runtime": runtime_ref, "metadata": entry["metadata"], "options": dict(options),
                           "inputs": [[list(shape), dtype] for shape, dtype in inputs()],
                           "memory": MEMORY_ALLOWANCE + len(blob)}).encode()

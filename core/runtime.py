@@ -208,7 +208,7 @@ class Program:
                         spec = plugins.spec(entry["backend"])
                         note = probe.note_name(entry["segment"], entry["backend"], spec.version)
                         self.file.note(note, probe.vouch(
-                            f"{self.file.name}: {self._entry_name(i, k, at=True)}", entry,
+                            functools.partial(self._load_where, i, k), entry,
                             functools.partial(self._call_inputs, i), spec.version,
                             spec.runtime, blob, parsed[entry["backend"]], key=self.file.notes.get(note)))
                     # Vendor runtimes print when they initialise, i.e. on their first load in a process;
@@ -228,7 +228,7 @@ class Program:
                     if isinstance(exc, HandoffError) and not hint:
                         raise
                     text = str(exc) if isinstance(exc, HandoffError) else \
-                        f"{self.file.name}: {self._entry_name(i, k, at=True)} failed to load: {one_line(exc)}"
+                        f"{self._load_where(i, k)} failed to load: {one_line(exc)}"
                     raise HandoffError(text + hint) from exc
                 break
             self._handles.append((runtime, handle))
@@ -288,6 +288,10 @@ class Program:
         values = self.manifest["values"]
         calls = [ins for ins in self.manifest["instructions"] if ins["op"] == "delegate" and ins["delegate"] == i]
         return [(values[v]["shape"], values[v]["dtype"]) for v in (calls[0]["inputs"] if calls else [])]
+
+    def _load_where(self, i: int, k: int) -> str:
+        """The file and delegate ``i``'s entry ``k``, with where its blob lies: how load errors begin."""
+        return f"{self.file.name}: {self._entry_name(i, k, at=True)}"
 
     def _entry_name(self, i: int, k: int, at: bool = False) -> str:
         """Delegate ``i``'s entry ``k`` (0: its own blob, k: its fallback copy k - 1) in messages;
