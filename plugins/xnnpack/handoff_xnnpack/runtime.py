@@ -193,7 +193,7 @@ class XnnpackRuntime(Runtime):
             pte = bytes(view)  # the binding wants bytes
             if place is not None:
                 if len(_PTES) >= _MAX_PTES:
-                    del _PTES[next(iter(_PTES))]  # the oldest
+                    _PTES.pop(next(iter(_PTES), None), None)  # the oldest (another thread's load may race)
                 _PTES[place] = (blob.obj, pte)
         threads = options.get("threads")
         if threads is None and metadata.get("threads") is not None:  # the compile-time default, from the file
