@@ -469,7 +469,8 @@ PUBLIC_MODULES = {"handoff", "handoff.blob", "handoff.conformance", "handoff.tes
 #: Plugin test suites checked too (they use handoff.testing's fixtures, not handoff.plugins).
 CHECKED_TESTS = ["plugins/xnnpack/tests", "plugins/vulkan/tests", "plugins/coreml/tests", "plugins/qnn/tests"]
 #: Tests of a core feature that run it with a real plugin, not of the plugin: they use its internals.
-CORE_FEATURE_TESTS = {"plugins/xnnpack/tests/test_compare_strategies.py"}  # handoff.compare, handoff.strategies
+CORE_FEATURE_TESTS = {"plugins/xnnpack/tests/test_compare_strategies.py",  # handoff.compare, handoff.strategies
+                      "plugins/xnnpack/tests/test_reload.py"}  # handoff.verified
 
 
 @pytest.mark.parametrize("package", sorted([*ROOT.glob("plugins/*/handoff_*"), *ROOT.glob("plugins/*/tools"),

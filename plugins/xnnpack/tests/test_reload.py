@@ -1,0 +1,63 @@
+"""A core feature run with the real xnnpack runtime: loading a recorded program again in a process.
+
+The core hands out the same immutable bytes for a small recorded file opened again unchanged
+(``handoff.program``, docs/plugins.md), and the xnnpack runtime then reuses the ``.pte`` it made;
+a file changed since must be read and checked again, and a damaged one refused with one line.
+Uses the core's internals (``handoff.verified``): listed in tests/test_contract.py's
+``CORE_FEATURE_TESTS``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+PLUGIN_DIR = Path(__file__).resolve().parents[1]
+if str(PLUGIN_DIR) not in sys.path:  # not pip-installed: use the source tree
+    sys.path.insert(0, str(PLUGIN_DIR))
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("executorch.backends.xnnpack")
+
+import handoff  # noqa: E402
+from handoff import ProgramFormatError, verified  # noqa: E402
+from handoff.testing import assert_matches_eager  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_program_loaded_again_shares_its_pte_until_the_file_changes(plugins, tmp_path):
+    """Loaded and run three times against eager: the later loads run from the .pte the first one
+    made; then damaged in place (modification time put back), the next load refuses the file
+    with the one-line error naming the segment and its offset."""
+    from handoff_xnnpack import runtime as xnnpack_runtime
+
+    zoo = plugins.zoo()["small_cnn"]
+    model = zoo.build().eval()
+    path = tmp_path / "cnn.hof"
+    handoff.partition(model, zoo.example_inputs(), backends=["xnnpack"], fallback=False).write(str(path))
+    verified.wait_until_not_racy(os.stat(path))
+    ptes, outs = [], []
+    for seed in (1, 2, 3):  # fresh inputs each time
+        (x,) = zoo.example_inputs(seed)
+        with handoff.load(path) as program, torch.no_grad():
+            outs.append(program.run([x.numpy()])[0])
+            assert_matches_eager(outs[-1], model(x))
+            ptes.append({id(pte) for _, pte in xnnpack_runtime._PTES.values()})
+            entry = program.manifest["segments"][program.manifest["delegates"][0]["segment"]]
+    assert program.file.recorded and ptes[1] == ptes[2]  # no new .pte made for the unchanged file
+    assert not torch.allclose(torch.from_numpy(outs[0]), torch.from_numpy(outs[1])), "outputs must change with the input"
+    before = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(entry["offset"] + entry["length"] // 2)
+        byte = f.read(1)
+        f.seek(entry["offset"] + entry["length"] // 2)
+        f.write(bytes([byte[0] ^ 0xA5]))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(ProgramFormatError) as info:
+        handoff.load(path)
+    assert "\n" not in str(info.value)
+    assert f".xxh3 at offset {entry['offset']}: does not match the segment's bytes (file corrupted)" in str(info.value)
