@@ -919,8 +919,7 @@ class ProgramFile:
                 if kept is not None and kept.data is not None and _read_all(fd, HEADER_SIZE, name) == kept.head:
                     data = kept.data  # this unchanged file's bytes, as an earlier open read them
                 else:
-                    if kept is not None and kept.data is not None:
-                        os.lseek(fd, 0, os.SEEK_SET)
+                    os.lseek(fd, 0, os.SEEK_SET)  # past a header read above
                     data = _read_all(fd, st.st_size, name)
                 return cls(memoryview(data), name, None, (st, started), key)
             try:

@@ -192,9 +192,7 @@ class XnnpackRuntime(Runtime):
             _format.check_compatible(header, version)
             pte = bytes(view)  # the binding wants bytes
             if place is not None:
-                if len(_PTES) >= _MAX_PTES:
-                    _PTES.pop(next(iter(_PTES), None), None)  # the oldest (another thread's load may race)
-                _PTES[place] = (blob.obj, pte)
+                _keep(place, blob.obj, pte)
         threads = options.get("threads")
         if threads is None and metadata.get("threads") is not None:  # the compile-time default, from the file
             threads = _format.OPTIONS["threads"].parse("threads", metadata["threads"])
@@ -260,7 +258,20 @@ class XnnpackRuntime(Runtime):
 #: (:func:`_place`), with those bytes, which are kept alive here so that their id names no other
 #: object: a later load of the same blob neither unpacks, checks nor copies it again.
 _PTES: dict[tuple[int, int, int], tuple[bytes, bytes]] = {}
-_MAX_PTES = 16
+#: The most bytes :data:`_PTES` holds (the bytes viewed and the copies), the newest kept first: a
+#: program given as bytes over and over must not pile up copies.
+_KEEP_BYTES = 16 << 20
+
+
+def _keep(place: tuple[int, int, int], source: bytes, pte: bytes) -> None:
+    if len(source) + len(pte) > _KEEP_BYTES:
+        return
+    _PTES[place] = (source, pte)
+    held = 0
+    for key, (viewed, copy) in list(reversed(_PTES.items())):
+        held += len(viewed) + len(copy)
+        if held > _KEEP_BYTES:
+            _PTES.pop(key, None)  # another thread's load may have dropped it already
 
 
 def _place(blob: memoryview) -> tuple[int, int, int] | None:

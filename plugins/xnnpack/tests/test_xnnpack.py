@@ -510,7 +510,7 @@ def test_foreign_or_damaged_blob_refused(runtime, cnn_lowered):
         runtime.load(memoryview(lowered.blob[:-10]), lowered.metadata, parsed())
 
 
-def test_a_blob_in_the_same_bytes_is_unpacked_and_copied_once(runtime, cnn_lowered):
+def test_a_blob_in_the_same_bytes_is_unpacked_and_copied_once(runtime, cnn_lowered, monkeypatch):
     """The core hands out the same immutable bytes again for a recorded file opened unchanged: a
     later load of a blob at the same place in them reuses the .pte copy (delegates loaded from it
     at once all run right); a blob in other bytes (a changed file) or in a buffer that can change
@@ -535,6 +535,17 @@ def test_a_blob_in_the_same_bytes_is_unpacked_and_copied_once(runtime, cnn_lower
     damaged[16:20] = b"PK\x03\x04"
     with pytest.raises(ValueError, match=r"^not a xnnpack delegate blob \(magic "):
         runtime.load(memoryview(bytes(damaged))[16:], lowered.metadata, parsed())
+    from handoff_xnnpack import runtime as module
+
+    held = len(module._PTES)
+    big = bytes(module._KEEP_BYTES) + lowered.blob  # more than the memo may hold: never kept
+    runtime.release(runtime.load(memoryview(big)[module._KEEP_BYTES:], lowered.metadata, parsed()))
+    assert len(module._PTES) == held and all(kept is not big for kept, _ in module._PTES.values())
+    monkeypatch.setattr(module, "_KEEP_BYTES", 2 * len(source))  # room for one blob and its copy
+    other = bytes(16) + lowered.blob
+    for kept in (source, other):
+        runtime.release(runtime.load(memoryview(kept)[16:], lowered.metadata, parsed()))
+    assert [viewed is other for viewed, _ in module._PTES.values()] == [True]  # the newest only
     mutable = bytearray(source)
     runtime.release(runtime.load(memoryview(mutable)[16:], lowered.metadata, parsed()))
     mutable[16:20] = b"PK\x03\x04"
