@@ -275,13 +275,13 @@ def _keep(place: tuple[int, int, int], source: bytes, pte: bytes) -> None:
 
 
 def _place(blob: memoryview) -> tuple[int, int, int] | None:
-    """``(id, offset, length)`` of ``blob`` in the immutable ``bytes`` it views; None for any other
-    buffer (a mapping, a bytearray: their contents may change under the same address)."""
+    """``(id, address, length)`` of ``blob`` in the immutable ``bytes`` it views (a bytes object
+    never moves, and :data:`_PTES` keeps it alive); None for any other buffer (a mapping, a
+    bytearray: their contents may change under the same address)."""
     source = blob.obj
     if type(source) is not bytes or not blob.nbytes:
         return None
-    start = np.frombuffer(blob, np.uint8).__array_interface__["data"][0]
-    return id(source), start - np.frombuffer(source, np.uint8).__array_interface__["data"][0], blob.nbytes
+    return id(source), np.frombuffer(blob, np.uint8).ctypes.data, blob.nbytes
 
 
 @functools.cache
