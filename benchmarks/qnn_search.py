@@ -1,13 +1,14 @@
 """The cost of qnn's in-context search (``QnnCompiler.check_partition``) on one planned partition.
 
     python benchmarks/qnn_search.py --model zoo:bandwidth_gru --backends qnn,xnnpack
-        [--call 1] [--compare-with DIR] [--rounds 1] [--limit-s 1200]
+        [--call 1 | --holding NODE] [--compare-with DIR] [--rounds 1] [--limit-s 1200]
 
 ``check_partition`` compiles the partition the core plans for qnn as one graph; when QNN refuses
 it, it searches for the nodes to decline (ONNX exports of sub-lists, and cuts out of the group's
 one export, each compiled on QNN's HTP emulator). This script partitions ``--model`` with
 ``--backends`` (no capability cache), keeps the arguments of qnn's ``--call``-th
-``check_partition`` call (the group), and times that call alone: wall time, how many ONNX
+``check_partition`` call (the group; ``--holding NODE``: the first call whose group holds that
+node), and times that call alone: wall time, how many ONNX
 exports (``handoff_qnn.compiler.to_onnx``) and QNN compiles (session creations) it made and
 their seconds, and the nodes it declined.
 
@@ -40,7 +41,7 @@ import handoff
 from handoff.cache import CapabilityCache
 import handoff_qnn.compiler as qc
 
-model, backends, call = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])
+model, backends, call, holding = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), sys.argv[4]
 calls, original = [], qc.QnnCompiler.check_partition
 
 class _Captured(Exception):
@@ -48,7 +49,7 @@ class _Captured(Exception):
 
 def capture(self, ep, nodes):
     calls.append((self, ep, list(nodes)))
-    if len(calls) == call:
+    if (holding in nodes) if holding else len(calls) == call:
         raise _Captured()
     return original(self, ep, nodes)
 
@@ -58,9 +59,11 @@ try:
 except Exception:
     pass  # the partition stops at the captured call (as a lowering error or the exception itself)
 qc.QnnCompiler.check_partition = original
+if holding and not any(holding in c[2] for c in calls):
+    sys.exit(f"{model} with {','.join(backends)}: no group qnn was asked to check holds {holding}")
 if len(calls) < call:
     sys.exit(f"{model} with {','.join(backends)}: qnn's check_partition was called {len(calls)} time(s), not {call}")
-compiler, ep, nodes = calls[call - 1]
+compiler, ep, nodes = calls[-1] if holding else calls[call - 1]
 
 stats = {"exports": 0, "export_s": 0.0, "compiles": 0, "compile_s": 0.0}
 def counted(fn, key):
@@ -97,7 +100,8 @@ def _sample(args: argparse.Namespace, path: list[str]) -> dict:
                "HANDOFF_PLUGINS": ",".join(f"handoff_{b}.plugin" for b in args.backends.split(",")),
                "PYTHONPATH": os.pathsep.join([*path, os.environ.get("PYTHONPATH", "")])}
         try:
-            done = subprocess.run([sys.executable, "-c", _CHILD, args.model, args.backends, str(args.call)],
+            done = subprocess.run([sys.executable, "-c", _CHILD, args.model, args.backends, str(args.call),
+                                   args.holding or ""],
                                   env=env, capture_output=True, text=True, timeout=args.limit_s)
         except subprocess.TimeoutExpired:
             return {"stopped": args.limit_s}
@@ -111,6 +115,7 @@ def main() -> None:
     parser.add_argument("--model", default="zoo:bandwidth_gru")
     parser.add_argument("--backends", default="qnn,xnnpack")
     parser.add_argument("--call", type=int, default=1, help="which of qnn's check_partition calls to time (1: the first)")
+    parser.add_argument("--holding", metavar="NODE", help="time the first call whose group holds NODE instead")
     parser.add_argument("--compare-with", type=Path, help="another checkout of handoff (its root folder)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--limit-s", type=float, default=1200.0, help="stop a child after this many seconds")
@@ -136,7 +141,8 @@ def main() -> None:
         interleaved({name: contender(name) for name in trees}, args.rounds)
 
     first = samples["this"][0]
-    print(f"{args.model} with {args.backends}: qnn's check_partition call {args.call} "
+    which = f"the call whose group holds {args.holding}" if args.holding else f"call {args.call}"
+    print(f"{args.model} with {args.backends}: qnn's check_partition {which} "
           f"({first.get('nodes', '?')} nodes), {args.rounds} round(s), medians")
     print(f"{'tree':<6} {'wall s':>8} {'exports':>8} {'export s':>9} {'compiles':>9} {'compile s':>10} {'declined':>9}")
     medians = {}
