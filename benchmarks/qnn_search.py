@@ -31,6 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _checkout import tree_path  # benchmarks/, next to this script
 from handoff.bench import interleaved
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,16 +85,6 @@ print(json.dumps({"wall_s": time.perf_counter() - start, **stats, "nodes": len(n
 """
 
 
-def _tree_path(tree: Path, scratch: Path) -> list[str]:
-    """``PYTHONPATH`` entries that make ``import handoff`` and the plugins load from ``tree``."""
-    shim = scratch / "shim"
-    shim.mkdir(parents=True, exist_ok=True)
-    link = shim / "handoff"
-    if not link.exists():
-        link.symlink_to(tree / "core")
-    return [str(shim), *sorted(str(p) for p in (tree / "plugins").iterdir() if p.is_dir())]
-
-
 def _sample(args: argparse.Namespace, path: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="handoff-qnn-search-") as home:
         env = {**os.environ, "HANDOFF_HOME": home, "HANDOFF_DISABLE_PLUGIN_AUTOLOAD": "1",
@@ -128,7 +119,7 @@ def main() -> None:
     if args.compare_with:
         trees["other"] = args.compare_with.resolve()
     with tempfile.TemporaryDirectory(prefix="handoff-qnn-search-paths-") as scratch:
-        paths = {name: _tree_path(tree, Path(scratch) / name) for name, tree in trees.items()}
+        paths = {name: tree_path(tree, Path(scratch) / name) for name, tree in trees.items()}
         samples: dict[str, list[dict]] = {name: [] for name in trees}
 
         def contender(name: str):
