@@ -125,18 +125,19 @@ class QnnCompiler(Compiler):
         exactly as the core will lower it (:func:`handoff.extract_partition`). When that
         compiles, the answer stands. When it fails, a cut misled the search, and the search runs
         again, this time exporting, before each decline, the prefix that passed as a cut and
-        blames the node (:meth:`_search` with ``confirm``); the cuts' answers are remembered, so
-        the second search compiles only those exports. Should its rest fail as an export too, the
-        search goes on over that rest with an export per check."""
+        blames the node (:meth:`_search` with ``confirm``). Every answer is remembered for the
+        group (an export's for any later check of the same nodes, a cut's for the second search),
+        so the second search compiles only those exports. Should its rest fail as an export too,
+        the search goes on over that rest with an export per check."""
         whole = self._export(ep, group)
         cut = _OnnxCut(whole, ep, group) if isinstance(whole, onnx.ModelProto) else None
-        answers: dict[tuple[str, ...], tuple[Any, bool]] = {}
+        answers: dict[frozenset[str], tuple[Any, bool]] = {}
         for confirm in (False, True):
             declined, last, by_cut = self._search(ep, group, by_name, whole, cut, answers, confirm)
             rest = [n for n in group if n not in declined]
             if not (rest and by_cut):
                 break
-            last = self._check(ep, rest)
+            last = self._remembered(ep, rest, answers)
             if not isinstance(last, str):
                 break
             if not confirm:
@@ -151,13 +152,13 @@ class QnnCompiler(Compiler):
         return declined
 
     def _search(self, ep: Any, group: list[str], by_name: Mapping[str, Any], whole: Any, cut: _OnnxCut | None,
-                answers: dict[tuple[str, ...], tuple[Any, bool]], confirm: bool) -> tuple[dict[str, str], Any, bool]:
+                answers: dict[frozenset[str], tuple[Any, bool]], confirm: bool) -> tuple[dict[str, str], Any, bool]:
         """:func:`handoff.first_failing` over ``group``'s quantize/dequantize units (``whole``: its
         export or outcome, when at hand; ``cut``: sub-lists cut out of it, else exported one by
         one): the declined nodes, the outcome of the last check (the rest's) and whether that
         outcome came from a cut (then the rest is still to be checked on its own export).
-        ``answers`` keeps what the whole export and the cuts answered (names -> outcome, by a
-        cut), for a second search over the same group.
+        ``answers`` keeps every check's outcome (set of names -> outcome, whether a cut gave it):
+        an export's answers hold for any later check of the same nodes, a cut's where cuts are used.
 
         With ``confirm``, no node is declined on a passing cut's word: before a node is declined,
         the prefix before it (which passed), where a cut answered, is exported and compiled on its
@@ -169,8 +170,8 @@ class QnnCompiler(Compiler):
         passed: list[tuple[list[str], bool] | None] = [None]  # the latest check that passed: names, by a cut
 
         def check(names: list[str]) -> str | None:
-            key, by_cut = tuple(names), False
-            if cut is not None and key in answers:
+            key, by_cut = frozenset(names), False
+            if key in answers and (cut is not None or not answers[key][1]):
                 last[0], by_cut = answers[key]
             elif whole is not None and len(names) == len(group):
                 last[0] = self._compile_check(whole)
@@ -179,9 +180,8 @@ class QnnCompiler(Compiler):
             elif cut is not None and (model := cut.model(names)) is not None:
                 last[0], by_cut = self._compile_check(model), True
             else:
-                last[0] = self._check(ep, names)
-            if cut is not None:
-                answers[key] = (last[0], by_cut)
+                last[0] = self._remembered(ep, names, answers)
+            answers[key] = (last[0], by_cut)
             checks[0] += 1
             last_by_cut[0] = by_cut
             if not isinstance(last[0], str):
@@ -194,7 +194,7 @@ class QnnCompiler(Compiler):
                 return False
             names = passed[0][0]
             passed[0] = (names, False)  # confirmed: the next round does not export it again
-            return isinstance(self._check(ep, names), str)
+            return isinstance(self._remembered(ep, names, answers), str)
 
         declined: dict[str, str] = {}
         order, together = _qdq_units(ep, group, by_name)
@@ -216,6 +216,13 @@ class QnnCompiler(Compiler):
                 declined[culprit] = f"QNN HTP fails to compile {op} {context}: {error}"
             _LOG.info("qnn: declined %s (%s) after an in-context compile failed", culprit, op)
         return declined, last[0], last_by_cut[0]
+
+    def _remembered(self, ep: Any, names: list[str], answers: dict[frozenset[str], tuple[Any, bool]]) -> Any:
+        """:meth:`_check` of ``names``, kept in ``answers`` (and taken from there when an export gave it)."""
+        key = frozenset(names)
+        if key not in answers or answers[key][1]:
+            answers[key] = (self._check(ep, names), False)
+        return answers[key][0]
 
     def _check(self, ep: Any, names: list[str]) -> Any:
         """``None`` when ``names`` (with their getitems) compile on QNN as one graph, the failure
