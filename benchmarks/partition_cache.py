@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from _checkout import tree_path  # benchmarks/, next to this script
 from handoff.bench import interleaved
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,16 +54,6 @@ print(json.dumps(out))
 """
 
 
-def _tree_path(tree: Path, scratch: Path) -> list[str]:
-    """``PYTHONPATH`` entries that make ``import handoff`` and the plugins load from ``tree``."""
-    shim = scratch / "shim"
-    shim.mkdir(parents=True, exist_ok=True)
-    link = shim / "handoff"
-    if not link.exists():
-        link.symlink_to(tree / "core")
-    return [str(shim), *sorted(str(p) for p in (tree / "plugins").iterdir() if p.is_dir())]
-
-
 def _sample(model: str, backends: str, warm_runs: int, path: list[str]) -> dict[str, dict[str, float]]:
     with tempfile.TemporaryDirectory(prefix="handoff-cache-bench-") as home:
         env = {**os.environ, "HANDOFF_HOME": home, "HANDOFF_DISABLE_PLUGIN_AUTOLOAD": "1",
@@ -82,9 +73,9 @@ def main() -> None:
     parser.add_argument("--warm-runs", type=int, default=5)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="handoff-cache-bench-") as scratch:
-        trees = {"this": _tree_path(ROOT, Path(scratch) / "this")}
+        trees = {"this": tree_path(ROOT, Path(scratch) / "this")}
         if args.compare_with:
-            trees["other"] = _tree_path(args.compare_with.resolve(), Path(scratch) / "other")
+            trees["other"] = tree_path(args.compare_with.resolve(), Path(scratch) / "other")
         start = time.perf_counter()
         samples = interleaved({name: (lambda r, p=p: [_sample(args.model, args.backends, args.warm_runs, p)])
                                for name, p in trees.items()}, args.rounds)

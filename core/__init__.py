@@ -55,6 +55,7 @@ _LAZY = {
     "quantize": ("quantization", "quantize"),
     "Quantized": ("quantization", "Quantized"),
     "is_quantized": ("quantization", "is_quantized"),
+    "quantized_dtype": ("quantization", "quantized_dtype"),
     "Limits": ("partitioner", "Limits"),
     "Report": ("report", "Report"),
     "extract_partition": ("lower", "extract_partition"),
@@ -76,5 +77,5 @@ __all__ = ["__version__", "HOST_MEMORY", "PLUGIN_API_VERSION", "BackendSpec", "C
            "HandoffError", "Limits", "Lowered", "LoweringError", "Option", "PartitionResult", "Plugins",
            "Program", "ProgramFormatError", "Quantized", "Report", "ResolvedModel", "Runtime", "ZooModel",
            "cache_dir", "extract_partition", "first_failing", "get_plugins", "hookimpl", "hookspec",
-           "is_quantized", "load", "native_library", "one_line", "partition", "quantize", "quiet_loggers",
-           "quiet_native", "temp_dir"]
+           "is_quantized", "load", "native_library", "one_line", "partition", "quantize", "quantized_dtype",
+           "quiet_loggers", "quiet_native", "temp_dir"]

@@ -308,6 +308,25 @@ def _is_qdq(node: Any, kind: str) -> bool:
     return getattr(node.target, "namespace", None) == QDQ_NAMESPACE and node.target.__name__.startswith(kind)
 
 
+def quantized_dtype(node: Any) -> Any:
+    """The integer dtype of a PT2E quantize/dequantize node (``torch.int8`` for
+    ``quantized_decomposed.quantize_per_tensor(x, scale, zero_point, -128, 127, torch.int8)``), or
+    None when ``node`` is no such op. Public API (``handoff.quantized_dtype``): a backend checks it
+    against the dtypes its integer kernels take.
+
+    The argument is found by its schema name, ``dtype``, as torch.fx binds the call
+    (:func:`torch.fx.operator_schemas.normalize_function`): positionally or as a keyword, its
+    default where the call leaves it out. Its position differs between the ops (5 in
+    ``quantize_per_tensor`` and ``quantize_per_channel_group``, 6 in ``quantize_per_channel``
+    after the axis), so an index is wrong for some of them."""
+    if not (_is_qdq(node, "quantize") or _is_qdq(node, "dequantize")):
+        return None
+    from torch.fx.operator_schemas import normalize_function
+
+    bound = normalize_function(node.target, tuple(node.args), dict(node.kwargs), normalize_to_only_use_kwargs=True)
+    return None if bound is None else bound.kwargs.get("dtype")
+
+
 def quantized_spans(ep: Any) -> list[list[str]]:
     """The quantized units of an int8 graph, as node name groups: the core adds them to every
     backend's fused patterns, so an op travels with its quantize/dequantize ops (a backend takes

@@ -14,7 +14,7 @@ import handoff
 from handoff import HandoffError, testing
 from handoff.zoo import random_inputs
 from handoff import is_quantized
-from handoff.quantization import QDQ_NAMESPACE, duplicate_dequantize
+from handoff.quantization import QDQ_NAMESPACE, duplicate_dequantize, quantized_dtype
 
 
 class TwoHeads(torch.nn.Module):
@@ -107,6 +107,73 @@ def test_duplicate_dequantize_gives_each_consumer_its_own():
     assert len(dqs) == 2 and all(len(n.users) == 1 for n in dqs)
     for got, w in zip(ep.module()(x), want):
         torch.testing.assert_close(got, w)
+
+
+class _EveryQdq(torch.nn.Module):
+    """One of each quantize/dequantize op torch 2.13 defines, each with its own dtype, so that
+    reading the wrong argument shows (per_channel_group has a group size where per_channel has
+    its dtype)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        qd = torch.ops.quantized_decomposed
+        s, z = torch.full((4,), 0.1), torch.zeros(4, dtype=torch.int64)
+        q8 = qd.quantize_per_tensor.default(x, 0.1, 0, -128, 127, torch.int8)
+        qu8 = qd.quantize_per_tensor.tensor(x, torch.tensor(0.1), torch.tensor(0), 0, 255, torch.uint8)
+        q16 = qd.quantize_per_channel.default(x, s, z, 0, -32768, 32767, torch.int16)
+        sg, zg = torch.full((8,), 0.1), torch.zeros(8, dtype=torch.int64)  # one per group of 8
+        group = qd.quantize_per_channel_group.default(x, sg, zg, -8, 7, torch.int8, 8)
+        token = qd.quantize_per_token.default(x, s.reshape(4, 1), z.reshape(4, 1), 0, 65535, torch.uint16)
+        return (qd.dequantize_per_tensor.default(q8, 0.1, 0, -128, 127, torch.int8),
+                qd.dequantize_per_tensor.tensor(qu8, torch.tensor(0.1), torch.tensor(0), 0, 255, torch.uint8),
+                qd.dequantize_per_channel.default(q16, s, z, 0, -32768, 32767, torch.int16),
+                qd.dequantize_per_channel_group.default(group, sg, zg, -8, 7, torch.int8, 8, torch.float32),
+                qd.dequantize_per_token.default(token, s.reshape(4, 1), z.reshape(4, 1), 0, 65535, torch.uint16,
+                                                torch.float32))
+
+
+def test_quantized_dtype_reads_the_dtype_argument_by_name():
+    """handoff.quantized_dtype over every quantize/dequantize op an exported graph holds (the
+    dtype sits at index 5 or 6), given as keyword, and None for other ops (choose_qparams has a
+    dtype too, but quantizes nothing)."""
+    ep = torch.export.export(_EveryQdq(), (torch.randn(4, 16),))
+    got = {n.target.__name__: quantized_dtype(n) for n in ep.graph.nodes
+           if getattr(n.target, "namespace", None) == QDQ_NAMESPACE}
+    assert got == {
+        "quantize_per_tensor.default": torch.int8, "dequantize_per_tensor.default": torch.int8,
+        "quantize_per_tensor.tensor": torch.uint8, "dequantize_per_tensor.tensor": torch.uint8,
+        "quantize_per_channel.default": torch.int16, "dequantize_per_channel.default": torch.int16,
+        "quantize_per_channel_group.default": torch.int8, "dequantize_per_channel_group.default": torch.int8,
+        "quantize_per_token.default": torch.uint16, "dequantize_per_token.default": torch.uint16,
+    }
+    assert handoff.quantized_dtype is quantized_dtype
+
+    qd, graph = torch.ops.quantized_decomposed, torch.fx.Graph()
+    x = graph.placeholder("x")
+    keyword = graph.call_function(qd.dequantize_per_channel.default, (x, x, None, 1, 0, 255),
+                                  {"dtype": torch.uint8, "out_dtype": torch.float16})
+    assert quantized_dtype(keyword) == torch.uint8
+    all_keywords = graph.call_function(qd.quantize_per_channel_group.default, (), dict(
+        input=x, scales=x, zero_points=x, quant_min=-8, quant_max=7, dtype=torch.int8, group_size=32))
+    assert quantized_dtype(all_keywords) == torch.int8
+    assert quantized_dtype(graph.call_function(qd.choose_qparams_per_token_asymmetric.default, (x, torch.int8))) is None
+    assert quantized_dtype(graph.call_function(torch.ops.aten.relu.default, (x,))) is None
+    assert quantized_dtype(x) is None
+
+
+def test_tvm_judges_quantize_ops_by_their_dtype_argument():
+    """tvm's importer reads the dtype by name as well: per_channel_group (dtype at 5, group size
+    at 6) is declined as an op it does not import, a keyword dtype is read, an int64 one refused."""
+    tvm_importer = pytest.importorskip("handoff.tvm")
+    qd, graph = torch.ops.quantized_decomposed, torch.fx.Graph()
+    x = graph.placeholder("x")
+    group = graph.call_function(qd.quantize_per_channel_group.default, (x, x, x, -8, 7, torch.int8, 32))
+    assert "handoff imports quantize/dequantize ops but not quantized_decomposed.quantize_per_channel_group" in (
+        tvm_importer.decline_reason(group))
+    keyword = graph.call_function(qd.quantize_per_tensor.default, (x, 0.1, 0, 0, 65535), {"dtype": torch.uint16})
+    assert tvm_importer.decline_reason(keyword) is None
+    wide = graph.call_function(qd.dequantize_per_channel.default, (x, x, x, 0, 0, 9), {"dtype": torch.int64})
+    assert "with dtype torch.int64: handoff imports int8/uint8/int16/uint16/int32 quantization only" in (
+        tvm_importer.decline_reason(wide))
 
 
 def _resolved():

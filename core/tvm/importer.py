@@ -13,11 +13,12 @@ from typing import Any, Iterator
 
 import torch
 import tvm
+from torch.fx.operator_schemas import normalize_function
 from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
-from handoff import LoweringError
+from handoff import LoweringError, quantized_dtype
 
 #: "TVM 0.27", for messages.
 TVM_NAME = "TVM " + ".".join(tvm.__version__.split(".")[:2])
@@ -136,7 +137,7 @@ _INT_DTYPES = {torch.int8: "int8", torch.uint8: "uint8", torch.int16: "int16", t
 def _quantize_reason(node: torch.fx.Node, shown: str) -> str | None:
     if node.target.__name__ not in _QUANTIZE_CONVERTERS:
         return f"{TVM_NAME}: handoff imports quantize/dequantize ops but not {shown}"
-    dtype = node.args[5 if "per_tensor" in node.target.__name__ else 6]
+    dtype = quantized_dtype(node)
     if dtype not in _INT_DTYPES:
         return f"{shown} with dtype {dtype}: handoff imports {'/'.join(_INT_DTYPES.values())} quantization only"
     if node.kwargs.get("out_dtype") not in (None, torch.float32):
@@ -158,29 +159,39 @@ def _per_channel(importer: Any, expr: Any, axis: int, ndim: int) -> Any:
     return importer.block_builder.emit(relax.op.reshape(expr, shape))
 
 
+def _arguments(node: torch.fx.Node) -> dict[str, Any]:
+    """A quantize/dequantize node's arguments by schema name (``per_tensor`` names its parameters
+    ``scale``/``zero_point``, ``per_channel`` ``scales``/``zero_points`` with an ``axis``)."""
+    bound = normalize_function(node.target, tuple(node.args), dict(node.kwargs), normalize_to_only_use_kwargs=True)
+    args = bound.kwargs
+    return {"input": args["input"], "scale": args.get("scale", args.get("scales")),
+            "zero_point": args.get("zero_point", args.get("zero_points")), "axis": args.get("axis"),
+            "quant_min": args["quant_min"], "quant_max": args["quant_max"]}
+
+
 def _quantize(node: torch.fx.Node, importer: Any) -> Any:
-    x = importer.env[node.args[0]]
-    per_channel = "per_channel" in node.target.__name__
-    ndim = len(node.args[0].meta["val"].shape)
-    scale, zero = _operand(importer, node.args[1], "float32"), _operand(importer, node.args[2], "float32")
-    qmin, qmax, dtype = node.args[4:7] if per_channel else node.args[3:6]
-    if per_channel:
-        scale, zero = (_per_channel(importer, e, node.args[3], ndim) for e in (scale, zero))
+    a = _arguments(node)
+    x = importer.env[a["input"]]
+    ndim = len(a["input"].meta["val"].shape)
+    scale, zero = _operand(importer, a["scale"], "float32"), _operand(importer, a["zero_point"], "float32")
+    if a["axis"] is not None:
+        scale, zero = (_per_channel(importer, e, a["axis"], ndim) for e in (scale, zero))
     bb = importer.block_builder
     inv = bb.emit(relax.op.divide(relax.const(1.0, "float32"), scale))
     q = bb.emit(relax.op.add(relax.op.round(relax.op.multiply(x, inv)), zero))
-    return bb.emit(relax.op.astype(relax.op.clip(q, float(qmin), float(qmax)), _INT_DTYPES[dtype]))
+    clipped = relax.op.clip(q, float(a["quant_min"]), float(a["quant_max"]))
+    return bb.emit(relax.op.astype(clipped, _INT_DTYPES[quantized_dtype(node)]))
 
 
 def _dequantize(node: torch.fx.Node, importer: Any) -> Any:
-    x = importer.env[node.args[0]]
-    per_channel = "per_channel" in node.target.__name__
-    ndim = len(node.args[0].meta["val"].shape)
-    scale = _operand(importer, node.args[1], "float32")
-    zero = None if node.args[2] is None else _operand(importer, node.args[2], "float32")
-    if per_channel:
-        scale = _per_channel(importer, scale, node.args[3], ndim)
-        zero = None if zero is None else _per_channel(importer, zero, node.args[3], ndim)
+    a = _arguments(node)
+    x = importer.env[a["input"]]
+    ndim = len(a["input"].meta["val"].shape)
+    scale = _operand(importer, a["scale"], "float32")
+    zero = None if a["zero_point"] is None else _operand(importer, a["zero_point"], "float32")
+    if a["axis"] is not None:
+        scale = _per_channel(importer, scale, a["axis"], ndim)
+        zero = None if zero is None else _per_channel(importer, zero, a["axis"], ndim)
     bb = importer.block_builder
     xf = bb.emit(relax.op.astype(x, "float32"))
     if zero is not None:

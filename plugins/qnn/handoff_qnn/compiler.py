@@ -118,77 +118,94 @@ class QnnCompiler(Compiler):
 
         The group is exported to ONNX once; each sub-list the search tries is cut out of that
         export (:class:`_OnnxCut`) instead of being exported again (the export, not QNN's compile,
-        was most of the time: ~7 checks per declined node on the bandwidth GRU). The rest that
-        passes is then cut out of the program and exported exactly as the core will lower it
-        (:func:`handoff.extract_partition`); should that one fail where its cut passed, the
-        search goes on over the rest with an export per check. Each node the search declines is
-        confirmed the same way first (:meth:`_search`: up to two exports per declined node)."""
+        was most of the time: ~7 checks per declined node on the bandwidth GRU). A cut can answer
+        unlike the export of the same nodes: on zoo:langid the prefix holding bmm_3 passed as a
+        cut and fails as an export, so add_3 after it was blamed. So the search trusts the cuts
+        first, then checks where they led: the rest is cut out of the program and exported
+        exactly as the core will lower it (:func:`handoff.extract_partition`). When that
+        compiles, the answer stands. When it fails, a cut misled the search, and the search runs
+        again, this time exporting, before each decline, the prefix that passed as a cut and
+        blames the node (:meth:`_search` with ``confirm``). Every answer is remembered for the
+        group (an export's for any later check of the same nodes, a cut's for the second search),
+        so the second search compiles only those exports. Should its rest fail as an export too,
+        the search goes on over that rest with an export per check."""
         whole = self._export(ep, group)
         cut = _OnnxCut(whole, ep, group) if isinstance(whole, onnx.ModelProto) else None
-        declined, last, by_cut = self._search(ep, group, by_name, whole, cut)
-        rest = [n for n in group if n not in declined]
-        if rest and by_cut:
-            last = self._check(ep, rest)
-            if isinstance(last, str):
-                more, last, _ = self._search(ep, rest, by_name, None, None)
-                declined.update(more)
-                rest = [n for n in rest if n not in more]
+        answers: dict[frozenset[str], tuple[Any, bool]] = {}
+        for confirm in (False, True):
+            declined, last, by_cut = self._search(ep, group, by_name, whole, cut, answers, confirm)
+            rest = [n for n in group if n not in declined]
+            if not (rest and by_cut):
+                break
+            last = self._remembered(ep, rest, answers)
+            if not isinstance(last, str):
+                break
+            if not confirm:
+                _LOG.info("qnn: the rest the cuts left fails as an export; searching again, confirming each decline")
+                continue
+            more, last, _ = self._search(ep, rest, by_name, None, None, answers, False)
+            declined.update(more)
+            rest = [n for n in rest if n not in more]
         if rest and last in _NOTHING:
             declined.update({n: f"this group of {len(rest)} node(s) {_NOTHING[last]}: nothing for HTP to run"
                              for n in rest})
         return declined
 
-    def _search(self, ep: Any, group: list[str], by_name: Mapping[str, Any], whole: Any,
-                cut: _OnnxCut | None) -> tuple[dict[str, str], Any, bool]:
+    def _search(self, ep: Any, group: list[str], by_name: Mapping[str, Any], whole: Any, cut: _OnnxCut | None,
+                answers: dict[frozenset[str], tuple[Any, bool]], confirm: bool) -> tuple[dict[str, str], Any, bool]:
         """:func:`handoff.first_failing` over ``group``'s quantize/dequantize units (``whole``: its
         export or outcome, when at hand; ``cut``: sub-lists cut out of it, else exported one by
         one): the declined nodes, the outcome of the last check (the rest's) and whether that
         outcome came from a cut (then the rest is still to be checked on its own export).
+        ``answers`` keeps every check's outcome (set of names -> outcome, whether a cut gave it):
+        an export's answers hold for any later check of the same nodes, a cut's where cuts are used.
 
-        No node is declined on a cut's word: a cut can pass where the export of the same nodes
-        fails to finalize (zoo:langid: the prefix holding bmm_3 passed as a cut, so add_3 after it
-        was blamed) or the other way round. Before a node is declined, the two prefixes that blame
-        it (the one holding it fails, the one before it passes), where a cut answered, are
-        exported and compiled on their own; should either answer differently, the search goes on
-        over the nodes not yet declined with an export per check."""
+        With ``confirm``, no node is declined on a passing cut's word: before a node is declined,
+        the prefix before it (which passed), where a cut answered, is exported and compiled on its
+        own; should that fail, the search goes on over the nodes not yet declined with an export
+        per check. The failing prefix is not confirmed: a cut has been seen to pass where the
+        export of the same nodes fails (zoo:langid), never to fail where it passes."""
         last: list[Any] = [None]
         last_by_cut, checks = [False], [0]
-        answered: dict[bool, tuple[list[str], bool]] = {}  # passed? -> the latest such check: names, by a cut
+        passed: list[tuple[list[str], bool] | None] = [None]  # the latest check that passed: names, by a cut
 
         def check(names: list[str]) -> str | None:
-            by_cut = False
-            if whole is not None and len(names) == len(group):
+            key, by_cut = frozenset(names), False
+            if key in answers and (cut is not None or not answers[key][1]):
+                last[0], by_cut = answers[key]
+            elif whole is not None and len(names) == len(group):
                 last[0] = self._compile_check(whole)
             elif _only_qdq(by_name[n] for n in names):
                 last[0] = _QDQ_ONLY  # as _export says; a cut would be compiled and blamed
             elif cut is not None and (model := cut.model(names)) is not None:
                 last[0], by_cut = self._compile_check(model), True
             else:
-                last[0] = self._check(ep, names)
+                last[0] = self._remembered(ep, names, answers)
+            answers[key] = (last[0], by_cut)
             checks[0] += 1
             last_by_cut[0] = by_cut
-            answered[not isinstance(last[0], str)] = (names, by_cut)
+            if not isinstance(last[0], str):
+                passed[0] = (names, by_cut)
             return None if last[0] in _NOTHING else last[0]
 
-        def cut_was_wrong(alone: bool) -> bool:
-            """Whether the export of a prefix that blames the culprit answers unlike its cut
-            (``alone``: nothing precedes it, no passing prefix to confirm)."""
-            for passed, (names, by_cut) in list(answered.items()):
-                if by_cut and not (passed and alone):
-                    if isinstance(self._check(ep, names), str) == passed:
-                        return True
-                    answered[passed] = (names, False)  # confirmed: not exported again next round
-            return False
+        def cut_misled(alone: bool) -> bool:
+            """Whether the prefix before the culprit passed as a cut and fails as an export."""
+            if alone or passed[0] is None or not passed[0][1]:
+                return False
+            names = passed[0][0]
+            passed[0] = (names, False)  # confirmed: the next round does not export it again
+            return isinstance(self._remembered(ep, names, answers), str)
 
         declined: dict[str, str] = {}
         order, together = _qdq_units(ep, group, by_name)
         confirmed_at = -1
         for culprit, error, alone in first_failing(check, order, together):
-            if checks[0] != confirmed_at:  # not a node tied to the one just declined
+            if confirm and checks[0] != confirmed_at:  # not a node tied to the one just declined
                 confirmed_at = checks[0]
-                if cut_was_wrong(alone):
-                    _LOG.info("qnn: a cut and its export disagree before %s; searching on with exports", culprit)
-                    more, outcome, _ = self._search(ep, [n for n in group if n not in declined], by_name, None, None)
+                if cut_misled(alone):
+                    _LOG.info("qnn: a cut passed where its export fails before %s; searching on with exports", culprit)
+                    more, outcome, _ = self._search(ep, [n for n in group if n not in declined], by_name, None, None,
+                                                    answers, False)
                     return {**declined, **more}, outcome, False
             op = ops.op_name(by_name[culprit].target)
             source = by_name[culprit].args[0]
@@ -199,6 +216,13 @@ class QnnCompiler(Compiler):
                 declined[culprit] = f"QNN HTP fails to compile {op} {context}: {error}"
             _LOG.info("qnn: declined %s (%s) after an in-context compile failed", culprit, op)
         return declined, last[0], last_by_cut[0]
+
+    def _remembered(self, ep: Any, names: list[str], answers: dict[frozenset[str], tuple[Any, bool]]) -> Any:
+        """:meth:`_check` of ``names``, kept in ``answers`` (and taken from there when an export gave it)."""
+        key = frozenset(names)
+        if key not in answers or answers[key][1]:
+            answers[key] = (self._check(ep, names), False)
+        return answers[key][0]
 
     def _check(self, ep: Any, names: list[str]) -> Any:
         """``None`` when ``names`` (with their getitems) compile on QNN as one graph, the failure

@@ -407,10 +407,11 @@ def test_qnn_and_a_cffi_user_share_a_process(qnn_plugins, tmp_path):
 
 
 def test_in_context_search_declines_no_node_on_a_cut_failure_alone(qnn_plugins, monkeypatch):
-    """zoo:langid's second attention group (35 nodes): the prefix ending at add_3, cut out of the
-    group's one export, fails to finalize on the HTP emulator while the same nodes exported on
-    their own compile. One export per candidate declines only bmm_3; so must the cut search
-    (it confirms each failing prefix it blames on that prefix's own export)."""
+    """zoo:langid's second attention group (35 nodes): its export fails (bmm_3 fails to finalize
+    on the HTP emulator), but every prefix cut out of that export passes, the one holding bmm_3
+    included, so trusting the cuts blames add_3, the group's last node. One export per candidate
+    declines only bmm_3; so must the cut search (the rest the cuts leave fails as an export, so
+    it searches again, exporting the passing prefix behind each node before declining it)."""
     results = []
     real_check = QnnCompiler.check_partition
 

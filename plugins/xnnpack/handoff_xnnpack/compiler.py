@@ -30,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from handoff import Compiler, Lowered, LoweringError, is_quantized, one_line, quiet_loggers
+from handoff import Compiler, Lowered, LoweringError, is_quantized, one_line, quantized_dtype, quiet_loggers
 
 # Importing ExecuTorch pulls in torchao, which logs warnings about CUDA kernels a CPU wheel cannot
 # load and a torch.compile deprecation: noise in a CPU lowering flow.
@@ -436,12 +436,7 @@ _QUANTIZED_DTYPES = (torch.int8, torch.uint8, torch.int32)
 def _quantized_dtype_reason(node: torch.fx.Node) -> str | None:
     """Why XNNPACK cannot take a quantize/dequantize op of ``node``'s dtype (uint16: 16-bit
     activations), or None (not such an op, or a dtype it takes)."""
-    target = node.target
-    if getattr(target, "namespace", None) != "quantized_decomposed" or "quantize" not in target.__name__:
-        return None
-    names = [a.name for a in target._schema.arguments]
-    index = names.index("dtype") if "dtype" in names else len(node.args)  # per_channel has an axis before it
-    dtype = node.kwargs.get("dtype", node.args[index] if len(node.args) > index else None)
+    dtype = quantized_dtype(node)
     if dtype is None or dtype in _QUANTIZED_DTYPES:
         return None
     return (f"{_op_name(node)} with dtype {str(dtype).removeprefix('torch.')}: XNNPACK's quantized operators take "
