@@ -1,12 +1,13 @@
 """Soak: many runs of one loaded program per zoo model and backend, watching memory and latency.
 
     python benchmarks/soak.py [--runs 10000] [--seconds 0] [--warmup 200] [--threads 8] [--option B.NAME=V]
-                              [--no-reference] [--models small_cnn,small_transformer,mobilenet_v2]
-                              [--backends tvm,xnnpack,vulkan,qnn]
+                              [--no-reference] [--programs DIR] [--models M,...] [--backends tvm,xnnpack,vulkan,qnn]
 
 For each zoo model and each runnable backend (``--backends B`` with the tvm fallback for what B
-declines, as ``handoff partition`` does), the program is partitioned (the lowering cache makes a
-second soak cheap), loaded once, and run ``--warmup`` times on fresh random inputs, then ``--runs``
+declines, as ``handoff partition`` does; ``--models`` defaults to every zoo model), the program is
+partitioned (the lowering cache makes a second soak cheaper; ``--programs DIR`` keeps the programs
+and reuses one already there, so a short estimating run and the long soak after it export and
+lower each model once), loaded once, and run ``--warmup`` times on fresh random inputs, then ``--runs``
 times, one call at a time, in this process. ``--seconds S`` bounds each program's timed loop (the
 runs made are printed), so that a slow program (mobilenet_v2 on an emulator) cannot keep the soak
 from reaching the others. It prints per program: the runs made, the process RSS after warm-up and
@@ -212,6 +213,18 @@ def check_threads(program, inputs: list, want: list, threads: int, rounds: int, 
     return f"ok ({threads} threads, {sum(done)} runs bit-exact)"
 
 
+def program_for(model: str, backend: str, path: str) -> bool:
+    """Partition ``zoo:model`` for ``backend`` (tvm taking what it declines) into ``path``, unless a
+    program is there already (from an earlier soak with ``--programs``). Returns whether it was
+    partitioned now."""
+    import handoff
+
+    if os.path.isfile(path):
+        return False
+    handoff.partition(f"zoo:{model}", backends=[backend]).write(path)
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=10_000)
@@ -224,10 +237,12 @@ def main() -> int:
                         help="passes over the --inputs inputs the threads share")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--inputs", type=int, default=16, help="distinct random inputs, used in turn")
-    parser.add_argument("--models", default="small_cnn,small_transformer,mobilenet_v2")
+    parser.add_argument("--models", default=None, help="comma-separated zoo models (default: all of them)")
     parser.add_argument("--backends", default="tvm,xnnpack,vulkan,qnn")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the fixed-work reference timed after every run (halves a loop's time)")
+    parser.add_argument("--programs", metavar="DIR",
+                        help="write the programs here and reuse one already there (default: a temporary folder)")
     args = parser.parse_args()
 
     import warnings
@@ -249,13 +264,16 @@ def main() -> int:
         backend, _, name = key.partition(".")
         options.setdefault(backend, {})[name] = value
     missed = 0
+    models = args.models.split(",") if args.models else list(handoff.zoo.BUILTIN)
     with tempfile.TemporaryDirectory(prefix="handoff-soak-") as work:
-        for model in args.models.split(","):
+        folder = args.programs or work
+        os.makedirs(folder, exist_ok=True)
+        for model in models:
             for backend in backends:
                 name = f"{model}/{backend}"
-                path = os.path.join(work, f"{model}-{backend}.hof")
+                path = os.path.join(folder, f"{model}-{backend}.hof")
                 try:
-                    handoff.partition(f"zoo:{model}", backends=[backend]).write(path)
+                    program_for(model, backend, path)
                     r = soak(path, args.runs, args.seconds, args.warmup, args.inputs, args.threads,
                              args.thread_rounds if args.threads > 0 else 0,
                              {b: o for b, o in options.items() if b == backend}, not args.no_reference)

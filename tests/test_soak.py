@@ -58,3 +58,23 @@ def test_soak_counts_collections_and_can_skip_the_reference(sink_plugins, tmp_pa
         gc.set_threshold(*threshold)
     assert r["runs"] == 50 and r["collections"] >= 50
     assert "ref_p50" not in r and "slow_with_ref" not in r
+
+
+def test_programs_folder_partitions_each_program_once(sink_plugins, tmp_path, monkeypatch):
+    """--programs DIR: the short estimating soak partitions, the long one after it reuses the file."""
+    import kitchen_sink
+
+    real, calls = handoff.partition, []
+
+    def partition(model, backends):  # the zoo name stands for a small model the sink takes whole
+        calls.append((model, backends))
+        return real(kitchen_sink.sink_net(), (torch.randn(2, 8),), backends=backends, fallback=False)
+
+    monkeypatch.setattr(handoff, "partition", partition)
+    soak, path = _soak_module(), tmp_path / "net-sink.hof"
+    assert soak.program_for("net", "sink", str(path)) is True
+    written = path.read_bytes()
+    assert soak.program_for("net", "sink", str(path)) is False
+    assert calls == [("zoo:net", ["sink"])] and path.read_bytes() == written
+    r = soak.soak(str(path), runs=20, seconds=0, warmup=2, distinct=2, threads=0, rounds=0, reference=False)
+    assert r["runs"] == 20
