@@ -23,8 +23,9 @@ had at least one, and the wall p99 of the runs that had none. A wall tail with a
 preemption, not the runtime. A third line takes the slow runs (CPU time over twice its median)
 apart: how many had a garbage collection (``gc.callbacks``), page faults or a switch, and how
 many sat next to a slow run of the fixed-work reference, a fourth line: vector arithmetic of
-about a run's median CPU time, timed after every run (``--no-reference`` skips it), whose spread
-is the machine's own. A CPU tail in runs without a collection, fault or switch, which the
+about a run's median CPU time, timed after every run (``--reference-every K``: every K-th, so a
+long soak of a slow program spends 1/K of its time on it rather than half; ``--no-reference``
+skips it), whose spread is the machine's own. A CPU tail in runs without a collection, fault or switch, which the
 reference shares, is the machine's: on this project's 2-vCPU VMs a fixed-work loop alone shows a
 p99/p50 of 2-3 at times. Inputs are drawn before the timed loop (``--inputs`` distinct ones, used
 in turn), so the loop measures ``Program.run`` alone. Then the thread check: ``--threads`` threads run the
@@ -62,7 +63,7 @@ def rss_bytes() -> int:
 
 
 def soak(path: str, runs: int, seconds: float, warmup: int, distinct: int, threads: int, rounds: int,
-         options: dict | None = None, reference: bool = True) -> dict:
+         options: dict | None = None, reference: bool = True, reference_every: int = 1) -> dict:
     import handoff
 
     rng = np.random.default_rng(0)
@@ -79,7 +80,8 @@ def soak(path: str, runs: int, seconds: float, warmup: int, distinct: int, threa
         work = _reference_work(program, inputs) if reference else None
         gc.collect()
         before = rss_bytes()
-        times, cpu, switched, faults, collected, ref = [], [], [], [], [], []
+        times, cpu, switched, faults, collected = [], [], [], [], []
+        ref: dict[int, float] = {}  # run index -> CPU time of the reference timed right after it
         collections = [0]
 
         def count(phase: str, info: dict) -> None:
@@ -103,10 +105,10 @@ def soak(path: str, runs: int, seconds: float, warmup: int, distinct: int, threa
                 collected.append(collections[0] - g0)
                 times.append(t1 - t0)
                 cpu.append(c1 - c0)
-                if work is not None:
+                if work is not None and i % reference_every == 0:
                     r0 = process_time()
                     work()
-                    ref.append(process_time() - r0)
+                    ref[i] = process_time() - r0
                 if t1 > stop:
                     break
         finally:
@@ -123,11 +125,13 @@ def soak(path: str, runs: int, seconds: float, warmup: int, distinct: int, threa
               "slow_faulted": sum(1 for i in slow if faults[i]), "slow_switched": sum(1 for i in slow if switched[i]),
               "collections": collections[0]}
     if ref:
-        ref50 = statistics.median(ref)
+        samples = sorted(ref.values())
+        ref50 = statistics.median(samples)
         # the reference just before or just after the run was slow too: the machine, not the run
-        result["slow_with_ref"] = sum(1 for i in slow if ref[i] > 2 * ref50 or (i and ref[i - 1] > 2 * ref50))
-        ref.sort()
-        result.update(ref_p50=ref50, ref_p99=_p99(ref), ref_ratio=_p99(ref) / ref50 if ref50 else math.inf)
+        near = [i for i in slow if i in ref or i - 1 in ref]
+        result["slow_with_ref"] = sum(1 for i in near if max(ref.get(i, 0), ref.get(i - 1, 0)) > 2 * ref50)
+        result.update(ref_p50=ref50, ref_p99=_p99(samples), ref_ratio=_p99(samples) / ref50 if ref50 else math.inf,
+                      ref_samples=len(samples), slow_near_ref=len(near))
     times.sort()
     cpu.sort()
     p50, p99, cpu99 = statistics.median(times), _p99(times), _p99(cpu)
@@ -241,6 +245,9 @@ def main() -> int:
     parser.add_argument("--backends", default="tvm,xnnpack,vulkan,qnn")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the fixed-work reference timed after every run (halves a loop's time)")
+    parser.add_argument("--reference-every", type=int, default=1, metavar="K",
+                        help="time the reference after every K-th run only (a long soak of a slow program: "
+                             "1/K of the loop's time instead of half; its spread from runs/K samples)")
     parser.add_argument("--programs", metavar="DIR",
                         help="write the programs here and reuse one already there (default: a temporary folder)")
     args = parser.parse_args()
@@ -276,7 +283,8 @@ def main() -> int:
                     program_for(model, backend, path)
                     r = soak(path, args.runs, args.seconds, args.warmup, args.inputs, args.threads,
                              args.thread_rounds if args.threads > 0 else 0,
-                             {b: o for b, o in options.items() if b == backend}, not args.no_reference)
+                             {b: o for b, o in options.items() if b == backend}, not args.no_reference,
+                             max(1, args.reference_every))
                 except Exception as exc:  # report and go on: one backend's failure is a number too
                     print(f"{name:<30} failed: {one_line(exc)}", flush=True)
                     missed += 1
@@ -292,13 +300,17 @@ def main() -> int:
                       f"({r['runs_switched'] / r['runs'] * 100:.1f}%); wall p99 of the others "
                       f"{r['p99_not_switched'] * 1e3:.3f} ms", flush=True)
                 same = f", {r['slow_with_ref']} next to a slow reference run" if "ref_p50" in r else ""
+                if "ref_p50" in r and r["ref_samples"] < r["runs"]:
+                    same += f" (of {r['slow_near_ref']} with a reference timed next to them)"
                 print(f"{'  slow runs (cpu > 2 x p50)':<30} {r['slow']:>6} {'':>8} {'':>8} {'':>8} {'':>8} {'':>8} "
                       f"{'':>8}  {r['slow_collected']} with a gc collection ({r['collections']} in all), "
                       f"{r['slow_faulted']} with page faults, {r['slow_switched']} switched out{same}", flush=True)
                 if "ref_p50" in r:
+                    after = "every run" if r["ref_samples"] >= r["runs"] else \
+                        f"every {args.reference_every}th run ({r['ref_samples']} samples)"
                     print(f"{'  reference, fixed work':<30} {'':>6} {'':>8} {'':>8} {r['ref_p50'] * 1e3:>8.3f} "
                           f"{r['ref_p99'] * 1e3:>8.3f} {'':>8} {r['ref_ratio']:>8.2f}  cpu time of the same vector "
-                          f"arithmetic after every run: the machine's own spread", flush=True)
+                          f"arithmetic after {after}: the machine's own spread", flush=True)
     print("targets: RSS growth < 1% after warm-up, p99 <= 2 x p50, threads bit-exact; the cpu line: a wall tail "
           "with cpu p99/p50 <= 2 is the scheduler's; a cpu tail that the fixed-work reference shares, in runs "
           "without a collection, fault or switch, is the machine's (load avg "

@@ -78,3 +78,15 @@ def test_programs_folder_partitions_each_program_once(sink_plugins, tmp_path, mo
     assert calls == [("zoo:net", ["sink"])] and path.read_bytes() == written
     r = soak.soak(str(path), runs=20, seconds=0, warmup=2, distinct=2, threads=0, rounds=0, reference=False)
     assert r["runs"] == 20
+
+
+def test_reference_every_kth_run(sink_plugins, tmp_path):
+    import kitchen_sink
+
+    path = tmp_path / "sink.hof"
+    handoff.partition(kitchen_sink.sink_net(), (torch.randn(2, 8),), backends=["sink"], fallback=False).write(str(path))
+    r = _soak_module().soak(str(path), runs=40, seconds=0, warmup=2, distinct=2, threads=0, rounds=0,
+                            reference_every=4)
+    assert r["runs"] == 40 and r["ref_samples"] == 10  # after runs 0, 4, ..., 36
+    assert r["ref_p50"] > 0 and r["ref_ratio"] == r["ref_p99"] / r["ref_p50"]
+    assert 0 <= r["slow_with_ref"] <= r["slow_near_ref"] <= r["slow"]
