@@ -30,6 +30,8 @@ def test_soak_reports_cpu_time_and_switches_beside_wall_time(sink_plugins, tmp_p
     handoff.partition(kitchen_sink.sink_net(), (torch.randn(2, 8),), backends=["sink"], fallback=False).write(str(path))
     r = _soak_module().soak(str(path), runs=200, seconds=0, warmup=5, distinct=4, threads=2, rounds=2)
     assert r["runs"] == 200 and r["threads"].startswith("ok (2 threads")
+    # RSS read every 10 runs; the second half's growth is from the sample at run 100 to the end
+    assert math.isfinite(r["growth_second_half"]) and abs(r["growth_second_half"]) < 0.01
     assert 0 < r["p50"] <= r["p99"] <= r["max"]
     assert 0 <= r["cpu_p50"] <= r["cpu_p99"] <= r["cpu_max"]
     assert r["cpu_ratio"] == (r["cpu_p99"] / r["cpu_p50"] if r["cpu_p50"] else math.inf)
@@ -77,7 +79,7 @@ def test_programs_folder_partitions_each_program_once(sink_plugins, tmp_path, mo
     assert soak.program_for("net", "sink", str(path)) is False
     assert calls == [("zoo:net", ["sink"])] and path.read_bytes() == written
     r = soak.soak(str(path), runs=20, seconds=0, warmup=2, distinct=2, threads=0, rounds=0, reference=False)
-    assert r["runs"] == 20
+    assert r["runs"] == 20 and math.isfinite(r["growth_second_half"])
 
 
 def test_reference_every_kth_run(sink_plugins, tmp_path):
