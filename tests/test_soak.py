@@ -92,3 +92,16 @@ def test_reference_every_kth_run(sink_plugins, tmp_path):
     assert r["runs"] == 40 and r["ref_samples"] == 10  # after runs 0, 4, ..., 36
     assert r["ref_p50"] > 0 and r["ref_ratio"] == r["ref_p99"] / r["ref_p50"]
     assert 0 <= r["slow_with_ref"] <= r["slow_near_ref"] <= r["slow"]
+
+
+def test_the_soaks_own_samples_are_not_counted_as_rss_growth(sink_plugins, tmp_path):
+    """20,000 runs of a program that keeps nothing: the soak's per-run samples (appended to lists they
+    took ~1.8 MB here, reported as the program's growth) are allocated before the first RSS reading."""
+    import kitchen_sink
+
+    path = tmp_path / "sink.hof"
+    handoff.partition(kitchen_sink.sink_net(), (torch.randn(2, 8),), backends=["sink"], fallback=False).write(str(path))
+    r = _soak_module().soak(str(path), runs=20_000, seconds=0, warmup=50, distinct=2, threads=0, rounds=0,
+                            reference=False)
+    assert r["runs"] == 20_000
+    assert r["rss_after"] - r["rss_before"] < 256 * 1024
