@@ -1,17 +1,19 @@
 """Soak: many runs of one loaded program per zoo model and backend, watching memory and latency.
 
     python benchmarks/soak.py [--runs 10000] [--seconds 0] [--warmup 200] [--threads 8] [--option B.NAME=V]
-                              [--no-reference] [--models small_cnn,small_transformer,mobilenet_v2]
-                              [--backends tvm,xnnpack,vulkan,qnn]
+                              [--no-reference] [--programs DIR] [--models M,...] [--backends tvm,xnnpack,vulkan,qnn]
 
 For each zoo model and each runnable backend (``--backends B`` with the tvm fallback for what B
-declines, as ``handoff partition`` does), the program is partitioned (the lowering cache makes a
-second soak cheap), loaded once, and run ``--warmup`` times on fresh random inputs, then ``--runs``
+declines, as ``handoff partition`` does; ``--models`` defaults to every zoo model), the program is
+partitioned (the lowering cache makes a second soak cheaper; ``--programs DIR`` keeps the programs
+and reuses one already there, so a short estimating run and the long soak after it export and
+lower each model once), loaded once, and run ``--warmup`` times on fresh random inputs, then ``--runs``
 times, one call at a time, in this process. ``--seconds S`` bounds each program's timed loop (the
 runs made are printed), so that a slow program (mobilenet_v2 on an emulator) cannot keep the soak
 from reaching the others. It prints per program: the runs made, the process RSS after warm-up and
-at the end and its growth (target: under 1%), and the p50, p99 and max latency with p99/p50 (target:
-at most 2).
+at the end and its growth (target: under 1%), the growth over the second half of the runs alone
+(a leak grows in both halves, an allocator's one-off step in one), and the p50, p99 and max
+latency with p99/p50 (target: at most 2).
 
 On a shared machine the wall-clock tail is mostly the scheduler: a run that was preempted, or
 whose thread pool worker waited for a time slice, takes a whole time slice longer. So each run is
@@ -22,8 +24,9 @@ had at least one, and the wall p99 of the runs that had none. A wall tail with a
 preemption, not the runtime. A third line takes the slow runs (CPU time over twice its median)
 apart: how many had a garbage collection (``gc.callbacks``), page faults or a switch, and how
 many sat next to a slow run of the fixed-work reference, a fourth line: vector arithmetic of
-about a run's median CPU time, timed after every run (``--no-reference`` skips it), whose spread
-is the machine's own. A CPU tail in runs without a collection, fault or switch, which the
+about a run's median CPU time, timed after every run (``--reference-every K``: every K-th, so a
+long soak of a slow program spends 1/K of its time on it rather than half; ``--no-reference``
+skips it), whose spread is the machine's own. A CPU tail in runs without a collection, fault or switch, which the
 reference shares, is the machine's: on this project's 2-vCPU VMs a fixed-work loop alone shows a
 p99/p50 of 2-3 at times. Inputs are drawn before the timed loop (``--inputs`` distinct ones, used
 in turn), so the loop measures ``Program.run`` alone. Then the thread check: ``--threads`` threads run the
@@ -61,7 +64,7 @@ def rss_bytes() -> int:
 
 
 def soak(path: str, runs: int, seconds: float, warmup: int, distinct: int, threads: int, rounds: int,
-         options: dict | None = None, reference: bool = True) -> dict:
+         options: dict | None = None, reference: bool = True, reference_every: int = 1) -> dict:
     import handoff
 
     rng = np.random.default_rng(0)
@@ -76,10 +79,17 @@ def soak(path: str, runs: int, seconds: float, warmup: int, distinct: int, threa
             if time.perf_counter() > stop:
                 break
         work = _reference_work(program, inputs) if reference else None
+        # The samples go into arrays allocated and written before the first RSS reading: appended to
+        # lists, 10,000 runs' floats and slots took ~1 MB, counted as the program's RSS growth
+        # (0.2-0.6% of a 260-310 MB process, measured).
+        step = max(1, runs // 20)  # RSS every 1/20th of the runs: a leak grows in both halves, a step in one
+        times, cpu, ref = np.full(runs, np.nan), np.full(runs, np.nan), np.full(runs, np.nan)
+        switched, faults, collected = (np.full(runs, -1, dtype=np.int64) for _ in range(3))
+        marks = np.full(runs // step + 1, -1, dtype=np.int64)
         gc.collect()
         before = rss_bytes()
-        times, cpu, switched, faults, collected, ref = [], [], [], [], [], []
         collections = [0]
+        made = 0
 
         def count(phase: str, info: dict) -> None:
             collections[0] += phase == "start"
@@ -90,6 +100,8 @@ def soak(path: str, runs: int, seconds: float, warmup: int, distinct: int, threa
         first = usage(resource.RUSAGE_SELF).ru_nivcsw
         try:
             for i in range(runs):
+                if i % step == 0:
+                    marks[i // step] = rss_bytes()
                 u0, g0 = usage(resource.RUSAGE_SELF), collections[0]
                 c0 = process_time()
                 t0 = perf_counter()
@@ -97,15 +109,16 @@ def soak(path: str, runs: int, seconds: float, warmup: int, distinct: int, threa
                 t1 = perf_counter()
                 c1 = process_time()
                 u1 = usage(resource.RUSAGE_SELF)
-                switched.append(u1.ru_nivcsw - u0.ru_nivcsw)
-                faults.append(u1.ru_minflt - u0.ru_minflt + u1.ru_majflt - u0.ru_majflt)
-                collected.append(collections[0] - g0)
-                times.append(t1 - t0)
-                cpu.append(c1 - c0)
-                if work is not None:
+                switched[i] = u1.ru_nivcsw - u0.ru_nivcsw
+                faults[i] = u1.ru_minflt - u0.ru_minflt + u1.ru_majflt - u0.ru_majflt
+                collected[i] = collections[0] - g0
+                times[i] = t1 - t0
+                cpu[i] = c1 - c0
+                made = i + 1
+                if work is not None and i % reference_every == 0:
                     r0 = process_time()
                     work()
-                    ref.append(process_time() - r0)
+                    ref[i] = process_time() - r0
                 if t1 > stop:
                     break
         finally:
@@ -114,7 +127,10 @@ def soak(path: str, runs: int, seconds: float, warmup: int, distinct: int, threa
         gc.collect()
         after = rss_bytes()
         threaded = check_threads(program, inputs, want, threads, rounds, seconds / 2)
-    n = len(times)
+    n = made
+    halfway = int(marks[n // 2 // step])
+    times, cpu, switched, faults, collected = (a[:n].tolist() for a in (times, cpu, switched, faults, collected))
+    ref = {i: v for i, v in enumerate(ref[:n].tolist()) if not math.isnan(v)}  # run -> the reference after it
     quiet = sorted(t for t, k in zip(times, switched) if not k)
     cpu50 = statistics.median(cpu)
     slow = [i for i, c in enumerate(cpu) if c > 2 * cpu50]
@@ -122,15 +138,19 @@ def soak(path: str, runs: int, seconds: float, warmup: int, distinct: int, threa
               "slow_faulted": sum(1 for i in slow if faults[i]), "slow_switched": sum(1 for i in slow if switched[i]),
               "collections": collections[0]}
     if ref:
-        ref50 = statistics.median(ref)
+        samples = sorted(ref.values())
+        ref50 = statistics.median(samples)
         # the reference just before or just after the run was slow too: the machine, not the run
-        result["slow_with_ref"] = sum(1 for i in slow if ref[i] > 2 * ref50 or (i and ref[i - 1] > 2 * ref50))
-        ref.sort()
-        result.update(ref_p50=ref50, ref_p99=_p99(ref), ref_ratio=_p99(ref) / ref50 if ref50 else math.inf)
+        near = [i for i in slow if i in ref or i - 1 in ref]
+        result["slow_with_ref"] = sum(1 for i in near if max(ref.get(i, 0), ref.get(i - 1, 0)) > 2 * ref50)
+        result.update(ref_p50=ref50, ref_p99=_p99(samples), ref_ratio=_p99(samples) / ref50 if ref50 else math.inf,
+                      ref_samples=len(samples), slow_near_ref=len(near))
     times.sort()
     cpu.sort()
     p50, p99, cpu99 = statistics.median(times), _p99(times), _p99(cpu)
-    return {"runs": n, "rss_before": before, "rss_after": after, "growth": (after - before) / before, "p50": p50,
+    second_half = (after - halfway) / before
+    return {"runs": n, "rss_before": before, "rss_after": after, "growth": (after - before) / before,
+            "growth_second_half": second_half, "p50": p50,
             "p99": p99, "max": times[-1], "ratio": p99 / p50, "threads": threaded,
             "cpu_p50": cpu50, "cpu_p99": cpu99, "cpu_max": cpu[-1], "cpu_ratio": cpu99 / cpu50 if cpu50 else math.inf,
             "involuntary": involuntary, "runs_switched": n - len(quiet),
@@ -212,6 +232,18 @@ def check_threads(program, inputs: list, want: list, threads: int, rounds: int, 
     return f"ok ({threads} threads, {sum(done)} runs bit-exact)"
 
 
+def program_for(model: str, backend: str, path: str) -> bool:
+    """Partition ``zoo:model`` for ``backend`` (tvm taking what it declines) into ``path``, unless a
+    program is there already (from an earlier soak with ``--programs``). Returns whether it was
+    partitioned now."""
+    import handoff
+
+    if os.path.isfile(path):
+        return False
+    handoff.partition(f"zoo:{model}", backends=[backend]).write(path)
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=10_000)
@@ -224,10 +256,15 @@ def main() -> int:
                         help="passes over the --inputs inputs the threads share")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--inputs", type=int, default=16, help="distinct random inputs, used in turn")
-    parser.add_argument("--models", default="small_cnn,small_transformer,mobilenet_v2")
+    parser.add_argument("--models", default=None, help="comma-separated zoo models (default: all of them)")
     parser.add_argument("--backends", default="tvm,xnnpack,vulkan,qnn")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the fixed-work reference timed after every run (halves a loop's time)")
+    parser.add_argument("--reference-every", type=int, default=1, metavar="K",
+                        help="time the reference after every K-th run only (a long soak of a slow program: "
+                             "1/K of the loop's time instead of half; its spread from runs/K samples)")
+    parser.add_argument("--programs", metavar="DIR",
+                        help="write the programs here and reuse one already there (default: a temporary folder)")
     args = parser.parse_args()
 
     import warnings
@@ -249,16 +286,20 @@ def main() -> int:
         backend, _, name = key.partition(".")
         options.setdefault(backend, {})[name] = value
     missed = 0
+    models = args.models.split(",") if args.models else list(handoff.zoo.BUILTIN)
     with tempfile.TemporaryDirectory(prefix="handoff-soak-") as work:
-        for model in args.models.split(","):
+        folder = args.programs or work
+        os.makedirs(folder, exist_ok=True)
+        for model in models:
             for backend in backends:
                 name = f"{model}/{backend}"
-                path = os.path.join(work, f"{model}-{backend}.hof")
+                path = os.path.join(folder, f"{model}-{backend}.hof")
                 try:
-                    handoff.partition(f"zoo:{model}", backends=[backend]).write(path)
+                    program_for(model, backend, path)
                     r = soak(path, args.runs, args.seconds, args.warmup, args.inputs, args.threads,
                              args.thread_rounds if args.threads > 0 else 0,
-                             {b: o for b, o in options.items() if b == backend}, not args.no_reference)
+                             {b: o for b, o in options.items() if b == backend}, not args.no_reference,
+                             max(1, args.reference_every))
                 except Exception as exc:  # report and go on: one backend's failure is a number too
                     print(f"{name:<30} failed: {one_line(exc)}", flush=True)
                     missed += 1
@@ -267,20 +308,25 @@ def main() -> int:
                 missed += not ok
                 print(f"{name:<30} {r['runs']:>6} {r['rss_after'] / 2**20:>8.1f} {r['growth'] * 100:>7.2f}% "
                       f"{r['p50'] * 1e3:>8.3f} {r['p99'] * 1e3:>8.3f} {r['max'] * 1e3:>8.3f} {r['ratio']:>8.2f}  "
-                      f"{r['threads']}{'' if ok else '  MISSED'}", flush=True)
+                      f"{r['threads']}; RSS growth over the second half of the runs "
+                      f"{r['growth_second_half'] * 100:.2f}%{'' if ok else '  MISSED'}", flush=True)
                 print(f"{'  cpu time, all threads':<30} {'':>6} {'':>8} {'':>8} {r['cpu_p50'] * 1e3:>8.3f} "
                       f"{r['cpu_p99'] * 1e3:>8.3f} {r['cpu_max'] * 1e3:>8.3f} {r['cpu_ratio']:>8.2f}  "
                       f"{r['involuntary']} involuntary switches, {r['runs_switched']} runs switched "
                       f"({r['runs_switched'] / r['runs'] * 100:.1f}%); wall p99 of the others "
                       f"{r['p99_not_switched'] * 1e3:.3f} ms", flush=True)
                 same = f", {r['slow_with_ref']} next to a slow reference run" if "ref_p50" in r else ""
+                if "ref_p50" in r and r["ref_samples"] < r["runs"]:
+                    same += f" (of {r['slow_near_ref']} with a reference timed next to them)"
                 print(f"{'  slow runs (cpu > 2 x p50)':<30} {r['slow']:>6} {'':>8} {'':>8} {'':>8} {'':>8} {'':>8} "
                       f"{'':>8}  {r['slow_collected']} with a gc collection ({r['collections']} in all), "
                       f"{r['slow_faulted']} with page faults, {r['slow_switched']} switched out{same}", flush=True)
                 if "ref_p50" in r:
+                    after = "every run" if r["ref_samples"] >= r["runs"] else \
+                        f"every {args.reference_every}th run ({r['ref_samples']} samples)"
                     print(f"{'  reference, fixed work':<30} {'':>6} {'':>8} {'':>8} {r['ref_p50'] * 1e3:>8.3f} "
                           f"{r['ref_p99'] * 1e3:>8.3f} {'':>8} {r['ref_ratio']:>8.2f}  cpu time of the same vector "
-                          f"arithmetic after every run: the machine's own spread", flush=True)
+                          f"arithmetic after {after}: the machine's own spread", flush=True)
     print("targets: RSS growth < 1% after warm-up, p99 <= 2 x p50, threads bit-exact; the cpu line: a wall tail "
           "with cpu p99/p50 <= 2 is the scheduler's; a cpu tail that the fixed-work reference shares, in runs "
           "without a collection, fault or switch, is the machine's (load avg "
