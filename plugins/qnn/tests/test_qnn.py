@@ -262,6 +262,23 @@ def test_onnx_cut_computes_what_the_fx_cut_computes():
     assert cut.model([]) is _EMPTY and _CONSTANT is not _EMPTY
 
 
+class _Searched(Exception):
+    """Raised by :func:`_search_only` once partitioning reaches lowering."""
+
+
+def _search_only(model: str) -> None:
+    """``handoff.partition(model, backends=["qnn"])`` up to where lowering starts: every
+    check_partition the plan needs has been asked by then (use_cache=False, so none is answered
+    from an earlier test's capability cache); the search tests check that, not the compile of the
+    final partitions and TVM's fallback (which the zoo tests above lower and run)."""
+
+    def stop(message: str, done: int, total: int) -> None:
+        raise _Searched(message)
+
+    with pytest.raises(_Searched, match="^lowering "):
+        handoff.partition(model, backends=["qnn"], use_cache=False, progress=stop)
+
+
 def test_in_context_search_exports_the_group_once(qnn_plugins, monkeypatch):
     """The in-context search on small_transformer (bmm fails to finalize after softmax) declines
     the same nodes whether each candidate is cut out of the group's one export or exported on
@@ -271,21 +288,20 @@ def test_in_context_search_exports_the_group_once(qnn_plugins, monkeypatch):
     (this search is short: 7 either way; the bandwidth GRU's 683-node group is where it pays)."""
     from handoff_qnn import compiler as qc
 
-    calls = []
+    calls, exports = [], []
     real_check = QnnCompiler.check_partition
+    real_to_onnx = qc.to_onnx
 
-    def record(self, ep, nodes):
-        calls.append((self, ep, list(nodes)))
-        return real_check(self, ep, nodes)
+    def record(self, ep, nodes):  # the partition's own searches (cut), with the exports each made
+        before = len(exports)
+        answer = real_check(self, ep, nodes)
+        calls.append((self, ep, list(nodes), answer, len(exports) - before))
+        return answer
 
     monkeypatch.setattr(QnnCompiler, "check_partition", record)
-    handoff.partition("zoo:small_transformer", backends=["qnn"], use_cache=False)  # so check_partition is asked
-    compiler, ep, nodes = calls[0]
-    exports = []
-    real_to_onnx = qc.to_onnx
     monkeypatch.setattr(qc, "to_onnx", lambda *a, **k: exports.append(1) or real_to_onnx(*a, **k))
-    cut = real_check(compiler, ep, nodes)
-    cut_exports = len(exports)
+    _search_only("zoo:small_transformer")
+    compiler, ep, nodes, cut, cut_exports = calls[0]
     exports.clear()
     monkeypatch.setattr(qc, "_OnnxCut", lambda *a: None)
     one_by_one = real_check(compiler, ep, nodes)
@@ -420,7 +436,7 @@ def test_in_context_search_declines_no_node_on_a_cut_failure_alone(qnn_plugins, 
         return results[-1][1]
 
     monkeypatch.setattr(QnnCompiler, "check_partition", record)
-    handoff.partition("zoo:langid", backends=["qnn"], use_cache=False)
+    _search_only("zoo:langid")
     group = [declined for nodes, declined in results if "bmm_3" in nodes and "add_3" in nodes]
     assert len(group) == 1 and sorted(group[0]) == ["bmm_3"], group
     assert "aten.bmm.default in this graph" in group[0]["bmm_3"]
