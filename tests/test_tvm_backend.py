@@ -523,17 +523,48 @@ def test_tuning_a_cross_target_needs_devices_to_measure_on():
 
 # -- MetaSchedule -------------------------------------------------------------------------------
 
-@pytest.mark.slow
-def test_tuning_stays_correct_and_reuses_its_database():
+def _count_tunings(mp: pytest.MonkeyPatch) -> list[int]:
+    """MetaSchedule's ``tune_tasks`` patched to append how many tasks each call tunes to the list
+    returned."""
+    from tvm.s_tir import meta_schedule as ms
+
+    tuned: list[int] = []
+    real = ms.tune_tasks
+
+    def counting(*, tasks, **kwargs):
+        tuned.append(len(tasks))
+        return real(tasks=tasks, **kwargs)
+
+    mp.setattr(ms, "tune_tasks", counting)
+    return tuned
+
+
+@pytest.fixture(scope="module")
+def tuned_mlp(tmp_path_factory):
+    """One tuned build of a two-Linear MLP (8 trials over its two fused matmul tasks), checked
+    against eager, in a ``HANDOFF_HOME`` the two tests after it share (each checks what a later
+    build does with that database): the model, the home, how many tasks were tuned and how many
+    records the database then held."""
+    home = tmp_path_factory.mktemp("tuning_home")
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
-    _lower_and_compare(model, [(4, 16)], {"tune": "8"})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HANDOFF_HOME", str(home))
+        tuned = _count_tunings(mp)
+        _lower_and_compare(model, [(4, 16)], {"tune": "8"})
+        records = TvmCompiler({"tune": "8"}).tuning_dir / "database_tuning_record.json"
+        return {"model": model, "home": home, "tasks": sum(tuned), "records": records.read_text().count("\n")}
+
+
+@pytest.mark.slow
+def test_tuning_stays_correct_and_reuses_its_database(tuned_mlp, monkeypatch):
+    monkeypatch.setenv("HANDOFF_HOME", str(tuned_mlp["home"]))
     compiler = TvmCompiler({"tune": "8"})
     records = compiler.tuning_dir / "database_tuning_record.json"
     assert compiler.tuning_dir.is_relative_to(handoff_home() / "tuning" / "tvm")
-    tuned = records.read_text().count("\n")
-    assert tuned >= 2  # both fused matmul tasks have records
+    assert tuned_mlp["records"] >= 2  # both fused matmul tasks have records
+    tuned = records.read_text().count("\n")  # (the next test may have added a task of its own)
 
-    _lower_and_compare(model, [(4, 16)], {"tune": "8"}, name="p1")
+    _lower_and_compare(tuned_mlp["model"], [(4, 16)], {"tune": "8"}, name="p1")
     assert records.read_text().count("\n") == tuned, "the second run tuned again"
 
 
@@ -636,21 +667,11 @@ def test_tune_budget_sets_a_trial_cap():
 
 
 @pytest.mark.slow
-def test_tuning_records_are_reused_across_models_by_workload(monkeypatch):
+def test_tuning_records_are_reused_across_models_by_workload(tuned_mlp, monkeypatch):
     """A workload tuned for one model (the first Linear+ReLU) is not tuned again for another."""
-    from tvm.s_tir import meta_schedule as ms
-
-    tuned: list[int] = []
-    real = ms.tune_tasks
-
-    def counting(*, tasks, **kwargs):
-        tuned.append(len(tasks))
-        return real(tasks=tasks, **kwargs)
-
-    monkeypatch.setattr(ms, "tune_tasks", counting)
-    _lower_and_compare(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)), [(4, 16)], {"tune": "4"})
-    assert sum(tuned) == 2
-    tuned.clear()
+    assert tuned_mlp["tasks"] == 2
+    monkeypatch.setenv("HANDOFF_HOME", str(tuned_mlp["home"]))
+    tuned = _count_tunings(monkeypatch)
     _lower_and_compare(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), [(4, 16)], {"tune": "4"},
                        name="other")
     assert sum(tuned) == 1, "the shared Linear(16, 32)+ReLU workload was tuned twice"
