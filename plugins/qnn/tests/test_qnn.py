@@ -114,9 +114,34 @@ def test_small_cnn_fp32_all_on_qnn(qnn_plugins):
     _run_against_eager(result, model, z.inputs, "fp32")
 
 
-def test_small_transformer_fp32_declines_with_reasons(qnn_plugins):
+@pytest.fixture(scope="module")
+def small_transformer_fp32(handoff_home):
+    """zoo:small_transformer partitioned with qnn alone (fp32) once, for the two tests that check
+    it: the PartitionResult and each in-context search it made (compiler, program, nodes, answer,
+    and how many ONNX exports that search made). No cache, so the searches run here."""
+    from handoff_qnn import compiler as qc
+
+    calls, exports = [], []
+    real_check, real_to_onnx = QnnCompiler.check_partition, qc.to_onnx
+
+    def record(self, ep, nodes):
+        before = len(exports)
+        answer = real_check(self, ep, nodes)
+        calls.append((self, ep, list(nodes), answer, len(exports) - before))
+        return answer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HANDOFF_HOME", str(handoff_home))
+        mp.setattr(QnnCompiler, "check_partition", record)
+        mp.setattr(qc, "to_onnx", lambda *a, **k: exports.append(1) or real_to_onnx(*a, **k))
+        pm = testing.register_plugins("handoff_qnn.plugin")
+        result = handoff.partition("zoo:small_transformer", backends=["qnn"], use_cache=False, plugins=pm)
+    return result, calls
+
+
+def test_small_transformer_fp32_declines_with_reasons(qnn_plugins, small_transformer_fp32):
     z, model = _zoo("small_transformer")
-    result = handoff.partition("zoo:small_transformer", backends=["qnn"])
+    result, _ = small_transformer_fp32
     report = result.report
     reasons = {d["op"]: d["reasons"].get("qnn", "") for d in report.declined}
     # HTP has no fp32 GELU and an fp16-accurate LayerNorm: both go to TVM, with the reason.
@@ -269,8 +294,8 @@ class _Searched(Exception):
 def _search_only(model: str) -> None:
     """``handoff.partition(model, backends=["qnn"])`` up to where lowering starts: every
     check_partition the plan needs has been asked by then (use_cache=False, so none is answered
-    from an earlier test's capability cache); the search tests check that, not the compile of the
-    final partitions and TVM's fallback (which the zoo tests above lower and run)."""
+    from an earlier test's capability cache); the search test checks that, not the compile of the
+    final partitions and TVM's fallback."""
 
     def stop(message: str, done: int, total: int) -> None:
         raise _Searched(message)
@@ -279,7 +304,7 @@ def _search_only(model: str) -> None:
         handoff.partition(model, backends=["qnn"], use_cache=False, progress=stop)
 
 
-def test_in_context_search_exports_the_group_once(qnn_plugins, monkeypatch):
+def test_in_context_search_exports_the_group_once(qnn_plugins, small_transformer_fp32, monkeypatch):
     """The in-context search on small_transformer (bmm fails to finalize after softmax) declines
     the same nodes whether each candidate is cut out of the group's one export or exported on
     its own (bmm_1 has no ONNX node of its own: its view -> bmm -> view chain is one MatMul recorded
@@ -288,23 +313,13 @@ def test_in_context_search_exports_the_group_once(qnn_plugins, monkeypatch):
     (this search is short: 7 either way; the bandwidth GRU's 683-node group is where it pays)."""
     from handoff_qnn import compiler as qc
 
-    calls, exports = [], []
-    real_check = QnnCompiler.check_partition
-    real_to_onnx = qc.to_onnx
-
-    def record(self, ep, nodes):  # the partition's own searches (cut), with the exports each made
-        before = len(exports)
-        answer = real_check(self, ep, nodes)
-        calls.append((self, ep, list(nodes), answer, len(exports) - before))
-        return answer
-
-    monkeypatch.setattr(QnnCompiler, "check_partition", record)
-    monkeypatch.setattr(qc, "to_onnx", lambda *a, **k: exports.append(1) or real_to_onnx(*a, **k))
-    _search_only("zoo:small_transformer")
+    _, calls = small_transformer_fp32  # the partition's own searches (cut), with the exports each made
     compiler, ep, nodes, cut, cut_exports = calls[0]
-    exports.clear()
+    exports = []
+    real_to_onnx = qc.to_onnx
+    monkeypatch.setattr(qc, "to_onnx", lambda *a, **k: exports.append(1) or real_to_onnx(*a, **k))
     monkeypatch.setattr(qc, "_OnnxCut", lambda *a: None)
-    one_by_one = real_check(compiler, ep, nodes)
+    one_by_one = compiler.check_partition(ep, nodes)
     assert cut == one_by_one and any("aten.bmm.default in this graph" in r for r in cut.values())
     assert cut_exports <= len(exports)
 
