@@ -3,6 +3,7 @@ again, and a file changed after it was recorded is checked again (its damage sti
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -355,7 +356,8 @@ def _no_reading(monkeypatch):
 
 def test_a_file_opened_before_in_this_process_is_read_only_to_its_header(tmp_path, monkeypatch):
     """The second open of an unchanged, recorded file in a process: no record lookup, no hash, no
-    validation; the same manifest (a dict of its own per open), notes and unchecked segments."""
+    validation; the same manifest (one read-only object, shared by both opens), notes and
+    unchecked segments."""
     path = _settled(tmp_path)
     with ProgramFile.open(path) as pf:
         strict, digest = pf.manifest, pf._manifest_sha256
@@ -366,8 +368,10 @@ def test_a_file_opened_before_in_this_process_is_read_only_to_its_header(tmp_pat
         assert pf.recorded and pf.manifest == strict and bytes(pf.segment(1)) == BLOB
         assert (pf._manifest_sha256, pf.notes[VALIDATED_NOTE]) == (digest, _validated_by())
         assert pf.manifest_offset == again.manifest_offset and pf.file_size == os.path.getsize(path)
-        pf.manifest["values"].clear()
-        assert again.manifest == strict
+        assert pf.manifest is again.manifest is strict
+        with pytest.raises(TypeError, match="read-only"):
+            pf.manifest["values"].clear()
+        assert again.manifest == copy.deepcopy(strict) and len(again.manifest["values"]) == 3
 
 
 def test_a_small_file_opened_before_is_read_only_to_its_header(tmp_path, monkeypatch):
