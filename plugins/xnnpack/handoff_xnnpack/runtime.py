@@ -89,11 +89,11 @@ def _input_specs(metadata: Mapping[str, Any]) -> list[tuple[int, list[int]]] | N
     checks count, dtype and sizes), and the probe of an unknown blob runs it with the program's
     call inputs first."""
     specs = metadata.get("input_specs")
-    if type(specs) is not list or len(specs) > _MAX_INPUTS:
+    if not isinstance(specs, list) or len(specs) > _MAX_INPUTS:  # the manifest's read-only lists are lists
         return None
     out = []
     for spec in specs:
-        if (type(spec) is not list or len(spec) != 2 or type(spec[0]) is not int or type(spec[1]) is not list
+        if (not isinstance(spec, list) or len(spec) != 2 or type(spec[0]) is not int or not isinstance(spec[1], list)
                 or len(spec[1]) > _MAX_RANK or not all(type(d) is int and d >= 0 for d in spec[1])):
             return None
         out.append((spec[0], spec[1]))
