@@ -161,7 +161,7 @@ class Program:
             # every segment checked: later loads of the unchanged file skip the checks
             if file.remember_verified() and key is not None and _LOAD_PLANS.get(key) is not plan:
                 if len(_LOAD_PLANS) >= _MAX_LOAD_PLANS:
-                    del _LOAD_PLANS[next(iter(_LOAD_PLANS))]  # the oldest
+                    _LOAD_PLANS.pop(next(iter(_LOAD_PLANS)), None)  # the oldest (another thread may have dropped it)
                 _LOAD_PLANS[key] = plan
         except BaseException:
             self.close()
