@@ -326,7 +326,9 @@ class Runtime:
     def load(self, blob: memoryview, metadata: Mapping[str, Any], options: Mapping[str, Any]) -> Any:
         """Initialise one delegate from its blob (a read-only view into the mapped program file),
         its metadata, and the runtime options (parsed, defaults filled in). Called once per
-        delegate at program load. Returns an opaque handle. The blob is untrusted input: raise
+        delegate at program load. ``metadata`` (part of the manifest) and ``options`` are
+        read-only: later loads of the unchanged file share them (docs/plugins.md); copy what you
+        change. Returns an opaque handle. The blob is untrusted input: raise
         ``ValueError`` with a clear message when it is corrupt or was made for another runtime
         version, and never let it crash the process."""
         raise NotImplementedError(f"{type(self).__name__} does not implement load()")

@@ -10,6 +10,7 @@ shader cache).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -25,7 +26,16 @@ HOME_ENV = "HANDOFF_HOME"
 def home_name() -> str:
     """``$HANDOFF_HOME`` (default ``~/.handoff``), ``~`` expanded; nothing is created (lookups
     that find nothing must not make directories)."""
-    return os.path.expanduser(os.environ.get(HOME_ENV) or "~/.handoff")
+    home = os.environ.get(HOME_ENV)
+    if home and home[0] != "~":  # nothing to expand (every load asks: records and blob memos live here)
+        return home
+    return _expanded(home or "~/.handoff", os.environ.get("HOME"))
+
+
+@functools.lru_cache(maxsize=16)
+def _expanded(home: str, user_home: str | None) -> str:
+    """``home`` with ``~`` expanded (``os.path.expanduser`` reads ``$HOME``, part of the key)."""
+    return os.path.expanduser(home)
 
 
 def handoff_home() -> Path:

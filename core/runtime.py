@@ -37,6 +37,7 @@ import os
 import threading
 import time
 import warnings
+from types import MappingProxyType
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -86,6 +87,28 @@ _PLANS: dict[tuple[Any, ...], _Plan] = {}
 _MAX_PLANS = 64
 
 
+class _LoadPlan(NamedTuple):
+    """What a load decides before any delegate loads, from the manifest, the plugins and the
+    options (:meth:`Program._decide`): shared by later loads of the unchanged recorded file (whose
+    read-only manifest is the same object) with the same plugins, options and ``strict``."""
+
+    manifest: Mapping[str, Any]  # held: these three objects' ids are in the plan's key
+    plugins: Plugins
+    table: Any  # the plugins' backend table the plan was made with
+    aten_ops: Mapping[int, Any]  # host ops, resolved and checked
+    parsed: Mapping[str, Mapping[str, Any]]  # per backend used and installed: its checked runtime options (read-only)
+    asked: tuple[tuple[str, bool, str], ...]  # each installed backend's runtime_available() answer it relied on
+    tries: tuple[tuple[int, ...], ...]  # per delegate: the entries to try, in order
+    skipped: tuple[tuple[tuple[int, str], ...], ...]  # per delegate: (entry, why not) of those left out
+    native: tuple[tuple[int, int], ...]  # first tries whose runtime loads native code (trusted at each load)
+
+
+#: load plans made in this process, by (id of the manifest, of the plugins, of their backend table,
+#: options, strict); only for recorded files, whose manifest later opens of the unchanged file share
+_LOAD_PLANS: dict[tuple[Any, ...], _LoadPlan] = {}
+_MAX_LOAD_PLANS = 64
+
+
 class _RunError(HandoffError):
     """A failure the core detected itself during a run (its message already says where)."""
 
@@ -127,45 +150,72 @@ class Program:
             if noted is None:
                 file.note(RUN_BYTES_NOTE, str(total))
             self._constants = {c["value"]: constant_array(file, i) for i, c in enumerate(self.manifest["constants"])}
-            self._aten_ops = self._resolve_aten_ops()
-            self._load_delegates(plugins, options, trusted_keys, allow_unsigned, strict)
+            plan, key = self._load_plan(plugins, options, strict)
+            self._aten_ops = plan.aten_ops
+            if self._aten_ops:
+                import torch
+
+                self._torch_constants = {vid: torch.from_numpy(np.array(arr)) for vid, arr in self._constants.items()}
+            self._load_delegates(plan, plugins, trusted_keys, allow_unsigned, strict)
             self._plan()
             # every segment checked: later loads of the unchanged file skip the checks
-            file.remember_verified()
+            if file.remember_verified() and key is not None and _LOAD_PLANS.get(key) is not plan:
+                if len(_LOAD_PLANS) >= _MAX_LOAD_PLANS:
+                    _LOAD_PLANS.pop(next(iter(_LOAD_PLANS)), None)  # the oldest (another thread may have dropped it)
+                _LOAD_PLANS[key] = plan
         except BaseException:
             self.close()
             raise
         self.load_seconds = time.perf_counter() - start
 
     # -- load ----------------------------------------------------------------------------------
-    def _load_delegates(self, plugins: Plugins, options: Mapping[str, Mapping[str, str]],
-                        trusted_keys: Sequence[Any], allow_unsigned: bool, strict: bool) -> None:
-        """Resolve each delegate on its own (docs/format.md, "Fallback copies"): its own blob when
-        its backend is installed, available here and loads it; else, unless ``strict``, the first
-        of its fallback copies that does, with one :class:`FallbackWarning` for the whole load."""
+    def _load_plan(self, plugins: Plugins, options: Mapping[str, Mapping[str, str]],
+                   strict: bool) -> tuple[_LoadPlan, tuple[Any, ...] | None]:
+        """This load's :class:`_LoadPlan` and its key (None: not to be kept): an earlier load's
+        when it was made for this very manifest object (the unchanged recorded file: the file's
+        record key and header, :class:`~handoff.program.ProgramFile`), the same plugins and backend
+        table (a plugin registered or set since makes a new table), options and ``strict``, and
+        every runtime still answers ``is_available()`` as it did (asked again on every load)."""
+        table = plugins._backend_table()
+        try:
+            given = tuple(sorted((b, tuple(sorted(o.items()))) for b, o in options.items())) if options else ()
+            key: tuple[Any, ...] | None = (id(self.manifest), id(plugins), id(table), given, strict)
+            plan = _LOAD_PLANS.get(key)  # type: ignore[arg-type]
+        except TypeError:  # an option value that cannot be hashed: decided for this load only
+            key = plan = None
+        if plan is not None and all(plugins.runtime_available(b) == (ok, why) for b, ok, why in plan.asked):
+            return plan, key
+        return self._decide(plugins, table, options, strict), key
+
+    def _decide(self, plugins: Plugins, table: Any, options: Mapping[str, Mapping[str, str]],
+                strict: bool) -> _LoadPlan:
+        """Decide what :meth:`_load_delegates` tries (:class:`_LoadPlan`): host ops resolved, options
+        checked and parsed, and per delegate its own blob when its backend is installed and
+        available here, then, unless ``strict``, its fallback copies whose backends are."""
+        aten_ops = self._resolve_aten_ops()
         delegates = self.manifest["delegates"]
         used = sorted({e["backend"] for d in delegates for e in _candidates(d)})
         for backend in options:
             if backend not in used:
                 raise HandoffError(f"{self.file.name}: options given for backend '{backend}', which this program does "
                                    f"not use; it uses: {', '.join(used) or 'none'}")
-        installed = plugins.backends  # a new dict on every access
-        parsed = {b: plugins.parse_options(b, options.get(b, {}), runtime=True) for b in used if b in installed}
-        self._installed = set(installed)
+        parsed = {b: MappingProxyType(plugins.parse_options(b, options.get(b, {}), runtime=True))
+                  for b in used if b in table}
+        asked: dict[str, tuple[bool, str]] = {}
         why_not: dict[str, str | None] = {}  # backend -> why its runtime cannot be used here, or None
 
         def unusable(backend: str) -> str | None:
             if backend not in why_not:
-                if backend not in installed:
+                if backend not in table:
                     why_not[backend] = plugins.not_installed_message(backend)
                 else:
-                    ok, reason = plugins.runtime_available(backend)
+                    ok, reason = asked[backend] = plugins.runtime_available(backend)
                     why_not[backend] = None if ok else f"backend '{backend}' cannot run here: {reason}"
             return why_not[backend]
 
         # Which entry each delegate tries first, and which after it, chosen before anything loads.
-        tries: list[list[int]] = []
-        skipped: list[list[tuple[int, str]]] = []  # per delegate: (candidate, why not) in order
+        tries: list[tuple[int, ...]] = []
+        skipped: list[tuple[tuple[int, str], ...]] = []  # per delegate: (candidate, why not) in order
         for i, d in enumerate(delegates):
             candidates = _candidates(d) if not strict else [d]
             order, why = [], []
@@ -176,10 +226,22 @@ class Program:
                 else:
                     why.append((k, reason))
             if not order:
-                raise HandoffError(self._cannot_run(i, why, strict))
-            tries.append(order)
-            skipped.append(why)
+                raise HandoffError(self._cannot_run(i, why, strict, table))
+            tries.append(tuple(order))
+            skipped.append(tuple(why))
+        native = tuple((i, order[0]) for i, order in enumerate(tries)
+                       if plugins.runtime(_candidates(delegates[i])[order[0]]["backend"]).native_code)
+        return _LoadPlan(self.manifest, plugins, table, MappingProxyType(aten_ops), MappingProxyType(parsed),
+                         tuple((b, *a) for b, a in asked.items()), tuple(tries), tuple(skipped), native)
 
+    def _load_delegates(self, plan: _LoadPlan, plugins: Plugins, trusted_keys: Sequence[Any],
+                        allow_unsigned: bool, strict: bool) -> None:
+        """Resolve each delegate on its own (docs/format.md, "Fallback copies"), as ``plan`` says:
+        its own blob when its backend is installed, available here and loads it; else, unless
+        ``strict``, the first of its fallback copies that does, with one :class:`FallbackWarning`
+        for the whole load."""
+        delegates = self.manifest["delegates"]
+        parsed, tries = plan.parsed, plan.tries
         admitted: set[tuple[int, int]] = set()
 
         def admit_native(picks: Sequence[tuple[int, int]]) -> None:
@@ -190,13 +252,14 @@ class Program:
                                                for i, k in native], trusted_keys, allow_unsigned)
                 admitted.update(native)
 
-        admit_native([(i, order[0]) for i, order in enumerate(tries)])
+        if plan.native:
+            admit_native(plan.native)
         self._memory: list[str] = []
         #: per delegate: (fallback copy index or None, backend id whose runtime runs it, why not its own)
         self.choices: list[tuple[int | None, str, str | None]] = []
         for i, d in enumerate(delegates):
             candidates = _candidates(d)
-            why = skipped[i]
+            why = list(plan.skipped[i])
             for n, k in enumerate(tries[i]):
                 entry = candidates[k]
                 if n:
@@ -223,7 +286,7 @@ class Program:
                         why.append(failed)
                         continue
                     if why:
-                        raise HandoffError(self._cannot_run(i, [*why, failed], strict)) from exc
+                        raise HandoffError(self._cannot_run(i, [*why, failed], strict, plan.table)) from exc
                     hint = self._strict_hint(d) if strict else ""
                     if isinstance(exc, HandoffError) and not hint:
                         raise
@@ -241,14 +304,13 @@ class Program:
                                    f"(Runtime.memory): {one_line(exc)}") from exc
         self._warn_fallbacks()
 
-    def _cannot_run(self, i: int, why: Sequence[tuple[int, str]], strict: bool) -> str:
+    def _cannot_run(self, i: int, why: Sequence[tuple[int, str]], strict: bool, installed: Mapping[str, Any]) -> str:
         """The one-line error for delegate ``i``, none of whose entries can run: ``why`` says,
         per entry tried (0: its own blob, k: fallback copy k - 1), why not."""
         d = self.manifest["delegates"][i]
         if len(why) == 1 and why[0][0] == 0:  # its own backend only: the messages of programs without copies
             reason = why[0][1]
-            installed = d["backend"] in self._installed
-            text = f"{self.file.name}: {reason}" if installed else f"{self.file.name}: delegate {i} needs {reason}"
+            text = f"{self.file.name}: {reason}" if d["backend"] in installed else f"{self.file.name}: delegate {i} needs {reason}"
             return text + (self._strict_hint(d) if strict else "")
         parts = [f"{'its own blob' if k == 0 else f'fallback copy {k - 1}'}: {reason}" for k, reason in why]
         return f"{self.file.name}: delegate {i} ({d['partition']}) cannot run here: {'; '.join(parts)}"
@@ -325,7 +387,7 @@ class Program:
             if why:
                 raise HandoffError(f"{self.file.name}: instruction {i}: {why}; the program cannot run here")
         try:
-            import torch
+            import torch  # noqa: F401  -- host ops run on it
         except ImportError:
             ops = ", ".join(sorted(set(targets.values())))
             raise HandoffError(f"{self.file.name}: {len(targets)} host ATen op(s) ({ops}) need torch, which is not "
@@ -344,7 +406,6 @@ class Program:
             if why:
                 raise HandoffError(f"{self.file.name}: instruction {i} ({target}) is refused: {why}")
             resolved[i] = op
-        self._torch_constants = {vid: torch.from_numpy(np.array(arr)) for vid, arr in self._constants.items()}
         return resolved
 
     def _plan(self) -> None:

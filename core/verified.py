@@ -29,6 +29,7 @@ does, a file whose times are not clearly older than the start of the check is no
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 import time
@@ -54,7 +55,12 @@ def _directory() -> Path:
 
 def directory_name() -> str:
     """Where records are kept now (``$HANDOFF_HOME/verified``)."""
-    return os.path.join(home_name(), DIRECTORY)
+    return _directory_of(home_name())
+
+
+@functools.lru_cache(maxsize=16)
+def _directory_of(home: str) -> str:
+    return os.path.join(home, DIRECTORY)
 
 
 def record_key(st: os.stat_result) -> str:

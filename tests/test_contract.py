@@ -213,6 +213,26 @@ def test_runtime_option_caps_are_enforced_at_load(sink_plugins):
         sink_plugins.parse_options("sink", {"check": "2"}, runtime=True)
 
 
+def test_a_runtime_reads_metadata_and_options_it_cannot_change(sink_plugins, monkeypatch):
+    """``Runtime.load`` gets the manifest's read-only metadata and read-only parsed options
+    (docs/plugins.md): both are shared by later loads of the unchanged file."""
+    import kitchen_sink
+
+    real, refused = kitchen_sink.SinkRuntime.load, []
+
+    def load(self, blob, metadata, options):
+        for mapping, key in ((metadata, "ops"), (options, "check")):
+            with pytest.raises(TypeError):
+                mapping[key] = 0
+            refused.append(key)
+        return real(self, blob, metadata, options)
+
+    monkeypatch.setattr(kitchen_sink.SinkRuntime, "load", load)
+    result = handoff.partition(kitchen_sink.sink_net(), (torch.randn(2, 8),), backends=["sink"], fallback=False)
+    with handoff.load(result.to_bytes()) as program:
+        assert refused[:2] == ["ops", "check"] and program.run([np.ones((2, 8), np.float32)])[0].shape == (2, 8)
+
+
 # -- the lowering cache ----------------------------------------------------------------------------
 
 def test_cache_is_looked_up_before_anything_is_exported(sink_plugins, monkeypatch):

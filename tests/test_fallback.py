@@ -4,6 +4,7 @@ refuses; the data path, native-code trust, ``Program.stats`` and the CLI follow 
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -43,7 +44,7 @@ def _with_copies(data: bytes, copies, backend: str | None = None) -> bytes:
     backends share a blob format, so a copy is the delegate's own segment), and optionally its
     own backend renamed."""
     with ProgramFile.from_bytes(data) as pf:
-        manifest = {k: v for k, v in pf.manifest.items() if k not in ("segments", "signatures")}
+        manifest = {k: copy.deepcopy(v) for k, v in pf.manifest.items() if k not in ("segments", "signatures")}
         segments = [bytes(pf.segment(i)) for i in range(len(pf))]
     for d in manifest["delegates"]:
         d["fallbacks"] = [{"backend": b, "backend_version": "9.9", "segment": d["segment"], "metadata": d["metadata"],

@@ -1093,6 +1093,25 @@ def test_golden_file_is_unchanged():
     )
 
 
+def test_a_read_manifest_is_read_only_and_can_be_written_again():
+    """``ProgramFile.manifest`` refuses changes at every level (every load of the unchanged file
+    shares it); written again as it is (what ``handoff sign`` does), host-op arguments included,
+    it gives the same manifest; ``copy.deepcopy`` gives plain dicts and lists to edit."""
+    with ProgramFile.open(GOLDEN) as pf:
+        m = pf.manifest
+        args = next(ins["args"] for ins in m["instructions"] if ins["op"] == "aten" and ins["args"])
+        for change in (lambda: m.update(x=1), lambda: m["values"].append({}), lambda: args.insert(0, 1),
+                       lambda: m["values"][0].__setitem__("shape", []), lambda: m["metadata"].pop("note")):
+            with pytest.raises(TypeError, match="read-only"):
+                change()
+        again = program_bytes({k: v for k, v in m.items() if k != "segments"}, [bytes(pf.segment(i)) for i in range(len(pf))])
+        edited = copy.deepcopy(m)
+    with ProgramFile.from_bytes(again) as other:  # the writer adds xxh3 and crc32 to the segments of this 1.0 file
+        assert {k: v for k, v in other.manifest.items() if k != "segments"} == {k: v for k, v in m.items() if k != "segments"}
+    edited["metadata"]["note"] = "changed"
+    assert type(edited["values"]) is list and m["metadata"]["note"] != "changed"
+
+
 def test_golden_file_reads():
     with ProgramFile.open(GOLDEN) as pf:
         assert (pf.major, pf.minor, pf.flags, pf.alignment) == (1, 0, 0, 64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def sink_program(sink_plugins, tmp_path):
 
 def _rewrite(path, tmp_path, edit):
     with ProgramFile.open(str(path)) as pf:
-        manifest = {k: v for k, v in pf.manifest.items() if k != "segments"}
+        manifest = {k: copy.deepcopy(v) for k, v in pf.manifest.items() if k != "segments"}  # read-only: a copy to edit
         segments = [bytes(pf.segment(i)) for i in range(len(pf.manifest["segments"]))]
     edit(manifest)
     out = tmp_path / "edited.hof"
@@ -259,7 +260,7 @@ def test_a_failing_delegate_is_one_line_and_the_program_runs_on(chain_program):
 
 def test_a_wrong_output_names_the_delegate(chain_program, tmp_path):
     with ProgramFile.from_bytes(chain_program) as pf:
-        manifest = {k: v for k, v in pf.manifest.items() if k != "segments"}
+        manifest = {k: copy.deepcopy(v) for k, v in pf.manifest.items() if k != "segments"}
         segments = [bytes(pf.segment(i)) for i in range(len(pf))]
     manifest["values"][manifest["instructions"][0]["outputs"][0]]["shape"] = [2, 9]
     path = tmp_path / "wrong.hof"

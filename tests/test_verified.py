@@ -3,6 +3,7 @@ again, and a file changed after it was recorded is checked again (its damage sti
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -340,6 +341,80 @@ def test_a_manifest_is_planned_once_per_process(sink_plugins, tmp_path, monkeypa
         assert program.run([np.ones((3, 8), np.float32)])[0].shape[0] == 3
 
 
+def _decisions(monkeypatch):
+    """Count the loads that decide their load plan (:meth:`Program._decide`) instead of reusing one."""
+    from handoff import runtime
+
+    made = []
+    real = runtime.Program._decide
+    monkeypatch.setattr(runtime.Program, "_decide", lambda self, *a: made.append(1) or real(self, *a))
+    return made
+
+
+def test_a_second_load_of_an_unchanged_file_reuses_its_load_plan(sink_plugins, tmp_path, monkeypatch):
+    """A recorded file loaded again unchanged shares the first load's read-only manifest and load
+    plan (no options parsed, nothing decided again); neither load can change what the other reads."""
+    model, path = _sink_file(tmp_path)
+    verified.wait_until_not_racy(os.stat(path))
+    made = _decisions(monkeypatch)
+    x = torch.randn(2, 8)
+    with handoff.load(path) as first, handoff.load(path) as second:
+        assert made == [1] and second.file.recorded and second.manifest is first.manifest
+        for program in (first, second):
+            np.testing.assert_allclose(program.run([x.numpy()])[0], model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+        delegate, count = first.manifest["delegates"][0], len(first.manifest["delegates"])
+        for change in (lambda: delegate.update(backend="other"), lambda: first.manifest["delegates"].append({}),
+                       lambda: delegate["metadata"].pop("ops"), lambda: first.manifest.clear()):
+            with pytest.raises(TypeError, match="read-only"):
+                change()
+        assert second.manifest["delegates"][0]["backend"] == "sink" and len(second.manifest["delegates"]) == count
+        edited = copy.deepcopy(first.manifest)  # a plain copy to change
+        edited["delegates"][0]["backend"] = "other"
+        assert type(edited["delegates"]) is list and second.manifest["delegates"][0]["backend"] == "sink"
+
+
+def test_a_changed_file_gets_a_new_load_plan(sink_plugins, tmp_path, monkeypatch):
+    """A file changed since it was loaded (here only touched) is read, checked and decided again."""
+    _, path = _sink_file(tmp_path)
+    verified.wait_until_not_racy(os.stat(path))
+    made = _decisions(monkeypatch)
+    with handoff.load(path) as first:
+        manifest = first.manifest
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1_000_000_000))
+    verified.wait_until_not_racy(os.stat(path))
+    with handoff.load(path) as program:
+        assert made == [1, 1] and program.manifest is not manifest and program.manifest == manifest
+    with handoff.load(path) as again:
+        assert made == [1, 1] and again.manifest is program.manifest
+
+
+def test_other_options_plugins_or_availability_decide_again(sink_plugins, tmp_path, monkeypatch):
+    """Each distinct option set is checked and has its own plan; a runtime that is no longer
+    available, or plugins set since, are honoured by the next load of the unchanged file."""
+    import kitchen_sink
+    from handoff import plugins, runtime
+
+    _, path = _sink_file(tmp_path)
+    verified.wait_until_not_racy(os.stat(path))
+    made = _decisions(monkeypatch)
+    for options in ({}, {"sink": {"check": "1"}}, {}, {"sink": {"check": "1"}}):
+        with handoff.load(path, options=options) as program:
+            plan, _ = program._load_plan(sink_plugins, options, False)
+            assert plan.parsed["sink"]["check"] is bool(options)
+    assert made == [1, 1] and len([k for k in runtime._LOAD_PLANS if k[0] == id(program.manifest)]) == 2
+    with pytest.raises(TypeError):
+        plan.parsed["sink"]["check"] = False  # what a runtime's load receives is read-only too
+    with pytest.raises(HandoffError, match="backend 'sink': .*check"):
+        handoff.load(path, options={"sink": {"check": "maybe"}})
+    monkeypatch.setenv(kitchen_sink.UNAVAILABLE_ENV, "sink")
+    with pytest.raises(HandoffError, match=r"backend 'sink' cannot run here: switched off by \$HANDOFF_SINK_UNAVAILABLE$"):
+        handoff.load(path)
+    monkeypatch.delenv(kitchen_sink.UNAVAILABLE_ENV)
+    plugins.set_plugins(plugins.Plugins(autoload=False))  # the kitchen sink uninstalled
+    with pytest.raises(HandoffError, match="delegate 0 needs backend 'sink' not installed"):
+        handoff.load(path)
+
+
 def _no_reading(monkeypatch):
     """Fail when an open goes past the header: parses it, hashes or validates the manifest, or
     looks up the file's record."""
@@ -355,7 +430,8 @@ def _no_reading(monkeypatch):
 
 def test_a_file_opened_before_in_this_process_is_read_only_to_its_header(tmp_path, monkeypatch):
     """The second open of an unchanged, recorded file in a process: no record lookup, no hash, no
-    validation; the same manifest (a dict of its own per open), notes and unchecked segments."""
+    validation; the same manifest (one read-only object, shared by both opens), notes and
+    unchecked segments."""
     path = _settled(tmp_path)
     with ProgramFile.open(path) as pf:
         strict, digest = pf.manifest, pf._manifest_sha256
@@ -366,8 +442,10 @@ def test_a_file_opened_before_in_this_process_is_read_only_to_its_header(tmp_pat
         assert pf.recorded and pf.manifest == strict and bytes(pf.segment(1)) == BLOB
         assert (pf._manifest_sha256, pf.notes[VALIDATED_NOTE]) == (digest, _validated_by())
         assert pf.manifest_offset == again.manifest_offset and pf.file_size == os.path.getsize(path)
-        pf.manifest["values"].clear()
-        assert again.manifest == strict
+        assert pf.manifest is again.manifest is strict
+        with pytest.raises(TypeError, match="read-only"):
+            pf.manifest["values"].clear()
+        assert again.manifest == copy.deepcopy(strict) and len(again.manifest["values"]) == 3
 
 
 def test_a_small_file_opened_before_is_read_only_to_its_header(tmp_path, monkeypatch):

@@ -53,22 +53,14 @@ class _Delegate:
 
     __slots__ = ("data", "from_numpy", "inputs", "method", "num_outputs", "program")
 
-    def __init__(self, data: bytes, specs: list[tuple[int, Sequence[int]]] | None, num_outputs: Any) -> None:
+    def __init__(self, data: bytes, inputs: tuple[tuple[Any, tuple[int, ...]], ...] | None, num_outputs: Any) -> None:
         self.data, self.program, self.method = data, None, None
         #: (numpy dtype, or the ScalarType's name when numpy has none; shape) of each input, when known
-        #: before the method is loaded (from the metadata); else :meth:`take_method` asks the method
-        self.inputs: list[tuple[Any, tuple[int, ...]]] = []
-        self.num_outputs = num_outputs
+        #: before the method is loaded (from the metadata: :func:`_inputs`); else :meth:`take_method`
+        #: asks the method
+        self.inputs = inputs
+        self.num_outputs = num_outputs if inputs is not None else None
         self.from_numpy = _torch().from_numpy
-        if specs is not None and type(num_outputs) is int:
-            self._set_inputs(specs)
-        else:
-            self.num_outputs = None
-
-    def _set_inputs(self, specs: Sequence[tuple[int, Sequence[int]]]) -> None:
-        for code, sizes in specs:
-            name = _SCALAR_TYPES.get(code, f"ScalarType {code}")
-            self.inputs.append((np.dtype(name) if name in _NUMPY_TYPES else name, tuple(sizes)))
 
     def take_method(self, program: Any, method: Any) -> None:
         """Keep the loaded program and method; ask the method for its inputs when the metadata did
@@ -76,9 +68,39 @@ class _Delegate:
         self.program, self.method = program, method
         if self.num_outputs is None:
             meta = method.method_meta()
-            self._set_inputs([(meta.input_tensor_meta(i).dtype(), meta.input_tensor_meta(i).sizes())
-                              for i in range(meta.num_inputs())])
+            self.inputs = _converted([(meta.input_tensor_meta(i).dtype(), meta.input_tensor_meta(i).sizes())
+                                      for i in range(meta.num_inputs())])
             self.num_outputs = meta.num_outputs()
+
+
+def _converted(specs: Sequence[tuple[int, Sequence[int]]]) -> tuple[tuple[Any, tuple[int, ...]], ...]:
+    """``(ScalarType code, sizes)`` pairs as :attr:`_Delegate.inputs` holds them."""
+    out = []
+    for code, sizes in specs:
+        name = _SCALAR_TYPES.get(code, f"ScalarType {code}")
+        out.append((np.dtype(name) if name in _NUMPY_TYPES else name, tuple(sizes)))
+    return tuple(out)
+
+
+def _inputs(metadata: Mapping[str, Any]) -> tuple[tuple[tuple[Any, tuple[int, ...]], ...] | None, Any]:
+    """``(inputs, num_outputs)`` for a :class:`_Delegate` from the delegate's metadata; ``(None,
+    None)`` when it does not say (then the method is asked). Derived once per read-only manifest
+    list (docs/plugins.md: a recorded file opened again unchanged gives the same objects)."""
+    specs, count = metadata.get("input_specs"), metadata.get("num_outputs")
+    known = _KNOWN_SPECS.get(id(specs))
+    if known is not None and known[0] is specs and known[2] == count:
+        return known[1], count
+    checked = _input_specs(metadata)
+    inputs = _converted(checked) if checked is not None and type(count) is int else None
+    if type(specs) is not list and isinstance(specs, list):  # the core's read-only list: it cannot change
+        if len(_KNOWN_SPECS) >= 64:
+            _KNOWN_SPECS.pop(next(iter(_KNOWN_SPECS)), None)
+        _KNOWN_SPECS[id(specs)] = (specs, inputs, count)  # holds specs: its id names no other object
+    return inputs, count
+
+
+#: :func:`_inputs`' answers by the id of a manifest's read-only ``input_specs`` list
+_KNOWN_SPECS: dict[int, tuple[Any, Any, Any]] = {}
 
 
 def _input_specs(metadata: Mapping[str, Any]) -> list[tuple[int, list[int]]] | None:
@@ -89,11 +111,11 @@ def _input_specs(metadata: Mapping[str, Any]) -> list[tuple[int, list[int]]] | N
     checks count, dtype and sizes), and the probe of an unknown blob runs it with the program's
     call inputs first."""
     specs = metadata.get("input_specs")
-    if type(specs) is not list or len(specs) > _MAX_INPUTS:
+    if not isinstance(specs, list) or len(specs) > _MAX_INPUTS:  # the manifest's read-only lists are lists
         return None
     out = []
     for spec in specs:
-        if (type(spec) is not list or len(spec) != 2 or type(spec[0]) is not int or type(spec[1]) is not list
+        if (not isinstance(spec, list) or len(spec) != 2 or type(spec[0]) is not int or not isinstance(spec[1], list)
                 or len(spec[1]) > _MAX_RANK or not all(type(d) is int and d >= 0 for d in spec[1])):
             return None
         out.append((spec[0], spec[1]))
@@ -203,7 +225,7 @@ class XnnpackRuntime(Runtime):
             self._has_backend = True
         # Everything that does not need the loaded method is done before ExecuTorch loads it, so
         # that a first run follows load_method closely (the pool's workers still awake).
-        handle = _Delegate(pte, _input_specs(metadata), metadata.get("num_outputs"))
+        handle = _Delegate(pte, *_inputs(metadata))
         with _POOL_LOCK:
             self._set_threads(threads)
             try:

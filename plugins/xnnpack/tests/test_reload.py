@@ -29,11 +29,16 @@ from handoff.testing import assert_matches_eager  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-def test_a_program_loaded_again_shares_its_pte_until_the_file_changes(plugins, tmp_path):
+def test_a_program_loaded_again_shares_its_pte_until_the_file_changes(plugins, tmp_path, monkeypatch):
     """Loaded and run three times against eager: the later loads run from the .pte the first one
-    made; then damaged in place (modification time put back), the next load refuses the file
-    with the one-line error naming the segment and its offset."""
+    made, with the inputs read from the same read-only manifest the first load read; then damaged
+    in place (modification time put back), the next load refuses the file with the one-line error
+    naming the segment and its offset."""
     from handoff_xnnpack import runtime as xnnpack_runtime
+
+    specs_read = []
+    real = xnnpack_runtime._input_specs
+    monkeypatch.setattr(xnnpack_runtime, "_input_specs", lambda m: specs_read.append(1) or real(m))
 
     zoo = plugins.zoo()["small_cnn"]
     model = zoo.build().eval()
@@ -49,6 +54,7 @@ def test_a_program_loaded_again_shares_its_pte_until_the_file_changes(plugins, t
             ptes.append({id(pte) for _, pte in xnnpack_runtime._PTES.values()})
             entry = program.manifest["segments"][program.manifest["delegates"][0]["segment"]]
     assert program.file.recorded and ptes[1] == ptes[2]  # no new .pte made for the unchanged file
+    assert specs_read == [1]  # the later loads' manifest is the first one's: its input_specs read once
     assert not torch.allclose(torch.from_numpy(outs[0]), torch.from_numpy(outs[1])), "outputs must change with the input"
     before = os.stat(path)
     with open(path, "r+b") as f:
