@@ -173,8 +173,8 @@ def _function_rows(manifest: dict) -> list[str]:
     for d in manifest["delegates"]:
         medians = ((d["metadata"].get("tuning") or {}).get("functions") or {}).get("medians_ms", {})
         for name, m in sorted(medians.items(), key=lambda item: -item[1]["default"]):
-            rows.append(f"  {name:60} {m['tuned']:9.3f} {m['default']:10.3f} "
-                        f"{m['default'] / m['tuned']:8.2f}  {m['kept']}")
+            rows.append(f"  {name:60} {m['tuned']:9.4f} {m['default']:10.4f} "
+                        f"{m['default'] / m['tuned'] if m['tuned'] else float('nan'):8.2f}  {m['kept']}")
     return rows
 
 

@@ -276,7 +276,7 @@ class TvmCompiler(Compiler):
                 record.args_info))
         self.tuning["functions"] = {
             "records_kept": len(keep), "records_dropped": len(records) - len(keep), "untimed": len(untimed),
-            "medians_ms": {name: {"tuned": round(t, 4), "default": round(d, 4),
+            "medians_ms": {name: {"tuned": round(t, 6), "default": round(d, 6),
                                   "kept": "tuned" if name in keep else "default"}
                            for name, (t, d) in sorted(medians.items())}}
         return faster
