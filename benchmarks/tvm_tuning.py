@@ -11,7 +11,9 @@ as it is; ``dlight``: dlight's CPU rules; ``default``: those and handoff's rules
 then tuned a second time to show the database is reused, and prints median latencies (after
 warm-up) as ratios to eager torch. A tuned row also shows the tuning guard's decision from the
 delegate's metadata (``tuning``): which build the partition kept and the two medians the guard
-measured while partitioning (``tuned_ms``, ``untuned_ms``). Not a test: numbers only.
+measured while partitioning (``tuned_ms``, ``untuned_ms``), and the per-function guard's before it:
+how many tuned records it kept and dropped (their function's default schedule was faster), and a
+table of each tuned function's median against its default schedule. Not a test: numbers only.
 
 With ``--target aarch64 --qemu DIR``: the untuned rows are cross-compiled for aarch64
 (``--option tvm.target=aarch64``) and run, with eager torch for aarch64 as the peer in the same
@@ -110,6 +112,7 @@ def main() -> None:
         configs.append((f"tvm tuned ({what})", tuning))
         if not args.budget:  # a budget would spend itself again on the tasks left untuned
             configs.append(("tvm tuned, database reused", tuning))
+    per_function: dict[str, list[str]] = {}
     for label, options in configs:
         t0 = time.perf_counter()
         result = handoff.partition(args.model, backends=[], options={"tvm": options}, use_cache=False)
@@ -118,6 +121,8 @@ def main() -> None:
         (got,) = program.run(x)
         err = float(np.abs(got - want).max() / (np.abs(want).max() or 1))
         built.append((label, program, compile_s, err, _guard(result.assembled.manifest)))
+        if functions := _function_rows(result.assembled.manifest):
+            per_function[label] = functions
 
     # Everyone timed in interleaved rounds (a shared machine's drift hits all alike).
     fns = {"eager torch": lambda: model(*x)}
@@ -135,6 +140,11 @@ def main() -> None:
         c = f"{compile_s:10.1f}" if compile_s is not None else f"{'-':>10}"
         e = f"{err:12.1e}" if err is not None else f"{'-':>12}"
         print(f"{label:36} {ms:10.2f} {ms / eager:8.2f} {c} {e}  {guard or '-'}")
+    for label, lines in per_function.items():
+        print(f"\n{label}: per-function guard, each tuned function timed alone against its default schedule "
+              f"while partitioning (largest default first)")
+        print(f"  {'function':60} {'tuned ms':>9} {'default ms':>10} {'speedup':>8}  kept")
+        print("\n".join(lines))
 
 
 def _guard(manifest: dict) -> str:
@@ -148,9 +158,24 @@ def _guard(manifest: dict) -> str:
         kept = tuning.get("kept", "?")
         if "tuned_ms" in tuning:
             kept += f" ({tuning['tuned_ms']:.2f} / {tuning['untuned_ms']:.2f} ms)"
+        functions = tuning.get("functions") or {}
         out.append(f"{kept}; {tuning.get('tasks', 0)} tasks, {tuning.get('rounds')} rounds"
-                   + (", budget spent" if tuning.get("stopped_by_budget") else ""))
+                   + (", budget spent" if tuning.get("stopped_by_budget") else "")
+                   + (f"; records kept {functions['records_kept']}, dropped {functions['records_dropped']}"
+                      f" (default schedule faster), untimed {functions['untimed']}" if functions else ""))
     return "; ".join(out)
+
+
+def _function_rows(manifest: dict) -> list[str]:
+    """The per-function guard's medians of each tvm delegate (metadata ``tuning.functions``): each
+    tuned function against its default schedule, timed alone while partitioning."""
+    rows = []
+    for d in manifest["delegates"]:
+        medians = ((d["metadata"].get("tuning") or {}).get("functions") or {}).get("medians_ms", {})
+        for name, m in sorted(medians.items(), key=lambda item: -item[1]["default"]):
+            rows.append(f"  {name:60} {m['tuned']:9.4f} {m['default']:10.4f} "
+                        f"{m['default'] / m['tuned'] if m['tuned'] else float('nan'):8.2f}  {m['kept']}")
+    return rows
 
 
 def aarch64(args: argparse.Namespace, specs, model, x, want: np.ndarray) -> None:

@@ -744,17 +744,49 @@ def test_functions_without_a_record_keep_the_default_schedule_of_the_untuned_bui
             tvm.ir.assert_structural_equal(func, prims[gv.name_hint])  # scheduled alike
 
 
+def test_a_tuned_function_is_kept_only_when_it_beats_its_default_schedule():
+    """The per-function guard's decision from ``{name: (tuned ms, default ms)}``: a tie keeps the
+    default schedule."""
+    from handoff.tvm.compiler import _faster_functions
+
+    assert _faster_functions({"b": (1.0, 2.0), "slower": (2.0, 1.0), "tie": (1.5, 1.5), "a": (0.1, 0.2)}) == ["a", "b"]
+    assert _faster_functions({}) == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("times, kept", [((2.0, 1.0), "tuned"), ((1.0, 2.0), "untuned")])
 def test_a_tuned_build_is_kept_only_when_it_beats_the_untuned_one(monkeypatch, capfd, times, kept):
-    """Both builds are timed on this machine and the faster one becomes the delegate; the
-    decision and both medians are in the delegate's metadata. The timing is replaced here by
-    fixed numbers (no timed assertion); the test checks that the decision follows them and that
-    either build matches eager, and that exporting a build a VM has run prints nothing (TVM's
-    runtime logged "Scope Saving:" per constant: 106 lines in a tuned MobileNetV2 compare)."""
+    """Each tuned function is kept only when it beats its default schedule, then the whole
+    tuned build only when it beats the untuned one; the decisions and the medians are in the
+    delegate's metadata. No search: every task gets a record whose trace is empty (the naive loop
+    nest, as a short search can return), and the timings are replaced by fixed numbers (no timed
+    assertion): the first function's record "wins" and is applied, the others' "lose" and those
+    functions keep the default schedule of the untuned build. The test checks that the decisions
+    follow the numbers, that either build matches eager, and that exporting a build a VM has run
+    prints nothing (TVM's runtime logged "Scope Saving:" per constant: 106 lines in a tuned
+    MobileNetV2 compare)."""
+    import tvm
     from tvm.s_tir import meta_schedule as ms
 
     from handoff.tvm import compiler as tvm_compiler
+    from handoff.tvm.importer import import_partition
+    from handoff.tvm.schedules import default_schedule
+
+    def naive_records(*, tasks, database, **kwargs):
+        for task in tasks:  # a trace that only looks (MetaSchedule takes an empty one for invalid)
+            sch = tvm.s_tir.Schedule(task.mod)
+            sch.get_child_blocks(sch.get_sblock("root"))
+            database.commit_tuning_record(ms.database.TuningRecord(
+                sch.trace, database.commit_workload(task.mod), [1e-3], task.target,
+                ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])))
+
+    real_function_ms = tvm_compiler._function_ms
+    timed_functions: list[int] = []
+
+    def fixed_function_ms(mods, target, rounds=7):
+        real_function_ms(mods, target, rounds=1)  # both functions build and run
+        timed_functions.append(len(timed_functions))
+        return [1.0, 3.0] if len(timed_functions) == 1 else [3.0, 1.0]
 
     real_median = tvm_compiler._median_ms
     timed: list[list[float]] = []
@@ -763,13 +795,43 @@ def test_a_tuned_build_is_kept_only_when_it_beats_the_untuned_one(monkeypatch, c
         timed.append(real_median(executables, inputs, rounds=1))  # both builds run on these inputs
         return list(times)
 
+    tuned_mods = []
+    real_keep_faster = tvm_compiler.TvmCompiler._keep_faster
+
+    def keep_faster(self, untuned, tuned_mod, inputs):
+        tuned_mods.append(tuned_mod)
+        return real_keep_faster(self, untuned, tuned_mod, inputs)
+
     monkeypatch.setattr(tvm_compiler, "_median_ms", fixed)
-    monkeypatch.setattr(ms, "tune_tasks", lambda **kwargs: None)
-    lowered = _lower_and_compare(_conv_bn_model(), [(1, 3, 16, 16)], {"tune": "4"})
+    monkeypatch.setattr(tvm_compiler, "_function_ms", fixed_function_ms)
+    monkeypatch.setattr(tvm_compiler.TvmCompiler, "_keep_faster", keep_faster)
+    monkeypatch.setattr(ms, "tune_tasks", naive_records)
+    model = _conv_bn_model()
+    lowered = _lower_and_compare(model, [(1, 3, 16, 16)], {"tune": "4"})
     tuning = lowered.metadata["tuning"]
     assert tuning["kept"].split()[0] == kept
     assert (tuning["untuned_ms"], tuning["tuned_ms"]) == times
     assert len(timed) == 1 and all(ms_ > 0 for ms_ in timed[0])
+
+    decisions = tuning["functions"]
+    assert len(timed_functions) >= 2 and decisions["untimed"] == 0
+    assert (decisions["records_kept"], decisions["records_dropped"]) == (1, len(timed_functions) - 1)
+    medians = decisions["medians_ms"]
+    (winner,) = [name for name, m in medians.items() if m["kept"] == "tuned"]
+    assert medians[winner] == {"tuned": 1.0, "default": 3.0, "kept": "tuned"}
+    losers = [name for name in medians if name != winner]
+    assert losers and all(medians[name] == {"tuned": 3.0, "default": 1.0, "kept": "default"} for name in losers)
+
+    # the winner runs its record (the naive loop nest), the losers the untuned build's default schedule
+    compiler = TvmCompiler({})
+    mod, _, _ = import_partition(_core_aten(model, torch.randn(1, 3, 16, 16)))
+    with compiler.target:
+        untuned = default_schedule()(tvm_compiler._legalize(compiler.target)(mod))
+        (tuned,) = [default_schedule()(m) for m in tuned_mods]
+    for name in losers:
+        tvm.ir.assert_structural_equal(tuned[name], untuned[name])
+    assert tuned[winner].attrs["tirx.is_scheduled"] and "T.vectorized" not in tuned[winner].script()
+    assert "T.vectorized" in untuned[winner].script()
     printed = capfd.readouterr()
     assert "Scope Saving" not in printed.out + printed.err, printed
 

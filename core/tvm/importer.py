@@ -161,12 +161,13 @@ def _per_channel(importer: Any, expr: Any, axis: int, ndim: int) -> Any:
 
 def _arguments(node: torch.fx.Node) -> dict[str, Any]:
     """A quantize/dequantize node's arguments by schema name (``per_tensor`` names its parameters
-    ``scale``/``zero_point``, ``per_channel`` ``scales``/``zero_points`` with an ``axis``)."""
+    ``scale``/``zero_point``, ``per_channel`` ``scales``/``zero_points`` with an ``axis``), bound
+    once: ``dtype`` is the integer dtype :func:`handoff.quantized_dtype` reads the same way."""
     bound = normalize_function(node.target, tuple(node.args), dict(node.kwargs), normalize_to_only_use_kwargs=True)
     args = bound.kwargs
     return {"input": args["input"], "scale": args.get("scale", args.get("scales")),
             "zero_point": args.get("zero_point", args.get("zero_points")), "axis": args.get("axis"),
-            "quant_min": args["quant_min"], "quant_max": args["quant_max"]}
+            "quant_min": args["quant_min"], "quant_max": args["quant_max"], "dtype": args.get("dtype")}
 
 
 def _quantize(node: torch.fx.Node, importer: Any) -> Any:
@@ -180,7 +181,7 @@ def _quantize(node: torch.fx.Node, importer: Any) -> Any:
     inv = bb.emit(relax.op.divide(relax.const(1.0, "float32"), scale))
     q = bb.emit(relax.op.add(relax.op.round(relax.op.multiply(x, inv)), zero))
     clipped = relax.op.clip(q, float(a["quant_min"]), float(a["quant_max"]))
-    return bb.emit(relax.op.astype(clipped, _INT_DTYPES[quantized_dtype(node)]))
+    return bb.emit(relax.op.astype(clipped, _INT_DTYPES[a["dtype"]]))
 
 
 def _dequantize(node: torch.fx.Node, importer: Any) -> Any:
