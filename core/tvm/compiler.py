@@ -119,15 +119,10 @@ class TvmCompiler(Compiler):
                 raise LoweringError(f"{node_name}: {reason}", node=node_name)
         mod, inputs, outputs = import_partition(ep)
 
-        with quiet_native():  # TOPI warns on every take in fast mode (embedding, select), in bounds or not
-            executable = relax.build(mod, target=self.target, relax_pipeline=_pipeline(self.target, self.schedule))
-        if self.tune:
-            executable = self._keep_faster(executable, self._tune(mod), inputs)
+        executable = self._keep_faster(mod, self._tune(mod), inputs) if self.tune else self._build(mod)
         # The linker's objects (lib0.o, devc.o) go into the same directory, not a tempdir of TVM's
-        # own, so a killed partition leaves nothing that the next one does not remove. Quiet: the
-        # runtime logs "Scope Saving:" for every constant of an executable that a VM has run
-        # (_keep_faster times both builds), 106 lines on the terminal for a tuned MobileNetV2.
-        with temp_dir("tvm") as tmp, quiet_native():
+        # own, so a killed partition leaves nothing that the next one does not remove.
+        with temp_dir("tvm") as tmp:
             path = tmp / "delegate.so"
             executable.export_library(str(path), workspace_dir=str(tmp), **({"cc": self.cc} if self.cc else {}))
             blob = path.read_bytes()
@@ -281,24 +276,32 @@ class TvmCompiler(Compiler):
                            for name, (t, d) in sorted(medians.items())}}
         return faster
 
-    def _keep_faster(self, untuned: Any, tuned_mod: Any, inputs: list[dict[str, Any]]) -> Any:
-        """The tuned build when it runs faster than ``untuned`` (the default schedules) on this
-        machine, else ``untuned``: a few rounds of tuning can pick records whose whole-model time is
-        worse than the default schedule's, and a tuned program must never be the slower one. Both
-        are timed here, interleaved, on random inputs; the decision and both medians go to
-        ``self.tuning`` (and the delegate's metadata, ``handoff inspect``). With a remote target
-        (``rpc``) or symbolic input shapes this machine cannot time them: the tuned build is kept."""
-        with quiet_native():
-            tuned = relax.build(tuned_mod, target=self.target,
-                                relax_pipeline=_pipeline(self.target, self.schedule, legalized=True))
+    def _build(self, mod: Any, legalized: bool = False) -> Any:
+        """``mod`` built for this target: the default schedules, or a tuned module (``legalized``)."""
+        with quiet_native():  # TOPI warns on every take in fast mode (embedding, select), in bounds or not
+            return relax.build(mod, target=self.target,
+                               relax_pipeline=_pipeline(self.target, self.schedule, legalized=legalized))
+
+    def _keep_faster(self, mod: Any, tuned_mod: Any, inputs: list[dict[str, Any]]) -> Any:
+        """The build of ``tuned_mod`` when it runs faster than that of ``mod`` (the default
+        schedules) on this machine, else the untuned build: a few rounds of tuning can pick records
+        whose whole-model time is worse than the default schedule's, and a tuned program must never
+        be the slower one. Both are timed here, interleaved, on random inputs; the decision and both
+        medians go to ``self.tuning`` (and the delegate's metadata, ``handoff inspect``). With a
+        remote target (``rpc``) or symbolic input shapes this machine cannot time them: the tuned
+        build is kept."""
         if self.rpc or self.cc or any(not all(isinstance(d, int) for d in (i["shape"] or ["?"])) for i in inputs):
             self.tuning["kept"] = "tuned (not timed on this machine)"
-            return tuned
-        untuned_ms, tuned_ms = _median_ms([untuned, tuned], inputs)
+            return self._build(tuned_mod, legalized=True)
+        untuned_ms, tuned_ms = _median_ms([self._build(mod), self._build(tuned_mod, legalized=True)], inputs)
         faster = tuned_ms < untuned_ms
         self.tuning.update({"kept": "tuned" if faster else "untuned (default schedules were faster)",
                             "tuned_ms": round(tuned_ms, 3), "untuned_ms": round(untuned_ms, 3)})
-        return tuned if faster else untuned
+        # Built again rather than the timed one exported: a VM that has run an executable leaves an
+        # empty memory scope per constant in it (TVM 0.27's vm.cc indexes exec->memory_scopes with
+        # [], which inserts), and the exported program then logs "Scope Loaded:" for each on every
+        # load (106 lines for a tuned MobileNetV2), and "Scope Saving:" on export.
+        return self._build(tuned_mod, legalized=True) if faster else self._build(mod)
 
     def _rpc_runner(self) -> Any:
         """MetaSchedule's RPC runner on the pool of ``self.rpc``: one worker per device of the key,
