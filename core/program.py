@@ -816,6 +816,14 @@ class _Opened(NamedTuple):
     data: bytes | None  # the whole file, when it was read (not mapped) and is among those kept (_KEEP_BYTES)
 
 
+def _keep_newest(memo: dict, key: Any, value: Any, cap: int) -> None:
+    """``memo[key] = value``, first dropping the oldest entry when a new key would pass ``cap``
+    (a process-wide memo: another thread may have dropped that entry already)."""
+    if key not in memo and len(memo) >= cap:
+        memo.pop(next(iter(memo), None), None)
+    memo[key] = value
+
+
 #: Recorded files opened in this process, by (record directory, record key): a later open of the
 #: unchanged file (same ``stat``, same header) neither hashes nor reads anything but the header.
 _OPENED: dict[tuple[str, str], _Opened] = {}
@@ -1048,9 +1056,8 @@ class ProgramFile:
         key, opened = self._opened
         if opened.notes == self.notes and opened.written == self._notes_written and _OPENED.get(key) is opened:
             return
-        if len(_OPENED) >= _MAX_OPENED and key not in _OPENED:
-            del _OPENED[next(iter(_OPENED))]  # the oldest
-        opened = _OPENED[key] = opened._replace(notes=dict(self.notes), written=dict(self._notes_written))
+        opened = opened._replace(notes=dict(self.notes), written=dict(self._notes_written))
+        _keep_newest(_OPENED, key, opened, _MAX_OPENED)
         self._opened = (key, opened)
         kept = 0
         for k, entry in list(reversed(_OPENED.items())):  # beyond _KEEP_BYTES, the oldest files' bytes go

@@ -48,7 +48,7 @@ from .errors import FallbackWarning, HandoffError, one_line
 from .limits import RUN_BYTES_NOTE, check_run_bytes
 from .native import admit
 from .plugins import Plugins, get_plugins
-from .program import ProgramFile, constant_array, io_specs, value_nbytes
+from .program import ProgramFile, _keep_newest, constant_array, io_specs, value_nbytes
 from .quiet import quiet_native
 
 TORCH_HINT = "pip install torch==2.13.0"
@@ -160,9 +160,7 @@ class Program:
             self._plan()
             # every segment checked: later loads of the unchanged file skip the checks
             if file.remember_verified() and key is not None and _LOAD_PLANS.get(key) is not plan:
-                if len(_LOAD_PLANS) >= _MAX_LOAD_PLANS:
-                    _LOAD_PLANS.pop(next(iter(_LOAD_PLANS)), None)  # the oldest (another thread may have dropped it)
-                _LOAD_PLANS[key] = plan
+                _keep_newest(_LOAD_PLANS, key, plan, _MAX_LOAD_PLANS)
         except BaseException:
             self.close()
             raise
@@ -421,9 +419,7 @@ class Program:
         plan = _PLANS.get(key)
         if plan is None:
             plan = self._make_plan(list(reentrant))
-            if len(_PLANS) >= _MAX_PLANS:
-                del _PLANS[next(iter(_PLANS))]  # the oldest
-            _PLANS[key] = plan
+            _keep_newest(_PLANS, key, plan, _MAX_PLANS)
         self._bind(plan)
 
     def _make_plan(self, reentrant: list[bool]) -> _Plan:
