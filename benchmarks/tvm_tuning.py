@@ -162,7 +162,8 @@ def _guard(manifest: dict) -> str:
         out.append(f"{kept}; {tuning.get('tasks', 0)} tasks, {tuning.get('rounds')} rounds"
                    + (", budget spent" if tuning.get("stopped_by_budget") else "")
                    + (f"; records kept {functions['records_kept']}, dropped {functions['records_dropped']}"
-                      f" (default schedule faster), untimed {functions['untimed']}" if functions else ""))
+                      f" (default schedule faster), untimed {functions['untimed']}"
+                      f", medians from an earlier run {functions.get('timed_before', 0)}" if functions else ""))
     return "; ".join(out)
 
 

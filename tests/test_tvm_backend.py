@@ -835,6 +835,53 @@ def test_a_tuned_build_is_kept_only_when_it_beats_the_untuned_one(monkeypatch, c
     assert "T.vectorized" in untuned[winner].script()
     printed = capfd.readouterr()
     assert "Scope" not in printed.out + printed.err, printed  # _lower_and_compare loads it without quiet_native
+    assert decisions["timed_before"] == 0
+
+    # a second run finds every record in the database and every function's medians from the first
+    # run: nothing is built or timed again, and the decisions are the same
+    timed_functions.clear()
+    again = _lower_and_compare(model, [(1, 3, 16, 16)], {"tune": "4"}, name="p1").metadata["tuning"]["functions"]
+    assert timed_functions == []
+    assert again["timed_before"] == len(medians) and again["medians_ms"] == medians
+
+
+def test_function_timings_are_remembered_by_content_and_damage_is_a_miss(tmp_path):
+    """The per-function guard's memo (``timings.json`` next to the tuning database): keyed by both
+    modules' content and the target; unusable entries or a damaged file are misses; saving adds
+    to what another run saved meanwhile."""
+    import tvm
+    from tvm import te
+
+    from handoff.tvm.compiler import _Timings
+
+    def module(scale: float) -> tvm.IRModule:
+        a = te.placeholder((4,), name="a")
+        return tvm.IRModule({"main": te.create_prim_func([a, te.compute((4,), lambda i: a[i] * scale, name="b")])})
+
+    target = tvm.target.Target("llvm")
+    path = tmp_path / _Timings.NAME
+    key = _Timings.key(module(2.0), module(3.0), target)
+    assert len({key, _Timings.key(module(2.0), module(3.0), target),  # the same content: the same key
+                _Timings.key(module(2.5), module(3.0), target), _Timings.key(module(2.0), module(3.5), target),
+                _Timings.key(module(2.0), module(3.0), tvm.target.Target({"kind": "llvm", "mcpu": "skylake"}))}) == 4
+
+    first = _Timings(path)
+    assert first.get(key) is None
+    first.put(key, [1.5, 2.5])
+    first.put("symbolic", None)  # not timed: nothing to remember
+    meanwhile = _Timings(path)
+    meanwhile.put("other", [1.0, 1.0])
+    meanwhile.save()
+    first.save()
+    again = _Timings(path)
+    assert again.get(key) == [1.5, 2.5] and again.get("other") == [1.0, 1.0] and again.hits == 2
+    assert again.get("symbolic") is None
+
+    for damaged in [b"{not json", b"[1, 2]", json.dumps({key: [1.5, "fast"]}).encode(),
+                    json.dumps({key: [float("nan"), 1.0]}).encode(), json.dumps({key: [0.0, 1.0]}).encode(),
+                    json.dumps({key: [1.0]}).encode()]:
+        path.write_bytes(damaged)
+        assert _Timings(path).get(key) is None, damaged
 
 
 class _Gather(nn.Module):

@@ -238,7 +238,9 @@ class TvmCompiler(Compiler):
         on random buffers; the decisions and medians go to ``self.tuning["functions"]``. A remote
         or cross target (``rpc``) cannot be timed here: every record is kept. Functions timed alone
         run with their weights in cache, so the choices need not add up to the program's time;
-        :meth:`_keep_faster` still compares the whole programs."""
+        :meth:`_keep_faster` still compares the whole programs. Both medians of a function timed
+        by an earlier run (the same record, default schedule and target) are reused
+        (:class:`_Timings`; ``timed_before`` counts them)."""
         from tvm.s_tir import meta_schedule as ms
         from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
@@ -246,22 +248,28 @@ class TvmCompiler(Compiler):
                    if (r := database.query_tuning_record(t.dispatched[0], self.target, "main")) is not None}
         untimed = sorted(records) if self.rpc or self.cc else []
         medians = {}
+        timings = _Timings(self.tuning_dir / _Timings.NAME)
         for task in tasks:
             if task.task_name not in records or task.task_name in untimed:
                 continue
             workload = task.dispatched[0]
-            tuned = database.query_schedule(workload, self.target, "main").mod
+            tuned = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(
+                database.query_schedule(workload, self.target, "main").mod)
             # a copy: dlight's pass writes into the module it is given, here the task's workload,
             # which is the very object of a record committed by this run's tuning
             default = (workload if self.schedule == "none"
                        else default_schedule(self.schedule)(tvm.IRModule(dict(workload.functions_items()))))
-            with quiet_native():
-                timed = _function_ms([RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(tuned), default],
-                                     self.target)
+            key = timings.key(tuned, default, self.target)
+            timed = timings.get(key)
+            if timed is None:
+                with quiet_native():
+                    timed = _function_ms([tuned, default], self.target)
+                timings.put(key, timed)
             if timed is None:  # symbolic shapes: no buffers to time it on
                 untimed.append(task.task_name)
             else:
                 medians[task.task_name] = timed
+        timings.save()
         keep = _faster_functions(medians) + untimed
         faster = ms.database.MemoryDatabase()
         for name in keep:
@@ -271,6 +279,7 @@ class TvmCompiler(Compiler):
                 record.args_info))
         self.tuning["functions"] = {
             "records_kept": len(keep), "records_dropped": len(records) - len(keep), "untimed": len(untimed),
+            "timed_before": timings.hits,
             "medians_ms": {name: {"tuned": round(t, 6), "default": round(d, 6),
                                   "kept": "tuned" if name in keep else "default"}
                            for name, (t, d) in sorted(medians.items())}}
@@ -426,6 +435,63 @@ def _function_ms(mods: list[Any], target: Any, rounds: int = 7) -> list[float] |
         lib["main"](*args)  # warm-up
         timers.append(lib.time_evaluator("main", tvm.cpu(), number=1, repeat=1, min_repeat_ms=10))
     return _interleaved_ms(timers, args, rounds)
+
+
+class _Timings:
+    """The per-function guard's medians, remembered next to the tuning database they judge
+    (``timings.json``), so that a later run whose tasks all have records does not build and time
+    each function twice again (two builds and ~0.2 s of timing per function). Keyed by the exact
+    content of both modules (TVM's JSON form, SHA-256) and the target: a new record, another
+    default schedule (a handoff or TVM update) or another target is timed afresh. The file only
+    chooses between two schedules of the same function, both correct, so a damaged or edited one
+    costs speed at worst, never a wrong result: unreadable, it is timed again and rewritten."""
+
+    NAME = "timings.json"
+    LIMIT = 16384  # entries kept (~2 MB); past it only the newest run's stay (timings are cheap to redo)
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries = self._read()
+        self.new: dict[str, list[float]] = {}
+        self.hits = 0
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            entries = json.loads(self.path.read_bytes())
+        except (OSError, ValueError):
+            return {}
+        return entries if isinstance(entries, dict) else {}
+
+    @staticmethod
+    def key(tuned: Any, default: Any, target: Any) -> str:
+        parts = [tvm.ir.save_json(tuned), tvm.ir.save_json(default), str(target)]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+    def get(self, key: str) -> list[float] | None:
+        """Both medians (ms) timed for ``key`` before, or ``None`` (never timed, or unusable)."""
+        found = self.entries.get(key)
+        if (isinstance(found, list) and len(found) == 2
+                and all(isinstance(t, float) and math.isfinite(t) and t > 0 for t in found)):
+            self.hits += 1
+            return found
+        return None
+
+    def put(self, key: str, medians: list[float] | None) -> None:
+        if medians is not None:
+            self.new[key] = [float(t) for t in medians]
+
+    def save(self) -> None:
+        """Add this run's medians to the file (read again first, so two runs saving at once lose
+        at most each other's newest entries), written atomically: a reader sees the old or the
+        new file."""
+        if not self.new:
+            return
+        entries = {**self._read(), **self.new}
+        if len(entries) > self.LIMIT:
+            entries = dict(self.new)
+        with temp_dir("tvm-timings", self.path.parent) as tmp:
+            (tmp / self.NAME).write_text(json.dumps(entries))
+            (tmp / self.NAME).replace(self.path)
 
 
 def _flops(task: Any) -> float:
