@@ -60,6 +60,8 @@ _LAZY = {
     "Report": ("report", "Report"),
     "extract_partition": ("lower", "extract_partition"),
     "first_failing": ("lower", "first_failing"),
+    "partition_source": ("lower", "partition_source"),
+    "PartitionSource": ("lower", "PartitionSource"),
     "cache_dir": ("cache", "cache_dir"),
 }
 
@@ -74,8 +76,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["__version__", "HOST_MEMORY", "PLUGIN_API_VERSION", "BackendSpec", "Compiler", "FallbackWarning",
-           "HandoffError", "Limits", "Lowered", "LoweringError", "Option", "PartitionResult", "Plugins",
-           "Program", "ProgramFormatError", "Quantized", "Report", "ResolvedModel", "Runtime", "ZooModel",
+           "HandoffError", "Limits", "Lowered", "LoweringError", "Option", "PartitionResult", "PartitionSource",
+           "Plugins", "Program", "ProgramFormatError", "Quantized", "Report", "ResolvedModel", "Runtime", "ZooModel",
            "cache_dir", "extract_partition", "first_failing", "get_plugins", "hookimpl", "hookspec",
-           "is_quantized", "load", "native_library", "one_line", "partition", "quantize", "quantized_dtype",
-           "quiet_loggers", "quiet_native", "temp_dir"]
+           "is_quantized", "load", "native_library", "one_line", "partition", "partition_source", "quantize",
+           "quantized_dtype", "quiet_loggers", "quiet_native", "temp_dir"]
