@@ -107,6 +107,11 @@ def test_edge_conversion_of_support_is_lowered_when_the_partition_is_the_whole_m
     monkeypatch.setattr(compiler, "_edge_manager", lambda *a: converted.append(a) or real(*a))
     whole = handoff.partition("zoo:small_cnn", backends=["xnnpack"], use_cache=False)
     assert whole.report.stats["xnnpack"].partitions == 1 and len(converted) == 1
+    # the same bytes as a compiler that converts the partition afresh
+    names = [n.name for n in whole.exported.graph.nodes if n.op == "call_function"]
+    fresh = plugins.compiler("xnnpack", {}).preprocess(handoff.extract_partition(whole.exported, names)[0], "p0")
+    (delegate,) = whole.assembled.manifest["delegates"]
+    assert len(converted) == 2 and bytes(whole.assembled.segments[delegate["segment"]]) == fresh.blob
     zoo = plugins.zoo()["small_cnn"]
     with handoff.load(whole.to_bytes()) as program:
         check_against_eager(program, zoo.build(), zoo.inputs)
