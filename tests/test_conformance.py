@@ -170,50 +170,34 @@ def test_usage_errors_name_the_fix(tmp_path):
     assert proc.returncode == 4 and "entries that match no item of the suite" in proc.stderr
 
 
-HEAVY_PLUGIN = '''
-"""The kitchen sink's backend under another id, from a plugin module that imports torch."""
-import torch  # noqa: F401  -- the imports check must catch this
-
-import kitchen_sink
-from handoff import PLUGIN_API_VERSION, BackendSpec, hookimpl
-
-
-@hookimpl
-def handoff_backends():
-    return [BackendSpec(id="heavy", version="0.1", compiler="kitchen_sink:SinkCompiler",
-                        runtime="kitchen_sink:SinkRuntime", description="imports torch on purpose",
-                        options=kitchen_sink.OPTIONS, runtime_options=kitchen_sink.RUNTIME_OPTIONS,
-                        api_version=PLUGIN_API_VERSION)]
-'''
-
-
 @pytest.mark.slow
 def test_compiler_half_is_imported_in_a_child_only_when_a_plugin_module_pulls_modules_in(tmp_path, monkeypatch):
     """The imports check learns what the compiler half imports (a fresh process importing torch and
     the vendor SDK) only when the plugin or runtime module imports something beyond handoff: the
-    kitchen sink's pass on the probe child alone; a plugin module importing torch still fails,
-    naming it. Each child leaves its request file in the work folder."""
+    kitchen sink's pass on the probe child alone; the broken plugin module, which imports torch,
+    still fails, naming it. Each child leaves its request file in the work folder."""
     import kitchen_sink
 
     from handoff import plugins
     from handoff.conformance.contract import Contract, ContractFailure
     from handoff.conformance.runner import Target
 
-    (tmp_path / "heavy_plugin.py").write_text(HEAVY_PLUGIN)
+    (tmp_path / "broken_plugin.py").write_text(BROKEN_PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
-    import heavy_plugin
+    import broken_plugin
 
     pm = plugins.Plugins(autoload=False)
     pm.register(kitchen_sink, name="kitchen_sink")
-    pm.register(heavy_plugin, name="heavy_plugin")
+    pm.register(broken_plugin, name="broken_plugin")
     plugins.set_plugins(pm)
     try:
-        sink = Contract(Target("sink", pm), "kitchen_sink", ["kitchen_sink", "heavy_plugin"], tmp_path)
+        sink = Contract(Target("sink", pm), "kitchen_sink", ["kitchen_sink", "broken_plugin"], tmp_path)
         sink.check("imports")
         assert (tmp_path / "sink-probe.json").exists() and not (tmp_path / "sink-compiler.json").exists()
-        heavy = Contract(Target("heavy", pm), "heavy_plugin", ["kitchen_sink", "heavy_plugin"], tmp_path)
-        with pytest.raises(ContractFailure, match=r"^importing heavy_plugin imports kitchen_sink, torch, "):
-            heavy.check("imports")
-        assert (tmp_path / "heavy-compiler.json").exists()
+        broken = Contract(Target("broken", pm), "broken_plugin", ["kitchen_sink", "broken_plugin"], tmp_path)
+        with pytest.raises(ContractFailure, match=r"^importing broken_plugin imports kitchen_sink, torch, "):
+            broken.check("imports")
+        assert (tmp_path / "broken-compiler.json").exists()
     finally:
         plugins.set_plugins(None)
+        sys.modules.pop("broken_plugin", None)  # this test's file: no later test imports it
