@@ -240,8 +240,8 @@ class Compiler:
         :meth:`support` (unless the capability cache answers) and then ``preprocess`` on the same
         instance, for programs cut from the same, unchanged ``ep``. :func:`handoff.partition_source`
         of ``ep`` names that program and says whether this cut is the whole of it
-        (:class:`handoff.PartitionSource`); keep such work on the instance, one at a time, never
-        process-wide (docs/plugins.md, "Carrying work from support to preprocess").
+        (:class:`handoff.PartitionSource`); keep such work on the instance, at most one per
+        partition, never process-wide (docs/plugins.md, "Carrying work from support to preprocess").
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement preprocess()")
 
