@@ -4,7 +4,8 @@
         [--compare-with DIR] [--rounds 2] [--warm-runs 5]
 
 Each sample is one child process (run one after another) with a fresh ``$HANDOFF_HOME``: it
-partitions the model and reports each call's wall time and the report's phase ``timings``
+partitions the model and reports each call's wall time (``total``), the CPU time of the process
+during it (``cpu``: user + system, all threads) and the report's phase ``timings``
 (``capability`` includes every ``check_partition``):
 
 * ``cold``: nothing cached (capability answers, blobs);
@@ -36,7 +37,7 @@ from handoff.bench import interleaved
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ("cold", "warm", "no-cache")
-PHASES = ("total", "export", "capability", "plan", "lower")
+PHASES = ("total", "cpu", "export", "capability", "plan", "lower")
 
 _CHILD = """
 import json, statistics, sys, time, handoff
@@ -45,9 +46,9 @@ out = {}
 for case, use_cache, runs in (("cold", True, 1), ("warm", True, warm_runs), ("no-cache", False, 1)):
     calls = []
     for _ in range(runs):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         result = handoff.partition(model, backends=backends, use_cache=use_cache)
-        calls.append({"total": time.perf_counter() - start, **result.report.timings})
+        calls.append({"total": time.perf_counter() - start, "cpu": time.process_time() - cpu, **result.report.timings})
     out[case] = {k: statistics.median(c[k] for c in calls) for k in calls[0]}
     out[case]["delegates"] = len(result.assembled.manifest["delegates"])
 print(json.dumps(out))

@@ -44,6 +44,7 @@ from .native import native_library  # noqa: E402
 from .quiet import quiet_loggers, quiet_native  # noqa: E402
 from .hookspecs import hookimpl, hookspec  # noqa: E402
 from .plugins import Plugins, get_plugins  # noqa: E402
+from .program import ManifestDict, ManifestList  # noqa: E402
 from .runtime import Program, load  # noqa: E402
 from .tempfiles import temp_dir  # noqa: E402
 from .zoo import ResolvedModel, ZooModel  # noqa: E402
@@ -60,6 +61,8 @@ _LAZY = {
     "Report": ("report", "Report"),
     "extract_partition": ("lower", "extract_partition"),
     "first_failing": ("lower", "first_failing"),
+    "partition_source": ("lower", "partition_source"),
+    "PartitionSource": ("lower", "PartitionSource"),
     "cache_dir": ("cache", "cache_dir"),
 }
 
@@ -74,8 +77,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["__version__", "HOST_MEMORY", "PLUGIN_API_VERSION", "BackendSpec", "Compiler", "FallbackWarning",
-           "HandoffError", "Limits", "Lowered", "LoweringError", "Option", "PartitionResult", "Plugins",
-           "Program", "ProgramFormatError", "Quantized", "Report", "ResolvedModel", "Runtime", "ZooModel",
+           "HandoffError", "Limits", "Lowered", "LoweringError", "ManifestDict", "ManifestList", "Option",
+           "PartitionResult", "PartitionSource", "Plugins", "Program", "ProgramFormatError", "Quantized", "Report", "ResolvedModel", "Runtime", "ZooModel",
            "cache_dir", "extract_partition", "first_failing", "get_plugins", "hookimpl", "hookspec",
-           "is_quantized", "load", "native_library", "one_line", "partition", "quantize", "quantized_dtype",
-           "quiet_loggers", "quiet_native", "temp_dir"]
+           "is_quantized", "load", "native_library", "one_line", "partition", "partition_source", "quantize",
+           "quantized_dtype", "quiet_loggers", "quiet_native", "temp_dir"]

@@ -208,7 +208,8 @@ class Compiler:
     """The ahead-of-time half of a backend: subclass it, implement :meth:`support` and
     :meth:`preprocess`, override the other methods where the backend needs them.
 
-    Instantiated once per ``partition`` run with the options the user passed for this backend,
+    Instantiated once per ``partition`` run (one instance serves its :meth:`support` and every
+    :meth:`preprocess`, see there) with the options the user passed for this backend,
     already parsed and checked against :attr:`BackendSpec.options`, defaults filled in
     (``--option xnnpack.threads=2`` -> ``{"threads": 2}``). Raise ``ValueError`` for combinations
     of values that are invalid together, saying which values are valid.
@@ -234,6 +235,13 @@ class Compiler:
 
         Raise :class:`LoweringError` (with ``node`` when known) or any exception on failure; the core
         adds the backend and partition to the message and may fall back to the next backend.
+
+        Work :meth:`support` did may be reused here: in a ``partition`` run the core calls
+        :meth:`support` (unless the capability cache answers) and then ``preprocess`` on the same
+        instance, for programs cut from the same, unchanged ``ep``. :func:`handoff.partition_source`
+        of ``ep`` names that program and says whether this cut is the whole of it
+        (:class:`handoff.PartitionSource`); keep such work on the instance, at most one per
+        partition, never process-wide (docs/plugins.md, "Carrying work from support to preprocess").
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement preprocess()")
 

@@ -11,6 +11,11 @@ and implements some of the hooks below with :data:`handoff.hookimpl`. The module
 entry point is imported by ``handoff.runtime`` too, so it must not import torch or a vendor
 compiler at module level: put those behind the import paths of :class:`handoff.BackendSpec`.
 
+The ahead-of-time work of a backend is not a hook but its :class:`handoff.Compiler` (``support``,
+``check_partition``, ``preprocess``...): one instance serves a whole ``partition`` run, so work
+``support`` did may be carried to ``preprocess`` on it, guided by :func:`handoff.partition_source`
+(docs/plugins.md, "Carrying work from support to preprocess").
+
 A function marked ``@hookimpl`` whose name is not one of these hooks (``handoff_backend`` for
 ``handoff_backends``) is an error: the plugin is listed as broken, naming the hook, instead of
 its backend silently not appearing.

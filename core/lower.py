@@ -15,6 +15,7 @@ import json
 import math
 import operator
 import time
+import weakref
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from . import __version__
@@ -163,7 +164,57 @@ def extract_partition(ep: Any, names: Sequence[str],
     if decomp_table and any(n.target in decomp_table for n in graph.nodes if n.op == "call_function"):
         with torch.no_grad(), quiet_torch():
             sub = sub.run_decompositions(dict(decomp_table))
+    else:  # a re-traced program is no longer the parent's nodes: it has no source to reuse work from
+        _SOURCES[sub] = PartitionSource(ep, tuple(n.name for n in nodes), _is_whole(ep, nodes, external, outputs))
     return sub, external, outputs
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionSource:
+    """What a program made by :func:`extract_partition` was cut from: see :func:`partition_source`.
+
+    :param program: the ``ExportedProgram`` it was cut from. In a ``partition`` run this is the
+        very object the backend's :meth:`~handoff.Compiler.support` received, unchanged since.
+    :param nodes: the names of the nodes of ``program`` it holds, in graph order.
+    :param whole: it computes what ``program`` computes: it holds every ``call_function`` node,
+        its user inputs and outputs are ``program``'s in the same order, and ``program`` mutates
+        no buffer or input. Only names differ (weights are ``p_w0_...``, inputs ``input_0``...),
+        and weights no node reads are left out. A backend's verdicts on ``program``'s nodes then
+        hold for it, and a conversion of another cut of the same nodes (``extract_partition(program,
+        nodes)`` again) is of the same program: cuts are deterministic.
+    """
+
+    program: Any
+    nodes: tuple[str, ...]
+    whole: bool
+
+
+#: extracted program -> its source; weak, so the record goes with the program
+_SOURCES: "weakref.WeakKeyDictionary[Any, PartitionSource]" = weakref.WeakKeyDictionary()
+
+
+def partition_source(ep: Any) -> PartitionSource | None:
+    """The source of ``ep`` when :func:`extract_partition` made it (and decomposed nothing
+    further), else ``None``. Public API: what :meth:`handoff.Compiler.preprocess` may reuse from
+    its :meth:`~handoff.Compiler.support` on the whole program, the way ExecuTorch's ``to_backend``
+    lowers the partitions of the very program its partitioner tagged (docs/plugins.md)."""
+    return _SOURCES.get(ep)
+
+
+def _is_whole(ep: Any, nodes: Sequence[Any], external: Sequence[Any], outputs: Sequence[Any]) -> bool:
+    """Whether the cut of ``nodes`` is ``ep`` itself (:attr:`PartitionSource.whole`)."""
+    from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
+
+    sig = ep.graph_signature
+    if sig.buffers_to_mutate or sig.user_inputs_to_mutate:
+        return False
+    if any(s.kind is not OutputKind.USER_OUTPUT or not isinstance(s.arg, TensorArgument) for s in sig.output_specs):
+        return False
+    user_inputs = [s.arg.name if isinstance(s.arg, TensorArgument) else None
+                   for s in sig.input_specs if s.kind is InputKind.USER_INPUT]
+    computing = {n.name for n in ep.graph.nodes if n.op == "call_function"}
+    return ({n.name for n in nodes} == computing and user_inputs == [n.name for n in external]
+            and [s.arg.name for s in sig.output_specs] == [n.name for n in outputs])
 
 
 def _propagate_contiguous(graph: Any, placeholders: Sequence[tuple[Any, Any]]) -> None:

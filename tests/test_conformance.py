@@ -168,3 +168,36 @@ def test_usage_errors_name_the_fix(tmp_path):
     assert "HANDOFF_DISABLE_PLUGIN_AUTOLOAD is set" in proc.stderr
     proc = _pytest(tmp_path, "--handoff-backend", "sink", "--handoff-xfail", "xfail.yaml")
     assert proc.returncode == 4 and "entries that match no item of the suite" in proc.stderr
+
+
+@pytest.mark.slow
+def test_compiler_half_is_imported_in_a_child_only_when_a_plugin_module_pulls_modules_in(tmp_path, monkeypatch):
+    """The imports check learns what the compiler half imports (a fresh process importing torch and
+    the vendor SDK) only when the plugin or runtime module imports something beyond handoff: the
+    kitchen sink's pass on the probe child alone; the broken plugin module, which imports torch,
+    still fails, naming it. Each child leaves its request file in the work folder."""
+    import kitchen_sink
+
+    from handoff import plugins
+    from handoff.conformance.contract import Contract, ContractFailure
+    from handoff.conformance.runner import Target
+
+    (tmp_path / "broken_plugin.py").write_text(BROKEN_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import broken_plugin
+
+    pm = plugins.Plugins(autoload=False)
+    pm.register(kitchen_sink, name="kitchen_sink")
+    pm.register(broken_plugin, name="broken_plugin")
+    plugins.set_plugins(pm)
+    try:
+        sink = Contract(Target("sink", pm), "kitchen_sink", ["kitchen_sink", "broken_plugin"], tmp_path)
+        sink.check("imports")
+        assert (tmp_path / "sink-probe.json").exists() and not (tmp_path / "sink-compiler.json").exists()
+        broken = Contract(Target("broken", pm), "broken_plugin", ["kitchen_sink", "broken_plugin"], tmp_path)
+        with pytest.raises(ContractFailure, match=r"^importing broken_plugin imports kitchen_sink, torch, "):
+            broken.check("imports")
+        assert (tmp_path / "broken-compiler.json").exists()
+    finally:
+        plugins.set_plugins(None)
+        sys.modules.pop("broken_plugin", None)  # this test's file: no later test imports it

@@ -295,6 +295,71 @@ def test_check_partition_shrinks_a_partition_with_reasons(sink_plugins):
 
 
 
+# -- work carried from support to preprocess ---------------------------------------------------------
+
+def test_preprocess_reuses_what_support_did_only_for_the_whole_program(sink_plugins):
+    """The kitchen sink translates the program in ``support`` when it takes every node, and
+    ``preprocess`` returns that translation for a partition that is the whole program
+    (``handoff.partition_source``); a partition of part of the program is translated afresh."""
+    import kitchen_sink
+
+    model, x = kitchen_sink.sink_net(), torch.randn(2, 8)
+    everything = {"ops": "aten.add.Tensor,aten.mul.Tensor,aten.relu.default,aten.sin.default"}
+    kitchen_sink.reused.clear()
+    whole = handoff.partition(model, (x,), backends=["sink"], fallback=False, use_cache=False,
+                              options={"sink": everything})
+    assert len(kitchen_sink.reused) == 1 == whole.report.stats["sink"].partitions
+    kitchen_sink.reused.clear()
+    split = handoff.partition(model, (x,), backends=["sink"], use_cache=False, default_limits=handoff.Limits(1))
+    assert kitchen_sink.reused == [] and split.report.stats["sink"].partitions == 2  # sin runs on the host
+    for result in (whole, split):
+        with handoff.load(result.to_bytes()) as program:
+            np.testing.assert_allclose(program.run([x])[0], model(x).detach().numpy(), rtol=1e-6, atol=1e-6)
+
+
+class _TwoInputs(torch.nn.Module):
+    """``x * w`` and ``relu(y + 1)``; ``case`` changes what makes a cut of every node differ from
+    the program itself."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.case = case
+        self.w = torch.nn.Parameter(torch.randn(4))
+        if case == "unused-weight":
+            self.spare = torch.nn.Parameter(torch.randn(4))
+        if case == "mutates-a-buffer":
+            self.register_buffer("count", torch.zeros(4))
+
+    def forward(self, x, y):
+        if self.case == "inputs-reordered":  # y is read first: the cut takes its inputs in that order
+            return torch.relu(y + 1) * self.w, x + 1
+        a, b = x * self.w, torch.relu(y + 1)
+        if self.case == "mutates-a-buffer":
+            self.count.add_(1)
+        return (b, a) if self.case == "outputs-reordered" else (a, b)
+
+
+@pytest.mark.parametrize("case, whole", [("same", True), ("unused-weight", True), ("inputs-reordered", False),
+                                         ("outputs-reordered", False), ("mutates-a-buffer", False)])
+def test_partition_source_says_when_a_cut_is_the_whole_program(case, whole):
+    from handoff.lower import extract_partition
+
+    ep = torch.export.export(_TwoInputs(case).eval(), (torch.randn(4), torch.randn(4))).run_decompositions({})
+    names = [n.name for n in ep.graph.nodes if n.op == "call_function"]
+    assert handoff.partition_source(ep) is None
+    sub, _, _ = extract_partition(ep, names)
+    source = handoff.partition_source(sub)
+    assert source.program is ep and source.nodes == tuple(names) and source.whole is whole
+    assert [n.name for n in sub.graph.nodes if n.op == "call_function"] == names
+    again, _, _ = extract_partition(ep, names)  # a cut is deterministic: another cut is the same program
+    assert str(again.graph) == str(sub.graph) and again.graph_signature == sub.graph_signature
+    part, _, _ = extract_partition(ep, names[:1])
+    assert handoff.partition_source(part).whole is False
+    # decomposed further, the cut is no longer the program's nodes: nothing to reuse
+    decomposed, _, _ = extract_partition(ep, names, {torch.ops.aten.relu.default: lambda t: torch.clamp(t, min=0)})
+    assert handoff.partition_source(decomposed) is None
+
+
 def _combination_check(bad: set[frozenset[str]], calls: list[list[str]]):
     """A "compiler" that fails on any group holding all nodes of one of ``bad``, naming them."""
 

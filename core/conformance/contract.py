@@ -12,7 +12,10 @@
 * ``threads``: ``execute`` from 4 threads at once gives the single-threaded result.
 
 The last three need a delegate: the first probe case the backend delegates whole as one partition.
-Imports and runtime checks run in child processes (:mod:`handoff.conformance.probe`).
+Imports and runtime checks run in child processes (:mod:`handoff.conformance.probe`), fresh
+because each measures what an import pulls in and may crash: one child per backend and suite for
+the plugin and runtime modules and the runtime checks (again after a check that crashed it), and
+one that imports the compiler half, only when the first found modules that may be heavy.
 """
 
 from __future__ import annotations
@@ -91,9 +94,13 @@ class Contract:
         if self.plugin_module is None:
             return "the plugin is registered as an object, not an importable module"
         probe = self._run_probe()
-        compiler = self._compiler_imports()
         baseline = set(probe["modules"]["baseline"]) | _stdlib()
         own = {self.plugin_module.partition(".")[0], "handoff"}
+        if not set(probe["modules"]["runtime"]) - baseline - own:
+            # the plugin and runtime modules import nothing beyond handoff: no module they pull can
+            # be heavy, and the compiler's child process (torch, the vendor SDK) is not needed
+            return None
+        compiler = self._compiler_imports()
         heavy = ({"torch"} | set(compiler) | set(probe.get("runtime-modules", {}).get("modules", ()))) - baseline - own
         problems = []
         for what, key, fix in (

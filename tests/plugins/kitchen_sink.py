@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from handoff import (PLUGIN_API_VERSION, BackendSpec, Compiler, Lowered, LoweringError, Option, ResolvedModel,
-                     Runtime, ZooModel, first_failing, hookimpl)
+                     Runtime, ZooModel, first_failing, hookimpl, partition_source)
 
 #: ATen op -> numpy implementation (args after the tensors are scalars)
 NUMPY_OPS = {
@@ -60,6 +60,7 @@ MAGIC = b"SINK"
 WRONG_BY = 0.25  # what a ``wrong_op`` adds to that op's result
 
 calls: list[str] = []  # hooks called, for the tests
+reused: list[str] = []  # partitions preprocess lowered from what support translated, for the tests
 
 
 @hookimpl
@@ -134,6 +135,9 @@ class SinkCompiler(Compiler):
         self.max_nodes = options["max_nodes"]
         self.wrong_op = options["wrong_op"]
         self.checked: list[list[str]] = []  # partitions check_partition saw, for the tests
+        #: (the program support judged, its translation): what preprocess reuses when its
+        #: partition is that whole program (handoff.partition_source)
+        self.translated: tuple[Any, Lowered] | None = None
 
     def ops_to_not_decompose(self) -> list[Any]:
         return []
@@ -162,6 +166,11 @@ class SinkCompiler(Compiler):
             if node.op == "call_function":
                 op = str(node.target)
                 out[node.name] = None if op in self.ops else f"sink has no kernel for {op}"
+        if all(reason is None for reason in out.values()):  # the whole program may become one partition
+            try:
+                self.translated = (ep, self._translate(ep))
+            except (LoweringError, RuntimeError):  # fail_on, crash_on: preprocess translates again and fails
+                self.translated = None
         return out
 
     def fused_patterns(self, ep: Any) -> list[list[str]]:
@@ -171,6 +180,15 @@ class SinkCompiler(Compiler):
                 if str(n.target) == "aten.relu.default" and str(getattr(n.args[0], "target", "")) == "aten.mul.Tensor"]
 
     def preprocess(self, ep: Any, name: str) -> Lowered:
+        translated, self.translated = self.translated, None  # used once: bounded to one program
+        source = partition_source(ep)
+        if translated is not None and source is not None and source.whole and source.program is translated[0]:
+            reused.append(name)
+            return translated[1]
+        return self._translate(ep)
+
+    def _translate(self, ep: Any) -> Lowered:
+        """``ep`` as the sink's op list; :class:`LoweringError` at the first op it cannot run."""
         sig = ep.graph_signature
         weights = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
         env: dict[str, Any] = {}

@@ -30,7 +30,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from handoff import Compiler, Lowered, LoweringError, is_quantized, one_line, quantized_dtype, quiet_loggers
+from handoff import (Compiler, Lowered, LoweringError, extract_partition, is_quantized, one_line, partition_source,
+                     quantized_dtype, quiet_loggers)
 
 # Importing ExecuTorch pulls in torchao, which logs warnings about CUDA kernels a CPU wheel cannot
 # load and a torch.compile deprecation: noise in a CPU lowering flow.
@@ -42,14 +43,17 @@ with quiet_loggers("torchao", "torch.utils._pytree"):
         get_xnnpack_edge_compile_config,
         get_xnnpack_executorch_backend_config,
     )
-    from executorch.exir import schema as pte_schema, to_edge_transform_and_lower
+    from executorch.exir import EdgeProgramManager, schema as pte_schema
     from executorch.exir.backend.canonical_partitioners.config_partitioner import format_target_name
     from executorch.exir.backend.utils import WhyNoPartition
     from executorch.exir.pass_base import ExportedProgramPassBase, ExportedProgramPassResult
     from executorch.exir.passes.constant_prop_pass import constant_prop_pass
+    from executorch.exir.verification.verifier import EXIREdgeDialectVerifier
     from executorch.exir.program._program import (
+        _can_skip_using_EDGE_DO_NOT_DECOMP,
         _gen_edge_manager_for_partitioners,
         _remove_invalid_ops_for_not_decompose,
+        _sanity_check_graph_for_non_decomp_ops,
         lift_constant_tensor_pass,
     )
 
@@ -64,7 +68,21 @@ _LOG = logging.getLogger(__name__)
 
 
 class XnnpackCompiler(Compiler):
-    """Capability and lowering for the ``xnnpack`` backend (see the module docstring)."""
+    """Capability and lowering for the ``xnnpack`` backend (see the module docstring).
+
+    Work carried from :meth:`support` to :meth:`preprocess`: when the program :meth:`support` is
+    asked about could be one partition whole, it judges the cut :meth:`preprocess` would then get
+    (:func:`handoff.extract_partition` of every node: the same computation, weights no node reads
+    left out) and keeps that cut's Edge conversion until the next :meth:`preprocess`, which lowers
+    it instead of converting again when its partition is indeed that whole program
+    (:func:`handoff.partition_source`). One conversion per compiler, that is per ``partition`` run
+    and options, dropped at the next :meth:`preprocess` or :meth:`support`; nothing process-wide.
+    """
+
+    def __init__(self, options: Any) -> None:
+        super().__init__(options)
+        #: (the program :meth:`support` was asked about, the Edge conversion of its whole cut)
+        self._converted: tuple[torch.export.ExportedProgram, EdgeProgramManager] | None = None
 
     def cache_key(self) -> str:
         """The toolchain behind a blob besides options and plugin version: ExecuTorch, torch, the
@@ -104,13 +122,26 @@ class XnnpackCompiler(Compiler):
         folded into a constant) are taken when a neighbour is, and then join its partition."""
         names = [n.name for n in ep.graph.nodes if n.op == "call_function"]
         partitioner = XnnpackPartitioner()
+        self._converted = None
+        judged = _whole_cut(ep, names)
         try:
-            edge = _edge_program(rewrite(ep), partitioner)
+            manager = _edge_manager(rewrite(judged), partitioner)
         except Exception as exc:  # the Edge conversion refuses the program: nothing is claimable
             reason = f"ExecuTorch's Edge conversion failed: {one_line(exc)}"
             return {name: reason for name in names}
+        edge = manager.exported_program()
         with _quiet_partitioner():
             partitioner.partition(edge)
+        verdict = self._verdict(judged, edge, partitioner, names)
+        if judged is not ep:
+            for enode in edge.graph.nodes:  # as converted: preprocess's partitioner tags it afresh
+                enode.meta.pop("delegation_tag", None)
+            self._converted = (ep, manager)
+        return verdict
+
+    def _verdict(self, ep: torch.export.ExportedProgram, edge: torch.export.ExportedProgram,
+                 partitioner: XnnpackPartitioner, names: list[str]) -> dict[str, str | None]:
+        """:meth:`support`'s answer from ``edge``, ``ep`` converted and tagged by ``partitioner``."""
         origins = _origins(ep, edge)
         by_aten: dict[str, list[torch.fx.Node]] = {}
         for enode, anames in origins.items():
@@ -181,11 +212,21 @@ class XnnpackCompiler(Compiler):
 
     # -- lowering -----------------------------------------------------------------------------
     def preprocess(self, ep: torch.export.ExportedProgram, name: str) -> Lowered:
+        """``to_edge_transform_and_lower`` with :class:`_FoldConstants` and ``XnnpackPartitioner``,
+        then ``to_executorch``. When ``ep`` is the whole of the program :meth:`support` was asked
+        about (:attr:`handoff.PartitionSource.whole`, cut from that very object), the Edge
+        conversion :meth:`support` made of the same cut is lowered instead of converting ``ep``
+        again; it is used once and dropped either way."""
+        converted, self._converted = self._converted, None
+        source = partition_source(ep)
+        partitioner = XnnpackPartitioner()
         try:
             with _quiet_partitioner():
-                edge_manager = to_edge_transform_and_lower(
-                    rewrite(ep), transform_passes=[_FoldConstants()], partitioner=[XnnpackPartitioner()],
-                    compile_config=get_xnnpack_edge_compile_config())
+                if converted is not None and source is not None and source.whole and source.program is converted[0]:
+                    edge_manager = converted[1]  # support converted a cut of the same nodes: this very program
+                else:
+                    edge_manager = _edge_manager(rewrite(ep), partitioner)
+                edge_manager = _lower(edge_manager, partitioner)
         except Exception as exc:
             raise LoweringError(f"xnnpack: partition {name}: ExecuTorch's XNNPACK lowering failed: "
                                 f"{one_line(exc)}") from exc
@@ -268,14 +309,48 @@ def _toolchain_key() -> str:
                        "blob_format": _format.FORMAT_VERSION, "code": code.hexdigest()}, sort_keys=True)
 
 
-def _edge_program(ep: torch.export.ExportedProgram, partitioner: XnnpackPartitioner) -> torch.export.ExportedProgram:
-    """``ep`` in Edge dialect, converted and transformed exactly as :meth:`XnnpackCompiler.preprocess`'s
-    ``to_edge_transform_and_lower`` converts and transforms it before partitioning (same preserved
-    ops, same compile config, :class:`_FoldConstants`, constants lifted). ``ep`` itself is not changed."""
+def _whole_cut(ep: torch.export.ExportedProgram, names: list[str]) -> torch.export.ExportedProgram:
+    """What :meth:`XnnpackCompiler.preprocess` gets when every node of ``ep`` lands in one
+    partition, when that is ``ep``'s computation with its node names (:attr:`handoff.PartitionSource.whole`;
+    a node named like a cut's placeholder, ``input_0``, would be renamed), else ``ep`` itself."""
+    try:
+        cut, _, _ = extract_partition(ep, names)
+    except Exception:  # a program the core would not cut this way (a non-tensor input): judged as given
+        return ep
+    source = partition_source(cut)
+    same = source is not None and source.whole and [n.name for n in cut.graph.nodes if n.op == "call_function"] == names
+    return cut if same else ep
+
+
+def _edge_manager(ep: torch.export.ExportedProgram, partitioner: XnnpackPartitioner) -> EdgeProgramManager:
+    """The first half of ``to_edge_transform_and_lower(ep, transform_passes=[_FoldConstants()],
+    partitioner=[partitioner], compile_config=get_xnnpack_edge_compile_config())``, as executorch
+    1.5.1 does it: ``ep`` in Edge dialect (the partitioner's ops preserved), transformed by
+    :class:`_FoldConstants`, constants lifted. ``ep`` itself is not changed. :func:`_lower` is the
+    second half; :meth:`XnnpackCompiler.support` partitions the result to judge nodes."""
     manager = _gen_edge_manager_for_partitioners(
         {"forward": [partitioner]}, {"forward": ep}, get_xnnpack_edge_compile_config(), None)
     manager = manager.transform([_FoldConstants()])
-    return lift_constant_tensor_pass(manager.exported_program("forward"))
+    lift_constant_tensor_pass(manager.exported_program("forward"))
+    return manager
+
+
+def _lower(manager: EdgeProgramManager, partitioner: XnnpackPartitioner) -> EdgeProgramManager:
+    """The second half of ``to_edge_transform_and_lower`` (see :func:`_edge_manager`), as
+    executorch 1.5.1 does it: delegate what ``partitioner`` tags, check that no op it asked to keep
+    whole is left outside the delegate, and verify the result is valid Edge dialect."""
+    lowered = manager.to_backend({"forward": partitioner})
+    program = lowered.exported_program("forward")
+    config = get_xnnpack_edge_compile_config()
+    kept, check = partitioner.ops_to_not_decompose(program)
+    if not _can_skip_using_EDGE_DO_NOT_DECOMP(partitioner, program):
+        kept = _remove_invalid_ops_for_not_decompose(kept)
+    _sanity_check_graph_for_non_decomp_ops("forward", program, set(kept), check,
+                                           partitioner_name=type(partitioner).__name__, generate_error=True)
+    if config._check_ir_validity:
+        EXIREdgeDialectVerifier(edge_compile_config=config, class_only=True,
+                                preserve_ops=config.preserve_ops + list(kept))()(program.graph_module)
+    return lowered
 
 
 class _FoldConstants(ExportedProgramPassBase):

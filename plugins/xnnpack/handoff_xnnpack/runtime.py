@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from handoff import Runtime, one_line
+from handoff import ManifestList, Runtime, one_line
 
 from . import EXECUTORCH_VERSION, _format
 
@@ -92,7 +92,7 @@ def _inputs(metadata: Mapping[str, Any]) -> tuple[tuple[tuple[Any, tuple[int, ..
         return known[1], count
     checked = _input_specs(metadata)
     inputs = _converted(checked) if checked is not None and type(count) is int else None
-    if type(specs) is not list and isinstance(specs, list):  # the core's read-only list: it cannot change
+    if isinstance(specs, ManifestList):  # the core's read-only list: it cannot change
         if len(_KNOWN_SPECS) >= 64:
             _KNOWN_SPECS.pop(next(iter(_KNOWN_SPECS)), None)
         _KNOWN_SPECS[id(specs)] = (specs, inputs, count)  # holds specs: its id names no other object

@@ -96,6 +96,35 @@ def test_model_split_around_an_op_xnnpack_lacks(plugins):
         assert stats["host_transfers"] == 2 < old == 6
 
 
+def test_edge_conversion_of_support_is_lowered_when_the_partition_is_the_whole_model(plugins, monkeypatch):
+    """ExecuTorch's Edge conversion runs once for a model XNNPACK takes whole (support's is
+    lowered by preprocess), and once more per partition for a model split around an op XNNPACK
+    lacks (each partition is converted on its own); both programs match eager torch."""
+    from handoff_xnnpack import compiler
+
+    converted = []
+    real = compiler._edge_manager
+    monkeypatch.setattr(compiler, "_edge_manager", lambda *a: converted.append(a) or real(*a))
+    whole = handoff.partition("zoo:small_cnn", backends=["xnnpack"], use_cache=False)
+    assert whole.report.stats["xnnpack"].partitions == 1 and len(converted) == 1
+    # the same bytes as a compiler that converts the partition afresh
+    names = [n.name for n in whole.exported.graph.nodes if n.op == "call_function"]
+    fresh = plugins.compiler("xnnpack", {}).preprocess(handoff.extract_partition(whole.exported, names)[0], "p0")
+    (delegate,) = whole.assembled.manifest["delegates"]
+    assert len(converted) == 2 and bytes(whole.assembled.segments[delegate["segment"]]) == fresh.blob
+    zoo = plugins.zoo()["small_cnn"]
+    with handoff.load(whole.to_bytes()) as program:
+        check_against_eager(program, zoo.build(), zoo.inputs)
+    converted.clear()
+    torch.manual_seed(0)
+    model = CumsumBetween().eval()
+    split = handoff.partition(model, (torch.randn(2, 6, 16),), backends=["xnnpack"], fallback=False, use_cache=False,
+                              default_limits=handoff.Limits(1))
+    assert split.report.stats["xnnpack"].partitions == 2 and len(converted) == 1 + 2
+    with handoff.load(split.to_bytes()) as program:
+        check_against_eager(program, model, [((2, 6, 16), "float32")])
+
+
 def test_runs_from_8_threads_match_single_threaded_runs(plugins):
     """xnnpack, tvm, xnnpack from 8 threads at once, 200 runs each: XNNPACK is reentrant (its own
     pool lock), one Relax VM is not (the core serialises the TVM delegate)."""

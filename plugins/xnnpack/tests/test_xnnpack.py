@@ -570,6 +570,28 @@ def test_inputs_checked(runtime, cnn_lowered):
         runtime.release(handle)
 
 
+def test_input_specs_are_kept_only_for_the_core_s_read_only_lists(monkeypatch):
+    """The inputs read from ``metadata["input_specs"]`` are kept by that list only when it is the
+    core's read-only ``handoff.ManifestList`` (which cannot change): a plain list, or a changeable
+    subclass of list, is read on every load."""
+    from handoff import ManifestList
+    from handoff_xnnpack import runtime as xnnpack_runtime
+
+    read = []
+    real = xnnpack_runtime._input_specs
+    monkeypatch.setattr(xnnpack_runtime, "_input_specs", lambda m: read.append(1) or real(m))
+
+    class Changeable(list):
+        pass
+
+    specs = [[6, [1, 3, 16, 16]]]
+    want = ((np.dtype("float32"), (1, 3, 16, 16)),), 1
+    for kind in (list, Changeable, ManifestList):
+        metadata = {"input_specs": kind(specs), "num_outputs": 1}
+        assert xnnpack_runtime._inputs(metadata) == want == xnnpack_runtime._inputs(metadata)
+    assert len(read) == 2 + 2 + 1
+
+
 def test_threads(runtime, cnn_lowered):
     model, lowered = cnn_lowered
     x = torch.randn(1, 3, 16, 16)
