@@ -31,7 +31,6 @@ runtimes so chosen.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import threading
@@ -115,8 +114,10 @@ class _Loaded(NamedTuple):
     later loads with that plan repeat (:meth:`Program._load_again`) instead of deciding it again."""
 
     plan: _LoadPlan
-    entries: tuple[tuple[int, Mapping[str, Any]], ...]  # per delegate: the entry loaded (index, manifest entry)
+    #: per delegate: the entry loaded (index, manifest entry) and what vouching for it takes (Program._vouching)
+    entries: tuple[tuple[int, Mapping[str, Any], tuple[str, str, str] | None], ...]
     choices: tuple[tuple[int | None, str, str | None], ...]  # Program.choices
+    fallbacks: bool  # whether some delegate runs a fallback copy (a warning on every load)
     runtimes: tuple[Any, ...]  # the runtime of each delegate ...
     memory: list[str]  # ... and its memory domain, which the run plan was made for
     run: _Plan
@@ -174,19 +175,22 @@ class Program:
 
                 self._torch_constants = {vid: torch.from_numpy(np.array(arr)) for vid, arr in self._constants.items()}
             loaded = _LOADS.get(key) if key is not None else None  # type: ignore[arg-type]
-            if loaded is not None and loaded.plan is plan:
-                self._load_again(loaded, plugins, trusted_keys, allow_unsigned, strict)
+            again = loaded is not None and loaded.plan is plan
+            if again:
+                self._load_again(loaded, plugins, trusted_keys, allow_unsigned, strict)  # type: ignore[arg-type]
             else:
                 self._load_delegates(plan, plugins, trusted_keys, allow_unsigned, strict)
                 run = self._plan()
             # every segment checked: later loads of the unchanged file skip the checks
-            if file.remember_verified() and key is not None and loaded is None:
+            if file.remember_verified() and key is not None and not again:
                 if _LOAD_PLANS.get(key) is not plan:
                     _keep_newest(_LOAD_PLANS, key, plan, _MAX_LOAD_PLANS)
                 if all(len(t) == 1 for t in plan.tries):
-                    delegates = self.manifest["delegates"]
-                    entries = tuple((t[0], _candidates(d)[t[0]]) for t, d in zip(plan.tries, delegates))
+                    entries = tuple((t[0], entry, self._vouching(entry, rt, plugins))
+                                    for t, d, (rt, _) in zip(plan.tries, self.manifest["delegates"], self._handles)
+                                    for entry in [_candidates(d)[t[0]]])
                     _keep_newest(_LOADS, key, _Loaded(plan, entries, tuple(self.choices),
+                                                      any(c[0] is not None for c in self.choices),
                                                       tuple(rt for rt, _ in self._handles), list(self._memory), run),
                                  _MAX_LOAD_PLANS)
         except BaseException:
@@ -209,7 +213,10 @@ class Program:
             plan = _LOAD_PLANS.get(key)  # type: ignore[arg-type]
         except TypeError:  # an option value that cannot be hashed: decided for this load only
             key = plan = None
-        if plan is not None and all(plugins.runtime_available(b) == (ok, why) for b, ok, why in plan.asked):
+        if plan is not None:
+            for backend, ok, why in plan.asked:
+                if plugins.runtime_available(backend) != (ok, why):
+                    return self._decide(plugins, table, options, strict), key
             return plan, key
         return self._decide(plugins, table, options, strict), key
 
@@ -292,7 +299,8 @@ class Program:
                     admit_native([(i, k)])
                 runtime = plugins.runtime(entry["backend"])
                 try:
-                    handle = self._load_entry(i, k, entry, runtime, plugins, parsed[entry["backend"]])
+                    handle = self._load_entry(i, k, entry, runtime, self._vouching(entry, runtime, plugins),
+                                              parsed[entry["backend"]])
                 except Exception as exc:
                     why.append(self._failed(k, entry, exc))
                     if n + 1 < len(tries[i]):
@@ -318,31 +326,44 @@ class Program:
                                            for i, k in plan.native], trusted_keys, allow_unsigned)
         self.choices = list(loaded.choices)
         self._memory = []
-        for i, (k, entry) in enumerate(loaded.entries):
+        same = True  # the same runtimes as that load's
+        for i, (k, entry, vouching) in enumerate(loaded.entries):
             runtime = plugins.runtime(entry["backend"])
+            same = same and runtime is loaded.runtimes[i]
             try:
-                handle = self._load_entry(i, k, entry, runtime, plugins, plan.parsed[entry["backend"]])
+                handle = self._load_entry(i, k, entry, runtime, vouching, plan.parsed[entry["backend"]])
             except Exception as exc:
                 self._raise_load_error(i, k, exc, [*plan.skipped[i], self._failed(k, entry, exc)], strict, plan.table)
             self._handles.append((runtime, handle))
             self._memory.append(self._memory_of(i, runtime, handle))
-        self._warn_fallbacks()
-        if self._memory == loaded.memory and all(rt is h[0] for rt, h in zip(loaded.runtimes, self._handles)):
+        if loaded.fallbacks:
+            self._warn_fallbacks()
+        if same and self._memory == loaded.memory:
             self._bind(loaded.run)
         else:
             self._plan()
 
-    def _load_entry(self, i: int, k: int, entry: Mapping[str, Any], runtime: Any, plugins: Plugins,
-                    options: Mapping[str, Any]) -> Any:
-        """Delegate ``i``'s entry ``k`` loaded by ``runtime``: its blob checked, vouched for first
-        when the runtime isolates untrusted blobs (:mod:`handoff.probe`)."""
+    @staticmethod
+    def _vouching(entry: Mapping[str, Any], runtime: Any, plugins: Plugins) -> tuple[str, str, str] | None:
+        """For a runtime that isolates untrusted blobs (:mod:`handoff.probe`), what vouching for
+        ``entry``'s blob takes: the name of the file's note keeping its key, the backend's version
+        and its runtime's reference; ``None`` for any other runtime."""
+        if not runtime.isolate_untrusted:
+            return None
+        spec = plugins.spec(entry["backend"])
+        return probe.note_name(entry["segment"], entry["backend"], spec.version), spec.version, spec.runtime
+
+    def _load_entry(self, i: int, k: int, entry: Mapping[str, Any], runtime: Any,
+                    vouching: tuple[str, str, str] | None, options: Mapping[str, Any]) -> Any:
+        """Delegate ``i``'s entry ``k`` loaded by ``runtime``: its blob checked and, with
+        ``vouching`` (:meth:`_vouching`), vouched for first: its vendor runtime may crash on a bad
+        blob, so one not known yet is checked in another process."""
         blob = self.file.segment(entry["segment"])
-        if runtime.isolate_untrusted:  # its vendor runtime may crash on a bad blob: check it elsewhere first
-            spec = plugins.spec(entry["backend"])
-            note = probe.note_name(entry["segment"], entry["backend"], spec.version)
+        if vouching is not None:
+            note, version, ref = vouching
             self.file.note(note, probe.vouch(
                 functools.partial(self._load_where, i, k), entry, functools.partial(self._call_inputs, i),
-                spec.version, spec.runtime, blob, options, key=self.file.notes.get(note)))
+                version, ref, blob, options, key=self.file.notes.get(note)))
         if type(runtime) in _LOADED:
             return runtime.load(blob, entry["metadata"], options)
         # Vendor runtimes print when they initialise, i.e. on their first load in a process; only
