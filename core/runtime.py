@@ -507,7 +507,7 @@ class Program:
         The decisions depend only on the manifest (named by its SHA-256, which the file's header
         holds and opening checks against its bytes) and on what the chosen runtimes say about
         their handles, so they are made once per process for each such key (:data:`_PLANS`) and
-        bound here to this load's runtimes, handles, locks and constants."""
+        bound here to this load's runtimes, handles, locks and constants. Returns the plan."""
         reentrant = tuple(bool(getattr(rt, "reentrant", False)) for rt, _ in self._handles)
         fresh = tuple(bool(getattr(rt, "fresh_outputs", False)) for rt, _ in self._handles)
         key = (self.file._manifest_sha256, tuple(self.choices), tuple(self._memory), reentrant, fresh)
