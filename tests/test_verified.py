@@ -392,6 +392,37 @@ def test_a_repeated_load_that_fails_says_what_a_first_load_says(sink_plugins, tm
     handoff.load(path).close()
 
 
+def test_a_repeated_load_still_warns_and_decides_trust_each_time(sink_plugins, tmp_path, monkeypatch):
+    """A recorded file whose delegates run their native (tvm) fallback copies, its own backend
+    switched off: a repeated load warns as the first did and decides trust again, so a load
+    without ``allow_unsigned`` is refused even though the same load plan was carried out before."""
+    import warnings
+
+    import kitchen_sink
+
+    from handoff import FallbackWarning, runtime
+
+    model = kitchen_sink.sink_net()
+    path = tmp_path / "copies.hof"
+    handoff.partition(model, (torch.randn(2, 8),), backends=["sink"], fallback=False,
+                      fallback_copies=True).write(str(path), sign=False)
+    verified.wait_until_not_racy(os.stat(path))
+    monkeypatch.setenv(kitchen_sink.UNAVAILABLE_ENV, "sink")
+    x = torch.randn(2, 8)
+    for n in range(3):
+        if n == 1:  # from here on the first load is repeated
+            monkeypatch.setattr(runtime.Program, "_load_delegates", lambda *a: pytest.fail("decided again"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            program = handoff.load(path, allow_unsigned=True)
+        with program:
+            assert [str(w.message) for w in caught if w.category is FallbackWarning] and program.trust is not None
+            assert {d["runtime"] for d in program.stats()["delegates"]} == {"tvm"}
+            np.testing.assert_allclose(program.run([x.numpy()])[0], model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(HandoffError, match=r"is native code and the program is not signed; load it only if you trust"):
+        handoff.load(path)
+
+
 def _decisions(monkeypatch):
     """Count the loads that decide their load plan (:meth:`Program._decide`) instead of reusing one."""
     from handoff import runtime
