@@ -114,7 +114,8 @@ def main() -> None:
         subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
                         f"--callgrind-out-file={out}", sys.executable, __file__, "--child", which,
                         "--loads", str(args.loads), "--work", str(work), "--helper", str(helper)],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env={**os.environ, "PYTHONHASHSEED": "0"})  # the same str hashes, so the same dict probes
         totals = re.search(r"^totals: (\d+)", out.read_text(), re.M)
         counts[which] = int(totals.group(1)) / args.loads if totals else float("nan")
     et, ho = counts["executorch"], counts["handoff"]
