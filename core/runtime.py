@@ -31,7 +31,6 @@ runtimes so chosen.
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 import time
@@ -167,7 +166,8 @@ class Program:
             total = check_run_bytes(self.manifest, file.name, int(noted) if noted and noted.isdigit() else None)
             if noted is None:
                 file.note(RUN_BYTES_NOTE, str(total))
-            self._constants = {c["value"]: constant_array(file, i) for i, c in enumerate(self.manifest["constants"])}
+            constants = self.manifest["constants"]
+            self._constants = {c["value"]: constant_array(file, i) for i, c in enumerate(constants)} if constants else {}
             plan, key = self._load_plan(plugins, options, strict)
             self._aten_ops = plan.aten_ops
             if self._aten_ops:
@@ -362,7 +362,7 @@ class Program:
         if vouching is not None:
             note, version, ref = vouching
             self.file.note(note, probe.vouch(
-                functools.partial(self._load_where, i, k), entry, functools.partial(self._call_inputs, i),
+                lambda: self._load_where(i, k), entry, lambda: self._call_inputs(i),
                 version, ref, blob, options, key=self.file.notes.get(note)))
         if type(runtime) in _LOADED:
             return runtime.load(blob, entry["metadata"], options)
@@ -699,7 +699,7 @@ class Program:
         ops = []
         for op in plan.ops:
             kind, *rest = op
-            releases = tuple(locks[d] for d in op[-2])
+            releases = tuple(locks[d] for d in op[-2]) if op[-2] else ()  # reentrant delegates: no locks
             if kind == _DELEGATE:
                 d, locked, reads, writes, host_out, checks, eager, drops, _, where = rest
                 runtime, handle = handles[d]
@@ -714,7 +714,7 @@ class Program:
                 args, kwargs = self._aten_arguments(instructions[k], plan.domain, plan.host_slot)
                 ops.append((_ATEN, self._aten_ops[k], args, kwargs, writes, checks, drops, releases, where))
         self._ops = ops
-        self._held_before = [tuple(locks[d] for d in held) for held in plan.held_before]
+        self._held_before = [tuple(locks[d] for d in held) if held else () for held in plan.held_before]
         self._env0: list[Any] = [None] * plan.slots
         for vid, arr in self._constants.items():
             self._env0[vid] = arr
