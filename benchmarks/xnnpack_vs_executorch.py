@@ -135,6 +135,7 @@ def phase_table(hof: Path, np_inputs: list[np.ndarray], loads: int) -> list[tupl
         (ProgramFile, "open", "ProgramFile.open"),
         (hr.Program, "__init__", "Program.__init__ (rest)"),
         (hr.Program, "_load_delegates", "Program._load_delegates (rest)"),
+        (hr.Program, "_load_again", "Program._load_again (rest)"),
         (hr.probe, "vouch", "probe.vouch"),
         (XnnpackRuntime, "load", "XnnpackRuntime.load (rest)"),
         (hr.Program, "_plan", "Program._plan"),

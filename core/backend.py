@@ -325,6 +325,12 @@ class Runtime:
     #: programs), and ``load`` must turn the blob into a file with :func:`handoff.native_library`,
     #: which refuses bytes other than the signed ones. See ``docs/security.md``.
     native_code: bool = False
+    #: ``True`` when the numpy arrays a host-memory ``execute`` returns are fresh: writable, and
+    #: sharing memory with nothing else (not its inputs, the blob, its handle's buffers, nor an
+    #: earlier call's outputs), so nothing writes to them after the call. The core then hands them
+    #: to the caller of ``Program.run`` as they are, without the copy or the alias check it makes
+    #: otherwise. Leave it ``False`` when any output may be a view or a reused buffer.
+    fresh_outputs: bool = False
 
     def is_available(self) -> tuple[bool, str]:
         """Whether this backend can run here, and why not (``(False, "onnxruntime-qnn not

@@ -20,7 +20,6 @@ catalogue (``registry.yaml``, PyYAML) only when a message or ``handoff backends`
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import functools
@@ -292,10 +291,12 @@ class Plugins:
     def runtime_available(self, backend_id: str) -> tuple[bool, str]:
         """``(True, "")`` or ``(False, reason)``; never raises."""
         try:
-            # The first probe loads the vendor runtime, which may print; later ones do not.
-            with quiet_native() if backend_id not in self._probed else contextlib.nullcontext():
+            if backend_id in self._probed:  # asked on every load: no context manager
                 ok, reason = self.runtime(backend_id).is_available()
-            self._probed.add(backend_id)
+            else:
+                with quiet_native():  # the first probe loads the vendor runtime, which may print
+                    ok, reason = self.runtime(backend_id).is_available()
+                self._probed.add(backend_id)
             return bool(ok), str(reason or "")
         except HandoffError as exc:
             return False, str(exc)

@@ -881,10 +881,12 @@ class ProgramFile:
     manifest: dict
 
     def __init__(self, buffer: Any, name: str, _mmap: mmap.mmap | None = None,
-                 _stat: tuple[os.stat_result, int] | None = None, _key: tuple[str, str] | None = None):
+                 _stat: tuple[os.stat_result, int] | None = None, _key: tuple[str, str] | None = None,
+                 _known: _Opened | None = None):
         """Internal; use :meth:`open` or :meth:`from_bytes`. ``buffer`` is a read-only memoryview;
         ``_stat`` the file's ``fstat`` and the ``time.time_ns()`` before it was opened, ``_key``
-        its key in :data:`_OPENED` (:func:`_opened_key`)."""
+        its key in :data:`_OPENED` (:func:`_opened_key`); ``_known``: that key's entry, whose
+        header :meth:`open` found equal to the file's."""
         self.name = name
         self._mmap = _mmap
         self._view: memoryview | None = buffer
@@ -898,10 +900,14 @@ class ProgramFile:
         self.notes: dict[str, str] = {}
         self._notes_written: dict[str, str] = {}
         try:
-            head = bytes(buffer[:HEADER_SIZE])
             key = _key if _key is not None or _stat is None else _opened_key(_stat[0])
-            known = _OPENED.get(key) if key is not None else None
-            if known is not None and known.head == head:
+            known = _known
+            if known is None:
+                head = bytes(buffer[:HEADER_SIZE])
+                known = _OPENED.get(key) if key is not None else None
+                if known is not None and known.head != head:
+                    known = None
+            if known is not None:
                 # This process opened this very file (same stat, same header) and found or wrote its
                 # record: its manifest bytes matched the digest and passed this reader's checks then.
                 header, digest = known.header, known.digest
@@ -975,11 +981,10 @@ class ProgramFile:
                 key = _opened_key(st)
                 kept = _OPENED.get(key)
                 if kept is not None and kept.data is not None and _read_all(fd, HEADER_SIZE, name) == kept.head:
-                    data = kept.data  # this unchanged file's bytes, as an earlier open read them
-                else:
-                    os.lseek(fd, 0, os.SEEK_SET)  # past a header read above
-                    data = _read_all(fd, st.st_size, name)
-                return cls(memoryview(data), name, None, (st, started), key)
+                    # this unchanged file's bytes, as an earlier open read them
+                    return cls(memoryview(kept.data), name, None, (st, started), key, kept)
+                os.lseek(fd, 0, os.SEEK_SET)  # past a header read above
+                return cls(memoryview(_read_all(fd, st.st_size, name)), name, None, (st, started), key)
             try:
                 mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
             except OSError as e:

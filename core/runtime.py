@@ -31,8 +31,6 @@ runtimes so chosen.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 import threading
 import time
@@ -54,7 +52,8 @@ from .quiet import quiet_native
 TORCH_HINT = "pip install torch==2.13.0"
 #: A program output is copied before it is returned when it could share memory with a caller's
 #: input or the program file (a delegate may hand an input back, TVM's DLPack views alias). Up to
-#: this size a copy costs less than checking, so small outputs are always copied.
+#: this size a copy costs less than checking, so small outputs are always copied; an output its
+#: delegate's runtime declares fresh (:attr:`Runtime.fresh_outputs`) is never.
 COPY_BELOW_BYTES = 1 << 16
 
 #: The next step after a delegate broke the contract (an output the program does not declare).
@@ -77,7 +76,7 @@ class _Plan(NamedTuple):
     domain: dict[int, str]
     host_slot: dict[int, int]
     input_plan: tuple[tuple[Any, ...], ...]
-    output_plan: tuple[tuple[int, bool], ...]
+    output_plan: tuple[tuple[int, bool | None], ...]  # (slot, True: copy; False: copy if it may alias; None: fresh)
     peak_bytes: int
     host_transfers: int
 
@@ -107,6 +106,24 @@ class _LoadPlan(NamedTuple):
 #: options, strict); only for recorded files, whose manifest later opens of the unchanged file share
 _LOAD_PLANS: dict[tuple[Any, ...], _LoadPlan] = {}
 _MAX_LOAD_PLANS = 64
+
+
+class _Loaded(NamedTuple):
+    """How a load with a :class:`_LoadPlan` that leaves each delegate one entry to try went: what
+    later loads with that plan repeat (:meth:`Program._load_again`) instead of deciding it again."""
+
+    plan: _LoadPlan
+    #: per delegate: the entry loaded (index, manifest entry) and what vouching for it takes (Program._vouching)
+    entries: tuple[tuple[int, Mapping[str, Any], tuple[str, str, str] | None], ...]
+    choices: tuple[tuple[int | None, str, str | None], ...]  # Program.choices
+    fallbacks: bool  # whether some delegate runs a fallback copy (a warning on every load)
+    runtimes: tuple[Any, ...]  # the runtime of each delegate ...
+    memory: list[str]  # ... and its memory domain, which the run plan was made for
+    run: _Plan
+
+
+#: the last load with each kept load plan, by the same key (:data:`_LOAD_PLANS`)
+_LOADS: dict[tuple[Any, ...], _Loaded] = {}
 
 
 class _RunError(HandoffError):
@@ -149,18 +166,33 @@ class Program:
             total = check_run_bytes(self.manifest, file.name, int(noted) if noted and noted.isdigit() else None)
             if noted is None:
                 file.note(RUN_BYTES_NOTE, str(total))
-            self._constants = {c["value"]: constant_array(file, i) for i, c in enumerate(self.manifest["constants"])}
+            constants = self.manifest["constants"]
+            self._constants = {c["value"]: constant_array(file, i) for i, c in enumerate(constants)} if constants else {}
             plan, key = self._load_plan(plugins, options, strict)
             self._aten_ops = plan.aten_ops
             if self._aten_ops:
                 import torch
 
                 self._torch_constants = {vid: torch.from_numpy(np.array(arr)) for vid, arr in self._constants.items()}
-            self._load_delegates(plan, plugins, trusted_keys, allow_unsigned, strict)
-            self._plan()
+            loaded = _LOADS.get(key) if key is not None else None  # type: ignore[arg-type]
+            again = loaded is not None and loaded.plan is plan
+            if again:
+                self._load_again(loaded, plugins, trusted_keys, allow_unsigned, strict)  # type: ignore[arg-type]
+            else:
+                self._load_delegates(plan, plugins, trusted_keys, allow_unsigned, strict)
+                run = self._plan()
             # every segment checked: later loads of the unchanged file skip the checks
-            if file.remember_verified() and key is not None and _LOAD_PLANS.get(key) is not plan:
-                _keep_newest(_LOAD_PLANS, key, plan, _MAX_LOAD_PLANS)
+            if file.remember_verified() and key is not None and not again:
+                if _LOAD_PLANS.get(key) is not plan:
+                    _keep_newest(_LOAD_PLANS, key, plan, _MAX_LOAD_PLANS)
+                if all(len(t) == 1 for t in plan.tries):
+                    entries = tuple((t[0], entry, self._vouching(entry, rt, plugins))
+                                    for t, d, (rt, _) in zip(plan.tries, self.manifest["delegates"], self._handles)
+                                    for entry in [_candidates(d)[t[0]]])
+                    _keep_newest(_LOADS, key, _Loaded(plan, entries, tuple(self.choices),
+                                                      any(c[0] is not None for c in self.choices),
+                                                      tuple(rt for rt, _ in self._handles), list(self._memory), run),
+                                 _MAX_LOAD_PLANS)
         except BaseException:
             self.close()
             raise
@@ -181,7 +213,10 @@ class Program:
             plan = _LOAD_PLANS.get(key)  # type: ignore[arg-type]
         except TypeError:  # an option value that cannot be hashed: decided for this load only
             key = plan = None
-        if plan is not None and all(plugins.runtime_available(b) == (ok, why) for b, ok, why in plan.asked):
+        if plan is not None:
+            for backend, ok, why in plan.asked:
+                if plugins.runtime_available(backend) != (ok, why):
+                    return self._decide(plugins, table, options, strict), key
             return plan, key
         return self._decide(plugins, table, options, strict), key
 
@@ -264,43 +299,102 @@ class Program:
                     admit_native([(i, k)])
                 runtime = plugins.runtime(entry["backend"])
                 try:
-                    blob = self.file.segment(entry["segment"])
-                    if runtime.isolate_untrusted:  # its vendor runtime may crash on a bad blob: check it elsewhere first
-                        spec = plugins.spec(entry["backend"])
-                        note = probe.note_name(entry["segment"], entry["backend"], spec.version)
-                        self.file.note(note, probe.vouch(
-                            functools.partial(self._load_where, i, k), entry,
-                            functools.partial(self._call_inputs, i), spec.version,
-                            spec.runtime, blob, parsed[entry["backend"]], key=self.file.notes.get(note)))
-                    # Vendor runtimes print when they initialise, i.e. on their first load in a process;
-                    # only that one is redirected (ExecuTorch 1.5.1 loaded ~6 ms slower with fd 2 redirected).
-                    with quiet_native() if type(runtime) not in _LOADED else contextlib.nullcontext():
-                        handle = runtime.load(blob, entry["metadata"], parsed[entry["backend"]])
-                    _LOADED.add(type(runtime))
+                    handle = self._load_entry(i, k, entry, runtime, self._vouching(entry, runtime, plugins),
+                                              parsed[entry["backend"]])
                 except Exception as exc:
-                    failed = (k, f"backend '{entry['backend']}' failed to load its blob ({self._blob_at(entry)}): "
-                                 f"{one_line(exc)}")
+                    why.append(self._failed(k, entry, exc))
                     if n + 1 < len(tries[i]):
-                        why.append(failed)
                         continue
-                    if why:
-                        raise HandoffError(self._cannot_run(i, [*why, failed], strict, plan.table)) from exc
-                    hint = self._strict_hint(d) if strict else ""
-                    if isinstance(exc, HandoffError) and not hint:
-                        raise
-                    text = str(exc) if isinstance(exc, HandoffError) else \
-                        f"{self._load_where(i, k)} failed to load: {one_line(exc)}"
-                    raise HandoffError(text + hint) from exc
+                    self._raise_load_error(i, k, exc, why, strict, plan.table)
                 break
             self._handles.append((runtime, handle))
             reason = next((r for j, r in why if j == 0), None)
             self.choices.append((None if k == 0 else k - 1, entry["backend"], reason))
-            try:
-                self._memory.append(str(runtime.memory(handle)))
-            except Exception as exc:
-                raise HandoffError(f"{self.file.name}: {self._delegate_name(i)} cannot say where its outputs live "
-                                   f"(Runtime.memory): {one_line(exc)}") from exc
+            self._memory.append(self._memory_of(i, runtime, handle))
         self._warn_fallbacks()
+
+    def _load_again(self, loaded: _Loaded, plugins: Plugins, trusted_keys: Sequence[Any], allow_unsigned: bool,
+                    strict: bool) -> None:
+        """:meth:`_load_delegates` and :meth:`_plan` for a load plan that an earlier load of the
+        unchanged file carried out (``loaded``): each delegate's one entry is loaded (trusted,
+        vouched for and checked as there; a failure is the same error) and, when the runtimes
+        are the same and report the same memory domains, bound to that load's run plan."""
+        plan = loaded.plan
+        if plan.native:  # trust is decided on every load: keys and signatures may have changed
+            delegates = self.manifest["delegates"]
+            self.trust = admit(self.file, [(self._entry_name(i, k), _candidates(delegates[i])[k])
+                                           for i, k in plan.native], trusted_keys, allow_unsigned)
+        self.choices = list(loaded.choices)
+        self._memory = []
+        same = True  # the same runtimes as that load's
+        for i, (k, entry, vouching) in enumerate(loaded.entries):
+            runtime = plugins.runtime(entry["backend"])
+            same = same and runtime is loaded.runtimes[i]
+            try:
+                handle = self._load_entry(i, k, entry, runtime, vouching, plan.parsed[entry["backend"]])
+            except Exception as exc:
+                self._raise_load_error(i, k, exc, [*plan.skipped[i], self._failed(k, entry, exc)], strict, plan.table)
+            self._handles.append((runtime, handle))
+            self._memory.append(self._memory_of(i, runtime, handle))
+        if loaded.fallbacks:
+            self._warn_fallbacks()
+        if same and self._memory == loaded.memory:
+            self._bind(loaded.run)
+        else:
+            self._plan()
+
+    @staticmethod
+    def _vouching(entry: Mapping[str, Any], runtime: Any, plugins: Plugins) -> tuple[str, str, str] | None:
+        """For a runtime that isolates untrusted blobs (:mod:`handoff.probe`), what vouching for
+        ``entry``'s blob takes: the name of the file's note keeping its key, the backend's version
+        and its runtime's reference; ``None`` for any other runtime."""
+        if not runtime.isolate_untrusted:
+            return None
+        spec = plugins.spec(entry["backend"])
+        return probe.note_name(entry["segment"], entry["backend"], spec.version), spec.version, spec.runtime
+
+    def _load_entry(self, i: int, k: int, entry: Mapping[str, Any], runtime: Any,
+                    vouching: tuple[str, str, str] | None, options: Mapping[str, Any]) -> Any:
+        """Delegate ``i``'s entry ``k`` loaded by ``runtime``: its blob checked and, with
+        ``vouching`` (:meth:`_vouching`), vouched for first: its vendor runtime may crash on a bad
+        blob, so one not known yet is checked in another process."""
+        blob = self.file.segment(entry["segment"])
+        if vouching is not None:
+            note, version, ref = vouching
+            self.file.note(note, probe.vouch(
+                lambda: self._load_where(i, k), entry, lambda: self._call_inputs(i),
+                version, ref, blob, options, key=self.file.notes.get(note)))
+        if type(runtime) in _LOADED:
+            return runtime.load(blob, entry["metadata"], options)
+        # Vendor runtimes print when they initialise, i.e. on their first load in a process; only
+        # that one is redirected (ExecuTorch 1.5.1 loaded ~6 ms slower with fd 2 redirected).
+        with quiet_native():
+            handle = runtime.load(blob, entry["metadata"], options)
+        _LOADED.add(type(runtime))
+        return handle
+
+    def _failed(self, k: int, entry: Mapping[str, Any], exc: Exception) -> tuple[int, str]:
+        """Why entry ``k`` (``entry``) does not run its delegate: its runtime's load raised ``exc``."""
+        return k, f"backend '{entry['backend']}' failed to load its blob ({self._blob_at(entry)}): {one_line(exc)}"
+
+    def _raise_load_error(self, i: int, k: int, exc: Exception, why: Sequence[tuple[int, str]], strict: bool,
+                          table: Mapping[str, Any]) -> None:
+        """Raise the error for delegate ``i`` whose last entry to try, ``k``, failed to load with
+        ``exc``; ``why``: per entry left out or tried, why not (the last: ``k``'s failure)."""
+        if len(why) > 1:
+            raise HandoffError(self._cannot_run(i, why, strict, table)) from exc
+        hint = self._strict_hint(self.manifest["delegates"][i]) if strict else ""
+        if isinstance(exc, HandoffError) and not hint:
+            raise exc
+        text = str(exc) if isinstance(exc, HandoffError) else f"{self._load_where(i, k)} failed to load: {one_line(exc)}"
+        raise HandoffError(text + hint) from exc
+
+    def _memory_of(self, i: int, runtime: Any, handle: Any) -> str:
+        try:
+            return str(runtime.memory(handle))
+        except Exception as exc:
+            raise HandoffError(f"{self.file.name}: {self._delegate_name(i)} cannot say where its outputs live "
+                               f"(Runtime.memory): {one_line(exc)}") from exc
 
     def _cannot_run(self, i: int, why: Sequence[tuple[int, str]], strict: bool, installed: Mapping[str, Any]) -> str:
         """The one-line error for delegate ``i``, none of whose entries can run: ``why`` says,
@@ -406,23 +500,25 @@ class Program:
             resolved[i] = op
         return resolved
 
-    def _plan(self) -> None:
+    def _plan(self) -> _Plan:
         """Decide, once, everything :meth:`run` does (module docstring): ``self._ops``, a list of
         tuples :meth:`run` executes in order, and the figures :meth:`stats` reports.
 
         The decisions depend only on the manifest (named by its SHA-256, which the file's header
         holds and opening checks against its bytes) and on what the chosen runtimes say about
         their handles, so they are made once per process for each such key (:data:`_PLANS`) and
-        bound here to this load's runtimes, handles, locks and constants."""
+        bound here to this load's runtimes, handles, locks and constants. Returns the plan."""
         reentrant = tuple(bool(getattr(rt, "reentrant", False)) for rt, _ in self._handles)
-        key = (self.file._manifest_sha256, tuple(self.choices), tuple(self._memory), reentrant)
+        fresh = tuple(bool(getattr(rt, "fresh_outputs", False)) for rt, _ in self._handles)
+        key = (self.file._manifest_sha256, tuple(self.choices), tuple(self._memory), reentrant, fresh)
         plan = _PLANS.get(key)
         if plan is None:
-            plan = self._make_plan(list(reentrant))
+            plan = self._make_plan(list(reentrant), fresh)
             _keep_newest(_PLANS, key, plan, _MAX_PLANS)
         self._bind(plan)
+        return plan
 
-    def _make_plan(self, reentrant: list[bool]) -> _Plan:
+    def _make_plan(self, reentrant: list[bool], fresh: Sequence[bool]) -> _Plan:
         """The decisions of :meth:`_plan`, naming delegates by index (bound by :meth:`_bind`).
 
         Slots: value ``v`` lives in ``env[v]`` in its producer's domain; a device value that must
@@ -453,6 +549,7 @@ class Program:
             return host_slot[vid]
 
         reads: list[tuple[int, ...]] = []  # per instruction: the slots it reads, in order
+        made_fresh: set[int] = set()  # host values a Runtime.fresh_outputs delegate returned itself
         for k, ins in enumerate(instructions):
             if ins["op"] == "delegate":
                 d = ins["delegate"]
@@ -469,6 +566,8 @@ class Program:
                         transfers += mine != HOST_MEMORY
                 reads.append(tuple(slots))
                 out_domain = HOST_MEMORY if eager[d] else mine
+                if mine == HOST_MEMORY and fresh[d]:
+                    made_fresh.update(ins["outputs"])
                 for vid in ins["outputs"]:
                     domain[vid] = out_domain
                     if out_domain != HOST_MEMORY:
@@ -585,7 +684,8 @@ class Program:
         seen: set[int] = set()
         output_plan = []
         for vid, slot in zip(outputs, out_slots):
-            output_plan.append((slot, vid in constant_or_input or slot in seen))
+            copy = vid in constant_or_input or slot in seen
+            output_plan.append((slot, None if not copy and slot in made_fresh else copy))
             seen.add(slot)
         return _Plan(tuple(tuple(op) for op in ops), tuple(held_before), n + len(host_slot), domain, host_slot,
                      tuple(input_plan), tuple(output_plan), peak, transfers)
@@ -599,7 +699,7 @@ class Program:
         ops = []
         for op in plan.ops:
             kind, *rest = op
-            releases = tuple(locks[d] for d in op[-2])
+            releases = tuple(locks[d] for d in op[-2]) if op[-2] else ()  # reentrant delegates: no locks
             if kind == _DELEGATE:
                 d, locked, reads, writes, host_out, checks, eager, drops, _, where = rest
                 runtime, handle = handles[d]
@@ -614,13 +714,11 @@ class Program:
                 args, kwargs = self._aten_arguments(instructions[k], plan.domain, plan.host_slot)
                 ops.append((_ATEN, self._aten_ops[k], args, kwargs, writes, checks, drops, releases, where))
         self._ops = ops
-        self._held_before = [tuple(locks[d] for d in held) for held in plan.held_before]
+        self._held_before = [tuple(locks[d] for d in held) if held else () for held in plan.held_before]
         self._env0: list[Any] = [None] * plan.slots
         for vid, arr in self._constants.items():
             self._env0[vid] = arr
         self._input_plan, self._output_plan = plan.input_plan, plan.output_plan
-        # The whole file as one array: an output sharing memory with it views a constant.
-        self._file_span = np.frombuffer(self.file._view, np.uint8) if self.file._view is not None else None
         self._peak_bytes, self._host_transfers = plan.peak_bytes, plan.host_transfers
 
     def _aten_arguments(self, ins: Mapping[str, Any], domain: Mapping[int, str],
@@ -718,7 +816,10 @@ class Program:
         result = []
         for slot, copy in self._output_plan:
             arr = env[slot]
-            if copy or arr.nbytes < COPY_BELOW_BYTES or self._may_alias(arr, arrays):
+            if copy is None:  # a fresh output (Runtime.fresh_outputs), the caller's alone
+                if not arr.flags.writeable:
+                    arr = arr.copy()
+            elif copy or arr.nbytes < COPY_BELOW_BYTES or self._may_alias(arr, arrays):
                 arr = arr.copy()
             result.append(arr)
         with self._runs_lock:
@@ -727,7 +828,10 @@ class Program:
 
     def _may_alias(self, arr: np.ndarray, inputs: Sequence[np.ndarray]) -> bool:
         """Whether ``arr`` may share memory with a caller's input or the program file."""
-        if not arr.flags.writeable or (self._file_span is not None and np.may_share_memory(arr, self._file_span)):
+        if not arr.flags.writeable:
+            return True
+        view = self.file._view  # the whole file: an output sharing memory with it views a constant
+        if view is not None and np.may_share_memory(arr, np.frombuffer(view, np.uint8)):
             return True
         return any(np.may_share_memory(arr, x) for x in inputs)
 
@@ -793,7 +897,7 @@ class Program:
         if self._closed:
             return
         self._closed = True
-        self._ops, self._env0, self._file_span = [], [], None
+        self._ops, self._env0 = [], []
         while self._handles:
             runtime, handle = self._handles.pop()
             try:

@@ -114,6 +114,7 @@ def test_base_class_defaults():
     runtime = Runtime()
     assert runtime.is_available() == (True, "") and runtime.memory(None) == handoff.HOST_MEMORY
     assert runtime.stats(None) == {} and runtime.release(None) is None and runtime.reentrant is False
+    assert runtime.fresh_outputs is False
     arr = np.arange(3, dtype=np.float32)
     (back,) = runtime.to_host([arr])
     assert np.shares_memory(back, arr)
@@ -231,6 +232,29 @@ def test_a_runtime_reads_metadata_and_options_it_cannot_change(sink_plugins, mon
     result = handoff.partition(kitchen_sink.sink_net(), (torch.randn(2, 8),), backends=["sink"], fallback=False)
     with handoff.load(result.to_bytes()) as program:
         assert refused[:2] == ["ops", "check"] and program.run([np.ones((2, 8), np.float32)])[0].shape == (2, 8)
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_fresh_outputs_reach_the_caller_as_they_are(sink_plugins, monkeypatch, fresh):
+    """A runtime that declares ``fresh_outputs`` (the kitchen sink's copy an input they hand back)
+    has its numpy outputs returned by ``Program.run`` without a copy; one that does not has each
+    small output copied; a fresh output that is not writable is copied all the same."""
+    import kitchen_sink
+
+    monkeypatch.setattr(kitchen_sink.SinkRuntime, "fresh_outputs", fresh)
+    real, made = kitchen_sink.SinkRuntime.execute, []
+    monkeypatch.setattr(kitchen_sink.SinkRuntime, "execute",
+                        lambda self, handle, inputs: made.append(real(self, handle, inputs)) or made[-1])
+    result = handoff.partition(kitchen_sink.sink_net(), (torch.randn(2, 8),), backends=["sink"], fallback=False)
+    x = np.ones((2, 8), np.float32)
+    with handoff.load(result.to_bytes()) as program:
+        (out,) = program.run([x])
+        assert (out is made[-1][-1]) is fresh and out.flags.writeable
+        assert fresh or not np.shares_memory(out, made[-1][-1])
+        monkeypatch.setattr(kitchen_sink.SinkRuntime, "execute", lambda self, handle, inputs: [
+            np.frombuffer(o.tobytes(), np.float32).reshape(o.shape) for o in real(self, handle, inputs)])  # read-only
+        (again,) = program.run([x])
+        assert again.flags.writeable and np.array_equal(again, out)
 
 
 # -- the lowering cache ----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 
 import numpy as np
 import pytest
@@ -339,6 +340,87 @@ def test_a_manifest_is_planned_once_per_process(sink_plugins, tmp_path, monkeypa
     with handoff.load(other) as program:
         assert len(runtime._PLANS) == 2
         assert program.run([np.ones((3, 8), np.float32)])[0].shape[0] == 3
+
+
+@pytest.mark.parametrize("backend", ["sink", "sinkb"])  # sinkb is not reentrant: each load has its own locks
+def test_a_load_of_an_unchanged_file_repeats_the_last_one(sink_plugins, tmp_path, monkeypatch, backend):
+    """Once a load of the recorded file has gone through, later loads with the same plan load
+    each delegate's entry as it did and bind its run plan: nothing is decided, tried or planned
+    again, yet each load has its own handles (and locks), runs right, and vouches for its blob."""
+    from handoff import runtime
+
+    model, path = _sink_file(tmp_path, backend)
+    verified.wait_until_not_racy(os.stat(path))
+    x = torch.randn(2, 8)
+    with handoff.load(path) as first:
+        np.testing.assert_allclose(first.run([x.numpy()])[0], model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+    for name in ("_load_delegates", "_plan", "_make_plan", "_decide"):
+        monkeypatch.setattr(runtime.Program, name, lambda *a, _name=name: pytest.fail(f"{_name} again"))
+    with handoff.load(path) as second, handoff.load(path) as third:
+        for program in (second, third):
+            np.testing.assert_allclose(program.run([x.numpy()])[0], model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+            assert program.choices == first.choices and program.stats()["delegates"][0]["runtime"] == backend
+        assert all(a[2] is not b[2] for a, b in zip(second._ops, third._ops))  # each its own handle
+        if backend == "sinkb":
+            assert all(a[3] is not None and a[3] is not b[3] for a, b in zip(second._ops, third._ops))
+
+
+def test_a_repeated_load_that_fails_says_what_a_first_load_says(sink_plugins, tmp_path, monkeypatch):
+    """A delegate whose runtime refuses its blob on a repeated load (:meth:`Program._load_again`)
+    gets the error a load deciding everything afresh gives: one line naming the delegate, its
+    segment and offset; the file stays loadable once the runtime loads again."""
+    import kitchen_sink
+
+    from handoff import runtime
+
+    _, path = _sink_file(tmp_path)
+    verified.wait_until_not_racy(os.stat(path))
+    handoff.load(path).close()
+    real = kitchen_sink.SinkRuntime.load
+    monkeypatch.setattr(kitchen_sink.SinkRuntime, "load", lambda *a: (_ for _ in ()).throw(RuntimeError("no device")))
+    errors = []
+    for forget in (False, True):
+        if forget:
+            monkeypatch.setattr(runtime, "_LOADS", {})
+        with pytest.raises(HandoffError) as info:
+            handoff.load(path)
+        errors.append(str(info.value))
+    assert errors[0] == errors[1] and "\n" not in errors[0]
+    assert re.search(r"delegate 0 \(sink_0, backend 'sink', segment \d+ at offset \d+\) failed to load: RuntimeError: no device$",
+                     errors[0]), errors[0]
+    monkeypatch.setattr(kitchen_sink.SinkRuntime, "load", real)
+    handoff.load(path).close()
+
+
+def test_a_repeated_load_still_warns_and_decides_trust_each_time(sink_plugins, tmp_path, monkeypatch):
+    """A recorded file whose delegates run their native (tvm) fallback copies, its own backend
+    switched off: a repeated load warns as the first did and decides trust again, so a load
+    without ``allow_unsigned`` is refused even though the same load plan was carried out before."""
+    import warnings
+
+    import kitchen_sink
+
+    from handoff import FallbackWarning, runtime
+
+    model = kitchen_sink.sink_net()
+    path = tmp_path / "copies.hof"
+    handoff.partition(model, (torch.randn(2, 8),), backends=["sink"], fallback=False,
+                      fallback_copies=True).write(str(path), sign=False)
+    verified.wait_until_not_racy(os.stat(path))
+    monkeypatch.setenv(kitchen_sink.UNAVAILABLE_ENV, "sink")
+    x = torch.randn(2, 8)
+    for n in range(3):
+        if n == 1:  # from here on the first load is repeated
+            monkeypatch.setattr(runtime.Program, "_load_delegates", lambda *a: pytest.fail("decided again"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            program = handoff.load(path, allow_unsigned=True)
+        with program:
+            assert [str(w.message) for w in caught if w.category is FallbackWarning] and program.trust is not None
+            assert {d["runtime"] for d in program.stats()["delegates"]} == {"tvm"}
+            np.testing.assert_allclose(program.run([x.numpy()])[0], model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(HandoffError, match=r"is native code and the program is not signed; load it only if you trust"):
+        handoff.load(path)
 
 
 def _decisions(monkeypatch):

@@ -260,6 +260,7 @@ class SinkRuntime(Runtime):
     loaded = 0
     released = 0
     reentrant = True  # execute keeps no state in the handle but its last stats
+    fresh_outputs = True  # host outputs are new arrays (an input handed back is copied: _compute)
 
     def is_available(self) -> tuple[bool, str]:
         if self.backend in os.environ.get(UNAVAILABLE_ENV, "").split(","):
@@ -299,7 +300,7 @@ class SinkRuntime(Runtime):
             offset = wrong[0] if wrong else 0.0  # blobs from before wrong_op (golden_v1_3.hof) have none
             out = NUMPY_OPS[op](*[get(a) for a in args], **kwargs)
             tmps.append(np.asarray(out + offset, dtype=np.float32))
-        return [np.asarray(get(o), dtype=np.float32) for o in handle["outputs"]]
+        return [np.array(get(o), dtype=np.float32) for o in handle["outputs"]]  # new arrays: fresh_outputs
 
     def to_host(self, values: Sequence[Any]) -> list[np.ndarray]:
         return [np.array(v._data) for v in values]  # copies: a device's memory is not the host's

@@ -149,9 +149,14 @@ class XnnpackRuntime(Runtime):
     """Loads and runs blobs made by :class:`handoff_xnnpack.compiler.XnnpackCompiler`.
 
     Reentrant: ExecuTorch's process-wide thread pool is guarded by one lock of this module, and a
-    delegate's outputs are fresh tensors the binding copied out of the program's memory."""
+    delegate's outputs are fresh tensors the binding copied out of the program's memory (hence
+    :attr:`fresh_outputs`)."""
 
     reentrant = True
+    #: ExecuTorch 1.5.1's ``Method.__call__`` clones every output tensor out of the program's
+    #: planned memory (pybindings ``get_outputs_as_py_list``, ``clone_outputs=True``), so each
+    #: ``Tensor.numpy()`` returned is a new array that no later call writes to.
+    fresh_outputs = True
     #: ExecuTorch aborts the process on some malformed programs (an ET_LOG message holding invalid
     #: UTF-8 while its binding redirects logging to Python: pybind11 throws inside a noexcept path).
     isolate_untrusted = True

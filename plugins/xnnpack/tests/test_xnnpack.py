@@ -592,6 +592,29 @@ def test_input_specs_are_kept_only_for_the_core_s_read_only_lists(monkeypatch):
     assert len(read) == 2 + 2 + 1
 
 
+def test_outputs_are_fresh(runtime, cnn_lowered):
+    """``fresh_outputs``: each execute returns new, writable arrays, sharing memory with neither
+    the inputs, the blob nor an earlier call's outputs, and no later call changes them."""
+    model, lowered = cnn_lowered
+    assert runtime.fresh_outputs
+    blob = memoryview(lowered.blob)
+    handle = runtime.load(blob, lowered.metadata, parsed())
+    try:
+        xs = [np.random.default_rng(seed).standard_normal((1, 3, 16, 16), dtype=np.float32) for seed in (1, 2)]
+        (first,) = runtime.execute(handle, [xs[0]])
+        kept = first.copy()
+        (second,) = runtime.execute(handle, [xs[1]])
+        np.testing.assert_array_equal(first, kept)  # not overwritten by the second call
+        assert not np.array_equal(first, second) and first.flags.writeable and second.flags.writeable
+        blob_span = np.frombuffer(blob, np.uint8)
+        for out in (first, second):
+            assert not any(np.shares_memory(out, other) for other in (*xs, blob_span, first if out is second else second))
+        with torch.no_grad():
+            np.testing.assert_allclose(first, model(torch.from_numpy(xs[0])).numpy(), rtol=1e-4, atol=1e-4)
+    finally:
+        runtime.release(handle)
+
+
 def test_threads(runtime, cnn_lowered):
     model, lowered = cnn_lowered
     x = torch.randn(1, 3, 16, 16)
