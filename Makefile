@@ -38,8 +38,13 @@ demo: setup
 	$(VENV)/bin/handoff partition $(DEMO_MODEL) --backends "$$backends" -o $(OUT)/demo.hof --report $(OUT)/demo-report.json
 	$(VENV)/bin/handoff run $(OUT)/demo.hof --bench 20
 
+# On TEST_WORKERS processes (pytest-xdist): most of the suite is single-threaded Python (export,
+# partitioning, codegen, subprocesses). worksteal: each worker starts on its own contiguous half,
+# so a module's fixtures and a session's cached compiles mostly stay in one process, and an idle
+# worker takes over the other's remaining tests.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist worksteal
 
 # The core and every plugin as wheels in dist/ (offline: build requirements come from the local index).
 wheels: setup
