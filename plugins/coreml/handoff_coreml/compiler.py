@@ -21,14 +21,14 @@ Capability (:meth:`CoreMLCompiler.support`) is coremltools' own frontend, asked 
 (:mod:`handoff_coreml.capability`); after planning, :meth:`CoreMLCompiler.check_partition`
 converts every planned partition for real (option ``verify``, on by default) and declines the
 nodes coremltools fails on in context: the node its error names, else one found by bisection. That conversion is kept, so ``preprocess``
-of the same partition does not convert it again. The core remembers the answers
+of the same partition (the same nodes cut from the same program, :func:`handoff.partition_source`)
+does not convert it again. The core remembers the answers
 (``$HANDOFF_HOME/capability``, :class:`handoff.cache.CapabilityCache`): a later run of the same
 model and options converts nothing to check.
 """
 
 from __future__ import annotations
 
-import hashlib
 import operator
 import os
 import re
@@ -39,7 +39,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from handoff import Compiler, Lowered, LoweringError, extract_partition, first_failing, one_line
+from handoff import Compiler, Lowered, LoweringError, extract_partition, first_failing, one_line, partition_source
 
 from . import __version__, _format, _package, capability
 from ._quiet import quiet
@@ -72,7 +72,8 @@ class CoreMLCompiler(Compiler):
         self.precision = self.options.get("precision") or "fp16"
         self.compute_units = self.options.get("compute_units") or "all"
         self.verify = bool(self.options.get("verify", True))
-        self._converted: dict[str, Lowered] = {}  # partition content -> what check_partition converted
+        #: what check_partition converted, by the cut it converted (:func:`_cut_key`): (program cut from, conversion)
+        self._converted: dict[tuple[int, tuple[str, ...]], tuple[Any, Lowered]] = {}
 
     def cache_key(self) -> str:
         """What decides a blob besides the options and the plugin's code: the converter, and torch
@@ -127,12 +128,12 @@ class CoreMLCompiler(Compiler):
             why = "computes only from weights (a constant)" if last[1] is _CONSTANT else "has no outputs"
             declined.update({n: f"this group of {len(rest)} node(s) {why}: nothing for Core ML to run"
                              for n in rest})
-        elif rest:
-            self._converted[last[2]] = last[3]
+        elif rest and last[2] is not None:
+            self._converted[last[2]] = (ep, last[3])
         return declined
 
-    def _check(self, ep: Any, names: list[str]) -> tuple[Any, str, Lowered | None, str | None]:
-        """``(outcome, content key, conversion, node)`` of converting ``names`` (with their
+    def _check(self, ep: Any, names: list[str]) -> tuple[Any, Any, Lowered | None, str | None]:
+        """``(outcome, cut key, conversion, node)`` of converting ``names`` (with their
         getitems) as one partition: outcome ``None`` when it converts, the failure otherwise, or
         :data:`_CONSTANT` / :data:`_EMPTY` for groups with nothing to run; ``node``: the node the
         failure names, if any."""
@@ -142,12 +143,12 @@ class CoreMLCompiler(Compiler):
         try:
             sub, inputs, outputs = extract_partition(ep, ordered, {})
         except Exception as exc:
-            return f"cannot cut the group out of the program: {one_line(exc)}", "", None, None
+            return f"cannot cut the group out of the program: {one_line(exc)}", None, None, None
         if not inputs:
-            return _CONSTANT, "", None, None
+            return _CONSTANT, None, None, None
         if not outputs:
-            return _EMPTY, "", None, None
-        key = _content_key(sub)
+            return _EMPTY, None, None, None
+        key = _cut_key(sub)
         try:
             return None, key, self._lower(sub, "group"), None
         except LoweringError as exc:  # the converter's words, without the class name
@@ -157,8 +158,13 @@ class CoreMLCompiler(Compiler):
 
     # -- lowering -----------------------------------------------------------------------------
     def preprocess(self, ep: torch.export.ExportedProgram, name: str) -> Lowered:
-        converted = self._converted.pop(_content_key(ep), None)
-        return converted if converted is not None else self._lower(ep, name)
+        """The conversion :meth:`check_partition` made of this very partition (the same nodes cut
+        from the same program, :func:`handoff.partition_source`), else a new one."""
+        source = partition_source(ep)
+        kept = self._converted.pop(_cut_key(ep), None) if source is not None else None
+        if kept is not None and kept[0] is source.program:
+            return kept[1]
+        return self._lower(ep, name)
 
     def _lower(self, ep: torch.export.ExportedProgram, name: str) -> Lowered:
         for node, reason in capability.translate(ep, self.target).items():
@@ -281,21 +287,12 @@ def _reloaded(blob: bytes) -> Any:
     return spec
 
 
-def _content_key(ep: Any) -> str:
-    """Graph code, input types and weights of a partition program: equal for the group
-    ``check_partition`` converted and the same partition handed to ``preprocess``."""
-    h = hashlib.sha256(ep.graph_module.code.encode())
-    for node in ep.graph.nodes:
-        if node.op == "placeholder":
-            val = node.meta.get("val")
-            h.update(f"{node.name}:{getattr(val, 'dtype', None)}{list(getattr(val, 'shape', []))}".encode())
-    for name, t in sorted([*ep.state_dict.items(), *ep.constants.items()], key=lambda kv: kv[0]):
-        if isinstance(t, torch.Tensor):
-            h.update(name.encode())
-            h.update(_tensor_bytes(t))
-    return h.hexdigest()
+def _cut_key(sub: Any) -> tuple[int, tuple[str, ...]] | None:
+    """Which cut ``sub`` is (:func:`handoff.partition_source`): the program it was cut from (by
+    identity; the entry holds that program alive, so the id names no other) and its nodes. Cuts
+    are deterministic: the group ``check_partition`` converted and the same partition handed to
+    ``preprocess`` have the same key. ``None`` for a program not cut by ``extract_partition``."""
+    source = partition_source(sub)
+    return None if source is None else (id(source.program), source.nodes)
 
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 

@@ -239,6 +239,37 @@ def test_check_partition_declines_what_fails_in_context(monkeypatch, use_plugins
     assert again.report.declined == result.report.declined and calls == []
 
 
+def test_preprocess_lowers_the_conversion_check_partition_made(monkeypatch, use_plugins):
+    """``check_partition`` converts each planned partition for real; ``preprocess`` then lowers
+    that very conversion (the same nodes cut from the same program, ``handoff.partition_source``)
+    instead of converting again: once a partition's check is done, nothing more is converted."""
+    from handoff_coreml.compiler import CoreMLCompiler
+
+    real_lower, real_check = CoreMLCompiler.lower_unchecked, CoreMLCompiler.check_partition
+    conversions: list[list[str]] = []
+    after_checks: list[int] = []
+
+    def lower(self, ep, name):
+        conversions.append([str(n.target) for n in ep.graph.nodes if n.op == "call_function"])
+        return real_lower(self, ep, name)
+
+    def check(self, ep, nodes):
+        try:
+            return real_check(self, ep, nodes)
+        finally:
+            after_checks.append(len(conversions))
+
+    monkeypatch.setattr(CoreMLCompiler, "lower_unchecked", lower)
+    monkeypatch.setattr(CoreMLCompiler, "check_partition", check)
+    use_plugins("handoff_coreml.plugin")
+    model = Block().eval()
+    result = handoff.partition(model, (torch.randn(2, 16),), backends=["coreml"], use_cache=False,
+                               options={"coreml": {"precision": "fp32"}})
+    assert result.report.stats["coreml"].partitions == 1
+    assert after_checks and conversions and len(conversions) == after_checks[-1], (conversions, after_checks)
+    _run_with_reference(use_plugins, result, model, [((2, 16), "float32")], "float32")
+
+
 def test_check_partition_declines_the_node_coremltools_names(monkeypatch, use_plugins):
     """When coremltools' error names a node of the partition (its MIL ops carry the torch node
     names; injected: ``Op "gelu" ...`` for any graph holding a GELU after a layer norm), that node
