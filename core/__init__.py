@@ -46,7 +46,7 @@ from .hookspecs import hookimpl, hookspec  # noqa: E402
 from .plugins import Plugins, get_plugins  # noqa: E402
 from .program import ManifestDict, ManifestList  # noqa: E402
 from .runtime import Program, load  # noqa: E402
-from .tempfiles import temp_dir  # noqa: E402
+from .tempfiles import temp_dir, write_atomic  # noqa: E402
 from .zoo import ResolvedModel, ZooModel  # noqa: E402
 
 # The ahead-of-time API (imports torch when used) and the helpers plugins may use.
@@ -81,4 +81,4 @@ __all__ = ["__version__", "HOST_MEMORY", "PLUGIN_API_VERSION", "BackendSpec", "C
            "PartitionResult", "PartitionSource", "Plugins", "Program", "ProgramFormatError", "Quantized", "Report", "ResolvedModel", "Runtime", "ZooModel",
            "cache_dir", "extract_partition", "first_failing", "get_plugins", "hookimpl", "hookspec",
            "is_quantized", "load", "native_library", "one_line", "partition", "partition_source", "quantize",
-           "quantized_dtype", "quiet_loggers", "quiet_native", "temp_dir"]
+           "quantized_dtype", "quiet_loggers", "quiet_native", "temp_dir", "write_atomic"]

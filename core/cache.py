@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .backend import Lowered
-from .tempfiles import create_file
+from .tempfiles import write_atomic
 
 HOME_ENV = "HANDOFF_HOME"
 
@@ -50,18 +50,6 @@ def cache_dir(name: str) -> Path:
     path = handoff_home() / name
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    # ".tmp-<pid>-<random>": what a killed writer leaves is removed by the next writer here.
-    fd, tmp = create_file(path.parent, ".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclasses.dataclass
@@ -119,8 +107,8 @@ class LoweringCache:
         digest = hashlib.sha256(lowered.blob).hexdigest()
         meta = {"sha256": digest, "metadata": lowered.metadata, "compile_seconds": compile_seconds,
                 "signature": sign_entry(_signed_part(key, digest, lowered.metadata, compile_seconds))}
-        _atomic_write(self.root / f"{key}.blob", lowered.blob)
-        _atomic_write(self.root / f"{key}.json", json.dumps(meta).encode())
+        write_atomic(self.root / f"{key}.blob", lowered.blob)
+        write_atomic(self.root / f"{key}.json", json.dumps(meta).encode())
 
 
     def failure(self, key: str) -> dict[str, str] | None:
@@ -140,7 +128,7 @@ class LoweringCache:
         run with its message), it never supplies code. A failure that may not recur (the machine
         ran out of memory) is retried with ``--no-cache`` (``use_cache=False``)."""
         entry = {"first_op": first_op, "message": message, "seconds": seconds}
-        _atomic_write(self.root / f"{key}.failed.json", json.dumps(entry).encode())
+        write_atomic(self.root / f"{key}.failed.json", json.dumps(entry).encode())
 
 
 def _signed_part(key: str, digest: str, metadata: Any, compile_seconds: Any) -> bytes:
@@ -189,5 +177,5 @@ class CapabilityCache:
         self.misses += 1
         self.memory[key] = value
         if self.root is not None:
-            _atomic_write(self.root / f"{key}.json", json.dumps({"answer": value}).encode())
+            write_atomic(self.root / f"{key}.json", json.dumps({"answer": value}).encode())
         return value

@@ -30,7 +30,6 @@ import dataclasses
 import math
 import multiprocessing
 import os
-import tempfile
 import time
 import types
 from typing import Any, Callable, Mapping, Sequence
@@ -39,6 +38,7 @@ from . import numerics
 from .bench import errors, interleaved, percentile
 from .errors import HandoffError, one_line
 from .strategies import Strategy
+from .tempfiles import temp_file
 
 #: Seconds a worker may take to answer one request (load, a round of timed runs, the checks).
 WORKER_TIMEOUT = 900.0
@@ -527,7 +527,7 @@ class _Worker:
     def __init__(self, program: bytes | None, options: Mapping[str, Mapping[str, str]], plugins: Any):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        fd, self.log = tempfile.mkstemp(prefix="handoff-compare-", suffix=".log")
+        fd, self.log = temp_file("compare", ".log")  # a killed run's is swept by the next one
         os.close(fd)
         autoload, modules = _plugin_sources(plugins)
         self.process = ctx.Process(target=_worker_main, args=(child, program, dict(options), autoload, modules,

@@ -18,22 +18,23 @@ decline must fail one of the two; a decline the plugin documents as a device-onl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
 import operator
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the quantized_decomposed ops)
 
 from .partitioner import op_name
+from .tempfiles import temp_dir
 
 A = torch.ops.aten
 #: Nodes a one-op sample may hold besides its op.
@@ -325,11 +326,7 @@ def check_sample(sample: Sample, compiler: Any, lower: Callable[[Any, str], Any]
     return row
 
 
-def check_op_table(backend: str, samples: Sequence[Sample], argv: Sequence[str] | None = None, *,
-                   description: str = "", lower: str = "preprocess",
-                   evaluate: Callable[[Any], Callable[[Any, list[np.ndarray]], list[np.ndarray]]] | None = None,
-                   table: Iterable[Any] = (), defaults: dict[str, str] | None = None, plugin: str | None = None,
-                   **kw: Any) -> int:
+def check_op_table(backend: str, samples: Sequence[Sample], argv: Sequence[str] | None = None, **kw: Any) -> int:
     """The command line of a plugin's ``tools/check_op_table.py``: ``--option NAME=VALUE`` (compile
     options of ``backend``, over ``defaults``), ``-k TEXT`` (a subset), ``--json FILE``,
     ``--verbose``. Builds the compiler from the plugin module ``plugin`` (default
@@ -338,6 +335,30 @@ def check_op_table(backend: str, samples: Sequence[Sample], argv: Sequence[str] 
     runtime half: ``load``, ``execute``, ``release``), checks every sample (:func:`check_sample`;
     ``kw`` goes there) and prints the mismatches and a summary. ``table``: the ops the capability
     table lists; one without a sample fails the run. Returns the exit status."""
+    with _private_home(backend):
+        return _check_op_table(backend, samples, argv, **kw)
+
+
+@contextlib.contextmanager
+def _private_home(backend: str) -> Iterator[None]:
+    """``$HANDOFF_HOME`` for one check alone, removed with everything in it afterwards (the check
+    records files and blobs it lowers), unless the caller set one."""
+    if os.environ.get("HANDOFF_HOME"):
+        yield
+        return
+    with temp_dir(f"{backend}-check") as home:
+        os.environ["HANDOFF_HOME"] = str(home)
+        try:
+            yield
+        finally:
+            os.environ.pop("HANDOFF_HOME", None)
+
+
+def _check_op_table(backend: str, samples: Sequence[Sample], argv: Sequence[str] | None = None, *,
+                    description: str = "", lower: str = "preprocess",
+                    evaluate: Callable[[Any], Callable[[Any, list[np.ndarray]], list[np.ndarray]]] | None = None,
+                    table: Iterable[Any] = (), defaults: dict[str, str] | None = None, plugin: str | None = None,
+                    **kw: Any) -> int:
     from .plugins import Plugins
 
     parser = argparse.ArgumentParser(description=description)
@@ -348,7 +369,6 @@ def check_op_table(backend: str, samples: Sequence[Sample], argv: Sequence[str] 
     parser.add_argument("--verbose", action="store_true", help="print agreeing rows too")
     args = parser.parse_args(argv)
     options = {**(defaults or {}), **dict(o.split("=", 1) for o in args.option)}
-    os.environ.setdefault("HANDOFF_HOME", tempfile.mkdtemp(prefix=f"handoff-{backend}-check-"))
     pm = Plugins(autoload=False, extra=[plugin or f"handoff_{backend}.plugin"])
     compiler = pm.compiler(backend, options)
     if evaluate is None:

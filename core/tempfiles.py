@@ -9,7 +9,8 @@ never touched; a stale entry whose process id has been reused by a live process 
 process ends too.
 
 Public API for plugins: :func:`temp_dir` (``handoff.temp_dir``), for a backend's own scratch
-files (QNN's context binaries at load, a vendor compiler's working directory).
+files (QNN's context binaries at load, a vendor compiler's working directory), and
+:func:`write_atomic` (``handoff.write_atomic``), for a file in a backend's own cache.
 """
 
 from __future__ import annotations
@@ -95,19 +96,41 @@ def create_file(directory: str | os.PathLike[str], prefix: str, suffix: str = ""
             continue
 
 
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` (mode 0600) so that a reader sees the old file or the new one,
+    never part of one: into a new file next to it (:func:`create_file`, prefix ``.tmp-``, so what
+    a killed writer leaves is removed by the next writer there), then renamed over ``path``.
+    Raises :class:`OSError`; on any failure the new file is removed."""
+    fd, tmp = create_file(os.path.dirname(os.fspath(path)) or ".", ".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 @contextlib.contextmanager
 def temp_dir(kind: str, directory: str | os.PathLike[str] | None = None) -> Iterator[Path]:
     """A private directory (mode 0700) ``handoff-KIND-<pid>-<random>`` in ``directory`` (default:
     the system's temporary directory), removed with everything in it when the block ends, however
     it ends. Stale directories of the same kind, left by killed processes, are removed first."""
+    path = make_temp_dir(kind, directory)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def make_temp_dir(kind: str, directory: str | os.PathLike[str] | None = None) -> Path:
+    """:func:`temp_dir`'s directory, for a caller whose lifetime is not a block (a test session's
+    private ``$HANDOFF_HOME``) and that removes it itself."""
     parent = os.fspath(directory) if directory is not None else tempfile.gettempdir()
     prefix = f"handoff-{kind}-"
     sweep_once(parent, prefix)
-    path = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
-    try:
-        yield Path(path)
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
 
 
 def temp_file(kind: str, suffix: str = "") -> tuple[int, str]:

@@ -31,12 +31,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Mapping
 
 from .cache import home_name
+from .tempfiles import write_atomic
 
 DIRECTORY = "verified"
 #: a file changed less than this before its check began may still change unseen
@@ -143,17 +143,8 @@ def _write_record(st: os.stat_result, manifest_sha256: bytes, notes: Mapping[str
     directory = _directory()
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(manifest_sha256.hex().encode())
-                for name, value in sorted((notes or {}).items()):
-                    f.write(f"\n{name} {value}".encode())
-            os.replace(tmp, directory / record_key(st))
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        text = manifest_sha256.hex() + "".join(f"\n{name} {value}" for name, value in sorted((notes or {}).items()))
+        write_atomic(directory / record_key(st), text.encode())
         _prune(directory)
         return True
     except OSError:

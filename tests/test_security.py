@@ -184,6 +184,48 @@ def test_a_killed_process_leaves_temporary_files_that_the_next_one_sweeps(tmp_pa
     assert not Path(left_file).exists(), "a dead process's temporary file was not swept"
 
 
+def test_files_written_atomically_leave_nothing_when_the_writer_fails_or_is_killed(tmp_path, monkeypatch):
+    """Records, cache entries and the tuning timings go through ``handoff.write_atomic``; the
+    records' own writer used ``tempfile.mkstemp``, whose ``.tmp-*`` files a killed process left
+    in ``$HANDOFF_HOME/verified`` for good (pruning skips dot files)."""
+    from handoff import tempfiles, verified, write_atomic
+
+    target = tmp_path / "entry.json"
+    write_atomic(target, b"old")
+    assert target.read_bytes() == b"old" and (target.stat().st_mode & 0o777) == 0o600
+
+    class Full(Exception):
+        pass
+
+    def fail(*_):
+        raise Full()
+
+    monkeypatch.setattr(tempfiles.os, "replace", fail)
+    with pytest.raises(Full):
+        write_atomic(target, b"new")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["entry.json"]
+
+    records = tmp_path / "home" / "verified"
+    records.mkdir(parents=True)
+    code = ("import os, handoff.tempfiles as t\n"
+            "fd, p = t.create_file(%r, '.tmp-'); os.write(fd, b'half a rec'); print(p, flush=True); os._exit(9)"
+            % str(records))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 9, proc.stderr
+    left = Path(proc.stdout.strip())
+    assert left.exists()
+    monkeypatch.setenv("HANDOFF_HOME", str(tmp_path / "home"))
+    tempfiles._swept.clear()
+    program = tmp_path / "m.hof"
+    program.write_bytes(identity_program([2]))
+    st = program.stat()
+    assert verified._write_record(st, b"\x01" * 32, {"note": "kept"})
+    assert not left.exists(), "a killed writer's temporary record was not swept"
+    assert verified.lookup(st, b"\x01" * 32) == {"note": "kept"}
+    assert sorted(p.name for p in records.iterdir()) == [verified.record_key(st)]
+
+
 def test_sweeping_never_touches_a_live_process_s_files(tmp_path):
     from handoff import tempfiles
 

@@ -24,7 +24,6 @@ import platform
 import random
 import shutil
 import sys
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -135,11 +134,14 @@ class Suite:
         self.results: dict[str, dict[str, Any]] = {}  # backend -> item -> result (controller side)
         self.contract: dict[str, dict[str, Any]] = {}
         self.targets: dict[str, Any] = {}
+        from handoff.tempfiles import make_temp_dir
+
         self._old_home = os.environ.get("HANDOFF_HOME")
         cache = config.getoption("handoff_cache")  # else each process (xdist worker) gets a fresh one
-        self.home, self._own_home = cache or tempfile.mkdtemp(prefix="handoff-conformance-"), not cache
+        # private directories a killed run leaves are removed by the next run (handoff.tempfiles)
+        self.home, self._own_home = cache or str(make_temp_dir("conformance")), not cache
         os.environ["HANDOFF_HOME"] = self.home
-        self.workdir = Path(tempfile.mkdtemp(prefix="handoff-conformance-work-"))
+        self.workdir = make_temp_dir("conformance-work")
 
     # -- collection -------------------------------------------------------------------------------
     def _build_targets(self) -> list[str]:

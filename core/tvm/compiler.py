@@ -25,7 +25,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from handoff import Compiler, Lowered, LoweringError, cache_dir, is_quantized, native, quiet_native, temp_dir
+from handoff import (Compiler, Lowered, LoweringError, cache_dir, is_quantized, native, quiet_native, temp_dir,
+                     write_atomic)
 
 from .importer import INT8_COMPUTE, decline_reason, import_partition
 from .runtime import host_triple
@@ -489,9 +490,7 @@ class _Timings:
         entries = {**self._read(), **self.new}
         if len(entries) > self.LIMIT:
             entries = dict(self.new)
-        with temp_dir("tvm-timings", self.path.parent) as tmp:
-            (tmp / self.NAME).write_text(json.dumps(entries))
-            (tmp / self.NAME).replace(self.path)
+        write_atomic(self.path, json.dumps(entries).encode())
 
 
 def _flops(task: Any) -> float:

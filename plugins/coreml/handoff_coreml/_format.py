@@ -244,7 +244,7 @@ def _check_manifest(zf: zipfile.ZipFile, manifest: zipfile.ZipInfo, entries: Map
 
 def extract(container: Container, dest: str) -> str:
     """Write the package into ``dest`` (an empty private directory the caller created, e.g.
-    ``tempfile.mkdtemp()``) after :func:`members` checked the archive; returns the package path.
+    ``handoff.temp_dir``) after :func:`members` checked the archive; returns the package path.
     Files are created exclusively (never through an existing path or link), and each must read
     back with exactly its declared size and CRC."""
     zf, entries = members(container.archive)

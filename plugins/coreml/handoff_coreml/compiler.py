@@ -32,14 +32,14 @@ from __future__ import annotations
 import operator
 import os
 import re
-import tempfile
 import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from handoff import Compiler, Lowered, LoweringError, extract_partition, first_failing, one_line, partition_source
+from handoff import (Compiler, Lowered, LoweringError, extract_partition, first_failing, one_line, partition_source,
+                     temp_dir)
 
 from . import __version__, _format, _package, capability
 from ._quiet import quiet
@@ -181,7 +181,7 @@ class CoreMLCompiler(Compiler):
             node.meta["debug_handle"] = i
         inputs = [_feature(f"input_{i}", n) for i, n in enumerate(_user_inputs(ep))]
         outputs = [_feature(f"output_{i}", n) for i, n in enumerate(_outputs(ep))]
-        with tempfile.TemporaryDirectory(prefix="handoff-coreml-") as tmp:
+        with temp_dir("coreml") as tmp:
             start = time.perf_counter()
             try:
                 with quiet():
@@ -278,7 +278,7 @@ def _reloaded(blob: bytes) -> Any:
     """The blob as the runtime reads it: unpacked with its checks, the package reloaded by
     coremltools (``skip_model_load``), its features compared with the header; its specification."""
     container = _format.unpack(blob)
-    with tempfile.TemporaryDirectory(prefix="handoff-coreml-") as tmp:
+    with temp_dir("coreml") as tmp:
         spec = _package.read_spec(_format.extract(container, tmp))
     try:
         _package.check_spec(spec, container.header)

@@ -20,10 +20,11 @@ Imports coremltools (not torch): for tests and ``tools/check_op_table.py``, neve
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Sequence
 
 import numpy as np
+
+from handoff import temp_dir
 
 from . import _format, _package
 from ._quiet import quiet
@@ -43,7 +44,7 @@ def evaluate(blob: bytes | memoryview, inputs: Sequence[Any]) -> list[np.ndarray
     container = _format.unpack(blob)
     header = container.header
     feeds = _format.to_coreml(inputs, header["inputs"])
-    with tempfile.TemporaryDirectory(prefix="handoff-coreml-") as tmp, quiet():
+    with temp_dir("coreml") as tmp, quiet():
         from coremltools.converters.mil.frontend.milproto import load as milproto
 
         package = _format.extract(container, tmp)
