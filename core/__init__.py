@@ -44,7 +44,7 @@ from .native import native_library  # noqa: E402
 from .quiet import quiet_loggers, quiet_native  # noqa: E402
 from .hookspecs import hookimpl, hookspec  # noqa: E402
 from .plugins import Plugins, get_plugins  # noqa: E402
-from .program import ManifestDict, ManifestList  # noqa: E402
+from .program import ManifestDict, ManifestList, blob_key  # noqa: E402
 from .runtime import Program, load  # noqa: E402
 from .tempfiles import temp_dir, write_atomic  # noqa: E402
 from .zoo import ResolvedModel, ZooModel  # noqa: E402
@@ -79,6 +79,6 @@ def __getattr__(name: str) -> Any:
 __all__ = ["__version__", "HOST_MEMORY", "PLUGIN_API_VERSION", "BackendSpec", "Compiler", "FallbackWarning",
            "HandoffError", "Limits", "Lowered", "LoweringError", "ManifestDict", "ManifestList", "Option",
            "PartitionResult", "PartitionSource", "Plugins", "Program", "ProgramFormatError", "Quantized", "Report", "ResolvedModel", "Runtime", "ZooModel",
-           "cache_dir", "extract_partition", "first_failing", "get_plugins", "hookimpl", "hookspec",
+           "blob_key", "cache_dir", "extract_partition", "first_failing", "get_plugins", "hookimpl", "hookspec",
            "is_quantized", "load", "native_library", "one_line", "partition", "partition_source", "quantize",
            "quantized_dtype", "quiet_loggers", "quiet_native", "temp_dir", "write_atomic"]

@@ -39,6 +39,7 @@ import os
 import stat
 import struct
 import time
+import weakref
 import zlib
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence, Union
 
@@ -840,6 +841,30 @@ _KEEP_BYTES = 16 << 20
 READ_BELOW_BYTES = 1 << 20
 
 
+#: Mappings of recorded files, each with what names the file's bytes (:func:`blob_key`): its key in
+#: :data:`_OPENED` and manifest digest, and the mapping's address. Weak: a closed program's
+#: mapping goes when its last view does.
+_MAPPED: weakref.WeakKeyDictionary[mmap.mmap, tuple[tuple[Any, ...], int]] = weakref.WeakKeyDictionary()
+
+
+def blob_key(blob: memoryview) -> tuple[Any, ...] | None:
+    """A key for the bytes of ``blob``, a segment the core handed to ``Runtime.load``, that is the
+    same on every load in this process of the unchanged recorded program file it lies in, and
+    names no other bytes; ``None`` where the core cannot vouch for that (a file that is small and
+    read into memory: see docs/plugins.md; not recorded yet; changed since; given as bytes).
+
+    "Unchanged" is what lets the core skip checking the file again (:mod:`handoff.verified`:
+    device, inode, size, modification and change times, and the manifest's digest), so what a
+    runtime derived from a blob with this key it may use again for a blob with the same key
+    instead of deriving it from the file's bytes once more."""
+    source = blob.obj
+    named = _MAPPED.get(source) if type(source) is mmap.mmap else None
+    if named is None or not blob.nbytes:
+        return None
+    file, base = named
+    return (*file, np.frombuffer(blob, np.uint8).ctypes.data - base, blob.nbytes)
+
+
 def _opened_key(st: os.stat_result) -> tuple[str, str]:
     """A file's key in :data:`_OPENED`: the record directory and the file's record key."""
     return verified.directory_name(), verified.record_key(st)
@@ -950,6 +975,7 @@ class ProgramFile:
             self._manifest_sha256 = digest
             if self.recorded:
                 self._verified.update(range(len(self._segments)))
+                self._name_mapping()
         except BaseException:
             self.close()
             raise
@@ -1052,7 +1078,14 @@ class ProgramFile:
         self.recorded = self.recorded or written
         if self.recorded:
             self._remember_opened()
+            self._name_mapping()
         return self.recorded
+
+    def _name_mapping(self) -> None:
+        """Let :func:`blob_key` name the bytes of this recorded file's mapping."""
+        if self._mmap is not None and self._opened is not None and self._mmap not in _MAPPED:
+            _MAPPED[self._mmap] = ((*self._opened[0], self._manifest_sha256),
+                                   np.frombuffer(self._mmap, np.uint8).ctypes.data)
 
     def _remember_opened(self) -> None:
         """Keep what this open of a recorded file derived, with its notes now, for the next (:data:`_OPENED`)."""

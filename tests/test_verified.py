@@ -661,3 +661,37 @@ def test_a_handoff_home_with_a_tilde_is_one_place_for_records_and_blob_memos(tmp
         assert pf.remember_verified()
     assert any(p.name != "sink" for p in (tmp_path / "hh" / "verified").iterdir())
     assert not (tmp_path / "~").exists()
+
+
+def test_a_mapped_recorded_file_names_its_blobs_the_same_on_every_open(tmp_path, monkeypatch):
+    """``handoff.blob_key``: a mapped file's segments get a key once the file is recorded, the same
+    key on every later open of the unchanged file (a new mapping each time), another key for
+    another segment or file, and none once the file changed or for a file read into memory."""
+    from handoff import blob_key, program
+
+    monkeypatch.setattr(program, "READ_BELOW_BYTES", 0)  # every file mapped
+    path, other = _settled(tmp_path), _settled(tmp_path, "other.hof")
+    with ProgramFile.open(path) as pf:
+        assert pf._mmap is not None and blob_key(pf.segment(1)) is None  # not recorded yet
+        assert pf.remember_verified()
+        first = blob_key(pf.segment(1))
+        assert first is not None and blob_key(pf.segment(0)) not in (None, first)
+    with ProgramFile.open(path) as pf, ProgramFile.open(other) as again:
+        assert again.remember_verified()
+        assert pf._mmap is not None and blob_key(pf.segment(1)) == first
+        assert blob_key(again.segment(1)) not in (None, first)  # the same bytes in another file
+        assert blob_key(memoryview(bytes(pf.segment(1)))) is None  # a copy: nothing the core vouches for
+    before = os.stat(path)
+    with open(path, "r+b") as f:  # changed in place, modification time put back
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(last)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    verified.wait_until_not_racy(os.stat(path))
+    with ProgramFile.open(path) as pf:
+        assert not pf.recorded and blob_key(pf.segment(1)) is None
+        assert pf.remember_verified() and blob_key(pf.segment(1)) not in (None, first)
+    monkeypatch.setattr(program, "READ_BELOW_BYTES", 1 << 20)
+    with ProgramFile.open(path) as pf:
+        assert pf._mmap is None and pf.recorded and blob_key(pf.segment(1)) is None

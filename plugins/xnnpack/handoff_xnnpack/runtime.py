@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from handoff import ManifestList, Runtime, one_line
+from handoff import ManifestList, Runtime, blob_key, one_line
 
 from . import EXECUTORCH_VERSION, _format
 
@@ -210,7 +210,8 @@ class XnnpackRuntime(Runtime):
         version = _executorch_version()
         if version is None:
             raise ValueError(f"xnnpack: executorch not installed: {_INSTALL}")
-        place = _place(blob)
+        named = blob_key(blob)  # a mapped file's blob, named by the core
+        place = named if named is not None else _place(blob)
         kept = _PTES.get(place) if place is not None else None
         if kept is not None:
             pte = kept[1]
@@ -219,7 +220,7 @@ class XnnpackRuntime(Runtime):
             _format.check_compatible(header, version)
             pte = bytes(view)  # the binding wants bytes
             if place is not None:
-                _keep(place, blob.obj, pte)
+                _keep(place, None if named is not None else blob.obj, pte)
         threads = options.get("threads")
         if threads is None and metadata.get("threads") is not None:  # the compile-time default, from the file
             threads = _format.OPTIONS["threads"].parse("threads", metadata["threads"])
@@ -280,23 +281,26 @@ class XnnpackRuntime(Runtime):
                 _LIVE[0] -= 1
 
 
-#: The .pte bytes of blobs that were views of immutable ``bytes`` (the core hands out the same
-#: ``bytes`` again for a recorded file opened unchanged: docs/plugins.md), by where the blob lies
-#: (:func:`_place`), with those bytes, which are kept alive here so that their id names no other
-#: object: a later load of the same blob neither unpacks, checks nor copies it again.
-_PTES: dict[tuple[int, int, int], tuple[bytes, bytes]] = {}
+#: The .pte bytes of blobs the core names (``handoff.blob_key``: a mapped file, recorded and
+#: unchanged) or that were views of immutable ``bytes`` (the core hands out the same ``bytes``
+#: again for a small recorded file opened unchanged: docs/plugins.md), by that key or by where the
+#: blob lies (:func:`_place`), with those bytes, which are kept alive here so that their id names
+#: no other object (``None`` for a named blob): a later load of the same blob neither unpacks,
+#: checks nor copies it again (a 13 MB MobileNetV2 ``.pte``: the copy and its page faults were
+#: most of what a load took beyond ExecuTorch's own).
+_PTES: dict[tuple[Any, ...], tuple[bytes | None, bytes]] = {}
 #: The most bytes :data:`_PTES` holds (the bytes viewed and the copies), the newest kept first: a
 #: program given as bytes over and over must not pile up copies.
 _KEEP_BYTES = 16 << 20
 
 
-def _keep(place: tuple[int, int, int], source: bytes, pte: bytes) -> None:
-    if len(source) + len(pte) > _KEEP_BYTES:
+def _keep(place: tuple[Any, ...], source: bytes | None, pte: bytes) -> None:
+    if len(source or b"") + len(pte) > _KEEP_BYTES:
         return
     _PTES[place] = (source, pte)
     held = 0
     for key, (viewed, copy) in list(reversed(_PTES.items())):
-        held += len(viewed) + len(copy)
+        held += len(viewed or b"") + len(copy)
         if held > _KEEP_BYTES:
             _PTES.pop(key, None)  # another thread's load may have dropped it already
 

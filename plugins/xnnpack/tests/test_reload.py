@@ -29,12 +29,20 @@ from handoff.testing import assert_matches_eager  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-def test_a_program_loaded_again_shares_its_pte_until_the_file_changes(plugins, tmp_path, monkeypatch):
-    """Loaded and run three times against eager: the later loads run from the .pte the first one
-    made, with the inputs read from the same read-only manifest the first load read; then damaged
-    in place (modification time put back), the next load refuses the file with the one-line error
-    naming the segment and its offset."""
+@pytest.mark.parametrize("mapped", [False, True], ids=["read", "mapped"])
+def test_a_program_loaded_again_shares_its_pte_until_the_file_changes(plugins, tmp_path, monkeypatch, mapped):
+    """Loaded and run three times against eager: the later loads run from the .pte an earlier one
+    made (a file read into memory: by its bytes, from the first load; a mapped one: by
+    ``handoff.blob_key``, from the first load after the file was recorded), with the inputs read
+    from the same read-only manifest the first load read; then damaged in place (modification
+    time put back), the next load refuses the file with the one-line error naming the segment
+    and its offset."""
+    from handoff import program as core_program
     from handoff_xnnpack import runtime as xnnpack_runtime
+
+    if mapped:
+        monkeypatch.setattr(core_program, "READ_BELOW_BYTES", 0)  # as a file over 1 MiB
+    monkeypatch.setattr(xnnpack_runtime, "_PTES", {})  # none kept from other tests
 
     specs_read = []
     real = xnnpack_runtime._input_specs
@@ -52,8 +60,9 @@ def test_a_program_loaded_again_shares_its_pte_until_the_file_changes(plugins, t
             outs.append(program.run([x.numpy()])[0])
             assert_matches_eager(outs[-1], model(x))
             ptes.append({id(pte) for _, pte in xnnpack_runtime._PTES.values()})
+            assert (program.file._mmap is not None) == mapped
             entry = program.manifest["segments"][program.manifest["delegates"][0]["segment"]]
-    assert program.file.recorded and ptes[1] == ptes[2]  # no new .pte made for the unchanged file
+    assert program.file.recorded and len(ptes[2]) == 1 and ptes[1] == ptes[2]  # no new .pte for the unchanged file
     assert specs_read == [1]  # the later loads' manifest is the first one's: its input_specs read once
     assert not torch.allclose(torch.from_numpy(outs[0]), torch.from_numpy(outs[1])), "outputs must change with the input"
     before = os.stat(path)
