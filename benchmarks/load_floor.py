@@ -86,7 +86,7 @@ def main() -> None:
     program.run(arrays)
     notes = dict(program.file.notes)
     program.close()
-    blob_key = next(v for k, v in notes.items() if k.startswith("probe-key "))
+    probe_key = next(v for k, v in notes.items() if k.startswith("probe-key "))
     run_bytes = int(notes[RUN_BYTES_NOTE])
     plugins = handoff.get_plugins()
     runtime = plugins.runtime("xnnpack")
@@ -145,7 +145,7 @@ def main() -> None:
     def decide() -> tuple[memoryview, Any]:
         kept, mm = detect()
         limits.check_run_bytes(kept.manifest, hof, run_bytes)
-        if not plugins.runtime_available("xnnpack")[0] or not probe.is_known("xnnpack", blob_key):
+        if not plugins.runtime_available("xnnpack")[0] or not probe.is_known("xnnpack", probe_key):
             raise SystemExit("runtime unavailable or blob unknown")
         offset, length = kept.segments[segment][:2]
         return memoryview(kept.data if mm is None else mm)[offset:offset + length], mm

@@ -842,9 +842,8 @@ READ_BELOW_BYTES = 1 << 20
 
 
 #: Mappings of recorded files, each with what names the file's bytes (:func:`blob_key`): its key in
-#: :data:`_OPENED` and manifest digest, and the mapping's address. Weak: a closed program's
-#: mapping goes when its last view does.
-_MAPPED: weakref.WeakKeyDictionary[mmap.mmap, tuple[tuple[Any, ...], int]] = weakref.WeakKeyDictionary()
+#: :data:`_OPENED` and manifest digest. Weak: a closed program's mapping goes when its last view does.
+_MAPPED: weakref.WeakKeyDictionary[mmap.mmap, tuple[Any, ...]] = weakref.WeakKeyDictionary()
 
 
 def blob_key(blob: memoryview) -> tuple[Any, ...] | None:
@@ -858,11 +857,11 @@ def blob_key(blob: memoryview) -> tuple[Any, ...] | None:
     runtime derived from a blob with this key it may use again for a blob with the same key
     instead of deriving it from the file's bytes once more."""
     source = blob.obj
-    named = _MAPPED.get(source) if type(source) is mmap.mmap else None
-    if named is None or not blob.nbytes:
+    file = _MAPPED.get(source) if type(source) is mmap.mmap else None
+    if file is None or not blob.nbytes:
         return None
-    file, base = named
-    return (*file, np.frombuffer(blob, np.uint8).ctypes.data - base, blob.nbytes)
+    at = np.frombuffer(blob, np.uint8).ctypes.data - np.frombuffer(source, np.uint8).ctypes.data
+    return (*file, at, blob.nbytes)
 
 
 def _opened_key(st: os.stat_result) -> tuple[str, str]:
@@ -1083,9 +1082,8 @@ class ProgramFile:
 
     def _name_mapping(self) -> None:
         """Let :func:`blob_key` name the bytes of this recorded file's mapping."""
-        if self._mmap is not None and self._opened is not None and self._mmap not in _MAPPED:
-            _MAPPED[self._mmap] = ((*self._opened[0], self._manifest_sha256),
-                                   np.frombuffer(self._mmap, np.uint8).ctypes.data)
+        if self._mmap is not None and self._opened is not None:
+            _MAPPED[self._mmap] = (*self._opened[0], self._manifest_sha256)
 
     def _remember_opened(self) -> None:
         """Keep what this open of a recorded file derived, with its notes now, for the next (:data:`_OPENED`)."""
