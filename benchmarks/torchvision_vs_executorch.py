@@ -2,7 +2,7 @@
 
     python benchmarks/torchvision_vs_executorch.py [--models mobilenet_v3_small,shufflenet_v2_x0_5,...]
                                                    [--runs 50] [--size 224]
-    python benchmarks/torchvision_vs_executorch.py --sweep [--size 64]
+    python benchmarks/torchvision_vs_executorch.py --sweep [--size 64] [--backends tvm]
 
 For each model, in one process on the same input: handoff's program
 (``handoff.partition(model, inputs, backends=["xnnpack"])``, tvm taking what XNNPACK declines) and
@@ -12,7 +12,8 @@ model: delegates per backend (and kernels ExecuTorch runs outside its delegates)
 the ratio handoff / ExecuTorch, and the largest absolute difference of each from eager torch.
 Target (issue "Core 2"): mobilenet_v3_small and shufflenet_v2_x0_5 within 1.2x of ExecuTorch;
 mobilenet_v2 and resnet18 are controls. ``--sweep`` partitions a wider set of torchvision
-classification models at a small input and checks each against eager (no timing).
+classification models at a small input and checks each against eager (no timing); ``--backends``
+(default ``xnnpack``) says what it partitions for (``tvm``: TVM's untuned schedules alone).
 
 The models are built by :mod:`handoff.zoo.vision` (which makes torchvision importable beside the
 CPU torch). The test ``plugins/xnnpack/tests/test_torchvision.py`` uses these helpers too. Not a
@@ -68,10 +69,10 @@ def executorch_program(model: Any, inputs: Sequence[Any], emit: bool = True) -> 
     return (manager.to_executorch() if emit else manager), dict(runs)
 
 
-def _handoff(model: Any, inputs: Sequence[Any]) -> tuple[Any, dict[str, int]]:
+def _handoff(model: Any, inputs: Sequence[Any], backends: Sequence[str] = ("xnnpack",)) -> tuple[Any, dict[str, int]]:
     import handoff
 
-    result = handoff.partition(model, inputs, backends=["xnnpack"])
+    result = handoff.partition(model, inputs, backends=list(backends))
     stats = result.report.stats
     runs = {f"{b} delegates": s.partitions for b, s in stats.items() if s.partitions}
     if stats["aten"].nodes:
@@ -107,8 +108,8 @@ def bench_model(name: str, size: int, runs: int) -> dict[str, Any]:
             "et_err": et_err, "hof_err": hof_err}
 
 
-def sweep(names: Sequence[str], size: int) -> None:
-    """Each model through handoff ``--backends xnnpack`` against eager on fresh random inputs."""
+def sweep(names: Sequence[str], size: int, backends: Sequence[str] = ("xnnpack",)) -> None:
+    """Each model through handoff ``--backends BACKENDS`` against eager on fresh random inputs."""
     import time
 
     from handoff.testing import check_against_eager
@@ -118,7 +119,7 @@ def sweep(names: Sequence[str], size: int) -> None:
         model, inputs = build(name, size)
         t0 = time.perf_counter()
         try:
-            result, runs = _handoff(model, inputs)
+            result, runs = _handoff(model, inputs, backends)
             check_against_eager(result.to_bytes(), model, [(tuple(inputs[0].shape), "float32")])
             verdict = "ok"
         except Exception as exc:  # a sweep reports every model, whatever fails
@@ -136,13 +137,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--size", type=int, default=None, help="input height and width (default 224; 64 with --sweep)")
     ap.add_argument("--sweep", action="store_true", help="check a wide set of models against eager instead of timing")
+    ap.add_argument("--backends", default="xnnpack", help="with --sweep: the backends to partition for (default xnnpack)")
     args = ap.parse_args()
     os.environ.setdefault("HANDOFF_HOME", tempfile.mkdtemp(prefix="handoff-bench-"))
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import torch
 
     if args.sweep:
-        sweep(args.models.split(",") if args.models else SWEEP_MODELS, args.size or 64)
+        sweep(args.models.split(",") if args.models else SWEEP_MODELS, args.size or 64, args.backends.split(","))
         return
     size = args.size or 224
     print(f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, input 1x3x{size}x{size}, "

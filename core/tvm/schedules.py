@@ -35,6 +35,7 @@ pipeline leaves it (correct, only slower): a schedule rule never changes what is
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from tvm import s_tir, tirx
@@ -79,16 +80,17 @@ def _static(sch: s_tir.Schedule, loop: Any) -> int | None:
     return extent if isinstance(extent, int) else None
 
 
-def _vector_factor(extent: int, lanes: int, row: int | None = None) -> int:
+def _vector_factor(extent: int, lanes: int, rows: tuple[int, ...] = ()) -> int:
     """The largest divisor of ``extent`` up to ``lanes`` (1: do not vectorise). Not only powers
     of two: MobileNet's 7x7 and 14x14 maps (49, 196) take 7 and 14 lanes, which LLVM widens to
-    one register with a masked tail, instead of running scalar or at 4 lanes. With ``row`` (the
-    extent of the innermost loop fused into ``extent``), only factors that tile whole rows or
-    divide a row: a tile ending mid-row makes ``reverse_compute_at`` cover the whole last row in
-    two parallel tiles, each reading the other's unfinished sums (a 5x6 matmul with a cast
-    epilogue at 15 lanes came back with a wrong row)."""
+    one register with a masked tail, instead of running scalar or at 4 lanes. With ``rows`` (the
+    extents of the loops fused into ``extent`` from the innermost, each with those inside it:
+    a row, a plane), only factors that tile whole rows and planes or divide them: a tile ending
+    mid-row makes ``reverse_compute_at`` cover the whole last row in two parallel tiles, each
+    reading the other's unfinished sums (a 5x6 matmul with a cast epilogue at 15 lanes came back
+    with a wrong row; 3x3 maps of 8 channels at 12 lanes, a quarter of a max pool's outputs)."""
     for v in range(min(lanes, extent), 1, -1):
-        if extent % v == 0 and (row is None or v % row == 0 or row % v == 0):
+        if extent % v == 0 and all(v % row == 0 or row % v == 0 for row in rows):
             return v
     return 1
 
@@ -222,8 +224,9 @@ class Contraction(_CPURule):
         for _ in range(ninner - 1):
             inner = sch.fuse(spatial.pop(), inner)
         tail = []
-        # Whole rows only: the write-back below goes to each tile's rows (see _vector_factor).
-        lanes = _vector_factor(span, lanes, extents[nspatial - 1])
+        # Whole rows and planes only: the write-back below goes to each tile's (see _vector_factor).
+        fused = tuple(math.prod(extents[k:nspatial]) for k in range(nspatial - 1, nspatial - ninner, -1))
+        lanes = _vector_factor(span, lanes, fused)
         if lanes >= 4:
             inner, inner_i = sch.split(inner, factors=[None, lanes])
             tail = [inner_i]
