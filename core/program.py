@@ -841,27 +841,36 @@ _KEEP_BYTES = 16 << 20
 READ_BELOW_BYTES = 1 << 20
 
 
-#: Mappings of recorded files, each with what names the file's bytes (:func:`blob_key`): its key in
-#: :data:`_OPENED` and manifest digest. Weak: a closed program's mapping goes when its last view does.
-_MAPPED: weakref.WeakKeyDictionary[mmap.mmap, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+#: Segment views of recorded files that :meth:`ProgramFile.segment` handed out, by ``id``, each with
+#: a weak reference to the view and its :func:`blob_key`; an entry goes with its view.
+_NAMED: dict[int, tuple[weakref.ref, tuple[Any, ...]]] = {}
 
 
 def blob_key(blob: memoryview) -> tuple[Any, ...] | None:
     """A key for the bytes of ``blob``, a segment the core handed to ``Runtime.load``, that is the
     same on every load in this process of the unchanged recorded program file it lies in, and
-    names no other bytes; ``None`` where the core cannot vouch for that (a file that is small and
-    read into memory: see docs/plugins.md; not recorded yet; changed since; given as bytes).
+    names no other bytes; ``None`` where the core cannot vouch for that (not recorded yet, changed
+    since, given as bytes, or a view the core did not hand out: a copy, a slice of it).
 
     "Unchanged" is what lets the core skip checking the file again (:mod:`handoff.verified`:
     device, inode, size, modification and change times, and the manifest's digest), so what a
     runtime derived from a blob with this key it may use again for a blob with the same key
-    instead of deriving it from the file's bytes once more."""
-    source = blob.obj
-    file = _MAPPED.get(source) if type(source) is mmap.mmap else None
-    if file is None or not blob.nbytes:
-        return None
-    at = np.frombuffer(blob, np.uint8).ctypes.data - np.frombuffer(source, np.uint8).ctypes.data
-    return (*file, at, blob.nbytes)
+    instead of deriving it from the file's bytes once more. The key is made when the view is
+    handed out, so asking costs a lookup."""
+    entry = _NAMED.get(id(blob))
+    return entry[1] if entry is not None and entry[0]() is blob else None
+
+
+def _name(view: memoryview, key: tuple[Any, ...]) -> None:
+    """Let :func:`blob_key` name ``view`` ``key`` while it lives."""
+    at = id(view)
+
+    def gone(ref: weakref.ref) -> None:
+        # Runs while the view is being freed, so no other object has its id yet.
+        if _NAMED.get(at, (None,))[0] is ref:
+            _NAMED.pop(at, None)
+
+    _NAMED[at] = (weakref.ref(view, gone), key)
 
 
 def _opened_key(st: os.stat_result) -> tuple[str, str]:
@@ -974,7 +983,6 @@ class ProgramFile:
             self._manifest_sha256 = digest
             if self.recorded:
                 self._verified.update(range(len(self._segments)))
-                self._name_mapping()
         except BaseException:
             self.close()
             raise
@@ -1044,6 +1052,8 @@ class ProgramFile:
         view = self._segment_view(i)
         if i not in self._verified:
             self._verify(i, view, strong=False)
+        if self.recorded and self._opened is not None:  # the unchanged recorded file's bytes: named
+            _name(view, (*self._opened[0], self._manifest_sha256, i))
         return view
 
     def verify_all(self) -> None:
@@ -1077,13 +1087,7 @@ class ProgramFile:
         self.recorded = self.recorded or written
         if self.recorded:
             self._remember_opened()
-            self._name_mapping()
         return self.recorded
-
-    def _name_mapping(self) -> None:
-        """Let :func:`blob_key` name the bytes of this recorded file's mapping."""
-        if self._mmap is not None and self._opened is not None:
-            _MAPPED[self._mmap] = (*self._opened[0], self._manifest_sha256)
 
     def _remember_opened(self) -> None:
         """Keep what this open of a recorded file derived, with its notes now, for the next (:data:`_OPENED`)."""

@@ -210,7 +210,7 @@ class XnnpackRuntime(Runtime):
         version = _executorch_version()
         if version is None:
             raise ValueError(f"xnnpack: executorch not installed: {_INSTALL}")
-        named = blob_key(blob)  # a mapped file's blob, named by the core
+        named = blob_key(blob)  # a recorded file's blob, named by the core
         place = named if named is not None else _place(blob)
         kept = _PTES.get(place) if place is not None else None
         if kept is not None:
@@ -281,13 +281,12 @@ class XnnpackRuntime(Runtime):
                 _LIVE[0] -= 1
 
 
-#: The .pte bytes of blobs the core names (``handoff.blob_key``: a mapped file, recorded and
-#: unchanged) or that were views of immutable ``bytes`` (the core hands out the same ``bytes``
-#: again for a small recorded file opened unchanged: docs/plugins.md), by that key or by where the
-#: blob lies (:func:`_place`), with those bytes, which are kept alive here so that their id names
-#: no other object (``None`` for a named blob): a later load of the same blob neither unpacks,
-#: checks nor copies it again (a 13 MB MobileNetV2 ``.pte``: the copy and its page faults were
-#: most of what a load took beyond ExecuTorch's own).
+#: The .pte bytes of blobs the core names (``handoff.blob_key``: a file recorded and unchanged)
+#: or that were views of immutable ``bytes`` (a program given as the same bytes again), by that
+#: key or by where the blob lies (:func:`_place`), with those bytes, which are kept alive here so
+#: that their id names no other object (``None`` for a named blob): a later load of the same blob
+#: neither unpacks, checks nor copies it again (a 13 MB MobileNetV2 ``.pte``: the copy and its
+#: page faults were most of what a load took beyond ExecuTorch's own).
 _PTES: dict[tuple[Any, ...], tuple[bytes | None, bytes]] = {}
 #: The most bytes :data:`_PTES` holds (the bytes viewed and the copies), the newest kept first: a
 #: program given as bytes over and over must not pile up copies.

@@ -32,8 +32,9 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("mapped", [False, True], ids=["read", "mapped"])
 def test_a_program_loaded_again_shares_its_pte_until_the_file_changes(plugins, tmp_path, monkeypatch, mapped):
     """Loaded and run three times against eager: the later loads run from the .pte an earlier one
-    made (a file read into memory: by its bytes, from the first load; a mapped one: by
-    ``handoff.blob_key``, from the first load after the file was recorded), with the inputs read
+    made (by ``handoff.blob_key``, for a file read into memory and a mapped one alike, from the
+    first load after the file was recorded: here the first, as ``partition`` records what it
+    writes), with the inputs read
     from the same read-only manifest the first load read; then damaged in place (modification
     time put back), the next load refuses the file with the one-line error naming the segment
     and its offset."""
