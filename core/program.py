@@ -865,10 +865,11 @@ def _name(view: memoryview, key: tuple[Any, ...]) -> None:
     """Let :func:`blob_key` name ``view`` ``key`` while it lives."""
     at = id(view)
 
-    def gone(ref: weakref.ref) -> None:
-        # Runs while the view is being freed, so no other object has its id yet.
-        if _NAMED.get(at, (None,))[0] is ref:
-            _NAMED.pop(at, None)
+    def gone(ref: weakref.ref, named: dict[int, Any] = _NAMED) -> None:
+        # Runs while the view is being freed, so no other object has its id yet; the table is
+        # bound here, not looked up: a view freed at interpreter exit outlives module globals.
+        if named.get(at, (None,))[0] is ref:
+            named.pop(at, None)
 
     _NAMED[at] = (weakref.ref(view, gone), key)
 
