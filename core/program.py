@@ -841,7 +841,7 @@ _KEEP_BYTES = 16 << 20
 READ_BELOW_BYTES = 1 << 20
 
 
-#: Segment views of recorded files that :meth:`ProgramFile.segment` handed out, by ``id``, each with
+#: Blobs of recorded files that :meth:`ProgramFile._blob` handed out, by ``id``, each with
 #: a weak reference to the view and its :func:`blob_key`; an entry goes with its view.
 _NAMED: dict[int, tuple[weakref.ref, tuple[Any, ...]]] = {}
 
@@ -1053,7 +1053,13 @@ class ProgramFile:
         view = self._segment_view(i)
         if i not in self._verified:
             self._verify(i, view, strong=False)
-        if self.recorded and self._opened is not None:  # the unchanged recorded file's bytes: named
+        return view
+
+    def _blob(self, i: int) -> memoryview:
+        """:meth:`segment` ``i`` as the core hands it to ``Runtime.load``: for the unchanged recorded
+        file, named for :func:`blob_key` (only blobs: constants' views are never asked about)."""
+        view = self.segment(i)
+        if self.recorded and self._opened is not None:
             _name(view, (*self._opened[0], self._manifest_sha256, i))
         return view
 

@@ -358,7 +358,7 @@ class Program:
         """Delegate ``i``'s entry ``k`` loaded by ``runtime``: its blob checked and, with
         ``vouching`` (:meth:`_vouching`), vouched for first: its vendor runtime may crash on a bad
         blob, so one not known yet is checked in another process."""
-        blob = self.file.segment(entry["segment"])
+        blob = self.file._blob(entry["segment"])
         if vouching is not None:
             note, version, ref = vouching
             self.file.note(note, probe.vouch(

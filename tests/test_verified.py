@@ -665,28 +665,30 @@ def test_a_handoff_home_with_a_tilde_is_one_place_for_records_and_blob_memos(tmp
 
 @pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read"])
 def test_a_recorded_file_names_its_blobs_the_same_on_every_open(tmp_path, monkeypatch, mapped):
-    """``handoff.blob_key``: a file's segments get a key once the file is recorded, the same key on
-    every later open of the unchanged file (mapped anew, or read into memory), another key for
-    another segment or file, and none once the file changed, for a copy or a slice of a segment,
-    or for a program given as bytes."""
+    """``handoff.blob_key``: a file's blobs (segments as the core hands them to ``Runtime.load``)
+    get a key once the file is recorded, the same key on every later open of the unchanged file
+    (mapped anew, or read into memory), another key for another segment or file, and none once
+    the file changed, for a copy or a slice of a blob, a segment read for anything else, or a
+    program given as bytes."""
     from handoff import blob_key, program
 
     monkeypatch.setattr(program, "READ_BELOW_BYTES", 0 if mapped else 1 << 20)
     path, other = _settled(tmp_path), _settled(tmp_path, "other.hof")
     with ProgramFile.open(path) as pf:
-        assert (pf._mmap is not None) == mapped and blob_key(pf.segment(1)) is None  # not recorded yet
+        assert (pf._mmap is not None) == mapped and blob_key(pf._blob(1)) is None  # not recorded yet
         assert pf.remember_verified()
-        first = blob_key(pf.segment(1))
-        assert first is not None and blob_key(pf.segment(0)) not in (None, first)
+        first = blob_key(pf._blob(1))
+        assert first is not None and blob_key(pf._blob(0)) not in (None, first)
     with ProgramFile.open(path) as pf, ProgramFile.open(other) as again:
         assert again.remember_verified()
-        blob = pf.segment(1)
-        assert blob_key(blob) == first and blob_key(pf.segment(1)) == first
-        assert blob_key(again.segment(1)) not in (None, first)  # the same bytes in another file
+        blob = pf._blob(1)
+        assert blob_key(blob) == first and blob_key(pf._blob(1)) == first
+        assert blob_key(pf.segment(1)) is None  # a segment read for anything else (a constant): not named
+        assert blob_key(again._blob(1)) not in (None, first)  # the same bytes in another file
         assert blob_key(memoryview(bytes(blob))) is None and blob_key(blob[1:]) is None  # not what the core gave
         del blob
     with open(path, "rb") as f:
-        assert blob_key(ProgramFile.from_bytes(f.read()).segment(1)) is None
+        assert blob_key(ProgramFile.from_bytes(f.read())._blob(1)) is None
     before = os.stat(path)
     with open(path, "r+b") as f:  # changed in place, modification time put back
         f.seek(-1, os.SEEK_END)
@@ -696,8 +698,8 @@ def test_a_recorded_file_names_its_blobs_the_same_on_every_open(tmp_path, monkey
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     verified.wait_until_not_racy(os.stat(path))
     with ProgramFile.open(path) as pf:
-        assert not pf.recorded and blob_key(pf.segment(1)) is None
+        assert not pf.recorded and blob_key(pf._blob(1)) is None
         assert pf.remember_verified()
-        changed = blob_key(pf.segment(1))
+        changed = blob_key(pf._blob(1))
         assert changed not in (None, first)
     assert not any(key[1] in (first[1], changed[1]) for _, key in program._NAMED.values())  # gone with the views
