@@ -609,6 +609,11 @@ def _scheduled(model: nn.Module, shape) -> dict:
     return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
 
 
+def _conv_scripts(model: nn.Module, shape) -> dict[str, str]:
+    """The TVMScript text of ``model``'s scheduled convolution PrimFuncs, by name."""
+    return {name: f.script() for name, f in _scheduled(model, shape).items() if "conv2d" in name}
+
+
 def _unscheduled(model: nn.Module, shape) -> list[str]:
     """The PrimFuncs of ``model``'s fused Relax module that no default schedule rule claims."""
     return [name for name, f in _scheduled(model, shape).items() if not f.attrs.get("tirx.is_scheduled", False)]
@@ -686,7 +691,7 @@ def test_a_dense_convolution_reads_its_padded_input_without_bounds_tests():
     every vector load of ResNet-18's 3x3 convs a tested one (its convs 2-6x slower). Checked
     against eager in the same build (ResNet's block with random norm statistics)."""
     model = _randomize_norms(BasicBlock()).eval()
-    convs = {name: f.script() for name, f in _scheduled(model, (1, 16, 14, 14)).items() if "conv2d" in name}
+    convs = _conv_scripts(model, (1, 16, 14, 14))
     assert len(convs) == 2, sorted(convs)
     for name, text in convs.items():
         update = text.split('T.sblock("conv2d_nchw_update")')[1].split("T.sblock")[0]
@@ -726,7 +731,7 @@ def test_a_strided_convolution_reads_its_padded_input_by_phase(cin, cout, kernel
     7x7 stem 4.2 -> 1.2 ms on one AVX-512 core). A padded width the stride does not divide keeps
     the plain layout. Checked against eager in the same build."""
     model = _randomize_norms(Downsample(cin, cout, kernel)).eval()
-    convs = [f.script() for name, f in _scheduled(model, (1, cin, size, size)).items() if "conv2d" in name]
+    convs = list(_conv_scripts(model, (1, cin, size, size)).values())
     assert len(convs) == 1
     assert _pad_shape(convs[0]) == phases
     _lower_and_compare(model, [(1, cin, size, size)])
@@ -737,9 +742,9 @@ def test_a_convolution_on_a_small_map_tiles_more_output_channels():
     alone are register-blocked, by what room the tile has (16 sums here, not 4: ResNet-18's
     512-channel 3x3 convs 4.3 -> 2.8 ms on one AVX-512 core)."""
     model = _randomize_norms(BasicBlock(64)).eval()
-    convs = [f.script() for name, f in _scheduled(model, (1, 64, 7, 7)).items() if "conv2d" in name]
+    convs = _conv_scripts(model, (1, 64, 7, 7))
     assert len(convs) == 2
-    for text in convs:
+    for text in convs.values():
         update = text.split('T.sblock("conv2d_nchw_update")')[0].rsplit("T.parallel", 1)[1]
         assert max(int(n) for n in re.findall(r"T\.unroll\(T\.int64\((\d+)\)\)", update)) >= 8, update
     _lower_and_compare(model, [(1, 64, 7, 7)])
