@@ -4,14 +4,7 @@ delegate. Tolerances: handoff.testing.TOLERANCE (fp32: 1e-4 relative of eager)."
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-PLUGIN_DIR = Path(__file__).resolve().parents[1]
-if str(PLUGIN_DIR) not in sys.path:  # not pip-installed: use the source tree
-    sys.path.insert(0, str(PLUGIN_DIR))
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("executorch.backends.xnnpack")

@@ -5,15 +5,9 @@ equal eager within handoff.testing's tolerance either way."""
 
 from __future__ import annotations
 
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
-
-PLUGIN_DIR = Path(__file__).resolve().parents[1]
-if str(PLUGIN_DIR) not in sys.path:  # not pip-installed: use the source tree
-    sys.path.insert(0, str(PLUGIN_DIR))
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("executorch.backends.xnnpack")

@@ -9,20 +9,11 @@ MobileNetV2 int8 is measured by ``benchmarks/int8.py`` and tested by tests/test_
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-PLUGIN_DIR = Path(__file__).resolve().parents[1]
-if str(PLUGIN_DIR) not in sys.path:  # not pip-installed: use the source tree
-    sys.path.insert(0, str(PLUGIN_DIR))
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("executorch.backends.xnnpack")
 pytest.importorskip("tvm")
-
-import numpy as np  # noqa: E402
 
 import handoff  # noqa: E402
 from handoff import testing  # noqa: E402

@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
-if str(PLUGIN_DIR) not in sys.path:  # not pip-installed: use the source tree
-    sys.path.insert(0, str(PLUGIN_DIR))
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("executorch.backends.xnnpack")

@@ -10,14 +10,8 @@ Uses the core's internals (``handoff.verified``): listed in tests/test_contract.
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
-
-PLUGIN_DIR = Path(__file__).resolve().parents[1]
-if str(PLUGIN_DIR) not in sys.path:  # not pip-installed: use the source tree
-    sys.path.insert(0, str(PLUGIN_DIR))
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("executorch.backends.xnnpack")

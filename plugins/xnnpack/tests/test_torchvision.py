@@ -15,11 +15,9 @@ from pathlib import Path
 
 import pytest
 
-PLUGIN_DIR = Path(__file__).resolve().parents[1]
 BENCHMARKS = Path(__file__).resolve().parents[3] / "benchmarks"
-for path in (PLUGIN_DIR, BENCHMARKS):  # the plugin's source tree if not installed; the shared helpers
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+if str(BENCHMARKS) not in sys.path:  # the helpers shared with benchmarks/torchvision_vs_executorch.py
+    sys.path.insert(0, str(BENCHMARKS))
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("executorch.backends.xnnpack")

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import json
 import operator
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
-if str(PLUGIN_DIR) not in sys.path:  # not pip-installed: use the source tree
-    sys.path.insert(0, str(PLUGIN_DIR))
 
 pytest.importorskip("handoff.backend")
 torch = pytest.importorskip("torch")
