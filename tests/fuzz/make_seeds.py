@@ -100,6 +100,9 @@ OPTION_SEEDS = {
     "vulkan-buffers-float": "vulkan.max_storage_buffers=8.5\n",
     "vulkan-buffers-word": "vulkan.max_storage_buffers=eight\n",
     "vulkan-buffers-empty": "vulkan.max_storage_buffers=\n",
+    # vulkan.max_storage_buffer_binding_size (compile option, bytes 4..2**32-1): valid, then below its range
+    "vulkan-binding-size": "vulkan.max_storage_buffer_binding_size=268435456\n",
+    "vulkan-binding-size-3": "vulkan.max_storage_buffer_binding_size=3\n",
     # vulkan's runtime options load_threads (1..64 or auto) and first_submit (0..2**31-1)
     "vulkan-load": "vulkan.load_threads=4\nvulkan.first_submit=16\n",
     "vulkan-load-auto": "vulkan.load_threads=auto\nvulkan.first_submit=0\n",

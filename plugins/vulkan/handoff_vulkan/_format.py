@@ -39,6 +39,9 @@ POD_TYPES = {"i32": "i", "u32": "I", "f32": "f"}
 #: WebGPU's guaranteed ``maxStorageBuffersPerShaderStage`` (the spec's default limit, wgpu's
 #: ``Limits::default()``): a blob within it loads on any conformant adapter.
 MAX_STORAGE_BUFFERS = 8
+#: WebGPU's guaranteed ``maxStorageBufferBindingSize`` (128 MiB, wgpu's ``Limits::default()``; its
+#: ``maxBufferSize`` is twice that): a blob none of whose buffers is larger loads on any adapter.
+MAX_BINDING_BYTES = 128 << 20
 #: Dispatches in a run's first submission (runtime option ``first_submit``).
 FIRST_SUBMIT = 8
 #: The most threads ``load_threads=auto`` creates pipelines with.
@@ -54,6 +57,13 @@ OPTIONS: dict[str, Option] = {
                "adapter; raise it only for the adapter you ship to (lavapipe allows 32). At most 2**32-1, "
                "since WebGPU limits are 32-bit",
         default=MAX_STORAGE_BUFFERS, min=1, max=2**32 - 1),
+    "max_storage_buffer_binding_size": Option(
+        "int", "largest storage buffer one kernel may bind, in bytes (a tensor it reads or writes, weights included); "
+               "a node reading or writing a larger tensor is declined. Default 134217728 (128 MiB): WebGPU's "
+               "guaranteed maxStorageBufferBindingSize (wgpu's default limits), so the program loads on every WebGPU "
+               "adapter (lavapipe allows no more); raise it only for the adapter you ship to. At most 2**32-1, "
+               "Vulkan's maxStorageBufferRange being 32-bit",
+        default=MAX_BINDING_BYTES, min=4, max=2**32 - 1),
 }
 #: Runtime options (``handoff run --option vulkan.NAME=VALUE``, ``handoff.load(..., options=)``).
 RUNTIME_OPTIONS: dict[str, Option] = {

@@ -8,7 +8,9 @@ Capability (:meth:`VulkanCompiler.support`) is checked in two steps, both per no
    nothing else (no 64-bit or 8/16-bit integers, no bool; f16 needs the adapter's shader-f16
    feature, which the runtime checks when it loads the delegate), and its own kernel must bind at
    most ``max_storage_buffers`` storage buffers (tensor inputs + outputs; default WebGPU's
-   guaranteed 8 per shader stage, so the blob loads on any adapter);
+   guaranteed 8 per shader stage, so the blob loads on any adapter), none of them larger than
+   ``max_storage_buffer_binding_size`` (default WebGPU's guaranteed 128 MiB: AlexNet's first
+   classifier weight, 144 MiB, would make a program no adapter at the default limits loads);
 2. kernels: the nodes that pass are imported into Relax together, in one pass that remembers
    which Relax bindings each node produced; each op is legalized to TIR without fusion, scheduled
    with the dlight GPU rules (a schedule leaving a block unbound to GPU threads counts as none),
@@ -43,7 +45,7 @@ from handoff.tvm import decline_reason as _importer_decline_reason
 from handoff import Compiler, Lowered, LoweringError, quiet_native
 
 from . import WGPU_VERSION, __version__, _tvm
-from ._format import FORMAT_VERSION, MAX_STORAGE_BUFFERS, pack
+from ._format import FORMAT_VERSION, MAX_BINDING_BYTES, MAX_STORAGE_BUFFERS, pack
 
 _log = logging.getLogger(__name__)
 #: Tensor dtypes a node may read or write (the torch side of _format.DTYPES; torch has no full uint32).
@@ -73,6 +75,7 @@ class VulkanCompiler(Compiler):
         super().__init__(options)
         self.fuse = bool(options.get("fuse", True))
         self.max_buffers = int(options.get("max_storage_buffers", MAX_STORAGE_BUFFERS))
+        self.max_binding = int(options.get("max_storage_buffer_binding_size", MAX_BINDING_BYTES))
         self.target = _tvm.target()
 
     def cache_key(self) -> str:
@@ -96,13 +99,19 @@ class VulkanCompiler(Compiler):
         return reasons
 
     def _budget_reason(self, node: Any) -> str | None:
-        """Why the node's own kernel would bind more storage buffers than ``max_storage_buffers``."""
-        count = _buffer_count(node)
-        if count <= self.max_buffers:
+        """Why the node's own kernel would bind more storage buffers than ``max_storage_buffers``,
+        or one larger than ``max_storage_buffer_binding_size``."""
+        tensors = _bound_tensors(node)
+        if len(tensors) > self.max_buffers:
+            return (f"its kernel would bind {len(tensors)} storage buffers (tensor inputs + outputs), over the budget of "
+                    f"{self.max_buffers} (option vulkan.max_storage_buffers; raise it only if the target adapter allows "
+                    f"that many per shader stage)")
+        what, tensor = max(tensors, key=lambda t: _nbytes(t[1]), default=(None, None))
+        if tensor is None or _nbytes(tensor) <= self.max_binding:
             return None
-        return (f"its kernel would bind {count} storage buffers (tensor inputs + outputs), over the budget of "
-                f"{self.max_buffers} (option vulkan.max_storage_buffers; raise it only if the target adapter allows "
-                f"that many per shader stage)")
+        return (f"its kernel would bind {what}, {str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)} "
+                f"({_nbytes(tensor)} bytes), over the storage-buffer size budget of {self.max_binding} bytes (option "
+                f"vulkan.max_storage_buffer_binding_size; raise it only if the target adapter allows bindings that large)")
 
     def _kernel_reasons(self, ep: Any, candidates: set[str]) -> dict[str, str]:
         """Step 2 of the module docstring: ``{node: reason}`` for candidates whose kernel fails."""
@@ -199,6 +208,13 @@ class VulkanCompiler(Compiler):
             raise LoweringError(f"{name}: kernel {over['name']} binds {len(over['bindings'])} storage buffers, over the "
                                 f"budget of {self.max_buffers} (option vulkan.max_storage_buffers); raise the option "
                                 f"if the target adapter allows that many, or partition these nodes to another backend")
+        largest = plan["limits"]["max_storage_buffer_binding_size"]
+        if largest > self.max_binding:  # a buffer no node's tensor is (a kernel's scratch: a padded input)
+            kinds = sorted({b["kind"] for b in plan["buffers"] if b["nbytes"] == largest})
+            raise LoweringError(f"{name}: its plan binds a {' or '.join(kinds)} buffer of {largest} bytes, over the "
+                                f"storage-buffer size budget of {self.max_binding} bytes (option "
+                                f"vulkan.max_storage_buffer_binding_size); raise the option if the target adapter "
+                                f"allows bindings that large, or partition these nodes to another backend")
         blob = pack(plan, bytes(weights))
         return Lowered(blob, {
             "compiler": "apache-tvm",
@@ -268,14 +284,18 @@ def _static_reason(node: Any) -> str | None:
     return None
 
 
-def _buffer_count(node: Any) -> int:
-    """Storage buffers the node's own kernel binds: a tensor read (each argument, a repeated one
-    too, as TVM passes it) or written."""
+def _bound_tensors(node: Any) -> list[tuple[str, torch.Tensor]]:
+    """The storage buffers the node's own kernel binds, as ``(what, example tensor)``: a tensor
+    read (each argument, a repeated one too, as TVM passes it) or written."""
     inputs: list[Any] = []
     torch.fx.node.map_arg((node.args, node.kwargs), inputs.append)
-    inputs = [a for a in inputs if isinstance(a.meta.get("val"), torch.Tensor)]
-    outputs = [v for v in torch.utils._pytree.tree_leaves(_used_outputs(node)) if isinstance(v, torch.Tensor)]
-    return len(inputs) + len(outputs)
+    read = [(f"input {a.name}", a.meta["val"]) for a in inputs if isinstance(a.meta.get("val"), torch.Tensor)]
+    written = [v for v in torch.utils._pytree.tree_leaves(_used_outputs(node)) if isinstance(v, torch.Tensor)]
+    return read + [("its output" if len(written) == 1 else f"output {i}", v) for i, v in enumerate(written)]
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def _used_outputs(node: Any) -> Any:

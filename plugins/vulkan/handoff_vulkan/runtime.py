@@ -616,11 +616,22 @@ _F16 = "shader-f16"
 _ENABLES_F16 = re.compile(r"^\s*enable\s+f16\s*;", re.M)
 
 
+#: Limits a partition-time option keeps a blob within -> that option.
+_LIMIT_OPTIONS = {
+    "max_storage_buffers_per_shader_stage": "max_storage_buffers",
+    "max_storage_buffer_binding_size": "max_storage_buffer_binding_size",
+    "max_buffer_size": "max_storage_buffer_binding_size",
+}
+
+
 def _check_limits(needed: Mapping[str, int], dev: _Device) -> None:
     for name, wgpu_name in _LIMITS.items():
         have = dev.limits.get(wgpu_name)
         if have is not None and int(needed.get(name, 0)) > int(have):
-            raise ValueError(f"the delegate needs {wgpu_name} >= {needed[name]}, adapter {dev.name} allows {have}")
+            option = _LIMIT_OPTIONS.get(name)
+            hint = (f"; partition again with --option vulkan.{option}={have} so that what exceeds it goes to "
+                    f"another backend" if option else "")
+            raise ValueError(f"the delegate needs {wgpu_name} >= {needed[name]}, adapter {dev.name} allows {have}{hint}")
 
 
 __all__ = ["LOAD_PHASES", "GpuValue", "VulkanRuntime", "choose_adapter", "prepare_environment", "vulkan_adapters"]

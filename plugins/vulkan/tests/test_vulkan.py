@@ -105,8 +105,10 @@ def test_plugin_declares_the_backend():
     assert (spec.id, spec.device) == ("vulkan", "gpu"), spec
     assert spec.compiler == "handoff_vulkan.compiler:VulkanCompiler"
     assert spec.runtime == "handoff_vulkan.runtime:VulkanRuntime"
-    assert set(spec.options) == {"fuse", "max_storage_buffers"} and set(spec.runtime_options) == {"adapter", "timestamps", "first_submit", "load_threads"}
+    assert set(spec.options) == {"fuse", "max_storage_buffers", "max_storage_buffer_binding_size"}
+    assert set(spec.runtime_options) == {"adapter", "timestamps", "first_submit", "load_threads"}
     assert spec.options["max_storage_buffers"].default == 8
+    assert spec.options["max_storage_buffer_binding_size"].default == 128 << 20  # WebGPU's guaranteed limit
 
 
 def test_blob_round_trip_and_refusals():
@@ -530,6 +532,66 @@ def test_concatenation_over_the_buffer_budget_is_declined_and_runs_elsewhere():
     with handoff.load(wide.to_bytes()) as program:
         (got,) = program.run([x.numpy()])
     assert_matches_eager(got, model(x))
+
+
+@pytest.mark.slow
+def test_a_tensor_over_the_binding_size_budget_is_declined_and_runs_elsewhere(monkeypatch):
+    """A node reading or writing a tensor larger than ``max_storage_buffer_binding_size`` (default
+    WebGPU's guaranteed 128 MiB; torchvision's AlexNet has a 144 MiB weight, which lavapipe cannot
+    bind) is declined with the tensor, its size and the option, runs on tvm, and the program matches
+    eager; within a larger budget vulkan claims it. A plan buffer over the budget that no node's
+    tensor is (a kernel's scratch) fails the lowering with the option named."""
+    _needs_compiler()
+    _needs_gpu()
+    import torch
+
+    from handoff_vulkan import compiler
+
+    model = torch.nn.Sequential(torch.nn.Tanh(), torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Tanh()).eval()
+    x = torch.randn(4, 32)
+    small = {"vulkan": {"max_storage_buffer_binding_size": "4096"}}  # the 8 KiB weight is over it
+    result = handoff.partition(model, (x,), backends=["vulkan"], options=small, default_limits=handoff.Limits(1))
+    declined = {d["op"]: d["reasons"]["vulkan"] for d in result.report.declined}
+    assert {"aten.permute.default", "aten.addmm.default"} <= set(declined), declined
+    assert declined["aten.permute.default"].startswith(
+        "its kernel would bind input p_1_weight, float32[64, 32] (8192 bytes), over the storage-buffer size budget "
+        "of 4096 bytes (option vulkan.max_storage_buffer_binding_size;"), declined
+    assert result.report.stats["vulkan"].ops == {"aten.tanh.default": 2, "aten.relu.default": 1}
+    with handoff.load(result.to_bytes()) as program:
+        (got,) = program.run([x.numpy()])
+        fresh = torch.randn(4, 32)
+        (again,) = program.run([fresh.numpy()])
+    with torch.no_grad():
+        assert_matches_eager(got, model(x))
+        assert_matches_eager(again, model(fresh))
+    assert not np.allclose(got, again)
+
+    whole = handoff.partition(model, (x,), backends=["vulkan"])
+    assert not whole.report.declined and whole.report.stats["vulkan"].ops["aten.addmm.default"] == 1
+
+    ep = _export(model, x)
+    monkeypatch.setattr(compiler, "_bound_tensors", lambda node: [])  # as if no node's own tensor were over it
+    with pytest.raises(handoff.LoweringError, match=r"p0: its plan binds a weight buffer of 8192 bytes, over the "
+                                                    r"storage-buffer size budget of 4096 bytes \(option "
+                                                    r"vulkan.max_storage_buffer_binding_size\)"):
+        compiler.VulkanCompiler({"max_storage_buffer_binding_size": 4096}).preprocess(ep, "p0")
+
+
+def test_an_adapter_below_the_blob_s_limits_names_the_partition_option():
+    """The load-time refusal of a blob needing more than the adapter allows says which partition
+    option keeps the blob within it."""
+    from handoff_vulkan.runtime import _check_limits
+
+    class Device:
+        name, limits = "llvmpipe", {"max-storage-buffer-binding-size": 134217728, "max-compute-workgroup-size-x": 256}
+
+    with pytest.raises(ValueError, match=r"^the delegate needs max-storage-buffer-binding-size >= 150994944, adapter "
+                                         r"llvmpipe allows 134217728; partition again with --option "
+                                         r"vulkan.max_storage_buffer_binding_size=134217728 so that what exceeds it "
+                                         r"goes to another backend$"):
+        _check_limits({"max_storage_buffer_binding_size": 150994944}, Device())
+    with pytest.raises(ValueError, match=r"max-compute-workgroup-size-x >= 512, adapter llvmpipe allows 256$"):
+        _check_limits({"max_compute_workgroup_size_x": 512}, Device())
 
 
 @pytest.mark.slow
