@@ -8,7 +8,8 @@ Capability (:meth:`VulkanCompiler.support`) is checked in two steps, both per no
    nothing else (no 64-bit or 8/16-bit integers, no bool; f16 needs the adapter's shader-f16
    feature, which the runtime checks when it loads the delegate), and its own kernel must bind at
    most ``max_storage_buffers`` storage buffers (tensor inputs + outputs; default WebGPU's
-   guaranteed 8 per shader stage, so the blob loads on any adapter), none of them larger than
+   guaranteed 8 per shader stage, so the blob loads on any adapter; a concatenation of more is
+   lowered as several within it: :func:`handoff_vulkan._tvm.relax_passes`), none of them larger than
    ``max_storage_buffer_binding_size`` (default WebGPU's guaranteed 128 MiB: AlexNet's first
    classifier weight, 144 MiB, would make a program no adapter at the default limits loads);
 2. kernels: the nodes that pass are imported into Relax together, in one pass that remembers
@@ -61,6 +62,7 @@ _DTYPE_REASONS = {
     torch.int16: "int16 tensor: WGSL has no 16-bit integers",
     torch.uint16: "uint16 tensor: WGSL has no 16-bit integers",
 }
+_CAT = torch.ops.aten.cat.default
 # Relax ops allowed between kernels after legalization (everything else must become a call_tir).
 _GLUE_OPS = {"relax.call_tir", "relax.reshape"}
 
@@ -102,7 +104,8 @@ class VulkanCompiler(Compiler):
         """Why the node's own kernel would bind more storage buffers than ``max_storage_buffers``,
         or one larger than ``max_storage_buffer_binding_size``."""
         tensors = _bound_tensors(node)
-        if len(tensors) > self.max_buffers:
+        split = node.target is _CAT and self.max_buffers >= 3  # lowered as several within it (_tvm.relax_passes)
+        if len(tensors) > self.max_buffers and not split:
             return (f"its kernel would bind {len(tensors)} storage buffers (tensor inputs + outputs), over the budget of "
                     f"{self.max_buffers} (option vulkan.max_storage_buffers; raise it only if the target adapter allows "
                     f"that many per shader stage)")
@@ -119,7 +122,7 @@ class VulkanCompiler(Compiler):
         mod, owners = _tagged_import(ep, candidates, failures)
         node_of = _attribute(_bindings(mod["main"]), owners)
         with self.target, quiet_native():  # TOPI warns on every take it legalizes (select, embedding)
-            mod = tvm.transform.Sequential(_tvm.relax_passes(fuse=False))(mod)
+            mod = tvm.transform.Sequential(_tvm.relax_passes(fuse=False, max_buffers=self.max_buffers))(mod)
         func_nodes: dict[str, set[str]] = {}
         pending: list[Any] = []
         for binding in _bindings(mod["main"]):
