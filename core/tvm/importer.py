@@ -206,7 +206,9 @@ def _select(node: torch.fx.Node, importer: Any) -> Any:
     """``aten.select.int`` with its index made non-negative. TVM 0.27's converter hands the index
     to ``relax.op.take`` as it is, in take's default ``fast`` mode, which does not wrap: ``x[:, -1]``
     reads out of bounds (garbage such as 6e35, or a crash). The extent is static here (the importer
-    runs on static shapes); a symbolic one is indexed in ``wrap`` mode."""
+    runs on static shapes); a symbolic one is indexed in ``wrap`` mode. The index is an int32
+    constant where it fits: WGSL has no 64-bit integers, and the vulkan backend, which imports
+    with these converters, built no kernel for an int64 one (36 of swin_t's ``select`` nodes)."""
     x = importer.env[node.args[0]]
     shape = node.args[0].meta["val"].shape
     dim = node.args[1] % len(shape)
@@ -217,7 +219,8 @@ def _select(node: torch.fx.Node, importer: Any) -> Any:
             index += extent
         else:
             mode = "wrap"
-    return importer.block_builder.emit(relax.op.take(x, relax.const(index, "int64"), dim, mode=mode))
+    const = relax.const(index, "int32" if abs(index) < 2**31 else "int64")
+    return importer.block_builder.emit(relax.op.take(x, const, dim, mode=mode))
 
 
 _QUANTIZE_CONVERTERS = {

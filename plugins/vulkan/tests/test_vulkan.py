@@ -543,6 +543,31 @@ def test_a_concatenation_over_the_buffer_budget_is_split_into_kernels_within_it(
 
 
 @pytest.mark.slow
+def test_selects_are_claimed_and_match_eager():
+    """``aten.select.int`` (``x[:, -1]``, ``x.select(2, -2)``) imports as a ``take`` of a constant
+    index, which handoff's importer makes int32: with an int64 one TVM built no WGSL kernel (no
+    64-bit integers) and vulkan declined every select (36 nodes of torchvision's swin_t)."""
+    _needs_compiler()
+    _needs_gpu()
+    import torch
+
+    class Select(torch.nn.Module):
+        def forward(self, x):
+            return torch.tanh(x[:, -1] * 2) + x[:, 1] + x.select(2, -2)[:, None, :1]
+
+    model, x = Select(), torch.randn(2, 3, 4, 5)
+    result = handoff.partition(model, (x,), backends=["vulkan"], default_limits=handoff.Limits(1))
+    assert not result.report.declined and result.report.stats["vulkan"].ops["aten.select.int"] == 3
+    with handoff.load(result.to_bytes()) as program:
+        (got,) = program.run([x.numpy()])
+        fresh = torch.randn(2, 3, 4, 5)
+        (again,) = program.run([fresh.numpy()])
+    assert_matches_eager(got, model(x))
+    assert_matches_eager(again, model(fresh))
+    assert not np.allclose(got, again)
+
+
+@pytest.mark.slow
 def test_a_tensor_over_the_binding_size_budget_is_declined_and_runs_elsewhere(monkeypatch):
     """A node reading or writing a tensor larger than ``max_storage_buffer_binding_size`` (default
     WebGPU's guaranteed 128 MiB; torchvision's AlexNet has a 144 MiB weight, which lavapipe cannot
