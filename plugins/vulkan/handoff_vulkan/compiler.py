@@ -212,7 +212,7 @@ class VulkanCompiler(Compiler):
                                 f"budget of {self.max_buffers} (option vulkan.max_storage_buffers); raise the option "
                                 f"if the target adapter allows that many, or partition these nodes to another backend")
         largest = plan["limits"]["max_storage_buffer_binding_size"]
-        if largest > self.max_binding:  # a buffer no node's tensor is (a kernel's scratch: a padded input)
+        if largest > self.max_binding:  # a buffer that is no node's tensor (a kernel's scratch)
             kinds = sorted({b["kind"] for b in plan["buffers"] if b["nbytes"] == largest})
             raise LoweringError(f"{name}: its plan binds a {' or '.join(kinds)} buffer of {largest} bytes, over the "
                                 f"storage-buffer size budget of {self.max_binding} bytes (option "
