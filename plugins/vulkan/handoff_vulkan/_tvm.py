@@ -280,7 +280,7 @@ def relax_passes(fuse: bool, max_buffers: int | None = None, fold: bool = False)
     where a fused group binding more than ``max_buffers`` storage buffers is left unfused
     (:func:`_unfuse_over`). With ``fold``, the weights' transposes are computed when lowering
     (:func:`_transposed_weights`); the per-node checks leave them, so each node keeps its kernel."""
-    split = {"relax.concat": _concat_within(max_buffers)} if max_buffers is not None and max_buffers >= 3 else None
+    split = {"relax.concat": _concat_within(max_buffers)} if max_buffers is not None and splits_concat(max_buffers) else None
     passes = [relax.transform.DecomposeOpsForInference(), relax.transform.LegalizeOps(split),
               relax.transform.AnnotateTIROpPattern()]
     if fold:
@@ -293,6 +293,12 @@ def relax_passes(fuse: bool, max_buffers: int | None = None, fold: bool = False)
                                                     name="handoff.vulkan.UnfuseOverBudget"))
         passes.append(relax.transform.FuseTIR())
     return passes
+
+
+def splits_concat(max_buffers: int) -> bool:
+    """Whether :func:`relax_passes` lowers a concatenation of any length within ``max_buffers``
+    storage buffers: each of its kernels needs two inputs and the output."""
+    return max_buffers >= 3
 
 
 def _concat_within(max_buffers: int) -> Callable[[Any, Any], Any]:

@@ -104,7 +104,7 @@ class VulkanCompiler(Compiler):
         """Why the node's own kernel would bind more storage buffers than ``max_storage_buffers``,
         or one larger than ``max_storage_buffer_binding_size``."""
         tensors = _bound_tensors(node)
-        split = node.target is _CAT and self.max_buffers >= 3  # lowered as several within it (_tvm.relax_passes)
+        split = node.target is _CAT and _tvm.splits_concat(self.max_buffers)  # lowered as several within it
         if len(tensors) > self.max_buffers and not split:
             return (f"its kernel would bind {len(tensors)} storage buffers (tensor inputs + outputs), over the budget of "
                     f"{self.max_buffers} (option vulkan.max_storage_buffers; raise it only if the target adapter allows "
