@@ -219,6 +219,8 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-model", action="store_true", help="read a model file that runs code when loaded (a .pt2 "
                    "holding pickles): only for files whose author you trust")
     p.add_argument("--no-sign", action="store_true", help="do not sign the program with the local key")
+    p.add_argument("--no-fold", action="store_true", help="do not evaluate at partition time what the model computes "
+                   "from its weights alone (it is then computed at every run)")
     p.add_argument("--fallback-copies", action="store_true", help="store next to each vendor delegate a copy of "
                    "its partition compiled by tvm (for the host or --target), run where the vendor's runtime is missing")
     p.add_argument("--quantize", choices=("int8",), help="PT2E-quantize the float model with the selected backends' "
@@ -461,7 +463,7 @@ def run_partition(args: argparse.Namespace) -> int:
                            on_lower_error=args.on_lower_error, use_cache=not args.no_cache, progress=progress,
                            trust_model=args.trust_model, fallback_copies=args.fallback_copies,
                            quantize=args.quantize, calibration=args.calibration,
-                           calibration_data=args.calibration_data)
+                           calibration_data=args.calibration_data, fold=not args.no_fold)
     result.write(output, sign=not args.no_sign)
     if args.report:
         try:

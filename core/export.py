@@ -2,6 +2,8 @@
 
 Decomposition to core ATen keeps whole every op that a selected backend asks for through
 ``Compiler.ops_to_not_decompose`` (ExecuTorch's mechanism), so XNNPACK still sees ``linear``.
+What the model computes from its weights alone is then folded into constants (step 2,
+:mod:`handoff.fold`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import warnings
 from typing import Any, Iterable, Iterator, Sequence
 
 from .errors import HandoffError
+from .fold import fold_constants
 from .plugins import Plugins
 from .zoo import InputSpec, ResolvedModel
 
@@ -58,7 +61,8 @@ class Decompositions:
     """Decomposed programs remembered for one process, by the program decomposed and the ops kept
     whole: :func:`handoff.partition` calls on the same export whose backends keep the same ops
     (``handoff compare``'s strategies: ``xnnpack`` and ``xnnpack,vulkan``; ``tvm`` and ``vulkan``)
-    decompose it once. A quantized model is another program, so it gets its own entry.
+    decompose it once. A quantized model is another program, so it gets its own entry, and so is
+    a decomposition left unfolded (``fold=False``).
 
     Held in memory only: an ``ExportedProgram`` on disk is read back with pickle
     (``torch.export.load``), which a cache must not do. Callers must not change a program they
@@ -67,15 +71,16 @@ class Decompositions:
     """
 
     def __init__(self) -> None:
-        # id(exported) -> (exported, {kept ops -> decomposed}); holding ``exported`` keeps its id unique.
+        # id(exported) -> (exported, {kept ops and fold -> decomposed}); holding ``exported`` keeps its id unique.
         self._programs: dict[int, tuple[Any, dict[frozenset[str], Any]]] = {}
         self.hits = 0
         self.misses = 0
 
-    def get(self, exported: Any, keep_ops: Iterable[Any], decompose: Any) -> Any:
-        """The decomposition of ``exported`` keeping ``keep_ops``, else ``decompose()``, remembered."""
+    def get(self, exported: Any, keep_ops: Iterable[Any], decompose: Any, fold: bool = True) -> Any:
+        """The decomposition of ``exported`` keeping ``keep_ops`` (folded or not), else
+        ``decompose()``, remembered."""
         _, by_keep = self._programs.setdefault(id(exported), (exported, {}))
-        key = frozenset(str(op) for op in keep_ops)
+        key = frozenset([*(str(op) for op in keep_ops), f"fold={fold}"])
         if key in by_keep:
             self.hits += 1
         else:
@@ -85,15 +90,21 @@ class Decompositions:
 
 
 def export_model(resolved: ResolvedModel, keep_ops: Iterable[Any] = (),
-                 shared: Decompositions | None = None) -> Any:
-    """``torch.export`` the model (unless it already is exported) and decompose it to core ATen,
-    keeping ``keep_ops`` whole. Returns the decomposed ``ExportedProgram``; with ``shared``, one
-    remembered there when the same export was decomposed keeping the same ops."""
+                 shared: Decompositions | None = None, fold: bool = True) -> Any:
+    """``torch.export`` the model (unless it already is exported), decompose it to core ATen,
+    keeping ``keep_ops`` whole, and (unless ``fold=False``) fold what it computes from its weights
+    alone (:func:`handoff.fold.fold_constants`). Returns the ``ExportedProgram``; with ``shared``,
+    one remembered there when the same export was decomposed keeping the same ops."""
     ep = torch_export(resolved)
     keep_ops = list(keep_ops)
+
+    def decompose() -> Any:
+        decomposed = _decompose(ep, keep_ops, resolved.name)
+        return fold_constants(decomposed) if fold else decomposed
+
     if shared is not None:
-        return shared.get(ep, keep_ops, lambda: _decompose(ep, keep_ops, resolved.name))
-    return _decompose(ep, keep_ops, resolved.name)
+        return shared.get(ep, keep_ops, decompose, fold)
+    return decompose()
 
 
 def _decompose(ep: Any, keep_ops: Sequence[Any], name: str) -> Any:

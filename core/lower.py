@@ -23,6 +23,7 @@ from .backend import Lowered, LoweringError
 from .cache import LoweringCache
 from .errors import HandoffError
 from .export import quiet_torch
+from .fold import weight_tensors
 from .partitioner import HOST, Partition, Plan, op_name
 from .program import DTYPES, FORMAT_MAJOR, FORMAT_MINOR
 
@@ -65,26 +66,13 @@ def _tensor_bytes(t: Any) -> bytes:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def _weights(ep: Any) -> dict[str, tuple[str, Any]]:
-    """placeholder name -> (kind, tensor) for parameters, buffers and lifted constants."""
-    sig = ep.graph_signature
-    out: dict[str, tuple[str, Any]] = {}
-    for name, target in sig.inputs_to_parameters.items():
-        out[name] = ("parameter", ep.state_dict[target])
-    for name, target in sig.inputs_to_buffers.items():
-        out[name] = ("buffer", ep.state_dict[target] if target in ep.state_dict else ep.constants[target])
-    for name, target in sig.inputs_to_lifted_tensor_constants.items():
-        out[name] = ("constant", ep.constants[target])
-    return out
-
-
 def partition_io(ep: Any, names: Sequence[str]) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
     """The fx nodes of the partition ``names`` of ``ep`` (in graph order), the values flowing in
     from outside (model inputs, other partitions, host ops), the weights they use, and the nodes
     whose values are used outside, without exporting anything."""
     inside = set(names)
     nodes = [n for n in ep.graph.nodes if n.name in inside]
-    weights = _weights(ep)
+    weights = weight_tensors(ep)
     external: list[Any] = []
     used_weights: list[Any] = []
     for n in nodes:
@@ -118,7 +106,7 @@ def extract_partition(ep: Any, names: Sequence[str],
     from torch.utils import _pytree
 
     nodes, external, used_weights, outputs = partition_io(ep, names)
-    weights = _weights(ep)
+    weights = weight_tensors(ep)
     graph = torch.fx.Graph()
     env: dict[Any, Any] = {}
     specs: list[Any] = []
@@ -332,7 +320,7 @@ def graph_digest(ep: Any) -> str:
     h = hashlib.sha256(str(ep.graph).encode())
     for n in ep.graph.nodes:
         h.update(f"{n.name}:{_meta_text(n)}\n".encode())
-    for name, (kind, tensor) in sorted(_weights(ep).items()):
+    for name, (kind, tensor) in sorted(weight_tensors(ep).items()):
         h.update(f"{name}:{kind}\n".encode())
         h.update(_tensor_bytes(tensor))
     return h.hexdigest()
@@ -346,7 +334,7 @@ class _ContentKeys:
 
     def __init__(self, ep: Any):
         self.ep = ep
-        self.weights = _weights(ep)
+        self.weights = weight_tensors(ep)
         self._digests: dict[str, str] = {}
 
     def _digest(self, name: str) -> str:
@@ -469,7 +457,7 @@ class Lowerer:
         # Nodes that read only weights are skipped: alone they fold to a constant, leaving the
         # compiler nothing to compile, so they would be blamed for any failure.
         by_name = {n.name: n for n in self.ep.graph.nodes}
-        weights = _weights(self.ep)
+        weights = weight_tensors(self.ep)
         probes = [n for n in part.nodes if by_name[n].target is not operator.getitem
                   and any(i.name not in weights for i in by_name[n].all_input_nodes)]
         for name in probes[:PROBE_LIMIT]:
@@ -538,7 +526,7 @@ def assemble(ep: Any, plan: Plan, lowered: Mapping[str, LoweredPartition], compi
         copies, tried in order where the delegate's own backend cannot run; format 1.3)."""
     import torch
 
-    weights = _weights(ep)
+    weights = weight_tensors(ep)
     values: list[dict[str, Any]] = []
     value_ids: dict[str, int] = {}
     segments: list[bytes] = []

@@ -53,9 +53,9 @@ def eager_values(ep: Any, inputs: Sequence[Any]) -> dict[str, Any]:
     import torch
     import torch.fx
 
-    from .lower import _weights
+    from .fold import weight_tensors
 
-    weights = _weights(ep)
+    weights = weight_tensors(ep)
     user = iter(torch.as_tensor(x) for x in inputs)
     args = []
     for node in ep.graph.nodes:
@@ -173,7 +173,8 @@ def export_for(manifest: Mapping[str, Any], model: str, plugins: Any,
     keep = [op for b in chain for op in plugins.compiler(b, options.get(b, {})).ops_to_not_decompose()]
     try:
         resolved = resolve_model(model, input_shapes, plugins)
-        ep = export_model(resolved, keep)
+        # folded as the program's partition run folded it (programs before the flag were not)
+        ep = export_model(resolved, keep, fold=manifest.get("metadata", {}).get("folded") is True)
     except HandoffError as exc:
         shapes = ", ".join(f"{dtype}{list(shape)}" for shape, dtype in input_shapes) or "none"
         raise HandoffError(f"{model} does not export with the program's inputs ({shapes}): {exc}; was the program "

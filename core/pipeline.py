@@ -17,6 +17,7 @@ from . import hostops
 from .cache import CapabilityCache
 from .errors import HandoffError, one_line
 from .export import Decompositions, export_model, resolve_model
+from .fold import Folding, folding
 from .lower import Assembled, Lowerer, LoweringFailure, Move, assemble, graph_digest
 from .partitioner import HOST, GraphView, Limits, Partition, Plan, graph_view, plan
 from .plugins import Plugins, get_plugins
@@ -119,7 +120,7 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
               progress: Callable[[str, int, int], None] | None = None, trust_model: bool = False,
               fallback_copies: bool = False, quantize: str | None = None, calibration: int | None = None,
               calibration_data: Any = None, capability: CapabilityCache | None = None,
-              decompositions: Decompositions | None = None) -> PartitionResult:
+              decompositions: Decompositions | None = None, fold: bool = True) -> PartitionResult:
     """Partition ``model`` across ``backends`` (priority order) and lower every partition.
 
     :param model: a MODEL string (``zoo:small_cnn``, ``m.pt2``, ``file.py:Name``), an
@@ -150,6 +151,9 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
         :class:`handoff.export.Decompositions` to several calls on the same ``ExportedProgram`` (or
         ``ResolvedModel`` holding one; ``handoff compare`` does) to decompose it once per set of
         ops the backends keep whole. Default: decompose in this call.
+    :param fold: evaluate what the model computes from its weights alone at partition time and
+        store it as constants (:mod:`handoff.fold`; the report's ``folding`` says what); the CLI's
+        ``--no-fold`` turns it off.
     """
     clock = _Clock()
     plugins = plugins or get_plugins()
@@ -189,7 +193,7 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
         raise HandoffError("--calibration and --calibration-data calibrate --quantize; add --quantize int8")
     with clock("export"):
         keep = [op for b in chain for op in compilers[b].ops_to_not_decompose()]
-        ep = export_model(resolved, keep, decompositions)
+        ep = export_model(resolved, keep, decompositions, fold)
         from .quantization import duplicate_dequantize, is_quantized, quantized_spans
 
         int8 = is_quantized(ep)
@@ -261,11 +265,12 @@ def partition(model: Any, example_inputs: Sequence[Any] = (), *, backends: Seque
         with clock("lower"):
             copies, copy_notes = _fallback_copies(the_plan, lowerer, tvm_support)
     with clock("lower"):
-        metadata = {"model": resolved.name, "backends": chain}
+        metadata = {"model": resolved.name, "backends": chain, "folded": fold}
         recorded = {b: {k: str(v) for k, v in given.get(b, {}).items()} for b in compiled}
         assembled = assemble(ep, the_plan, lowered, recorded, versions, metadata, copies)
     report = Report.build(resolved.name, chain, view, the_plan, lowered, moves, assembled)
     report.copies = copy_notes
+    report.folding = (folding(ep) or Folding()).to_json() if fold else None
     if int8:
         report.quantization = _quantization_note(quantized, the_plan, view, lowered)
     report.timings.update(clock.seconds)

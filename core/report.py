@@ -58,6 +58,9 @@ class Report:
     #: for an int8 program: how it was quantized (which backend's quantizer annotated which ops,
     #: calibration, ops left float) and the quantize/dequantize ops each backend runs
     quantization: dict[str, Any] | None = None
+    #: what was computed from weights alone and folded into constants before partitioning
+    #: (:class:`handoff.fold.Folding`); ``None`` with ``--no-fold``
+    folding: dict[str, Any] | None = None
 
     @classmethod
     def build(cls, model: str, backends: list[str], view: GraphView, plan: Plan, lowered: dict[str, Any],
@@ -103,6 +106,7 @@ class Report:
             "crossings": self.crossings,
             "fallback_copies": self.copies,
             "quantization": self.quantization,
+            "folding": self.folding,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "notes": self.notes,
         }
@@ -159,6 +163,13 @@ class Report:
                     console.print(f"[yellow]no copy[/] for {c['partition']} ({c['backend']}): {c['reason']}")
         if self.quantization:
             self._render_quantization(console)
+        if self.folding and (self.folding["nodes"] or self.folding["kept"]):
+            f = self.folding
+            console.print(f"folded {len(f['nodes'])} node(s) computed from weights alone into "
+                          f"{len(f['constants'])} constant(s) (+{_size(f['added_bytes'])}, "
+                          f"-{_size(f['removed_bytes'])} of weights only they read)")
+            for k in f["kept"]:
+                console.print(f"[yellow]not folded[/] {k['node']} ({k['op']}): {k['reason']}")
         if self.timings:
             phases = ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items())
             console.print(f"{self.crossings} value crossing(s) per run; {phases}")
