@@ -39,7 +39,8 @@ class Folding:
 
     #: the nodes evaluated at partition time and removed from the graph
     nodes: list[str] = dataclasses.field(default_factory=list)
-    #: folded node -> the constant placeholder that holds its value now
+    #: folded node -> the constant placeholder that holds its value now (nodes computing the same
+    #: op on the same arguments share one)
     constants: dict[str, str] = dataclasses.field(default_factory=dict)
     #: bytes of the new constants, and of the weights that left the program because only folded
     #: nodes read them
@@ -85,17 +86,28 @@ def fold_constants(ep: Any, growth_bytes: int = GROWTH_BYTES) -> Any:
     graph = ep.graph
     values: dict[Any, Any] = {}
     bases: dict[Any, frozenset[str]] = {}  # folded node -> the weights it is computed from
+    # folded node -> the first node computing the same op on the same arguments: a recurrent
+    # layer unrolled over 32 steps transposes its weight 32 times, and is stored once
+    same: dict[Any, Any] = {}
+    first: dict[str, Any] = {}
     for node in graph.nodes:
         if node.op == "placeholder" and node.name in weights:
             values[node] = weights[node.name][1]
             bases[node] = frozenset([node.name])
+            same[node] = node
         elif node.op == "call_function" and _foldable(node) and all(i in values for i in node.all_input_nodes):
-            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
-            try:
-                with torch.no_grad():
-                    values[node] = node.target(*args, **kwargs)
-            except Exception:  # noqa: BLE001 - an op eager ATen cannot evaluate here stays in the graph
-                continue
+            key = repr((str(node.target), torch.fx.node.map_arg((node.args, node.kwargs), lambda i: same[i].name)))
+            if key in first:
+                values[node] = values[first[key]]
+            else:
+                args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
+                try:
+                    with torch.no_grad():
+                        values[node] = node.target(*args, **kwargs)
+                except Exception:  # noqa: BLE001 - an op eager ATen cannot evaluate here stays in the graph
+                    continue
+                first[key] = node
+            same[node] = first[key]
             bases[node] = frozenset().union(*(bases[i] for i in node.all_input_nodes))
     folded = [n for n in graph.nodes if n.op == "call_function" and n in values]
     record = Folding()
@@ -126,7 +138,7 @@ def fold_constants(ep: Any, growth_bytes: int = GROWTH_BYTES) -> Any:
     if not stored:
         _FOLDINGS[ep] = record
         return ep
-    return _rewrite(ep, weights, values, [n for n in folded if n not in computed], stored[::-1], record)
+    return _rewrite(ep, weights, values, same, [n for n in folded if n not in computed], stored[::-1], record)
 
 
 def _foldable(node: Any) -> bool:
@@ -141,15 +153,15 @@ def _foldable(node: Any) -> bool:
             and torch.Tag.nondeterministic_seeded not in op.tags)
 
 
-def _narrowed(node: Any, value: Any) -> Any:
-    """An int64 value that only indexes (``index_select``'s index, ``index.Tensor``'s indices) as
-    int32 when every element fits: accelerators index with 32-bit integers (WGSL has no 64-bit
-    ones), and ATen takes either."""
+def _narrowed(nodes: list[Any], value: Any) -> Any:
+    """An int64 value that ``nodes`` compute and that only indexes (``index_select``'s index,
+    ``index.Tensor``'s indices) as int32 when every element fits: accelerators index with 32-bit
+    integers (WGSL has no 64-bit ones), and ATen takes either."""
     import torch
 
     aten = torch.ops.aten
-    only_indexes = all((u.target is aten.index_select.default and u.args[2] is node and node not in u.args[:2])
-                       or (u.target is aten.index.Tensor and u.args[0] is not node) for u in node.users)
+    only_indexes = all((u.target is aten.index_select.default and u.args[2] is n and n not in u.args[:2])
+                       or (u.target is aten.index.Tensor and u.args[0] is not n) for n in nodes for u in n.users)
     if (value.dtype != torch.int64 or not only_indexes or value.numel() == 0
             or value.min() < torch.iinfo(torch.int32).min or value.max() > torch.iinfo(torch.int32).max):
         return value
@@ -164,9 +176,10 @@ def _describe(t: Any) -> str:
     return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)} ({_nbytes(t)} bytes)"
 
 
-def _rewrite(ep: Any, weights: dict[str, tuple[str, Any]], values: dict[Any, Any], folded: list[Any],
-             stored: list[Any], record: Folding) -> Any:
-    """``ep`` with ``stored`` read from new lifted constants and ``folded`` removed."""
+def _rewrite(ep: Any, weights: dict[str, tuple[str, Any]], values: dict[Any, Any], same: dict[Any, Any],
+             folded: list[Any], stored: list[Any], record: Folding) -> Any:
+    """``ep`` with ``stored`` read from new lifted constants (one per group of ``same`` nodes) and
+    ``folded`` removed."""
     import torch
     from torch.export import ExportedProgram
     from torch.export.graph_signature import (ExportGraphSignature, InputKind, InputSpec, OutputSpec,
@@ -178,13 +191,19 @@ def _rewrite(ep: Any, weights: dict[str, tuple[str, Any]], values: dict[Any, Any
     constants = dict(ep.constants)
     new_specs = []
     renamed: dict[str, str] = {}
+    placeholders: dict[Any, Any] = {}  # same[node] -> its constant's placeholder
     for node in stored:
+        if same[node] in placeholders:
+            node.replace_all_uses_with(placeholders[same[node]])
+            record.constants[node.name] = renamed[node.name] = placeholders[same[node]].name
+            continue
         target = f"folded_{node.name}"
         with graph.inserting_before(first_input):
-            placeholder = graph.placeholder(f"c_{target}")
+            placeholder = placeholders[same[node]] = graph.placeholder(f"c_{target}")
         placeholder.meta["val"] = node.meta["val"]
         node.replace_all_uses_with(placeholder)
-        constants[target] = _narrowed(node, values[node].detach().contiguous().clone())
+        group = [n for n in stored if same[n] is same[node]]
+        constants[target] = _narrowed(group, values[node].detach().contiguous().clone())
         if constants[target].dtype != values[node].dtype:
             placeholder.meta["val"] = node.meta["val"].fake_mode.from_tensor(constants[target])
         new_specs.append(InputSpec(InputKind.CONSTANT_TENSOR, TensorArgument(placeholder.name), target))

@@ -166,7 +166,7 @@ class Report:
         if self.folding and (self.folding["nodes"] or self.folding["kept"]):
             f = self.folding
             console.print(f"folded {len(f['nodes'])} node(s) computed from weights alone into "
-                          f"{len(f['constants'])} constant(s) (+{_size(f['added_bytes'])}, "
+                          f"{len(set(f['constants'].values()))} constant(s) (+{_size(f['added_bytes'])}, "
                           f"-{_size(f['removed_bytes'])} of weights only they read)")
             for k in f["kept"]:
                 console.print(f"[yellow]not folded[/] {k['node']} ({k['op']}): {k['reason']}")

@@ -166,3 +166,27 @@ def test_partition_folds_by_default_reports_it_and_runs_right(sink_plugins):
     for result in (folded, unfolded):
         with handoff.load(result.to_bytes(sign=False)) as program:
             np.testing.assert_allclose(program.run([x.numpy()])[0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_same_value_computed_many_times_is_stored_once():
+    class Unrolled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(8, 8) / 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.zeros(1, 8)
+            for step in range(4):  # each step's linear transposes the same weight
+                h = torch.tanh(torch.nn.functional.linear(x[:, step] + h, self.w))
+            return h
+
+    torch.manual_seed(0)
+    model = Unrolled()
+    ep = _export(model, torch.randn(1, 4, 8))
+    record = folding(ep)
+    transposes = [n for n in record.nodes if n.startswith("permute")]
+    assert len(transposes) == 4 and len({record.constants[n] for n in transposes}) == 1
+    assert record.removed_bytes == 8 * 8 * 4 and record.added_bytes == 8 * 8 * 4 + 8 * 4  # and the zeros h
+    x = torch.randn(1, 4, 8)
+    with torch.no_grad():
+        np.testing.assert_allclose(ep.module()(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
