@@ -537,7 +537,8 @@ def test_host_op_arguments_must_match_the_declared_outputs(sink_plugins, tmp_pat
     """A crafted size argument cannot make the host allocate more than the file declares."""
     from handoff.program import ProgramFile, program_bytes
 
-    result = handoff.partition(Filled(), (torch.randn(2, 8),), backends=["sink"], fallback=False)
+    # unfolded, so that the full stays a host op (folded, it is a constant of the file)
+    result = handoff.partition(Filled(), (torch.randn(2, 8),), backends=["sink"], fallback=False, fold=False)
     manifest = dict(result.assembled.manifest)
     (full,) = [i for i in manifest["instructions"] if i.get("target") == "aten.full.default"]
     full["args"][0] = [1 << 20, 1 << 20]
