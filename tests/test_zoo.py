@@ -54,6 +54,23 @@ def test_figures_are_measured_and_weights_not_degenerate(name):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # deterministic weights
 
 
+def test_a_layer_initialised_to_zero_gets_random_weights():
+    """torchvision's ViT starts its classifier head at zero: with random weights elsewhere every
+    output was 0 whatever the input, and the check against eager refused vit_b_16 as degenerate."""
+    from handoff.zoo._weights import calibrated
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 4)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    model = calibrated(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), head),
+                       [((1, 8), "float32")], seed=1)
+    with torch.no_grad():
+        a, b = model(torch.randn(1, 8)), model(torch.randn(1, 8))
+    assert (a - b).abs().max() > 1e-2 * a.abs().max() > 0
+    assert head.weight.std().item() == pytest.approx(16 ** -0.5, rel=0.3)
+
+
 def test_integer_inputs_cover_the_vocabulary():
     (data,) = BUILTIN["langid"].example_inputs(3)
     assert data.dtype == torch.int64 and int(data.min()) >= 0 and int(data.max()) < 256 and int(data.max()) > 8
