@@ -357,7 +357,7 @@ def _lower(s: Strategy, resolved: Any, inputs: tuple, per_delegate: bool, on_low
 
     result = StrategyResult(s)
     try:
-        part = partition(resolved, backends=list(s.backends), options=s.options, fallback=s.fallback,
+        part = partition(resolved, backends=list(s.backends), options=s.options, fallback=s.fallback, fold=s.fold,
                          on_lower_error=on_lower_error, use_cache=use_cache, plugins=plugins, progress=progress,
                          capability=capability, decompositions=decompositions)
     except HandoffError as exc:

@@ -24,18 +24,20 @@ from .errors import HandoffError
 
 FALLBACK_BACKEND = "tvm"
 _DEVICE_RANK = {"npu": 0, "gpu": 1, "cpu": 2}
-_YAML_KEYS = ("name", "description", "backends", "options", "fallback")
+_YAML_KEYS = ("name", "description", "backends", "options", "fallback", "fold")
 
 
 @dataclasses.dataclass(frozen=True)
 class Strategy:
-    """One way to lower a model: backends in priority order and their compile options."""
+    """One way to lower a model: backends in priority order and their compile options; ``fold``:
+    whether what the model computes from its weights alone is folded first (:mod:`handoff.fold`)."""
 
     name: str
     backends: tuple[str, ...]
     options: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict, hash=False)
     description: str = ""
     fallback: bool = True
+    fold: bool = True
 
     @property
     def spec(self) -> str:
@@ -46,10 +48,11 @@ class Strategy:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "spec": self.spec, "backends": list(self.backends),
                 "options": {b: dict(o) for b, o in self.options.items()}, "description": self.description,
-                "fallback": self.fallback}
+                "fallback": self.fallback, "fold": self.fold}
 
 
-def parse(text: str, name: str | None = None, description: str = "", fallback: bool = True) -> Strategy:
+def parse(text: str, name: str | None = None, description: str = "", fallback: bool = True,
+          fold: bool = True) -> Strategy:
     """``"qnn[precision=fp16],xnnpack"`` -> a :class:`Strategy` (named ``text`` unless ``name``)."""
     backends: list[str] = []
     options: dict[str, dict[str, str]] = {}
@@ -68,7 +71,7 @@ def parse(text: str, name: str | None = None, description: str = "", fallback: b
             options[backend] = _options(rest[:-1], text, backend)
     if not backends:
         raise HandoffError("an empty strategy; give backends in priority order, e.g. --strategy qnn,xnnpack")
-    return Strategy(name or text.strip(), tuple(backends), options, description, fallback)
+    return Strategy(name or text.strip(), tuple(backends), options, description, fallback, fold)
 
 
 def _split_top(text: str) -> list[str]:
@@ -111,13 +114,15 @@ def load_file(path: str | Path) -> list[Strategy]:
     """Strategies from a YAML file: a list (or ``strategies:`` holding a list) whose entries are
     strategy strings or mappings with ``backends`` (a strategy string or a list of backend ids)
     and optionally ``name``, ``description``, ``options`` (backend -> name -> value) and
-    ``fallback`` (false: no ``tvm`` for what the backends leave)::
+    ``fallback`` (false: no ``tvm`` for what the backends leave) and ``fold`` (false: partition
+    without folding what the model computes from its weights alone, as ``partition --no-fold``)::
 
         strategies:
           - name: npu-fp16
             description: QNN in fp16 for a Snapdragon 8 Gen 3, XNNPACK for the rest
             backends: qnn[precision=fp16,soc_model=SM8650],xnnpack
           - xnnpack
+          - {name: xnnpack-unfolded, backends: xnnpack, fold: false}
     """
     import yaml
 
@@ -145,10 +150,11 @@ def load_file(path: str | Path) -> list[Strategy]:
             raise HandoffError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(_YAML_KEYS)}")
         backends = entry["backends"]
         text = ",".join(map(str, backends)) if isinstance(backends, list) else str(backends)
-        fallback = entry.get("fallback", True)
-        if not isinstance(fallback, bool):
-            raise HandoffError(f"{where}: 'fallback' must be true or false")
-        strategy = parse(text, str(entry.get("name") or text), str(entry.get("description") or ""), fallback)
+        flags = {key: entry.get(key, True) for key in ("fallback", "fold")}
+        for key, value in flags.items():
+            if not isinstance(value, bool):
+                raise HandoffError(f"{where}: '{key}' must be true or false")
+        strategy = parse(text, str(entry.get("name") or text), str(entry.get("description") or ""), **flags)
         extra = entry.get("options") or {}
         if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
             raise HandoffError(f"{where}: 'options' must map a backend to NAME: VALUE pairs")
@@ -207,7 +213,7 @@ def unique(strategies: Sequence[Strategy]) -> list[Strategy]:
     names: set[str] = set()
     out = []
     for s in strategies:
-        key = f"{s.spec};{s.fallback}"
+        key = f"{s.spec};{s.fallback};{s.fold}"
         if key in seen:
             continue
         seen.add(key)

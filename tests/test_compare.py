@@ -268,3 +268,38 @@ def test_each_backend_is_asked_about_the_model_once(sink_plugins, monkeypatch):
     for _ in range(2):
         handoff.partition("zoo:sink_net", backends=["sink"], fallback=False, use_cache=False)
     assert [q for q in asked if q[0] == "support"] == [("support", kitchen_sink.DEFAULT_OPS)] * 2
+
+
+MASKED = """
+import torch
+
+
+class Masked(torch.nn.Module):
+    def forward(self, x):
+        ids = torch.arange(8)
+        return x * torch.where(ids[:, None] >= ids[None, :], 1.0, 0.5)
+
+
+def example_inputs():
+    return (torch.randn(8, 8),)
+"""
+
+
+def test_a_strategy_may_partition_without_folding(sink_plugins, tmp_path):
+    """``fold: false`` reaches partition: the mask is computed on the host at every run instead of
+    stored, and the per-delegate check exports the model the way each program was made."""
+    (tmp_path / "masked.py").write_text(MASKED)
+    ops = "sink[ops=aten.mul.Tensor]"
+    result = compare(f"{tmp_path / 'masked.py'}:Masked", [parse(ops, "folded", fallback=False),
+                                                          parse(ops, "unfolded", fallback=False, fold=False)],
+                     runs=2, rounds=1, warmup=0, per_delegate=True, max_workers=1)
+    folded, unfolded = result.strategies
+    assert folded.status == unfolded.status == OK, (folded.reason, unfolded.reason)
+    assert "aten.arange.start_step" in unfolded.declined and "aten.arange.start_step" not in folded.declined
+    assert folded.coverage == {"sink": 100.0} and unfolded.coverage["sink"] < 100.0
+    assert folded.max_abs_error == unfolded.max_abs_error == 0.0
+    # each program's delegate checked against the graph it was cut from (folded or not)
+    for s in (folded, unfolded):
+        (d,) = s.per_delegate
+        assert (d["backend"], d["ops"], d["max_abs_error"], d["mismatch"]) == ("sink", {"aten.mul.Tensor": 1}, 0.0, False)
+    assert [s["fold"] for s in result.to_json()["strategies"]] == [True, False]

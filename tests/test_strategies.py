@@ -44,12 +44,14 @@ strategies:
   - backends: [xnnpack, tvm]
     fallback: false
   - vulkan
+  - {name: vulkan-unfolded, backends: vulkan, fold: false}
 """)
-    a, b, c = load_file(path)
+    a, b, c, d = load_file(path)
     assert (a.name, a.description, a.backends) == ("npu-fp16", "QNN in fp16, XNNPACK for the rest", ("qnn", "xnnpack"))
     assert a.options == {"qnn": {"precision": "fp16", "soc_model": "SM8650"}}
     assert (b.name, b.backends, b.fallback) == ("xnnpack,tvm", ("xnnpack", "tvm"), False)
-    assert c.backends == ("vulkan",)
+    assert c.backends == ("vulkan",) and c.fold and a.fold and b.fold
+    assert (d.name, d.backends, d.fold, d.to_json()["fold"]) == ("vulkan-unfolded", ("vulkan",), False, False)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -58,6 +60,7 @@ strategies:
     ("- {backends: qnn, speed: 3}", "entry 1: unknown key\\(s\\) speed; valid keys: name, description"),
     ("- {backends: qnn, options: {xnnpack: {threads: 2}}}", "options for 'xnnpack', which its backends \\(qnn\\)"),
     ("- {backends: qnn, fallback: maybe}", "'fallback' must be true or false"),
+    ("- {backends: qnn, fold: 0}", "'fold' must be true or false"),
     ("- [unclosed", "not valid YAML"),
 ])
 def test_yaml_errors(tmp_path, text, message):
