@@ -76,7 +76,7 @@ def test_what_depends_on_weights_alone_is_folded_and_the_program_still_matches_e
     assert not torch.allclose(outs[0], outs[1])
 
 
-def test_a_value_that_would_grow_the_program_too_much_stays_computed_and_says_why():
+def test_a_value_that_would_grow_the_program_too_much_stays_computed_and_says_why(sink_plugins):
     class Broadcast(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -101,6 +101,15 @@ def test_a_value_that_would_grow_the_program_too_much_stays_computed_and_says_wh
     x = torch.randn(1, 64, 64, 65)
     with torch.no_grad():
         np.testing.assert_allclose(ep.module()(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-5)
+    # and the delegation report says so
+    from rich.console import Console
+
+    report = handoff.partition(model, (x,), backends=[], fallback=False, use_cache=False).report
+    assert [k["node"] for k in report.to_json()["folding"]["kept"]] == [k["node"] for k in record.kept]
+    console = Console(record=True, width=400)
+    report.render(console)
+    assert f"not folded {record.kept[0]['node']} (aten.clone.default): its value, float32[1, 64, 64, 65]" \
+        in console.export_text()
 
 
 def test_dequantize_and_random_ops_are_not_folded():
@@ -160,6 +169,14 @@ def test_partition_folds_by_default_reports_it_and_runs_right(sink_plugins):
     assert unfolded.assembled.manifest["metadata"]["folded"] is False
     assert folded.report.total_nodes < unfolded.report.total_nodes
     json.dumps(report)
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    folded.report.render(console)
+    text = console.export_text()
+    constants = len(set(report["folding"]["constants"].values()))
+    assert f"folded {len(report['folding']['nodes'])} node(s) computed from weights alone into {constants} constant(s)" \
+        in text, text
     x = torch.randn(1, 2, 4, 4)
     with torch.no_grad():
         want = model(x).numpy()
