@@ -457,7 +457,10 @@ def _submissions(passes: list[Any], raw: list[Any] | None, first: int) -> list[t
     chunks, start, size = [], 0, first
     while start < len(passes):
         end = start + size
-        chunks.append((passes[start:end], raw[start:end] if raw is not None else None))
+        part = raw[start:end] if raw is not None else None
+        if part and part[0][0] is None:  # each part is a new compute pass: it starts with no pipeline set
+            part[0] = (passes[start][0]._internal, *part[0][1:])
+        chunks.append((passes[start:end], part))
         start, size = end, 2 * size
     return chunks
 

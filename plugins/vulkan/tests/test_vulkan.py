@@ -1019,6 +1019,33 @@ def test_parts_submitted_separately_give_the_same_outputs_and_one_gpu_span():
     np.testing.assert_array_equal(outputs["1"], outputs["0"])
 
 
+def test_a_part_starting_with_the_kernel_that_ended_the_last_part_sets_it_again():
+    """The native recording sets a pipeline only when it changes; each submission is a new
+    compute pass, which starts with none set. torchvision's swin_v2_t, folded into one delegate,
+    ran a kernel twice across a part boundary, and wgpu refused the run ("Compute pipeline must be
+    set")."""
+    _needs_compiler()
+    _needs_gpu()
+    import torch
+
+    from handoff_vulkan.compiler import VulkanCompiler
+    from handoff_vulkan.runtime import VulkanRuntime
+
+    model = torch.nn.Sequential(torch.nn.Tanh(), torch.nn.Tanh(), torch.nn.Tanh()).eval()
+    x = torch.randn(4, 8)
+    lowered = VulkanCompiler({"fuse": False}).preprocess(_export(model, x), "p0")
+    rt = VulkanRuntime()
+    handle = rt.load(memoryview(lowered.blob), lowered.metadata, runtime_options(first_submit="1"))
+    try:
+        assert len(handle.passes) == 3 and handle.passes[0][0] is handle.passes[1][0] is handle.passes[2][0]
+        assert len(handle.chunks) == 2
+        (got,) = rt.to_host(rt.execute(handle, [x.numpy()]))
+    finally:
+        rt.release(handle)
+    with torch.no_grad():
+        assert_matches_eager(got, model(x))
+
+
 @pytest.mark.slow
 def test_layer_norm_and_softmax_are_one_dispatch_each():
     """Chains of short reductions (layer norm's mean and variance, softmax's max and sum over 64)
