@@ -188,6 +188,7 @@ def _rewrite(ep: Any, weights: dict[str, tuple[str, Any]], values: dict[Any, Any
     graph = ep.graph
     sig = ep.graph_signature
     first_input = next(n for n in graph.nodes if n.op != "placeholder" or n.name not in weights)
+    read = {n for n in graph.nodes if n.op == "placeholder" and n.name in weights and n.users}
     constants = dict(ep.constants)
     new_specs = []
     renamed: dict[str, str] = {}
@@ -214,7 +215,7 @@ def _rewrite(ep: Any, weights: dict[str, tuple[str, Any]], values: dict[Any, Any
         record.nodes.append(node.name)
         graph.erase_node(node)
     record.nodes.reverse()
-    dropped = {n.name for n in graph.nodes if n.op == "placeholder" and n.name in weights and not n.users}
+    dropped = {n.name for n in read if not n.users}  # read before, by folded nodes only
     for node in [n for n in graph.nodes if n.name in dropped]:
         record.removed_bytes += _nbytes(weights[node.name][1])
         graph.erase_node(node)
