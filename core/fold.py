@@ -12,11 +12,11 @@ programs.
 
 What is folded: ``call_function`` nodes of ATen ops (no custom or quantize/dequantize ops: a
 dequantized weight stays int8 for the backend that fuses it; no random ops; no mutation) whose
-inputs are all weights (parameters, buffers, lifted constants) or other folded nodes. Only the
-values the rest of the graph reads become constants, and one becomes a constant only when it
-grows the program by at most :data:`GROWTH_BYTES` over the weights it is computed from; a larger
-one (a weight broadcast to an activation's shape, a big ``full``) stays computed, and
-:attr:`Folding.kept` says why. Weights that only folded nodes read leave the program. A folded
+inputs are all weights (parameters, buffers, lifted constants) or other folded nodes, and whose
+value is at most :data:`GROWTH_BYTES` larger than the weights it is computed from (sized from the
+graph before anything is evaluated); a larger one (a weight broadcast to an activation's shape, a
+big ``full``) stays computed, and :attr:`Folding.kept` says why. Only the values the rest of the
+graph reads become constants. Weights that only folded nodes read leave the program. A folded
 int64 tensor that only serves as an index is stored int32 where its values fit.
 """
 
@@ -90,12 +90,23 @@ def fold_constants(ep: Any, growth_bytes: int = GROWTH_BYTES) -> Any:
     # layer unrolled over 32 steps transposes its weight 32 times, and is stored once
     same: dict[Any, Any] = {}
     first: dict[str, Any] = {}
+    record = Folding()
     for node in graph.nodes:
         if node.op == "placeholder" and node.name in weights:
             values[node] = weights[node.name][1]
             bases[node] = frozenset([node.name])
             same[node] = node
         elif node.op == "call_function" and _foldable(node) and all(i in values for i in node.all_input_nodes):
+            # Sized from the graph before anything is allocated: a value that would grow the program
+            # too much stays computed (and a crafted model cannot make partition allocate it).
+            base = frozenset().union(*(bases[i] for i in node.all_input_nodes))
+            size, base_bytes = _output_bytes(node), sum(_nbytes(weights[w][1]) for w in base)
+            if size > base_bytes + growth_bytes:
+                record.kept.append({"node": node.name, "op": str(node.target), "bytes": size,
+                                    "reason": f"its value, {_describe(node.meta['val'], size)}, would store "
+                                              f"{size - base_bytes} bytes more than the {base_bytes} bytes of weights "
+                                              f"it is computed from (folding stores at most {growth_bytes} more)"})
+                continue
             key = repr((str(node.target), torch.fx.node.map_arg((node.args, node.kwargs), lambda i: same[i].name)))
             if key in first:
                 values[node] = values[first[key]]
@@ -108,33 +119,23 @@ def fold_constants(ep: Any, growth_bytes: int = GROWTH_BYTES) -> Any:
                     continue
                 first[key] = node
             same[node] = first[key]
-            bases[node] = frozenset().union(*(bases[i] for i in node.all_input_nodes))
+            bases[node] = base
     folded = [n for n in graph.nodes if n.op == "call_function" and n in values]
-    record = Folding()
     if not folded:
         _FOLDINGS[ep] = record
         return ep
 
-    # Users first: a value read outside the folded set becomes a constant unless it grows the
-    # program too much; then it stays computed, and the folded values it reads are read outside.
+    # Users first: a value read outside the folded set becomes a constant. One that is not a
+    # tensor (a number from ``_local_scalar_dense``) stays computed, and what it reads is read outside.
     computed: set[Any] = set()
     stored: list[Any] = []
     for node in reversed(folded):
         if not any(u not in values or u in computed for u in node.users):
             continue
-        value = values[node]
-        if not isinstance(value, torch.Tensor):  # a multi-output op whose getitem stays computed
-            computed.add(node)
-            continue
-        base = sum(_nbytes(weights[w][1]) for w in bases[node])
-        if _nbytes(value) > base + growth_bytes:
-            computed.add(node)
-            record.kept.append({"node": node.name, "op": str(node.target), "bytes": _nbytes(value),
-                                "reason": f"its value, {_describe(value)}, would store {_nbytes(value) - base} bytes "
-                                          f"more than the {base} bytes of weights it is computed from "
-                                          f"(folding stores at most {growth_bytes} more)"})
-        else:
+        if isinstance(values[node], torch.Tensor):
             stored.append(node)
+        else:
+            computed.add(node)
     if not stored:
         _FOLDINGS[ep] = record
         return ep
@@ -172,8 +173,18 @@ def _nbytes(t: Any) -> int:
     return t.numel() * t.element_size()
 
 
-def _describe(t: Any) -> str:
-    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)} ({_nbytes(t)} bytes)"
+def _output_bytes(node: Any) -> int:
+    """The bytes of the tensors ``node`` produces, from its traced value (nothing allocated)."""
+    import torch
+
+    return sum(_nbytes(v) for v in torch.utils._pytree.tree_leaves(node.meta.get("val"))
+               if isinstance(v, torch.Tensor))
+
+
+def _describe(val: Any, size: int) -> str:
+    if not hasattr(val, "dtype"):  # several outputs
+        return f"{size} bytes of outputs"
+    return f"{str(val.dtype).removeprefix('torch.')}{list(val.shape)} ({size} bytes)"
 
 
 def _rewrite(ep: Any, weights: dict[str, tuple[str, Any]], values: dict[Any, Any], same: dict[Any, Any],

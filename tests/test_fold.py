@@ -92,9 +92,9 @@ def test_a_value_that_would_grow_the_program_too_much_stays_computed_and_says_wh
     model = Broadcast()
     ep = _export(model, torch.randn(1, 64, 64, 65))
     record = folding(ep)
-    # the clone, then the expand it reads (stored, the broadcast would be as large)
-    assert [k["op"] for k in record.kept] == ["aten.clone.default", "aten.expand.default"]
-    assert [k["bytes"] for k in record.kept] == [64 * 64 * 65 * 4] * 2
+    # the expand, sized before it is evaluated (and so the clone that reads it stays too)
+    assert [k["op"] for k in record.kept] == ["aten.expand.default"]
+    assert [k["bytes"] for k in record.kept] == [64 * 64 * 65 * 4]
     assert f"folding stores at most {GROWTH_BYTES} more" in record.kept[0]["reason"]
     assert "float32[1, 64, 64, 65]" in record.kept[0]["reason"]
     # the bias stays a weight; the small sum is folded
@@ -110,8 +110,23 @@ def test_a_value_that_would_grow_the_program_too_much_stays_computed_and_says_wh
     assert [k["node"] for k in report.to_json()["folding"]["kept"]] == [k["node"] for k in record.kept]
     console = Console(record=True, width=400)
     report.render(console)
-    assert f"not folded {record.kept[0]['node']} (aten.clone.default): its value, float32[1, 64, 64, 65]" \
+    assert f"not folded {record.kept[0]['node']} (aten.expand.default): its value, float32[1, 64, 64, 65]" \
         in console.export_text()
+
+
+def test_a_huge_constant_is_sized_from_the_graph_and_never_allocated():
+    """A model file is untrusted input: a 4 TiB ``full`` (a crafted .pt2 could hold one) stays a
+    node of the graph; folding it would have allocated it at partition time."""
+
+    class Huge(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.full((1 << 20, 1 << 20), 1.0).sum()
+
+    ep = _export(Huge(), torch.randn(3))
+    (kept,) = folding(ep).kept
+    assert (kept["op"], kept["bytes"]) == ("aten.full.default", 1 << 42)
+    assert "its value, float32[1048576, 1048576] (4398046511104 bytes), would store" in kept["reason"]
+    assert "aten.full.default" in _ops(ep) and any(op.startswith("aten.sum.") for op in _ops(ep))
 
 
 def test_dequantize_and_random_ops_are_not_folded():
