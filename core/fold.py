@@ -121,9 +121,6 @@ def fold_constants(ep: Any, growth_bytes: int = GROWTH_BYTES) -> Any:
             same[node] = first[key]
             bases[node] = base
     folded = [n for n in graph.nodes if n.op == "call_function" and n in values]
-    if not folded:
-        _FOLDINGS[ep] = record
-        return ep
 
     # Users first: a value read outside the folded set becomes a constant. One that is not a
     # tensor (a number from ``_local_scalar_dense``) stays computed, and what it reads is read outside.
@@ -202,12 +199,11 @@ def _rewrite(ep: Any, weights: dict[str, tuple[str, Any]], values: dict[Any, Any
     read = {n for n in graph.nodes if n.op == "placeholder" and n.name in weights and n.users}
     constants = dict(ep.constants)
     new_specs = []
-    renamed: dict[str, str] = {}
     placeholders: dict[Any, Any] = {}  # same[node] -> its constant's placeholder
     for node in stored:
         if same[node] in placeholders:
             node.replace_all_uses_with(placeholders[same[node]])
-            record.constants[node.name] = renamed[node.name] = placeholders[same[node]].name
+            record.constants[node.name] = placeholders[same[node]].name
             continue
         target = f"folded_{node.name}"
         with graph.inserting_before(first_input):
@@ -221,19 +217,19 @@ def _rewrite(ep: Any, weights: dict[str, tuple[str, Any]], values: dict[Any, Any
         new_specs.append(InputSpec(InputKind.CONSTANT_TENSOR, TensorArgument(placeholder.name), target))
         record.constants[node.name] = placeholder.name
         record.added_bytes += _nbytes(constants[target])
-        renamed[node.name] = placeholder.name
     for node in reversed(folded):
         record.nodes.append(node.name)
         graph.erase_node(node)
     record.nodes.reverse()
-    dropped = {n.name for n in read if not n.users}  # read before, by folded nodes only
-    for node in [n for n in graph.nodes if n.name in dropped]:
-        record.removed_bytes += _nbytes(weights[node.name][1])
+    dropped = {n.name: n for n in read if not n.users}  # read before, by folded nodes only
+    for name, node in dropped.items():
+        record.removed_bytes += _nbytes(weights[name][1])
         graph.erase_node(node)
     kept_specs = [s for s in sig.input_specs if s.arg.name not in dropped]
     at = next((i for i, s in enumerate(kept_specs) if s.kind == InputKind.USER_INPUT), len(kept_specs))
-    out_specs = [OutputSpec(s.kind, TensorArgument(renamed[s.arg.name]), s.target)
-                 if isinstance(s.arg, TensorArgument) and s.arg.name in renamed else s for s in sig.output_specs]
+    out_specs = [OutputSpec(s.kind, TensorArgument(record.constants[s.arg.name]), s.target)
+                 if isinstance(s.arg, TensorArgument) and s.arg.name in record.constants else s
+                 for s in sig.output_specs]
     used = {s.target for s in kept_specs if s.kind in (InputKind.PARAMETER, InputKind.BUFFER)}
     state_dict = {k: v for k, v in ep.state_dict.items() if k in used}
     used |= {s.target for s in kept_specs + new_specs if s.kind is InputKind.CONSTANT_TENSOR}
